@@ -1,0 +1,1 @@
+"""HTTP handlers: parse requests into typed values, call one service, serialize."""

@@ -1,0 +1,104 @@
+"""create_app(settings): wiring only — middlewares, cleanup contexts, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from server.api import jobs as jobs_api
+from server.api import uploads as uploads_api
+from server.auth import KeyStore, auth_middleware
+from server.config import Settings
+from server.db import Database
+from server.db.migrate import check_at_head
+from server.errors import ServiceUnavailable, error_middleware
+from server.janitor import janitor_context
+from server.keys import DATABASE, HTTP_CLIENT, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.uploads.operations import OperationRegistry
+
+log = logging.getLogger("filedrop.app")
+
+# Prefixes under which the upload API answers: bare, and as a stock Nuxeo host (`http://H/nuxeo/`).
+NUXEO_PREFIXES = ("", "/nuxeo")
+
+
+async def database_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Refuse to start on an unmigrated database: the message says to run `filedrop migrate`.
+    await asyncio.to_thread(check_at_head, settings.db_path)
+    db = Database(settings.db_path)
+    app[DATABASE] = db
+    app[KEYSTORE] = KeyStore(db, settings.api_keys)
+    yield
+    await db.dispose()
+
+
+async def http_client_context(app: web.Application) -> AsyncIterator[None]:
+    # Outgoing fetches/callbacks go through server.jobs' guarded connector; this plain session
+    # is for nothing user-controlled.
+    session = aiohttp.ClientSession()
+    app[HTTP_CLIENT] = session
+    yield
+    await session.close()
+
+
+async def _mark_stopping(app: web.Application) -> None:
+    app[STOPPING]["value"] = True
+
+
+@web.middleware
+async def stopping_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.app[STOPPING]["value"]:
+        raise ServiceUnavailable("the server is shutting down, retry shortly")
+    return await handler(request)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def running_status(_request: web.Request) -> web.Response:
+    return web.Response(text="Ok")
+
+
+async def cmis_info(_request: web.Request) -> web.Response:
+    # The nuxeo client reads ["default"]["productVersion"] for server_version.
+    return web.json_response({"default": {"productName": "filedrop", "productVersion": "filedrop-0.1.0"}})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    for prefix in NUXEO_PREFIXES:
+        app.router.add_get(prefix + "/runningstatus", running_status)
+        app.router.add_get(prefix + "/json/cmis", cmis_info)
+        for route in uploads_api.ROUTES:
+            app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
+    for route in jobs_api.ROUTES:
+        app.router.add_route(route.method, route.path, route.handler, **route.kwargs)
+
+
+def create_app(settings: Settings) -> web.Application:
+    # client_max_size guards only read()/json(); streamed upload bodies are limited by the
+    # upload service itself (max_chunk_size).
+    app = web.Application(
+        middlewares=[error_middleware, stopping_middleware, auth_middleware],
+        client_max_size=max(settings.max_data_size, 1 << 20) + (1 << 20),
+    )
+    app[SETTINGS] = settings
+    app[STOPPING] = {"value": False}
+    app[OPERATIONS] = OperationRegistry()
+    app.on_shutdown.append(_mark_stopping)
+    # Dependency order; aiohttp exits them in reverse, only those that started.
+    app.cleanup_ctx.append(database_context)
+    app.cleanup_ctx.append(http_client_context)
+    app.cleanup_ctx.append(uploads_api.uploads_context)
+    app.cleanup_ctx.append(jobs_api.jobs_context)
+    app.cleanup_ctx.append(janitor_context)
+    setup_routes(app)
+    return app

@@ -1,0 +1,102 @@
+"""API keys: ``X-API-Key``, Nuxeo's ``X-Authentication-Token``, or the password of HTTP Basic.
+
+Keys come from ``FILEDROP_API_KEYS`` and from ``filedrop keys create NAME`` (stored as SHA-256).
+A request's owner is the SHA-256 of its key, so a batch belongs to the key that created it.
+No valid key: 401 with an empty body and ``WWW-Authenticate: Basic`` (as Nuxeo answers).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server.db import Database, utcnow
+from server.db.models import ApiKey
+from server.keys import KEYSTORE, OWNER
+
+# Paths answered without a key: the nuxeo client's reachability/version probes and health.
+PUBLIC_PATHS = frozenset({"/runningstatus", "/nuxeo/runningstatus", "/json/cmis", "/nuxeo/json/cmis", "/healthz"})
+_CACHE_TTL = 5.0  # seconds a database key lookup is trusted (revocation takes effect within it)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return "fd_" + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    def __init__(self, db: Database, env_keys: tuple[str, ...]) -> None:
+        self.db = db
+        self.env_hashes = frozenset(hash_key(k) for k in env_keys)
+        self._cache: dict[str, tuple[bool, float]] = {}
+
+    async def owner_for(self, key: str) -> str | None:
+        """The owner id of a valid key, else None."""
+        if not key:
+            return None
+        h = hash_key(key)
+        if any(hmac.compare_digest(h, e) for e in self.env_hashes):
+            return h
+        hit = self._cache.get(h)
+        now = time.monotonic()
+        if hit is None or hit[1] < now:
+            async with self.db.read() as s:
+                row = await s.scalar(select(ApiKey.id).where(ApiKey.key_hash == h, ApiKey.revoked_at.is_(None)))
+            hit = (row is not None, now + _CACHE_TTL)
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[h] = hit
+        return h if hit[0] else None
+
+    async def create(self, name: str) -> str:
+        """Make a key, store its hash, return the key (shown once)."""
+        key = new_key()
+        async with self.db.write() as s:
+            s.add(ApiKey(name=name, key_hash=hash_key(key), created_at=utcnow()))
+        return key
+
+
+def credential_from(request: web.Request) -> str:
+    for header in ("X-API-Key", "X-Authentication-Token"):
+        value = request.headers.get(header)
+        if value:
+            return value.strip()
+    auth = request.headers.get("Authorization", "")
+    if auth[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        _user, _, password = decoded.partition(":")
+        return password
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return ""
+
+
+def unauthorized() -> web.Response:
+    return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="filedrop"'})
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    owner = await request.app[KEYSTORE].owner_for(credential_from(request))
+    if owner is None:
+        return unauthorized()
+    request[OWNER] = owner
+    return await handler(request)

@@ -1,0 +1,197 @@
+"""Settings: one frozen dataclass, built once from ``FILEDROP_*`` environment variables.
+
+Nothing reads the environment at import time: ``Settings.from_env()`` is called by the CLI
+(and by tests with an explicit mapping). Every field maps 1:1 onto ``FILEDROP_<FIELD>``;
+``SETTINGS_HELP`` documents each one and a test checks that the README lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.I)
+
+
+def parse_duration(text: str) -> float:
+    """'90' -> 90.0 s, '10m' -> 600.0, '24h', '7d'."""
+    m = _DURATION.match(text.lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 10m, 24h, 7d)")
+    mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return float(m.group(1)) * mult
+
+
+def parse_size(text: str) -> int:
+    """'1048576' -> 1048576, '8MiB'/'8M'/'8MB' -> 8 MiB (binary units throughout)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1048576, 64M, 2G)")
+    unit = (m.group(2) or "b").lower()[:1]
+    mult = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return int(m.group(1)) * mult
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false)")
+
+
+# name -> (default as the environment would spell it, help). Order is the README's order.
+SETTINGS_HELP: dict[str, tuple[str, str]] = {
+    "data_dir": ("./var", "Root of all server state: database, upload bytes, smartlinks."),
+    "db_path": ("<data_dir>/filedrop.sqlite3", "SQLite database file."),
+    "app_host": ("127.0.0.1", "Address the Python app binds to (NGINX proxies to it)."),
+    "app_port": ("8081", "Port of the Python app."),
+    "http_port": ("8080", "Public NGINX port (scripts/run, tests)."),
+    "public_url": ("http://127.0.0.1:<http_port>", "Base URL smartlinks are published under (result links)."),
+    "api_keys": ("", "Comma-separated API keys accepted besides those made by `filedrop keys create`."),
+    "max_file_size": ("10G", "Largest file one upload may declare (X-File-Size). Over: 413."),
+    "max_chunk_size": ("64M", "Largest request body of one upload/chunk. Over: 413. NGINX uses it too."),
+    "max_files_per_batch": ("10000", "Most files one upload batch may hold. Over: 413."),
+    "max_batch_bytes": ("50G", "Most declared bytes one upload batch may hold. Over: 413."),
+    "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
+    "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
+    "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
+    "workers": ("4", "Size of the smartlink rendering worker pool."),
+    "render_processes": ("0", "Processes that render smartlinks beside the event loop (0: threads only)."),
+    "max_data_size": ("50M", "Largest `data`/`data_file` a job accepts. Over: 413."),
+    "min_suffix_length": ("16", "Shortest client-supplied smartlink suffix."),
+    "fetch_allow": ("", "CIDRs/hosts outgoing fetches and callbacks may reach although internal."),
+    "fetch_timeout": ("20", "Seconds an outgoing asset/template fetch may take."),
+    "fetch_max_bytes": ("20M", "Largest remote asset or template fetched."),
+    "allow_http_callbacks": ("0", "Accept http:// callback URLs (local use and tests only)."),
+    "callback_secret": ("", "HMAC-SHA256 secret for X-Filedrop-Signature (empty: a random one per start)."),
+    "callback_retries": ("5", "Attempts to deliver a job callback before giving up."),
+    "callback_backoff": ("1", "First retry delay in seconds; doubles each attempt."),
+    "smtp_host": ("127.0.0.1", "SMTP server for job e-mails."),
+    "smtp_port": ("25", "SMTP port."),
+    "smtp_from": ("filedrop@localhost", "From address of job e-mails."),
+    "job_retention": ("30d", "Finished jobs older than this are removed by cleanup."),
+    "janitor_interval": ("10m", "How often the in-server janitor runs (0 disables it)."),
+    "log_level": ("INFO", "Python logging level."),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("./var")
+    db_path: Path | None = None
+    app_host: str = "127.0.0.1"
+    app_port: int = 8081
+    http_port: int = 8080
+    public_url: str = ""
+    api_keys: tuple[str, ...] = ()
+    max_file_size: int = 10 << 30
+    max_chunk_size: int = 64 << 20
+    max_files_per_batch: int = 10000
+    max_batch_bytes: int = 50 << 30
+    min_free_disk: int = 256 << 20
+    batch_ttl: float = 24 * 3600.0
+    smartlink_root: Path | None = None
+    workers: int = 4
+    render_processes: int = 0
+    max_data_size: int = 50 << 20
+    min_suffix_length: int = 16
+    fetch_allow: tuple[str, ...] = ()
+    fetch_timeout: float = 20.0
+    fetch_max_bytes: int = 20 << 20
+    allow_http_callbacks: bool = False
+    callback_secret: str = ""
+    callback_retries: int = 5
+    callback_backoff: float = 1.0
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_from: str = "filedrop@localhost"
+    job_retention: float = 30 * 86400.0
+    janitor_interval: float = 600.0
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # Derived paths are resolved once so every component agrees on them.
+        data_dir = Path(self.data_dir).resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        object.__setattr__(
+            self, "db_path", Path(self.db_path).resolve() if self.db_path else data_dir / "filedrop.sqlite3"
+        )
+        object.__setattr__(
+            self,
+            "smartlink_root",
+            Path(self.smartlink_root).resolve() if self.smartlink_root else data_dir / "smartlinks",
+        )
+        if not self.public_url:
+            object.__setattr__(self, "public_url", f"http://127.0.0.1:{self.http_port}")
+        if not self.callback_secret:
+            object.__setattr__(self, "callback_secret", os.urandom(32).hex())
+
+    # Paths the server derives itself: no client-supplied name ever becomes one of these.
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.db_path}"
+
+    @property
+    def sync_db_url(self) -> str:
+        return f"sqlite:///{self.db_path}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``FILEDROP_*`` variables; raise ValueError naming a bad one."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(f"FILEDROP_{f.name.upper()}")
+            if raw is None:
+                continue
+            try:
+                kwargs[f.name] = _convert(f.name, raw)
+            except ValueError as e:
+                raise ValueError(f"FILEDROP_{f.name.upper()}: {e}") from None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+_SIZES = {"max_file_size", "max_chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size", "fetch_max_bytes"}
+_DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
+_INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
+         "callback_retries", "smtp_port"}
+_PATHS = {"data_dir", "db_path", "smartlink_root"}
+
+
+def _convert(name: str, raw: str) -> Any:
+    if name in _SIZES:
+        return parse_size(raw)
+    if name in _DURATIONS:
+        return parse_duration(raw)
+    if name in _INTS:
+        return int(raw)
+    if name in _PATHS:
+        return Path(raw) if raw else None
+    if name in ("api_keys", "fetch_allow"):
+        return _split(raw)
+    if name == "allow_http_callbacks":
+        return _bool(raw)
+    return raw

@@ -1,0 +1,81 @@
+"""SQLite engines, configured on purpose.
+
+* WAL, ``busy_timeout``, foreign keys on every connection.
+* Two engines over one file: ``read()`` sessions for queries (many connections, WAL lets them
+  run beside a writer) and ``write()`` sessions through a single-connection engine whose
+  transactions start with ``BEGIN IMMEDIATE``. Writers queue in the pool instead of failing
+  with SQLITE_BUSY, and a read-then-update inside ``write()`` can never be upgraded into a
+  deadlock. Keep write transactions short: never await network or disk inside one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+
+def utcnow() -> datetime:
+    """Naive UTC, as stored in the database."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _configure(engine: AsyncEngine, begin: str) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN itself (the pysqlite driver's own
+        # implicit BEGIN is DEFERRED and skipped for reads).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+
+class Database:
+    def __init__(self, db_path: Path) -> None:
+        url = f"sqlite+aiosqlite:///{db_path}"
+        self.path = db_path
+        self.writer = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
+                                          pool_timeout=60)
+        self.reader = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4)
+        _configure(self.writer, "BEGIN IMMEDIATE")
+        _configure(self.reader, "BEGIN")
+        self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
+        self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """One write transaction (BEGIN IMMEDIATE): committed on exit, rolled back on error."""
+        async with self._write_sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only session; its snapshot ends when the block exits."""
+        async with self._read_sessions() as session:
+            try:
+                yield session
+            finally:
+                await session.rollback()
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        await self.reader.dispose()

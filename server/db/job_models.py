@@ -1,0 +1,63 @@
+"""ORM models for smartlink jobs: the job, one row per data row, and the job log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from server.db.models import Base
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(128), index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    strategy: Mapped[str] = mapped_column(String(16))
+    inputs_hash: Mapped[str] = mapped_column(String(64))
+    template: Mapped[str] = mapped_column(Text)  # the master smartlink JSON, as validated
+    params: Mapped[str] = mapped_column(Text, default="{}")  # JSON of param.<name> parts
+    upload_batch_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    max_errors: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_emails: Mapped[str | None] = mapped_column(Text, nullable=True)
+    total_count: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    errored_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    callback_state: Mapped[str] = mapped_column(String(16), default="none")  # none|pending|sent|failed
+    email_state: Mapped[str] = mapped_column(String(16), default="none")
+
+
+class JobRow(Base):
+    """One data row. ``status``: pending -> claimed -> done | error (| skipped on cancel)."""
+
+    __tablename__ = "job_rows"
+    __table_args__ = (Index("ix_job_rows_job_status", "job_id", "status"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reference_id: Mapped[str] = mapped_column(Text)
+    suffix: Mapped[str] = mapped_column(Text)
+    pdf: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[str] = mapped_column(Text)  # the row's JSON
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobLog(Base):
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,99 @@
+"""ORM models for API keys and upload batches.
+
+Bytes never live in the database: a file's bytes are under ``<data_dir>/uploads/<batch pk>/``
+at paths the server derives from row ids (see ``server.uploads.store``). Client-supplied names
+are only ever data in these rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Alembic's batch mode on SQLite needs named constraints to alter them later.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ApiKey(Base):
+    """A key made by ``filedrop keys create NAME``; only its SHA-256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Batch(Base):
+    """An upload batch. ``state``: open -> executed | dropped (rows of closed batches are kept
+    as tombstones so a late upload into them is refused instead of recreating them)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(128), unique=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+    files: Mapped[list[BatchFile]] = relationship(back_populates="batch", cascade="all, delete-orphan")
+
+
+class BatchFile(Base):
+    """One file of a batch. ``state``: receiving -> assembling -> complete."""
+
+    __tablename__ = "batch_files"
+    __table_args__ = (UniqueConstraint("batch_pk", "file_idx"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    file_idx: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(Text)
+    mimetype: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
+    size: Mapped[int] = mapped_column(BigInteger)
+    upload_type: Mapped[str] = mapped_column(String(16), default="normal")
+    chunk_count: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default="receiving")
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    batch: Mapped[Batch] = relationship(back_populates="files")
+    chunks: Mapped[list[Chunk]] = relationship(back_populates="file", cascade="all, delete-orphan")
+
+
+class Chunk(Base):
+    """A chunk that arrived whole (recorded only after its bytes are fsynced in place)."""
+
+    __tablename__ = "chunks"
+
+    file_id: Mapped[int] = mapped_column(ForeignKey("batch_files.id", ondelete="CASCADE"), primary_key=True)
+    chunk_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+    file: Mapped[BatchFile] = relationship(back_populates="chunks")

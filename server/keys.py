@@ -1,0 +1,27 @@
+"""Every typed key of the application state (``web.AppKey``) and request (``web.RequestKey``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from server.config import Settings
+from server.db import Database
+
+if TYPE_CHECKING:
+    from server.auth import KeyStore
+    from server.uploads.operations import OperationRegistry
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
+OPERATIONS: web.AppKey[OperationRegistry] = web.AppKey("operations")
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+STOPPING = web.AppKey("stopping", dict)  # {"value": bool}: set when shutdown begins
+UPLOADS: web.AppKey[Any] = web.AppKey("uploads")  # server.uploads service (issue 2)
+JOBS: web.AppKey[Any] = web.AppKey("jobs")  # server.jobs engine (issue 3)
+JANITOR: web.AppKey[Any] = web.AppKey("janitor")  # server.janitor periodic task (issue 5)
+
+OWNER = web.RequestKey("owner", str)  # sha256 of the caller's API key: what batches/jobs belong to

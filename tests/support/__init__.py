@@ -1,0 +1,1 @@
+"""Test helpers shared by every area (servers as subprocesses, deadlines, ports)."""

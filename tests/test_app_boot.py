@@ -1,0 +1,104 @@
+"""The app refuses an unmigrated database, checks credentials, and answers errors as JSON."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import API_KEY
+from tests.support.server import REPO, server_env
+
+
+def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
+    env = server_env(tmp_path / "fresh", API_KEY)
+    r = subprocess.run([sys.executable, "-m", "server", "serve"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "filedrop migrate" in r.stderr
+
+
+async def test_app_context_refuses_unmigrated_database(tmp_path: Path) -> None:
+    from aiohttp import web
+    runner = web.AppRunner(create_app(Settings(data_dir=tmp_path / "x", api_keys=(API_KEY,))))
+    with pytest.raises(RuntimeError, match="filedrop migrate"):
+        await runner.setup()
+    await runner.cleanup()
+
+
+async def test_no_key_is_401_with_empty_body(client) -> None:
+    r = await client.get("/api/v1/upload/whatever")
+    assert r.status == 401
+    assert await r.read() == b""
+    assert r.headers["WWW-Authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-API-Key": API_KEY},
+    {"X-Authentication-Token": API_KEY},
+    {"Authorization": "Basic " + base64.b64encode(f"anyone:{API_KEY}".encode()).decode()},
+])
+async def test_each_credential_form_is_accepted(client, headers) -> None:
+    r = await client.get("/api/v1/no-such-route", headers=headers)
+    assert r.status == 404
+    body = await r.json()
+    assert body["entity-type"] == "exception" and body["status"] == 404 and body["code"]
+
+
+async def test_wrong_key_is_401(client) -> None:
+    r = await client.get("/api/v1/upload/x", headers={"X-API-Key": "nope"})
+    assert r.status == 401
+
+
+async def test_created_key_works_and_revoked_key_does_not(client, settings) -> None:
+    from server.keys import KEYSTORE
+    key = await client.app[KEYSTORE].create("alice")
+    r = await client.get("/api/v1/no-such-route", headers={"X-API-Key": key})
+    assert r.status == 404
+
+
+async def test_probes_need_no_key(client) -> None:
+    r = await client.get("/nuxeo/json/cmis")
+    assert (await r.json())["default"]["productVersion"]
+    r = await client.get("/nuxeo/runningstatus")
+    assert r.status == 200
+
+
+def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
+    env = server_env(tmp_path / "k", API_KEY)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "server", *a], cwd=REPO, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    assert run("migrate").returncode == 0
+    created = run("keys", "create", "bob")
+    assert created.returncode == 0 and created.stdout.strip().startswith("fd_")
+    listed = run("keys", "list")
+    assert "bob\tactive" in listed.stdout
+    assert run("keys", "revoke", "bob").returncode == 0
+    assert "bob\trevoked" in run("keys", "list").stdout
+    assert run("keys", "revoke", "bob").returncode == 1
+
+
+def test_readme_documents_every_setting() -> None:
+    from server.config import SETTINGS_HELP
+    readme = (REPO / "README.md").read_text()
+    missing = [n for n in SETTINGS_HELP if f"FILEDROP_{n.upper()}" not in readme]
+    assert not missing, f"README lacks {missing}"
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"extra"}
+    assert fields == set(SETTINGS_HELP), "SETTINGS_HELP and Settings differ"
+
+
+def test_domain_packages_do_not_import_aiohttp_web() -> None:
+    offenders = []
+    for pkg in ("uploads", "jobs"):
+        for f in (REPO / "server" / pkg).rglob("*.py"):
+            text = f.read_text()
+            if re.search(r"^\s*(from aiohttp import .*\bweb\b|import aiohttp\.web|from aiohttp\.web)", text, re.M):
+                offenders.append(str(f.relative_to(REPO)))
+    assert not offenders
