@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TextIO
 
-from server.config import Settings
+from server.config import Settings, parse_duration
 
 
 def _settings() -> Settings:
@@ -88,6 +90,153 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 1
 
 
+class TerminalProgress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal. Tiny on purpose
+    (one caller, one line): no dependency for it. Log records are printed above the bar."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.line = ""
+
+    def __call__(self, done: int, total: int, item: Any) -> None:
+        filled = 30 * done // max(total, 1)
+        self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {item.kind} {item.target}"[:120]
+        self.draw()
+
+    def status(self, text: str) -> None:
+        self.line = text
+        self.draw()
+
+    def draw(self) -> None:
+        self.stream.write("\r\x1b[K" + self.line)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.clear()
+        self.line = ""
+
+
+class _AboveBar(logging.Handler):
+    def __init__(self, bar: TerminalProgress, inner: logging.Handler) -> None:
+        super().__init__(inner.level)
+        self.bar, self.inner = bar, inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.clear()
+        self.inner.handle(record)
+        if self.bar.line:
+            self.bar.draw()
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[TerminalProgress | None]:
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar = TerminalProgress(sys.stderr)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [_AboveBar(bar, h) for h in saved]
+    try:
+        yield bar
+    finally:
+        bar.close()
+        root.handlers = saved
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def print_table(items: Sequence[Any], *, dry_run: bool = False) -> None:
+    """What was removed (or would be), one row each, and the bytes freed: the admin commands' output."""
+    rows = [("KIND", "TARGET", "BYTES", "RESULT", "DETAIL")]
+    rows += [(i.kind, i.target, str(i.bytes), i.result, i.detail) for i in items]
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
+    done = "would remove" if dry_run else "removed"
+    freed = sum(i.bytes for i in items if i.result == done)
+    errors = sum(1 for i in items if i.result.startswith("error"))
+    print(f"{len(items)} item(s), {sum(1 for i in items if i.result == done)} {done}, "
+          f"{freed} bytes ({_human(freed)}) {'would be freed' if dry_run else 'freed'}, {errors} error(s)"
+          + (" (dry run: nothing changed)" if dry_run else ""))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
+    """Run an admin coroutine against the configured database: 2 when it is not migrated."""
+    from server.db import Database
+    from server.db.migrate import NotMigrated, check_at_head
+
+    settings = _settings()
+    try:
+        check_at_head(settings.db_path)
+    except NotMigrated as e:
+        print(f"filedrop: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        db = Database(settings.db_path)
+        try:
+            return await run(db, settings)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    from server import janitor
+    from server.errors import Conflict, NotFound
+
+    async def run(db: Any, settings: Settings) -> int:
+        drop = janitor.drop_smartlink_batch if args.smartlinks else janitor.drop_upload_batch
+        try:
+            item = await drop(db, settings, args.batch_id, force=args.force)
+        except NotFound as e:
+            print(f"filedrop: {e.message}", file=sys.stderr)
+            return 1
+        except Conflict as e:
+            print(f"filedrop: {e.message}", file=sys.stderr)
+            return 3
+        print_table([item])
+        return 0
+
+    return _admin(run)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from server import janitor
+
+    async def run(db: Any, settings: Settings) -> int:
+        with _progress() as bar:
+            if bar:
+                bar.status("filedrop cleanup: looking for what to remove…")
+            plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
+            await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
+                                progress=bar)
+        print_table(plan.items, dry_run=args.dry_run)
+        return 1 if plan.errors else 0
+
+    return _admin(run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="filedrop", description="filedrop server and admin commands "
                                 "(settings come from FILEDROP_* variables; see README)")
@@ -106,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by name")
     kr.add_argument("name")
     k.set_defaults(func=cmd_keys)
+    d = sub.add_parser("drop", help="drop an upload batch (rows and bytes), or with --smartlinks a "
+                       "smartlink batch (published files and its jobs' rows); exit 1: not found, "
+                       "3: in use")
+    d.add_argument("batch_id")
+    d.add_argument("--smartlinks", action="store_true", help="drop the smartlink batch of this id")
+    d.add_argument("--force", action="store_true", help="cancel a running job of the batch first")
+    d.set_defaults(func=cmd_drop)
+    c = sub.add_parser("cleanup", help="remove expired batches, leftovers, orphans and old jobs; "
+                       "prints a table; exit 1 on errors")
+    c.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="age for idle upload batches and finished jobs (e.g. 24h; default: "
+                   "FILEDROP_BATCH_TTL and FILEDROP_JOB_RETENTION; never under 10m)")
+    c.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+    c.add_argument("--smartlinks", action="store_true",
+                   help="also remove the smartlinks of expired jobs and smartlink dirs no job refers to")
+    c.set_defaults(func=cmd_cleanup)
     return p
 
 

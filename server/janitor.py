@@ -1,14 +1,666 @@
-"""Cleanup plan/apply, used by the CLI and by the periodic in-server janitor.
+"""Cleanup plan/apply and drop, used by the CLI (``filedrop cleanup|drop``) and by the janitor
+task that runs inside the server every ``FILEDROP_JANITOR_INTERVAL``.
 
-(Issue 5 fills this in.)
+What cleanup removes, one :class:`Item` each:
+
+    expired-batch      an upload batch idle past its TTL (any state, tombstones too): rows and bytes
+    chunk-leftovers    ``chunks/`` of a file that is already assembled (state complete)
+    orphan-dir         an upload batch or file directory that no database row refers to
+    missing-bytes      a complete file row whose ``data`` is gone; chunk rows whose chunk file is gone
+    temp-file          a dot-name temp left by a crash (``.part`` of uploads, ``.tmp`` of the renderer)
+    expired-job        a finished job past its retention: its rows (its smartlinks only with
+                       ``smartlinks=True``)
+    orphan-smartlinks  (``smartlinks=True``) a smartlink directory no job refers to, untouched for
+                       the retention
+
+Invariants:
+
+* Never removes what is in use. A batch is in use while its (or any of its files') idle clock is
+  younger than the TTL, while any file under it was written within :data:`GRACE`, while a
+  running job uses it, or while the in-process upload service says so. A file being assembled
+  keeps its batch. Nothing under a running job's smartlink directory is touched. The TTL is never
+  shorter than :data:`GRACE`, whatever ``--older-than`` says.
+* :func:`plan` only reads; :func:`apply` re-checks every item (a conditional ``UPDATE``/``DELETE``
+  under the writer lock, or a fresh ``stat``), so what woke up in between is kept (result
+  ``kept: in use``).
+* Rows before bytes for a batch: its row first becomes a ``dropped`` tombstone (a late chunk is
+  refused), then its bytes go, then the row. A failure in between leaves a tombstone that the
+  next pass finishes.
+* Idempotent: a second run right after the first finds nothing to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from sqlalchemy import delete, exists, func, select, update
+
+from server.config import Settings
+from server.db import Database, utcnow
+from server.db.job_models import Job, JobRow
+from server.db.models import Batch, BatchFile, Chunk
+from server.errors import Conflict, NotFound
+from server.keys import DATABASE, JANITOR, SETTINGS, UPLOADS
+
+log = logging.getLogger("filedrop.janitor")
+
+# A crash leftover is old; anything written more recently than this may belong to a request or a
+# render still under way (a slow chunk keeps touching its .part file), so it is left alone.
+GRACE = 600.0
+# How long `drop --smartlinks --force` waits for a running job to notice its cancel flag before
+# marking it cancelled itself (no server may be running it at all).
+CANCEL_WAIT = 10.0
+RUNNING = ("Queued", "In progress")
+# A smartlink batch id (SMARTLINK_FORMAT.md): never lets a CLI argument escape the root.
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+InUse = Callable[[str], bool]  # batch_id -> is the upload service using it right now?
+Progress = Callable[[int, int, "Item"], None]  # (done, total, item just handled)
+
+
+@dataclass
+class Item:
+    kind: str
+    target: str  # what the table shows: a batch id, a job id, a path relative to the data dir
+    bytes: int = 0
+    detail: str = ""
+    result: str = "planned"  # removed | would remove | kept: in use | error: ...
+    # What apply needs (never shown).
+    path: Path | None = None
+    key: Any = None
+
+    @property
+    def failed(self) -> bool:
+        return self.result.startswith("error")
+
+
+@dataclass
+class Plan:
+    items: list[Item] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        done = "would remove" if self.dry_run else "removed"
+        return sum(i.bytes for i in self.items if i.result == done)
+
+    @property
+    def errors(self) -> list[Item]:
+        return [i for i in self.items if i.failed]
+
+
+# --- disk helpers (blocking; called through asyncio.to_thread) ---------------------------------
+
+
+def _du(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (0 if it is gone); symlinks are not followed."""
+    total = 0
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not path.is_dir() or path.is_symlink():
+        return st.st_size
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime of ``path`` and everything under it (0.0 if it is gone)."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree; what is already gone is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _listdir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_temp(name: str) -> bool:
+    """Dot-names the server writes before an os.replace (NGINX refuses to serve them)."""
+    return name.startswith(".") and (name.endswith(".part") or name.endswith(".tmp"))
+
+
+def _older(path: Path, wall_cutoff: float) -> bool:
+    try:
+        return path.lstat().st_mtime < wall_cutoff
+    except FileNotFoundError:
+        return False
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ages:
+    now: datetime
+    wall: float  # time.time() at the same moment, for mtimes
+    ttl: float
+    retention: float
+
+    @property
+    def batch_cutoff(self) -> datetime:
+        return self.now - timedelta(seconds=self.ttl)
+
+    @property
+    def grace_cutoff(self) -> datetime:
+        return self.now - timedelta(seconds=GRACE)
+
+    @property
+    def job_cutoff(self) -> datetime:
+        return self.now - timedelta(seconds=self.retention)
+
+    @property
+    def wall_grace(self) -> float:
+        return self.wall - GRACE
+
+
+def _ages(settings: Settings, older_than: float | None) -> _Ages:
+    ttl = settings.batch_ttl if older_than is None else older_than
+    retention = settings.job_retention if older_than is None else older_than
+    # Never shorter than the grace: an upload or a job's notifications may still be under way.
+    return _Ages(now=utcnow(), wall=time.time(), ttl=max(ttl, GRACE), retention=max(retention, GRACE))
+
+
+def _rel(settings: Settings, path: Path) -> str:
+    """A path as the table shows it: relative to the data dir when under it."""
+    try:
+        return str(path.relative_to(settings.data_dir))
+    except ValueError:
+        return str(path)
+
+
+async def plan(db: Database, settings: Settings, *, older_than: float | None = None,
+               smartlinks: bool = False, in_use: InUse | None = None) -> Plan:
+    """What a cleanup would remove now (read-only). ``older_than`` (seconds) replaces both the
+    batch TTL and the job retention; either is at least :data:`GRACE`."""
+    ages = _ages(settings, older_than)
+    out = Plan()
+    async with db.read() as s:
+        running = (await s.execute(select(Job.job_id, Job.batch_id, Job.upload_batch_id)
+                                   .where(Job.status.in_(RUNNING)))).all()
+        batches = (await s.execute(
+            select(Batch.id, Batch.batch_id, Batch.state, Batch.updated_at,
+                   func.max(BatchFile.updated_at).label("files_updated_at"))
+            .outerjoin(BatchFile, BatchFile.batch_pk == Batch.id).group_by(Batch.id))).all()
+        files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state,
+                                        BatchFile.updated_at))).all()
+        chunk_rows = (await s.execute(
+            select(Chunk.file_id, Chunk.chunk_idx).join(BatchFile, BatchFile.id == Chunk.file_id)
+            .where(BatchFile.state == "receiving"))).all()
+        expired_jobs = (await s.execute(
+            select(Job.job_id, Job.batch_id, Job.finished).where(
+                Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
+            .order_by(Job.finished))).all()
+        job_batches = set((await s.scalars(select(Job.batch_id).distinct())).all())
+    busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
+    busy_smartlinks = {r.batch_id for r in running}
+    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows,
+                            busy_uploads, in_use)
+    await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
+                            busy_smartlinks, smartlinks)
+    return out
+
+
+def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[Any],
+                  files: Iterable[Any], chunk_rows: Iterable[Any], busy: set[str],
+                  in_use: InUse | None) -> None:
+    root = settings.uploads_dir
+    by_pk = {b.id: b for b in batches}
+    files_of: dict[int, dict[int, Any]] = {}
+    for f in files:
+        files_of.setdefault(f.batch_pk, {})[f.id] = f
+    chunks_of: dict[int, list[int]] = {}
+    for c in chunk_rows:
+        chunks_of.setdefault(c.file_id, []).append(c.chunk_idx)
+
+    expired: set[int] = set()
+    for b in by_pk.values():
+        bdir = root / str(b.id)
+        idle_since = max(b.updated_at, b.files_updated_at or b.updated_at)
+        if idle_since >= ages.batch_cutoff or b.batch_id in busy:
+            continue
+        if in_use is not None and in_use(b.batch_id):
+            continue
+        if _newest_mtime(bdir) >= ages.wall_grace:  # a chunk still arriving or being assembled
+            continue
+        expired.add(b.id)
+        n = len(files_of.get(b.id, {}))
+        out.items.append(Item("expired-batch", b.batch_id, _du(bdir), f"{b.state}, {n} file(s)",
+                              path=bdir, key=b.id))
+
+    # Per-file leftovers of the batches that stay.
+    for pk, fs in files_of.items():
+        b = by_pk[pk]
+        if pk in expired or b.batch_id in busy:
+            continue
+        bdir = root / str(pk)
+        for f in fs.values():
+            fdir = bdir / str(f.id)
+            settled = f.updated_at < ages.grace_cutoff
+            if f.state == "complete" and settled:
+                chunks = fdir / "chunks"
+                if chunks.is_dir():
+                    out.items.append(Item("chunk-leftovers", _rel(settings, chunks), _du(chunks),
+                                          f"batch {b.batch_id}", path=chunks, key=f.id))
+                if b.state == "open" and not (fdir / "data").exists():
+                    out.items.append(Item("missing-bytes", _rel(settings, fdir / "data"), 0,
+                                          f"batch {b.batch_id}: file row of a complete file without data",
+                                          path=fdir / "data", key=f.id))
+            if f.state == "receiving" and settled and b.state == "open":
+                gone = [i for i in sorted(chunks_of.get(f.id, ())) if not (fdir / "chunks" / str(i)).exists()]
+                if gone:
+                    out.items.append(Item("missing-bytes", _rel(settings, fdir / "chunks"), 0,
+                                          f"batch {b.batch_id}: rows of chunks {gone} without bytes",
+                                          path=fdir / "chunks",
+                                          key=(f.id, tuple(gone))))
+            if f.state != "assembling":
+                for d in (fdir, fdir / "chunks"):
+                    for e in _listdir(d):
+                        p = Path(e.path)
+                        if _is_temp(e.name) and _older(p, ages.wall_grace):
+                            out.items.append(Item("temp-file", _rel(settings, p), _du(p),
+                                                  f"batch {b.batch_id}", path=p))
+
+    # Directories no row refers to (a crash between mkdir and commit, or a row removed by hand).
+    for e in _listdir(root):
+        p = Path(e.path)
+        pk = int(e.name) if e.name.isdigit() else None
+        if pk is None or pk not in by_pk:
+            if _newest_mtime(p) < ages.wall_grace:
+                out.items.append(Item("orphan-dir", _rel(settings, p), _du(p), "no batch row", path=p))
+            continue
+        if pk in expired:
+            continue
+        known = files_of.get(pk, {})
+        for fe in _listdir(p):
+            fid = int(fe.name) if fe.name.isdigit() else None
+            fp = Path(fe.path)
+            if (fid is None or fid not in known) and not _is_temp(fe.name) \
+                    and _newest_mtime(fp) < ages.wall_grace:
+                out.items.append(Item("orphan-dir", _rel(settings, fp), _du(fp),
+                                      f"no file row in batch {by_pk[pk].batch_id}", path=fp))
+
+
+def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: Iterable[Any],
+                     job_batches: set[str], busy: set[str], smartlinks: bool) -> None:
+    root = settings.smartlink_root
+    assert root is not None
+    for j in expired_jobs:
+        if j.batch_id in busy:  # a later run of the same batch is writing into the same directory
+            continue
+        out.items.append(Item("expired-job", j.job_id, 0,
+                              f"batch {j.batch_id}, finished {j.finished:%Y-%m-%d %H:%M}Z"
+                              + (", with its smartlinks" if smartlinks else ""),
+                              path=root / j.batch_id if BATCH_ID_RE.match(j.batch_id) else None,
+                              key=(j.job_id, j.batch_id, smartlinks)))
+    for e in _listdir(root):
+        if not e.is_dir(follow_symlinks=False) or not BATCH_ID_RE.match(e.name) or e.name in busy:
+            continue
+        d = Path(e.path)
+        for f in _listdir(d):
+            p = Path(f.path)
+            if _is_temp(f.name) and _older(p, ages.wall_grace):
+                out.items.append(Item("temp-file", _rel(settings, p), _du(p), f"batch {e.name}", path=p))
+        if smartlinks and e.name not in job_batches and _newest_mtime(d) < ages.wall - ages.retention:
+            out.items.append(Item("orphan-smartlinks", _rel(settings, d), _du(d), "no job row",
+                                  path=d, key=e.name))
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+
+async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bool = False,
+                older_than: float | None = None, in_use: InUse | None = None,
+                progress: Progress | None = None) -> Plan:
+    """Carry out ``the_plan`` item by item, re-checking each; errors are recorded per item (and
+    logged), never raised. With ``dry_run`` nothing changes: every item reads ``would remove``."""
+    the_plan.dry_run = dry_run
+    ages = _ages(settings, older_than)
+    total = len(the_plan.items)
+    for n, item in enumerate(the_plan.items, 1):
+        if dry_run:
+            item.result = "would remove"
+            log.info("would remove %s %s (%d bytes) %s", item.kind, item.target, item.bytes, item.detail)
+        else:
+            try:
+                kept = not await _APPLY[item.kind](db, settings, ages, item, in_use)
+                item.result = "kept: in use" if kept else "removed"
+                log.info("%s %s %s (%d bytes) %s", "kept (in use)" if kept else "removed", item.kind,
+                         item.target, item.bytes, item.detail)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # one failure must not stop the rest of the pass
+                item.result = f"error: {e.__class__.__name__}: {e}"
+                log.error("could not remove %s %s: %s", item.kind, item.target, item.result)
+        if progress is not None:
+            progress(n, total, item)
+    return the_plan
+
+
+async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, item: Item,
+                               in_use: InUse | None) -> bool:
+    if in_use is not None and in_use(item.target):
+        return False
+    assert item.path is not None
+    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
+        return False
+    cutoff = ages.batch_cutoff
+    fresh_file = exists().where(BatchFile.batch_pk == Batch.id, BatchFile.updated_at >= cutoff)
+    used_by_job = exists().where(Job.upload_batch_id == Batch.batch_id, Job.status.in_(RUNNING))
+    async with db.write() as s:
+        res = await s.execute(update(Batch).where(Batch.id == item.key, Batch.updated_at < cutoff,
+                                                  ~fresh_file, ~used_by_job).values(state="dropped"))
+    if res.rowcount == 0:
+        return False
+    await asyncio.to_thread(_remove, item.path)
+    async with db.write() as s:
+        await s.execute(delete(Batch).where(Batch.id == item.key))
+    return True
+
+
+async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, item: Item,
+                                 in_use: InUse | None) -> bool:
+    async with db.read() as s:
+        state = await s.scalar(select(BatchFile.state).where(BatchFile.id == item.key))
+    if state != "complete":
+        return state is None  # the row went meanwhile: so did its directory, nothing to keep
+    assert item.path is not None
+    await asyncio.to_thread(_remove, item.path)
+    return True
+
+
+async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, item: Item,
+                               in_use: InUse | None) -> bool:
+    assert item.path is not None
+    settled = BatchFile.updated_at < ages.grace_cutoff
+    if isinstance(item.key, tuple):
+        file_id, idxs = item.key
+        gone = [i for i in idxs if not (item.path / str(i)).exists()]
+        async with db.write() as s:
+            state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id, settled))
+            if state != "receiving":
+                return False
+            await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(gone)))
+        return bool(gone)
+    if item.path.exists():
+        return False
+    async with db.write() as s:
+        res = await s.execute(delete(BatchFile).where(BatchFile.id == item.key,
+                                                      BatchFile.state == "complete", settled))
+    if res.rowcount == 0:
+        return False
+    await asyncio.to_thread(_remove, item.path.parent)  # what is left of the file's directory
+    return True
+
+
+async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item: Item,
+                            in_use: InUse | None) -> bool:
+    assert item.path is not None
+    rel = item.path.relative_to(settings.uploads_dir).parts
+    async with db.read() as s:
+        if rel[0].isdigit() and await s.scalar(select(Batch.id).where(Batch.id == int(rel[0]))):
+            if len(rel) == 1 or (rel[1].isdigit() and await s.scalar(
+                    select(BatchFile.id).where(BatchFile.id == int(rel[1]), BatchFile.batch_pk == int(rel[0])))):
+                return False
+    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
+        return False
+    await asyncio.to_thread(_remove, item.path)
+    return True
+
+
+async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: Item,
+                           in_use: InUse | None) -> bool:
+    assert item.path is not None
+    if not _older(item.path, time.time() - GRACE):
+        return not item.path.exists()
+    await asyncio.to_thread(_remove, item.path)
+    return True
+
+
+async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item: Item,
+                             in_use: InUse | None) -> bool:
+    job_id, batch_id, with_smartlinks = item.key
+    names: list[str] = []
+    async with db.write() as s:
+        if with_smartlinks:
+            names = [f"{r.reference_id}.{r.suffix}" for r in
+                     (await s.execute(select(JobRow.reference_id, JobRow.suffix)
+                                      .where(JobRow.job_id == job_id))).all()]
+        res = await s.execute(delete(Job).where(Job.job_id == job_id, Job.finished.is_not(None),
+                                                Job.status.not_in(RUNNING)))
+        if res.rowcount == 0:
+            return False
+        # Names a remaining job of the same batch also published stay (a re-run overwrote them).
+        keep = set()
+        if names:
+            keep = {f"{r.reference_id}.{r.suffix}" for r in (await s.execute(
+                select(JobRow.reference_id, JobRow.suffix).join(Job, Job.job_id == JobRow.job_id)
+                .where(Job.batch_id == batch_id))).all()}
+        running = await s.scalar(select(func.count()).select_from(Job)
+                                 .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
+    if names and item.path is not None and not running:
+        item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, set(names) - keep)
+    return True
+
+
+def _remove_smartlinks(d: Path, stems: set[str]) -> int:
+    freed = 0
+    for stem in stems:
+        for ext in (".html", ".pdf"):
+            p = d / (stem + ext)
+            freed += _du(p)
+            _remove(p)
+    with contextlib.suppress(OSError):
+        d.rmdir()  # only when empty
+    return freed
+
+
+async def _apply_orphan_smartlinks(db: Database, settings: Settings, ages: _Ages, item: Item,
+                                   in_use: InUse | None) -> bool:
+    assert item.path is not None
+    async with db.read() as s:
+        if await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == item.key)):
+            return False
+    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - ages.retention:
+        return False
+    await asyncio.to_thread(_remove, item.path)
+    return True
+
+
+_APPLY = {
+    "expired-batch": _apply_expired_batch,
+    "chunk-leftovers": _apply_chunk_leftovers,
+    "missing-bytes": _apply_missing_bytes,
+    "orphan-dir": _apply_orphan_dir,
+    "temp-file": _apply_temp_file,
+    "expired-job": _apply_expired_job,
+    "orphan-smartlinks": _apply_orphan_smartlinks,
+}
+
+
+async def cleanup(db: Database, settings: Settings, *, older_than: float | None = None,
+                  dry_run: bool = False, smartlinks: bool = False, in_use: InUse | None = None,
+                  progress: Progress | None = None) -> Plan:
+    """Plan, then apply (or only mark, with ``dry_run``). See the module docstring."""
+    the_plan = await plan(db, settings, older_than=older_than, smartlinks=smartlinks, in_use=in_use)
+    return await apply(db, settings, the_plan, dry_run=dry_run, older_than=older_than,
+                       in_use=in_use, progress=progress)
+
+
+# --- drop ---------------------------------------------------------------------------------------
+
+
+async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
+                          cancel_wait: float) -> list[str]:
+    """Refuse (Conflict) while jobs matching ``job_filter`` run, unless ``force``: then ask them to
+    cancel through the database (a live server's engine sees ``cancel_requested``) and, if none
+    stops within ``cancel_wait`` (no server may be running it), mark them cancelled here."""
+    async with db.read() as s:
+        running = list((await s.scalars(select(Job.job_id).where(job_filter, Job.status.in_(RUNNING)))).all())
+    if not running:
+        return []
+    if not force:
+        raise Conflict(f"{what} is in use by running job(s) {', '.join(running)}: "
+                       "retry when they finish, or use --force to cancel them first", code="ERR_JOB_RUNNING")
+    async with db.write() as s:
+        await s.execute(update(Job).where(Job.job_id.in_(running), Job.status.in_(RUNNING))
+                        .values(cancel_requested=True))
+    log.info("asked running job(s) %s to cancel", ", ".join(running))
+    deadline = time.monotonic() + cancel_wait
+    while True:
+        async with db.read() as s:
+            still = list((await s.scalars(select(Job.job_id).where(Job.job_id.in_(running),
+                                                                   Job.status.in_(RUNNING)))).all())
+        if not still or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)  # poll the job engine's progress under a deadline
+    if still:
+        async with db.write() as s:
+            await s.execute(update(Job).where(Job.job_id.in_(still), Job.status.in_(RUNNING)).values(
+                status="Cancelled", finished=utcnow(),
+                reason="cancelled by `filedrop drop --force` (no engine stopped it in time)"))
+        log.warning("job(s) %s did not stop within %.0f s: marked Cancelled", ", ".join(still), cancel_wait)
+    return running
+
+
+async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
+                            cancel_wait: float = CANCEL_WAIT) -> Item:
+    """Remove an upload batch's file rows and bytes; its row stays as a ``dropped`` tombstone (as
+    after an API drop) until cleanup expires it. Raises NotFound, or Conflict while a running job
+    reads it (unless ``force``, which cancels that job first). Idempotent."""
+    async with db.read() as s:
+        b = (await s.execute(select(Batch.id, Batch.state).where(Batch.batch_id == batch_id))).first()
+    if b is None:
+        raise NotFound(f"no upload batch {batch_id!r}", code="ERR_BATCH_NOT_FOUND")
+    cancelled = await _cancel_running(db, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
+                                      force, cancel_wait)
+    bdir = settings.uploads_dir / str(b.id)
+    async with db.write() as s:
+        nfiles = await s.scalar(select(func.count()).select_from(BatchFile).where(BatchFile.batch_pk == b.id))
+        await s.execute(update(Batch).where(Batch.id == b.id).values(state="dropped", updated_at=utcnow()))
+        await s.execute(delete(BatchFile).where(BatchFile.batch_pk == b.id))
+    size = await asyncio.to_thread(_du, bdir)
+    await asyncio.to_thread(_remove, bdir)
+    item = Item("drop-batch", batch_id, size, f"was {b.state}, {nfiles} file(s)"
+                + (f", cancelled job(s) {', '.join(cancelled)}" if cancelled else ""), result="removed")
+    log.info("dropped upload batch %s (%d bytes) %s", batch_id, size, item.detail)
+    return item
+
+
+async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
+                               cancel_wait: float = CANCEL_WAIT) -> Item:
+    """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs). Raises
+    NotFound when there is neither, Conflict while one of its jobs runs unless ``force``."""
+    if not BATCH_ID_RE.match(batch_id):
+        raise NotFound(f"{batch_id!r} is not a smartlink batch id", code="ERR_BATCH_NOT_FOUND")
+    assert settings.smartlink_root is not None
+    d = settings.smartlink_root / batch_id
+    async with db.read() as s:
+        njobs = await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id))
+    if not njobs and not d.exists():
+        raise NotFound(f"no smartlink batch {batch_id!r} (no job and no {d})", code="ERR_BATCH_NOT_FOUND")
+    cancelled = await _cancel_running(db, Job.batch_id == batch_id, f"smartlink batch {batch_id!r}",
+                                      force, cancel_wait)
+    async with db.write() as s:
+        await s.execute(delete(Job).where(Job.batch_id == batch_id))
+    size = await asyncio.to_thread(_du, d)
+    await asyncio.to_thread(_remove, d)
+    item = Item("drop-smartlinks", batch_id, size, f"{njobs} job(s)"
+                + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
+    log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, size, item.detail)
+    return item
+
+
+# --- the janitor inside the server --------------------------------------------------------------
+
+
+class Janitor:
+    """Runs :func:`cleanup` every ``interval`` seconds in one owned task. ``passed`` is set after
+    each pass (tests wait on it); ``last`` is the last pass's plan."""
+
+    def __init__(self, db: Database, settings: Settings, in_use: InUse | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.in_use = in_use
+        self.passes = 0
+        self.last: Plan | None = None
+        self.passed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> Plan:
+        result = await cleanup(self.db, self.settings, in_use=self.in_use)
+        self.passes += 1
+        self.last = result
+        if result.items:
+            log.info("janitor pass %d: %d item(s), %d bytes freed, %d error(s)", self.passes,
+                     len(result.items), result.bytes_freed, len(result.errors))
+        self.passed.set()
+        return result
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad pass (e.g. the disk went away) must not end the janitor
+                log.exception("janitor pass failed")
+            await asyncio.sleep(interval)
+
+
+def _upload_in_use(app: web.Application) -> InUse | None:
+    """The upload service's own "is this batch busy?" check, when it offers one."""
+    uploads = app.get(UPLOADS)
+    check = getattr(uploads, "batch_in_use", None)
+    return check if callable(check) else None
 
 
 async def janitor_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    janitor = Janitor(app[DATABASE], settings, _upload_in_use(app))
+    app[JANITOR] = janitor
+    if settings.janitor_interval > 0:
+        janitor.task = asyncio.create_task(janitor.run_forever(settings.janitor_interval),
+                                           name="filedrop-janitor")
     yield
+    if janitor.task is not None:
+        janitor.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await janitor.task

@@ -1,0 +1,245 @@
+"""`filedrop cleanup`: each kind of leftover is found, removed and reported with its bytes; what is
+in use stays; --dry-run changes nothing; errors give a non-zero exit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from server.config import Settings
+from server.db.job_models import Job, JobLog, JobRow
+from server.db.models import Batch, BatchFile, Chunk
+from tests.support.disk_state import (
+    DAY,
+    HOUR,
+    FileSpec,
+    add_batch,
+    add_job,
+    age,
+    batch_state,
+    count,
+    freed,
+    run_cli,
+    table,
+)
+
+
+def _leftovers(settings: Settings) -> dict[str, object]:
+    """One of each kind cleanup removes by default, and a live batch it must keep."""
+    up = settings.uploads_dir
+    expired_pk, _ = add_batch(settings, "expired", [FileSpec(data=b"e" * 3000), FileSpec(data=b"f" * 500)],
+                              idle=25 * HOUR)
+    tomb_pk, _ = add_batch(settings, "tombstone", [], state="dropped", idle=30 * HOUR)
+    live_pk, (done_id, gone_id, recv_id) = add_batch(settings, "live", [
+        FileSpec(data=b"x" * 100, chunks={0: b"c" * 70, 1: b"c" * 30}),  # assembled, chunks left
+        FileSpec(data=None),  # complete, but its data is gone
+        FileSpec(state="receiving", data=None, chunks={0: b"r" * 10}, chunk_rows_without_bytes=[1],
+                 temps={"chunks/.2.deadbeef.part": b"p" * 40}),  # a crashed chunk upload
+    ], idle=HOUR)
+    # The live batch was just touched: its idle clock is fresh, only its leftovers are old.
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from server.db import utcnow
+    from tests.support.disk_state import session
+    with session(settings) as s:
+        s.execute(update(Batch).where(Batch.id == live_pk).values(updated_at=utcnow() - timedelta(seconds=60)))
+        s.commit()
+    orphan = up / "999"
+    (orphan / "5").mkdir(parents=True)
+    (orphan / "5" / "data").write_bytes(b"o" * 200)
+    orphan_file = up / str(live_pk) / "12345"
+    orphan_file.mkdir()
+    (orphan_file / "data").write_bytes(b"z" * 50)
+    assembly_temp = up / str(live_pk) / str(done_id) / ".data.0123abcd.part"
+    assembly_temp.write_bytes(b"a" * 60)
+    for p in (orphan, orphan_file, assembly_temp, up / str(live_pk) / str(recv_id)):
+        age(p, HOUR)
+    old_links = add_job(settings, "a" * 32, "oldlinks", finished_ago=31 * DAY,
+                        rows=[("r1", "s" * 16), ("r2", "t" * 16)])
+    render_temp = settings.smartlink_root / "oldlinks" / ".r3.tttttttttttttttt.html.1a2b3c4d.tmp"
+    render_temp.write_bytes(b"t" * 25)
+    age(render_temp, HOUR)
+    return dict(expired_pk=expired_pk, tomb_pk=tomb_pk, live_pk=live_pk, done_id=done_id, gone_id=gone_id,
+                recv_id=recv_id, orphan=orphan, orphan_file=orphan_file, assembly_temp=assembly_temp,
+                old_links=old_links, render_temp=render_temp)
+
+
+def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Settings) -> None:
+    st = _leftovers(settings)
+    up = settings.uploads_dir
+    live = up / str(st["live_pk"])
+    r = run_cli(settings, "cleanup")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert {k: len(v) for k, v in rows.items()} == {
+        "expired-batch": 2, "chunk-leftovers": 1, "orphan-dir": 2, "missing-bytes": 2, "temp-file": 3,
+        "expired-job": 1}, r.stdout
+    assert all(row[2] == "removed" for rs in rows.values() for row in rs), r.stdout
+    assert {row[0] for row in rows["expired-batch"]} == {"expired", "tombstone"}
+    assert [row[1] for row in rows["expired-batch"] if row[0] == "expired"] == ["3500"]
+    # 3500 (expired) + 100 (chunks) + 200 + 50 (orphans) + 40 + 60 + 25 (temps)
+    assert freed(r.stdout) == 3975
+    assert "3975 bytes (3.9 KiB) freed, 0 error(s)" in r.stdout
+
+    assert not (up / str(st["expired_pk"])).exists() and not (up / str(st["tomb_pk"])).exists()
+    assert batch_state(settings, "expired") is None and batch_state(settings, "tombstone") is None
+    assert count(settings, BatchFile, BatchFile.batch_pk == st["expired_pk"]) == 0
+    assert not (live / str(st["done_id"]) / "chunks").exists()
+    assert (live / str(st["done_id"]) / "data").read_bytes() == b"x" * 100  # the assembled file stays
+    assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 0
+    assert count(settings, BatchFile, BatchFile.id == st["recv_id"]) == 1
+    assert count(settings, Chunk, Chunk.file_id == st["recv_id"]) == 1  # row 1 had no bytes
+    assert (live / str(st["recv_id"]) / "chunks" / "0").read_bytes() == b"r" * 10
+    assert not (live / str(st["recv_id"]) / "chunks" / ".2.deadbeef.part").exists()
+    for p in ("orphan", "orphan_file", "assembly_temp", "render_temp"):
+        assert not Path(st[p]).exists(), p  # type: ignore[arg-type]
+    assert batch_state(settings, "live") == "open"
+    # The job's rows go; its smartlinks stay without --smartlinks.
+    assert count(settings, Job) == count(settings, JobRow) == count(settings, JobLog) == 0
+    assert all(p.exists() for p in st["old_links"])  # type: ignore[attr-defined]
+    assert "removed expired-batch expired" in r.stderr  # every step is logged
+
+    again = run_cli(settings, "cleanup")
+    assert again.returncode == 0
+    assert again.stdout.strip().splitlines()[-1].startswith("0 item(s), 0 removed, 0 bytes"), again.stdout
+
+
+def test_dry_run_reports_the_same_and_changes_nothing(settings: Settings) -> None:
+    st = _leftovers(settings)
+    before = sorted(str(p) for p in settings.data_dir.rglob("*") if "sqlite" not in p.name)
+    r = run_cli(settings, "cleanup", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert sum(len(v) for v in rows.values()) == 11
+    assert all(row[2] == "would remove" for rs in rows.values() for row in rs)
+    assert freed(r.stdout) == 3975 and "would be freed" in r.stdout and "dry run" in r.stdout
+    assert sorted(str(p) for p in settings.data_dir.rglob("*") if "sqlite" not in p.name) == before
+    assert batch_state(settings, "expired") == "open" and count(settings, Job) == 1
+    assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 1
+
+
+def test_older_than_replaces_the_ttl_but_never_goes_under_the_grace(settings: Settings) -> None:
+    add_batch(settings, "two-hours", [FileSpec()], idle=2 * HOUR)
+    add_batch(settings, "one-minute", [FileSpec()], idle=60)
+    add_job(settings, "b" * 32, "recent-job", finished_ago=2 * HOUR, rows=[("r", "s" * 16)])
+    r = run_cli(settings, "cleanup")
+    assert r.returncode == 0 and table(r.stdout) == {}, r.stdout
+    r = run_cli(settings, "cleanup", "--older-than", "1h")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert [row[0] for row in rows["expired-batch"]] == ["two-hours"]
+    assert [row[0] for row in rows["expired-job"]] == ["b" * 32]
+    r = run_cli(settings, "cleanup", "--older-than", "0")
+    assert r.returncode == 0 and table(r.stdout) == {}, r.stdout
+    assert batch_state(settings, "one-minute") == "open"
+    # The TTL setting is the default.
+    r = run_cli(settings, "cleanup", FILEDROP_BATCH_TTL="30s")
+    assert batch_state(settings, "one-minute") == "open"  # 60 s idle, but the grace is 10 min
+    bad = run_cli(settings, "cleanup", "--older-than", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def test_smartlinks_go_only_with_the_flag_and_shared_names_stay(settings: Settings) -> None:
+    root = settings.smartlink_root
+    assert root is not None
+    old = add_job(settings, "c" * 32, "sl", finished_ago=40 * DAY, rows=[("a", "s" * 16), ("b", "s" * 16)])
+    (root / "sl" / "a.ssssssssssssssss.pdf").write_bytes(b"%PDF" + b"0" * 96)
+    # A newer run of the same batch re-published "b": that file stays with the newer job.
+    add_job(settings, "d" * 32, "sl", finished_ago=DAY, rows=[("b", "s" * 16)], publish=False)
+    orphan = root / "nojob"
+    orphan.mkdir()
+    (orphan / "x.yyyyyyyyyyyyyyyy.html").write_bytes(b"h" * 11)
+    age(orphan, 31 * DAY)
+    young_orphan = root / "young"
+    young_orphan.mkdir()
+    (young_orphan / "x.yyyyyyyyyyyyyyyy.html").write_bytes(b"h" * 11)
+
+    r = run_cli(settings, "cleanup", "--smartlinks")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert [row[0] for row in rows["expired-job"]] == ["c" * 32]
+    assert [row[0] for row in rows["orphan-smartlinks"]] == ["smartlinks/nojob"]
+    a_bytes = old[0].stat().st_size if old[0].exists() else 0
+    assert a_bytes == 0
+    assert not (root / "sl" / "a.ssssssssssssssss.html").exists()
+    assert not (root / "sl" / "a.ssssssssssssssss.pdf").exists()
+    assert (root / "sl" / "b.ssssssssssssssss.html").exists()
+    assert not orphan.exists() and young_orphan.exists()
+    assert count(settings, Job) == 1
+    assert freed(r.stdout) == len(b"<p>a</p>") + 100 + 11
+
+
+def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -> None:
+    add_batch(settings, "stuck", [FileSpec(data=b"s" * 10)], idle=25 * HOUR)
+    add_batch(settings, "expired", [FileSpec(data=b"e" * 10)], idle=25 * HOUR)
+    # The database refuses to delete one row (as a locked or broken database would); works as
+    # root too, where file permissions would not stop anything.
+    db = sqlite3.connect(settings.db_path)
+    db.execute("CREATE TRIGGER stuck BEFORE DELETE ON batches WHEN old.batch_id = 'stuck' "
+               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    db.commit()
+    r = run_cli(settings, "cleanup")
+    rows = table(r.stdout)
+    assert r.returncode == 1, r.stdout + r.stderr
+    results = {row[0]: row[2] for row in rows["expired-batch"]}
+    assert results["expired"] == "removed"
+    assert results["stuck"].startswith("error:") and "refused by the test" in results["stuck"]
+    assert "1 error(s)" in r.stdout
+    assert "could not remove expired-batch stuck" in r.stderr
+    # The row stays as a tombstone (a late chunk is refused); the next pass finishes it.
+    assert batch_state(settings, "stuck") == "dropped" and batch_state(settings, "expired") is None
+    db.execute("DROP TRIGGER stuck")
+    db.commit()
+    db.close()
+    r = run_cli(settings, "cleanup")
+    assert r.returncode == 0 and [row[0] for row in table(r.stdout)["expired-batch"]] == ["stuck"]
+    assert batch_state(settings, "stuck") is None
+
+
+def test_unmigrated_database_exits_2(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path / "nodb")
+    for args in (["cleanup"], ["drop", "x"]):
+        r = run_cli(s, *args)
+        assert r.returncode == 2 and "filedrop migrate" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["part", "assembling", "job-batch", "running-job-dir"])
+def test_what_is_in_use_stays_even_with_older_than_zero(settings: Settings, kind: str) -> None:
+    root = settings.smartlink_root
+    assert root is not None
+    if kind == "part":
+        # Idle clock long expired, but a chunk is still being written (its .part is fresh).
+        pk, (fid,) = add_batch(settings, "b", [FileSpec(state="receiving", data=None)], idle=25 * HOUR)
+        part = settings.uploads_dir / str(pk) / str(fid) / "chunks" / ".0.abcd.part"
+        part.parent.mkdir()
+        part.write_bytes(b"p")
+        keep = [part]
+    elif kind == "assembling":
+        pk, (fid,) = add_batch(settings, "b", [FileSpec(state="assembling", data=None, chunks={0: b"c"},
+                                                        temps={".data.abcd.part": b"a"}, idle=60)],
+                               idle=25 * HOUR, disk_age=2 * HOUR)
+        keep = [settings.uploads_dir / str(pk) / str(fid) / ".data.abcd.part"]
+    elif kind == "job-batch":
+        # The upload batch a running job reads its template/PDFs from.
+        pk, _ = add_batch(settings, "b", [FileSpec()], idle=25 * HOUR)
+        add_job(settings, "e" * 32, "links", status="In progress", rows=[("r", "s" * 16)], publish=False,
+                upload_batch_id="b")
+        keep = [settings.uploads_dir / str(pk)]
+    else:
+        add_job(settings, "f" * 32, "links", status="Completed", finished_ago=40 * DAY, rows=[("r", "s" * 16)])
+        add_job(settings, "e" * 32, "links", status="In progress", rows=[("q", "s" * 16)], publish=False)
+        tmp = root / "links" / ".q.ssssssssssssssss.html.abcd.tmp"
+        tmp.write_bytes(b"t")
+        age(tmp, HOUR)
+        keep = [tmp, root / "links" / "r.ssssssssssssssss.html"]
+    r = run_cli(settings, "cleanup", "--older-than", "0", "--smartlinks")
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout) == {}, r.stdout
+    for p in keep:
+        assert p.exists(), p
+    if kind != "running-job-dir":
+        assert batch_state(settings, "b") == "open"
