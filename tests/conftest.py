@@ -55,3 +55,14 @@ def server_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start real NGINX over the project's rendered nginx.conf: ``start(settings, app_port=...)``
+    (tests/support/nginx.py); all stopped at teardown."""
+    from tests.support.nginx import NginxFactory
+
+    factory = NginxFactory(tmp_path / "nginx")
+    yield factory.start
+    factory.stop_all()
