@@ -208,7 +208,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
     async def run(db: Any, settings: Settings) -> int:
         drop = janitor.drop_smartlink_batch if args.smartlinks else janitor.drop_upload_batch
         try:
-            item = await drop(db, settings, args.batch_id, force=args.force)
+            item = await drop(db, settings, args.batch_id, force=args.force, cancel_wait=args.cancel_wait)
         except NotFound as e:
             print(f"filedrop: {e.message}", file=sys.stderr)
             return 1
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("batch_id")
     d.add_argument("--smartlinks", action="store_true", help="drop the smartlink batch of this id")
     d.add_argument("--force", action="store_true", help="cancel a running job of the batch first")
+    d.add_argument("--cancel-wait", type=_duration, default=10.0, metavar="DURATION",
+                   help="with --force: how long a live server gets to stop the job before it is "
+                   "marked cancelled here (default 10s)")
     d.set_defaults(func=cmd_drop)
     c = sub.add_parser("cleanup", help="remove expired batches, leftovers, orphans and old jobs; "
                        "prints a table; exit 1 on errors")

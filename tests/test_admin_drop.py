@@ -1,0 +1,92 @@
+"""`filedrop drop`: an upload batch's rows and bytes; with --smartlinks a smartlink batch's files
+and its jobs' rows, refused while a job of it runs unless --force."""
+
+from __future__ import annotations
+
+from server.config import Settings
+from server.db.job_models import Job, JobLog, JobRow
+from server.db.models import BatchFile, Chunk
+from tests.support.disk_state import (
+    DAY,
+    FileSpec,
+    add_batch,
+    add_job,
+    batch_state,
+    count,
+    freed,
+    job_status,
+    run_cli,
+    table,
+)
+
+
+def test_drop_upload_batch_removes_rows_and_bytes_and_keeps_a_tombstone(settings: Settings) -> None:
+    pk, ids = add_batch(settings, "cust-1", [FileSpec(data=b"a" * 700),
+                                             FileSpec(state="receiving", data=None, chunks={0: b"c" * 300})])
+    other_pk, _ = add_batch(settings, "cust-2", [FileSpec(data=b"b" * 10)])
+    r = run_cli(settings, "drop", "cust-1")
+    assert r.returncode == 0, r.stderr
+    rows = table(r.stdout)
+    assert rows["drop-batch"] == [["cust-1", "1000", "removed", "was open, 2 file(s)"]]
+    assert freed(r.stdout) == 1000
+    assert not (settings.uploads_dir / str(pk)).exists()
+    assert count(settings, BatchFile, BatchFile.batch_pk == pk) == 0
+    assert count(settings, Chunk, Chunk.file_id.in_(ids)) == 0
+    assert batch_state(settings, "cust-1") == "dropped"  # a late upload into it is refused
+    assert "dropped upload batch cust-1" in r.stderr
+    # Nothing else was touched; dropping again is harmless.
+    assert (settings.uploads_dir / str(other_pk)).exists() and batch_state(settings, "cust-2") == "open"
+    again = run_cli(settings, "drop", "cust-1")
+    assert again.returncode == 0 and table(again.stdout)["drop-batch"][0][1] == "0"
+
+
+def test_drop_unknown_batch_exits_1(settings: Settings) -> None:
+    r = run_cli(settings, "drop", "nope")
+    assert r.returncode == 1 and "no upload batch 'nope'" in r.stderr and r.stdout == ""
+    r = run_cli(settings, "drop", "--smartlinks", "nope")
+    assert r.returncode == 1 and "no smartlink batch 'nope'" in r.stderr
+    r = run_cli(settings, "drop", "--smartlinks", "../uploads")
+    assert r.returncode == 1 and "not a smartlink batch id" in r.stderr
+    assert settings.uploads_dir.parent.exists()
+
+
+def test_drop_smartlinks_removes_files_and_job_rows(settings: Settings) -> None:
+    paths = add_job(settings, "a" * 32, "links", finished_ago=DAY, rows=[("r1", "s" * 16), ("r2", "s" * 16)])
+    add_job(settings, "b" * 32, "links", finished_ago=60, rows=[("r3", "s" * 16)])
+    keep = add_job(settings, "c" * 32, "other", finished_ago=60, rows=[("r1", "s" * 16)])
+    size = sum(p.stat().st_size for p in paths) + len("<p>r3</p>")
+    r = run_cli(settings, "drop", "--smartlinks", "links")
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout)["drop-smartlinks"] == [["links", str(size), "removed", "2 job(s)"]]
+    assert settings.smartlink_root is not None
+    assert not (settings.smartlink_root / "links").exists()
+    assert count(settings, Job, Job.batch_id == "links") == 0
+    assert count(settings, JobRow) == 1 and count(settings, JobLog) == 1  # those of "other"
+    assert all(p.exists() for p in keep)
+
+
+def test_drop_smartlinks_refuses_a_running_job_unless_forced(settings: Settings) -> None:
+    paths = add_job(settings, "d" * 32, "busy", status="In progress", rows=[("r1", "s" * 16)])
+    r = run_cli(settings, "drop", "--smartlinks", "busy")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "running job(s) " + "d" * 32 in r.stderr and "--force" in r.stderr
+    assert all(p.exists() for p in paths) and job_status(settings, "d" * 32) == "In progress"
+    # No server runs this job: --force asks it to cancel, waits, then marks it cancelled itself.
+    r = run_cli(settings, "drop", "--smartlinks", "busy", "--force", "--cancel-wait", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "cancelled " + "d" * 32 in r.stdout
+    assert "marked Cancelled" in r.stderr
+    assert not any(p.exists() for p in paths) and count(settings, Job) == 0
+
+
+def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settings: Settings) -> None:
+    pk, _ = add_batch(settings, "tpl", [FileSpec()])
+    add_job(settings, "e" * 32, "links", status="Queued", rows=[("r1", "s" * 16)], publish=False,
+            upload_batch_id="tpl")
+    r = run_cli(settings, "drop", "tpl")
+    assert r.returncode == 3 and "e" * 32 in r.stderr
+    assert (settings.uploads_dir / str(pk)).exists() and batch_state(settings, "tpl") == "open"
+    r = run_cli(settings, "drop", "tpl", "--force", "--cancel-wait", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert job_status(settings, "e" * 32) == "Cancelled"
+    assert not (settings.uploads_dir / str(pk)).exists()
