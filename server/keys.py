@@ -13,6 +13,7 @@ from server.db import Database
 if TYPE_CHECKING:
     from server.auth import KeyStore
     from server.uploads.operations import OperationRegistry
+    from server.uploads.service import UploadService
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -20,7 +21,7 @@ KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
 OPERATIONS: web.AppKey[OperationRegistry] = web.AppKey("operations")
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 STOPPING = web.AppKey("stopping", dict)  # {"value": bool}: set when shutdown begins
-UPLOADS: web.AppKey[Any] = web.AppKey("uploads")  # server.uploads service (issue 2)
+UPLOADS: web.AppKey[UploadService] = web.AppKey("uploads")  # server.uploads service (issue 2)
 JOBS: web.AppKey[Any] = web.AppKey("jobs")  # server.jobs engine (issue 3)
 JANITOR: web.AppKey[Any] = web.AppKey("janitor")  # server.janitor periodic task (issue 5)
 

@@ -1,16 +1,244 @@
 """Upload endpoints: legacy ``/site/automation/batch/...`` and REST ``/api/v1/upload/...``.
 
-(Issue 2 fills this in.)
+Thin handlers: parse headers and path into typed values, make one ``UploadService`` call,
+serialize. Errors are raised (``server.errors``); the error middleware answers them. Shapes
+follow the nuxeo 7.1.0 client (``/work/shared/nuxeo-upload-api.md``): upload answers carry
+string values, file info numeric ones, and every chunk answer lists all chunk ids so far.
+``app.py`` mounts ``ROUTES`` both bare and under ``/nuxeo``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
-ROUTES: list[web.RouteDef] = []
+from server.errors import BadRequest, NotFound
+from server.keys import DATABASE, OPERATIONS, OWNER, SETTINGS, UPLOADS
+from server.uploads.operations import OperationResult
+from server.uploads.service import (
+    FileState,
+    UploadOutcome,
+    UploadRequest,
+    UploadService,
+    check_batch_id,
+    decode_file_name,
+    parse_count,
+    parse_file_idx,
+)
+
+_MAX_CHUNKS = 1_000_000
+
+
+def _service(request: web.Request) -> UploadService:
+    return request.app[UPLOADS]
+
+
+def _batch_id(request: web.Request) -> str:
+    return check_batch_id(request.match_info["batch_id"])
+
+
+def _flag(request: web.Request, header: str) -> bool:
+    return request.headers.get(header, "").strip().lower() == "true"
+
+
+def _upload_request(request: web.Request, file_idx: int) -> UploadRequest:
+    h = request.headers
+    kind = h.get("X-Upload-Type", "normal").strip().lower() or "normal"
+    if kind not in ("normal", "chunked"):
+        raise BadRequest("X-Upload-Type must be 'normal' or 'chunked'", code="ERR_UPLOAD_TYPE_INVALID")
+    chunked = kind == "chunked"
+    name = decode_file_name(h.get("X-File-Name"))
+    length = request.content_length
+    if h.get("X-File-Size") is None and not chunked and length is not None:
+        size = length  # a plain POST (curl, a browser) may only say Content-Length
+    else:
+        size = parse_count(h.get("X-File-Size"), "FILE_SIZE", "X-File-Size")
+    mimetype = (h.get("X-File-Type") or request.content_type or "application/octet-stream").strip()
+    if len(mimetype) > 255 or not mimetype.isprintable():
+        raise BadRequest("X-File-Type is not a MIME type", code="ERR_FILE_TYPE_INVALID")
+    idx, count = 0, 1
+    if chunked:
+        count = parse_count(h.get("X-Upload-Chunk-Count"), "CHUNK_COUNT", "X-Upload-Chunk-Count",
+                            minimum=1, maximum=_MAX_CHUNKS)
+        idx = parse_count(h.get("X-Upload-Chunk-Index"), "CHUNK_INDEX", "X-Upload-Chunk-Index",
+                          maximum=_MAX_CHUNKS)
+    return UploadRequest(file_idx=file_idx, name=name, size=size, mimetype=mimetype, chunked=chunked,
+                         chunk_idx=idx, chunk_count=count, content_length=length)
+
+
+def _upload_body(o: UploadOutcome) -> dict[str, Any]:
+    body: dict[str, Any] = {"batchId": o.batch_id, "fileIdx": str(o.file_idx),
+                            "uploadType": "chunked" if o.chunked else "normal",
+                            "uploadedSize": str(o.uploaded_size), "uploaded": "true"}
+    if o.chunked:
+        body["uploadedChunkIds"] = o.chunk_ids
+        body["chunkCount"] = str(o.chunk_count)
+    return body
+
+
+def _file_body(f: FileState) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": f.name, "size": f.size, "uploadType": "chunked" if f.chunked else "normal",
+                            "batchId": f.batch_id, "fileIdx": str(f.file_idx), "mimetype": f.mimetype,
+                            "uploadedSize": f.received, "uploadedChunkIds": f.chunk_ids,
+                            "chunkCount": f.chunk_count, "complete": f.complete}
+    if f.sha256:
+        body["sha256"] = f.sha256
+    return body
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def _execute_params(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{"params": {...} | null, "context": {...}}`` (an empty body is no params)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}, {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("execute body is not JSON", code="ERR_REQUEST_MALFORMED") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("execute body must be a JSON object", code="ERR_REQUEST_MALFORMED")
+    params, context = doc.get("params") or {}, doc.get("context") or {}
+    if not isinstance(params, dict) or not isinstance(context, dict):
+        raise BadRequest("'params' and 'context' must be JSON objects", code="ERR_REQUEST_MALFORMED")
+    return params, context
+
+
+def _operation_response(request: web.Request, result: OperationResult) -> web.Response:
+    if _flag(request, "X-NXVoidOperation"):
+        return web.Response(status=204)
+    if result.body is None:
+        return web.Response(status=result.status)
+    return _json(result.body, result.status)
+
+
+# -- REST /api/v1/upload ---------------------------------------------------------------------
+async def create_batch(request: web.Request) -> web.Response:
+    return _json({"batchId": await _service(request).create_batch(request[OWNER])}, 201)
+
+
+async def list_handlers(_request: web.Request) -> web.Response:
+    return _json({"handlers": [{"name": "default"}]})
+
+
+async def create_batch_with_handler(request: web.Request) -> web.Response:
+    if request.match_info["handler"].lower() != "default":
+        raise NotFound(f"upload handler {request.match_info['handler']!r} not found", code="ERR_HANDLER_NOT_FOUND")
+    return await create_batch(request)
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    upload = _upload_request(request, parse_file_idx(request.match_info["file_idx"]))
+    o = await _service(request).receive(request[OWNER], batch_id, upload, request.content.iter_any())
+    return _json(_upload_body(o), 201 if o.complete or not o.chunked else 202)
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    files = await _service(request).list_files(request[OWNER], _batch_id(request))
+    if not files:
+        return web.Response(status=204)
+    return _json([_file_body(f) for f in files])
+
+
+async def get_file(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    f = await _service(request).file_state(request[OWNER], batch_id, parse_file_idx(request.match_info["file_idx"]))
+    return _json(_file_body(f))
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    await _service(request).delete_file(request[OWNER], batch_id, parse_file_idx(request.match_info["file_idx"]))
+    return web.Response(status=204)
+
+
+async def drop_batch(request: web.Request) -> web.Response:
+    await _service(request).drop_batch(request[OWNER], _batch_id(request))
+    return web.Response(status=204)
+
+
+async def execute_batch(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    raw_idx = request.match_info.get("file_idx")
+    file_idx = None if raw_idx is None else parse_file_idx(raw_idx)
+    params, context = await _execute_params(request)
+    result = await _service(request).execute(request[OWNER], batch_id, file_idx, request.match_info["operation"],
+                                             params, context, keep=_flag(request, "X-Batch-No-Drop"))
+    return _operation_response(request, result)
+
+
+# -- legacy /site/automation/batch -----------------------------------------------------------
+async def legacy_upload(request: web.Request) -> web.Response:
+    h = request.headers
+    if h.get("X-Batch-Id") is None:
+        raise BadRequest("X-Batch-Id is required", code="ERR_BATCH_ID_INVALID")
+    batch_id = check_batch_id(h["X-Batch-Id"].strip())
+    upload = _upload_request(request, parse_file_idx(h.get("X-File-Idx")))
+    o = await _service(request).receive(request[OWNER], batch_id, upload, request.content.iter_any(), create=True)
+    return _json(_upload_body(o))
+
+
+async def legacy_list_files(request: web.Request) -> web.Response:
+    files = await _service(request).list_files(request[OWNER], _batch_id(request))
+    return _json([{"name": f.name, "size": f.size, "fileIdx": str(f.file_idx), "complete": f.complete}
+                  for f in files])
+
+
+async def legacy_drop(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    await _service(request).drop_batch(request[OWNER], batch_id)
+    return _json({"batchId": batch_id, "dropped": "true"})
+
+
+async def legacy_execute(request: web.Request) -> web.Response:
+    params, context = await _execute_params(request)
+    operation, batch_id, raw_idx = params.pop("operationId", None), params.pop("batchId", None), params.pop(
+        "fileIdx", None)
+    if not isinstance(operation, str) or not operation:
+        raise BadRequest("params.operationId is required", code="ERR_REQUEST_MALFORMED")
+    if not isinstance(batch_id, str):
+        raise BadRequest("params.batchId is required", code="ERR_BATCH_ID_INVALID")
+    check_batch_id(batch_id)
+    file_idx = None if raw_idx is None else parse_file_idx(str(raw_idx))
+    result = await _service(request).execute(request[OWNER], batch_id, file_idx, operation, params, context,
+                                             keep=_flag(request, "X-Batch-No-Drop"))
+    return _operation_response(request, result)
+
+
+ROUTES: list[web.RouteDef] = [
+    web.post("/api/v1/upload", create_batch),
+    web.post("/api/v1/upload/", create_batch),
+    web.route("GET", "/api/v1/upload/handlers", list_handlers),
+    web.post("/api/v1/upload/new/{handler}", create_batch_with_handler),
+    web.post("/api/v1/upload/{batch_id}/execute/{operation}", execute_batch),
+    web.post("/api/v1/upload/{batch_id}/{file_idx}/execute/{operation}", execute_batch),
+    web.post("/api/v1/upload/{batch_id}/{file_idx}", upload_file),
+    web.route("GET", "/api/v1/upload/{batch_id}", get_batch),
+    web.route("GET", "/api/v1/upload/{batch_id}/{file_idx}", get_file),
+    web.delete("/api/v1/upload/{batch_id}/{file_idx}", delete_file),
+    web.delete("/api/v1/upload/{batch_id}", drop_batch),
+    web.post("/site/automation/batch/upload", legacy_upload),
+    web.route("GET", "/site/automation/batch/files/{batch_id}", legacy_list_files),
+    web.route("GET", "/site/automation/batch/drop/{batch_id}", legacy_drop),
+    web.post("/site/automation/batch/drop/{batch_id}", legacy_drop),
+    web.delete("/site/automation/batch/drop/{batch_id}", legacy_drop),
+    web.post("/site/automation/batch/execute", legacy_execute),
+]
 
 
 async def uploads_context(app: web.Application) -> AsyncIterator[None]:
+    """The upload service on ``app[UPLOADS]``, ``Batch.Manifest`` registered, and crash
+    recovery (files left ``assembling``) started before the first request."""
+    service = UploadService(app[DATABASE], app[SETTINGS], app[OPERATIONS])
+    app[OPERATIONS].register("Batch.Manifest", service.manifest)
+    app[UPLOADS] = service
+    await service.recover()
     yield
+    await service.close()

@@ -1,0 +1,577 @@
+"""The upload service: batches, files and chunks as rows; bytes through ``UploadStore``.
+
+Invariants:
+* A batch belongs to the owner that created it; for anyone else it does not exist (404).
+  ``state``: open -> dropped | executed. Closed batches stay as tombstone rows and refuse
+  uploads (404), so a late chunk cannot resurrect them.
+* A chunk is recorded only after its bytes are fsynced and renamed into place; recording the
+  same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs).
+* A file is assembled exactly once: the "all chunks present" check and the flip
+  receiving -> assembling is one conditional UPDATE whose row count picks the single winner.
+  The winner assembles outside any transaction, in a thread, then marks the file complete.
+  Files found in ``assembling`` at start-up are assembled again (``recover``).
+* Client-supplied names are data in rows; every path comes from row ids (``UploadStore``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.config import Settings
+from server.db import Database, utcnow
+from server.db.models import Batch, BatchFile, Chunk
+from server.errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge
+from server.uploads.operations import ExecuteContext, OperationRegistry, OperationResult
+from server.uploads.store import BodyTooLarge, UploadStore, fsync_dir, remove, remove_tree
+
+log = logging.getLogger("filedrop.uploads")
+
+# Legacy clients choose their batch ids: 1-128 of [A-Za-z0-9._-], not starting with a dot
+# (so never ".", ".." or a dot-name) and never containing "..". Ids are only ever data, but a
+# strict alphabet keeps them safe in logs, URLs and NGINX paths.
+_BATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_FILE_IDX = re.compile(r"[0-9]{1,9}")
+_MAX_NAME = 255  # characters; what common file systems allow for one name
+_MAX_CHUNKS = 1_000_000
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
+_CURSOR_LIMIT = 10_000
+
+
+def check_batch_id(value: str) -> str:
+    """Return ``value`` if it is a valid batch id, else raise 400 ERR_BATCH_ID_INVALID."""
+    if not _BATCH_ID.fullmatch(value) or ".." in value:
+        raise BadRequest(
+            "batch id must be 1-128 characters of A-Z a-z 0-9 . _ -, not start with '.' nor contain '..'",
+            code="ERR_BATCH_ID_INVALID")
+    return value
+
+
+def parse_file_idx(value: str | None) -> int:
+    if value is None or not _FILE_IDX.fullmatch(value.strip()):
+        raise BadRequest("fileIdx must be a non-negative integer", code="ERR_FILE_IDX_INVALID")
+    return int(value)
+
+
+def parse_count(value: str | None, what: str, header: str, *, minimum: int = 0,
+                maximum: int = 1 << 62) -> int:
+    if value is None:
+        raise BadRequest(f"{header} is required", code=f"ERR_{what}_MISSING")
+    v = value.strip()
+    if not v.isascii() or not v.isdigit() or len(v) > 19 or not minimum <= int(v) <= maximum:
+        raise BadRequest(f"{header} must be an integer from {minimum} to {maximum}", code=f"ERR_{what}_INVALID")
+    return int(v)
+
+
+def decode_file_name(value: str | None) -> str:
+    """Percent-decode X-File-Name as strict UTF-8.
+
+    Rejected (400 ERR_FILE_NAME_INVALID): missing or empty, non-UTF-8 escapes, control
+    characters including NUL, path separators ``/`` and ``\\``, ``.`` and ``..``, more than 255
+    characters. A name is one file name as every client OS knows it; the server never uses it
+    as a path, but a separator or a NUL in one is always a confused or hostile client.
+    """
+    if value is None or not value.strip():
+        raise BadRequest("X-File-Name is required", code="ERR_FILE_NAME_INVALID")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+        name = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeError:
+        raise BadRequest("X-File-Name is not percent-encoded UTF-8", code="ERR_FILE_NAME_INVALID") from None
+    if _NAME_FORBIDDEN.search(name) or name in (".", ".."):
+        raise BadRequest("X-File-Name must not contain path separators or control characters",
+                         code="ERR_FILE_NAME_INVALID")
+    if len(name) > _MAX_NAME:
+        raise BadRequest(f"X-File-Name is longer than {_MAX_NAME} characters", code="ERR_FILE_NAME_INVALID")
+    return name
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """One upload request (a whole file, or one chunk of it), parsed from headers."""
+
+    file_idx: int
+    name: str
+    size: int  # the whole file's declared size (X-File-Size)
+    mimetype: str
+    chunked: bool
+    chunk_idx: int = 0
+    chunk_count: int = 1
+    content_length: int | None = None  # of this request's body, when the client sent one
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    batch_id: str
+    file_idx: int
+    chunked: bool
+    uploaded_size: int  # bytes of this request's body
+    chunk_count: int
+    chunk_ids: list[int]
+    complete: bool  # every chunk is there (the file is assembled, or was already)
+
+
+@dataclass(frozen=True)
+class FileState:
+    batch_id: str
+    file_idx: int
+    name: str
+    size: int
+    mimetype: str
+    chunked: bool
+    chunk_count: int
+    chunk_ids: list[int]
+    received: int
+    state: str
+    sha256: str | None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A complete file, for other components (the job engine reads it, never writes)."""
+
+    path: Path
+    name: str
+    size: int
+    sha256: str
+    mimetype: str
+
+
+@dataclass
+class _Cursor:
+    """SHA-256 of a file's chunks received so far in order (saves re-reading at assembly)."""
+
+    next_idx: int
+    hasher: Any
+
+
+@dataclass(frozen=True)
+class _Slot:
+    batch_pk: int
+    file_id: int
+    done: UploadOutcome | None = None  # set when no body needs reading (idempotent repeat)
+    replaced: Path | None = None
+
+
+@dataclass
+class Stats:
+    assembled: int = 0
+    assembly_failed: int = 0
+    recovered: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class UploadService:
+    def __init__(self, db: Database, settings: Settings, operations: OperationRegistry) -> None:
+        self.db = db
+        self.settings = settings
+        self.operations = operations
+        self.store = UploadStore(settings.uploads_dir)
+        self.stats = Stats()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cursors: dict[int, _Cursor] = {}
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def recover(self) -> int:
+        """Assemble again every file a crash left in ``assembling``; returns how many."""
+        async with self.db.read() as s:
+            rows = (await s.execute(
+                select(BatchFile.batch_pk, BatchFile.id, BatchFile.chunk_count, BatchFile.size)
+                .join(Batch).where(BatchFile.state == "assembling", Batch.state == "open"))).all()
+        for batch_pk, file_id, count, size in rows:
+            log.info("recovering file %s of batch %s left assembling", file_id, batch_pk)
+            self._spawn(self._assemble(batch_pk, file_id, count, size))
+        self.stats.recovered += len(rows)
+        return len(rows)
+
+    async def close(self) -> None:
+        """Let running assemblies finish (they are short and leave a consistent state)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no assembly is running (tests and the janitor use it)."""
+        await self.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- batches -------------------------------------------------------------------------
+    async def create_batch(self, owner: str) -> str:
+        batch_id = uuid.uuid4().hex
+        now = utcnow()
+        async with self.db.write() as s:
+            s.add(Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now))
+        return batch_id
+
+    async def _open_batch(self, s: AsyncSession, owner: str, batch_id: str) -> Batch:
+        batch = await s.scalar(select(Batch).where(Batch.batch_id == batch_id))
+        if batch is None or batch.owner != owner:
+            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+        if batch.state != "open":
+            raise NotFound(f"batch {batch_id} was {batch.state}", code="ERR_BATCH_NOT_FOUND")
+        return batch
+
+    async def drop_batch(self, owner: str, batch_id: str) -> None:
+        """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone."""
+        async with self.db.write() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            await self._close(s, batch, "dropped")
+        await asyncio.to_thread(remove_tree, self.store.batch_dir(batch.id))
+
+    async def _close(self, s: AsyncSession, batch: Batch, state: str) -> None:
+        ids = (await s.scalars(select(BatchFile.id).where(BatchFile.batch_pk == batch.id))).all()
+        await s.execute(delete(BatchFile).where(BatchFile.batch_pk == batch.id))
+        batch.state = state
+        batch.updated_at = utcnow()
+        for i in ids:
+            self._cursors.pop(i, None)
+
+    # -- files ---------------------------------------------------------------------------
+    async def list_files(self, owner: str, batch_id: str) -> list[FileState]:
+        """Every file with at least one chunk received, by fileIdx."""
+        async with self.db.read() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            files = (await s.scalars(select(BatchFile).where(BatchFile.batch_pk == batch.id)
+                                     .order_by(BatchFile.file_idx))).all()
+            chunks = await self._chunks_of(s, [f.id for f in files])
+        return [self._state(batch_id, f, chunks.get(f.id, [])) for f in files if chunks.get(f.id)]
+
+    async def file_state(self, owner: str, batch_id: str, file_idx: int) -> FileState:
+        """One file's state; 404 until its first chunk is recorded (the nuxeo client reads a
+        200 as "resume from these chunk ids")."""
+        async with self.db.read() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            f = await self._file(s, batch, file_idx)
+            chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
+        if not chunks:
+            raise NotFound(f"file {file_idx} of batch {batch_id} not found", code="ERR_FILE_NOT_FOUND")
+        return self._state(batch_id, f, chunks)
+
+    async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
+        async with self.db.write() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            f = await self._file(s, batch, file_idx)
+            await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
+            batch.updated_at = utcnow()
+        self._cursors.pop(f.id, None)
+        await asyncio.to_thread(remove_tree, self.store.file_dir(batch.id, f.id))
+
+    async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
+        """A complete file's path and metadata (404 if missing or not complete yet)."""
+        async with self.db.read() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            f = await self._file(s, batch, file_idx)
+        if f.state != "complete" or f.sha256 is None:
+            raise NotFound(f"file {file_idx} of batch {batch_id} is not complete", code="ERR_FILE_INCOMPLETE")
+        return FileInfo(self.store.data_path(batch.id, f.id), f.name, f.size, f.sha256, f.mimetype)
+
+    async def _file(self, s: AsyncSession, batch: Batch, file_idx: int) -> BatchFile:
+        f = await s.scalar(select(BatchFile).where(BatchFile.batch_pk == batch.id, BatchFile.file_idx == file_idx))
+        if f is None:
+            raise NotFound(f"file {file_idx} of batch {batch.batch_id} not found", code="ERR_FILE_NOT_FOUND")
+        return f
+
+    @staticmethod
+    async def _chunks_of(s: AsyncSession, file_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+        out: dict[int, list[tuple[int, int]]] = {}
+        if not file_ids:
+            return out
+        rows = await s.execute(select(Chunk.file_id, Chunk.chunk_idx, Chunk.size)
+                               .where(Chunk.file_id.in_(file_ids)).order_by(Chunk.file_id, Chunk.chunk_idx))
+        for file_id, idx, size in rows:
+            out.setdefault(file_id, []).append((idx, size))
+        return out
+
+    @staticmethod
+    def _state(batch_id: str, f: BatchFile, chunks: list[tuple[int, int]]) -> FileState:
+        return FileState(batch_id, f.file_idx, f.name, f.size, f.mimetype, f.upload_type == "chunked",
+                         f.chunk_count, [i for i, _ in chunks], sum(n for _, n in chunks), f.state, f.sha256)
+
+    # -- receiving -----------------------------------------------------------------------
+    async def receive(self, owner: str, batch_id: str, req: UploadRequest, body: AsyncIterable[bytes], *,
+                      create: bool = False) -> UploadOutcome:
+        """Store one upload request's body (a whole file or one chunk) and record it.
+
+        ``create``: a legacy upload creates its batch (client-chosen id) on first use.
+        Checks every limit before reading a byte; a body that breaks one while streaming is
+        deleted and nothing is recorded. Sending a chunk that is already recorded is a no-op.
+        """
+        s = self.settings
+        if req.size > s.max_file_size:
+            raise PayloadTooLarge(f"X-File-Size {req.size} is over the {s.max_file_size} byte file limit",
+                                  code="ERR_FILE_TOO_LARGE")
+        if req.chunk_idx >= req.chunk_count:
+            raise BadRequest(f"chunk index {req.chunk_idx} is not below chunk count {req.chunk_count}",
+                             code="ERR_CHUNK_INDEX_INVALID")
+        if req.chunk_count > req.size + 1 and req.chunk_count > 1:
+            raise BadRequest(f"{req.chunk_count} chunks cannot make {req.size} bytes", code="ERR_CHUNK_COUNT_INVALID")
+        cl = req.content_length
+        if not req.chunked and req.size > s.max_chunk_size:
+            raise PayloadTooLarge(f"a file over {s.max_chunk_size} bytes must be sent in chunks",
+                                  code="ERR_CHUNK_TOO_LARGE")
+        if cl is not None and cl > s.max_chunk_size:
+            raise PayloadTooLarge(f"request body of {cl} bytes is over the {s.max_chunk_size} byte chunk limit",
+                                  code="ERR_CHUNK_TOO_LARGE")
+        if cl is not None and (cl != req.size if not req.chunked else cl > req.size):
+            raise BadRequest(f"Content-Length {cl} does not match X-File-Size {req.size}",
+                             code="ERR_FILE_SIZE_MISMATCH")
+        incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
+        if await asyncio.to_thread(self.store.free_bytes) - incoming < s.min_free_disk:
+            raise InsufficientStorage("not enough free disk space for this upload", code="ERR_DISK_FULL")
+
+        slot = await self._claim(owner, batch_id, req, create)
+        if slot.replaced is not None:
+            await asyncio.to_thread(remove_tree, slot.replaced)
+        if slot.done is not None:
+            return slot.done
+        hasher = self._hasher_for(slot.file_id, req.chunk_idx)
+        temp = self.store.chunk_temp(slot.batch_pk, slot.file_id, req.chunk_idx)
+        limit = min(s.max_chunk_size, req.size)
+        try:
+            received = await self.store.receive(body, temp, limit, hasher)
+        except BodyTooLarge:
+            if limit == s.max_chunk_size:
+                raise PayloadTooLarge(f"request body is over the {s.max_chunk_size} byte chunk limit",
+                                      code="ERR_CHUNK_TOO_LARGE") from None
+            raise BadRequest(f"body is longer than X-File-Size {req.size}", code="ERR_FILE_SIZE_MISMATCH") from None
+        if not req.chunked and received.size != req.size:
+            await asyncio.to_thread(remove, received.path)
+            raise BadRequest(f"body of {received.size} bytes is shorter than X-File-Size {req.size}",
+                             code="ERR_FILE_SIZE_MISMATCH")
+        outcome, assemble = await self._record(slot, batch_id, req, received.path, received.size, hasher)
+        if assemble:
+            # Owned by the service and shielded: a client that goes away does not stop it.
+            await asyncio.shield(self._spawn(self._assemble(slot.batch_pk, slot.file_id, req.chunk_count, req.size)))
+        return outcome
+
+    async def _claim(self, owner: str, batch_id: str, req: UploadRequest, create: bool) -> _Slot:
+        """Find or make the batch and file rows for an upload (one short write transaction)."""
+        now = utcnow()
+        replaced = None
+        async with self.db.write() as s:
+            batch = await s.scalar(select(Batch).where(Batch.batch_id == batch_id))
+            if batch is None and create:
+                batch = Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now)
+                s.add(batch)
+                await s.flush()
+            if batch is None or batch.owner != owner or batch.state != "open":
+                raise NotFound(f"batch {batch_id} not found" if batch is None or batch.owner != owner
+                               else f"batch {batch_id} was {batch.state}", code="ERR_BATCH_NOT_FOUND")
+            f = await s.scalar(select(BatchFile).where(BatchFile.batch_pk == batch.id,
+                                                       BatchFile.file_idx == req.file_idx))
+            if f is not None:
+                chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
+                if f.state == "complete" and not req.chunked:
+                    # A whole-file upload onto a complete file replaces it (as in Nuxeo).
+                    await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
+                    self._cursors.pop(f.id, None)
+                    replaced = self.store.file_dir(batch.id, f.id)
+                    f = None
+                elif not chunks and f.state == "receiving":
+                    # Nothing received yet: the client may declare the file anew.
+                    f.chunk_count, f.size, f.name, f.mimetype = req.chunk_count, req.size, req.name, req.mimetype
+                    f.upload_type = "chunked" if req.chunked else "normal"
+                    await self._check_batch_limits(s, batch, extra_files=0, exclude_file=f.id, size=req.size)
+                elif f.chunk_count != req.chunk_count:
+                    raise BadRequest(f"file {req.file_idx} was declared with {f.chunk_count} chunks, not "
+                                     f"{req.chunk_count}", code="ERR_CHUNK_COUNT_CHANGED")
+                elif f.size != req.size:
+                    raise BadRequest(f"file {req.file_idx} was declared with {f.size} bytes, not {req.size}",
+                                     code="ERR_FILE_SIZE_CHANGED")
+                elif f.state != "receiving" or any(i == req.chunk_idx for i, _ in chunks):
+                    done = UploadOutcome(batch_id, req.file_idx, req.chunked, 0, f.chunk_count,
+                                         [i for i, _ in chunks], len(chunks) == f.chunk_count)
+                    return _Slot(batch.id, f.id, done=done)
+            if f is None:
+                await self._check_batch_limits(s, batch, extra_files=1, exclude_file=None, size=req.size)
+                f = BatchFile(batch_pk=batch.id, file_idx=req.file_idx, name=req.name, mimetype=req.mimetype,
+                              size=req.size, upload_type="chunked" if req.chunked else "normal",
+                              chunk_count=req.chunk_count, state="receiving", created_at=now, updated_at=now)
+                s.add(f)
+            batch.updated_at = now
+            await s.flush()
+            return _Slot(batch.id, f.id, replaced=replaced)
+
+    async def _check_batch_limits(self, s: AsyncSession, batch: Batch, *, extra_files: int,
+                                  exclude_file: int | None, size: int) -> None:
+        cfg = self.settings
+        q = select(func.count(BatchFile.id), func.coalesce(func.sum(BatchFile.size), 0)).where(
+            BatchFile.batch_pk == batch.id)
+        if exclude_file is not None:
+            q = q.where(BatchFile.id != exclude_file)
+        count, total = (await s.execute(q)).one()
+        if count + extra_files > cfg.max_files_per_batch:
+            raise PayloadTooLarge(f"a batch holds at most {cfg.max_files_per_batch} files",
+                                  code="ERR_BATCH_TOO_MANY_FILES")
+        if total + size > cfg.max_batch_bytes:
+            raise PayloadTooLarge(f"a batch holds at most {cfg.max_batch_bytes} bytes", code="ERR_BATCH_TOO_LARGE")
+
+    def _hasher_for(self, file_id: int, chunk_idx: int) -> Any:
+        cursor = self._cursors.get(file_id)
+        if chunk_idx == 0 and cursor is None:
+            return hashlib.sha256()
+        if cursor is not None and cursor.next_idx == chunk_idx:
+            return cursor.hasher.copy()
+        return None
+
+    async def _record(self, slot: _Slot, batch_id: str, req: UploadRequest, temp: Path, size: int,
+                      hasher: Any) -> tuple[UploadOutcome, bool]:
+        """Rename the fsynced chunk into place and record it; flip the file to ``assembling``
+        when this was its last missing chunk. Returns (outcome, this request must assemble)."""
+        final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
+        now = utcnow()
+        try:
+            async with self.db.write() as s:
+                batch = await s.get(Batch, slot.batch_pk)
+                f = await s.get(BatchFile, slot.file_id)
+                if batch is None or batch.state != "open" or f is None:
+                    stray = self.store.file_dir(slot.batch_pk, slot.file_id) if f is None else None
+                    if batch is not None and batch.state != "open":
+                        stray = self.store.batch_dir(slot.batch_pk)
+                    if stray is not None:  # its rows are gone: the directory is ours to remove
+                        await asyncio.to_thread(remove_tree, stray)
+                    raise NotFound(f"batch {batch_id} or its file {req.file_idx} was removed meanwhile",
+                                   code="ERR_BATCH_NOT_FOUND" if f is not None else "ERR_FILE_NOT_FOUND")
+                chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
+                ids = [i for i, _ in chunks]
+                if f.chunk_count != req.chunk_count or f.size != req.size:
+                    raise BadRequest(f"file {req.file_idx} was declared anew meanwhile",
+                                     code="ERR_CHUNK_COUNT_CHANGED")
+                if f.state != "receiving" or req.chunk_idx in ids:
+                    await asyncio.to_thread(remove, temp)
+                    return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids,
+                                         len(ids) == f.chunk_count), False
+                total = sum(n for _, n in chunks) + size
+                last = len(ids) + 1 == f.chunk_count
+                if total > f.size or (last and total != f.size):
+                    raise BadRequest(f"the chunks of file {req.file_idx} add up to {total} bytes, X-File-Size "
+                                     f"is {f.size}", code="ERR_FILE_SIZE_MISMATCH")
+                if last and await asyncio.to_thread(self.store.free_bytes) - f.size < self.settings.min_free_disk:
+                    raise InsufficientStorage("not enough free disk space to assemble this file",
+                                              code="ERR_DISK_FULL")
+                # Renamed inside the transaction so that "not recorded yet" and the rename are
+                # one step for every other writer (a duplicate chunk never overwrites a
+                # recorded one); it is a rename plus a directory fsync, not a data write.
+                await asyncio.to_thread(_commit_file, temp, final)
+                s.add(Chunk(file_id=f.id, chunk_idx=req.chunk_idx, size=size, received_at=now))
+                f.updated_at = batch.updated_at = now
+                await s.flush()
+                assemble = False
+                if last:
+                    res = await s.execute(
+                        update(BatchFile)
+                        .where(BatchFile.id == f.id, BatchFile.state == "receiving",
+                               select(func.count()).where(Chunk.file_id == f.id).scalar_subquery()
+                               == BatchFile.chunk_count)
+                        .values(state="assembling", updated_at=now))
+                    assemble = res.rowcount == 1  # type: ignore[attr-defined]
+                ids = sorted([*ids, req.chunk_idx])
+        except BaseException:
+            await asyncio.to_thread(remove, temp)
+            raise
+        if hasher is not None:
+            cursor = self._cursors.get(slot.file_id)
+            if (cursor is None and req.chunk_idx == 0) or (cursor is not None and cursor.next_idx == req.chunk_idx):
+                if len(self._cursors) >= _CURSOR_LIMIT:
+                    self._cursors.clear()
+                self._cursors[slot.file_id] = _Cursor(req.chunk_idx + 1, hasher)
+        return UploadOutcome(batch_id, req.file_idx, req.chunked, size, req.chunk_count, ids, last), assemble
+
+    async def _assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int) -> None:
+        cursor = self._cursors.pop(file_id, None)
+        known = cursor.hasher.hexdigest() if cursor is not None and cursor.next_idx == chunk_count else None
+        try:
+            digest = await asyncio.to_thread(self.store.assemble, batch_pk, file_id, chunk_count, size, known)
+        except (OSError, ValueError) as e:
+            self.stats.assembly_failed += 1
+            log.error("assembling file %s of batch %s failed: %s", file_id, batch_pk, e)
+            await self._repair(batch_pk, file_id)
+            return
+        async with self.db.write() as s:
+            res = await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
+                                  .values(state="complete", sha256=digest, updated_at=utcnow()))
+        self.stats.assembled += 1
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            await asyncio.to_thread(self.store.remove_chunks, batch_pk, file_id)
+        else:  # deleted or dropped meanwhile
+            await asyncio.to_thread(remove_tree, self.store.file_dir(batch_pk, file_id))
+
+    async def _repair(self, batch_pk: int, file_id: int) -> None:
+        """After a failed assembly: forget chunks whose bytes are missing or wrong and let the
+        client send them again (the file goes back to ``receiving``)."""
+        async with self.db.write() as s:
+            rows = (await s.execute(select(Chunk.chunk_idx, Chunk.size).where(Chunk.file_id == file_id))).all()
+            bad = []
+            for idx, size in rows:
+                p = self.store.chunk_path(batch_pk, file_id, idx)
+                try:
+                    ok = p.stat().st_size == size
+                except OSError:
+                    ok = False
+                if not ok:
+                    bad.append(idx)
+            if bad:
+                await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(bad)))
+            await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
+                            .values(state="receiving", updated_at=utcnow()))
+
+    # -- execute -------------------------------------------------------------------------
+    async def execute(self, owner: str, batch_id: str, file_idx: int | None, operation: str,
+                      params: dict[str, Any], context: dict[str, Any], *, keep: bool = False) -> OperationResult:
+        """Run a registered operation on the batch (or one file); then, as Nuxeo does, remove
+        the batch unless ``keep`` (X-Batch-No-Drop) or the operation says otherwise."""
+        async with self.db.read() as s:
+            batch = await self._open_batch(s, owner, batch_id)
+            if file_idx is not None:
+                await self._file(s, batch, file_idx)
+        op = self.operations.get(operation)
+        result = await op(ExecuteContext(owner, batch_id, file_idx, params, context))
+        if result.drop_batch and not keep:
+            async with self.db.write() as s:
+                batch = await s.get(Batch, batch.id)
+                if batch is None or batch.state != "open":
+                    return result
+                await self._close(s, batch, "executed")
+            await asyncio.to_thread(remove_tree, self.store.batch_dir(batch.id))
+        return result
+
+    async def manifest(self, ctx: ExecuteContext) -> OperationResult:
+        """``Batch.Manifest``: name, size and SHA-256 of every file (or of ``ctx.file_idx``)."""
+        if ctx.file_idx is None:
+            files = await self.list_files(ctx.owner, ctx.batch_id)
+        else:
+            files = [await self.file_state(ctx.owner, ctx.batch_id, ctx.file_idx)]
+        out: list[dict[str, Any]] = []
+        for f in files:
+            entry: dict[str, Any] = {"fileIdx": str(f.file_idx), "name": f.name, "size": f.size}
+            if f.complete:
+                entry["sha256"] = f.sha256
+            else:
+                entry["complete"] = False
+            out.append(entry)
+        return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
+
+
+def _commit_file(temp: Path, final: Path) -> None:
+    os.replace(temp, final)
+    fsync_dir(final.parent)

@@ -1,0 +1,230 @@
+"""Where upload bytes live, and the disk steps that keep them crash safe.
+
+Disk layout (the janitor codes against it; every path is derived from row ids, never from a
+client-supplied name):
+
+    <data_dir>/uploads/<batches.id>/                      batch dir
+    <batch dir>/<batch_files.id>/                         file dir
+    <file dir>/chunks/<chunk_idx>                         a received chunk (fsynced, renamed into place)
+    <file dir>/chunks/.<chunk_idx>.<random>.part          a chunk being received
+    <file dir>/data                                       the assembled file
+    <file dir>/.data.<random>.part                        the assembled file being written
+
+Bytes reach their final name only by temp (a dot-name) -> fsync -> ``os.replace`` in the same
+directory, so a crash leaves either the old state or the new one plus a temp the janitor removes.
+The functions here are synchronous disk work: callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bytes gathered from the socket before one write: large enough that the thread hop per write
+# is noise, small enough that a few hundred parallel uploads stay far below the RSS budget.
+WRITE_BUFFER = 1 << 20
+COPY_BLOCK = 8 << 20
+
+
+class BodyTooLarge(Exception):
+    """The request body went past the limit while streaming (the temp file is already gone)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Received:
+    path: Path  # the fsynced temp file, not yet renamed into place
+    size: int
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class UploadStore:
+    """Paths under ``<data_dir>/uploads`` and the disk steps of receiving and assembling."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- paths (row ids only) ------------------------------------------------------------
+    def batch_dir(self, batch_pk: int) -> Path:
+        return self.root / str(int(batch_pk))
+
+    def file_dir(self, batch_pk: int, file_id: int) -> Path:
+        return self.batch_dir(batch_pk) / str(int(file_id))
+
+    def chunks_dir(self, batch_pk: int, file_id: int) -> Path:
+        return self.file_dir(batch_pk, file_id) / "chunks"
+
+    def chunk_path(self, batch_pk: int, file_id: int, chunk_idx: int) -> Path:
+        return self.chunks_dir(batch_pk, file_id) / str(int(chunk_idx))
+
+    def chunk_temp(self, batch_pk: int, file_id: int, chunk_idx: int) -> Path:
+        return self.chunks_dir(batch_pk, file_id) / f".{int(chunk_idx)}.{secrets.token_hex(8)}.part"
+
+    def data_path(self, batch_pk: int, file_id: int) -> Path:
+        return self.file_dir(batch_pk, file_id) / "data"
+
+    def free_bytes(self) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root).free
+
+    # -- receiving -----------------------------------------------------------------------
+    async def receive(self, body: AsyncIterable[bytes], temp: Path, limit: int,
+                      hasher: hashlib._Hash | None = None) -> Received:
+        """Stream ``body`` into ``temp`` (created here) and fsync it; at most ``limit`` bytes.
+
+        Writes happen in a thread, one buffer at a time, overlapping with reading the next
+        buffer from the socket: at most two buffers are in memory per request. On any error,
+        including a client that goes away and cancellation, the temp file is removed.
+        ``hasher``, if given, is updated with every byte written (in order).
+        """
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+        size = 0
+        buf = bytearray()
+        try:
+            async for data in body:
+                size += len(data)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                buf += data
+                if len(buf) >= WRITE_BUFFER:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, _write_all, fd, bytes(buf), hasher)
+                    buf.clear()
+            if pending is not None:
+                await pending
+            pending = loop.run_in_executor(None, _finish, fd, bytes(buf), hasher)
+            await pending
+        except BaseException:
+            if pending is not None and not pending.done():
+                # A thread still writes to fd: close and remove once it is done.
+                pending.add_done_callback(lambda _f: _discard(fd, temp))
+            else:
+                _discard(fd, temp)
+            raise
+        os.close(fd)
+        return Received(temp, size)
+
+    # -- assembling ----------------------------------------------------------------------
+    def assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int,
+                 known_sha256: str | None = None) -> str:
+        """Turn ``chunks/0..n-1`` into ``data`` atomically; return its SHA-256 (hex).
+
+        Idempotent, so crash recovery can call it again: if ``data`` is already in place (a
+        crash after the rename) it is only hashed. A single chunk is renamed, not copied.
+        Raises ValueError if the bytes do not add up to ``size``.
+        """
+        fdir = self.file_dir(batch_pk, file_id)
+        data = self.data_path(batch_pk, file_id)
+        if data.exists():
+            digest = _sha256_file(data)
+            _check_size(data, size)
+            return digest
+        chunks = [self.chunk_path(batch_pk, file_id, i) for i in range(chunk_count)]
+        if chunk_count == 1:
+            _check_size(chunks[0], size)
+            digest = known_sha256 or _sha256_file(chunks[0])
+            os.replace(chunks[0], data)
+            fsync_dir(fdir)
+            return digest
+        temp = fdir / f".data.{secrets.token_hex(8)}.part"
+        hasher = None if known_sha256 else hashlib.sha256()
+        try:
+            with open(temp, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as src:
+                        _copy(src.fileno(), out.fileno(), hasher)
+                out.flush()
+                os.fsync(out.fileno())
+            _check_size(temp, size)
+            os.replace(temp, data)
+        except BaseException:
+            remove(temp)
+            raise
+        fsync_dir(fdir)
+        return known_sha256 or hasher.hexdigest()  # type: ignore[union-attr]
+
+    def remove_chunks(self, batch_pk: int, file_id: int) -> None:
+        remove_tree(self.chunks_dir(batch_pk, file_id))
+
+
+def _discard(fd: int, temp: Path) -> None:
+    os.close(fd)
+    remove(temp)
+
+
+def _write_all(fd: int, data: bytes, hasher: hashlib._Hash | None) -> None:
+    if hasher is not None:
+        hasher.update(data)
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _finish(fd: int, data: bytes, hasher: hashlib._Hash | None) -> None:
+    if data:
+        _write_all(fd, data, hasher)
+    os.fsync(fd)
+
+
+def _copy(src: int, dst: int, hasher: hashlib._Hash | None) -> None:
+    if hasher is None:
+        # No hashing needed: let the kernel copy (no round trip through user space).
+        remaining = os.fstat(src).st_size
+        while remaining > 0:
+            n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
+            if n == 0:
+                break
+            remaining -= n
+        return
+    while True:
+        block = os.read(src, COPY_BLOCK)
+        if not block:
+            return
+        hasher.update(block)
+        view = memoryview(block)
+        while view:
+            view = view[os.write(dst, view):]
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_size(path: Path, size: int) -> None:
+    actual = os.stat(path).st_size
+    if actual != size:
+        raise ValueError(f"{path} holds {actual} bytes, {size} were declared")
