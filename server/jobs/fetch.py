@@ -1,0 +1,168 @@
+"""The fetch guard: every outgoing request a client can steer (remote assets, master templates,
+callbacks) goes through here.
+
+Invariants:
+* only ``http``/``https`` URLs;
+* the host is resolved and every address it resolves to must be public (not loopback, private,
+  link-local, multicast, reserved or unspecified) unless ``settings.fetch_allow`` admits it
+  (a CIDR, an address, or a host name);
+* the connection goes to an address that passed the check: names are resolved through
+  ``GuardedResolver`` (so a DNS answer that changes between check and connect is checked
+  again), IP literals are checked before the request, redirects are followed by hand (at most
+  ``MAX_REDIRECTS``) and each hop is checked;
+* bodies are read up to ``max_bytes`` and the whole exchange is bounded by ``fetch_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+MAX_REDIRECTS = 5
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class FetchError(Exception):
+    """A fetch that was refused or failed; the message is safe to show to the job's owner."""
+
+
+@dataclass(frozen=True)
+class AllowList:
+    networks: tuple[IPNetwork, ...]
+    hosts: frozenset[str]
+
+    @classmethod
+    def parse(cls, entries: tuple[str, ...]) -> AllowList:
+        nets: list[IPNetwork] = []
+        hosts: set[str] = set()
+        for e in entries:
+            try:
+                nets.append(ipaddress.ip_network(e, strict=False))
+            except ValueError:
+                hosts.add(e.lower().rstrip("."))
+        return cls(tuple(nets), frozenset(hosts))
+
+    def admits_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def admits(self, addr: IPAddress) -> bool:
+        return any(addr in n for n in self.networks if n.version == addr.version)
+
+
+def is_internal(addr: IPAddress) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
+            or addr.is_reserved or addr.is_unspecified)
+
+
+def check_address(allow: AllowList, host: str, address: str) -> None:
+    addr = ipaddress.ip_address(address.split("%", 1)[0])
+    if is_internal(addr) and not allow.admits(addr) and not allow.admits_host(host):
+        raise FetchError(f"refused: {host} resolves to the internal address {addr}")
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, then refuses internal addresses."""
+
+    def __init__(self, allow: AllowList) -> None:
+        self.allow = allow
+        self.inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        for r in results:
+            try:
+                check_address(self.allow, host, r["host"])
+            except FetchError as e:
+                # OSError so that aiohttp reports it as a connection error.
+                raise OSError(str(e)) from None
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class Fetcher:
+    """An aiohttp session behind the guard. Create and ``close()`` inside a running loop."""
+
+    def __init__(self, allow: tuple[str, ...], timeout: float, max_bytes: int) -> None:
+        self.allow = AllowList.parse(allow)
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.allow), limit=32),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError(f"refused: {url!r} is not an http(s) URL")
+        host = parts.hostname
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            # A name: checked now for a clear message, and again by GuardedResolver at connect.
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 0,
+                                                                     type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise FetchError(f"cannot resolve {host}: {e}") from None
+            for info in infos:
+                check_address(self.allow, host, str(info[4][0]))
+        else:
+            check_address(self.allow, host, host)
+
+    async def get(self, url: str, max_bytes: int | None = None) -> bytes:
+        """GET ``url`` (following checked redirects); the body, at most ``max_bytes`` long."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        try:
+            async with asyncio.timeout(self.timeout):
+                for _hop in range(MAX_REDIRECTS + 1):
+                    await self._check_url(url)
+                    async with self.session.get(url, allow_redirects=False) as resp:
+                        if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                            url = urljoin(url, resp.headers["Location"])
+                            continue
+                        if resp.status != 200:
+                            raise FetchError(f"GET {url} answered {resp.status}")
+                        if (resp.content_length or 0) > limit:
+                            raise FetchError(f"GET {url}: {resp.content_length} bytes is over the {limit}-byte limit")
+                        buf = bytearray()
+                        async for chunk in resp.content.iter_chunked(1 << 16):
+                            buf += chunk
+                            if len(buf) > limit:
+                                raise FetchError(f"GET {url}: over the {limit}-byte limit")
+                        return bytes(buf)
+                raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+        except TimeoutError:
+            raise FetchError(f"GET {url}: no answer within {self.timeout:g} s") from None
+        except aiohttp.ClientError as e:
+            raise FetchError(f"GET {url}: {e.__class__.__name__}: {e}") from None
+
+    async def post(self, url: str, body: bytes, headers: dict[str, Any]) -> int:
+        """POST ``body`` to ``url`` (no redirects); the response status."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._check_url(url)
+                async with self.session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                    await resp.read()
+                    return resp.status
+        except TimeoutError:
+            raise FetchError(f"POST {url}: no answer within {self.timeout:g} s") from None
+        except aiohttp.ClientError as e:
+            raise FetchError(f"POST {url}: {e.__class__.__name__}: {e}") from None

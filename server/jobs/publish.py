@@ -1,0 +1,125 @@
+"""Atomic publishing into NGINX's tree.
+
+A file reaches ``<smartlink_root>/<batch_id>/`` only as: a dot-named temp file in the same
+directory (``.<name>.<random>.tmp``: nginx.conf refuses dotfiles, the janitor and job resume
+remove leftovers) -> data made durable -> ``os.replace`` onto the final name -> the directory
+fsynced. A reader (NGINX) therefore sees either the previous complete file or the new complete
+file, never a partial one, also after a crash or power loss.
+
+Durability is batched: a batch of temp files is written, then one ``syncfs()`` on the
+directory's filesystem makes all of them durable at once (Linux; elsewhere each temp file is
+fsynced), then all are renamed and the directory is fsynced once. On this machine a per-file
+fsync costs 0.2-1 ms, which alone would be slower than the whole render of a row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+def _load_syncfs():  # type: ignore[no-untyped-def]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file to publish: ``data`` bytes, or a copy of the file at ``source``."""
+
+    name: str
+    data: bytes | None = None
+    source: str | None = None
+
+
+def temp_name(name: str) -> str:
+    return f".{name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
+    """Publish ``items`` atomically into ``directory``; returns {name: error} for failed items.
+
+    Idempotent: publishing the same bytes again replaces a file with an identical one.
+    """
+    errors: dict[str, str] = {}
+    staged: list[tuple[str, str, int | None]] = []  # (temp path, final path, fd if fsync-per-file)
+    per_file_sync = _SYNCFS is None
+    for it in items:
+        tmp = str(directory / temp_name(it.name))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                if it.data is not None:
+                    view = memoryview(it.data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                else:
+                    assert it.source is not None
+                    with open(it.source, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                if per_file_sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            errors[it.name] = f"cannot write {it.name}: {e.strerror or e}"
+            _unlink(tmp)
+            continue
+        staged.append((tmp, str(directory / it.name), None))
+    if not staged:
+        return errors
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        if not per_file_sync and _SYNCFS is not None and _SYNCFS(dfd) != 0:
+            # syncfs failed: fall back to fsyncing each temp file.
+            for tmp, _final, _ in staged:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+        for tmp, final, _ in staged:
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                errors[os.path.basename(final)] = f"cannot publish {os.path.basename(final)}: {e.strerror or e}"
+                _unlink(tmp)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return errors
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Remove ``.*.tmp`` leftovers of a crashed writer in ``directory``; how many were removed."""
+    n = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if e.name.startswith(".") and e.name.endswith(TMP_SUFFIX) and e.is_file(follow_symlinks=False):
+            _unlink(e.path)
+            n += 1
+    return n
