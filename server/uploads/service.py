@@ -254,7 +254,8 @@ class UploadService:
             files = (await s.scalars(select(BatchFile).where(BatchFile.batch_pk == batch.id)
                                      .order_by(BatchFile.file_idx))).all()
             chunks = await self._chunks_of(s, [f.id for f in files])
-        return [self._state(batch_id, f, chunks.get(f.id, [])) for f in files if chunks.get(f.id)]
+            # Built inside the session: the read session's rollback expires its objects.
+            return [self._state(batch_id, f, chunks.get(f.id, [])) for f in files if chunks.get(f.id)]
 
     async def file_state(self, owner: str, batch_id: str, file_idx: int) -> FileState:
         """One file's state; 404 until its first chunk is recorded (the nuxeo client reads a
@@ -263,9 +264,9 @@ class UploadService:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
             chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
-        if not chunks:
-            raise NotFound(f"file {file_idx} of batch {batch_id} not found", code="ERR_FILE_NOT_FOUND")
-        return self._state(batch_id, f, chunks)
+            if not chunks:
+                raise NotFound(f"file {file_idx} of batch {batch_id} not found", code="ERR_FILE_NOT_FOUND")
+            return self._state(batch_id, f, chunks)
 
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
         async with self.db.write() as s:
@@ -281,9 +282,9 @@ class UploadService:
         async with self.db.read() as s:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
-        if f.state != "complete" or f.sha256 is None:
-            raise NotFound(f"file {file_idx} of batch {batch_id} is not complete", code="ERR_FILE_INCOMPLETE")
-        return FileInfo(self.store.data_path(batch.id, f.id), f.name, f.size, f.sha256, f.mimetype)
+            if f.state != "complete" or f.sha256 is None:
+                raise NotFound(f"file {file_idx} of batch {batch_id} is not complete", code="ERR_FILE_INCOMPLETE")
+            return FileInfo(self.store.data_path(batch.id, f.id), f.name, f.size, f.sha256, f.mimetype)
 
     async def _file(self, s: AsyncSession, batch: Batch, file_idx: int) -> BatchFile:
         f = await s.scalar(select(BatchFile).where(BatchFile.batch_pk == batch.id, BatchFile.file_idx == file_idx))
@@ -542,17 +543,18 @@ class UploadService:
         the batch unless ``keep`` (X-Batch-No-Drop) or the operation says otherwise."""
         async with self.db.read() as s:
             batch = await self._open_batch(s, owner, batch_id)
+            batch_pk = batch.id
             if file_idx is not None:
                 await self._file(s, batch, file_idx)
         op = self.operations.get(operation)
         result = await op(ExecuteContext(owner, batch_id, file_idx, params, context))
         if result.drop_batch and not keep:
             async with self.db.write() as s:
-                batch = await s.get(Batch, batch.id)
-                if batch is None or batch.state != "open":
+                closing = await s.get(Batch, batch_pk)
+                if closing is None or closing.state != "open":
                     return result
-                await self._close(s, batch, "executed")
-            await asyncio.to_thread(remove_tree, self.store.batch_dir(batch.id))
+                await self._close(s, closing, "executed")
+            await asyncio.to_thread(remove_tree, self.store.batch_dir(batch_pk))
         return result
 
     async def manifest(self, ctx: ExecuteContext) -> OperationResult:

@@ -1,0 +1,231 @@
+"""The upload API over the production app: REST and legacy, both prefixes, execute, ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from server.keys import UPLOADS
+from tests.conftest import AUTH, OTHER_KEY
+from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("prefix", ["", "/nuxeo"])
+async def test_normal_upload_info_and_manifest(client, settings, prefix) -> None:
+    up = Uploads(client, prefix)
+    batch = await up.create()
+    assert len(batch) == 32 and int(batch, 16) >= 0
+    data = os.urandom(10_000)
+    r = await up.post(batch, 0, data, "résumé 1.pdf", mimetype="application/pdf")
+    assert r.status == 201
+    assert await r.json() == {"batchId": batch, "fileIdx": "0", "uploadType": "normal",
+                              "uploadedSize": "10000", "uploaded": "true"}
+    info = await (await up.info(batch, 0)).json()
+    assert info["name"] == "résumé 1.pdf" and info["size"] == 10000 and info["uploadType"] == "normal"
+    assert info["complete"] is True and info["sha256"] == sha256(data)
+    listing = await (await up.info(batch)).json()
+    assert [f["fileIdx"] for f in listing] == ["0"]
+    assert await up.manifest(batch) == {"batchId": batch, "files": [
+        {"fileIdx": "0", "name": "résumé 1.pdf", "size": 10000, "sha256": sha256(data)}]}
+    # Only the derived layout is on disk: <batch pk>/<file id>/data, nothing else.
+    files = upload_tree(settings.data_dir)
+    assert len(files) == 1 and files[0].endswith("/data")
+
+
+async def test_chunks_out_of_order_list_all_ids_and_assemble(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(5 * 1000 + 17)
+    parts = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    order = [3, 0, 5, 1, 4, 2]
+    seen: list[int] = []
+    for n, i in enumerate(order):
+        r = await up.post(batch, 2, parts[i], "c.bin", chunk=(i, len(parts)), size=len(data))
+        seen.append(i)
+        body = await r.json()
+        assert body["uploadedChunkIds"] == sorted(seen)
+        assert body["chunkCount"] == "6" and body["uploadType"] == "chunked"
+        assert r.status == (201 if n == len(order) - 1 else 202)
+        if n == 2:
+            info = await (await up.info(batch, 2)).json()
+            assert info["uploadedChunkIds"] == [0, 3, 5] and info["chunkCount"] == 6
+            assert info["complete"] is False and "sha256" not in info
+            manifest = await up.manifest(batch)
+            assert manifest["files"] == [{"fileIdx": "2", "name": "c.bin", "size": len(data), "complete": False}]
+    info = await (await up.info(batch, 2)).json()
+    assert info["sha256"] == sha256(data) and info["uploadedChunkIds"] == list(range(6))
+    f = await client.app[UPLOADS].open_file(AUTH_OWNER(client), batch, 2)
+    assert f.path.read_bytes() == data and f.size == len(data) and f.sha256 == sha256(data)
+    assert not (f.path.parent / "chunks").exists()
+
+
+def AUTH_OWNER(client) -> str:  # noqa: N802
+    from server.auth import hash_key
+    return hash_key(AUTH["X-API-Key"])
+
+
+async def test_same_chunk_twice_is_idempotent(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(3000)
+    for _ in range(2):
+        r = await up.post(batch, 0, data[:1000], chunk=(0, 3), size=3000)
+        assert r.status == 202 and (await r.json())["uploadedChunkIds"] == [0]
+    await up.post(batch, 0, data[1000:2000], chunk=(1, 3), size=3000)
+    r = await up.post(batch, 0, data[2000:], chunk=(2, 3), size=3000)
+    assert r.status == 201
+    # A late repeat of a chunk of a complete file changes nothing.
+    r = await up.post(batch, 0, data[1000:2000], chunk=(1, 3), size=3000)
+    assert r.status == 201 and (await r.json())["uploadedChunkIds"] == [0, 1, 2]
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+
+
+async def test_last_two_chunks_at_once_assemble_exactly_once(client) -> None:
+    up = Uploads(client)
+    service = client.app[UPLOADS]
+    rounds = 8
+    for k in range(rounds):
+        batch = await up.create()
+        data = os.urandom(4 * 50_000)
+        parts = [data[i:i + 50_000] for i in range(0, len(data), 50_000)]
+        for i in (0, 1):
+            await up.post(batch, 0, parts[i], chunk=(i, 4), size=len(data))
+        r2, r3 = await asyncio.gather(up.post(batch, 0, parts[2], chunk=(2, 4), size=len(data)),
+                                      up.post(batch, 0, parts[3], chunk=(3, 4), size=len(data)))
+        assert sorted([r2.status, r3.status]) == [201, 202]
+        assert service.stats.assembled == k + 1
+        assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+    assert service.stats.assembly_failed == 0
+
+
+async def test_parallel_files_in_one_batch(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    blobs = [os.urandom(20_000 + i) for i in range(6)]
+    await asyncio.gather(*(up.upload(batch, i, b, f"f{i}", chunk_size=7000) for i, b in enumerate(blobs)))
+    files = (await up.manifest(batch))["files"]
+    assert [f["sha256"] for f in files] == [sha256(b) for b in blobs]
+
+
+async def test_whole_file_upload_replaces_a_complete_file(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, b"first version", "a.txt")
+    await up.upload(batch, 0, b"second", "b.txt")
+    files = (await up.manifest(batch))["files"]
+    assert files == [{"fileIdx": "0", "name": "b.txt", "size": 6, "sha256": sha256(b"second")}]
+
+
+async def test_delete_file_and_drop_batch(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, b"zero")
+    await up.upload(batch, 1, b"one")
+    r = await client.delete(up.url(f"/{batch}/0"), headers=AUTH)
+    assert r.status == 204
+    await assert_error(await up.info(batch, 0), 404, "ERR_FILE_NOT_FOUND")
+    assert [f["fileIdx"] for f in await (await up.info(batch)).json()] == ["1"]
+    r = await client.delete(up.url(f"/{batch}"), headers=AUTH)
+    assert r.status == 204
+    await assert_error(await up.info(batch), 404, "ERR_BATCH_NOT_FOUND")
+    assert upload_tree(settings.data_dir) == []
+
+
+async def test_empty_batch_lists_204(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    r = await up.info(batch)
+    assert r.status == 204 and await r.read() == b""
+
+
+async def test_handlers_and_new_default(client) -> None:
+    r = await client.get("/nuxeo/api/v1/upload/handlers", headers=AUTH)
+    assert await r.json() == {"handlers": [{"name": "default"}]}
+    r = await client.post("/nuxeo/api/v1/upload/new/default", headers=AUTH)
+    assert r.status == 201 and len((await r.json())["batchId"]) == 32
+    await assert_error(await client.post("/api/v1/upload/new/s3", headers=AUTH), 404, "ERR_HANDLER_NOT_FOUND")
+
+
+async def test_another_owner_sees_404(client) -> None:
+    up = Uploads(client)
+    other = Uploads(client, auth={"X-API-Key": OTHER_KEY})
+    batch = await up.create()
+    await up.upload(batch, 0, b"mine")
+    await assert_error(await other.info(batch), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await other.info(batch, 0), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await other.post(batch, 1, b"x"), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await client.delete(up.url(f"/{batch}"), headers={"X-API-Key": OTHER_KEY}), 404)
+    r = await client.post(up.url(f"/{batch}/execute/Batch.Manifest"), headers={"X-API-Key": OTHER_KEY})
+    await assert_error(r, 404, "ERR_BATCH_NOT_FOUND")
+    # Legacy upload with the same client-chosen id does not take the batch over.
+    h = {**upload_headers("x", 1), "X-API-Key": OTHER_KEY, "X-Batch-Id": batch, "X-File-Idx": "5"}
+    await assert_error(await client.post("/site/automation/batch/upload", data=b"x", headers=h), 404)
+    assert len((await up.manifest(batch))["files"]) == 1
+
+
+async def test_execute_drops_batch_unless_no_drop_and_void_is_204(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, b"a")
+    await up.upload(batch, 1, b"bb")
+    one = await up.manifest(batch, 1)
+    assert one["files"] == [{"fileIdx": "1", "name": "f.bin", "size": 2, "sha256": sha256(b"bb")}]
+    r = await client.post(up.url(f"/{batch}/execute/Batch.Manifest"),
+                          headers={**AUTH, "X-NXVoidOperation": "true"}, json={"params": None})
+    assert r.status == 204 and await r.read() == b""
+    # Executed: the batch is gone (a tombstone refuses uploads).
+    await assert_error(await up.info(batch), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await up.post(batch, 2, b"late"), 404, "ERR_BATCH_NOT_FOUND")
+
+
+async def test_unknown_operation_is_404_and_keeps_batch(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, b"a")
+    r = await client.post(up.url(f"/{batch}/execute/No.Such.Op"), headers=AUTH, json={"params": {}})
+    await assert_error(r, 404, "ERR_OPERATION_NOT_FOUND")
+    assert len((await up.manifest(batch))["files"]) == 1
+
+
+async def test_legacy_upload_list_execute_drop(client) -> None:
+    batch = "batch-1370282334917-258"
+    for idx, data in enumerate([b"hello", b"world!"]):
+        h = {**upload_headers(f"n{idx}.txt", len(data)), "X-Batch-Id": batch, "X-File-Idx": str(idx),
+             "Content-Type": "binary/octet-stream"}
+        r = await client.post("/nuxeo/site/automation/batch/upload", data=data, headers=h)
+        assert r.status == 200
+        body = await r.json()
+        assert body["batchId"] == batch and body["uploaded"] == "true" and body["fileIdx"] == str(idx)
+    # Chunk headers are accepted on the legacy form too.
+    data = os.urandom(2500)
+    for i in range(3):
+        h = {**upload_headers("big.bin", 2500, chunk=(i, 3)), "X-Batch-Id": batch, "X-File-Idx": "2"}
+        r = await client.post("/site/automation/batch/upload", data=data[i * 1000:(i + 1) * 1000], headers=h)
+        assert r.status == 200 and (await r.json())["uploadedChunkIds"] == list(range(i + 1))
+    r = await client.get(f"/site/automation/batch/files/{batch}", headers=AUTH)
+    assert [(f["name"], f["size"]) for f in await r.json()] == [("n0.txt", 5), ("n1.txt", 6), ("big.bin", 2500)]
+    r = await client.post("/site/automation/batch/execute", headers={**AUTH, "Content-Type":
+                          "application/json+nxrequest; charset=UTF-8", "X-Batch-No-Drop": "true"},
+                          data=json.dumps({"params": {"operationId": "Batch.Manifest", "batchId": batch,
+                                                      "fileIdx": "2"}, "context": {}}))
+    assert r.status == 200
+    assert (await r.json())["files"] == [{"fileIdx": "2", "name": "big.bin", "size": 2500, "sha256": sha256(data)}]
+    r = await client.get(f"/site/automation/batch/drop/{batch}", headers=AUTH)
+    assert r.status == 200 and await r.json() == {"batchId": batch, "dropped": "true"}
+    await assert_error(await client.get(f"/site/automation/batch/files/{batch}", headers=AUTH), 404)
+
+
+async def test_legacy_execute_removes_the_batch(client) -> None:
+    batch = "legacy-exec-1"
+    h = {**upload_headers("a", 1), "X-Batch-Id": batch, "X-File-Idx": "0"}
+    assert (await client.post("/site/automation/batch/upload", data=b"a", headers=h)).status == 200
+    r = await client.post("/site/automation/batch/execute", headers=AUTH,
+                          json={"params": {"operationId": "Batch.Manifest", "batchId": batch}})
+    assert r.status == 200 and (await r.json())["files"][0]["sha256"] == sha256(b"a")
+    await assert_error(await client.post("/site/automation/batch/upload", data=b"a", headers=h), 404,
+                       "ERR_BATCH_NOT_FOUND")
