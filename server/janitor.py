@@ -16,8 +16,9 @@ What cleanup removes, one :class:`Item` each:
 Invariants:
 
 * Never removes what is in use. A batch is in use while its (or any of its files') idle clock is
-  younger than the TTL, while any file under it was written within :data:`GRACE`, while a
-  running job uses it, or while the in-process upload service says so. A file being assembled
+  younger than the TTL, while any file under it was written within :data:`GRACE` (a chunk
+  being received keeps touching its ``.part``), or while a running job uses it. These checks
+  read only the database and the disk, so they hold for the CLI beside a live server too. A file being assembled
   keeps its batch. Nothing under a running job's smartlink directory is touched. The TTL is never
   shorter than :data:`GRACE`, whatever ``--older-than`` says.
 * :func:`plan` only reads; :func:`apply` re-checks every item (a conditional ``UPDATE``/``DELETE``
@@ -45,14 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 
 from server.config import Settings
 from server.db import Database, utcnow
-from server.db.job_models import Job, JobRow
+from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile, Chunk
 from server.errors import Conflict, NotFound
-from server.keys import DATABASE, JANITOR, SETTINGS, UPLOADS
+from server.keys import DATABASE, JANITOR, SETTINGS
+from server.uploads.store import UploadStore
 
 log = logging.getLogger("filedrop.janitor")
 
@@ -66,7 +68,6 @@ RUNNING = ("Queued", "In progress")
 # A smartlink batch id (SMARTLINK_FORMAT.md): never lets a CLI argument escape the root.
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
-InUse = Callable[[str], bool]  # batch_id -> is the upload service using it right now?
 Progress = Callable[[int, int, "Item"], None]  # (done, total, item just handled)
 
 
@@ -207,7 +208,7 @@ def _rel(settings: Settings, path: Path) -> str:
 
 
 async def plan(db: Database, settings: Settings, *, older_than: float | None = None,
-               smartlinks: bool = False, in_use: InUse | None = None) -> Plan:
+               smartlinks: bool = False) -> Plan:
     """What a cleanup would remove now (read-only). ``older_than`` (seconds) replaces both the
     batch TTL and the job retention; either is at least :data:`GRACE`."""
     ages = _ages(settings, older_than)
@@ -231,17 +232,16 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
         job_batches = set((await s.scalars(select(Job.batch_id).distinct())).all())
     busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
     busy_smartlinks = {r.batch_id for r in running}
-    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows,
-                            busy_uploads, in_use)
+    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks)
     return out
 
 
 def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[Any],
-                  files: Iterable[Any], chunk_rows: Iterable[Any], busy: set[str],
-                  in_use: InUse | None) -> None:
+                  files: Iterable[Any], chunk_rows: Iterable[Any], busy: set[str]) -> None:
     root = settings.uploads_dir
+    store = UploadStore(root)
     by_pk = {b.id: b for b in batches}
     files_of: dict[int, dict[int, Any]] = {}
     for f in files:
@@ -252,11 +252,9 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
 
     expired: set[int] = set()
     for b in by_pk.values():
-        bdir = root / str(b.id)
+        bdir = store.batch_dir(b.id)
         idle_since = max(b.updated_at, b.files_updated_at or b.updated_at)
         if idle_since >= ages.batch_cutoff or b.batch_id in busy:
-            continue
-        if in_use is not None and in_use(b.batch_id):
             continue
         if _newest_mtime(bdir) >= ages.wall_grace:  # a chunk still arriving or being assembled
             continue
@@ -270,28 +268,28 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
         b = by_pk[pk]
         if pk in expired or b.batch_id in busy:
             continue
-        bdir = root / str(pk)
         for f in fs.values():
-            fdir = bdir / str(f.id)
+            fdir = store.file_dir(pk, f.id)
             settled = f.updated_at < ages.grace_cutoff
             if f.state == "complete" and settled:
-                chunks = fdir / "chunks"
+                chunks = store.chunks_dir(pk, f.id)
                 if chunks.is_dir():
                     out.items.append(Item("chunk-leftovers", _rel(settings, chunks), _du(chunks),
                                           f"batch {b.batch_id}", path=chunks, key=f.id))
-                if b.state == "open" and not (fdir / "data").exists():
-                    out.items.append(Item("missing-bytes", _rel(settings, fdir / "data"), 0,
+                data = store.data_path(pk, f.id)
+                if b.state == "open" and not data.exists():
+                    out.items.append(Item("missing-bytes", _rel(settings, data), 0,
                                           f"batch {b.batch_id}: file row of a complete file without data",
-                                          path=fdir / "data", key=f.id))
+                                          path=data, key=f.id))
             if f.state == "receiving" and settled and b.state == "open":
-                gone = [i for i in sorted(chunks_of.get(f.id, ())) if not (fdir / "chunks" / str(i)).exists()]
+                gone = [i for i in sorted(chunks_of.get(f.id, ())) if not store.chunk_path(pk, f.id, i).exists()]
                 if gone:
-                    out.items.append(Item("missing-bytes", _rel(settings, fdir / "chunks"), 0,
+                    out.items.append(Item("missing-bytes", _rel(settings, store.chunks_dir(pk, f.id)), 0,
                                           f"batch {b.batch_id}: rows of chunks {gone} without bytes",
-                                          path=fdir / "chunks",
+                                          path=store.chunks_dir(pk, f.id),
                                           key=(f.id, tuple(gone))))
             if f.state != "assembling":
-                for d in (fdir, fdir / "chunks"):
+                for d in (fdir, store.chunks_dir(pk, f.id)):
                     for e in _listdir(d):
                         p = Path(e.path)
                         if _is_temp(e.name) and _older(p, ages.wall_grace):
@@ -347,8 +345,7 @@ def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: I
 
 
 async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bool = False,
-                older_than: float | None = None, in_use: InUse | None = None,
-                progress: Progress | None = None) -> Plan:
+                older_than: float | None = None, progress: Progress | None = None) -> Plan:
     """Carry out ``the_plan`` item by item, re-checking each; errors are recorded per item (and
     logged), never raised. With ``dry_run`` nothing changes: every item reads ``would remove``."""
     the_plan.dry_run = dry_run
@@ -360,7 +357,7 @@ async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bo
             log.info("would remove %s %s (%d bytes) %s", item.kind, item.target, item.bytes, item.detail)
         else:
             try:
-                kept = not await _APPLY[item.kind](db, settings, ages, item, in_use)
+                kept = not await _APPLY[item.kind](db, settings, ages, item)
                 item.result = "kept: in use" if kept else "removed"
                 log.info("%s %s %s (%d bytes) %s", "kept (in use)" if kept else "removed", item.kind,
                          item.target, item.bytes, item.detail)
@@ -374,10 +371,7 @@ async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bo
     return the_plan
 
 
-async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, item: Item,
-                               in_use: InUse | None) -> bool:
-    if in_use is not None and in_use(item.target):
-        return False
+async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
         return False
@@ -395,8 +389,7 @@ async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, it
     return True
 
 
-async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, item: Item,
-                                 in_use: InUse | None) -> bool:
+async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     async with db.read() as s:
         state = await s.scalar(select(BatchFile.state).where(BatchFile.id == item.key))
     if state != "complete":
@@ -406,8 +399,7 @@ async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, 
     return True
 
 
-async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, item: Item,
-                               in_use: InUse | None) -> bool:
+async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     settled = BatchFile.updated_at < ages.grace_cutoff
     if isinstance(item.key, tuple):
@@ -430,8 +422,7 @@ async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, it
     return True
 
 
-async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item: Item,
-                            in_use: InUse | None) -> bool:
+async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     rel = item.path.relative_to(settings.uploads_dir).parts
     async with db.read() as s:
@@ -445,8 +436,7 @@ async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item:
     return True
 
 
-async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: Item,
-                           in_use: InUse | None) -> bool:
+async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     if not _older(item.path, time.time() - GRACE):
         return not item.path.exists()
@@ -454,8 +444,7 @@ async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: 
     return True
 
 
-async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item: Item,
-                             in_use: InUse | None) -> bool:
+async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     job_id, batch_id, with_smartlinks = item.key
     names: list[str] = []
     async with db.write() as s:
@@ -492,8 +481,7 @@ def _remove_smartlinks(d: Path, stems: set[str]) -> int:
     return freed
 
 
-async def _apply_orphan_smartlinks(db: Database, settings: Settings, ages: _Ages, item: Item,
-                                   in_use: InUse | None) -> bool:
+async def _apply_orphan_smartlinks(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     async with db.read() as s:
         if await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == item.key)):
@@ -516,12 +504,11 @@ _APPLY = {
 
 
 async def cleanup(db: Database, settings: Settings, *, older_than: float | None = None,
-                  dry_run: bool = False, smartlinks: bool = False, in_use: InUse | None = None,
+                  dry_run: bool = False, smartlinks: bool = False,
                   progress: Progress | None = None) -> Plan:
     """Plan, then apply (or only mark, with ``dry_run``). See the module docstring."""
-    the_plan = await plan(db, settings, older_than=older_than, smartlinks=smartlinks, in_use=in_use)
-    return await apply(db, settings, the_plan, dry_run=dry_run, older_than=older_than,
-                       in_use=in_use, progress=progress)
+    the_plan = await plan(db, settings, older_than=older_than, smartlinks=smartlinks)
+    return await apply(db, settings, the_plan, dry_run=dry_run, older_than=older_than, progress=progress)
 
 
 # --- drop ---------------------------------------------------------------------------------------
@@ -529,9 +516,11 @@ async def cleanup(db: Database, settings: Settings, *, older_than: float | None 
 
 async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
                           cancel_wait: float) -> list[str]:
-    """Refuse (Conflict) while jobs matching ``job_filter`` run, unless ``force``: then ask them to
-    cancel through the database (a live server's engine sees ``cancel_requested``) and, if none
-    stops within ``cancel_wait`` (no server may be running it), mark them cancelled here."""
+    """Refuse (Conflict) while jobs matching ``job_filter`` run, unless ``force``: then cancel them
+    through the database, since a live server may be running them in another process. Their
+    pending rows become ``skipped`` and ``cancel_requested`` is set, so the engine's next claim
+    finds nothing and it finishes the job as ``Cancelled`` once its in-flight rows are written.
+    If no engine does so within ``cancel_wait`` (none may be running), they are marked here."""
     async with db.read() as s:
         running = list((await s.scalars(select(Job.job_id).where(job_filter, Job.status.in_(RUNNING)))).all())
     if not running:
@@ -539,9 +528,14 @@ async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
     if not force:
         raise Conflict(f"{what} is in use by running job(s) {', '.join(running)}: "
                        "retry when they finish, or use --force to cancel them first", code="ERR_JOB_RUNNING")
+    reason = "cancelled by `filedrop drop --force`"
     async with db.write() as s:
         await s.execute(update(Job).where(Job.job_id.in_(running), Job.status.in_(RUNNING))
-                        .values(cancel_requested=True))
+                        .values(cancel_requested=True, reason=reason))
+        await s.execute(update(JobRow).where(JobRow.job_id.in_(running), JobRow.status == "pending")
+                        .values(status="skipped"))
+        await s.execute(insert(JobLog), [{"job_id": j, "at": utcnow(), "level": "info",
+                                          "message": f"cancelling: {reason}"} for j in running])
     log.info("asked running job(s) %s to cancel", ", ".join(running))
     deadline = time.monotonic() + cancel_wait
     while True:
@@ -554,29 +548,35 @@ async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
     if still:
         async with db.write() as s:
             await s.execute(update(Job).where(Job.job_id.in_(still), Job.status.in_(RUNNING)).values(
-                status="Cancelled", finished=utcnow(),
-                reason="cancelled by `filedrop drop --force` (no engine stopped it in time)"))
-        log.warning("job(s) %s did not stop within %.0f s: marked Cancelled", ", ".join(still), cancel_wait)
+                status="Cancelled", finished=utcnow(), reason=reason + " (no engine stopped it in time)"))
+            await s.execute(update(JobRow).where(JobRow.job_id.in_(still), JobRow.status == "claimed")
+                            .values(status="skipped"))
+        log.warning("job(s) %s did not stop within %.1f s: marked Cancelled", ", ".join(still), cancel_wait)
     return running
 
 
 async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
                             cancel_wait: float = CANCEL_WAIT) -> Item:
-    """Remove an upload batch's file rows and bytes; its row stays as a ``dropped`` tombstone (as
-    after an API drop) until cleanup expires it. Raises NotFound, or Conflict while a running job
-    reads it (unless ``force``, which cancels that job first). Idempotent."""
+    """Remove an upload batch's file rows and bytes through the upload service's own drop; its
+    row stays as a ``dropped`` tombstone (as after an API drop) until cleanup expires it. A batch
+    already closed only loses what bytes are left. Raises NotFound, or Conflict while a running
+    job reads it (unless ``force``, which cancels that job first). Idempotent."""
+    from server.uploads.operations import OperationRegistry
+    from server.uploads.service import UploadService
+
     async with db.read() as s:
-        b = (await s.execute(select(Batch.id, Batch.state).where(Batch.batch_id == batch_id))).first()
+        b = (await s.execute(select(Batch.id, Batch.state, Batch.owner).where(Batch.batch_id == batch_id))).first()
+        if b is not None:
+            nfiles = await s.scalar(select(func.count()).select_from(BatchFile).where(BatchFile.batch_pk == b.id))
     if b is None:
         raise NotFound(f"no upload batch {batch_id!r}", code="ERR_BATCH_NOT_FOUND")
     cancelled = await _cancel_running(db, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
                                       force, cancel_wait)
-    bdir = settings.uploads_dir / str(b.id)
-    async with db.write() as s:
-        nfiles = await s.scalar(select(func.count()).select_from(BatchFile).where(BatchFile.batch_pk == b.id))
-        await s.execute(update(Batch).where(Batch.id == b.id).values(state="dropped", updated_at=utcnow()))
-        await s.execute(delete(BatchFile).where(BatchFile.batch_pk == b.id))
+    bdir = UploadStore(settings.uploads_dir).batch_dir(b.id)
     size = await asyncio.to_thread(_du, bdir)
+    if b.state == "open":
+        with contextlib.suppress(NotFound):  # closed meanwhile: then only leftovers remain
+            await UploadService(db, settings, OperationRegistry()).drop_batch(b.owner, batch_id)
     await asyncio.to_thread(_remove, bdir)
     item = Item("drop-batch", batch_id, size, f"was {b.state}, {nfiles} file(s)"
                 + (f", cancelled job(s) {', '.join(cancelled)}" if cancelled else ""), result="removed")
@@ -615,17 +615,16 @@ class Janitor:
     """Runs :func:`cleanup` every ``interval`` seconds in one owned task. ``passed`` is set after
     each pass (tests wait on it); ``last`` is the last pass's plan."""
 
-    def __init__(self, db: Database, settings: Settings, in_use: InUse | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.settings = settings
-        self.in_use = in_use
         self.passes = 0
         self.last: Plan | None = None
         self.passed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> Plan:
-        result = await cleanup(self.db, self.settings, in_use=self.in_use)
+        result = await cleanup(self.db, self.settings)
         self.passes += 1
         self.last = result
         if result.items:
@@ -645,16 +644,9 @@ class Janitor:
             await asyncio.sleep(interval)
 
 
-def _upload_in_use(app: web.Application) -> InUse | None:
-    """The upload service's own "is this batch busy?" check, when it offers one."""
-    uploads = app.get(UPLOADS)
-    check = getattr(uploads, "batch_in_use", None)
-    return check if callable(check) else None
-
-
 async def janitor_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    janitor = Janitor(app[DATABASE], settings, _upload_in_use(app))
+    janitor = Janitor(app[DATABASE], settings)
     app[JANITOR] = janitor
     if settings.janitor_interval > 0:
         janitor.task = asyncio.create_task(janitor.run_forever(settings.janitor_interval),
