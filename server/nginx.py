@@ -42,12 +42,13 @@ def upstream_address(host: str, port: int) -> str:
 
 
 def job_body_limit(settings: Settings) -> int:
-    """Largest request body under ``/api/`` (job starts): the data rows plus a template as large.
+    """Largest request body under ``/api/`` outside the upload API (job starts).
 
-    Uploads keep ``max_chunk_size``; a job start carries ``data``/``data_file`` (each at most
-    ``max_data_size``) and the master template, so NGINX must not refuse what the app accepts.
+    A job start is one multipart form: the data rows (``max_data_size``), the master template
+    (limited like a fetched template, ``fetch_max_bytes``) and small option parts; 1 MiB covers
+    those and the multipart framing. Never below ``max_chunk_size``.
     """
-    return max(settings.max_chunk_size, 2 * settings.max_data_size + (1 << 20))
+    return max(settings.max_chunk_size, settings.max_data_size + settings.fetch_max_bytes + (1 << 20))
 
 
 def _user_directive(root: Path) -> str:

@@ -68,7 +68,8 @@ async def receiver(aiohttp_server) -> tuple[Receiver, int]:  # type: ignore[no-u
 
 @pytest.fixture
 def proxy_settings(tmp_path) -> Settings:  # type: ignore[no-untyped-def]
-    return Settings(data_dir=tmp_path / "var", max_chunk_size=LIMIT, max_data_size=LIMIT)
+    return Settings(data_dir=tmp_path / "var", max_chunk_size=LIMIT, max_data_size=LIMIT,
+                    fetch_max_bytes=LIMIT)
 
 
 @pytest.fixture
