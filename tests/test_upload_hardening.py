@@ -1,0 +1,285 @@
+"""One test per rejected upload input: the right status, a JSON error from the catalog, and the
+batch intact afterwards (its good file still there, nothing half-written on disk)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from server.app import create_app
+from tests.conftest import AUTH
+from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
+from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.timeout(60)
+GOOD = b"the good file"
+
+
+@pytest.fixture
+async def up(client) -> Uploads:
+    return Uploads(client)
+
+
+async def batch_with_good_file(up: Uploads) -> str:
+    batch = await up.create()
+    await up.upload(batch, 0, GOOD, "good.txt")
+    return batch
+
+
+async def assert_intact(up: Uploads, batch: str, data_dir: Path, extra: int = 0) -> None:
+    files = (await up.manifest(batch))["files"]
+    assert files[0] == {"fileIdx": "0", "name": "good.txt", "size": len(GOOD), "sha256": sha256(GOOD)}
+    assert len(files) == 1 + extra
+    assert not [p for p in upload_tree(data_dir) if os.path.basename(p).startswith(".")], "temp files left"
+
+
+async def legacy(client, batch_id: str, data: bytes = b"x", idx: str = "0", **headers: str):  # type: ignore[no-untyped-def]
+    h = {**upload_headers("l.txt", len(data)), "X-Batch-Id": batch_id, "X-File-Idx": idx, **headers}
+    return await client.post("/site/automation/batch/upload", data=data, headers=h)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "../etc", "..", "a..b", ".hidden", "x" * 129, "sp ace", "é"])
+async def test_legacy_batch_id_rejected(client, up, settings, bad) -> None:
+    batch = await batch_with_good_file(up)
+    r = await legacy(client, bad)
+    await assert_error(r, 400, "ERR_BATCH_ID_INVALID")
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_legacy_batch_id_of_128_chars_is_fine(client) -> None:
+    r = await legacy(client, "b" * 128)
+    assert r.status == 200
+
+
+@pytest.mark.parametrize("bad", ["a%2Fb", "a%00b", "a..b", "x" * 129, "%2E%2E"])
+async def test_rest_batch_id_rejected(client, up, settings, bad) -> None:
+    batch = await batch_with_good_file(up)
+    for method, path in [("POST", f"/{bad}/0"), ("GET", f"/{bad}"), ("GET", f"/{bad}/0"), ("DELETE", f"/{bad}")]:
+        r = await client.request(method, up.url(path), data=b"x", headers=upload_headers("n", 1))
+        body = await assert_error(r, 400 if bad != "%2E%2E" else r.status)
+        assert body["code"] in ("ERR_BATCH_ID_INVALID", "ERR_NOT_FOUND"), body
+        if bad != "%2E%2E":
+            assert body["code"] == "ERR_BATCH_ID_INVALID"
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_nul_in_execute_batch_id_rejected(client, up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    r = await client.post("/site/automation/batch/execute", headers=AUTH,
+                          json={"params": {"operationId": "Batch.Manifest", "batchId": batch + "\x00"}})
+    await assert_error(r, 400, "ERR_BATCH_ID_INVALID")
+    await assert_intact(up, batch, settings.data_dir)
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "1.5", "", " ", "0x1", "1e3", "99999999999"])
+async def test_file_idx_rejected(client, up, settings, bad) -> None:
+    batch = await batch_with_good_file(up)
+    await assert_error(await legacy(client, batch, idx=bad), 400, "ERR_FILE_IDX_INVALID")
+    if bad.strip():
+        await assert_error(await up.post(batch, bad, b"x"), 400, "ERR_FILE_IDX_INVALID")  # type: ignore[arg-type]
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_chunk_index_not_below_count(up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    for idx, count in [(3, 3), (4, 3), (0, 0)]:
+        r = await up.post(batch, 1, b"abc", chunk=(idx, count), size=9)
+        await assert_error(r, 400, "ERR_CHUNK_INDEX_INVALID" if count else "ERR_CHUNK_COUNT_INVALID")
+    for headers in ({"X-Upload-Chunk-Index": "x"}, {"X-Upload-Chunk-Count": "-2"}, {"X-Upload-Type": "resumable"}):
+        r = await up.post(batch, 1, b"abc", chunk=(0, 3), size=9, **headers)
+        await assert_error(r, 400)
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_chunk_count_changed(up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    assert (await up.post(batch, 1, b"abc", chunk=(0, 3), size=9)).status == 202
+    await assert_error(await up.post(batch, 1, b"abc", chunk=(1, 4), size=9), 400, "ERR_CHUNK_COUNT_CHANGED")
+    await assert_error(await up.post(batch, 1, b"abc", chunk=(1, 3), size=10), 400, "ERR_FILE_SIZE_CHANGED")
+    # The file keeps its first declaration and completes with it.
+    assert (await up.post(batch, 1, b"def", chunk=(1, 3), size=9)).status == 202
+    assert (await up.post(batch, 1, b"ghi", chunk=(2, 3), size=9)).status == 201
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+    assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(b"abcdefghi")
+
+
+async def _trickle(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 4):
+        yield data[i:i + 4]
+
+
+async def test_body_shorter_or_longer_than_declared(client, up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    # Content-Length disagrees with X-File-Size: refused before a byte is read.
+    await assert_error(await up.post(batch, 1, b"12345", size=6), 400, "ERR_FILE_SIZE_MISMATCH")
+    await assert_error(await up.post(batch, 1, b"12345", size=4), 400, "ERR_FILE_SIZE_MISMATCH")
+    # No Content-Length (chunked transfer coding): found out while streaming.
+    for body in (b"123", b"1234567890"):
+        r = await client.post(up.url(f"/{batch}/1"), data=_trickle(body), headers=upload_headers("s", 6))
+        await assert_error(r, 400, "ERR_FILE_SIZE_MISMATCH")
+    # Chunks that add up to more, or (with the last one) to less, than X-File-Size.
+    assert (await up.post(batch, 2, b"aaaa", chunk=(0, 3), size=10)).status == 202
+    await assert_error(await up.post(batch, 2, b"bbbbbbb", chunk=(1, 3), size=10), 400, "ERR_FILE_SIZE_MISMATCH")
+    assert (await up.post(batch, 2, b"bbbb", chunk=(1, 3), size=10)).status == 202
+    await assert_error(await up.post(batch, 2, b"c", chunk=(2, 3), size=10), 400, "ERR_FILE_SIZE_MISMATCH")
+    info = await (await up.info(batch, 2)).json()
+    assert info["uploadedChunkIds"] == [0, 1] and info["complete"] is False
+    assert (await up.post(batch, 2, b"cc", chunk=(2, 3), size=10)).status == 201
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+    assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(b"aaaabbbbcc")
+
+
+async def test_client_disconnect_mid_chunk_records_nothing_and_retry_works(client, up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    assert (await up.post(batch, 1, b"0" * 1000, chunk=(0, 2), size=2000)).status == 202
+    head = "\r\n".join([
+        f"POST /api/v1/upload/{batch}/1 HTTP/1.1", "Host: x", f"X-API-Key: {AUTH['X-API-Key']}",
+        "X-File-Name: d.bin", "X-File-Size: 2000", "X-Upload-Type: chunked", "X-Upload-Chunk-Index: 1",
+        "X-Upload-Chunk-Count: 2", "Content-Length: 1000", "", ""]).encode()
+    loop = asyncio.get_running_loop()
+    with socket.create_connection((client.server.host, client.server.port)) as sock:
+        await loop.run_in_executor(None, sock.sendall, head + b"1" * 400)
+        chunks_dir_has_temp = lambda: any(p.endswith(".part") for p in upload_tree(settings.data_dir))  # noqa: E731
+
+        async def temp_present() -> bool:
+            return chunks_dir_has_temp()
+        await async_wait_until(temp_present, timeout=10, what="the chunk temp file")
+
+    async def temp_gone() -> bool:
+        return not chunks_dir_has_temp()
+    await async_wait_until(temp_gone, timeout=10, what="the temp file of the broken chunk removed")
+    info = await (await up.info(batch, 1)).json()
+    assert info["uploadedChunkIds"] == [0]
+    r = await up.post(batch, 1, b"1" * 1000, chunk=(1, 2), size=2000)
+    assert r.status == 201 and (await r.json())["uploadedChunkIds"] == [0, 1]
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+
+
+async def test_same_chunk_twice_is_not_an_error(up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    for _ in range(3):
+        r = await up.post(batch, 1, b"abc", chunk=(0, 2), size=6)
+        assert r.status == 202 and (await r.json())["uploadedChunkIds"] == [0]
+    await up.post(batch, 1, b"def", chunk=(1, 2), size=6)
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+
+
+@pytest.mark.parametrize("name", ["a%2Fb.txt", "a/b.txt", "..%2F..%2Fetc%2Fpasswd", "a%5Cb.txt", "a\\b.txt",
+                                  "a%00b.txt", "%0A", "x" * 1000, "%FF%FE.txt", "%C3%28", "", "..", "."])
+async def test_bad_file_names_rejected(client, up, settings, name) -> None:
+    batch = await batch_with_good_file(up)
+    h = {**upload_headers("n", 1), "X-File-Name": name}
+    r = await client.post(up.url(f"/{batch}/1"), data=b"x", headers=h)
+    await assert_error(r, 400, "ERR_FILE_NAME_INVALID")
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_unicode_and_odd_names_are_only_data(up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    names = ["日本語 ファイル.pdf", "x" * 255, "100% sure?.txt", "<script>.html", "-rf ~"]
+    for i, name in enumerate(names, start=1):
+        await up.upload(batch, i, b"d", name)
+    files = (await up.manifest(batch))["files"]
+    assert [f["name"] for f in files[1:]] == names
+    assert all(p.split("/")[-1] == "data" for p in upload_tree(settings.data_dir))
+
+
+async def test_unknown_batch(client, up) -> None:
+    unknown = "f" * 32
+    await assert_error(await up.post(unknown, 0, b"x"), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await up.info(unknown), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await up.info(unknown, 0), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await client.delete(up.url(f"/{unknown}"), headers=AUTH), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await client.get(f"/site/automation/batch/drop/{unknown}", headers=AUTH), 404)
+    r = await client.post(up.url(f"/{unknown}/execute/Batch.Manifest"), headers=AUTH)
+    await assert_error(r, 404, "ERR_BATCH_NOT_FOUND")
+
+
+async def test_unknown_file_is_404_not_a_resume_state(up) -> None:
+    batch = await batch_with_good_file(up)
+    await assert_error(await up.info(batch, 7), 404, "ERR_FILE_NOT_FOUND")
+
+
+@pytest.mark.parametrize("how", ["rest-drop", "legacy-drop", "execute"])
+async def test_upload_into_closed_batch(client, up, settings, how) -> None:
+    batch = await batch_with_good_file(up)
+    if how == "rest-drop":
+        assert (await client.delete(up.url(f"/{batch}"), headers=AUTH)).status == 204
+    elif how == "legacy-drop":
+        assert (await client.get(f"/site/automation/batch/drop/{batch}", headers=AUTH)).status == 200
+    else:
+        await up.manifest(batch, keep=False)
+    await assert_error(await up.post(batch, 1, b"late"), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await legacy(client, batch), 404, "ERR_BATCH_NOT_FOUND")
+    await assert_error(await up.post(batch, 1, b"late", chunk=(0, 2), size=8), 404, "ERR_BATCH_NOT_FOUND")
+    assert upload_tree(settings.data_dir) == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"params": [1]}', b'{"params": {}, "context": 3}',
+                                  b"\xff\xfe"])
+async def test_malformed_execute_json(client, up, settings, body) -> None:
+    batch = await batch_with_good_file(up)
+    h = {**AUTH, "Content-Type": "application/json"}
+    r = await client.post(up.url(f"/{batch}/execute/Batch.Manifest"), data=body, headers=h)
+    await assert_error(r, 400, "ERR_REQUEST_MALFORMED")
+    r = await client.post("/site/automation/batch/execute", data=body, headers=h)
+    await assert_error(r, 400, "ERR_REQUEST_MALFORMED")
+    r = await client.post("/site/automation/batch/execute", json={"params": {"batchId": batch}}, headers=h)
+    await assert_error(r, 400, "ERR_REQUEST_MALFORMED")
+    await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_missing_headers(client, up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    h = upload_headers("n", 3)
+    del h["X-File-Name"]
+    await assert_error(await client.post(up.url(f"/{batch}/1"), data=b"abc", headers=h), 400, "ERR_FILE_NAME_INVALID")
+    h = upload_headers("n", 3, chunk=(0, 2))
+    del h["X-File-Size"]
+    await assert_error(await client.post(up.url(f"/{batch}/1"), data=b"abc", headers=h), 400, "ERR_FILE_SIZE_MISSING")
+    h = upload_headers("n", 3)
+    h["X-File-Size"] = "3 bytes"
+    await assert_error(await client.post(up.url(f"/{batch}/1"), data=b"abc", headers=h), 400, "ERR_FILE_SIZE_INVALID")
+    h = {**upload_headers("n", 3), "X-File-Idx": "1"}
+    await assert_error(await client.post("/site/automation/batch/upload", data=b"abc", headers=h), 400,
+                       "ERR_BATCH_ID_INVALID")
+    await assert_intact(up, batch, settings.data_dir)
+
+
+# -- limits -------------------------------------------------------------------------------------
+@pytest.fixture
+async def limited(aiohttp_client, settings):  # type: ignore[no-untyped-def]
+    s = settings.replace(max_file_size=10_000, max_chunk_size=4_000, max_files_per_batch=3, max_batch_bytes=12_000)
+    return Uploads(await aiohttp_client(create_app(s)))
+
+
+async def test_limits_answer_413_and_leave_nothing(limited, settings) -> None:
+    up = limited
+    batch = await batch_with_good_file(up)
+    await assert_error(await up.post(batch, 1, b"x" * 10, chunk=(0, 3), size=10_001), 413, "ERR_FILE_TOO_LARGE")
+    await assert_error(await up.post(batch, 1, b"x" * 4_001), 413, "ERR_CHUNK_TOO_LARGE")
+    await assert_error(await up.post(batch, 1, b"x" * 4_001, chunk=(0, 2), size=8_000), 413, "ERR_CHUNK_TOO_LARGE")
+    # Over the chunk limit without a Content-Length: stopped while streaming, the partial deleted.
+    r = await up.client.post(up.url(f"/{batch}/1"), data=_trickle(b"x" * 4_100),
+                             headers=upload_headers("t", 9_000, chunk=(0, 3)))
+    await assert_error(r, 413, "ERR_CHUNK_TOO_LARGE")
+    await up.upload(batch, 1, b"y" * 3_000, "one")
+    await assert_error(await up.post(batch, 2, b"z", chunk=(0, 3), size=9_001), 413, "ERR_BATCH_TOO_LARGE")
+    await up.upload(batch, 2, b"z" * 10)
+    await assert_error(await up.post(batch, 3, b"w"), 413, "ERR_BATCH_TOO_MANY_FILES")
+    files = (await up.manifest(batch))["files"]
+    assert [f["fileIdx"] for f in files] == ["0", "1", "2"]
+    assert not [p for p in upload_tree(settings.data_dir) if "/chunks/" in p or p.endswith(".part")]
+
+
+async def test_low_disk_answers_507(aiohttp_client, settings) -> None:
+    up = Uploads(await aiohttp_client(create_app(settings)))
+    batch = await batch_with_good_file(up)
+    full = Uploads(await aiohttp_client(create_app(settings.replace(min_free_disk=1 << 60))))
+    await assert_error(await full.post(batch, 1, b"x"), 507, "ERR_DISK_FULL")
+    await assert_intact(up, batch, settings.data_dir)
