@@ -241,6 +241,8 @@ class JobEngine:
                 return
             async with self.db.read() as s:
                 job = await s.get(Job, rt.job_id)
+                if job is not None:
+                    s.expunge(job)  # keep its loaded values past the read's rollback
             if job is None:
                 raise RuntimeError("job row vanished")
             compiled, _ = compile_template(job.template)
@@ -450,6 +452,8 @@ class JobEngine:
         try:
             async with self.db.read() as s:
                 job = await s.get(Job, job_id)
+                if job is not None:
+                    s.expunge(job)
             if job is None:
                 return
             body = job_json(job)

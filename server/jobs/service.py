@@ -247,6 +247,8 @@ class JobService:
             async with self.db.read() as s:
                 job = await s.scalar(select(Job).where(Job.job_id == job_id, Job.batch_id == batch_id,
                                                        Job.owner == owner))
+                if job is not None:
+                    s.expunge(job)  # keep its loaded values past the read's rollback
             if job is not None:
                 return job
         raise NotFound(f"no job {job_id!r} in batch {batch_id!r}", code="ERR_JOB_NOT_FOUND")

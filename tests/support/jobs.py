@@ -1,0 +1,183 @@
+"""Helpers for smartlink job tests: start/wait through the real API, and real peers on
+127.0.0.1 (an asset server, a callback receiver that can fail, an aiosmtpd SMTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiosmtpd.controller import Controller
+
+from server.keys import JOBS
+from tests.support.waiting import free_port
+
+AUTH = {"X-API-Key": "test-key-0123456789"}
+
+SEED_TEMPLATE: dict[str, Any] = {
+    "name": "Invoice smartlink",
+    "title": "Invoice {{ data.num_client }}",
+    "lang": "fr",
+    "body": "<h1>Client {{ data.num_client }}</h1><p>Montant : {{ data.montant }} €</p>",
+}
+
+# The seed's own two rows, verbatim.
+SEED_ROWS: list[dict[str, Any]] = [
+    {"pdf": "", "reference_id": "5ef3501829bf41003d6da7b4", "suffix": "5f1ea1e9b982f900468aeb5b",
+     "data": {"num_client": "240 000 009 425", "montant": "500", "date": "2020-10-11"}},
+    {"pdf": "", "reference_id": "5ef3501829bf41003d612345", "suffix": "5f1ea1e9b982f900468aeb77",
+     "data": {"num_client": "240 000 009 738", "montant": "414,97", "date": "2021-01-12"}},
+]
+
+
+def rows(n: int, prefix: str = "ref") -> list[dict[str, Any]]:
+    return [{"reference_id": f"{prefix}{i:06d}", "suffix": f"s{i:020d}", "data": {"n": i}} for i in range(n)]
+
+
+def start_form(template: dict[str, Any] | bytes | None, data: list[Any] | bytes | None, *,
+               data_field: str = "data", params: dict[str, Any] | None = None,
+               **fields: Any) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    if template is not None:
+        raw = template if isinstance(template, bytes) else json.dumps(template).encode()
+        form.add_field("document_file", raw, filename="template.json", content_type="application/json")
+    if data is not None:
+        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+        if data_field == "data_file":
+            form.add_field("data_file", raw, filename="data.json", content_type="application/json")
+        else:
+            form.add_field("data", raw.decode(), content_type="application/json")
+    for name, value in (params or {}).items():
+        form.add_field(f"param.{name}", json.dumps(value), content_type="application/json")
+    for name, value in fields.items():
+        if value is not None:
+            form.add_field(name, str(value))
+    return form
+
+
+async def start(client: Any, batch_id: str, template: Any, data: Any, *, headers: dict[str, str] | None = None,
+                **kw: Any) -> aiohttp.ClientResponse:
+    return await client.post(f"/api/batch/{batch_id}/start", data=start_form(template, data, **kw),
+                             headers=headers or AUTH)
+
+
+async def start_ok(client: Any, batch_id: str, template: Any, data: Any, **kw: Any) -> dict[str, Any]:
+    r = await start(client, batch_id, template, data, **kw)
+    body = await r.json()
+    assert r.status == 202, body
+    return body
+
+
+async def wait_job(client: Any, batch_id: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait on the engine's job_finished signal, then read the status through the API."""
+    await client.app[JOBS].engine.job_finished(job_id, timeout=timeout)
+    r = await client.get(f"/api/batch/{batch_id}/{job_id}/status", headers=AUTH)
+    assert r.status == 200
+    return await r.json()
+
+
+async def get_json(client: Any, path: str) -> Any:
+    r = await client.get(path, headers=AUTH)
+    assert r.status == 200, await r.text()
+    return await r.json()
+
+
+@dataclass
+class AssetServer:
+    """Static bytes at paths, with a hit counter per path."""
+
+    files: dict[str, bytes]
+    hits: dict[str, int] = field(default_factory=dict)
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        if request.path not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[request.path])
+
+
+@dataclass
+class CallbackReceiver:
+    """Records every POST; answers 500 to the first ``fail_first`` ones."""
+
+    fail_first: int = 0
+    attempts: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    delivered: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts.append((dict(request.headers), await request.read()))
+        if len(self.attempts) <= self.fail_first:
+            return web.Response(status=500)
+        self.delivered.set()
+        return web.Response(status=204)
+
+
+@asynccontextmanager
+async def serve(handler: Any) -> AsyncIterator[int]:
+    """Run ``handler`` for every path on 127.0.0.1:<free port>; yields the port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def asset_server(files: dict[str, bytes]) -> AsyncIterator[AssetServer]:
+    srv = AssetServer(files)
+    async with serve(srv.handle) as port:
+        srv.port = port
+        yield srv
+
+
+@asynccontextmanager
+async def callback_receiver(fail_first: int = 0) -> AsyncIterator[CallbackReceiver]:
+    rcv = CallbackReceiver(fail_first)
+    async with serve(rcv.handle) as port:
+        rcv.port = port
+        yield rcv
+
+
+class _Collect:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.received = asyncio.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd API)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        self.loop.call_soon_threadsafe(self.received.set)
+        return "250 Message accepted for delivery"
+
+
+@asynccontextmanager
+async def smtp_server() -> AsyncIterator[tuple[int, _Collect]]:
+    """A real aiosmtpd server (its own thread) on 127.0.0.1:<free port>."""
+    handler = _Collect(asyncio.get_running_loop())
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    await asyncio.to_thread(controller.start)
+    try:
+        yield port, handler
+    finally:
+        await asyncio.to_thread(controller.stop)

@@ -1,0 +1,196 @@
+"""Smartlink jobs end to end over the real app: the seed's example, each strategy, param parts,
+generated suffixes, JSON Lines, the result listing, and SmartLinks.Generate on an upload batch."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support.jobs import (
+    AUTH,
+    SEED_ROWS,
+    SEED_TEMPLATE,
+    asset_server,
+    get_json,
+    rows,
+    start_ok,
+    wait_job,
+)
+from tests.support.uploads import Uploads
+
+ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def no_temps(d: Path) -> bool:
+    return not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+async def test_seed_example_end_to_end(client, settings) -> None:
+    job = await start_ok(client, "my-first-batch", SEED_TEMPLATE, SEED_ROWS)
+    assert set(job) == {"batch_id", "job_id", "status", "started", "finished", "succeededCount", "erroredCount",
+                        "totalCount", "strategy"}
+    assert job["batch_id"] == "my-first-batch" and re.fullmatch(r"[0-9a-f]{32}", job["job_id"])
+    assert job["status"] in ("Queued", "In progress") and job["finished"] is None
+    assert job["totalCount"] == 2 and job["strategy"] == "smallest"
+
+    done = await wait_job(client, "my-first-batch", job["job_id"])
+    assert done["status"] == "Completed", done
+    assert (done["succeededCount"], done["erroredCount"]) == (2, 0)
+    assert ISO_MS_Z.match(done["started"]) and ISO_MS_Z.match(done["finished"])
+
+    d = settings.smartlink_root / "my-first-batch"
+    assert sorted(p.name for p in d.iterdir()) == [
+        "5ef3501829bf41003d612345.5f1ea1e9b982f900468aeb77.html",
+        "5ef3501829bf41003d6da7b4.5f1ea1e9b982f900468aeb5b.html",
+    ]
+    page = (d / "5ef3501829bf41003d6da7b4.5f1ea1e9b982f900468aeb5b.html").read_text()
+    assert "<h1>Client 240 000 009 425</h1><p>Montant : 500 €</p>" in page
+    assert "<title>Invoice 240 000 009 425</title>" in page and '<html lang="fr">' in page
+    assert "414,97" in (d / "5ef3501829bf41003d612345.5f1ea1e9b982f900468aeb77.html").read_text()
+
+    result = await get_json(client, f"/api/batch/my-first-batch/{job['job_id']}/result")
+    assert [r["url"] for r in result["rows"]] == [
+        f"{settings.public_url}/my-first-batch/5ef3501829bf41003d6da7b4.5f1ea1e9b982f900468aeb5b.html",
+        f"{settings.public_url}/my-first-batch/5ef3501829bf41003d612345.5f1ea1e9b982f900468aeb77.html",
+    ]
+    assert {r["status"] for r in result["rows"]} == {"succeeded"}
+    r = await client.get(f"/api/batch/my-first-batch/{job['job_id']}/result?format=csv", headers=AUTH)
+    assert r.headers["Content-Type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(await r.text())))
+    assert table[1]["reference_id"] == "5ef3501829bf41003d612345" and table[1]["status"] == "succeeded"
+    log = await get_json(client, f"/api/batch/my-first-batch/{job['job_id']}/log")
+    assert any("Completed" in e["message"] for e in log["log"])
+
+
+async def test_data_is_html_escaped_and_sandboxed(client, settings) -> None:
+    template = {"body": "<p>{{ data.name }}</p><i>{{ data.name.__class__ }}</i>", "title": "{{ data.name }}"}
+    data = [{"reference_id": "x1", "suffix": "abcdefghijklmnop1", "data": {"name": "<script>alert('x')</script>&"}}]
+    job = await start_ok(client, "esc", template, data)
+    assert (await wait_job(client, "esc", job["job_id"]))["status"] == "Completed"
+    page = (settings.smartlink_root / "esc" / "x1.abcdefghijklmnop1.html").read_text()
+    assert "<script>alert" not in page
+    assert "<p>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;</p>" in page
+    assert "<title>&lt;script&gt;" in page
+
+
+SMALL_JS = b"window.small = 1;"
+BIG_JS = b"/* big */" + b"x" * (20 * 1024)
+MARKED_JS = b"/* marked inline */" + b"y" * (20 * 1024)
+CSS = b"body { color: red; }"
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40
+
+
+@pytest.mark.parametrize("strategy", ["smallest", "mixed", "original"])
+async def test_each_strategy(client, settings, strategy) -> None:
+    files = {"/small.js": SMALL_JS, "/big.js": BIG_JS, "/marked.js": MARKED_JS, "/s.css": CSS, "/doc.pdf": PDF}
+    async with asset_server(files) as srv:
+        template = {
+            "body": "<p>{{ data.n }}</p>",
+            "styles": [{"href": srv.url("/s.css")}, {"content": "p { margin: 0 }"}],
+            "scripts": [{"src": srv.url("/small.js")}, {"src": srv.url("/big.js")},
+                        {"src": srv.url("/marked.js"), "inline": True}, {"content": "window.READY = true;"}],
+            "pdf": srv.url("/doc.pdf"),
+        }
+        job = await start_ok(client, f"strat-{strategy}", template, rows(5), strategy=strategy)
+        done = await wait_job(client, f"strat-{strategy}", job["job_id"])
+        assert done["status"] == "Completed" and done["strategy"] == strategy, done
+        hits = dict(srv.hits)
+    d = settings.smartlink_root / f"strat-{strategy}"
+    page = (d / "ref000003.s00000000000000000003.html").read_text()
+    assert "<p>3</p>" in page and "<script>window.READY = true;</script>" in page
+    assert "<style>p { margin: 0 }</style>" in page
+    linked = {name: f'<script src="{srv.url(name)}"></script>' in page for name in ("/small.js", "/big.js", "/marked.js")}
+    inlined = {name: files[name].decode() in page for name in ("/small.js", "/big.js", "/marked.js")}
+    if strategy == "smallest":
+        assert linked == {"/small.js": True, "/big.js": True, "/marked.js": True}
+        assert not any(inlined.values())
+        assert f'<link rel="stylesheet" href="{srv.url("/s.css")}">' in page
+        assert f'data="{srv.url("/doc.pdf")}"' in page
+        assert hits == {}  # nothing needs fetching
+    elif strategy == "mixed":
+        assert linked == {"/small.js": False, "/big.js": True, "/marked.js": False}
+        assert inlined == {"/small.js": True, "/big.js": False, "/marked.js": True}
+        assert f'<link rel="stylesheet" href="{srv.url("/s.css")}">' in page
+        assert f'data="{srv.url("/doc.pdf")}"' in page
+        assert hits == {"/small.js": 1, "/big.js": 1, "/marked.js": 1}  # once per job, not per row
+    else:
+        assert not any(linked.values()) and all(inlined.values())
+        assert f"<style>{CSS.decode()}</style>" in page and "<link" not in page
+        assert 'data="data:application/pdf;base64,' + base64.b64encode(PDF).decode() + '"' in page
+        assert hits == {"/small.js": 1, "/big.js": 1, "/marked.js": 1, "/s.css": 1, "/doc.pdf": 1}
+    assert no_temps(d) and len(list(d.iterdir())) == 5
+
+
+async def test_param_parts_and_parametrised_assets(client, settings) -> None:
+    async with asset_server({"/acme/v.js": b"window.brand='acme';"}) as srv:
+        template = {"body": "<b>{{ params.customer.name }}</b> {{ params.rate }}",
+                    "scripts": [{"src": srv.url("/{{ params.customer.brand }}/v.js")}]}
+        job = await start_ok(client, "params", template, rows(3), strategy="original",
+                             params={"customer": {"name": "Ma <Société>", "brand": "acme"}, "rate": 1.5})
+        assert (await wait_job(client, "params", job["job_id"]))["status"] == "Completed"
+        assert srv.hits == {"/acme/v.js": 1}
+    page = (settings.smartlink_root / "params" / "ref000000.s00000000000000000000.html").read_text()
+    assert "<b>Ma &lt;Société&gt;</b> 1.5" in page and "<script>window.brand='acme';</script>" in page
+
+
+async def test_generated_suffixes_and_json_lines(client, settings) -> None:
+    lines = b"\n".join(b'{"reference_id": "gen%d", "data": {"i": %d}}' % (i, i) for i in range(4)) + b"\n"
+    job = await start_ok(client, "gen", {"body": "{{ suffix }}"}, lines, data_field="data_file")
+    assert (await wait_job(client, "gen", job["job_id"]))["status"] == "Completed"
+    result = (await get_json(client, f"/api/batch/gen/{job['job_id']}/result"))["rows"]
+    assert [r["reference_id"] for r in result] == ["gen0", "gen1", "gen2", "gen3"]
+    suffixes = [r["suffix"] for r in result]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", s) for s in suffixes) and len(set(suffixes)) == 4
+    for r in result:
+        f = settings.smartlink_root / "gen" / f"{r['reference_id']}.{r['suffix']}.html"
+        assert r["suffix"] in f.read_text()
+
+
+async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None:
+    data = [*rows(3), {"reference_id": "../etc", "data": {}}, {"reference_id": "ok", "suffix": "short"},
+            {"reference_id": "ref000001", "suffix": "s00000000000000000001", "data": {}},  # duplicate
+            {"reference_id": "p", "pdf": "file:///etc/passwd"}, "not an object"]
+    job = await start_ok(client, "badrows", {"body": "x"}, data)
+    done = await wait_job(client, "badrows", job["job_id"])
+    assert done["status"] == "Completed with errors"
+    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (3, 5, 8)
+    result = (await get_json(client, f"/api/batch/badrows/{job['job_id']}/result"))["rows"]
+    errors = [r["error"] for r in result if r["status"] == "errored"]
+    assert any("reference_id" in e for e in errors) and any("duplicate" in e for e in errors)
+    assert any("at least 16" in e for e in errors) and any("pdf" in e for e in errors)
+    assert sorted(p.name for p in (settings.smartlink_root / "badrows").iterdir()) == [
+        f"ref00000{i}.s0000000000000000000{i}.html" for i in range(3)]
+    log = (await get_json(client, f"/api/batch/badrows/{job['job_id']}/log"))["log"]
+    assert any(e["level"] == "error" and "row 5: duplicate" in e["message"] for e in log)
+
+
+async def test_execute_smartlinks_generate_publishes_batch_pdf(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    import json
+    await up.upload(batch, 0, json.dumps({"body": "<a href='{{ pdf }}'>{{ data.n }}</a>"}).encode(), "t.json")
+    await up.upload(batch, 1, json.dumps([
+        {"reference_id": "withpdf", "suffix": "abcdefghijklmnopq", "pdf": "batch:2", "data": {"n": 1}},
+        {"reference_id": "missing", "suffix": "abcdefghijklmnopq", "pdf": "batch:9", "data": {"n": 2}},
+    ]).encode(), "d.json")
+    await up.upload(batch, 2, PDF, "doc.pdf")
+    r = await client.post(f"/api/v1/upload/{batch}/execute/SmartLinks.Generate", headers=AUTH,
+                          json={"params": {"template": 0, "data": "1", "max_errors": "5"}})
+    job = await r.json()
+    assert r.status == 202, job
+    assert job["batch_id"] == batch
+    done = await wait_job(client, batch, job["job_id"])
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 1, 1)
+    d = settings.smartlink_root / batch
+    assert (d / "withpdf.abcdefghijklmnopq.pdf").read_bytes() == PDF
+    assert "href='withpdf.abcdefghijklmnopq.pdf'" in (d / "withpdf.abcdefghijklmnopq.html").read_text()
+    result = (await get_json(client, f"/api/batch/{batch}/{job['job_id']}/result"))["rows"]
+    assert result[1]["status"] == "errored" and "batch:9" in result[1]["error"]
+    # the upload batch was kept for the job (not dropped by execute)
+    r = await client.get(f"/api/v1/upload/{batch}", headers=AUTH)
+    assert r.status == 200
