@@ -1,0 +1,114 @@
+"""``scripts/run`` end to end: set-up, then NGINX and the app together (API and smartlinks through
+NGINX), and Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.conftest import API_KEY
+from tests.support.nginx import fetch
+from tests.support.server import REPO
+from tests.support.waiting import free_port, wait_until
+
+
+def refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose; /proc says which.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][:1] != "Z"
+
+
+def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    http_port, app_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
+               FILEDROP_APP_PORT=str(app_port), FILEDROP_API_KEYS=API_KEY,
+               FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        # Its own session and process group, as a terminal would run it: Ctrl-C = SIGINT to the group.
+        proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+
+        # Generous: set-up may have to (re)install the package when pyproject.toml changed.
+        wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
+        r = fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": API_KEY})
+        assert r.status == 200, r.body
+        link = data / "smartlinks" / "b1" / "ref.0123456789abcdef.html"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_bytes(b"<p>hi</p>")
+        r = fetch(http_port, "GET", "/b1/ref.0123456789abcdef.html")
+        assert r.status == 200 and r.body == b"<p>hi</p>"
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+        nginx_pid = int((data / "nginx" / "logs" / "nginx.pid").read_text())
+        text = log.read_text()
+        assert f"http://127.0.0.1:{http_port}" in text and f"dev key: {API_KEY}" in text
+
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) is not None
+        wait_until(lambda: refuses(http_port) and refuses(app_port), timeout=10,
+                   what="both ports closed after Ctrl-C")
+        wait_until(lambda: not pid_alive(nginx_pid), timeout=10, what="the nginx master to exit")
+        assert "filedrop: stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
+    """Either process dying ends the run; the other one does not linger on its port."""
+    data = tmp_path / "var"
+    http_port, app_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
+               FILEDROP_APP_PORT=str(app_port), FILEDROP_API_KEYS=API_KEY,
+               FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
+        app_pids = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "filedrop serve"],
+                                  capture_output=True, text=True, timeout=10).stdout.split()
+        assert len(app_pids) == 1, app_pids
+        os.kill(int(app_pids[0]), signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_until(lambda: refuses(http_port), timeout=10, what="nginx to stop with the app")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
