@@ -145,8 +145,7 @@ class JobService:
         if strategy not in STRATEGIES:
             raise Unprocessable(f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
         max_errors: int | None = None
-        if inp.max_errors not in (None, ""):
-            assert inp.max_errors is not None
+        if inp.max_errors is not None and inp.max_errors.strip():
             if not re.fullmatch(r"\d{1,9}", inp.max_errors.strip()):
                 raise Unprocessable("max_errors must be a non-negative integer", field="max_errors")
             max_errors = int(inp.max_errors)

@@ -63,7 +63,7 @@ def start_form(template: dict[str, Any] | bytes | None, data: list[Any] | bytes 
 async def start(client: Any, batch_id: str, template: Any, data: Any, *, headers: dict[str, str] | None = None,
                 **kw: Any) -> aiohttp.ClientResponse:
     return await client.post(f"/api/batch/{batch_id}/start", data=start_form(template, data, **kw),
-                             headers=headers or AUTH)
+                             headers=AUTH if headers is None else headers)
 
 
 async def start_ok(client: Any, batch_id: str, template: Any, data: Any, **kw: Any) -> dict[str, Any]:

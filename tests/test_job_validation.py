@@ -1,0 +1,162 @@
+"""Every rejected start input: the right status, the one JSON error shape naming the field,
+and nothing created (no job row, no smartlink folder)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from server.app import create_app
+from tests.conftest import OTHER_KEY
+from tests.support.jobs import AUTH, SEED_ROWS, SEED_TEMPLATE, start, start_ok, wait_job
+from tests.support.uploads import assert_error
+
+
+def job_count(settings) -> int:
+    with sqlite3.connect(settings.db_path) as c:
+        return c.execute("SELECT count(*) FROM jobs").fetchone()[0]
+
+
+def assert_nothing_created(settings) -> None:
+    assert job_count(settings) == 0
+    assert not settings.smartlink_root.exists() or not any(settings.smartlink_root.iterdir())
+
+
+async def refused(client, settings, status: int, field: str | None, batch_id: str = "b1", template=SEED_TEMPLATE,
+                  data=SEED_ROWS, **kw) -> dict:
+    r = await start(client, batch_id, template, data, **kw)
+    body = await assert_error(r, status)
+    if field is not None:
+        assert body["field"] == field, body
+        assert field.split(".")[0] in body["message"], body
+    assert_nothing_created(settings)
+    return body
+
+
+@pytest.mark.parametrize("batch_id", ["-lead", "_lead", "a" * 129, "a.b", "sp ace", "%00x", "a..b", "é"])
+async def test_bad_batch_id(client, settings, batch_id) -> None:
+    await refused(client, settings, 422, "batch_id", batch_id=batch_id)
+
+
+async def test_bad_strategy(client, settings) -> None:
+    await refused(client, settings, 422, "strategy", strategy="fastest")
+
+
+@pytest.mark.parametrize("data", [b"not json {", b"[]", b"", b"   \n", b"42", b'{"a": 1}\n{oops'])
+async def test_data_not_json_or_empty(client, settings, data) -> None:
+    await refused(client, settings, 422, "data", data=data)
+
+
+async def test_data_missing(client, settings) -> None:
+    await refused(client, settings, 422, "data", data=None)
+
+
+async def test_data_file_not_json_names_data_file(client, settings) -> None:
+    await refused(client, settings, 422, "data_file", data=b"nope", data_field="data_file")
+
+
+@pytest.mark.parametrize("template, why", [
+    ({"title": "no body"}, "body"),
+    ({"body": "{{ data.x "}, "syntax"),
+    ({"body": "ok", "scripts": [{"src": "{% if %}"}]}, "scripts[0].src"),
+    ({"body": "ok", "scripts": "x.js"}, "scripts"),
+    (b"{not json", "JSON"),
+    (b"[1, 2]", "object"),
+])
+async def test_bad_template(client, settings, template, why) -> None:
+    body = await refused(client, settings, 422, "document_file", template=template)
+    assert why in body["message"]
+
+
+async def test_template_missing(client, settings) -> None:
+    await refused(client, settings, 422, "document_file", template=None)
+
+
+async def test_document_id_needs_api_url(client, settings) -> None:
+    await refused(client, settings, 422, "api_url", template=None, document_id="abc")
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "1e3", " "])
+async def test_bad_max_errors(client, settings, value) -> None:
+    if value == " ":
+        job = await start_ok(client, "b1", SEED_TEMPLATE, SEED_ROWS, max_errors=value)  # blank = no limit
+        await wait_job(client, "b1", job["job_id"])
+        return
+    await refused(client, settings, 422, "max_errors", max_errors=value)
+
+
+@pytest.mark.parametrize("emails", ["foo@", "a@b@c.com", "ok@example.com,not-an-address", "<a@b.c>"])
+async def test_bad_email(client, settings, emails) -> None:
+    await refused(client, settings, 422, "callback_emails", callback_emails=emails)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "example.com/hook", "https://", "javascript:alert(1)"])
+async def test_bad_callback_url(client, settings, url) -> None:
+    await refused(client, settings, 422, "callback_url", callback_url=url)
+
+
+async def test_http_callback_refused_unless_configured(aiohttp_client, settings) -> None:
+    strict = await aiohttp_client(create_app(settings.replace(allow_http_callbacks=False)))
+    body = await refused(strict, settings, 422, "callback_url", callback_url="http://example.com/hook")
+    assert "https" in body["message"]
+
+
+async def test_param_part_not_json(client, settings) -> None:
+    r = await client.post("/api/batch/b1/start", headers=AUTH, data=_form_with_raw_param())
+    body = await assert_error(r, 422)
+    assert body["field"] == "param.bad"
+    assert_nothing_created(settings)
+
+
+def _form_with_raw_param():  # type: ignore[no-untyped-def]
+    from tests.support.jobs import start_form
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("param.bad", "{not json", content_type="application/json")
+    return form
+
+
+async def test_data_over_the_limit_is_413(aiohttp_client, settings) -> None:
+    small = await aiohttp_client(create_app(settings.replace(max_data_size=2048)))
+    data = [{"reference_id": f"r{i}", "data": {"pad": "x" * 100}} for i in range(30)]
+    body = await refused(small, settings, 413, None, data=data)
+    assert body["code"] == "ERR_DATA_TOO_LARGE" and "data" in body["message"]
+    body = await refused(small, settings, 413, None, data=data, data_field="data_file")
+    assert "data_file" in body["message"]
+
+
+async def test_not_multipart(client, settings) -> None:
+    r = await client.post("/api/batch/b1/start", headers=AUTH, json={"data": []})
+    await assert_error(r, 422)
+    assert_nothing_created(settings)
+
+
+async def test_no_key_is_401_empty(client, settings) -> None:
+    r = await start(client, "b1", SEED_TEMPLATE, SEED_ROWS, headers={})
+    assert r.status == 401 and await r.read() == b""
+    assert_nothing_created(settings)
+
+
+async def test_jobs_are_private_to_their_key(client, settings) -> None:
+    job = await start_ok(client, "mine", SEED_TEMPLATE, SEED_ROWS)
+    await wait_job(client, "mine", job["job_id"])
+    other = {"X-API-Key": OTHER_KEY}
+    for what in ("status", "log", "result", "cancel"):
+        r = await client.get(f"/api/batch/mine/{job['job_id']}/{what}", headers=other)
+        await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
+    # the folder is the owner's: another key cannot start into it
+    r = await start(client, "mine", SEED_TEMPLATE, SEED_ROWS, headers=other)
+    await assert_error(r, 409, "ERR_BATCH_TAKEN")
+    # and a job id under another batch id is not found either
+    r = await client.get(f"/api/batch/other/{job['job_id']}/status", headers=AUTH)
+    await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
+    r = await client.get("/api/batch/mine/not-a-job-id/status", headers=AUTH)
+    await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
+
+
+async def test_result_format_must_be_known(client) -> None:
+    job = await start_ok(client, "fmt", SEED_TEMPLATE, SEED_ROWS)
+    await wait_job(client, "fmt", job["job_id"])
+    r = await client.get(f"/api/batch/fmt/{job['job_id']}/result?format=xml", headers=AUTH)
+    body = await assert_error(r, 422)
+    assert body["field"] == "format"
