@@ -124,11 +124,12 @@ class NginxFactory:
         self.base = base
         self.started: list[NginxProcess] = []
 
-    def start(self, settings: Settings, *, app_port: int | None = None) -> NginxProcess:
+    def start(self, settings: Settings, *, app_port: int | None = None, http_port: int | None = None) -> NginxProcess:
         """NGINX in front of ``settings.smartlink_root`` and an app on ``app_port`` (default: a
-        free port where nothing listens, i.e. the app is down)."""
-        for _attempt in range(3):
-            port = free_port()
+        free port where nothing listens, i.e. the app is down), on ``http_port`` (default: free;
+        give one when the app must know it beforehand, e.g. for FILEDROP_PUBLIC_URL)."""
+        for _attempt in range(1 if http_port else 3):
+            port = http_port or free_port()
             s = settings.replace(http_port=port, app_host="127.0.0.1", app_port=app_port or free_port())
             proc = NginxProcess(self.base / f"nginx-{len(self.started)}", s, port)
             self.started.append(proc)
@@ -138,7 +139,7 @@ class NginxFactory:
                 # Another process took the free port between probe and bind: try another.
                 if "Address already in use" not in e.log:
                     raise
-        raise AssertionError("could not bind nginx to a free port in 3 attempts")
+        raise AssertionError(f"could not bind nginx to a free port ({http_port or 'tried 3'})")
 
     def stop_all(self) -> None:
         for p in self.started:
