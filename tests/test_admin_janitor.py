@@ -1,0 +1,156 @@
+"""The janitor inside the server (periodic, owned, stopped with the app), and cleanup never
+removing what is in use while uploads and a job are under way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+
+from aiohttp.test_utils import TestClient
+
+from server import janitor
+from server.app import create_app
+from server.config import Settings
+from server.db.job_models import Job
+from server.keys import DATABASE, JANITOR
+from tests.support.disk_state import (
+    HOUR,
+    FileSpec,
+    add_batch,
+    add_job,
+    admin_env,
+    age,
+    batch_state,
+    count,
+    table,
+)
+from tests.support.server import REPO
+from tests.support.uploads import Uploads
+from tests.support.waiting import async_wait_until
+
+
+async def test_janitor_runs_periodically_in_server_and_stops_with_it(aiohttp_client, settings: Settings) -> None:
+    pk, _ = add_batch(settings, "expired", [FileSpec()], idle=25 * HOUR)
+    client: TestClient = await aiohttp_client(create_app(settings.replace(janitor_interval=0.2)))
+    jan = client.app[JANITOR]
+    await asyncio.wait_for(jan.passed.wait(), 10)
+    assert jan.last is not None and [i.target for i in jan.last.items] == ["expired"]
+    assert not (settings.uploads_dir / str(pk)).exists() and batch_state(settings, "expired") is None
+    # It keeps running: a leftover made now is gone by a later pass.
+    pk2, _ = add_batch(settings, "expired-later", [FileSpec()], idle=25 * HOUR)
+    await async_wait_until(lambda: _gone(settings, "expired-later"), timeout=10, what="second janitor pass")
+    assert jan.passes >= 2 and not (settings.uploads_dir / str(pk2)).exists()
+    task = jan.task
+    assert task is not None and not task.done()
+    await client.close()
+    assert task.done() and task.cancelled()
+
+
+async def _gone(settings: Settings, batch_id: str) -> bool:
+    return await asyncio.to_thread(batch_state, settings, batch_id) is None
+
+
+async def test_janitor_interval_zero_disables_it(client: TestClient, settings: Settings) -> None:
+    pk, _ = add_batch(settings, "expired", [FileSpec()], idle=25 * HOUR)
+    jan = client.app[JANITOR]
+    assert jan.task is None and jan.passes == 0
+    # The same janitor can still be run by hand (the CLI's path); it finds the batch.
+    result = await jan.run_once()
+    assert [i.result for i in result.items] == ["removed"]
+    assert not (settings.uploads_dir / str(pk)).exists()
+
+
+async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", *args, cwd=REPO, env=admin_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient, settings: Settings) -> None:
+    """A chunk stalled mid-body, chunked uploads finishing and assembling, a running job's
+    directory with a temp file: cleanup (the CLI beside the server, and the in-process janitor
+    over and over) removes none of it, and every upload ends whole."""
+    up = Uploads(client)
+    root = settings.smartlink_root
+    assert root is not None
+
+    # 1. A chunked file whose second chunk is stuck halfway through its body (its .part is open).
+    stalled = await up.create()
+    data = os.urandom(300_000)
+    parts = [data[:100_000], data[100_000:200_000], data[200_000:]]
+    r = await up.post(stalled, 0, parts[0], chunk=(0, 3), size=len(data))
+    assert r.status == 202, await r.text()
+    release = asyncio.Event()
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        yield parts[1][:50_000]
+        await release.wait()
+        yield parts[1][50_000:]
+
+    stuck = asyncio.create_task(up.post(stalled, 0, slow_body(), chunk=(1, 3), size=len(data)))
+
+    async def part_open() -> bool:
+        return any(settings.uploads_dir.glob("*/*/chunks/.1.*.part"))
+    await async_wait_until(part_open, timeout=10, what="the stalled chunk's .part file")
+
+    # 2. A running job: its rows, a published smartlink, a temp the renderer is writing, and an
+    # expired earlier job of the same batch (its rows and files stay while the batch runs).
+    add_job(settings, "8" * 32, "live-links", status="Completed", finished_ago=40 * 86400,
+            rows=[("old", "s" * 16)])
+    published = add_job(settings, "9" * 32, "live-links", status="In progress",
+                        rows=[("r1", "s" * 16), ("r2", "s" * 16)])
+    rendering = root / "live-links" / ".r3.ssssssssssssssss.html.0f0f0f0f.tmp"
+    rendering.write_bytes(b"<p>half")
+    leftover_like = root / "live-links" / ".r4.ssssssssssssssss.html.1e1e1e1e.tmp"
+    leftover_like.write_bytes(b"<p>old")
+    age(leftover_like, HOUR)
+
+    # 3. Parallel chunked uploads (they complete and assemble) while the in-process janitor runs
+    # cleanup over and over and the CLI runs one beside the server, all with --older-than 0.
+    burst = await up.create()
+    payloads = [os.urandom(200_000 + i) for i in range(6)]
+    done = asyncio.Event()
+    found: list[janitor.Item] = []
+
+    async def janitor_loop() -> int:
+        for passes in range(1, 10_000):  # bounded; ends when the uploads are done
+            plan = await janitor.cleanup(client.app[DATABASE], settings, older_than=0, smartlinks=True)
+            found.extend(plan.items)  # not even planned: nothing here is a leftover
+            if done.is_set():
+                return passes
+        raise AssertionError("the uploads did not finish")
+
+    async def uploads() -> None:
+        try:
+            await asyncio.gather(*(up.upload(burst, i, p, f"f{i}.bin", chunk_size=50_000)
+                                   for i, p in enumerate(payloads)))
+        finally:
+            done.set()
+
+    loop_task = asyncio.create_task(janitor_loop())
+    (rc, out, err), _ = await asyncio.gather(_cli(settings, "cleanup", "--older-than", "0", "--smartlinks"),
+                                             uploads())
+    passes = await asyncio.wait_for(loop_task, 60)
+    assert passes >= 1
+    assert found == [], [(i.kind, i.target, i.result) for i in found]
+    assert rc == 0, err
+    assert table(out) == {}, out
+
+    # Everything goes on as if nothing had happened.
+    release.set()
+    r = await stuck
+    assert r.status == 202, await r.text()
+    r = await up.post(stalled, 0, parts[2], chunk=(2, 3), size=len(data))
+    assert r.status == 201, await r.text()
+    manifest = await up.manifest(stalled)
+    assert manifest["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    manifest = await up.manifest(burst)
+    assert [f["sha256"] for f in manifest["files"]] == [hashlib.sha256(p).hexdigest() for p in payloads]
+    assert all(p.exists() for p in published) and rendering.exists() and leftover_like.exists()
+    assert (root / "live-links" / f"old.{'s' * 16}.html").exists()
+    assert count(settings, Job) == 2
