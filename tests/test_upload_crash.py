@@ -1,0 +1,92 @@
+"""Crash safety: ``kill -9`` mid chunked upload, restart, resume from the server's chunk ids;
+and start-up recovery of a file a crash left ``assembling``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+import requests
+
+from server.app import create_app
+from server.keys import UPLOADS
+from tests.conftest import API_KEY, AUTH
+from tests.support.uploads import Uploads, sha256, split, upload_headers, upload_tree
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+CHUNK = 256 * 1024
+
+
+def post_chunk(base: str, batch: str, idx: int, count: int, size: int, data: bytes) -> requests.Response:
+    return requests.post(f"{base}/api/v1/upload/{batch}/0", data=data, timeout=30,
+                         headers=upload_headers("crash.bin", size, chunk=(idx, count)))
+
+
+def test_kill9_mid_chunked_upload_then_resume(server_factory, tmp_path: Path) -> None:
+    data = os.urandom(12 * CHUNK + 999)
+    parts = split(data, CHUNK)
+    n = len(parts)
+    srv = server_factory()
+    batch = requests.post(srv.url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
+    for i in (0, 1, 2, 5, 7):
+        assert post_chunk(srv.url, batch, i, n, len(data), parts[i]).status_code == 202
+
+    # Chunk 3 is on the wire, half sent, when the server dies.
+    head = "\r\n".join([
+        f"POST /api/v1/upload/{batch}/0 HTTP/1.1", f"Host: 127.0.0.1:{srv.port}", f"X-API-Key: {API_KEY}",
+        "X-File-Name: crash.bin", f"X-File-Size: {len(data)}", "X-Upload-Type: chunked",
+        "X-Upload-Chunk-Index: 3", f"X-Upload-Chunk-Count: {n}", f"Content-Length: {CHUNK}", "", ""]).encode()
+    data_dir = tmp_path / "srv"
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(head + parts[3][: CHUNK // 2])
+        wait_until(lambda: any(p.endswith(".part") for p in upload_tree(data_dir)), timeout=10,
+                   what="the half-sent chunk's temp file")
+        srv.kill9()
+
+    srv2 = server_factory(data_dir=data_dir)
+    info = requests.get(f"{srv2.url}/nuxeo/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
+    assert info["uploadedChunkIds"] == [0, 1, 2, 5, 7] and info["chunkCount"] == n
+    missing = sorted(set(range(n)) - set(info["uploadedChunkIds"]))
+    for i in missing:
+        r = post_chunk(srv2.url, batch, i, n, len(data), parts[i])
+        assert r.status_code == (201 if i == missing[-1] else 202)
+    r = requests.post(f"{srv2.url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=AUTH, json={},
+                      timeout=30)
+    assert r.json()["files"] == [{"fileIdx": "0", "name": "crash.bin", "size": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()}]
+
+
+async def test_file_left_assembling_is_assembled_at_start(aiohttp_client, settings) -> None:
+    data = os.urandom(4 * 10_000)
+    parts = split(data, 10_000)
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    for i in range(3):
+        await up.post(batch, 0, parts[i], chunk=(i, 4), size=len(data))
+    await first.close()
+
+    # The crash point: the last chunk renamed into place and recorded, the file flipped to
+    # `assembling`, and the process gone before the data file appeared.
+    with sqlite3.connect(settings.db_path) as db:
+        batch_pk, file_id = db.execute("SELECT f.batch_pk, f.id FROM batch_files f JOIN batches b "
+                                       "ON b.id = f.batch_pk WHERE b.batch_id = ?", (batch,)).fetchone()
+        last = settings.uploads_dir / str(batch_pk) / str(file_id) / "chunks" / "3"
+        last.write_bytes(parts[3])
+        db.execute("INSERT INTO chunks (file_id, chunk_idx, size, received_at) VALUES (?, 3, ?, "
+                   "'2026-01-01 00:00:00')", (file_id, len(parts[3])))
+        db.execute("UPDATE batch_files SET state = 'assembling' WHERE id = ?", (file_id,))
+
+    second = await aiohttp_client(create_app(settings))
+    service = second.app[UPLOADS]
+    assert service.stats.recovered == 1
+    await service.idle()
+    assert service.stats.assembled == 1
+    up2 = Uploads(second)
+    assert (await up2.manifest(batch))["files"][0]["sha256"] == sha256(data)
+    assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]
