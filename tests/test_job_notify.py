@@ -1,0 +1,87 @@
+"""On finish: a signed callback to a real receiver (first attempt fails, retried), e-mail through
+a real aiosmtpd server, and the callback refused by the fetch guard when 127.0.0.1 is not allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import sqlite3
+from email import message_from_bytes
+
+from server.app import create_app
+from server.keys import JOBS
+from tests.support.jobs import (
+    SEED_ROWS,
+    SEED_TEMPLATE,
+    callback_receiver,
+    get_json,
+    smtp_server,
+    start_ok,
+    wait_job,
+)
+
+
+def job_row(settings, job_id: str) -> tuple:
+    with sqlite3.connect(settings.db_path) as c:
+        return c.execute("SELECT callback_state, email_state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+
+
+async def test_callback_is_signed_and_retried(client, settings) -> None:
+    async with callback_receiver(fail_first=1) as rcv:
+        job = await start_ok(client, "cb", SEED_TEMPLATE, SEED_ROWS, callback_url=rcv.url)
+        await asyncio.wait_for(rcv.delivered.wait(), timeout=30)
+        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+    assert len(rcv.attempts) == 2
+    for headers, body in rcv.attempts:
+        expected = "sha256=" + hmac.new(settings.callback_secret.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Filedrop-Signature"], expected)
+        assert headers["Content-Type"] == "application/json"
+    sent = json.loads(rcv.attempts[-1][1])
+    assert sent["job_id"] == job["job_id"] and sent["status"] == "Completed" and sent["succeededCount"] == 2
+    assert sent["finished"] is not None
+    assert job_row(settings, job["job_id"])[0] == "sent"
+    log = (await get_json(client, f"/api/batch/cb/{job['job_id']}/log"))["log"]
+    assert any("callback attempt 1/5" in e["message"] and "HTTP 500" in e["message"] for e in log)
+    assert any("callback delivered" in e["message"] and "attempt 2" in e["message"] for e in log)
+
+
+async def test_callback_gives_up_after_retries(aiohttp_client, settings) -> None:
+    client = await aiohttp_client(create_app(settings.replace(callback_retries=3)))
+    async with callback_receiver(fail_first=100) as rcv:
+        job = await start_ok(client, "cbfail", SEED_TEMPLATE, SEED_ROWS, callback_url=rcv.url)
+        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+    assert len(rcv.attempts) == 3
+    assert job_row(settings, job["job_id"])[0] == "failed"
+
+
+async def test_callback_to_internal_address_refused_by_guard(aiohttp_client, settings) -> None:
+    client = await aiohttp_client(create_app(settings.replace(fetch_allow=(), callback_retries=2)))
+    async with callback_receiver() as rcv:
+        job = await start_ok(client, "cbguard", SEED_TEMPLATE, SEED_ROWS, callback_url=rcv.url)
+        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+    assert rcv.attempts == []
+    assert job_row(settings, job["job_id"])[0] == "failed"
+    log = (await get_json(client, f"/api/batch/cbguard/{job['job_id']}/log"))["log"]
+    assert any("internal address 127.0.0.1" in e["message"] for e in log)
+
+
+async def test_email_is_sent_with_status_and_result_link(aiohttp_client, settings) -> None:
+    async with smtp_server() as (port, smtp):
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=port, smtp_from="jobs@filedrop.test")))
+        job = await start_ok(client, "mail", SEED_TEMPLATE, SEED_ROWS,
+                             callback_emails="ops@example.com, boss@example.org")
+        done = await wait_job(client, "mail", job["job_id"])
+        await asyncio.wait_for(smtp.received.wait(), timeout=30)
+        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+    assert len(smtp.messages) == 1
+    mail_from, rcpts, content = smtp.messages[0]
+    assert mail_from == "jobs@filedrop.test"
+    assert sorted(rcpts) == ["boss@example.org", "ops@example.com"]
+    msg = message_from_bytes(content)
+    assert msg["Subject"] == f"filedrop batch mail: {done['status']}"
+    text = msg.get_payload(decode=True).decode()
+    assert f"Job:       {job['job_id']}" in text and "Succeeded: 2 of 2" in text
+    assert f"{settings.public_url}/api/batch/mail/{job['job_id']}/result" in text
+    assert job_row(settings, job["job_id"])[1] == "sent"
