@@ -181,6 +181,7 @@ def _duration(text: str) -> float:
 
 def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run an admin coroutine against the configured database: 2 when it is not migrated."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin chatter is not an admin step
     from server.db import Database
     from server.db.migrate import NotMigrated, check_at_head
 

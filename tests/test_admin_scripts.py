@@ -1,0 +1,69 @@
+"""scripts/drop-batch and scripts/cleanup from a checkout, and the progress bar on a terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.config import Settings
+from server.db.models import BatchFile
+from tests.support.disk_state import HOUR, FileSpec, add_batch, admin_env, batch_state, count, table
+from tests.support.server import REPO
+
+
+def test_wrappers_run_from_any_directory_with_relative_data_dir(settings: Settings, tmp_path: Path) -> None:
+    pk, _ = add_batch(settings, "by-script", [FileSpec()])
+    add_batch(settings, "stale", [FileSpec()], idle=25 * HOUR)
+    env = admin_env(settings)
+    env["FILEDROP_DATA_DIR"] = os.path.relpath(settings.data_dir, tmp_path)  # relative to the caller
+    run = lambda *a: subprocess.run(a, cwd=tmp_path, env=env, capture_output=True, text=True,  # noqa: E731
+                                    timeout=60)
+    r = run(str(REPO / "scripts" / "drop-batch"), "by-script")
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout)["drop-batch"][0][:3] == ["by-script", "1000", "removed"]
+    assert batch_state(settings, "by-script") == "dropped" and count(settings, BatchFile, BatchFile.batch_pk == pk) == 0
+    r = run(str(REPO / "scripts" / "drop-batch"), "--smartlinks", "nothing-here")
+    assert r.returncode == 1 and "no smartlink batch" in r.stderr
+    r = run(str(REPO / "scripts" / "cleanup"), "--dry-run")
+    assert r.returncode == 0 and [row[0] for row in table(r.stdout)["expired-batch"]] == ["stale"]
+    r = run(str(REPO / "scripts" / "cleanup"))
+    assert r.returncode == 0 and batch_state(settings, "stale") is None
+    assert "alembic" not in r.stderr  # only admin steps are logged
+
+
+def test_progress_bar_only_on_a_terminal(settings: Settings) -> None:
+    for i in range(25):
+        add_batch(settings, f"old-{i}", [FileSpec(data=b"x" * 10)], idle=25 * HOUR)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=admin_env(settings),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # read the terminal until the process closes it
+        try:
+            block = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not block:
+            break
+        seen += block
+    os.close(master)
+    stdout, _ = proc.communicate(timeout=30)
+    out = stdout.decode()
+    assert proc.returncode == 0
+    terminal = seen.decode(errors="replace")
+    assert "[" + "#" * 30 + "] 25/25 expired-batch" in terminal
+    assert "removed expired-batch old-" in terminal  # log lines are printed above the bar
+    assert "\x1b[K" in terminal
+    assert len(table(out)["expired-batch"]) == 25 and "\x1b" not in out  # the table stays clean
+    # Not a terminal: no bar at all.
+    for i in range(3):
+        add_batch(settings, f"again-{i}", [FileSpec()], idle=25 * HOUR)
+    r = subprocess.run([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=admin_env(settings),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "\x1b" not in r.stderr and "####" not in r.stderr
