@@ -1,0 +1,106 @@
+"""The fetch guard against a real HTTP server on 127.0.0.1: internal addresses refused unless
+allowed (also behind a redirect), size and time limits, non-http schemes; and a job whose asset
+is refused errors those rows with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from server.app import create_app
+from server.jobs.fetch import Fetcher, FetchError
+from tests.support.jobs import asset_server, get_json, rows, serve, start_ok, wait_job
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ok":
+            return web.Response(body=b"hello")
+        if request.path == "/big":
+            return web.Response(body=b"x" * 5000)
+        if request.path == "/redirect":
+            raise web.HTTPFound(f"http://127.0.0.1:{request.url.port}/ok")
+        if request.path == "/hang":
+            await release.wait()
+        return web.Response(status=404)
+
+    async with serve(handler) as port:
+        yield port, release
+        release.set()
+
+
+async def fetch(allow: tuple[str, ...], url: str, timeout: float = 5.0, max_bytes: int = 1000) -> bytes:
+    f = Fetcher(allow, timeout, max_bytes)
+    try:
+        return await f.get(url)
+    finally:
+        await f.close()
+
+
+async def test_loopback_refused_unless_allowed(origin) -> None:
+    port, _ = origin
+    with pytest.raises(FetchError, match="internal address 127.0.0.1"):
+        await fetch((), f"http://127.0.0.1:{port}/ok")
+    with pytest.raises(FetchError, match="internal address"):
+        await fetch((), f"http://localhost:{port}/ok")
+    assert await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/ok") == b"hello"
+    assert await fetch(("127.0.0.0/8",), f"http://127.0.0.1:{port}/ok") == b"hello"
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.0.1", "169.254.169.254", "[::1]", "0.0.0.0",
+                                     "224.0.0.1", "[::ffff:127.0.0.1]"])
+async def test_private_link_local_multicast_refused(address) -> None:
+    with pytest.raises(FetchError, match="internal address"):
+        await fetch(("127.0.0.1",), f"http://{address}/x")
+
+
+async def test_redirect_to_an_internal_address_is_checked(origin) -> None:
+    port, _ = origin
+    # "localhost" is admitted by name, the redirect target 127.0.0.1 (a literal) is not.
+    assert await fetch(("localhost",), f"http://localhost:{port}/ok") == b"hello"
+    with pytest.raises(FetchError, match="internal address 127.0.0.1"):
+        await fetch(("localhost",), f"http://localhost:{port}/redirect")
+    assert await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/redirect") == b"hello"
+
+
+async def test_size_time_and_scheme_limits(origin) -> None:
+    port, _ = origin
+    with pytest.raises(FetchError, match="limit"):
+        await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/big", max_bytes=1000)
+    with pytest.raises(FetchError, match="no answer within"):
+        await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/hang", timeout=0.3)
+    with pytest.raises(FetchError, match="answered 404"):
+        await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/missing")
+    for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://x"):
+        with pytest.raises(FetchError, match="not an http"):
+            await fetch(("127.0.0.1",), url)
+
+
+async def test_job_asset_refused_errors_rows_with_reason(aiohttp_client, settings) -> None:
+    client = await aiohttp_client(create_app(settings.replace(fetch_allow=())))
+    async with asset_server({"/v.js": b"1;"}) as srv:
+        job = await start_ok(client, "guarded", {"body": "x", "scripts": [{"src": srv.url("/v.js")}]}, rows(3),
+                             strategy="original")
+        done = await wait_job(client, "guarded", job["job_id"])
+        assert srv.hits == {}
+    assert (done["status"], done["erroredCount"]) == ("Completed with errors", 3)
+    result = (await get_json(client, f"/api/batch/guarded/{job['job_id']}/result"))["rows"]
+    assert all("internal address 127.0.0.1" in r["error"] for r in result)
+    # tried once per job, not once per row
+    log = (await get_json(client, f"/api/batch/guarded/{job['job_id']}/log"))["log"]
+    assert sum("asset http://127.0.0.1" in e["message"] for e in log) == 1
+
+
+async def test_document_id_fetched_from_api_url(client, settings) -> None:
+    template = b'{"body": "<p>{{ data.n }}</p>"}'
+    async with asset_server({"/docs/tpl-1": template}) as srv:
+        job = await start_ok(client, "byid", None, rows(2), document_id="tpl-1", api_url=srv.url("/docs/"))
+        assert srv.hits == {"/docs/tpl-1": 1}
+    assert (await wait_job(client, "byid", job["job_id"]))["status"] == "Completed"
+    assert "<p>1</p>" in (settings.smartlink_root / "byid" / "ref000001.s00000000000000000001.html").read_text()
