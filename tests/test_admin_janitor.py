@@ -4,10 +4,12 @@ removing what is in use while uploads and a job are under way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sys
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from server import janitor
@@ -26,6 +28,8 @@ from tests.support.disk_state import (
     count,
     table,
 )
+from tests.support.jobs import get_json, serve, start_ok, wait_job
+from tests.support.jobs import rows as job_rows
 from tests.support.server import REPO
 from tests.support.uploads import Uploads
 from tests.support.waiting import async_wait_until
@@ -39,7 +43,8 @@ async def test_janitor_runs_periodically_in_server_and_stops_with_it(aiohttp_cli
     assert jan.last is not None and [i.target for i in jan.last.items] == ["expired"]
     assert not (settings.uploads_dir / str(pk)).exists() and batch_state(settings, "expired") is None
     # It keeps running: a leftover made now is gone by a later pass.
-    pk2, _ = add_batch(settings, "expired-later", [FileSpec()], idle=25 * HOUR)
+    # (In a thread: a blocking SQLite write must not stall the loop the janitor writes from.)
+    pk2, _ = await asyncio.to_thread(add_batch, settings, "expired-later", [FileSpec()], idle=25 * HOUR)
     await async_wait_until(lambda: _gone(settings, "expired-later"), timeout=10, what="second janitor pass")
     assert jan.passes >= 2 and not (settings.uploads_dir / str(pk2)).exists()
     task = jan.task
@@ -72,9 +77,15 @@ async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
 
 
 async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient, settings: Settings) -> None:
-    """A chunk stalled mid-body, chunked uploads finishing and assembling, a running job's
-    directory with a temp file: cleanup (the CLI beside the server, and the in-process janitor
-    over and over) removes none of it, and every upload ends whole."""
+    """A chunk stalled mid-body, chunked uploads finishing and assembling, a running job (its
+    directory, its rows, an expired job of the same batch): cleanup, both as the CLI beside the
+    server and as the in-process janitor over and over, plans none of it; every upload ends
+    whole and the job completes."""
+    async with contextlib.AsyncExitStack() as stack:
+        await _cleanup_while_busy(client, settings, stack)
+
+
+async def _cleanup_while_busy(client: TestClient, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
     up = Uploads(client)
     root = settings.smartlink_root
     assert root is not None
@@ -98,14 +109,26 @@ async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient,
         return any(settings.uploads_dir.glob("*/*/chunks/.1.*.part"))
     await async_wait_until(part_open, timeout=10, what="the stalled chunk's .part file")
 
-    # 2. A running job: its rows, a published smartlink, a temp the renderer is writing, and an
-    # expired earlier job of the same batch (its rows and files stay while the batch runs).
-    add_job(settings, "8" * 32, "live-links", status="Completed", finished_ago=40 * 86400,
-            rows=[("old", "s" * 16)])
-    published = add_job(settings, "9" * 32, "live-links", status="In progress",
-                        rows=[("r1", "s" * 16), ("r2", "s" * 16)])
-    rendering = root / "live-links" / ".r3.ssssssssssssssss.html.0f0f0f0f.tmp"
-    rendering.write_bytes(b"<p>half")
+    # 2. A real job, held "In progress" by its script asset (served from 127.0.0.1 only once the
+    # gate opens), plus, as rows and files, an expired earlier job of the same batch and a
+    # crash-old temp file in its directory: all stay while it runs.
+    gate = asyncio.Event()
+
+    async def gated_asset(_request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(body=b"window.ready = true;")
+
+    asset = await stack.enter_async_context(serve(gated_asset))
+    stack.callback(gate.set)  # a failing test must not leave the asset server's handler waiting
+    template = {"body": "<p>{{ data.n }}</p>", "scripts": [{"src": f"http://127.0.0.1:{asset}/v.js"}]}
+    job = await start_ok(client, "live-links", template, job_rows(300), strategy="original")
+
+    async def running() -> bool:
+        s = await get_json(client, f"/api/batch/live-links/{job['job_id']}/status")
+        return s["status"] == "In progress"
+    await async_wait_until(running, timeout=30, what="the job to be in progress")
+    published = await asyncio.to_thread(add_job, settings, "8" * 32, "live-links", status="Completed",
+                                        finished_ago=40 * 86400, rows=[("old", "s" * 16)])
     leftover_like = root / "live-links" / ".r4.ssssssssssssssss.html.1e1e1e1e.tmp"
     leftover_like.write_bytes(b"<p>old")
     age(leftover_like, HOUR)
@@ -151,6 +174,11 @@ async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient,
     assert manifest["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
     manifest = await up.manifest(burst)
     assert [f["sha256"] for f in manifest["files"]] == [hashlib.sha256(p).hexdigest() for p in payloads]
-    assert all(p.exists() for p in published) and rendering.exists() and leftover_like.exists()
-    assert (root / "live-links" / f"old.{'s' * 16}.html").exists()
+    status = await get_json(client, f"/api/batch/live-links/{job['job_id']}/status")
+    assert status["status"] == "In progress", status
+    gate.set()
+    done_job = await wait_job(client, "live-links", job["job_id"])
+    assert done_job["status"] == "Completed" and done_job["succeededCount"] == 300, done_job
+    assert len(list((root / "live-links").glob("ref*.html"))) == 300
+    assert all(p.exists() for p in published) and leftover_like.exists()
     assert count(settings, Job) == 2
