@@ -3,9 +3,12 @@ and its jobs' rows, refused while a job of it runs unless --force."""
 
 from __future__ import annotations
 
+import asyncio
+
 from server.config import Settings
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import BatchFile, Chunk
+from server.keys import JOBS
 from tests.support.disk_state import (
     DAY,
     FileSpec,
@@ -16,8 +19,12 @@ from tests.support.disk_state import (
     freed,
     job_status,
     run_cli,
+    run_cli_async,
     table,
 )
+from tests.support.jobs import AUTH, get_json, start_ok
+from tests.support.jobs import rows as job_rows
+from tests.support.waiting import async_wait_until
 
 
 def test_drop_upload_batch_removes_rows_and_bytes_and_keeps_a_tombstone(settings: Settings) -> None:
@@ -90,3 +97,33 @@ def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settin
     assert r.returncode == 0, r.stderr
     assert job_status(settings, "e" * 32) == "Cancelled"
     assert not (settings.uploads_dir / str(pk)).exists()
+
+
+# ~1-2 ms of sandboxed work per row (as in the job lifecycle tests): the job stays in progress.
+SLOW = {"body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}
+
+
+async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(client, settings: Settings) -> None:
+    """The CLI and the server are different processes: --force cancels through the database and
+    the live engine stops the job (no "marked Cancelled" fallback); nothing is written after."""
+    job = await start_ok(client, "live", SLOW, job_rows(4000))
+    jid = job["job_id"]
+
+    async def rendering() -> bool:
+        s = await get_json(client, f"/api/batch/live/{jid}/status")
+        return s["status"] == "In progress" and s["succeededCount"] > 0
+    await async_wait_until(rendering, timeout=30, what="first rows rendered")
+
+    rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "live")
+    assert rc == 3 and jid in err, out + err
+    rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "live", "--force", "--cancel-wait", "20")
+    assert rc == 0, err
+    assert "marked Cancelled" not in err  # the engine itself finished it
+    assert table(out)["drop-smartlinks"][0][0] == "live" and f"cancelled {jid}" in out
+    await client.app[JOBS].engine.job_finished(jid, timeout=10)
+    assert settings.smartlink_root is not None
+    assert not (settings.smartlink_root / "live").exists()  # not re-created by a late write
+    assert await asyncio.to_thread(count, settings, Job) == 0
+    r = await client.get(f"/api/batch/live/{jid}/status", headers=AUTH)
+    assert r.status == 404
+

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import sys
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -22,15 +21,14 @@ from tests.support.disk_state import (
     FileSpec,
     add_batch,
     add_job,
-    admin_env,
     age,
     batch_state,
     count,
+    run_cli_async,
     table,
 )
 from tests.support.jobs import get_json, serve, start_ok, wait_job
 from tests.support.jobs import rows as job_rows
-from tests.support.server import REPO
 from tests.support.uploads import Uploads
 from tests.support.waiting import async_wait_until
 
@@ -65,15 +63,6 @@ async def test_janitor_interval_zero_disables_it(client: TestClient, settings: S
     result = await jan.run_once()
     assert [i.result for i in result.items] == ["removed"]
     assert not (settings.uploads_dir / str(pk)).exists()
-
-
-async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", *args, cwd=REPO, env=admin_env(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient, settings: Settings) -> None:
@@ -156,7 +145,7 @@ async def _cleanup_while_busy(client: TestClient, settings: Settings, stack: con
             done.set()
 
     loop_task = asyncio.create_task(janitor_loop())
-    (rc, out, err), _ = await asyncio.gather(_cli(settings, "cleanup", "--older-than", "0", "--smartlinks"),
+    (rc, out, err), _ = await asyncio.gather(run_cli_async(settings, "cleanup", "--older-than", "0", "--smartlinks"),
                                              uploads())
     passes = await asyncio.wait_for(loop_task, 60)
     assert passes >= 1

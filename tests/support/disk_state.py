@@ -7,6 +7,7 @@ store and the smartlink publisher put them. Ages are made by moving clocks back 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -148,6 +149,16 @@ def run_cli(settings: Settings, *args: str, timeout: float = 60, **extra: str) -
     """``python -m server ARGS`` against the settings' data dir (and database)."""
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, env=admin_env(settings, **extra),
                           capture_output=True, text=True, timeout=timeout)
+
+
+async def run_cli_async(settings: Settings, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """``run_cli`` without blocking the event loop a server under test runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", *args, cwd=REPO, env=admin_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def table(stdout: str) -> dict[str, list[list[str]]]:
