@@ -55,6 +55,21 @@ class Compiled:
     pdf: Any
 
 
+class _Static:
+    """A field without Jinja2 syntax: rendered once at compile time (most asset URLs are)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def render(self, _ctx: Any = None) -> str:
+        return self.text
+
+
+_SYNTAX = ("{{", "{%", "{#")
+
+
 def _env() -> SandboxedEnvironment:
     return SandboxedEnvironment(autoescape=True, auto_reload=False, cache_size=0)
 
@@ -81,9 +96,12 @@ def compile_template(text: str | bytes) -> tuple[Compiled, str]:
         if not isinstance(value, str):
             raise TemplateInvalid(f"`{where}` must be a string")
         try:
-            return env.from_string(value)
+            t = env.from_string(value)
         except TemplateSyntaxError as e:
             raise TemplateInvalid(f"Jinja2 syntax error in `{where}` line {e.lineno}: {e.message}") from None
+        if not any(m in value for m in _SYNTAX):
+            return _Static(t.render())
+        return t
 
     def items(key: str) -> list[dict[str, Any]]:
         v = doc.get(key, [])

@@ -1,0 +1,225 @@
+"""``scripts/bench.py render``: smartlink rendering throughput against a bare loop, and API latency
+while a big job runs.
+
+1. Bare loop (baseline, this process): the same page template rendered with plain Jinja2 and
+   written with plain ``open()``, one file per row.
+2. filedrop: a real ``python -m server serve`` subprocess on a fresh migrated data dir; POST a
+   10,000-row ``smallest`` job, poll its status back to back until ``Completed``: rows/s from
+   the start request to the status that says Completed, and the status calls' latencies.
+3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
+
+Floors: filedrop/bare ratio >= 0.5, status p99 <= 100 ms. Exit status 1 if a floor is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jinja2
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "bench-key-0123456789"
+AUTH = {"X-API-Key": KEY}
+
+TEMPLATE = {
+    "name": "Invoice smartlink",
+    "title": "Invoice {{ data.num_client }}",
+    "lang": "fr",
+    "body": ("<h1>Client {{ data.num_client }}</h1><p>Montant : {{ data.montant }} €</p>"
+             "<p>Date : {{ data.date }}</p><p>Réf. {{ reference_id }}</p>"),
+    "styles": [{"href": "https://cdn.example.com/smartlink.css"}],
+    "scripts": [{"src": "https://cdn.example.com/viewer.js"}, {"content": "window.SMARTLINK_READY = true;"}],
+    "pdf": "https://files.example.com/default.pdf",
+}
+
+# The same page as one plain Jinja2 template, for the bare loop.
+BARE_PAGE = (
+    '<!DOCTYPE html>\n<html lang="fr">\n<head>\n<meta charset="utf-8">\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    "<title>Invoice {{ data.num_client }}</title>\n"
+    '<link rel="stylesheet" href="https://cdn.example.com/smartlink.css">\n</head>\n<body>\n'
+    + TEMPLATE["body"] + "\n"
+    '<object id="smartlink-pdf" data="https://files.example.com/default.pdf" type="application/pdf"></object>\n'
+    '<script src="https://cdn.example.com/viewer.js"></script>\n<script>window.SMARTLINK_READY = true;</script>\n'
+    "</body>\n</html>\n"
+)
+
+
+def make_rows(n: int) -> list[dict[str, Any]]:
+    return [{"pdf": "", "reference_id": f"5ef3501829bf41003d{i:06d}", "suffix": f"5f1ea1e9b982f900468a{i:06d}",
+             "data": {"num_client": f"240 000 {i:06d}", "montant": f"{i % 997},{i % 100:02d}",
+                      "date": "2021-01-12"}} for i in range(n)]
+
+
+def bare_loop(rows: list[dict[str, Any]], out: Path) -> float:
+    out.mkdir(parents=True)
+    t = jinja2.Environment(autoescape=True).from_string(BARE_PAGE)
+    t0 = time.perf_counter()
+    for r in rows:
+        page = t.render(data=r["data"], reference_id=r["reference_id"])
+        with open(out / f"{r['reference_id']}.{r['suffix']}.html", "w", encoding="utf-8") as f:
+            f.write(page)
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, workers: int | None) -> None:
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+        self.env.update({"FILEDROP_DATA_DIR": str(data_dir), "FILEDROP_APP_PORT": str(self.port),
+                         "FILEDROP_API_KEYS": KEY, "FILEDROP_MIN_FREE_DISK": "1M",
+                         "FILEDROP_JANITOR_INTERVAL": "0", "FILEDROP_FETCH_ALLOW": "127.0.0.1",
+                         "FILEDROP_LOG_LEVEL": "WARNING"})
+        if workers:
+            self.env["FILEDROP_WORKERS"] = str(workers)
+        self.log = data_dir.parent / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=REPO, env=self.env, check=True,
+                       capture_output=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=REPO, env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as s:
+            while True:
+                try:
+                    async with s.get(self.url + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start: {self.log.read_text()[-2000:]}")
+                await asyncio.sleep(0.05)  # poll interval under a deadline
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+async def run_job(session: aiohttp.ClientSession, url: str, batch_id: str, template: dict[str, Any],
+                  rows: list[dict[str, Any]], strategy: str) -> tuple[float, dict[str, Any], list[float]]:
+    """Start a job and poll its status back to back: (seconds start->Completed, final, latencies)."""
+    form = aiohttp.FormData()
+    form.add_field("document_file", json.dumps(template), filename="t.json", content_type="application/json")
+    form.add_field("data", json.dumps(rows), filename="d.json", content_type="application/json")
+    form.add_field("strategy", strategy)
+    t0 = time.perf_counter()
+    async with session.post(f"{url}/api/batch/{batch_id}/start", data=form, headers=AUTH) as r:
+        job = await r.json()
+        if r.status != 202:
+            raise SystemExit(f"start failed: {r.status} {job}")
+    latencies: list[float] = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        t = time.perf_counter()
+        async with session.get(f"{url}/api/batch/{batch_id}/{job['job_id']}/status", headers=AUTH) as r:
+            status = await r.json()
+        latencies.append(time.perf_counter() - t)
+        if status["status"] not in ("Queued", "In progress"):
+            return time.perf_counter() - t0, status, latencies
+        await asyncio.sleep(0.005)  # spacing between status calls (the measured load), not a wait for work
+    raise SystemExit("job did not finish within 600 s")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+async def bench(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench-render-"))
+    try:
+        rows = make_rows(args.rows)
+        bare_s = bare_loop(rows, work / "bare")
+        bare_rps = args.rows / bare_s
+        srv = Server(work / "var", args.workers)
+        await srv.start()
+        pdf = b"%PDF-1.4\n" + os.urandom(200 * 1024)
+        hits: dict[str, int] = {}
+
+        assets = {"/doc.pdf": pdf, "/viewer.js": b"window.viewer = {};" * 200, "/s.css": b"body{margin:0}" * 100}
+
+        async def serve_asset(request: web.Request) -> web.Response:
+            hits[request.path] = hits.get(request.path, 0) + 1
+            return web.Response(body=assets[request.path])
+
+        app = web.Application()
+        for path in assets:
+            app.router.add_get(path, serve_asset)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        pdf_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", pdf_port).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                secs, final, lat = await run_job(s, srv.url, "bench-smallest", TEMPLATE, rows, "smallest")
+                if final["status"] != "Completed" or final["succeededCount"] != args.rows:
+                    raise SystemExit(f"10k job ended {final}")
+                orig_rows = make_rows(args.original_rows)
+                local = f"http://127.0.0.1:{pdf_port}"
+                orig_t = {**TEMPLATE, "pdf": f"{local}/doc.pdf", "styles": [{"href": f"{local}/s.css"}],
+                          "scripts": [{"src": f"{local}/viewer.js"}, *TEMPLATE["scripts"][1:]]}
+                osecs, ofinal, _ = await run_job(s, srv.url, "bench-original", orig_t, orig_rows, "original")
+                if ofinal["status"] != "Completed":
+                    raise SystemExit(f"original job ended {ofinal}")
+        finally:
+            await runner.cleanup()
+            srv.stop()
+        out = work / "var" / "smartlinks"
+        sample = next((out / "bench-original").iterdir()).stat().st_size
+        fd_rps = args.rows / secs
+        ratio = fd_rps / bare_rps
+        p50, p99, worst = pct(lat, 50), pct(lat, 99), max(lat)
+        ok_ratio, ok_p99 = ratio >= 0.5, p99 <= 0.100
+        print(f"render bench: {os.cpu_count()} cores, workers={args.workers or 'default (4)'}, "
+              f"python {sys.version.split()[0]}\n")
+        print("| measurement | value | floor |")
+        print("| --- | --- | --- |")
+        print(f"| bare loop (plain Jinja2 + open(), one process), {args.rows:,} rows | {bare_rps:,.0f} rows/s | |")
+        print(f"| filedrop {args.rows:,} rows `smallest`, start -> Completed | {fd_rps:,.0f} rows/s "
+              f"({secs:.2f} s) | |")
+        print(f"| ratio filedrop / bare loop | {ratio:.2f} | >= 0.5 {'ok' if ok_ratio else 'MISSED'} |")
+        print(f"| status calls during the {args.rows:,}-row job ({len(lat)} calls) | p50 {p50 * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms | p99 <= 100 ms {'ok' if ok_p99 else 'MISSED'} |")
+        print(f"| filedrop {args.original_rows:,} rows `original`, 200 KB PDF embedded | "
+              f"{args.original_rows / osecs:,.0f} rows/s ({osecs:.2f} s, {sample / 1024:.0f} KB per page, "
+              f"PDF fetched {hits.get('/doc.pdf', 0)}x, JS {hits.get('/viewer.js', 0)}x, "
+              f"CSS {hits.get('/s.css', 0)}x) | |")
+        return 0 if ok_ratio and ok_p99 else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench.py render")
+    p.add_argument("--rows", type=int, default=10_000)
+    p.add_argument("--original-rows", type=int, default=1_000)
+    p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server")
+    return asyncio.run(bench(p.parse_args(argv)))
