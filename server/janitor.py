@@ -66,7 +66,9 @@ GRACE = 600.0
 CANCEL_WAIT = 10.0
 RUNNING = ("Queued", "In progress")
 # A smartlink batch id (SMARTLINK_FORMAT.md): never lets a CLI argument escape the root.
-BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # used with fullmatch
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # reference_id, suffix
+SMARTLINK_EXTS = (".html", ".pdf")  # <reference_id>.<suffix><ext>, what a job publishes per row
 
 Progress = Callable[[int, int, "Item"], None]  # (done, total, item just handled)
 
@@ -230,11 +232,18 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
                 Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
             .order_by(Job.finished))).all()
         job_batches = set((await s.scalars(select(Job.batch_id).distinct())).all())
+        stems_of: dict[str, set[str]] = {}
+        if smartlinks:
+            for r in (await s.execute(
+                    select(JobRow.job_id, JobRow.reference_id, JobRow.suffix).join(Job, Job.job_id == JobRow.job_id)
+                    .where(Job.finished.is_not(None), Job.finished < ages.job_cutoff,
+                           Job.status.not_in(RUNNING)))).all():
+                stems_of.setdefault(r.job_id, set()).update(_stems([r]))
     busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
     busy_smartlinks = {r.batch_id for r in running}
     await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
-                            busy_smartlinks, smartlinks)
+                            busy_smartlinks, smartlinks, stems_of)
     return out
 
 
@@ -317,19 +326,24 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
 
 
 def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: Iterable[Any],
-                     job_batches: set[str], busy: set[str], smartlinks: bool) -> None:
+                     job_batches: set[str], busy: set[str], smartlinks: bool,
+                     stems_of: dict[str, set[str]]) -> None:
     root = settings.smartlink_root
     assert root is not None
     for j in expired_jobs:
         if j.batch_id in busy:  # a later run of the same batch is writing into the same directory
             continue
-        out.items.append(Item("expired-job", j.job_id, 0,
+        d = root / j.batch_id if BATCH_ID_RE.fullmatch(j.batch_id) else None
+        # With smartlinks: its files' bytes (apply reports what it really freed: names a newer
+        # job of the batch also published stay).
+        size = sum(_du(d / (stem + ext)) for stem in stems_of.get(j.job_id, ()) for ext in SMARTLINK_EXTS) \
+            if smartlinks and d is not None else 0
+        out.items.append(Item("expired-job", j.job_id, size,
                               f"batch {j.batch_id}, finished {j.finished:%Y-%m-%d %H:%M}Z"
                               + (", with its smartlinks" if smartlinks else ""),
-                              path=root / j.batch_id if BATCH_ID_RE.match(j.batch_id) else None,
-                              key=(j.job_id, j.batch_id, smartlinks)))
+                              path=d, key=(j.job_id, j.batch_id, smartlinks)))
     for e in _listdir(root):
-        if not e.is_dir(follow_symlinks=False) or not BATCH_ID_RE.match(e.name) or e.name in busy:
+        if not e.is_dir(follow_symlinks=False) or not BATCH_ID_RE.fullmatch(e.name) or e.name in busy:
             continue
         d = Path(e.path)
         for f in _listdir(d):
@@ -393,7 +407,7 @@ async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, 
     async with db.read() as s:
         state = await s.scalar(select(BatchFile.state).where(BatchFile.id == item.key))
     if state != "complete":
-        return state is None  # the row went meanwhile: so did its directory, nothing to keep
+        return False
     assert item.path is not None
     await asyncio.to_thread(_remove, item.path)
     return True
@@ -446,12 +460,11 @@ async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: 
 
 async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     job_id, batch_id, with_smartlinks = item.key
-    names: list[str] = []
+    names: set[str] = set()
     async with db.write() as s:
         if with_smartlinks:
-            names = [f"{r.reference_id}.{r.suffix}" for r in
-                     (await s.execute(select(JobRow.reference_id, JobRow.suffix)
-                                      .where(JobRow.job_id == job_id))).all()]
+            names = _stems((await s.execute(select(JobRow.reference_id, JobRow.suffix)
+                                            .where(JobRow.job_id == job_id))).all())
         res = await s.execute(delete(Job).where(Job.job_id == job_id, Job.finished.is_not(None),
                                                 Job.status.not_in(RUNNING)))
         if res.rowcount == 0:
@@ -459,20 +472,27 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
         # Names a remaining job of the same batch also published stay (a re-run overwrote them).
         keep = set()
         if names:
-            keep = {f"{r.reference_id}.{r.suffix}" for r in (await s.execute(
+            keep = _stems((await s.execute(
                 select(JobRow.reference_id, JobRow.suffix).join(Job, Job.job_id == JobRow.job_id)
-                .where(Job.batch_id == batch_id))).all()}
+                .where(Job.batch_id == batch_id))).all())
         running = await s.scalar(select(func.count()).select_from(Job)
                                  .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
     if names and item.path is not None and not running:
-        item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, set(names) - keep)
+        item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, names - keep)
     return True
+
+
+def _stems(rows: Iterable[Any]) -> set[str]:
+    """``<reference_id>.<suffix>`` of job rows, only where both are valid names: an errored row
+    may carry anything (``../x``), and it published nothing."""
+    return {f"{r.reference_id}.{r.suffix}" for r in rows
+            if NAME_RE.fullmatch(r.reference_id) and NAME_RE.fullmatch(r.suffix)}
 
 
 def _remove_smartlinks(d: Path, stems: set[str]) -> int:
     freed = 0
     for stem in stems:
-        for ext in (".html", ".pdf"):
+        for ext in SMARTLINK_EXTS:
             p = d / (stem + ext)
             freed += _du(p)
             _remove(p)
@@ -588,7 +608,7 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
                                cancel_wait: float = CANCEL_WAIT) -> Item:
     """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs). Raises
     NotFound when there is neither, Conflict while one of its jobs runs unless ``force``."""
-    if not BATCH_ID_RE.match(batch_id):
+    if not BATCH_ID_RE.fullmatch(batch_id):
         raise NotFound(f"{batch_id!r} is not a smartlink batch id", code="ERR_BATCH_NOT_FOUND")
     assert settings.smartlink_root is not None
     d = settings.smartlink_root / batch_id

@@ -146,7 +146,11 @@ def test_older_than_replaces_the_ttl_but_never_goes_under_the_grace(settings: Se
 def test_smartlinks_go_only_with_the_flag_and_shared_names_stay(settings: Settings) -> None:
     root = settings.smartlink_root
     assert root is not None
-    old = add_job(settings, "c" * 32, "sl", finished_ago=40 * DAY, rows=[("a", "s" * 16), ("b", "s" * 16)])
+    # An errored row may carry any reference_id: its name never becomes a path to remove.
+    old = add_job(settings, "c" * 32, "sl", finished_ago=40 * DAY,
+                  rows=[("a", "s" * 16), ("b", "s" * 16), ("../../outside", "s" * 16)])
+    outside = settings.data_dir / f"outside.{'s' * 16}.html"
+    assert old[2].resolve() == outside and outside.exists()
     (root / "sl" / "a.ssssssssssssssss.pdf").write_bytes(b"%PDF" + b"0" * 96)
     # A newer run of the same batch re-published "b": that file stays with the newer job.
     add_job(settings, "d" * 32, "sl", finished_ago=DAY, rows=[("b", "s" * 16)], publish=False)
@@ -158,13 +162,16 @@ def test_smartlinks_go_only_with_the_flag_and_shared_names_stay(settings: Settin
     young_orphan.mkdir()
     (young_orphan / "x.yyyyyyyyyyyyyyyy.html").write_bytes(b"h" * 11)
 
+    dry = run_cli(settings, "cleanup", "--smartlinks", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    # The plan counts every file of the job's names (b's too: apply keeps it, and says so).
+    assert table(dry.stdout)["expired-job"][0][:3] == ["c" * 32, str(2 * len(b"<p>a</p>") + 100), "would remove"]
     r = run_cli(settings, "cleanup", "--smartlinks")
     assert r.returncode == 0, r.stderr
     rows = table(r.stdout)
-    assert [row[0] for row in rows["expired-job"]] == ["c" * 32]
+    assert [row[:3] for row in rows["expired-job"]] == [["c" * 32, str(len(b"<p>a</p>") + 100), "removed"]]
     assert [row[0] for row in rows["orphan-smartlinks"]] == ["smartlinks/nojob"]
-    a_bytes = old[0].stat().st_size if old[0].exists() else 0
-    assert a_bytes == 0
+    assert outside.exists()
     assert not (root / "sl" / "a.ssssssssssssssss.html").exists()
     assert not (root / "sl" / "a.ssssssssssssssss.pdf").exists()
     assert (root / "sl" / "b.ssssssssssssssss.html").exists()
