@@ -53,6 +53,7 @@ from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile, Chunk
 from server.errors import Conflict, NotFound
+from server.jobs.pool import RUNNING  # the job engine's own notion of a running job
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.store import UploadStore
 
@@ -64,7 +65,6 @@ GRACE = 600.0
 # How long `drop --smartlinks --force` waits for a running job to notice its cancel flag before
 # marking it cancelled itself (no server may be running it at all).
 CANCEL_WAIT = 10.0
-RUNNING = ("Queued", "In progress")
 # A smartlink batch id (SMARTLINK_FORMAT.md): never lets a CLI argument escape the root.
 BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # used with fullmatch
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # reference_id, suffix
