@@ -9,7 +9,12 @@ Invariants:
 * A file is assembled exactly once: the "all chunks present" check and the flip
   receiving -> assembling is one conditional UPDATE whose row count picks the single winner.
   The winner assembles outside any transaction, in a thread, then marks the file complete.
-  Files found in ``assembling`` at start-up are assembled again (``recover``).
+  A one-chunk file (every normal upload) is "assembled" by its rename into ``data`` in the
+  same transaction that records it. Multi-chunk files are assembled by a task the service
+  owns; the last chunk is answered once every chunk is durably stored (as Nuxeo, which
+  concatenates chunks lazily), and everything that reads a file's bytes (``open_file``,
+  ``execute``) or removes them waits for its batch's assemblies first. Files found in
+  ``assembling`` at start-up are assembled again (``recover``).
 * Client-supplied names are data in rows; every path comes from row ids (``UploadStore``).
 """
 
@@ -162,6 +167,18 @@ class _Cursor:
 
 
 @dataclass(frozen=True)
+class _Known:
+    """A file known to be receiving: lets a chunk skip the claim transaction (the record
+    transaction checks everything again, so a stale entry costs one refused request)."""
+
+    owner: str
+    batch_pk: int
+    file_id: int
+    chunk_count: int
+    size: int
+
+
+@dataclass(frozen=True)
 class _Slot:
     batch_pk: int
     file_id: int
@@ -185,18 +202,20 @@ class UploadService:
         self.store = UploadStore(settings.uploads_dir)
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._assemblies: dict[str, set[asyncio.Task[None]]] = {}  # batch_id -> running assemblies
         self._cursors: dict[int, _Cursor] = {}
+        self._known: dict[tuple[str, int], _Known] = {}
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
         """Assemble again every file a crash left in ``assembling``; returns how many."""
         async with self.db.read() as s:
             rows = (await s.execute(
-                select(BatchFile.batch_pk, BatchFile.id, BatchFile.chunk_count, BatchFile.size)
+                select(Batch.batch_id, BatchFile.batch_pk, BatchFile.id, BatchFile.chunk_count, BatchFile.size)
                 .join(Batch).where(BatchFile.state == "assembling", Batch.state == "open"))).all()
-        for batch_pk, file_id, count, size in rows:
-            log.info("recovering file %s of batch %s left assembling", file_id, batch_pk)
-            self._spawn(self._assemble(batch_pk, file_id, count, size))
+        for batch_id, batch_pk, file_id, count, size in rows:
+            log.info("recovering file %s of batch %s left assembling", file_id, batch_id)
+            self._start_assembly(batch_id, batch_pk, file_id, count, size)
         self.stats.recovered += len(rows)
         return len(rows)
 
@@ -209,11 +228,30 @@ class UploadService:
         """Wait until no assembly is running (tests and the janitor use it)."""
         await self.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
+    def _start_assembly(self, batch_id: str, batch_pk: int, file_id: int, count: int, size: int) -> None:
+        task = asyncio.ensure_future(self._assemble(batch_pk, file_id, count, size))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        running = self._assemblies.setdefault(batch_id, set())
+        running.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            running.discard(t)
+            if not running and self._assemblies.get(batch_id) is running:
+                del self._assemblies[batch_id]
+        task.add_done_callback(done)
+
+    async def settle(self, batch_id: str) -> None:
+        """Wait for the batch's running assemblies (shielded: a caller that goes away does
+        not stop them)."""
+        while running := self._assemblies.get(batch_id):
+            await asyncio.shield(asyncio.gather(*running, return_exceptions=True))
+
+    def _forget(self, batch_id: str, file_ids: list[int]) -> None:
+        for key in [k for k, v in self._known.items() if k[0] == batch_id and v.file_id in file_ids]:
+            del self._known[key]
+        for i in file_ids:
+            self._cursors.pop(i, None)
 
     # -- batches -------------------------------------------------------------------------
     async def create_batch(self, owner: str) -> str:
@@ -233,6 +271,7 @@ class UploadService:
 
     async def drop_batch(self, owner: str, batch_id: str) -> None:
         """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone."""
+        await self.settle(batch_id)
         async with self.db.write() as s:
             batch = await self._open_batch(s, owner, batch_id)
             await self._close(s, batch, "dropped")
@@ -243,8 +282,7 @@ class UploadService:
         await s.execute(delete(BatchFile).where(BatchFile.batch_pk == batch.id))
         batch.state = state
         batch.updated_at = utcnow()
-        for i in ids:
-            self._cursors.pop(i, None)
+        self._forget(batch.batch_id, list(ids))
 
     # -- files ---------------------------------------------------------------------------
     async def list_files(self, owner: str, batch_id: str) -> list[FileState]:
@@ -269,16 +307,19 @@ class UploadService:
             return self._state(batch_id, f, chunks)
 
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
+        await self.settle(batch_id)
         async with self.db.write() as s:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
-        self._cursors.pop(f.id, None)
+        self._forget(batch_id, [f.id])
         await asyncio.to_thread(remove_tree, self.store.file_dir(batch.id, f.id))
 
     async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
-        """A complete file's path and metadata (404 if missing or not complete yet)."""
+        """A complete file's path and metadata (404 if missing or not complete). Waits for
+        the batch's running assemblies first."""
+        await self.settle(batch_id)
         async with self.db.read() as s:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
@@ -337,10 +378,15 @@ class UploadService:
             raise BadRequest(f"Content-Length {cl} does not match X-File-Size {req.size}",
                              code="ERR_FILE_SIZE_MISMATCH")
         incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
-        if await asyncio.to_thread(self.store.free_bytes) - incoming < s.min_free_disk:
+        if self.store.free_bytes() - incoming < s.min_free_disk:  # one statvfs: no thread needed
             raise InsufficientStorage("not enough free disk space for this upload", code="ERR_DISK_FULL")
 
-        slot = await self._claim(owner, batch_id, req, create)
+        known = self._known.get((batch_id, req.file_idx))
+        if (known is not None and known.owner == owner and known.chunk_count == req.chunk_count
+                and known.size == req.size):
+            slot = _Slot(known.batch_pk, known.file_id)
+        else:
+            slot = await self._claim(owner, batch_id, req, create)
         if slot.replaced is not None:
             await asyncio.to_thread(remove_tree, slot.replaced)
         if slot.done is not None:
@@ -361,8 +407,7 @@ class UploadService:
                              code="ERR_FILE_SIZE_MISMATCH")
         outcome, assemble = await self._record(slot, batch_id, req, received.path, received.size, hasher)
         if assemble:
-            # Owned by the service and shielded: a client that goes away does not stop it.
-            await asyncio.shield(self._spawn(self._assemble(slot.batch_pk, slot.file_id, req.chunk_count, req.size)))
+            self._start_assembly(batch_id, slot.batch_pk, slot.file_id, req.chunk_count, req.size)
         return outcome
 
     async def _claim(self, owner: str, batch_id: str, req: UploadRequest, create: bool) -> _Slot:
@@ -385,7 +430,7 @@ class UploadService:
                 if f.state == "complete" and not req.chunked:
                     # A whole-file upload onto a complete file replaces it (as in Nuxeo).
                     await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
-                    self._cursors.pop(f.id, None)
+                    self._forget(batch_id, [f.id])
                     replaced = self.store.file_dir(batch.id, f.id)
                     f = None
                 elif not chunks and f.state == "receiving":
@@ -411,6 +456,9 @@ class UploadService:
                 s.add(f)
             batch.updated_at = now
             await s.flush()
+            if len(self._known) >= _CURSOR_LIMIT:
+                self._known.clear()
+            self._known[(batch_id, req.file_idx)] = _Known(owner, batch.id, f.id, f.chunk_count, f.size)
             return _Slot(batch.id, f.id, replaced=replaced)
 
     async def _check_batch_limits(self, s: AsyncSession, batch: Batch, *, extra_files: int,
@@ -438,19 +486,30 @@ class UploadService:
     async def _record(self, slot: _Slot, batch_id: str, req: UploadRequest, temp: Path, size: int,
                       hasher: Any) -> tuple[UploadOutcome, bool]:
         """Rename the fsynced chunk into place and record it; flip the file to ``assembling``
-        when this was its last missing chunk. Returns (outcome, this request must assemble)."""
+        when this was its last missing chunk. Returns (outcome, this request must assemble).
+
+        The rename happens inside the write transaction, so "not recorded yet" and the rename
+        are one step for every other writer (a duplicate chunk never replaces a recorded one);
+        it is a metadata operation. The directory fsync that makes it durable comes right after
+        the commit, before the client is answered.
+        """
         final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
+        data = self.store.data_path(slot.batch_pk, slot.file_id)
+        cursor = self._cursors.get(slot.file_id)
+        in_order = hasher is not None and (
+            (cursor is None and req.chunk_idx == 0) or (cursor is not None and cursor.next_idx == req.chunk_idx))
         now = utcnow()
+        stray: Path | None = None
         try:
             async with self.db.write() as s:
                 batch = await s.get(Batch, slot.batch_pk)
                 f = await s.get(BatchFile, slot.file_id)
                 if batch is None or batch.state != "open" or f is None:
+                    # Its rows are gone: whatever directory this request made is ours to remove.
                     stray = self.store.file_dir(slot.batch_pk, slot.file_id) if f is None else None
                     if batch is not None and batch.state != "open":
                         stray = self.store.batch_dir(slot.batch_pk)
-                    if stray is not None:  # its rows are gone: the directory is ours to remove
-                        await asyncio.to_thread(remove_tree, stray)
+                    self._known.pop((batch_id, req.file_idx), None)
                     raise NotFound(f"batch {batch_id} or its file {req.file_idx} was removed meanwhile",
                                    code="ERR_BATCH_NOT_FOUND" if f is not None else "ERR_FILE_NOT_FOUND")
                 chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
@@ -459,7 +518,7 @@ class UploadService:
                     raise BadRequest(f"file {req.file_idx} was declared anew meanwhile",
                                      code="ERR_CHUNK_COUNT_CHANGED")
                 if f.state != "receiving" or req.chunk_idx in ids:
-                    await asyncio.to_thread(remove, temp)
+                    remove(temp)
                     return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids,
                                          len(ids) == f.chunk_count), False
                 total = sum(n for _, n in chunks) + size
@@ -467,18 +526,21 @@ class UploadService:
                 if total > f.size or (last and total != f.size):
                     raise BadRequest(f"the chunks of file {req.file_idx} add up to {total} bytes, X-File-Size "
                                      f"is {f.size}", code="ERR_FILE_SIZE_MISMATCH")
-                if last and await asyncio.to_thread(self.store.free_bytes) - f.size < self.settings.min_free_disk:
+                if last and f.chunk_count > 1 and self.store.free_bytes() - f.size < self.settings.min_free_disk:
                     raise InsufficientStorage("not enough free disk space to assemble this file",
                                               code="ERR_DISK_FULL")
-                # Renamed inside the transaction so that "not recorded yet" and the rename are
-                # one step for every other writer (a duplicate chunk never overwrites a
-                # recorded one); it is a rename plus a directory fsync, not a data write.
-                await asyncio.to_thread(_commit_file, temp, final)
                 s.add(Chunk(file_id=f.id, chunk_idx=req.chunk_idx, size=size, received_at=now))
                 f.updated_at = batch.updated_at = now
+                assemble = inline = False
+                if last and f.chunk_count == 1 and in_order:
+                    # A one-chunk file is assembled by renaming it into place: no copy, no task.
+                    os.replace(temp, data)
+                    f.state, f.sha256 = "complete", hasher.hexdigest()
+                    inline = True
+                else:
+                    os.replace(temp, final)
                 await s.flush()
-                assemble = False
-                if last:
+                if last and not inline:
                     res = await s.execute(
                         update(BatchFile)
                         .where(BatchFile.id == f.id, BatchFile.state == "receiving",
@@ -488,11 +550,19 @@ class UploadService:
                     assemble = res.rowcount == 1  # type: ignore[attr-defined]
                 ids = sorted([*ids, req.chunk_idx])
         except BaseException:
-            await asyncio.to_thread(remove, temp)
+            remove(temp)
+            if stray is not None:
+                await asyncio.to_thread(remove_tree, stray)
             raise
-        if hasher is not None:
-            cursor = self._cursors.get(slot.file_id)
-            if (cursor is None and req.chunk_idx == 0) or (cursor is not None and cursor.next_idx == req.chunk_idx):
+        if inline:
+            self._forget(batch_id, [slot.file_id])
+            await asyncio.to_thread(_settle_inline, data, final.parent)
+            self.stats.assembled += 1
+        else:
+            await asyncio.to_thread(fsync_dir, final.parent)
+            if last:
+                self._known.pop((batch_id, req.file_idx), None)
+            if in_order:
                 if len(self._cursors) >= _CURSOR_LIMIT:
                     self._cursors.clear()
                 self._cursors[slot.file_id] = _Cursor(req.chunk_idx + 1, hasher)
@@ -541,6 +611,7 @@ class UploadService:
                       params: dict[str, Any], context: dict[str, Any], *, keep: bool = False) -> OperationResult:
         """Run a registered operation on the batch (or one file); then, as Nuxeo does, remove
         the batch unless ``keep`` (X-Batch-No-Drop) or the operation says otherwise."""
+        await self.settle(batch_id)
         async with self.db.read() as s:
             batch = await self._open_batch(s, owner, batch_id)
             batch_pk = batch.id
@@ -574,6 +645,10 @@ class UploadService:
         return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
 
 
-def _commit_file(temp: Path, final: Path) -> None:
-    os.replace(temp, final)
-    fsync_dir(final.parent)
+def _settle_inline(data: Path, chunks_dir: Path) -> None:
+    """Make a one-chunk file's rename durable and drop the chunks dir its temp lived in."""
+    fsync_dir(data.parent)
+    try:
+        chunks_dir.rmdir()
+    except OSError:
+        pass  # not empty: a concurrent duplicate's temp; the janitor takes stale temps

@@ -101,14 +101,16 @@ class UploadStore:
         """Stream ``body`` into ``temp`` (created here) and fsync it; at most ``limit`` bytes.
 
         Writes happen in a thread, one buffer at a time, overlapping with reading the next
-        buffer from the socket: at most two buffers are in memory per request. On any error,
-        including a client that goes away and cancellation, the temp file is removed.
-        ``hasher``, if given, is updated with every byte written (in order).
+        buffer from the socket; ``hasher`` (if given) is updated in another thread beside the
+        write (hashlib releases the GIL), in order. At most three buffers are in memory per
+        request. On any error, including a client that goes away and cancellation, the temp
+        file is removed (once no thread uses it any more).
         """
         temp.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         loop = asyncio.get_running_loop()
-        pending: asyncio.Future[None] | None = None
+        writing: asyncio.Future[None] | None = None
+        hashing: asyncio.Future[None] | None = None
         size = 0
         buf = bytearray()
         try:
@@ -118,18 +120,27 @@ class UploadStore:
                     raise BodyTooLarge(limit)
                 buf += data
                 if len(buf) >= WRITE_BUFFER:
-                    if pending is not None:
-                        await pending
-                    pending = loop.run_in_executor(None, _write_all, fd, bytes(buf), hasher)
+                    block = bytes(buf)
                     buf.clear()
-            if pending is not None:
-                await pending
-            pending = loop.run_in_executor(None, _finish, fd, bytes(buf), hasher)
-            await pending
+                    if writing is not None:
+                        await writing
+                    writing = loop.run_in_executor(None, _write_all, fd, block)
+                    if hasher is not None:
+                        if hashing is not None:
+                            await hashing
+                        hashing = loop.run_in_executor(None, hasher.update, block)
+            if writing is not None:
+                await writing
+            writing = loop.run_in_executor(None, _finish, fd, bytes(buf))
+            if hasher is not None:
+                if hashing is not None:
+                    await hashing
+                hasher.update(buf)
+            await writing
         except BaseException:
-            if pending is not None and not pending.done():
+            if writing is not None and not writing.done():
                 # A thread still writes to fd: close and remove once it is done.
-                pending.add_done_callback(lambda _f: _discard(fd, temp))
+                writing.add_done_callback(lambda _f: _discard(fd, temp))
             else:
                 _discard(fd, temp)
             raise
@@ -184,18 +195,16 @@ def _discard(fd: int, temp: Path) -> None:
     remove(temp)
 
 
-def _write_all(fd: int, data: bytes, hasher: hashlib._Hash | None) -> None:
-    if hasher is not None:
-        hasher.update(data)
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
 
 
-def _finish(fd: int, data: bytes, hasher: hashlib._Hash | None) -> None:
+def _finish(fd: int, data: bytes) -> None:
     if data:
-        _write_all(fd, data, hasher)
+        _write_all(fd, data)
     os.fsync(fd)
 
 
