@@ -244,6 +244,12 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
     await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks, stems_of)
+    kinds: dict[str, int] = {}
+    for i in out.items:
+        kinds[i.kind] = kinds.get(i.kind, 0) + 1
+    log.log(logging.INFO if out.items else logging.DEBUG, "cleanup plan: %s (batch TTL %.0f s, job retention "
+            "%.0f s, %d running job(s))", ", ".join(f"{n} {k}" for k, n in kinds.items())
+            or "nothing to remove", ages.ttl, ages.retention, len(running))
     return out
 
 
