@@ -99,7 +99,7 @@ class TerminalProgress:
         self.line = ""
 
     def __call__(self, done: int, total: int, item: Any) -> None:
-        filled = 30 * done // max(total, 1)
+        filled = 30 * min(done, total) // max(total, 1)
         self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {item.kind} {item.target}"[:120]
         self.draw()
 
@@ -207,9 +207,17 @@ def cmd_drop(args: argparse.Namespace) -> int:
     from server.errors import Conflict, NotFound
 
     async def run(db: Any, settings: Settings) -> int:
-        drop = janitor.drop_smartlink_batch if args.smartlinks else janitor.drop_upload_batch
         try:
-            item = await drop(db, settings, args.batch_id, force=args.force, cancel_wait=args.cancel_wait)
+            with _progress() as bar:
+                if args.smartlinks:
+                    item = await janitor.drop_smartlink_batch(db, settings, args.batch_id, force=args.force,
+                                                              cancel_wait=args.cancel_wait, progress=bar)
+                else:
+                    # The upload service removes the bytes in one step: a status line, not a bar.
+                    if bar:
+                        bar.status(f"filedrop drop: dropping upload batch {args.batch_id}…")
+                    item = await janitor.drop_upload_batch(db, settings, args.batch_id, force=args.force,
+                                                           cancel_wait=args.cancel_wait)
         except NotFound as e:
             print(f"filedrop: {e.message}", file=sys.stderr)
             return 1

@@ -136,6 +136,27 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
+def _remove_counted(path: Path, tick: Callable[[int], None]) -> None:
+    """``_remove`` for a big tree, file by file, calling ``tick(files removed so far)`` now and
+    then (from this thread) so a terminal can show progress."""
+    n = 0
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, name))
+            n += 1
+            if n % 100 == 0:
+                tick(n)
+        for name in dirs:
+            _remove(Path(root) / name)
+    _remove(path)
+    tick(n)
+
+
+def _count_files(path: Path) -> int:
+    return sum(len(files) for _root, _dirs, files in os.walk(path))
+
+
 def _remove(path: Path) -> None:
     """Remove a file or a directory tree; what is already gone is fine."""
     try:
@@ -611,9 +632,10 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
 
 
 async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
-                               cancel_wait: float = CANCEL_WAIT) -> Item:
-    """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs). Raises
-    NotFound when there is neither, Conflict while one of its jobs runs unless ``force``."""
+                               cancel_wait: float = CANCEL_WAIT, progress: Progress | None = None) -> Item:
+    """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs), rows
+    first. Raises NotFound when there is neither, Conflict while one of its jobs runs unless
+    ``force``. ``progress`` hears (files removed, files) while the files go."""
     if not BATCH_ID_RE.fullmatch(batch_id):
         raise NotFound(f"{batch_id!r} is not a smartlink batch id", code="ERR_BATCH_NOT_FOUND")
     assert settings.smartlink_root is not None
@@ -627,9 +649,13 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
     async with db.write() as s:
         await s.execute(delete(Job).where(Job.batch_id == batch_id))
     size = await asyncio.to_thread(_du, d)
-    await asyncio.to_thread(_remove, d)
     item = Item("drop-smartlinks", batch_id, size, f"{njobs} job(s)"
                 + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
+    if progress is None:
+        await asyncio.to_thread(_remove, d)
+    else:
+        total = await asyncio.to_thread(_count_files, d)
+        await asyncio.to_thread(_remove_counted, d, lambda n: progress(n, total, item))
     log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, size, item.detail)
     return item
 

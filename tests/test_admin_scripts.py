@@ -11,7 +11,16 @@ from pathlib import Path
 
 from server.config import Settings
 from server.db.models import BatchFile
-from tests.support.disk_state import HOUR, FileSpec, add_batch, admin_env, batch_state, count, table
+from tests.support.disk_state import (
+    HOUR,
+    FileSpec,
+    add_batch,
+    add_job,
+    admin_env,
+    batch_state,
+    count,
+    table,
+)
 from tests.support.server import REPO
 
 
@@ -35,11 +44,10 @@ def test_wrappers_run_from_any_directory_with_relative_data_dir(settings: Settin
     assert "alembic" not in r.stderr  # only admin steps are logged
 
 
-def test_progress_bar_only_on_a_terminal(settings: Settings) -> None:
-    for i in range(25):
-        add_batch(settings, f"old-{i}", [FileSpec(data=b"x" * 10)], idle=25 * HOUR)
+def on_terminal(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal; returns (status, terminal text, stdout)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=admin_env(settings),
+    proc = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, env=admin_env(settings),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     seen = b""
@@ -54,9 +62,15 @@ def test_progress_bar_only_on_a_terminal(settings: Settings) -> None:
         seen += block
     os.close(master)
     stdout, _ = proc.communicate(timeout=30)
-    out = stdout.decode()
-    assert proc.returncode == 0
-    terminal = seen.decode(errors="replace")
+    assert proc.returncode is not None
+    return proc.returncode, seen.decode(errors="replace"), stdout.decode()
+
+
+def test_progress_bar_only_on_a_terminal(settings: Settings) -> None:
+    for i in range(25):
+        add_batch(settings, f"old-{i}", [FileSpec(data=b"x" * 10)], idle=25 * HOUR)
+    rc, terminal, out = on_terminal(settings, "cleanup")
+    assert rc == 0
     assert "[" + "#" * 30 + "] 25/25 expired-batch" in terminal
     assert "removed expired-batch old-" in terminal  # log lines are printed above the bar
     assert "\x1b[K" in terminal
@@ -67,3 +81,13 @@ def test_progress_bar_only_on_a_terminal(settings: Settings) -> None:
     r = subprocess.run([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=admin_env(settings),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "\x1b" not in r.stderr and "####" not in r.stderr
+
+
+def test_drop_smartlinks_shows_files_removed_on_a_terminal(settings: Settings) -> None:
+    add_job(settings, "a" * 32, "many", finished_ago=60, rows=[(f"r{i}", "s" * 16) for i in range(250)])
+    rc, terminal, out = on_terminal(settings, "drop", "--smartlinks", "many")
+    assert rc == 0
+    assert "] 100/250 drop-smartlinks many" in terminal and "] 250/250 drop-smartlinks many" in terminal
+    assert table(out)["drop-smartlinks"][0][:3] == ["many", str(sum(len(f"<p>r{i}</p>") for i in range(250))),
+                                                    "removed"]
+    assert settings.smartlink_root is not None and not (settings.smartlink_root / "many").exists()
