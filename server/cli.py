@@ -92,7 +92,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 class TerminalProgress:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal. Tiny on purpose
-    (one caller, one line): no dependency for it. Log records are printed above the bar."""
+    (one line, two callers): no dependency for it. Log records are printed above the bar."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -149,27 +149,29 @@ def _progress() -> Iterator[TerminalProgress | None]:
 
 
 def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.1f} GiB"
 
 
-def print_table(items: Sequence[Any], *, dry_run: bool = False) -> None:
-    """What was removed (or would be), one row each, and the bytes freed: the admin commands' output."""
+def print_table(plan: Any) -> None:
+    """What was removed (or would be), one row each, and the bytes freed: the admin commands'
+    output. Columns are separated by two spaces (values never hold two in a row)."""
     rows = [("KIND", "TARGET", "BYTES", "RESULT", "DETAIL")]
-    rows += [(i.kind, i.target, str(i.bytes), i.result, i.detail) for i in items]
+    rows += [(i.kind, i.target, str(i.bytes), i.result, i.detail) for i in plan.items]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
-    done = "would remove" if dry_run else "removed"
-    freed = sum(i.bytes for i in items if i.result == done)
-    errors = sum(1 for i in items if i.result.startswith("error"))
-    print(f"{len(items)} item(s), {sum(1 for i in items if i.result == done)} {done}, "
-          f"{freed} bytes ({_human(freed)}) {'would be freed' if dry_run else 'freed'}, {errors} error(s)"
-          + (" (dry run: nothing changed)" if dry_run else ""))
+    done = "would remove" if plan.dry_run else "removed"
+    freed = plan.bytes_freed
+    print(f"{len(plan.items)} item(s), {sum(1 for i in plan.items if i.result == done)} {done}, "
+          f"{freed} bytes ({_human(freed)}) {'would be freed' if plan.dry_run else 'freed'}, "
+          f"{len(plan.errors)} error(s)" + (" (dry run: nothing changed)" if plan.dry_run else ""))
 
 
 def _duration(text: str) -> float:
@@ -224,7 +226,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
         except Conflict as e:
             print(f"filedrop: {e.message}", file=sys.stderr)
             return 3
-        print_table([item])
+        print_table(janitor.Plan([item]))
         return 0
 
     return _admin(run)
@@ -240,7 +242,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
             await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
                                 progress=bar)
-        print_table(plan.items, dry_run=args.dry_run)
+        print_table(plan)
         return 1 if plan.errors else 0
 
     return _admin(run)
