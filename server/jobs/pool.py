@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
 import threading
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -35,11 +36,21 @@ from server.db.job_models import Job, JobLog
 from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.notify import deliver_callback, send_emails
 from server.jobs.publish import remove_stale_temps
-from server.jobs.render import AssetError, Renderer, RowIn, RowOut, compile_template
+from server.jobs.render import (
+    AssetError,
+    JobSpec,
+    Renderer,
+    RowIn,
+    RowOut,
+    compile_template,
+    render_in_process,
+    warm_up,
+)
 
 log = logging.getLogger("filedrop.jobs")
 
 CLAIM_ROWS = 200  # rows per claim: big enough to amortise the writer and one syncfs, small enough to cancel fast
+PROCESS_CALL_ROWS = 50  # rows per call into a render process (bounds cancel latency there)
 RUNNING = ("Queued", "In progress")
 FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
 
@@ -86,6 +97,10 @@ class Runtime:
     max_errors: int | None = None
     errored: int = 0
     renderer: Renderer | None = None
+    # The job's JSON as last committed, kept by the worker that commits each change: status
+    # calls for a running job are answered from here, without a database round trip.
+    snapshot: dict[str, Any] | None = None
+    spec: JobSpec | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     exhausted: bool = False  # no pending rows left to claim
     inflight: int = 0
@@ -112,12 +127,22 @@ class JobEngine:
         self._finished: dict[str, asyncio.Event] = {}
         self._notified: dict[str, asyncio.Event] = {}
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="render")
+        # Render processes keep CPU-bound Jinja2 off this process's GIL; "spawn" because forking
+        # a process that runs threads and an event loop is unsafe.
+        self._procs = (ProcessPoolExecutor(max_workers=settings.render_processes,
+                                           mp_context=multiprocessing.get_context("spawn"))
+                       if settings.render_processes > 0 else None)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Resume interrupted work, then start the workers."""
         await self.resume()
+        if self._procs is not None:
+            # Spawn the render processes now (a spawn costs ~0.5 s), not inside the first job.
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self._procs, warm_up)
+                                   for _ in range(self.settings.render_processes)))
         for i in range(self.workers):
             t = asyncio.create_task(self._worker(), name=f"job-worker-{i}")
             self._tasks.add(t)
@@ -137,6 +162,8 @@ class JobEngine:
             t.cancel()
         await asyncio.gather(*self._notify_tasks, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._procs is not None:
+            self._procs.shutdown(wait=True, cancel_futures=True)
 
     async def resume(self) -> None:
         """After a crash: claimed rows -> pending, running jobs re-queued, stray temps removed,
@@ -183,8 +210,12 @@ class JobEngine:
         ev = self._notified.setdefault(job_id, asyncio.Event())
         await asyncio.wait_for(ev.wait(), timeout)
 
-    def is_running_here(self, job_id: str) -> bool:
-        return job_id in self._active
+    def snapshot(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any] | None:
+        """The running job's JSON as last committed, if this engine runs it (else None)."""
+        rt = self._active.get(job_id)
+        if rt is None or rt.snapshot is None or rt.owner != owner or rt.batch_id != batch_id:
+            return None
+        return dict(rt.snapshot)
 
     # ---- cancel -----------------------------------------------------------------------------
 
@@ -198,6 +229,8 @@ class JobEngine:
                 await self._log(s, job_id, [(level, f"cancelling: {reason}")])
         rt = self._active.get(job_id)
         if rt is not None:
+            if res.rowcount and rt.snapshot is not None:
+                rt.snapshot["reason"] = reason
             rt.cancel.set()
             self._wake.set()
         return bool(res.rowcount)
@@ -249,10 +282,12 @@ class JobEngine:
             assert self.settings.smartlink_root is not None
             rt.batch_id, rt.owner, rt.upload_batch_id = job.batch_id, job.owner, job.upload_batch_id
             rt.max_errors, rt.errored = job.max_errors, job.errored_count
+            rt.snapshot = job_json(job)
             if job.cancel_requested:
                 rt.cancel.set()
-            rt.renderer = Renderer(compiled, job.strategy, job.batch_id, json.loads(job.params or "{}"),
-                                   self.settings.smartlink_root / job.batch_id)
+            out_dir = self.settings.smartlink_root / job.batch_id
+            rt.spec = JobSpec(job.job_id, job.template, job.strategy, job.batch_id, job.params or "{}", str(out_dir))
+            rt.renderer = Renderer(compiled, job.strategy, job.batch_id, json.loads(job.params or "{}"), out_dir)
             await self._check_max_errors(rt)
 
     async def _step(self, rt: Runtime) -> None:
@@ -278,6 +313,7 @@ class JobEngine:
             await self._finish(rt)
 
     async def _claim(self, rt: Runtime, n: int) -> list[RowIn]:
+        began: datetime | None = None
         async with self.db.write() as s:
             res = await s.execute(text(
                 "UPDATE job_rows SET status='claimed' WHERE job_id=:j AND idx IN (SELECT idx FROM job_rows "
@@ -289,6 +325,9 @@ class JobEngine:
                                           .values(status="In progress", started=func.coalesce(Job.started, utcnow())))
                 if started.rowcount:
                     await self._log(s, rt.job_id, [("info", "in progress")])
+                    began = await s.scalar(select(Job.started).where(Job.job_id == rt.job_id))
+        if began is not None and rt.snapshot is not None:
+            rt.snapshot.update(status="In progress", started=iso(began))
         rows.sort(key=lambda r: r.idx)
         return rows
 
@@ -303,7 +342,10 @@ class JobEngine:
         final: dict[int, RowOut] = {}
         todo = rows
         for _round in range(4):  # each round fetches the assets the previous one found missing
-            out = await loop.run_in_executor(self._executor, renderer.render_rows, todo, rt.assets, stop)
+            if self._procs is not None:
+                out = await self._render_in_processes(rt, todo, stop)
+            else:
+                out = await loop.run_in_executor(self._executor, renderer.render_rows, todo, rt.assets, stop)
             need = [r for r in out if r.status == "need"]
             final.update((r.idx, r) for r in out if r.status != "need")
             if not need:
@@ -315,6 +357,19 @@ class JobEngine:
             for r in need:
                 final[r.idx] = RowOut(r.idx, "error", "assets unavailable: " + ", ".join(r.needs))
         return [final[r.idx] for r in rows]
+
+    async def _render_in_processes(self, rt: Runtime, rows: list[RowIn], stop: Callable[[], bool]) -> list[RowOut]:
+        assert self._procs is not None and rt.spec is not None
+        loop = asyncio.get_running_loop()
+        out: list[RowOut] = []
+        # Small calls: cancellation is checked between them (a process cannot see rt.cancel).
+        for i in range(0, len(rows), PROCESS_CALL_ROWS):
+            if stop():
+                out += [RowOut(r.idx, "skipped") for r in rows[i:]]
+                break
+            out += await loop.run_in_executor(self._procs, render_in_process, rt.spec,
+                                              rows[i:i + PROCESS_CALL_ROWS], dict(rt.assets))
+        return out
 
     async def _resolve(self, rt: Runtime, keys: Iterable[str]) -> None:
         async def one(key: str) -> None:
@@ -365,10 +420,12 @@ class JobEngine:
                                 {"st": back_to, "j": rt.job_id, "ids": skipped})
             res = await s.execute(update(Job).where(Job.job_id == rt.job_id).values(
                 succeeded_count=Job.succeeded_count + len(done),
-                errored_count=Job.errored_count + len(errors)).returning(Job.errored_count))
-            rt.errored = res.scalar_one()
+                errored_count=Job.errored_count + len(errors)).returning(Job.succeeded_count, Job.errored_count))
+            succeeded, rt.errored = res.one()
             if errors:
                 await self._log(s, rt.job_id, [("error", f"row {r.idx}: {r.error}") for r in errors])
+        if rt.snapshot is not None:
+            rt.snapshot.update(succeededCount=succeeded, erroredCount=rt.errored)
         if errors:
             await self._check_max_errors(rt)
 

@@ -17,6 +17,7 @@ import base64
 import html
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +230,8 @@ class Renderer:
         if uri is None:
             data = raw if isinstance(raw, bytes) else Path(raw).read_bytes()
             uri = "data:application/pdf;base64," + base64.b64encode(data).decode("ascii")
-            self._b64[key] = uri
+            if key.startswith("url:"):  # one shared PDF for many rows; batch PDFs are usually one per row
+                self._b64[key] = uri
         return uri
 
     def render_one(self, row: RowIn, assets: Mapping[str, Any]) -> tuple[str | None, list[str], list[Item]]:
@@ -345,3 +347,40 @@ class Renderer:
 
 class _RowFailed(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a render process needs to rebuild a job's ``Renderer`` (picklable)."""
+
+    job_id: str
+    template: str
+    strategy: str
+    batch_id: str
+    params_json: str
+    out_dir: str
+
+    def renderer(self) -> Renderer:
+        compiled, _ = compile_template(self.template)
+        return Renderer(compiled, self.strategy, self.batch_id, json.loads(self.params_json), Path(self.out_dir))
+
+
+_PROCESS_RENDERERS: OrderedDict[str, Renderer] = OrderedDict()  # per render process: compiled once per job
+
+
+def render_in_process(spec: JobSpec, rows: Sequence[RowIn], assets: Mapping[str, Any]) -> list[RowOut]:
+    """Entry point in a render process (``FILEDROP_RENDER_PROCESSES`` > 0). The caller checks
+    for cancellation between calls, so calls are kept small."""
+    r = _PROCESS_RENDERERS.get(spec.job_id)
+    if r is None:
+        r = _PROCESS_RENDERERS[spec.job_id] = spec.renderer()
+        while len(_PROCESS_RENDERERS) > 8:
+            _PROCESS_RENDERERS.popitem(last=False)
+    else:
+        _PROCESS_RENDERERS.move_to_end(spec.job_id)
+    return r.render_rows(rows, assets, lambda: False)
+
+
+def warm_up() -> int:
+    """A no-op run in each render process at start, so the processes exist before a job needs them."""
+    return 0
