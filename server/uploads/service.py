@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from server.config import Settings
 from server.db import Database, utcnow
@@ -53,6 +54,44 @@ _MAX_NAME = 255  # characters; what common file systems allow for one name
 _MAX_CHUNKS = 1_000_000
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
 _CURSOR_LIMIT = 10_000
+
+
+def _hot_statements() -> dict[str, Any]:
+    """The statements of the upload hot path, built once (building them per request cost as
+    much CPU as running them)."""
+    fa, others = aliased(BatchFile), aliased(BatchFile)
+    chunk_ids = select(func.group_concat(Chunk.chunk_idx))
+    return {
+        # Everything _claim decides on, in one query.
+        "claim": select(
+            Batch.id, Batch.owner, Batch.state, fa.id, fa.state, fa.chunk_count, fa.size,
+            select(func.count()).select_from(others).where(others.batch_pk == Batch.id).scalar_subquery(),
+            select(func.coalesce(func.sum(others.size), 0)).where(others.batch_pk == Batch.id).scalar_subquery(),
+            chunk_ids.where(Chunk.file_id == fa.id).scalar_subquery(),
+        ).outerjoin(fa, and_(fa.batch_pk == Batch.id, fa.file_idx == bindparam("file_idx")))
+        .where(Batch.batch_id == bindparam("batch_id")),
+        # Everything _record decides on, in one query.
+        "record": select(
+            Batch.state, BatchFile.state, BatchFile.chunk_count, BatchFile.size,
+            chunk_ids.where(Chunk.file_id == BatchFile.id).scalar_subquery(),
+            select(func.coalesce(func.sum(Chunk.size), 0)).where(Chunk.file_id == BatchFile.id).scalar_subquery(),
+        ).join(Batch, Batch.id == BatchFile.batch_pk).where(BatchFile.id == bindparam("file_id")),
+        "insert_batch": insert(Batch).returning(Batch.id),
+        "insert_file": insert(BatchFile).returning(BatchFile.id),
+        "insert_chunk": insert(Chunk),
+        "touch_file": update(BatchFile).where(BatchFile.id == bindparam("file_id"))
+        .values(updated_at=bindparam("now")),
+        "complete_file": update(BatchFile).where(BatchFile.id == bindparam("file_id"))
+        .values(state="complete", sha256=bindparam("sha"), updated_at=bindparam("now")),
+        # The exactly-once claim of assembly: all chunks present and still receiving.
+        "start_assembly": update(BatchFile).where(
+            BatchFile.id == bindparam("file_id"), BatchFile.state == "receiving",
+            select(func.count()).where(Chunk.file_id == BatchFile.id).scalar_subquery() == BatchFile.chunk_count,
+        ).values(state="assembling", updated_at=bindparam("now")),
+    }
+
+
+_SQL = _hot_statements()
 
 
 def check_batch_id(value: str) -> str:
@@ -411,68 +450,64 @@ class UploadService:
         return outcome
 
     async def _claim(self, owner: str, batch_id: str, req: UploadRequest, create: bool) -> _Slot:
-        """Find or make the batch and file rows for an upload (one short write transaction)."""
+        """Find or make the batch and file rows for an upload (one short write transaction,
+        one query to read everything it decides on: the writer is the bottleneck for small files)."""
         now = utcnow()
         replaced = None
         async with self.db.write() as s:
-            batch = await s.scalar(select(Batch).where(Batch.batch_id == batch_id))
-            if batch is None and create:
-                batch = Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now)
-                s.add(batch)
-                await s.flush()
-            if batch is None or batch.owner != owner or batch.state != "open":
-                raise NotFound(f"batch {batch_id} not found" if batch is None or batch.owner != owner
-                               else f"batch {batch_id} was {batch.state}", code="ERR_BATCH_NOT_FOUND")
-            f = await s.scalar(select(BatchFile).where(BatchFile.batch_pk == batch.id,
-                                                       BatchFile.file_idx == req.file_idx))
-            if f is not None:
-                chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
-                if f.state == "complete" and not req.chunked:
+            row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
+            if row is None and create:
+                pk = (await s.execute(_SQL["insert_batch"], {
+                    "batch_id": batch_id, "owner": owner, "state": "open", "created_at": now,
+                    "updated_at": now})).scalar_one()
+                row = (pk, owner, "open", None, None, None, None, 0, 0, None)
+            if row is None or row[1] != owner or row[2] != "open":
+                raise NotFound(f"batch {batch_id} not found" if row is None or row[1] != owner
+                               else f"batch {batch_id} was {row[2]}", code="ERR_BATCH_NOT_FOUND")
+            batch_pk, _owner, _state, file_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
+            kind = "chunked" if req.chunked else "normal"
+            if file_id is not None:
+                ids = _ids(ids_csv)
+                if f_state == "complete" and not req.chunked:
                     # A whole-file upload onto a complete file replaces it (as in Nuxeo).
-                    await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
-                    self._forget(batch_id, [f.id])
-                    replaced = self.store.file_dir(batch.id, f.id)
-                    f = None
-                elif not chunks and f.state == "receiving":
+                    await s.execute(delete(BatchFile).where(BatchFile.id == file_id))
+                    self._forget(batch_id, [file_id])
+                    replaced = self.store.file_dir(batch_pk, file_id)
+                    file_id, n_files, n_bytes = None, n_files - 1, n_bytes - f_size
+                elif not ids and f_state == "receiving":
                     # Nothing received yet: the client may declare the file anew.
-                    f.chunk_count, f.size, f.name, f.mimetype = req.chunk_count, req.size, req.name, req.mimetype
-                    f.upload_type = "chunked" if req.chunked else "normal"
-                    await self._check_batch_limits(s, batch, extra_files=0, exclude_file=f.id, size=req.size)
-                elif f.chunk_count != req.chunk_count:
-                    raise BadRequest(f"file {req.file_idx} was declared with {f.chunk_count} chunks, not "
+                    self._check_limits(n_files - 1, n_bytes - f_size, req.size)
+                    await s.execute(update(BatchFile).where(BatchFile.id == file_id).values(
+                        chunk_count=req.chunk_count, size=req.size, name=req.name, mimetype=req.mimetype,
+                        upload_type=kind, updated_at=now))
+                    f_count, f_size = req.chunk_count, req.size
+                elif f_count != req.chunk_count:
+                    raise BadRequest(f"file {req.file_idx} was declared with {f_count} chunks, not "
                                      f"{req.chunk_count}", code="ERR_CHUNK_COUNT_CHANGED")
-                elif f.size != req.size:
-                    raise BadRequest(f"file {req.file_idx} was declared with {f.size} bytes, not {req.size}",
+                elif f_size != req.size:
+                    raise BadRequest(f"file {req.file_idx} was declared with {f_size} bytes, not {req.size}",
                                      code="ERR_FILE_SIZE_CHANGED")
-                elif f.state != "receiving" or any(i == req.chunk_idx for i, _ in chunks):
-                    done = UploadOutcome(batch_id, req.file_idx, req.chunked, 0, f.chunk_count,
-                                         [i for i, _ in chunks], len(chunks) == f.chunk_count)
-                    return _Slot(batch.id, f.id, done=done)
-            if f is None:
-                await self._check_batch_limits(s, batch, extra_files=1, exclude_file=None, size=req.size)
-                f = BatchFile(batch_pk=batch.id, file_idx=req.file_idx, name=req.name, mimetype=req.mimetype,
-                              size=req.size, upload_type="chunked" if req.chunked else "normal",
-                              chunk_count=req.chunk_count, state="receiving", created_at=now, updated_at=now)
-                s.add(f)
-            batch.updated_at = now
-            await s.flush()
-            if len(self._known) >= _CURSOR_LIMIT:
-                self._known.clear()
-            self._known[(batch_id, req.file_idx)] = _Known(owner, batch.id, f.id, f.chunk_count, f.size)
-            return _Slot(batch.id, f.id, replaced=replaced)
+                elif f_state != "receiving" or req.chunk_idx in ids:
+                    done = UploadOutcome(batch_id, req.file_idx, req.chunked, 0, f_count, ids, len(ids) == f_count)
+                    return _Slot(batch_pk, file_id, done=done)
+            if file_id is None:
+                self._check_limits(n_files, n_bytes, req.size)
+                file_id = (await s.execute(_SQL["insert_file"], {
+                    "batch_pk": batch_pk, "file_idx": req.file_idx, "name": req.name, "mimetype": req.mimetype,
+                    "size": req.size, "upload_type": kind, "chunk_count": req.chunk_count, "state": "receiving",
+                    "created_at": now, "updated_at": now})).scalar_one()
+                f_count, f_size = req.chunk_count, req.size
+        if len(self._known) >= _CURSOR_LIMIT:
+            self._known.clear()
+        self._known[(batch_id, req.file_idx)] = _Known(owner, batch_pk, file_id, f_count, f_size)
+        return _Slot(batch_pk, file_id, replaced=replaced)
 
-    async def _check_batch_limits(self, s: AsyncSession, batch: Batch, *, extra_files: int,
-                                  exclude_file: int | None, size: int) -> None:
+    def _check_limits(self, other_files: int, other_bytes: int, size: int) -> None:
         cfg = self.settings
-        q = select(func.count(BatchFile.id), func.coalesce(func.sum(BatchFile.size), 0)).where(
-            BatchFile.batch_pk == batch.id)
-        if exclude_file is not None:
-            q = q.where(BatchFile.id != exclude_file)
-        count, total = (await s.execute(q)).one()
-        if count + extra_files > cfg.max_files_per_batch:
+        if other_files + 1 > cfg.max_files_per_batch:
             raise PayloadTooLarge(f"a batch holds at most {cfg.max_files_per_batch} files",
                                   code="ERR_BATCH_TOO_MANY_FILES")
-        if total + size > cfg.max_batch_bytes:
+        if other_bytes + size > cfg.max_batch_bytes:
             raise PayloadTooLarge(f"a batch holds at most {cfg.max_batch_bytes} bytes", code="ERR_BATCH_TOO_LARGE")
 
     def _hasher_for(self, file_id: int, chunk_idx: int) -> Any:
@@ -502,52 +537,47 @@ class UploadService:
         stray: Path | None = None
         try:
             async with self.db.write() as s:
-                batch = await s.get(Batch, slot.batch_pk)
-                f = await s.get(BatchFile, slot.file_id)
-                if batch is None or batch.state != "open" or f is None:
+                row = (await s.execute(_SQL["record"], {"file_id": slot.file_id})).one_or_none()
+                if row is None or row[0] != "open":
                     # Its rows are gone: whatever directory this request made is ours to remove.
-                    stray = self.store.file_dir(slot.batch_pk, slot.file_id) if f is None else None
-                    if batch is not None and batch.state != "open":
-                        stray = self.store.batch_dir(slot.batch_pk)
+                    stray = (self.store.file_dir(slot.batch_pk, slot.file_id) if row is None
+                             else self.store.batch_dir(slot.batch_pk))
                     self._known.pop((batch_id, req.file_idx), None)
                     raise NotFound(f"batch {batch_id} or its file {req.file_idx} was removed meanwhile",
-                                   code="ERR_BATCH_NOT_FOUND" if f is not None else "ERR_FILE_NOT_FOUND")
-                chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
-                ids = [i for i, _ in chunks]
-                if f.chunk_count != req.chunk_count or f.size != req.size:
+                                   code="ERR_FILE_NOT_FOUND" if row is None else "ERR_BATCH_NOT_FOUND")
+                _b_state, f_state, f_count, f_size, ids_csv, received = row
+                ids = _ids(ids_csv)
+                if f_count != req.chunk_count or f_size != req.size:
                     raise BadRequest(f"file {req.file_idx} was declared anew meanwhile",
                                      code="ERR_CHUNK_COUNT_CHANGED")
-                if f.state != "receiving" or req.chunk_idx in ids:
+                if f_state != "receiving" or req.chunk_idx in ids:
                     remove(temp)
-                    return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids,
-                                         len(ids) == f.chunk_count), False
-                total = sum(n for _, n in chunks) + size
-                last = len(ids) + 1 == f.chunk_count
-                if total > f.size or (last and total != f.size):
+                    return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f_count, ids,
+                                         len(ids) == f_count), False
+                total = received + size
+                last = len(ids) + 1 == f_count
+                if total > f_size or (last and total != f_size):
                     raise BadRequest(f"the chunks of file {req.file_idx} add up to {total} bytes, X-File-Size "
-                                     f"is {f.size}", code="ERR_FILE_SIZE_MISMATCH")
-                if last and f.chunk_count > 1 and self.store.free_bytes() - f.size < self.settings.min_free_disk:
+                                     f"is {f_size}", code="ERR_FILE_SIZE_MISMATCH")
+                if last and f_count > 1 and self.store.free_bytes() - f_size < self.settings.min_free_disk:
                     raise InsufficientStorage("not enough free disk space to assemble this file",
                                               code="ERR_DISK_FULL")
-                s.add(Chunk(file_id=f.id, chunk_idx=req.chunk_idx, size=size, received_at=now))
-                f.updated_at = batch.updated_at = now
+                await s.execute(_SQL["insert_chunk"], {"file_id": slot.file_id, "chunk_idx": req.chunk_idx,
+                                                       "size": size, "received_at": now})
                 assemble = inline = False
-                if last and f.chunk_count == 1 and in_order:
+                if last and f_count == 1 and in_order:
                     # A one-chunk file is assembled by renaming it into place: no copy, no task.
                     os.replace(temp, data)
-                    f.state, f.sha256 = "complete", hasher.hexdigest()
+                    await s.execute(_SQL["complete_file"], {"file_id": slot.file_id, "sha": hasher.hexdigest(),
+                                                            "now": now})
                     inline = True
+                elif last:
+                    os.replace(temp, final)
+                    res = await s.execute(_SQL["start_assembly"], {"file_id": slot.file_id, "now": now})
+                    assemble = res.rowcount == 1  # type: ignore[attr-defined]
                 else:
                     os.replace(temp, final)
-                await s.flush()
-                if last and not inline:
-                    res = await s.execute(
-                        update(BatchFile)
-                        .where(BatchFile.id == f.id, BatchFile.state == "receiving",
-                               select(func.count()).where(Chunk.file_id == f.id).scalar_subquery()
-                               == BatchFile.chunk_count)
-                        .values(state="assembling", updated_at=now))
-                    assemble = res.rowcount == 1  # type: ignore[attr-defined]
+                    await s.execute(_SQL["touch_file"], {"file_id": slot.file_id, "now": now})
                 ids = sorted([*ids, req.chunk_idx])
         except BaseException:
             remove(temp)
@@ -643,6 +673,11 @@ class UploadService:
                 entry["complete"] = False
             out.append(entry)
         return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
+
+
+def _ids(csv: str | None) -> list[int]:
+    """Chunk ids from SQLite's group_concat (unordered)."""
+    return sorted(int(i) for i in csv.split(",")) if csv else []
 
 
 def _settle_inline(data: Path, chunks_dir: Path) -> None:
