@@ -106,7 +106,7 @@ SLOW = {"body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}
 async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(client, settings: Settings) -> None:
     """The CLI and the server are different processes: --force cancels through the database and
     the live engine stops the job (no "marked Cancelled" fallback); nothing is written after."""
-    job = await start_ok(client, "live", SLOW, job_rows(4000))
+    job = await start_ok(client, "live", SLOW, job_rows(10_000))  # far longer than the two CLI runs
     jid = job["job_id"]
 
     async def rendering() -> bool:
