@@ -151,7 +151,9 @@ async def large_bare(url: str, block: bytes, chunks: int) -> float:
         return time.perf_counter() - t
 
 
-async def large_filedrop(url: str, block: bytes, chunks: int) -> float:
+async def large_filedrop(url: str, block: bytes, chunks: int) -> tuple[float, float]:
+    """Seconds until the last chunk is answered, and until the file is assembled (the
+    manifest, which waits for assembly, has its SHA-256)."""
     h = {"X-API-Key": KEY}
     size = len(block) * chunks
     async with aiohttp.ClientSession() as s:
@@ -164,14 +166,15 @@ async def large_filedrop(url: str, block: bytes, chunks: int) -> float:
                   "Content-Type": "application/octet-stream"}
             async with s.post(f"{url}/api/v1/upload/{batch}/0", data=block, headers=hh) as r:
                 assert r.status in (201, 202), await r.text()
-        elapsed = time.perf_counter() - t
+        answered = time.perf_counter() - t
         async with s.post(f"{url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
             files = (await r.json())["files"]  # executing also removes the batch
+        assembled = time.perf_counter() - t
     expected = hashlib.sha256()
     for _ in range(chunks):
         expected.update(block)
     assert files[0]["sha256"] == expected.hexdigest(), "assembled file differs"
-    return elapsed
+    return answered, assembled
 
 
 async def small_run(post_one, count: int, parallel: int = 8) -> float:  # type: ignore[no-untyped-def]
@@ -245,7 +248,9 @@ def main(argv: list[str]) -> int:
             for name, (burl, root) in bares.items():
                 results.setdefault(f"large {name}", []).append(asyncio.run(large_bare(burl, block, chunks)))
                 clear(root)
-            results.setdefault("large filedrop", []).append(asyncio.run(large_filedrop(url, block, chunks)))
+            answered, assembled = asyncio.run(large_filedrop(url, block, chunks))
+            results.setdefault("large filedrop", []).append(answered)
+            results.setdefault("large filedrop assembled", []).append(assembled)
             for name, (burl, root) in bares.items():
                 results.setdefault(f"small {name}", []).append(asyncio.run(small_bare(burl, blob, args.files)))
                 clear(root)
@@ -260,24 +265,31 @@ def main(argv: list[str]) -> int:
     mb = args.size_mib * MiB / 1e6
     print(f"Upload benchmark: {args.size_mib} MiB in {args.chunk_mib} MiB chunks (in order, one connection); "
           f"{args.files} files of {args.file_kib} KiB (8 in flight); best of {args.reps}; {os.cpu_count()} cores.\n")
-    print("| measurement | filedrop | bare aiohttp (aiofiles) | bare aiohttp (thread) | bare (thread + fsync) "
-          "| ratio vs best bare | ratio vs bare + fsync |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    fd = mb / best["large filedrop"]
+    print("| measurement | filedrop | bare aiohttp, aiofiles | bare aiohttp, thread | bare, thread + fsync "
+          "| ratio to best bare | ratio to bare + fsync |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     bl = {k: mb / best[f"large {k}"] for k in bares}
     plain = max(bl["bare aiofiles"], bl["bare thread"])
-    print(f"| {args.size_mib} MiB file, MB/s | {fd:.0f} | {bl['bare aiofiles']:.0f} | {bl['bare thread']:.0f} | "
-          f"{bl['bare thread + fsync']:.0f} | {fd / plain:.2f} | {fd / bl['bare thread + fsync']:.2f} |")
+    durable = bl["bare thread + fsync"]
+    ratios = {}
+    for label, key in ((f"{args.size_mib} MiB file, MB/s, last chunk answered", "large filedrop"),
+                       (f"{args.size_mib} MiB file, MB/s, assembled (SHA-256 known)", "large filedrop assembled")):
+        fd = mb / best[key]
+        ratios[key] = fd / plain
+        print(f"| {label} | {fd:.0f} | {bl['bare aiofiles']:.0f} | {bl['bare thread']:.0f} | {durable:.0f} | "
+              f"{fd / plain:.2f} | {fd / durable:.2f} |")
     fs = args.files / best["small filedrop"]
     sl = {k: args.files / best[f"small {k}"] for k in bares}
     splain = max(sl["bare aiofiles"], sl["bare thread"])
-    print(f"| {args.files} x {args.file_kib} KiB, files/s | {fs:.0f} | {sl['bare aiofiles']:.0f} | "
+    print(f"| {args.files} files of {args.file_kib} KiB, files/s | {fs:.0f} | {sl['bare aiofiles']:.0f} | "
           f"{sl['bare thread']:.0f} | {sl['bare thread + fsync']:.0f} | {fs / splain:.2f} | "
           f"{fs / sl['bare thread + fsync']:.2f} |")
-    print(f"| server peak RSS (VmHWM), MB | {rss:.0f} | | | | floor {RSS_FLOOR_MB} | |")
-    ok = fd / plain >= RATIO_FLOOR and rss <= RSS_FLOOR_MB
-    print(f"\nlarge-file ratio floor {RATIO_FLOOR} (vs the best bare handler): {'met' if fd / plain >= RATIO_FLOOR else 'MISSED'}; "
-          f"peak RSS floor {RSS_FLOOR_MB} MB: {'met' if rss <= RSS_FLOOR_MB else 'MISSED'}")
+    print(f"| server peak RSS (VmHWM), MB | {rss:.0f} | | | | | |")
+    ratio = ratios["large filedrop"]
+    ok = ratio >= RATIO_FLOOR and rss <= RSS_FLOOR_MB
+    print(f"\nfloors: large-file ratio (last chunk answered, to the best bare handler) >= {RATIO_FLOOR}: "
+          f"{ratio:.2f} {'met' if ratio >= RATIO_FLOOR else 'MISSED'}; peak RSS <= {RSS_FLOOR_MB} MB: "
+          f"{rss:.0f} {'met' if rss <= RSS_FLOOR_MB else 'MISSED'}")
     return 0 if ok else 1
 
 
