@@ -18,9 +18,9 @@ Invariants:
 * Never removes what is in use. A batch is in use while its (or any of its files') idle clock is
   younger than the TTL, while any file under it was written within :data:`GRACE` (a chunk
   being received keeps touching its ``.part``), or while a running job uses it. These checks
-  read only the database and the disk, so they hold for the CLI beside a live server too. A file being assembled
-  keeps its batch. Nothing under a running job's smartlink directory is touched. The TTL is never
-  shorter than :data:`GRACE`, whatever ``--older-than`` says.
+  read only the database and the disk, so they hold for the CLI beside a live server too. A
+  file being assembled keeps its batch. Nothing under a running job's smartlink directory is
+  touched. The TTL is never shorter than :data:`GRACE`, whatever ``--older-than`` says.
 * :func:`plan` only reads; :func:`apply` re-checks every item (a conditional ``UPDATE``/``DELETE``
   under the writer lock, or a fresh ``stat``), so what woke up in between is kept (result
   ``kept: in use``).
@@ -405,8 +405,9 @@ async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bo
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # one failure must not stop the rest of the pass
-                item.result = f"error: {e.__class__.__name__}: {e}"
-                log.error("could not remove %s %s: %s", item.kind, item.target, item.result)
+                log.error("could not remove %s %s: %s", item.kind, item.target, e)
+                first_line = " ".join(str(e).partition("\n")[0].split())  # one table row per item
+                item.result = f"error: {e.__class__.__name__}: {first_line}"
         if progress is not None:
             progress(n, total, item)
     return the_plan

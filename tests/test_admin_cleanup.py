@@ -195,7 +195,7 @@ def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -
     results = {row[0]: row[2] for row in rows["expired-batch"]}
     assert results["expired"] == "removed"
     assert results["stuck"].startswith("error:") and "refused by the test" in results["stuck"]
-    assert "1 error(s)" in r.stdout
+    assert "1 error(s)" in r.stdout and len(r.stdout.splitlines()) == 4  # header, 2 rows, total
     assert "could not remove expired-batch stuck" in r.stderr
     # The row stays as a tombstone (a late chunk is refused); the next pass finishes it.
     assert batch_state(settings, "stuck") == "dropped" and batch_state(settings, "expired") is None
