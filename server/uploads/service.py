@@ -28,7 +28,7 @@ import re
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,11 @@ class _Slot:
 
 @dataclass
 class Stats:
+    """Counters since start (exactly-once assembly is checked against them)."""
+
     assembled: int = 0
     assembly_failed: int = 0
     recovered: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class UploadService:
