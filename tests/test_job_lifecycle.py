@@ -23,18 +23,18 @@ async def status(client, batch_id: str, job_id: str) -> dict:
 
 
 async def test_max_errors_exceeded_cancels_with_reason(client, settings) -> None:
-    job = await start_ok(client, "maxerr", DIVIDE, divide_rows(2000, {10, 20, 30}), max_errors=2)
+    job = await start_ok(client, "maxerr", DIVIDE, divide_rows(4000, {10, 20, 30}), max_errors=2)
     done = await wait_job(client, "maxerr", job["job_id"])
     assert done["status"] == "Cancelled", done
     assert done["erroredCount"] == 3
     assert "max_errors (2) exceeded" in done["reason"]
-    assert done["succeededCount"] + done["erroredCount"] < 2000
+    assert done["succeededCount"] + done["erroredCount"] < 4000
     files = list((settings.smartlink_root / "maxerr").iterdir())
     assert len(files) == done["succeededCount"]
     log = (await get_json(client, f"/api/batch/maxerr/{job['job_id']}/log"))["log"]
     assert any("max_errors (2) exceeded" in e["message"] and e["level"] == "error" for e in log)
     result = (await get_json(client, f"/api/batch/maxerr/{job['job_id']}/result"))["rows"]
-    assert sum(r["status"] == "skipped" for r in result) == 2000 - done["succeededCount"] - 3
+    assert sum(r["status"] == "skipped" for r in result) == 4000 - done["succeededCount"] - 3
     assert "ZeroDivisionError" in next(r["error"] for r in result if r["reference_id"] == "r10")
 
 

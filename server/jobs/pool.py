@@ -49,7 +49,7 @@ from server.jobs.render import (
 
 log = logging.getLogger("filedrop.jobs")
 
-CLAIM_ROWS = 200  # rows per claim: big enough to amortise the writer and one syncfs, small enough to cancel fast
+CLAIM_ROWS = 500  # rows per claim: big enough to amortise the writer and one syncfs, small enough to cancel fast
 PROCESS_CALL_ROWS = 50  # rows per call into a render process (bounds cancel latency there)
 RUNNING = ("Queued", "In progress")
 FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
@@ -103,6 +103,7 @@ class Runtime:
     spec: JobSpec | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     exhausted: bool = False  # no pending rows left to claim
+    cursor: int = 0  # rows below this idx are all claimed already (claims go in idx order)
     inflight: int = 0
     finishing: bool = False
     assets: dict[str, Any] = field(default_factory=dict)
@@ -317,9 +318,13 @@ class JobEngine:
         async with self.db.write() as s:
             res = await s.execute(text(
                 "UPDATE job_rows SET status='claimed' WHERE job_id=:j AND idx IN (SELECT idx FROM job_rows "
-                "WHERE job_id=:j AND status='pending' ORDER BY idx LIMIT :n) "
-                "RETURNING idx, reference_id, suffix, pdf, data"), {"j": rt.job_id, "n": n})
+                "WHERE job_id=:j AND idx >= :c AND status='pending' ORDER BY idx LIMIT :n) "
+                "RETURNING idx, reference_id, suffix, pdf, data"), {"j": rt.job_id, "c": rt.cursor, "n": n})
             rows = [RowIn(*r) for r in res.all()]
+            if rows:
+                # Rows never go back to pending while this process runs (only resume does that,
+                # before any claim), so the primary key range scan can start past them.
+                rt.cursor = max(rt.cursor, max(r.idx for r in rows) + 1)
             if rows:
                 started = await s.execute(update(Job).where(Job.job_id == rt.job_id, Job.status == "Queued")
                                           .values(status="In progress", started=func.coalesce(Job.started, utcnow())))

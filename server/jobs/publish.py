@@ -59,10 +59,11 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
     Idempotent: publishing the same bytes again replaces a file with an identical one.
     """
     errors: dict[str, str] = {}
-    staged: list[tuple[str, str, int | None]] = []  # (temp path, final path, fd if fsync-per-file)
+    staged: list[tuple[str, str]] = []  # (temp path, final path)
     per_file_sync = _SYNCFS is None
+    base = os.fspath(directory) + os.sep
     for it in items:
-        tmp = str(directory / temp_name(it.name))
+        tmp = base + temp_name(it.name)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -82,17 +83,17 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
             errors[it.name] = f"cannot write {it.name}: {e.strerror or e}"
             _unlink(tmp)
             continue
-        staged.append((tmp, str(directory / it.name), None))
+        staged.append((tmp, base + it.name))
     if not staged:
         return errors
     dfd = os.open(directory, os.O_RDONLY)
     try:
         if not per_file_sync and _SYNCFS is not None and _SYNCFS(dfd) != 0:
             # syncfs failed: fall back to fsyncing each temp file.
-            for tmp, _final, _ in staged:
+            for tmp, _final in staged:
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
-        for tmp, final, _ in staged:
+        for tmp, final in staged:
             try:
                 os.replace(tmp, final)
             except OSError as e:
