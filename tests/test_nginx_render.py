@@ -3,6 +3,7 @@ by the real ``nginx -t``, unsafe values refused, and the CLI that scripts/run ca
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -131,3 +132,14 @@ def test_cli_renders_from_the_environment(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "server.nginx", "render", "--prefix", str(tmp_path / "q")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "smartlink_root" in r.stderr
+
+
+def test_every_answer_nginx_writes_itself_has_the_apps_error_shape() -> None:
+    from server.errors import error_body
+
+    bodies = re.findall(r"return (\d{3}) '(.*)';", ngx.TEMPLATE.read_text())
+    assert {int(code) for code, _ in bodies} == {400, 404, 405, 413, 503, 504}
+    for code, raw in bodies:
+        body = json.loads(raw.replace("\\n", "\n"))
+        assert body == error_body(int(code), body["code"], body["message"])
+        assert re.fullmatch(r"ERR_[A-Z_]+", body["code"]) and body["message"]
