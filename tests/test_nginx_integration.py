@@ -21,6 +21,13 @@ from server.config import Settings
 from tests.conftest import API_KEY
 from tests.support.waiting import free_port, wait_until
 
+pytestmark = [
+    pytest.mark.timeout(180),
+    # As in tests/test_upload_nuxeo_client.py: the client leaves some streamed responses unclosed
+    # (their sockets are freed by the GC only).
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings(r"ignore:Exception ignored in. <socket\.socket:pytest.PytestUnraisableExceptionWarning"),
+]
 AUTH = {"X-API-Key": API_KEY}
 BIG = 50 << 20
 CHUNK = 4 << 20
@@ -46,6 +53,26 @@ def write_big_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def upload_through_nginx(nx: Nuxeo, big: Path, pdf: Path, digest: str, base: str) -> str:
+    batch = nx.uploads.batch()
+    batch.upload(FileBlob(str(big), mimetype="application/octet-stream"), chunked=True, chunk_size=CHUNK)
+    batch.upload(FileBlob(str(pdf), mimetype="application/pdf"))
+    batch_id = batch.uid
+    r = requests.post(f"{base}/nuxeo/api/v1/upload/{batch_id}/execute/Batch.Manifest", json={"params": {}},
+                      headers={**AUTH, "X-Batch-No-Drop": "true"}, timeout=30)
+    assert r.status_code == 200, r.text
+    files = {f["fileIdx"]: f for f in r.json()["files"]}
+    assert files["0"]["size"] == BIG and files["0"]["sha256"] == digest
+    assert files["1"]["sha256"] == hashlib.sha256(PDF).hexdigest()
+
+    # The same 50 MB in one request is over the chunk limit: NGINX refuses it up front, with the
+    # JSON error shape the nuxeo client parses (status + message).
+    with pytest.raises(UploadError) as refused:
+        nx.uploads.batch().upload(FileBlob(str(big), mimetype="application/octet-stream"), chunked=False)
+    assert "HTTPError(413)" in str(refused.value) and "request body too large" in str(refused.value)
+    return batch_id
+
+
 @pytest.mark.slow
 def test_upload_job_and_delivery_through_nginx(tmp_path: Path, server_factory, nginx_factory) -> None:
     http_port = free_port()
@@ -60,22 +87,10 @@ def test_upload_job_and_delivery_through_nginx(tmp_path: Path, server_factory, n
     digest = write_big_file(big)
     (tmp_path / "doc.pdf").write_bytes(PDF)
     nx = Nuxeo(host=base + "/nuxeo/", auth=("tester", API_KEY))
-    batch = nx.uploads.batch()
-    batch.upload(FileBlob(str(big), mimetype="application/octet-stream"), chunked=True, chunk_size=CHUNK)
-    batch.upload(FileBlob(str(tmp_path / "doc.pdf"), mimetype="application/pdf"))
-    batch_id = batch.uid
-    r = requests.post(f"{base}/nuxeo/api/v1/upload/{batch_id}/execute/Batch.Manifest", json={"params": {}},
-                      headers={**AUTH, "X-Batch-No-Drop": "true"}, timeout=30)
-    assert r.status_code == 200, r.text
-    files = {f["fileIdx"]: f for f in r.json()["files"]}
-    assert files["0"]["size"] == BIG and files["0"]["sha256"] == digest
-    assert files["1"]["sha256"] == hashlib.sha256(PDF).hexdigest()
-
-    # The same 50 MB in one request is over the chunk limit: NGINX refuses it up front, with the
-    # JSON error shape the nuxeo client parses (status + message).
-    with pytest.raises(UploadError) as refused:
-        nx.uploads.batch().upload(FileBlob(str(big), mimetype="application/octet-stream"), chunked=False)
-    assert "HTTPError(413)" in str(refused.value) and "request body too large" in str(refused.value)
+    try:
+        batch_id = upload_through_nginx(nx, big, tmp_path / "doc.pdf", digest, base)
+    finally:
+        nx.client.on_exit()
 
     # 2. A job on that batch, started and followed through NGINX; rows link the uploaded PDF.
     rows = [{"reference_id": f"ref{i:04d}", "suffix": f"{i:04d}5f1ea1e9b982f900468a",
