@@ -246,3 +246,16 @@ def test_a_deleted_link_stops_being_served(tree: tuple[NginxProcess, Path]) -> N
     (root / "gone" / f"ref.{SUFFIX}.html").unlink()
     wait_until(lambda: ngx.fetch("GET", path).status == 404, timeout=6, interval=0.1,
                what="the deleted smartlink to 404")
+
+
+@pytest.mark.parametrize("path,headers,status,code", [
+    ("/b1/" + "a" * 9000, {}, 414, "ERR_URI_TOO_LONG"),
+    (f"/b1/ref1.{SUFFIX}.html", {"X-Big": "a" * 9000}, 431, "ERR_HEADERS_TOO_LARGE"),
+    ("/api/v1/upload/x", {"X-Big": "a" * 9000}, 431, "ERR_HEADERS_TOO_LARGE"),
+])
+def test_oversized_requests_are_refused_as_json(ngx: NginxProcess, path: str, headers: dict[str, str],
+                                                status: int, code: str) -> None:
+    r = ngx.fetch("GET", path, headers)
+    assert r.status == status
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json()["code"] == code
