@@ -25,13 +25,16 @@ from server.config import Settings
 TEMPLATE = Path(__file__).resolve().parents[1] / "nginx.conf"
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 # What a path may contain to be written into the config unquoted and uninterpreted.
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/@+,=:~-]*$")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,=:~-]*")
+_SAFE_HOST = re.compile(r"[A-Za-z0-9.:-]+")
 # Directories under the prefix NGINX writes to; nginx.conf names each of them.
 PREFIX_DIRS = ("logs", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi")
 
 
 def upstream_address(host: str, port: int) -> str:
     """Where NGINX reaches the app: a wildcard bind is reached over loopback."""
+    if host and not _SAFE_HOST.fullmatch(host):
+        raise ValueError(f"app_host {host!r}: use a host name or an IP address")
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
@@ -75,7 +78,7 @@ def _user_directive(root: Path) -> str:
 def values(settings: Settings, *, listen: str | None = None, worker_processes: str = "auto") -> dict[str, str]:
     """The placeholder values for ``settings``; ``listen`` defaults to every address, http_port."""
     root = Path(settings.smartlink_root or settings.data_dir / "smartlinks")
-    if not _SAFE_PATH.match(str(root)):
+    if not _SAFE_PATH.fullmatch(str(root)):
         raise ValueError(f"smartlink_root {str(root)!r}: NGINX needs an absolute path of plain characters")
     listen = listen or str(settings.http_port)
     if not re.fullmatch(r"(?:[0-9.]+:|\[[0-9a-fA-F:]+\]:)?[0-9]{1,5}", listen):

@@ -62,6 +62,12 @@ def test_upstream_address(host: str, port: int, expected: str) -> None:
     assert ngx.upstream_address(host, port) == expected
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1; include /etc/passwd", "a b", "h\n", "x{"])
+def test_unsafe_app_host_is_refused(host: str) -> None:
+    with pytest.raises(ValueError, match="app_host"):
+        ngx.upstream_address(host, 1)
+
+
 def test_the_front_door_directives_are_there(tmp_path: Path) -> None:
     text = ngx.render(Settings(data_dir=tmp_path / "var"), tmp_path / "p").read_text()
     for d, v in [("sendfile", "on"), ("autoindex", "off"), ("gzip", "on"), ("server_tokens", "off"),
@@ -81,7 +87,7 @@ def test_render_makes_the_prefix_and_is_idempotent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("root", ["/tmp/with space", "/tmp/semi;colon", "/tmp/$document_root", "/tmp/q\"uote",
-                                  "/tmp/brace{x}", "/tmp/back\\slash", "/tmp/new\nline"])
+                                  "/tmp/brace{x}", "/tmp/back\\slash", "/tmp/new\nline", "/tmp/trailing\n"])
 def test_unsafe_smartlink_root_is_refused(tmp_path: Path, root: str) -> None:
     s = Settings(data_dir=tmp_path / "var", smartlink_root=Path(root))
     with pytest.raises(ValueError, match="smartlink_root"):
