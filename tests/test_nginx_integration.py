@@ -150,3 +150,23 @@ def test_upload_job_and_delivery_through_nginx(tmp_path: Path, server_factory, n
         r = requests.get(base + path, headers=AUTH, timeout=10)
         assert r.status_code == 503
         assert r.json()["code"] == "ERR_APP_UNAVAILABLE"
+
+
+def test_killed_app_gives_503_json_while_links_are_served(server_factory, nginx_factory) -> None:
+    """kill -9 of the real app (a crash, no graceful 503 of its own): NGINX answers for it."""
+    app = server_factory()
+    settings = Settings.from_env(app.env)
+    assert settings.smartlink_root is not None
+    link = settings.smartlink_root / "b1" / "ref.5f1ea1e9b982f900468aeb5b.html"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.write_bytes(b"<p>served from disk</p>")
+    ngx = nginx_factory(settings, app_port=app.port)
+    r = requests.get(ngx.url + "/api/v1/upload/handlers", headers=AUTH, timeout=10)
+    assert r.status_code == 200
+    app.kill9()
+    for path in ("/api/v1/upload/handlers", "/nuxeo/api/v1/upload/", "/api/batch/b1/x/status", "/healthz"):
+        r = requests.get(ngx.url + path, headers=AUTH, timeout=10)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.json()["code"] == "ERR_APP_UNAVAILABLE"
+    r = requests.get(ngx.url + "/b1/ref.5f1ea1e9b982f900468aeb5b.html", timeout=10)
+    assert r.status_code == 200 and r.content == b"<p>served from disk</p>"
