@@ -68,7 +68,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
     "workers": ("4", "Size of the smartlink rendering worker pool."),
-    "render_processes": ("0", "Processes that render smartlinks beside the event loop (0: threads only)."),
+    "render_processes": ("2", "Processes that render jobs of 1,000+ rows beside the event loop (0: threads only)."),
     "max_data_size": ("50M", "Largest `data`/`data_file` a job accepts. Over: 413."),
     "min_suffix_length": ("16", "Shortest client-supplied smartlink suffix."),
     "fetch_allow": ("", "CIDRs/hosts outgoing fetches and callbacks may reach although internal."),
@@ -104,7 +104,7 @@ class Settings:
     batch_ttl: float = 24 * 3600.0
     smartlink_root: Path | None = None
     workers: int = 4
-    render_processes: int = 0
+    render_processes: int = 2
     max_data_size: int = 50 << 20
     min_suffix_length: int = 16
     fetch_allow: tuple[str, ...] = ()

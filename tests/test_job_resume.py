@@ -1,10 +1,12 @@
 """A real server killed with SIGKILL mid-job resumes the job on start: every row ends with
-exactly one final file, the counts are right, no temp file is left."""
+exactly one final file, the counts are right, no temp file is left, and the render processes
+die with the server."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 import requests
@@ -16,6 +18,27 @@ from tests.support.waiting import wait_until
 ROWS = 3000
 # ~1-2 ms of sandboxed work per row: the job runs for seconds, so the kill lands mid-job.
 TEMPLATE = {"title": "{{ reference_id }}", "body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def status(url: str, job_id: str) -> dict:
@@ -36,7 +59,10 @@ def test_kill_9_mid_job_then_resume(server_factory, tmp_path) -> None:
 
     mid = wait_until(lambda: (s := status(first.url, job_id))["succeededCount"] >= 200 and s,
                      timeout=60, what="some rows rendered")
+    renderers = children(first.proc.pid)  # render processes (a 3,000-row job uses them)
+    assert renderers, "expected render processes for a job this big"
     first.kill9()
+    wait_until(lambda: not any(alive(p) for p in renderers), timeout=10, what="render processes to die with the server")
     assert mid["succeededCount"] < ROWS, "the job finished before the kill; make it longer"
 
     out = data_dir / "smartlinks" / "crash"

@@ -14,9 +14,14 @@ Page layout (all strategies)::
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import html
 import json
+import os
 import re
+import signal
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -365,12 +370,27 @@ class JobSpec:
         return Renderer(compiled, self.strategy, self.batch_id, json.loads(self.params_json), Path(self.out_dir))
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Initializer of a render process: it must not outlive a server killed with SIGKILL (its
+    siblings hold the task queue open, so it would wait on it forever)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the prctl
+        os._exit(0)
+
+
 _PROCESS_RENDERERS: OrderedDict[str, Renderer] = OrderedDict()  # per render process: compiled once per job
 
 
-def render_in_process(spec: JobSpec, rows: Sequence[RowIn], assets: Mapping[str, Any]) -> list[RowOut]:
-    """Entry point in a render process (``FILEDROP_RENDER_PROCESSES`` > 0). The caller checks
-    for cancellation between calls, so calls are kept small."""
+def render_in_process(spec: JobSpec, rows: Sequence[RowIn], assets: Mapping[str, Any],
+                      budget: float) -> list[RowOut]:
+    """Entry point in a render process (``FILEDROP_RENDER_PROCESSES`` > 0): renders ``rows`` for
+    at most about ``budget`` seconds; rows not reached are returned ``skipped`` (the caller checks
+    for cancellation, then sends them again)."""
+    deadline = time.monotonic() + budget
     r = _PROCESS_RENDERERS.get(spec.job_id)
     if r is None:
         r = _PROCESS_RENDERERS[spec.job_id] = spec.renderer()
@@ -378,9 +398,4 @@ def render_in_process(spec: JobSpec, rows: Sequence[RowIn], assets: Mapping[str,
             _PROCESS_RENDERERS.popitem(last=False)
     else:
         _PROCESS_RENDERERS.move_to_end(spec.job_id)
-    return r.render_rows(rows, assets, lambda: False)
-
-
-def warm_up() -> int:
-    """A no-op run in each render process at start, so the processes exist before a job needs them."""
-    return 0
+    return r.render_rows(rows, assets, lambda: time.monotonic() > deadline)
