@@ -54,7 +54,7 @@ _FILE_IDX = re.compile(r"[0-9]{1,9}")
 _MAX_NAME = 255  # characters; what common file systems allow for one name
 _MAX_CHUNKS = 1_000_000
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
-_CURSOR_LIMIT = 10_000
+_KNOWN_LIMIT = 10_000
 _TOUCH_EVERY = timedelta(seconds=30)  # a receiving file's updated_at is refreshed at most this often
 
 
@@ -200,14 +200,6 @@ class FileInfo:
     mimetype: str
 
 
-@dataclass
-class _Cursor:
-    """SHA-256 of a file's chunks received so far in order (saves re-reading at assembly)."""
-
-    next_idx: int
-    hasher: Any
-
-
 @dataclass(frozen=True)
 class _Known:
     """A file known to be receiving: lets a chunk skip the claim transaction (the record
@@ -246,7 +238,6 @@ class UploadService:
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
         self._assemblies: dict[str, set[asyncio.Task[None]]] = {}  # batch_id -> running assemblies
-        self._cursors: dict[int, _Cursor] = {}
         self._known: dict[tuple[str, int], _Known] = {}
 
     # -- life cycle ----------------------------------------------------------------------
@@ -293,8 +284,6 @@ class UploadService:
     def _forget(self, batch_id: str, file_ids: list[int]) -> None:
         for key in [k for k, v in self._known.items() if k[0] == batch_id and v.file_id in file_ids]:
             del self._known[key]
-        for i in file_ids:
-            self._cursors.pop(i, None)
 
     # -- batches -------------------------------------------------------------------------
     async def create_batch(self, owner: str) -> str:
@@ -434,7 +423,9 @@ class UploadService:
             await asyncio.to_thread(remove_tree, slot.replaced)
         if slot.done is not None:
             return slot.done
-        hasher = self._hasher_for(slot.file_id, req.chunk_idx)
+        # A one-chunk file is hashed on the way in (it is complete when recorded); a chunked
+        # file is hashed while it is assembled, beside the copy, off the chunks' critical path.
+        hasher = hashlib.sha256() if req.chunk_count == 1 else None
         temp = self.store.chunk_temp(slot.batch_pk, slot.file_id, req.chunk_idx)
         limit = min(s.max_chunk_size, req.size)
         try:
@@ -501,7 +492,7 @@ class UploadService:
                     "size": req.size, "upload_type": kind, "chunk_count": req.chunk_count, "state": "receiving",
                     "created_at": now, "updated_at": now})).scalar_one()
                 f_count, f_size = req.chunk_count, req.size
-        if len(self._known) >= _CURSOR_LIMIT:
+        if len(self._known) >= _KNOWN_LIMIT:
             self._known.clear()
         self._known[(batch_id, req.file_idx)] = _Known(owner, batch_pk, file_id, f_count, f_size)
         return _Slot(batch_pk, file_id, replaced=replaced)
@@ -513,14 +504,6 @@ class UploadService:
                                   code="ERR_BATCH_TOO_MANY_FILES")
         if other_bytes + size > cfg.max_batch_bytes:
             raise PayloadTooLarge(f"a batch holds at most {cfg.max_batch_bytes} bytes", code="ERR_BATCH_TOO_LARGE")
-
-    def _hasher_for(self, file_id: int, chunk_idx: int) -> Any:
-        cursor = self._cursors.get(file_id)
-        if chunk_idx == 0 and cursor is None:
-            return hashlib.sha256()
-        if cursor is not None and cursor.next_idx == chunk_idx:
-            return cursor.hasher.copy()
-        return None
 
     async def _record(self, slot: _Slot, batch_id: str, req: UploadRequest, temp: Path, size: int,
                       hasher: Any) -> tuple[UploadOutcome, bool]:
@@ -534,9 +517,6 @@ class UploadService:
         """
         final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
         data = self.store.data_path(slot.batch_pk, slot.file_id)
-        cursor = self._cursors.get(slot.file_id)
-        in_order = hasher is not None and (
-            (cursor is None and req.chunk_idx == 0) or (cursor is not None and cursor.next_idx == req.chunk_idx))
         now = utcnow()
         stray: Path | None = None
         try:
@@ -569,7 +549,7 @@ class UploadService:
                 await s.execute(_SQL["insert_chunk"], {"file_id": slot.file_id, "chunk_idx": req.chunk_idx,
                                                        "size": size, "received_at": now})
                 assemble = inline = False
-                if last and f_count == 1 and in_order:
+                if last and f_count == 1 and hasher is not None:
                     # A one-chunk file is assembled by renaming it into place: no copy, no task.
                     os.replace(temp, data)
                     await s.execute(_SQL["complete_file"], {"file_id": slot.file_id, "sha": hasher.hexdigest(),
@@ -597,17 +577,11 @@ class UploadService:
             await asyncio.to_thread(fsync_dir, final.parent)
             if last:
                 self._known.pop((batch_id, req.file_idx), None)
-            if in_order:
-                if len(self._cursors) >= _CURSOR_LIMIT:
-                    self._cursors.clear()
-                self._cursors[slot.file_id] = _Cursor(req.chunk_idx + 1, hasher)
         return UploadOutcome(batch_id, req.file_idx, req.chunked, size, req.chunk_count, ids, last), assemble
 
     async def _assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int) -> None:
-        cursor = self._cursors.pop(file_id, None)
-        known = cursor.hasher.hexdigest() if cursor is not None and cursor.next_idx == chunk_count else None
         try:
-            digest = await asyncio.to_thread(self.store.assemble, batch_pk, file_id, chunk_count, size, known)
+            digest = await asyncio.to_thread(self.store.assemble, batch_pk, file_id, chunk_count, size)
         except (OSError, ValueError) as e:
             self.stats.assembly_failed += 1
             log.error("assembling file %s of batch %s failed: %s", file_id, batch_pk, e)

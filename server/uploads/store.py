@@ -23,6 +23,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 # Bytes gathered from the socket before one write: large enough that the thread hop per write
 # is noise, small enough that a few hundred parallel uploads stay far below the RSS budget.
 WRITE_BUFFER = 1 << 20
-COPY_BLOCK = 8 << 20
+COPY_BLOCK = 1 << 20  # read size when hashing chunk files at assembly
 
 
 class BodyTooLarge(Exception):
@@ -151,43 +152,45 @@ class UploadStore:
         return Received(temp, size)
 
     # -- assembling ----------------------------------------------------------------------
-    def assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int,
-                 known_sha256: str | None = None) -> str:
+    def assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int) -> str:
         """Turn ``chunks/0..n-1`` into ``data`` atomically; return its SHA-256 (hex).
 
-        Idempotent, so crash recovery can call it again: if ``data`` is already in place (a
-        crash after the rename) it is only hashed. A single chunk is renamed, not copied.
-        Raises ValueError if the bytes do not add up to ``size``.
+        The kernel copies (``copy_file_range``) while a second thread hashes the same chunks
+        (hashlib releases the GIL), so hashing costs no time on two cores. Idempotent, so
+        crash recovery can call it again: if ``data`` is already in place (a crash after the
+        rename) it is only hashed. Raises ValueError if the bytes do not add up to ``size``.
         """
         fdir = self.file_dir(batch_pk, file_id)
         data = self.data_path(batch_pk, file_id)
         if data.exists():
-            digest = _sha256_file(data)
             _check_size(data, size)
-            return digest
+            return _sha256_file(data)
         chunks = [self.chunk_path(batch_pk, file_id, i) for i in range(chunk_count)]
         if chunk_count == 1:
             _check_size(chunks[0], size)
-            digest = known_sha256 or _sha256_file(chunks[0])
+            digest = _sha256_file(chunks[0])
             os.replace(chunks[0], data)
             fsync_dir(fdir)
             return digest
         temp = fdir / f".data.{secrets.token_hex(8)}.part"
-        hasher = None if known_sha256 else hashlib.sha256()
+        hashing = _Hashing(chunks)
+        hashing.start()
         try:
             with open(temp, "wb") as out:
                 for chunk in chunks:
                     with open(chunk, "rb") as src:
-                        _copy(src.fileno(), out.fileno(), hasher)
+                        _copy(src.fileno(), out.fileno())
                 out.flush()
                 os.fsync(out.fileno())
             _check_size(temp, size)
+            digest = hashing.result()
             os.replace(temp, data)
         except BaseException:
+            hashing.join()
             remove(temp)
             raise
         fsync_dir(fdir)
-        return known_sha256 or hasher.hexdigest()  # type: ignore[union-attr]
+        return digest
 
     def remove_chunks(self, batch_pk: int, file_id: int) -> None:
         remove_tree(self.chunks_dir(batch_pk, file_id))
@@ -230,24 +233,42 @@ _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range = _load_sync_file_range()
 
 
-def _copy(src: int, dst: int, hasher: hashlib._Hash | None) -> None:
-    if hasher is None:
-        # No hashing needed: let the kernel copy (no round trip through user space).
-        remaining = os.fstat(src).st_size
-        while remaining > 0:
-            n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
-            if n == 0:
-                break
-            remaining -= n
-        return
-    while True:
-        block = os.read(src, COPY_BLOCK)
-        if not block:
-            return
-        hasher.update(block)
-        view = memoryview(block)
-        while view:
-            view = view[os.write(dst, view):]
+def _copy(src: int, dst: int) -> None:
+    """Append all of ``src`` to ``dst`` in the kernel (no round trip through user space)."""
+    remaining = os.fstat(src).st_size
+    while remaining > 0:
+        n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
+        if n == 0:
+            raise ValueError("chunk file shrank while it was copied")
+        remaining -= n
+
+
+class _Hashing(threading.Thread):
+    """SHA-256 of files read in order, in its own thread."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__(name="assemble-sha256", daemon=True)
+        self.paths = paths
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            for p in self.paths:
+                with open(p, "rb") as f:
+                    while block := f.read(COPY_BLOCK):
+                        h.update(block)
+            self.digest = h.hexdigest()
+        except BaseException as e:  # handed to the caller by result()
+            self.error = e
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.digest is not None
+        return self.digest
 
 
 def _sha256_file(path: Path) -> str:
