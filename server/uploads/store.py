@@ -115,19 +115,22 @@ class UploadStore:
         writing: asyncio.Future[None] | None = None
         hashing: asyncio.Future[None] | None = None
         size = 0
-        buf = bytearray()
+        pieces: list[bytes] = []  # joined once per block: one copy of every byte, not two
+        pending = 0
         try:
             async for data in body:
                 size += len(data)
                 if size > limit:
                     raise BodyTooLarge(limit)
-                buf += data
-                if len(buf) >= WRITE_BUFFER:
-                    block = bytes(buf)
-                    buf.clear()
+                pieces.append(data)
+                pending += len(data)
+                if pending >= WRITE_BUFFER:
+                    block = b"".join(pieces)
+                    pieces.clear()
+                    pending = 0
                     if writing is not None:
                         await writing
-                    # The buffer is empty now: the block ends at `size`.
+                    # Nothing is pending now: the block ends at `size`.
                     writing = loop.run_in_executor(None, _write_all, fd, block, size - len(block))
                     if hasher is not None:
                         if hashing is not None:
@@ -135,11 +138,12 @@ class UploadStore:
                         hashing = loop.run_in_executor(None, hasher.update, block)
             if writing is not None:
                 await writing
-            writing = loop.run_in_executor(None, _finish, fd, bytes(buf))
+            tail = b"".join(pieces)
+            writing = loop.run_in_executor(None, _finish, fd, tail)
             if hasher is not None:
                 if hashing is not None:
                     await hashing
-                hasher.update(buf)
+                hasher.update(tail)
             await writing
         except BaseException:
             if writing is not None and not writing.done():
