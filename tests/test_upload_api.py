@@ -231,3 +231,29 @@ async def test_legacy_execute_removes_the_batch(client) -> None:
     assert r.status == 200 and (await r.json())["files"][0]["sha256"] == sha256(b"a")
     await assert_error(await client.post("/site/automation/batch/upload", data=b"a", headers=h), 404,
                        "ERR_BATCH_NOT_FOUND")
+
+
+async def test_row_ids_and_their_directories_are_never_reused(client) -> None:
+    up = Uploads(client)
+    service = client.app[UPLOADS]
+    batch = await up.create()
+    await up.upload(batch, 0, b"one")
+    first = await service.open_file(AUTH_OWNER(client), batch, 0)
+    assert (await client.delete(up.url(f"/{batch}/0"), headers=AUTH)).status == 204
+    await up.upload(batch, 0, b"two")
+    second = await service.open_file(AUTH_OWNER(client), batch, 0)
+    assert second.path != first.path and not first.path.exists()
+    assert second.path.read_bytes() == b"two"
+
+
+async def test_concurrent_whole_uploads_to_one_index_leave_one_file(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    bodies = [bytes([65 + i]) * (1000 + i) for i in range(6)]
+    answers = await asyncio.gather(*(up.post(batch, 0, b, f"v{i}") for i, b in enumerate(bodies)))
+    assert all(r.status == 201 for r in answers)
+    files = (await up.manifest(batch))["files"]
+    assert len(files) == 1
+    winner = int(files[0]["name"][1:])
+    assert files[0]["sha256"] == sha256(bodies[winner]) and files[0]["size"] == len(bodies[winner])
+    assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]

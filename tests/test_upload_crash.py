@@ -41,14 +41,23 @@ def test_kill9_mid_chunked_upload_then_resume(server_factory, tmp_path: Path) ->
         f"POST /api/v1/upload/{batch}/0 HTTP/1.1", f"Host: 127.0.0.1:{srv.port}", f"X-API-Key: {API_KEY}",
         "X-File-Name: crash.bin", f"X-File-Size: {len(data)}", "X-Upload-Type: chunked",
         "X-Upload-Chunk-Index: 3", f"X-Upload-Chunk-Count: {n}", f"Content-Length: {CHUNK}", "", ""]).encode()
+    # And a whole file (index 1) is half sent too.
+    whole = "\r\n".join([
+        f"POST /api/v1/upload/{batch}/1 HTTP/1.1", f"Host: 127.0.0.1:{srv.port}", f"X-API-Key: {API_KEY}",
+        "X-File-Name: whole.bin", f"X-File-Size: {CHUNK}", f"Content-Length: {CHUNK}", "", ""]).encode()
     data_dir = tmp_path / "srv"
-    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock, \
+            socket.create_connection(("127.0.0.1", srv.port)) as sock2:
         sock.sendall(head + parts[3][: CHUNK // 2])
-        wait_until(lambda: any(p.endswith(".part") for p in upload_tree(data_dir)), timeout=10,
-                   what="the half-sent chunk's temp file")
+        sock2.sendall(whole + b"w" * (CHUNK // 2))
+        wait_until(lambda: sum(p.endswith(".part") for p in upload_tree(data_dir)) == 2, timeout=10,
+                   what="the temp files of the half-sent chunk and whole file")
         srv.kill9()
 
     srv2 = server_factory(data_dir=data_dir)
+    # The whole file's temp (batch dir) is removed at start; the chunk's temp is the janitor's.
+    temps = [p for p in upload_tree(data_dir) if p.endswith(".part")]
+    assert len(temps) == 1 and "/chunks/" in temps[0], temps
     info = requests.get(f"{srv2.url}/nuxeo/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
     assert info["uploadedChunkIds"] == [0, 1, 2, 5, 7] and info["chunkCount"] == n
     missing = sorted(set(range(n)) - set(info["uploadedChunkIds"]))

@@ -34,7 +34,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_batches')),
-    sa.UniqueConstraint('batch_id', name=op.f('uq_batches_batch_id'))
+    sa.UniqueConstraint('batch_id', name=op.f('uq_batches_batch_id')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('batches', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_batches_owner'), ['owner'], unique=False)
@@ -86,7 +87,8 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['batch_pk'], ['batches.id'], name=op.f('fk_batch_files_batch_pk_batches'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_batch_files')),
-    sa.UniqueConstraint('batch_pk', 'file_idx', name=op.f('uq_batch_files_batch_pk'))
+    sa.UniqueConstraint('batch_pk', 'file_idx', name=op.f('uq_batch_files_batch_pk')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('batch_files', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_batch_files_batch_pk'), ['batch_pk'], unique=False)

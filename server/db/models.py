@@ -52,6 +52,9 @@ class Batch(Base):
     as tombstones so a late upload into them is refused instead of recreating them)."""
 
     __tablename__ = "batches"
+    # Row ids name directories on disk: AUTOINCREMENT so an id is never handed out twice
+    # (plain rowids reuse the highest id after a delete, while its directory may still exist).
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     batch_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -67,7 +70,7 @@ class BatchFile(Base):
     """One file of a batch. ``state``: receiving -> assembling -> complete."""
 
     __tablename__ = "batch_files"
-    __table_args__ = (UniqueConstraint("batch_pk", "file_idx"),)
+    __table_args__ = (UniqueConstraint("batch_pk", "file_idx"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)

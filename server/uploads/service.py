@@ -239,6 +239,7 @@ class UploadService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._assemblies: dict[str, set[asyncio.Task[None]]] = {}  # batch_id -> running assemblies
         self._known: dict[tuple[str, int], _Known] = {}
+        self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id), open ones
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
@@ -251,6 +252,11 @@ class UploadService:
             log.info("recovering file %s of batch %s left assembling", file_id, batch_id)
             self._start_assembly(batch_id, batch_pk, file_id, count, size)
         self.stats.recovered += len(rows)
+        # Whole-file temps in batch dirs belong to requests of a previous run (the janitor
+        # looks for temps in file dirs only): before the first request, all are leftovers.
+        removed = await asyncio.to_thread(self.store.remove_batch_temps)
+        if removed:
+            log.info("removed %d whole-file temp(s) left by a previous run", removed)
         return len(rows)
 
     async def close(self) -> None:
@@ -314,6 +320,7 @@ class UploadService:
         await s.execute(delete(BatchFile).where(BatchFile.batch_pk == batch.id))
         batch.state = state
         batch.updated_at = utcnow()
+        self._open_batches.pop(batch.batch_id, None)
         self._forget(batch.batch_id, list(ids))
 
     # -- files ---------------------------------------------------------------------------
@@ -413,6 +420,10 @@ class UploadService:
         if self.store.free_bytes() - incoming < s.min_free_disk:  # one statvfs: no thread needed
             raise InsufficientStorage("not enough free disk space for this upload", code="ERR_DISK_FULL")
 
+        if not req.chunked:
+            whole = await self._receive_whole(owner, batch_id, req, body, create)
+            if whole is not None:
+                return whole
         known = self._known.get((batch_id, req.file_idx))
         if (known is not None and known.owner == owner and known.chunk_count == req.chunk_count
                 and known.size == req.size):
@@ -427,22 +438,103 @@ class UploadService:
         # file is hashed while it is assembled, beside the copy, off the chunks' critical path.
         hasher = hashlib.sha256() if req.chunk_count == 1 else None
         temp = self.store.chunk_temp(slot.batch_pk, slot.file_id, req.chunk_idx)
-        limit = min(s.max_chunk_size, req.size)
-        try:
-            received = await self.store.receive(body, temp, limit, hasher)
-        except BodyTooLarge:
-            if limit == s.max_chunk_size:
-                raise PayloadTooLarge(f"request body is over the {s.max_chunk_size} byte chunk limit",
-                                      code="ERR_CHUNK_TOO_LARGE") from None
-            raise BadRequest(f"body is longer than X-File-Size {req.size}", code="ERR_FILE_SIZE_MISMATCH") from None
-        if not req.chunked and received.size != req.size:
-            await asyncio.to_thread(remove, received.path)
-            raise BadRequest(f"body of {received.size} bytes is shorter than X-File-Size {req.size}",
-                             code="ERR_FILE_SIZE_MISMATCH")
-        outcome, assemble = await self._record(slot, batch_id, req, received.path, received.size, hasher)
+        received = await self._stream(body, temp, req, hasher)
+        outcome, assemble = await self._record(slot, batch_id, req, temp, received, hasher)
         if assemble:
             self._start_assembly(batch_id, slot.batch_pk, slot.file_id, req.chunk_count, req.size)
         return outcome
+
+    async def _open_batch_pk(self, owner: str, batch_id: str) -> int | None:
+        """The row id of an open batch of ``owner`` (cached; the recording transaction checks
+        again), None if there is no such batch id at all; 404 for a closed or foreign one."""
+        hit = self._open_batches.get(batch_id)
+        if hit is None:
+            async with self.db.read() as s:
+                row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
+                                       .where(Batch.batch_id == batch_id))).one_or_none()
+            if row is None:
+                return None
+            if row[2] != "open":
+                raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+            if len(self._open_batches) >= _KNOWN_LIMIT:
+                self._open_batches.clear()
+            hit = self._open_batches[batch_id] = (row[0], row[1])
+        if hit[0] != owner:
+            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+        return hit[1]
+
+    async def _receive_whole(self, owner: str, batch_id: str, req: UploadRequest, body: AsyncIterable[bytes],
+                             create: bool) -> UploadOutcome | None:
+        """A whole-file upload in one write transaction: the body goes to a temp in the batch
+        dir first, then its file row is made complete, its chunk recorded and the temp renamed
+        to ``data``, all at once. (Whole files are most of the traffic of small uploads, and
+        the single writer is their bottleneck.) None: the batch does not exist yet (a legacy
+        upload creates it through the general path)."""
+        batch_pk = await self._open_batch_pk(owner, batch_id)
+        if batch_pk is None:
+            if create:
+                return None
+            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+        hasher = hashlib.sha256()
+        temp = self.store.whole_temp(batch_pk, req.file_idx)
+        received = await self._stream(body, temp, req, hasher)
+        now = utcnow()
+        replaced: Path | None = None
+        file_id = 0
+        try:
+            async with self.db.write() as s:
+                row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
+                if row is None or row[1] != owner or row[2] != "open":
+                    self._open_batches.pop(batch_id, None)
+                    raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+                _pk, _owner, _state, old_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
+                if old_id is not None:
+                    ids = _ids(ids_csv)
+                    if f_state == "receiving" and ids and f_count != 1:
+                        raise BadRequest(f"file {req.file_idx} was declared with {f_count} chunks, not 1",
+                                         code="ERR_CHUNK_COUNT_CHANGED")
+                    if f_state != "complete" and ids:  # one chunk of one, being assembled: a repeat
+                        remove(temp)
+                        return UploadOutcome(batch_id, req.file_idx, False, received, 1, ids, True)
+                    # A complete file is replaced (as in Nuxeo); an empty declaration is superseded.
+                    await s.execute(delete(BatchFile).where(BatchFile.id == old_id))
+                    self._forget(batch_id, [old_id])
+                    replaced = self.store.file_dir(batch_pk, old_id)
+                    n_files, n_bytes = n_files - 1, n_bytes - f_size
+                self._check_limits(n_files, n_bytes, req.size)
+                file_id = (await s.execute(_SQL["insert_file"], {
+                    "batch_pk": batch_pk, "file_idx": req.file_idx, "name": req.name, "mimetype": req.mimetype,
+                    "size": req.size, "upload_type": "normal", "chunk_count": 1, "state": "complete",
+                    "sha256": hasher.hexdigest(), "created_at": now, "updated_at": now})).scalar_one()
+                await s.execute(_SQL["insert_chunk"], {"file_id": file_id, "chunk_idx": 0, "size": received,
+                                                       "received_at": now})
+                data = self.store.data_path(batch_pk, file_id)
+                data.parent.mkdir(exist_ok=True)  # a rolled-back id may be handed out again
+                os.replace(temp, data)
+        except BaseException:
+            remove(temp)
+            raise
+        await asyncio.to_thread(_durable_whole, data)
+        if replaced is not None:
+            await asyncio.to_thread(remove_tree, replaced)
+        self.stats.assembled += 1
+        return UploadOutcome(batch_id, req.file_idx, False, received, 1, [0], True)
+
+    async def _stream(self, body: AsyncIterable[bytes], temp: Path, req: UploadRequest, hasher: Any) -> int:
+        """Receive a body into ``temp`` within the chunk limit and the declared size; its size."""
+        limit = min(self.settings.max_chunk_size, req.size)
+        try:
+            received = await self.store.receive(body, temp, limit, hasher)
+        except BodyTooLarge:
+            if limit == self.settings.max_chunk_size:
+                raise PayloadTooLarge(f"request body is over the {limit} byte chunk limit",
+                                      code="ERR_CHUNK_TOO_LARGE") from None
+            raise BadRequest(f"body is longer than X-File-Size {req.size}", code="ERR_FILE_SIZE_MISMATCH") from None
+        if not req.chunked and received.size != req.size:
+            remove(received.path)
+            raise BadRequest(f"body of {received.size} bytes is shorter than X-File-Size {req.size}",
+                             code="ERR_FILE_SIZE_MISMATCH")
+        return received.size
 
     async def _claim(self, owner: str, batch_id: str, req: UploadRequest, create: bool) -> _Slot:
         """Find or make the batch and file rows for an upload (one short write transaction,
@@ -657,6 +749,12 @@ class UploadService:
 def _ids(csv: str | None) -> list[int]:
     """Chunk ids from SQLite's group_concat (unordered)."""
     return sorted(int(i) for i in csv.split(",")) if csv else []
+
+
+def _durable_whole(data: Path) -> None:
+    """Make a whole file's new directory and rename durable."""
+    fsync_dir(data.parent)
+    fsync_dir(data.parent.parent)
 
 
 def _settle_inline(data: Path, chunks_dir: Path) -> None:

@@ -7,6 +7,7 @@ client-supplied name):
     <batch dir>/<batch_files.id>/                         file dir
     <file dir>/chunks/<chunk_idx>                         a received chunk (fsynced, renamed into place)
     <file dir>/chunks/.<chunk_idx>.<random>.part          a chunk being received
+    <batch dir>/.<file_idx>.<random>.part                  a whole-file upload being received
     <file dir>/data                                       the assembled file
     <file dir>/.data.<random>.part                        the assembled file being written
 
@@ -90,6 +91,10 @@ class UploadStore:
 
     def chunk_temp(self, batch_pk: int, file_id: int, chunk_idx: int) -> Path:
         return self.chunks_dir(batch_pk, file_id) / f".{int(chunk_idx)}.{secrets.token_hex(8)}.part"
+
+    def whole_temp(self, batch_pk: int, file_idx: int) -> Path:
+        """A whole-file upload being received (before its file row exists)."""
+        return self.batch_dir(batch_pk) / f".{int(file_idx)}.{secrets.token_hex(8)}.part"
 
     def data_path(self, batch_pk: int, file_id: int) -> Path:
         return self.file_dir(batch_pk, file_id) / "data"
@@ -195,6 +200,20 @@ class UploadStore:
             raise
         fsync_dir(fdir)
         return digest
+
+    def remove_batch_temps(self) -> int:
+        """Remove every ``<batch dir>/.<file_idx>.<random>.part``; how many (start-up only)."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for batch in os.scandir(self.root):
+            if not (batch.is_dir(follow_symlinks=False) and batch.name.isdigit()):
+                continue
+            for entry in os.scandir(batch.path):
+                if entry.name.startswith(".") and entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
+                    remove(Path(entry.path))
+                    removed += 1
+        return removed
 
     def remove_chunks(self, batch_pk: int, file_id: int) -> None:
         remove_tree(self.chunks_dir(batch_pk, file_id))
