@@ -100,3 +100,30 @@ async def test_duplicate_start_returns_the_running_job(client) -> None:
     fresh = await start_ok(client, "dup", {"body": "x"}, rows(2))
     assert fresh["job_id"] != job["job_id"]
     assert (await wait_job(client, "dup", fresh["job_id"]))["status"] == "Completed"
+
+
+async def test_api_keeps_answering_during_a_big_job(client) -> None:
+    from tests.support.uploads import Uploads
+
+    job = await start_ok(client, "busy", SLOW, rows(5000))
+    jid = job["job_id"]
+
+    async def running() -> bool:
+        s = await status(client, "busy", jid)
+        return s["status"] == "In progress" and s["succeededCount"] > 0
+
+    await async_wait_until(running, timeout=30, what="the job to be rendering")
+    up = Uploads(client)
+    worst = 0.0
+    seen_running = 0
+    for i in range(10):
+        t0 = time.monotonic()
+        s = await status(client, "busy", jid)
+        batch = await up.create()
+        await up.upload(batch, 0, b"x" * 4096, f"f{i}.bin")
+        worst = max(worst, time.monotonic() - t0)
+        seen_running += s["status"] == "In progress"
+    assert seen_running >= 5, "the job ended too early to show anything"
+    assert worst < 1.0, f"a status + upload round took {worst:.2f}s during the job"
+    r = await client.post(f"/api/batch/busy/{jid}/cancel", headers=AUTH)
+    assert (await r.json())["status"] == "Cancelled"

@@ -312,6 +312,10 @@ class JobEngine:
     async def _claim(self, rt: Runtime, n: int) -> list[RowIn]:
         began: datetime | None = None
         async with self.db.write() as s:
+            # A cancel recorded by another process (e.g. `filedrop drop --force`) counts too.
+            if await s.scalar(select(Job.cancel_requested).where(Job.job_id == rt.job_id)):
+                rt.cancel.set()
+                return []
             res = await s.execute(text(
                 "UPDATE job_rows SET status='claimed' WHERE job_id=:j AND idx IN (SELECT idx FROM job_rows "
                 "WHERE job_id=:j AND idx >= :c AND status='pending' ORDER BY idx LIMIT :n) "
