@@ -611,6 +611,7 @@ class UploadService:
         data = self.store.data_path(slot.batch_pk, slot.file_id)
         now = utcnow()
         stray: Path | None = None
+        dir_sync: asyncio.Future[None] | None = None
         try:
             async with self.db.write() as s:
                 row = (await s.execute(_SQL["record"], {"file_id": slot.file_id})).one_or_none()
@@ -649,15 +650,20 @@ class UploadService:
                     inline = True
                 elif last:
                     os.replace(temp, final)
+                    dir_sync = asyncio.ensure_future(asyncio.to_thread(fsync_dir, final.parent))
                     res = await s.execute(_SQL["start_assembly"], {"file_id": slot.file_id, "now": now})
                     assemble = res.rowcount == 1  # type: ignore[attr-defined]
                 else:
                     os.replace(temp, final)
+                    # The rename's directory fsync runs beside the commit; both end before the answer.
+                    dir_sync = asyncio.ensure_future(asyncio.to_thread(fsync_dir, final.parent))
                     if now - touched > _TOUCH_EVERY:  # the idle clock the janitor reads; minutes matter
                         await s.execute(_SQL["touch_file"], {"file_id": slot.file_id, "now": now})
                 ids = sorted([*ids, req.chunk_idx])
         except BaseException:
             remove(temp)
+            if dir_sync is not None:
+                await asyncio.gather(dir_sync, return_exceptions=True)
             if stray is not None:
                 await asyncio.to_thread(remove_tree, stray)
             raise
@@ -666,7 +672,8 @@ class UploadService:
             await asyncio.to_thread(_settle_inline, data, final.parent)
             self.stats.assembled += 1
         else:
-            await asyncio.to_thread(fsync_dir, final.parent)
+            assert dir_sync is not None
+            await dir_sync
             if last:
                 self._known.pop((batch_id, req.file_idx), None)
         return UploadOutcome(batch_id, req.file_idx, req.chunked, size, req.chunk_count, ids, last), assemble
