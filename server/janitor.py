@@ -7,7 +7,8 @@ What cleanup removes, one :class:`Item` each:
     chunk-leftovers    ``chunks/`` of a file that is already assembled (state complete)
     orphan-dir         an upload batch or file directory that no database row refers to
     missing-bytes      a complete file row whose ``data`` is gone; chunk rows whose chunk file is gone
-    temp-file          a dot-name temp left by a crash (``.part`` of uploads, ``.tmp`` of the renderer)
+    temp-file          a dot-name temp left by a crash (``.part`` of uploads and assembly, ``.tmp`` of
+                       the renderer)
     expired-job        a finished job past its retention: its rows (its smartlinks only with
                        ``smartlinks=True``)
     orphan-smartlinks  (``smartlinks=True``) a smartlink directory no job refers to, untouched for
@@ -340,16 +341,20 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
             if _newest_mtime(p) < ages.wall_grace:
                 out.items.append(Item("orphan-dir", _rel(settings, p), _du(p), "no batch row", path=p))
             continue
-        if pk in expired:
+        b = by_pk[pk]
+        if pk in expired or b.batch_id in busy:
             continue
         known = files_of.get(pk, {})
         for fe in _listdir(p):
-            fid = int(fe.name) if fe.name.isdigit() else None
             fp = Path(fe.path)
-            if (fid is None or fid not in known) and not _is_temp(fe.name) \
-                    and _newest_mtime(fp) < ages.wall_grace:
+            if _is_temp(fe.name):  # a whole-file upload being received: <batch dir>/.<idx>.<random>.part
+                if _older(fp, ages.wall_grace):
+                    out.items.append(Item("temp-file", _rel(settings, fp), _du(fp), f"batch {b.batch_id}", path=fp))
+                continue
+            fid = int(fe.name) if fe.name.isdigit() else None
+            if (fid is None or fid not in known) and _newest_mtime(fp) < ages.wall_grace:
                 out.items.append(Item("orphan-dir", _rel(settings, fp), _du(fp),
-                                      f"no file row in batch {by_pk[pk].batch_id}", path=fp))
+                                      f"no file row in batch {b.batch_id}", path=fp))
 
 
 def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: Iterable[Any],

@@ -56,7 +56,11 @@ def _leftovers(settings: Settings) -> dict[str, object]:
     (orphan_file / "data").write_bytes(b"z" * 50)
     assembly_temp = up / str(live_pk) / str(done_id) / ".data.0123abcd.part"
     assembly_temp.write_bytes(b"a" * 60)
-    for p in (orphan, orphan_file, assembly_temp, up / str(live_pk) / str(recv_id)):
+    whole_temp = up / str(live_pk) / ".3.0123abcd.part"  # a whole-file upload cut off by a crash
+    whole_temp.write_bytes(b"w" * 15)
+    receiving = up / str(live_pk) / ".4.4567cdef.part"  # one being received right now
+    receiving.write_bytes(b"n" * 5)
+    for p in (orphan, orphan_file, assembly_temp, whole_temp, up / str(live_pk) / str(recv_id)):
         age(p, HOUR)
     old_links = add_job(settings, "a" * 32, "oldlinks", finished_ago=31 * DAY,
                         rows=[("r1", "s" * 16), ("r2", "t" * 16)])
@@ -65,7 +69,7 @@ def _leftovers(settings: Settings) -> dict[str, object]:
     age(render_temp, HOUR)
     return dict(expired_pk=expired_pk, tomb_pk=tomb_pk, live_pk=live_pk, done_id=done_id, gone_id=gone_id,
                 recv_id=recv_id, orphan=orphan, orphan_file=orphan_file, assembly_temp=assembly_temp,
-                old_links=old_links, render_temp=render_temp)
+                whole_temp=whole_temp, receiving=receiving, old_links=old_links, render_temp=render_temp)
 
 
 def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Settings) -> None:
@@ -76,14 +80,14 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     assert r.returncode == 0, r.stderr
     rows = table(r.stdout)
     assert {k: len(v) for k, v in rows.items()} == {
-        "expired-batch": 2, "chunk-leftovers": 1, "orphan-dir": 2, "missing-bytes": 2, "temp-file": 3,
+        "expired-batch": 2, "chunk-leftovers": 1, "orphan-dir": 2, "missing-bytes": 2, "temp-file": 4,
         "expired-job": 1}, r.stdout
     assert all(row[2] == "removed" for rs in rows.values() for row in rs), r.stdout
     assert {row[0] for row in rows["expired-batch"]} == {"expired", "tombstone"}
     assert [row[1] for row in rows["expired-batch"] if row[0] == "expired"] == ["3500"]
-    # 3500 (expired) + 100 (chunks) + 200 + 50 (orphans) + 40 + 60 + 25 (temps)
-    assert freed(r.stdout) == 3975
-    assert "3975 bytes (3.9 KiB) freed, 0 error(s)" in r.stdout
+    # 3500 (expired) + 100 (chunks) + 200 + 50 (orphans) + 40 + 60 + 15 + 25 (temps)
+    assert freed(r.stdout) == 3990
+    assert "3990 bytes (3.9 KiB) freed, 0 error(s)" in r.stdout
 
     assert not (up / str(st["expired_pk"])).exists() and not (up / str(st["tomb_pk"])).exists()
     assert batch_state(settings, "expired") is None and batch_state(settings, "tombstone") is None
@@ -95,8 +99,9 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     assert count(settings, Chunk, Chunk.file_id == st["recv_id"]) == 1  # row 1 had no bytes
     assert (live / str(st["recv_id"]) / "chunks" / "0").read_bytes() == b"r" * 10
     assert not (live / str(st["recv_id"]) / "chunks" / ".2.deadbeef.part").exists()
-    for p in ("orphan", "orphan_file", "assembly_temp", "render_temp"):
+    for p in ("orphan", "orphan_file", "assembly_temp", "whole_temp", "render_temp"):
         assert not Path(st[p]).exists(), p  # type: ignore[arg-type]
+    assert Path(st["receiving"]).exists()  # type: ignore[arg-type]
     assert batch_state(settings, "live") == "open"
     # The job's rows go; its smartlinks stay without --smartlinks.
     assert count(settings, Job) == count(settings, JobRow) == count(settings, JobLog) == 0
@@ -114,9 +119,9 @@ def test_dry_run_reports_the_same_and_changes_nothing(settings: Settings) -> Non
     r = run_cli(settings, "cleanup", "--dry-run")
     assert r.returncode == 0, r.stderr
     rows = table(r.stdout)
-    assert sum(len(v) for v in rows.values()) == 11
+    assert sum(len(v) for v in rows.values()) == 12
     assert all(row[2] == "would remove" for rs in rows.values() for row in rs)
-    assert freed(r.stdout) == 3975 and "would be freed" in r.stdout and "dry run" in r.stdout
+    assert freed(r.stdout) == 3990 and "would be freed" in r.stdout and "dry run" in r.stdout
     assert sorted(str(p) for p in settings.data_dir.rglob("*") if "sqlite" not in p.name) == before
     assert batch_state(settings, "expired") == "open" and count(settings, Job) == 1
     assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 1
