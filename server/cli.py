@@ -20,10 +20,8 @@ def _settings() -> Settings:
         raise SystemExit(f"filedrop: bad setting: {e}") from None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from server.app import create_app
+def _migrated_settings() -> Settings | None:
+    """The settings, or None (having said why on stderr) when the database is not at head."""
     from server.db.migrate import NotMigrated, check_at_head
 
     settings = _settings()
@@ -31,6 +29,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_at_head(settings.db_path)
     except NotMigrated as e:
         print(f"filedrop: {e}", file=sys.stderr)
+        return None
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from server.app import create_app
+
+    settings = _migrated_settings()
+    if settings is None:
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     host = args.host or settings.app_host
@@ -185,13 +194,9 @@ def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run an admin coroutine against the configured database: 2 when it is not migrated."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin chatter is not an admin step
     from server.db import Database
-    from server.db.migrate import NotMigrated, check_at_head
 
-    settings = _settings()
-    try:
-        check_at_head(settings.db_path)
-    except NotMigrated as e:
-        print(f"filedrop: {e}", file=sys.stderr)
+    settings = _migrated_settings()
+    if settings is None:
         return 2
 
     async def main() -> int:
