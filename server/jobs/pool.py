@@ -426,21 +426,27 @@ class JobEngine:
         skipped = [r.idx for r in results if r.status == "skipped"]
         # Rows skipped because the server is stopping (not cancelled) are simply handed back.
         back_to = "skipped" if rt.cancel.is_set() else "pending"
+        # Only rows still `claimed` change (and are counted): a job finished meanwhile (Failed,
+        # or cancelled by another process) has already settled its rows.
+        n_done = n_errors = 0
         async with self.db.write() as s:
             for i in range(0, len(done), 500):
-                await s.execute(text("UPDATE job_rows SET status='done' WHERE job_id=:j AND idx IN :ids")
-                                .bindparams(bindparam("ids", expanding=True)),
-                                {"j": rt.job_id, "ids": done[i:i + 500]})
+                res = await s.execute(text("UPDATE job_rows SET status='done' WHERE job_id=:j AND idx IN :ids "
+                                           "AND status='claimed'").bindparams(bindparam("ids", expanding=True)),
+                                      {"j": rt.job_id, "ids": done[i:i + 500]})
+                n_done += res.rowcount
             if errors:
-                await s.execute(text("UPDATE job_rows SET status='error', error=:e WHERE job_id=:j AND idx=:i"),
-                                [{"j": rt.job_id, "i": r.idx, "e": r.error} for r in errors])
+                res = await s.execute(text("UPDATE job_rows SET status='error', error=:e WHERE job_id=:j AND idx=:i "
+                                           "AND status='claimed'"),
+                                      [{"j": rt.job_id, "i": r.idx, "e": r.error} for r in errors])
+                n_errors = res.rowcount
             if skipped:
-                await s.execute(text("UPDATE job_rows SET status=:st WHERE job_id=:j AND idx IN :ids")
-                                .bindparams(bindparam("ids", expanding=True)),
+                await s.execute(text("UPDATE job_rows SET status=:st WHERE job_id=:j AND idx IN :ids "
+                                     "AND status='claimed'").bindparams(bindparam("ids", expanding=True)),
                                 {"st": back_to, "j": rt.job_id, "ids": skipped})
             res = await s.execute(update(Job).where(Job.job_id == rt.job_id).values(
-                succeeded_count=Job.succeeded_count + len(done),
-                errored_count=Job.errored_count + len(errors)).returning(Job.succeeded_count, Job.errored_count))
+                succeeded_count=Job.succeeded_count + n_done,
+                errored_count=Job.errored_count + n_errors).returning(Job.succeeded_count, Job.errored_count))
             succeeded, rt.errored = res.one()
             if errors:
                 await self._log(s, rt.job_id, [("error", f"row {r.idx}: {r.error}") for r in errors])
