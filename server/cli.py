@@ -63,13 +63,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from server.auth import KeyStore
     from server.db import Database, utcnow
-    from server.db.migrate import check_at_head
     from server.db.models import ApiKey
 
-    settings = _settings()
-    check_at_head(settings.db_path)
+    settings = _migrated_settings()
+    if settings is None:
+        return 2
 
     async def run() -> int:
+        assert settings is not None
         db = Database(settings.db_path)
         try:
             if args.keys_cmd == "create":

@@ -74,6 +74,9 @@ def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
     env = server_env(tmp_path / "k", API_KEY)
     run = lambda *a: subprocess.run([sys.executable, "-m", "server", *a], cwd=REPO, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
+    unmigrated = run("keys", "list")
+    assert unmigrated.returncode == 2 and "filedrop migrate" in unmigrated.stderr
+    assert "Traceback" not in unmigrated.stderr
     assert run("migrate").returncode == 0
     created = run("keys", "create", "bob")
     assert created.returncode == 0 and created.stdout.strip().startswith("fd_")
