@@ -4,13 +4,20 @@ NGINX), and Ctrl-C stops both."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
+import pytest
+
+from server import nginx as ngx
+from server.config import Settings
 from tests.conftest import API_KEY
-from tests.support.nginx import fetch
+from tests.support.nginx import fetch, nginx_binary
 from tests.support.server import REPO
 from tests.support.waiting import free_port, wait_until
 
@@ -112,3 +119,46 @@ def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_nginx_needs_no_root(tmp_path: Path) -> None:
+    """The rendered config runs as an ordinary user: every path NGINX writes is in its prefix."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: every other NGINX test here already runs without root")
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to drop to another user")
+    nobody = pwd.getpwnam("nobody")
+    # Under /tmp itself: pytest's tmp dirs are private to root, and nobody must reach this one.
+    base = Path(tempfile.mkdtemp(prefix="filedrop-nonroot-"))
+    proc = None
+    try:
+        link = base / "var" / "smartlinks" / "b1" / "ref.0123456789abcdef.html"
+        link.parent.mkdir(parents=True)
+        link.write_bytes(b"<p>no root</p>")
+        port = free_port()
+        conf = ngx.render(Settings(data_dir=base / "var", app_port=free_port()), base / "p",
+                          listen=f"127.0.0.1:{port}")
+        for d, dirs, files in os.walk(base):
+            for name in [d, *(os.path.join(d, x) for x in dirs + files)]:
+                os.chown(name, nobody.pw_uid, nobody.pw_gid)
+        proc = subprocess.Popen(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                                 "--clear-groups", nginx_binary(), "-p", str(base / "p"), "-c", str(conf),
+                                 "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def served() -> bool:
+            assert proc is not None and proc.poll() is None, (base / "p" / "logs" / "error.log").read_text()
+            try:
+                return fetch(port, "GET", "/b1/ref.0123456789abcdef.html", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(served, timeout=10, what="nginx started as nobody")
+        uid_line = next(x for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+        assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}
+        assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>no root</p>"
+        assert fetch(port, "GET", "/api/v1/upload/x").status == 503
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
