@@ -46,6 +46,7 @@ from server.jobs.render import (
     compile_template,
     die_with_parent,
     render_in_process,
+    warm_up,
 )
 
 log = logging.getLogger("filedrop.jobs")
@@ -132,7 +133,8 @@ class JobEngine:
         self._finished: dict[str, asyncio.Event] = {}
         self._notified: dict[str, asyncio.Event] = {}
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="render")
-        self._procs: ProcessPoolExecutor | None = None  # made on the first big job (see _uses_processes)
+        self._procs: ProcessPoolExecutor | None = None  # made on the first big job (_processes_ready)
+        self._procs_up: list[asyncio.Future[int]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -347,7 +349,7 @@ class JobEngine:
         final: dict[int, RowOut] = {}
         todo = rows
         for _round in range(4):  # each round fetches the assets the previous one found missing
-            if rt.use_processes:
+            if rt.use_processes and self._processes_ready():
                 out = await self._render_in_processes(rt, todo, stop)
             else:
                 out = await loop.run_in_executor(self._executor, renderer.render_rows, todo, rt.assets, stop)
@@ -363,17 +365,28 @@ class JobEngine:
                 final[r.idx] = RowOut(r.idx, "error", "assets unavailable: " + ", ".join(r.needs))
         return [final[r.idx] for r in rows]
 
-    async def _render_in_processes(self, rt: Runtime, rows: list[RowIn], stop: Callable[[], bool]) -> list[RowOut]:
-        assert rt.spec is not None
-        loop = asyncio.get_running_loop()
+    def _processes_ready(self) -> bool:
+        """Whether the render processes are up; the first call starts them. Until they are (a
+        spawn takes 0.3-1 s), big jobs render in threads, so nobody waits for the spawn."""
         if self._procs is None:
-            # Render processes keep CPU-bound Jinja2 off this process's GIL (measured: 2.5x the
-            # rows/s of threads, status p99 15-25 ms instead of 50-190 ms on 2 busy cores). Made
-            # once, on the first big job; "spawn" because forking a process that runs threads
-            # and an event loop is unsafe.
+            # Render processes keep CPU-bound Jinja2 off this process's GIL (bench: status p99
+            # 8-25 ms instead of 18-60 ms during a 10,000-row job). "spawn" because forking a
+            # process that runs threads and an event loop is unsafe.
             self._procs = ProcessPoolExecutor(max_workers=self.settings.render_processes,
                                               mp_context=multiprocessing.get_context("spawn"),
                                               initializer=die_with_parent, initargs=(os.getpid(),))
+            loop = asyncio.get_running_loop()
+            self._procs_up = [loop.run_in_executor(self._procs, warm_up)
+                              for _ in range(self.settings.render_processes)]
+            for f in self._procs_up:
+                f.add_done_callback(_log_spawn_failure)
+            return False
+        return all(f.done() and not f.cancelled() and f.exception() is None for f in self._procs_up)
+
+    async def _render_in_processes(self, rt: Runtime, rows: list[RowIn], stop: Callable[[], bool]) -> list[RowOut]:
+        assert rt.spec is not None
+        loop = asyncio.get_running_loop()
+        assert self._procs is not None
         out: list[RowOut] = []
         # A process cannot see rt.cancel, so each call is bounded in rows and in time (rows it
         # had no time for come back "skipped" and are sent again): cancel is checked between.
@@ -565,3 +578,7 @@ class JobEngine:
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.job_id == job_id).values(**values))
 
+
+def _log_spawn_failure(f: asyncio.Future[int]) -> None:
+    if not f.cancelled() and f.exception() is not None:
+        log.error("render processes could not start (big jobs render in threads): %r", f.exception())
