@@ -283,3 +283,28 @@ async def test_low_disk_answers_507(aiohttp_client, settings) -> None:
     full = Uploads(await aiohttp_client(create_app(settings.replace(min_free_disk=1 << 60))))
     await assert_error(await full.post(batch, 1, b"x"), 507, "ERR_DISK_FULL")
     await assert_intact(up, batch, settings.data_dir)
+
+
+async def test_client_disconnect_mid_whole_file_records_nothing(client, up, settings) -> None:
+    batch = await batch_with_good_file(up)
+    head = "\r\n".join([
+        f"POST /api/v1/upload/{batch}/1 HTTP/1.1", "Host: x", f"X-API-Key: {AUTH['X-API-Key']}",
+        "X-File-Name: w.bin", "X-File-Size: 5000", "Content-Length: 5000", "", ""]).encode()
+    loop = asyncio.get_running_loop()
+
+    def temps() -> list[str]:
+        return [p for p in upload_tree(settings.data_dir) if p.endswith(".part")]
+
+    async def temp_present() -> bool:
+        return bool(temps())
+
+    async def temp_gone() -> bool:
+        return not temps()
+
+    with socket.create_connection((client.server.host, client.server.port)) as sock:
+        await loop.run_in_executor(None, sock.sendall, head + b"w" * 2000)
+        await async_wait_until(temp_present, timeout=10, what="the whole file's temp")
+    await async_wait_until(temp_gone, timeout=10, what="the temp of the broken upload removed")
+    await assert_error(await up.info(batch, 1), 404, "ERR_FILE_NOT_FOUND")
+    await up.upload(batch, 1, b"w" * 5000, "w.bin")
+    await assert_intact(up, batch, settings.data_dir, extra=1)
