@@ -257,3 +257,12 @@ async def test_concurrent_whole_uploads_to_one_index_leave_one_file(client, sett
     winner = int(files[0]["name"][1:])
     assert files[0]["sha256"] == sha256(bodies[winner]) and files[0]["size"] == len(bodies[winner])
     assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]
+
+
+async def test_empty_file(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    r = await up.post(batch, 0, b"", "empty.txt")
+    assert r.status == 201 and (await r.json())["uploadedSize"] == "0"
+    assert (await up.manifest(batch))["files"] == [{"fileIdx": "0", "name": "empty.txt", "size": 0,
+                                                   "sha256": sha256(b"")}]

@@ -404,7 +404,7 @@ class UploadService:
         if req.chunk_idx >= req.chunk_count:
             raise BadRequest(f"chunk index {req.chunk_idx} is not below chunk count {req.chunk_count}",
                              code="ERR_CHUNK_INDEX_INVALID")
-        if req.chunk_count > req.size + 1 and req.chunk_count > 1:
+        if req.chunk_count > max(req.size, 1):  # every chunk holds at least one byte
             raise BadRequest(f"{req.chunk_count} chunks cannot make {req.size} bytes", code="ERR_CHUNK_COUNT_INVALID")
         cl = req.content_length
         if not req.chunked and req.size > s.max_chunk_size:
