@@ -40,6 +40,26 @@ def pid_alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][:1] != "Z"
 
 
+def end_run(proc: subprocess.Popen[bytes]) -> None:
+    """Whatever state a failed test left scripts/run in: TERM (its trap stops both children),
+    else KILL it and its children (each in its own session, so not in its process group)."""
+    if proc.poll() is not None:
+        return
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        for pid in children:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
     data = tmp_path / "var"
     http_port, app_port = free_port(), free_port()
@@ -85,9 +105,7 @@ def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
         # One signal each: the app's graceful shutdown is not cut short by a second one.
         assert "Traceback" not in after
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        end_run(proc)
 
 
 def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
@@ -120,9 +138,7 @@ def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         wait_until(lambda: refuses(http_port), timeout=10, what="nginx to stop with the app")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        end_run(proc)
 
 
 def test_nginx_needs_no_root(tmp_path: Path) -> None:
