@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -135,6 +136,7 @@ class JobEngine:
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="render")
         self._procs: ProcessPoolExecutor | None = None  # made on the first big job (_processes_ready)
         self._procs_up: list[asyncio.Future[int]] = []
+        self._procs_broken = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -368,20 +370,37 @@ class JobEngine:
     def _processes_ready(self) -> bool:
         """Whether the render processes are up; the first call starts them. Until they are (a
         spawn takes 0.3-1 s), big jobs render in threads, so nobody waits for the spawn."""
+        if self._procs_broken:
+            return False
         if self._procs is None:
             # Render processes keep CPU-bound Jinja2 off this process's GIL (bench: status p99
             # 8-25 ms instead of 18-60 ms during a 10,000-row job). "spawn" because forking a
             # process that runs threads and an event loop is unsafe.
-            self._procs = ProcessPoolExecutor(max_workers=self.settings.render_processes,
-                                              mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=die_with_parent, initargs=(os.getpid(),))
-            loop = asyncio.get_running_loop()
-            self._procs_up = [loop.run_in_executor(self._procs, warm_up)
-                              for _ in range(self.settings.render_processes)]
-            for f in self._procs_up:
-                f.add_done_callback(_log_spawn_failure)
+            try:
+                self._procs = ProcessPoolExecutor(max_workers=self.settings.render_processes,
+                                                  mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=die_with_parent, initargs=(os.getpid(),))
+                loop = asyncio.get_running_loop()
+                self._procs_up = [loop.run_in_executor(self._procs, warm_up)
+                                  for _ in range(self.settings.render_processes)]
+            except Exception as e:  # e.g. a __main__ without the `if __name__ == "__main__"` guard
+                self._processes_failed(e)
             return False
-        return all(f.done() and not f.cancelled() and f.exception() is None for f in self._procs_up)
+        for f in self._procs_up:
+            if not f.done():
+                return False
+            if f.cancelled() or f.exception() is not None:
+                self._processes_failed(f.exception() or RuntimeError("render process start cancelled"))
+                return False
+        return True
+
+    def _processes_failed(self, e: BaseException) -> None:
+        """Render processes are unusable (could not start, or one died): threads from now on."""
+        if not self._procs_broken:
+            log.error("render processes unusable, rendering in threads from now on: %r", e)
+        self._procs_broken = True
+        if self._procs is not None:
+            self._procs.shutdown(wait=False, cancel_futures=True)
 
     async def _render_in_processes(self, rt: Runtime, rows: list[RowIn], stop: Callable[[], bool]) -> list[RowOut]:
         assert rt.spec is not None
@@ -396,8 +415,15 @@ class JobEngine:
                 out += [RowOut(r.idx, "skipped") for r in todo]
                 break
             chunk, todo = todo[:PROCESS_CALL_ROWS], todo[PROCESS_CALL_ROWS:]
-            res = await loop.run_in_executor(self._procs, render_in_process, rt.spec, chunk, dict(rt.assets),
-                                             PROCESS_CALL_SECONDS)
+            try:
+                res = await loop.run_in_executor(self._procs, render_in_process, rt.spec, chunk,
+                                                 dict(rt.assets), PROCESS_CALL_SECONDS)
+            except BrokenProcessPool as e:  # a render process died (OOM kill, ...): go on in threads
+                self._processes_failed(e)
+                assert rt.renderer is not None
+                rest = chunk + todo
+                return out + await loop.run_in_executor(self._executor, rt.renderer.render_rows, rest,
+                                                        rt.assets, stop)
             attempted = [r for r in res if r.status != "skipped"]
             out += attempted
             seen = {r.idx for r in attempted}
@@ -577,8 +603,3 @@ class JobEngine:
     async def _set_state(self, job_id: str, **values: str) -> None:
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.job_id == job_id).values(**values))
-
-
-def _log_spawn_failure(f: asyncio.Future[int]) -> None:
-    if not f.cancelled() and f.exception() is not None:
-        log.error("render processes could not start (big jobs render in threads): %r", f.exception())
