@@ -10,6 +10,10 @@
     ├── InsufficientStorage   507  ERR_DISK_FULL
     └── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN (retryable)
 
+Codes NGINX answers itself, in the same shape (nginx.conf; the app never raises them):
+404 ERR_NOT_FOUND, 405 ERR_METHOD_NOT_ALLOWED, 413 ERR_TOO_LARGE, 414 ERR_URI_TOO_LONG,
+431 ERR_HEADERS_TOO_LARGE, 503 ERR_APP_UNAVAILABLE (app down; Retry-After), 504 ERR_APP_TIMEOUT.
+
 Handlers and services raise; only ``error_middleware`` builds error responses. The deliberate
 exception is 401, answered with an empty body (see ``server.auth``). The shape carries
 ``status`` and ``message`` because that is what the ``nuxeo`` client parses.
