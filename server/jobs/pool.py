@@ -373,9 +373,9 @@ class JobEngine:
         if self._procs_broken:
             return False
         if self._procs is None:
-            # Render processes keep CPU-bound Jinja2 off this process's GIL (bench: status p99
-            # 8-25 ms instead of 18-60 ms during a 10,000-row job). "spawn" because forking a
-            # process that runs threads and an event loop is unsafe.
+            # Render processes keep CPU-bound Jinja2 off this process's GIL and use the second
+            # core (bench, README: a higher ratio to the bare loop than threads, similar p99).
+            # "spawn" because forking a process that runs threads and an event loop is unsafe.
             try:
                 self._procs = ProcessPoolExecutor(max_workers=self.settings.render_processes,
                                                   mp_context=multiprocessing.get_context("spawn"),
