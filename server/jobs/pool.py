@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -131,8 +132,8 @@ class JobEngine:
         self._halt = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._notify_tasks: set[asyncio.Task[None]] = set()
-        self._finished: dict[str, asyncio.Event] = {}
-        self._notified: dict[str, asyncio.Event] = {}
+        self._finished = _Signals()
+        self._notified = _Signals()
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="render")
         self._procs: ProcessPoolExecutor | None = None  # made on the first big job (_processes_ready)
         self._procs_up: list[asyncio.Future[int]] = []
@@ -190,14 +191,14 @@ class JobEngine:
         if job_id not in self._active:
             self._active[job_id] = Runtime(job_id)
             self._order.append(job_id)
-        self._finished.setdefault(job_id, asyncio.Event())
+        self._finished.get(job_id)
         self._wake.set()
 
     # ---- signals for callers and tests ------------------------------------------------------
 
     async def job_finished(self, job_id: str, timeout: float | None = None) -> None:
         """Return once ``job_id`` has reached an end state (at once if it already has)."""
-        ev = self._finished.setdefault(job_id, asyncio.Event())
+        ev = self._finished.get(job_id)
         if not ev.is_set():
             async with self.db.read() as s:
                 status = await s.scalar(select(Job.status).where(Job.job_id == job_id))
@@ -207,7 +208,13 @@ class JobEngine:
 
     async def notified(self, job_id: str, timeout: float | None = None) -> None:
         """Return once the job's callback/e-mails have been delivered or given up on."""
-        ev = self._notified.setdefault(job_id, asyncio.Event())
+        ev = self._notified.get(job_id)
+        if not ev.is_set():
+            async with self.db.read() as s:
+                row = (await s.execute(select(Job.status, Job.callback_state, Job.email_state)
+                                       .where(Job.job_id == job_id))).first()
+            if row is not None and row[0] in FINISHED and "pending" not in (row[1], row[2]):
+                ev.set()
         await asyncio.wait_for(ev.wait(), timeout)
 
     def snapshot(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any] | None:
@@ -547,7 +554,7 @@ class JobEngine:
         self._active.pop(rt.job_id, None)
         if rt.job_id in self._order:
             self._order.remove(rt.job_id)
-        self._finished.setdefault(rt.job_id, asyncio.Event()).set()
+        self._finished.get(rt.job_id).set()
 
     # ---- log --------------------------------------------------------------------------------
 
@@ -598,8 +605,27 @@ class JobEngine:
         except Exception:
             log.exception("job %s: notification failed", job_id)
         finally:
-            self._notified.setdefault(job_id, asyncio.Event()).set()
+            self._notified.get(job_id).set()
 
     async def _set_state(self, job_id: str, **values: str) -> None:
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.job_id == job_id).values(**values))
+
+
+class _Signals:
+    """job id -> asyncio.Event, bounded: the oldest events that are already set are forgotten
+    (a later waiter on such a job finds its end state in the database instead)."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._events: OrderedDict[str, asyncio.Event] = OrderedDict()
+
+    def get(self, job_id: str) -> asyncio.Event:
+        ev = self._events.get(job_id)
+        if ev is None:
+            ev = self._events[job_id] = asyncio.Event()
+            if len(self._events) > self.LIMIT:
+                for k in [k for k, e in self._events.items() if e.is_set()][: len(self._events) - self.LIMIT]:
+                    del self._events[k]
+        return ev
