@@ -266,3 +266,25 @@ async def test_empty_file(client) -> None:
     assert r.status == 201 and (await r.json())["uploadedSize"] == "0"
     assert (await up.manifest(batch))["files"] == [{"fileIdx": "0", "name": "empty.txt", "size": 0,
                                                    "sha256": sha256(b"")}]
+
+
+async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, settings) -> None:
+    import shutil
+    import sqlite3
+
+    batch = "legacy-again"
+    h = {**upload_headers("a", 1), "X-Batch-Id": batch, "X-File-Idx": "0"}
+    h2 = {**upload_headers("b", 2), "X-Batch-Id": batch, "X-File-Idx": "1"}
+    for headers, body in ((h, b"a"), (h2, b"bb")):  # the second one finds the batch (and remembers it)
+        assert (await client.post("/site/automation/batch/upload", data=body, headers=headers)).status == 200
+    # What the janitor does to an expired batch, from another process: rows and bytes gone.
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM batches WHERE batch_id = ?", (batch,))
+    shutil.rmtree(settings.uploads_dir)
+    r = await client.post("/site/automation/batch/upload", data=b"bb", headers=h2)
+    assert r.status == 200, await r.text()  # the first upload makes the batch again
+    r = await client.post("/site/automation/batch/upload", data=b"a", headers=h)
+    assert r.status == 200, await r.text()  # and the next ones go to the new row
+    files = (await Uploads(client).manifest(batch))["files"]
+    assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"a")), ("1", sha256(b"bb"))]

@@ -484,10 +484,17 @@ class UploadService:
         try:
             async with self.db.write() as s:
                 row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
+                if row is None and create:  # removed meanwhile (janitor, CLI): a legacy upload makes it anew
+                    row = await self._insert_batch(s, owner, batch_id, now)
                 if row is None or row[1] != owner or row[2] != "open":
                     self._open_batches.pop(batch_id, None)
                     raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
-                _pk, _owner, _state, old_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
+                pk, _owner, _state, old_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
+                if pk != batch_pk:
+                    # The cached row id is stale: the batch was removed (janitor, CLI) and its
+                    # id made anew. The row decides; the temp is renamed across (same disk).
+                    self._open_batches[batch_id] = (owner, pk)
+                    batch_pk = pk
                 if old_id is not None:
                     ids = _ids(ids_csv)
                     if f_state == "receiving" and ids and f_count != 1:
@@ -509,7 +516,7 @@ class UploadService:
                 await s.execute(_SQL["insert_chunk"], {"file_id": file_id, "chunk_idx": 0, "size": received,
                                                        "received_at": now})
                 data = self.store.data_path(batch_pk, file_id)
-                data.parent.mkdir(exist_ok=True)  # a rolled-back id may be handed out again
+                data.parent.mkdir(parents=True, exist_ok=True)  # a rolled-back id may come again
                 os.replace(temp, data)
         except BaseException:
             remove(temp)
@@ -544,10 +551,7 @@ class UploadService:
         async with self.db.write() as s:
             row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
             if row is None and create:
-                pk = (await s.execute(_SQL["insert_batch"], {
-                    "batch_id": batch_id, "owner": owner, "state": "open", "created_at": now,
-                    "updated_at": now})).scalar_one()
-                row = (pk, owner, "open", None, None, None, None, 0, 0, None)
+                row = await self._insert_batch(s, owner, batch_id, now)
             if row is None or row[1] != owner or row[2] != "open":
                 raise NotFound(f"batch {batch_id} not found" if row is None or row[1] != owner
                                else f"batch {batch_id} was {row[2]}", code="ERR_BATCH_NOT_FOUND")
@@ -588,6 +592,13 @@ class UploadService:
             self._known.clear()
         self._known[(batch_id, req.file_idx)] = _Known(owner, batch_pk, file_id, f_count, f_size)
         return _Slot(batch_pk, file_id, replaced=replaced)
+
+    @staticmethod
+    async def _insert_batch(s: AsyncSession, owner: str, batch_id: str, now: Any) -> tuple[Any, ...]:
+        """Make a legacy batch (client-chosen id); returns a row shaped like the claim query's."""
+        pk = (await s.execute(_SQL["insert_batch"], {"batch_id": batch_id, "owner": owner, "state": "open",
+                                                     "created_at": now, "updated_at": now})).scalar_one()
+        return (pk, owner, "open", None, None, None, None, 0, 0, None)
 
     def _check_limits(self, other_files: int, other_bytes: int, size: int) -> None:
         cfg = self.settings
