@@ -1,4 +1,5 @@
-"""The worker pool: claims rows, renders them in threads, records results, finishes jobs.
+"""The worker pool: claims rows, renders them (threads, or render processes for big jobs),
+records results, finishes jobs, sends notifications.
 
 Invariants:
 * A row is claimed by one conditional ``UPDATE job_rows SET status='claimed' ... WHERE
@@ -11,7 +12,8 @@ Invariants:
 * A job is finished exactly once (conditional UPDATE on its running status), by the worker
   that sees it with no pending rows and nothing in flight.
 * Cancel (by request or by ``max_errors``) is a flag checked before every claim and between
-  rows inside the render thread; rows not rendered become ``skipped``.
+  rows inside the render thread (between bounded calls into a render process); rows not
+  rendered become ``skipped``. The event loop never renders.
 """
 
 from __future__ import annotations
@@ -336,7 +338,6 @@ class JobEngine:
                 # Rows never go back to pending while this process runs (only resume does that,
                 # before any claim), so the primary key range scan can start past them.
                 rt.cursor = max(rt.cursor, max(r.idx for r in rows) + 1)
-            if rows:
                 started = await s.execute(update(Job).where(Job.job_id == rt.job_id, Job.status == "Queued")
                                           .values(status="In progress", started=func.coalesce(Job.started, utcnow())))
                 if started.rowcount:
