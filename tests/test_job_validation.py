@@ -160,3 +160,20 @@ async def test_result_format_must_be_known(client) -> None:
     r = await client.get(f"/api/batch/fmt/{job['job_id']}/result?format=xml", headers=AUTH)
     body = await assert_error(r, 422)
     assert body["field"] == "format"
+
+
+async def test_template_over_the_limit_is_413(aiohttp_client, settings) -> None:
+    small = await aiohttp_client(create_app(settings.replace(fetch_max_bytes=1024)))
+    body = await refused(small, settings, 413, None, template={"body": "x" * 2000})
+    assert body["code"] == "ERR_TEMPLATE_TOO_LARGE" and "document_file" in body["message"]
+
+
+async def test_api_url_refused_by_the_fetch_guard(aiohttp_client, settings) -> None:
+    from tests.support.jobs import asset_server
+
+    strict = await aiohttp_client(create_app(settings.replace(fetch_allow=())))
+    async with asset_server({"/docs/t1": b'{"body": "x"}'}) as srv:
+        body = await refused(strict, settings, 422, "api_url", template=None, document_id="t1",
+                             api_url=srv.url("/docs/"))
+        assert srv.hits == {}
+    assert "internal address 127.0.0.1" in body["message"]
