@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from server.keys import JOBS
 from tests.support.jobs import AUTH, get_json, rows, start, start_ok, wait_job
 from tests.support.uploads import assert_error
 from tests.support.waiting import async_wait_until
@@ -127,3 +128,20 @@ async def test_api_keeps_answering_during_a_big_job(client) -> None:
     assert worst < 1.0, f"a status + upload round took {worst:.2f}s during the job"
     r = await client.post(f"/api/batch/busy/{jid}/cancel", headers=AUTH)
     assert (await r.json())["status"] == "Cancelled"
+
+
+async def test_job_that_cannot_write_its_folder_fails_with_reason(client, settings) -> None:
+    from tests.support.jobs import callback_receiver
+
+    settings.smartlink_root.mkdir(parents=True, exist_ok=True)
+    (settings.smartlink_root / "blocked").write_text("a file where the folder should be")
+    async with callback_receiver() as rcv:
+        job = await start_ok(client, "blocked", {"body": "x"}, rows(3), callback_url=rcv.url)
+        done = await wait_job(client, "blocked", job["job_id"])
+        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+    assert done["status"] == "Failed" and "cannot create the output folder blocked/" in done["reason"]
+    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (0, 0, 3)
+    assert done["finished"] is not None
+    result = (await get_json(client, f"/api/batch/blocked/{job['job_id']}/result"))["rows"]
+    assert {r["status"] for r in result} == {"skipped"}
+    assert len(rcv.attempts) == 1 and b'"status":"Failed"' in rcv.attempts[0][1]

@@ -63,6 +63,10 @@ RUNNING = ("Queued", "In progress")
 FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
 
 
+class JobFailed(Exception):
+    """The job as a whole cannot go on (status ``Failed``); the message is its reason."""
+
+
 class FileSource(Protocol):
     """What the engine needs from the upload service: a complete file's path (``.path``)."""
 
@@ -273,6 +277,9 @@ class JobEngine:
                 await self._step(rt)
             except asyncio.CancelledError:
                 raise
+            except JobFailed as e:
+                log.error("job %s failed: %s", rt.job_id, e)
+                await self._fail(rt, str(e))
             except Exception as e:
                 log.exception("job %s failed", rt.job_id)
                 await self._fail(rt, f"internal error: {e.__class__.__name__}: {e}")
@@ -295,6 +302,10 @@ class JobEngine:
             if job.cancel_requested:
                 rt.cancel.set()
             out_dir = self.settings.smartlink_root / job.batch_id
+            try:
+                await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+            except OSError as e:
+                raise JobFailed(f"cannot create the output folder {job.batch_id}/: {e.strerror or e}") from None
             rt.spec = JobSpec(job.job_id, job.template, job.strategy, job.batch_id, job.params or "{}", str(out_dir))
             rt.use_processes = self.settings.render_processes > 0 and job.total_count >= PROCESS_MIN_ROWS
             rt.renderer = Renderer(compiled, job.strategy, job.batch_id, json.loads(job.params or "{}"), out_dir)
