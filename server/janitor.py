@@ -334,8 +334,11 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                                                   f"batch {b.batch_id}", path=p))
 
     # Directories no row refers to (a crash between mkdir and commit, or a row removed by hand).
+    marker = UploadStore(root).sync_marker.name  # the service's durability point: never an orphan
     for e in _listdir(root):
         p = Path(e.path)
+        if e.name == marker:
+            continue
         pk = int(e.name) if e.name.isdigit() else None
         if pk is None or pk not in by_pk:
             if _newest_mtime(p) < ages.wall_grace:

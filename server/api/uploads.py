@@ -9,6 +9,7 @@ string values, file info numeric ones, and every chunk answer lists all chunk id
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -240,5 +241,9 @@ async def uploads_context(app: web.Application) -> AsyncIterator[None]:
     app[OPERATIONS].register("Batch.Manifest", service.manifest)
     app[UPLOADS] = service
     await service.recover()
+    # Chunks become power-loss durable in groups: one syncfs a second at most while they arrive.
+    syncing = asyncio.create_task(service.sync_points(every=1.0))
     yield
+    syncing.cancel()
+    await asyncio.gather(syncing, return_exceptions=True)
     await service.close()

@@ -14,8 +14,6 @@ fsync costs 0.2-1 ms, which alone would be slower than the whole render of a row
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import secrets
 import shutil
@@ -23,21 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.durable import SYNCFS
+
 TMP_SUFFIX = ".tmp"
-
-
-def _load_syncfs():  # type: ignore[no-untyped-def]
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNCFS = _load_syncfs()
 
 
 @dataclass(frozen=True)
@@ -60,7 +46,7 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
     """
     errors: dict[str, str] = {}
     staged: list[tuple[str, str]] = []  # (temp path, final path)
-    per_file_sync = _SYNCFS is None
+    per_file_sync = SYNCFS is None
     base = os.fspath(directory) + os.sep
     for it in items:
         tmp = base + temp_name(it.name)
@@ -88,7 +74,7 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
         return errors
     dfd = os.open(directory, os.O_RDONLY)
     try:
-        if not per_file_sync and _SYNCFS is not None and _SYNCFS(dfd) != 0:
+        if not per_file_sync and SYNCFS is not None and SYNCFS(dfd) != 0:
             # syncfs failed: fall back to fsyncing each temp file.
             for tmp, _final in staged:
                 with open(tmp, "rb") as f:

@@ -4,8 +4,10 @@ Invariants:
 * A batch belongs to the owner that created it; for anyone else it does not exist (404).
   ``state``: open -> dropped | executed. Closed batches stay as tombstone rows and refuse
   uploads (404), so a late chunk cannot resurrect them.
-* A chunk is recorded only after its bytes are fsynced and renamed into place; recording the
-  same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs).
+* A chunk is recorded only after its bytes are written and renamed into place; recording the
+  same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs). Chunks become
+  power-loss durable in groups (``sync_points``; see ``server.uploads.store``); after a reboot
+  the chunks recorded since the last durability point are forgotten and sent again.
 * A file is assembled exactly once: the "all chunks present" check and the flip
   receiving -> assembling is one conditional UPDATE whose row count picks the single winner.
   The winner assembles outside any transaction, in a thread, then marks the file complete.
@@ -40,9 +42,10 @@ from sqlalchemy.orm import aliased
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.models import Batch, BatchFile, Chunk
+from server.durable import boot_id, fsync_dir
 from server.errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge
 from server.uploads.operations import ExecuteContext, OperationRegistry, OperationResult
-from server.uploads.store import BodyTooLarge, UploadStore, fsync_dir, remove, remove_tree
+from server.uploads.store import BodyTooLarge, UploadStore, remove, remove_tree
 
 log = logging.getLogger("filedrop.uploads")
 
@@ -240,10 +243,13 @@ class UploadService:
         self._assemblies: dict[str, set[asyncio.Task[None]]] = {}  # batch_id -> running assemblies
         self._known: dict[tuple[str, int], _Known] = {}
         self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id), open ones
+        self._unsynced = asyncio.Event()  # chunks were recorded since the last sync point
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
-        """Assemble again every file a crash left in ``assembling``; returns how many."""
+        """Forget chunks a reboot may have lost, then assemble again every file a crash left
+        in ``assembling``; returns how many. Ends with a fresh durability point."""
+        await self._forget_unsynced_chunks()
         async with self.db.read() as s:
             rows = (await s.execute(
                 select(Batch.batch_id, BatchFile.batch_pk, BatchFile.id, BatchFile.chunk_count, BatchFile.size)
@@ -257,12 +263,54 @@ class UploadService:
         removed = await asyncio.to_thread(self.store.remove_batch_temps)
         if removed:
             log.info("removed %d whole-file temp(s) left by a previous run", removed)
+        await self.sync_point()
         return len(rows)
 
+    async def sync_point(self) -> None:
+        """Make every chunk recorded so far power-loss durable (one syncfs) and say so."""
+        self._unsynced.clear()
+        async with self.db.write():
+            at = utcnow()  # under the writer: no chunk record is half done (see _record)
+        await asyncio.to_thread(self.store.sync_point, at)
+
+    async def sync_points(self, every: float) -> None:
+        """Owned task: a sync point at most every ``every`` seconds while chunks arrive."""
+        while True:
+            await self._unsynced.wait()
+            await asyncio.sleep(every)  # group the chunks of this interval into one syncfs
+            await self.sync_point()
+
+    async def _forget_unsynced_chunks(self) -> None:
+        """After a reboot, chunks recorded after the last durability point may have lost
+        bytes the database still counts: forget them (rows and files) so clients resend them.
+        A process crash alone (same boot) loses nothing: the page cache outlived it."""
+        last = await asyncio.to_thread(self.store.last_sync_point)
+        if last is None or last[0] == boot_id():
+            return
+        since = last[1]
+        async with self.db.write() as s:
+            rows = (await s.execute(
+                select(BatchFile.batch_pk, Chunk.file_id, Chunk.chunk_idx).join(BatchFile)
+                .where(Chunk.received_at > since, BatchFile.state.in_(("receiving", "assembling"))))).all()
+            file_ids = sorted({r.file_id for r in rows})
+            if file_ids:
+                await s.execute(delete(Chunk).where(Chunk.file_id.in_(file_ids), Chunk.received_at > since))
+                await s.execute(update(BatchFile).where(BatchFile.id.in_(file_ids))
+                                .values(state="receiving", updated_at=utcnow()))
+        for batch_pk, file_id, idx in rows:
+            remove(self.store.chunk_path(batch_pk, file_id, idx))
+        if rows:
+            log.warning("the machine rebooted after the last durability point (%s): forgot %d chunk(s) "
+                        "of %d file(s); clients will send them again", since.isoformat(), len(rows),
+                        len(file_ids))
+
     async def close(self) -> None:
-        """Let running assemblies finish (they are short and leave a consistent state)."""
+        """Let running assemblies finish (they are short and leave a consistent state), then
+        make what was received durable."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._unsynced.is_set():
+            await self.sync_point()
 
     async def idle(self) -> None:
         """Wait until no assembly is running (tests and the janitor use it)."""
@@ -531,7 +579,9 @@ class UploadService:
         """Receive a body into ``temp`` within the chunk limit and the declared size; its size."""
         limit = min(self.settings.max_chunk_size, req.size)
         try:
-            received = await self.store.receive(body, temp, limit, hasher)
+            # A one-chunk file is complete once recorded: durable first. Chunks of bigger files
+            # become durable at the next sync point.
+            received = await self.store.receive(body, temp, limit, hasher, durable=req.chunk_count == 1)
         except BodyTooLarge:
             if limit == self.settings.max_chunk_size:
                 raise PayloadTooLarge(f"request body is over the {limit} byte chunk limit",
@@ -620,11 +670,12 @@ class UploadService:
         """
         final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
         data = self.store.data_path(slot.batch_pk, slot.file_id)
-        now = utcnow()
         stray: Path | None = None
-        dir_sync: asyncio.Future[None] | None = None
         try:
             async with self.db.write() as s:
+                # Taken under the writer: a sync point's time (also taken under it) orders
+                # every chunk record, rename included, before or after that sync point.
+                now = utcnow()
                 row = (await s.execute(_SQL["record"], {"file_id": slot.file_id})).one_or_none()
                 if row is None or row[0] != "open":
                     # Its rows are gone: whatever directory this request made is ours to remove.
@@ -661,20 +712,15 @@ class UploadService:
                     inline = True
                 elif last:
                     os.replace(temp, final)
-                    dir_sync = asyncio.ensure_future(asyncio.to_thread(fsync_dir, final.parent))
                     res = await s.execute(_SQL["start_assembly"], {"file_id": slot.file_id, "now": now})
                     assemble = res.rowcount == 1  # type: ignore[attr-defined]
                 else:
                     os.replace(temp, final)
-                    # The rename's directory fsync runs beside the commit; both end before the answer.
-                    dir_sync = asyncio.ensure_future(asyncio.to_thread(fsync_dir, final.parent))
                     if now - touched > _TOUCH_EVERY:  # the idle clock the janitor reads; minutes matter
                         await s.execute(_SQL["touch_file"], {"file_id": slot.file_id, "now": now})
                 ids = sorted([*ids, req.chunk_idx])
         except BaseException:
             remove(temp)
-            if dir_sync is not None:
-                await asyncio.gather(dir_sync, return_exceptions=True)
             if stray is not None:
                 await asyncio.to_thread(remove_tree, stray)
             raise
@@ -683,8 +729,7 @@ class UploadService:
             await asyncio.to_thread(_settle_inline, data, final.parent)
             self.stats.assembled += 1
         else:
-            assert dir_sync is not None
-            await dir_sync
+            self._unsynced.set()
             if last:
                 self._known.pop((batch_id, req.file_idx), None)
         return UploadOutcome(batch_id, req.file_idx, req.chunked, size, req.chunk_count, ids, last), assemble

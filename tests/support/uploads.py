@@ -95,10 +95,13 @@ class Uploads:
 
 
 def upload_tree(data_dir: Path) -> list[str]:
-    """Every path under ``<data_dir>/uploads``, relative (to assert what is on disk)."""
+    """Every path under ``<data_dir>/uploads``, relative (to assert what is on disk), but the
+    service's own durability marker ``.synced``."""
     root = data_dir / "uploads"
     out = []
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
+            if dirpath == str(root) and f == ".synced":
+                continue
             out.append(os.path.relpath(os.path.join(dirpath, f), root))
     return sorted(out)

@@ -1,0 +1,93 @@
+"""Chunks become power-loss durable in groups: after a reboot the chunks recorded since the
+last durability point are forgotten (the client resends them); a process crash loses none."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from server.app import create_app
+from server.durable import boot_id
+from server.keys import UPLOADS
+from tests.support.disk_state import run_cli
+from tests.support.uploads import Uploads, sha256, upload_tree
+
+DATA = os.urandom(3 * 1000)
+PARTS = [DATA[:1000], DATA[1000:2000], DATA[2000:]]
+
+
+async def _restart(client: TestClient, settings, before_start=None) -> TestClient:  # type: ignore[no-untyped-def]
+    await client.close()
+    if before_start is not None:
+        before_start()
+    fresh = TestClient(TestServer(create_app(settings)))
+    await fresh.start_server()
+    return fresh
+
+
+async def _chunk_ids(up: Uploads, batch: str) -> list[int]:
+    r = await up.info(batch, 0)
+    assert r.status == 200, await r.text()
+    return [int(i) for i in (await r.json())["uploadedChunkIds"]]
+
+
+async def test_reboot_forgets_chunks_after_the_last_sync_point(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
+    assert r.status == 202
+    await client.app[UPLOADS].sync_point()  # chunk 0 is durable from here on
+    r = await up.post(batch, 0, PARTS[1], chunk=(1, 3), size=len(DATA))
+    assert r.status == 202
+    marker = settings.uploads_dir / ".synced"
+    point = json.loads(marker.read_text())
+    assert point["boot_id"] == boot_id()
+
+    def power_loss() -> None:
+        # The graceful stop just made chunk 1 durable too; a power loss would not have. What
+        # it leaves: the last durability point (before chunk 1), taken in a previous boot.
+        assert json.loads(marker.read_text())["at"] > point["at"]
+        marker.write_text(json.dumps({**point, "boot_id": "a-previous-boot"}))
+
+    client = await _restart(client, settings, power_loss)
+    try:
+        up = Uploads(client)
+        assert await _chunk_ids(up, batch) == [0]
+        assert not any(p.endswith("chunks/1") for p in upload_tree(settings.data_dir))
+        assert json.loads(marker.read_text())["boot_id"] == boot_id()  # a fresh point at start
+        for i in (1, 2):
+            r = await up.post(batch, 0, PARTS[i], chunk=(i, 3), size=len(DATA))
+            assert r.status == (202 if i == 1 else 201), await r.text()
+        manifest = await up.manifest(batch)
+        assert manifest["files"][0]["sha256"] == sha256(DATA)
+    finally:
+        await client.close()
+
+
+async def test_restart_in_the_same_boot_keeps_every_recorded_chunk(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    for i in (0, 1):
+        r = await up.post(batch, 0, PARTS[i], chunk=(i, 3), size=len(DATA))
+        assert r.status == 202
+    client = await _restart(client, settings)
+    try:
+        assert await _chunk_ids(Uploads(client), batch) == [0, 1]
+    finally:
+        await client.close()
+
+
+async def test_cleanup_never_removes_the_durability_marker(client, settings) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, DATA, chunk_size=1000)
+    marker = settings.uploads_dir / ".synced"
+    assert marker.exists()
+    hour_ago = time.time() - 3600
+    os.utime(marker, (hour_ago, hour_ago))
+    r = run_cli(settings, "cleanup", "--older-than", "0")
+    assert r.returncode == 0, r.stderr
+    assert marker.exists() and ".synced" not in r.stdout
