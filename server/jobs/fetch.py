@@ -3,8 +3,8 @@ callbacks) goes through here.
 
 Invariants:
 * only ``http``/``https`` URLs;
-* the host is resolved and every address it resolves to must be public (not loopback, private,
-  link-local, multicast, reserved or unspecified) unless ``settings.fetch_allow`` admits it
+* the host is resolved and every address it resolves to must be public (global, and not loopback,
+  private, shared, link-local, multicast, reserved or unspecified) unless ``settings.fetch_allow`` admits it
   (a CIDR, an address, or a host name);
 * the connection goes to an address that passed the check: names are resolved through
   ``GuardedResolver`` (so a DNS answer that changes between check and connect is checked
@@ -59,10 +59,13 @@ class AllowList:
 
 
 def is_internal(addr: IPAddress) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
-            or addr.is_reserved or addr.is_unspecified)
+    if isinstance(addr, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one (mapped, 6to4) is judged by that address.
+        addr = addr.ipv4_mapped or addr.sixtofour or addr
+    # not is_global: also the ranges that are neither private nor public, e.g. shared address
+    # space 100.64.0.0/10 (carrier NAT; some clouds' metadata service lives at 100.100.100.200).
+    return (not addr.is_global or addr.is_loopback or addr.is_private or addr.is_link_local
+            or addr.is_multicast or addr.is_reserved or addr.is_unspecified)
 
 
 def check_address(allow: AllowList, host: str, address: str) -> None:
