@@ -169,6 +169,15 @@ async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None
     assert any(e["level"] == "error" and "row 5: duplicate" in e["message"] for e in log)
 
 
+async def test_a_trailing_newline_in_a_name_is_errored(client, settings) -> None:
+    data = [*rows(1), {"reference_id": "ref\n", "suffix": "s00000000000000000009"},
+            {"reference_id": "ref9", "suffix": "s00000000000000000009\n"}, {"reference_id": "p", "pdf": "batch:1\n"}]
+    job = await start_ok(client, "newline", {"body": "x"}, data)
+    done = await wait_job(client, "newline", job["job_id"])
+    assert (done["succeededCount"], done["erroredCount"]) == (1, 3)
+    assert [p.name for p in (settings.smartlink_root / "newline").iterdir()] == ["ref000000.s00000000000000000000.html"]
+
+
 async def test_execute_smartlinks_generate_publishes_batch_pdf(client, settings) -> None:
     up = Uploads(client)
     batch = await up.create()

@@ -34,7 +34,7 @@ async def refused(client, settings, status: int, field: str | None, batch_id: st
     return body
 
 
-@pytest.mark.parametrize("batch_id", ["-lead", "_lead", "a" * 129, "a.b", "sp ace", "%00x", "a..b", "é"])
+@pytest.mark.parametrize("batch_id", ["-lead", "_lead", "a" * 129, "a.b", "sp ace", "%00x", "a..b", "é", "ab%0A"])
 async def test_bad_batch_id(client, settings, batch_id) -> None:
     await refused(client, settings, 422, "batch_id", batch_id=batch_id)
 

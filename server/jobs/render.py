@@ -35,9 +35,11 @@ from server.jobs.publish import Item, publish_batch
 
 STRATEGIES = ("smallest", "mixed", "original")
 INLINE_LIMIT = 16 * 1024  # mixed: scripts at most this big go inside the page
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-BATCH_PDF_RE = re.compile(r"^batch:(\d{1,9})$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "ref\n" through into a
+# file name.
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+BATCH_PDF_RE = re.compile(r"^batch:(\d{1,9})\Z")
 
 
 class TemplateInvalid(ValueError):

@@ -32,10 +32,10 @@ from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.pool import RUNNING, JobEngine, iso, job_json
 from server.jobs.render import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, compile_template
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
-                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 MAX_EMAILS = 50
 ROW_STATUS = {"pending": "pending", "claimed": "pending", "done": "succeeded", "error": "errored",
               "skipped": "skipped"}
