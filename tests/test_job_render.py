@@ -169,6 +169,22 @@ async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None
     assert any(e["level"] == "error" and "row 5: duplicate" in e["message"] for e in log)
 
 
+async def test_a_template_cannot_carry_one_rows_data_into_another(client, settings) -> None:
+    # params is shared by every row of the job: a page must not show what earlier rows put there
+    template = {"body": "{{ params.seen.append(data.n) or '' }}{{ params.seen | join(',') }}"}
+    job = await start_ok(client, "leak", template, rows(3), params={"seen": []})
+    done = await wait_job(client, "leak", job["job_id"])
+    assert (done["succeededCount"], done["erroredCount"]) == (0, 3)
+    result = (await get_json(client, f"/api/batch/leak/{job['job_id']}/result"))["rows"]
+    assert all("unsafe" in r["error"] for r in result)
+    # a namespace() still carries state within one render
+    template = {"body": "{% set ns = namespace(t=0) %}{% for i in [1, 2, data.n] %}{% set ns.t = ns.t + i %}"
+                        "{% endfor %}<i>{{ ns.t }}</i>"}
+    job = await start_ok(client, "ns", template, rows(3))
+    assert (await wait_job(client, "ns", job["job_id"]))["status"] == "Completed"
+    assert "<i>5</i>" in (settings.smartlink_root / "ns" / "ref000002.s00000000000000000002.html").read_text()
+
+
 async def test_a_trailing_newline_in_a_name_is_errored(client, settings) -> None:
     data = [*rows(1), {"reference_id": "ref\n", "suffix": "s00000000000000000009"},
             {"reference_id": "ref9", "suffix": "s00000000000000000009\n"}, {"reference_id": "p", "pdf": "batch:1\n"}]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.jobs.publish import Item, publish_batch
 
@@ -78,8 +78,12 @@ class _Static:
 _SYNTAX = ("{{", "{%", "{#")
 
 
-def _env() -> SandboxedEnvironment:
-    return SandboxedEnvironment(autoescape=True, auto_reload=False, cache_size=0)
+def _env() -> ImmutableSandboxedEnvironment:
+    # Immutable: `params` is one object shared by every row (and render thread) of a job. With
+    # the plain sandbox a template could `params.x.append(data)`, so a page would show other
+    # rows' data and depend on which rows rendered before it (a re-render after a crash would
+    # not give the same bytes). Per-template state still works through `namespace()`.
+    return ImmutableSandboxedEnvironment(autoescape=True, auto_reload=False, cache_size=0)
 
 
 def compile_template(text: str | bytes) -> tuple[Compiled, str]:
