@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import case, delete, exists, func, insert, select, update
 
 from server.config import Settings
 from server.db import Database, utcnow
@@ -602,9 +602,15 @@ async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
             break
         await asyncio.sleep(0.1)  # poll the job engine's progress under a deadline
     if still:
+        now = utcnow()
         async with db.write() as s:
+            # As the engine's own finish: notifications become pending, so the engine that next
+            # starts (resume) sends them; left "none", they would never be sent.
             await s.execute(update(Job).where(Job.job_id.in_(still), Job.status.in_(RUNNING)).values(
-                status="Cancelled", finished=utcnow(), reason=reason + " (no engine stopped it in time)"))
+                status="Cancelled", finished=now, started=func.coalesce(Job.started, now),
+                reason=reason + " (no engine stopped it in time)",
+                callback_state=case((Job.callback_url.is_not(None), "pending"), else_="none"),
+                email_state=case((Job.callback_emails.is_not(None), "pending"), else_="none")))
             await s.execute(update(JobRow).where(JobRow.job_id.in_(still), JobRow.status == "claimed")
                             .values(status="skipped"))
         log.warning("job(s) %s did not stop within %.1f s: marked Cancelled", ", ".join(still), cancel_wait)

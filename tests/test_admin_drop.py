@@ -4,7 +4,11 @@ and its jobs' rows, refused while a job of it runs unless --force."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+from sqlalchemy import update
+
+from server.app import create_app
 from server.config import Settings
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import BatchFile, Chunk
@@ -20,9 +24,10 @@ from tests.support.disk_state import (
     job_status,
     run_cli,
     run_cli_async,
+    session,
     table,
 )
-from tests.support.jobs import AUTH, get_json, start_ok
+from tests.support.jobs import AUTH, callback_receiver, get_json, start_ok
 from tests.support.jobs import rows as job_rows
 from tests.support.waiting import async_wait_until
 
@@ -97,6 +102,27 @@ def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settin
     assert r.returncode == 0, r.stderr
     assert job_status(settings, "e" * 32) == "Cancelled"
     assert not (settings.uploads_dir / str(pk)).exists()
+
+
+async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start(aiohttp_client,
+                                                                                settings: Settings) -> None:
+    """Marked Cancelled by the CLI (no engine ran the job): its callback is still sent, by the
+    engine that starts next."""
+    add_batch(settings, "tpl2", [FileSpec()])
+    jid = "f" * 32
+    add_job(settings, jid, "links2", status="Queued", rows=[("r1", "s" * 16)], publish=False,
+            upload_batch_id="tpl2")
+    async with callback_receiver() as rcv:
+        with session(settings) as s:
+            s.execute(update(Job).where(Job.job_id == jid).values(callback_url=rcv.url))
+            s.commit()
+        rc, out, err = await run_cli_async(settings, "drop", "tpl2", "--force", "--cancel-wait", "0.2")
+        assert rc == 0 and "marked Cancelled" in err, out + err
+        assert job_status(settings, jid) == "Cancelled"
+        client = await aiohttp_client(create_app(settings))
+        await client.app[JOBS].engine.notified(jid, timeout=30)
+        assert rcv.delivered.is_set()
+    assert json.loads(rcv.attempts[-1][1])["status"] == "Cancelled"
 
 
 # ~1-2 ms of sandboxed work per row (as in the job lifecycle tests): the job stays in progress.
