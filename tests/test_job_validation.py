@@ -125,6 +125,14 @@ async def test_data_over_the_limit_is_413(aiohttp_client, settings) -> None:
     assert "data_file" in body["message"]
 
 
+async def test_form_parts_over_the_total_limit_is_413(aiohttp_client, settings) -> None:
+    # each param part is under its own limit; together they are over what a start may send
+    small = await aiohttp_client(create_app(settings.replace(max_data_size=2048, fetch_max_bytes=1 << 20)))
+    params = {f"p{i}": "x" * 900_000 for i in range(3)}
+    body = await refused(small, settings, 413, None, params=params)
+    assert body["code"] == "ERR_TOO_LARGE" and "start request" in body["message"]
+
+
 async def test_not_multipart(client, settings) -> None:
     r = await client.post("/api/batch/b1/start", headers=AUTH, json={"data": []})
     await assert_error(r, 422)

@@ -26,8 +26,12 @@ OPTION_LIMIT = 64 << 10  # bytes of one plain option field
 
 
 async def _read_form(request: web.Request, data_limit: int, template_limit: int) -> dict[str, bytes]:
-    """The start request's parts, each read with its own size limit (streamed, never unbounded)."""
+    """The start request's parts, each read with its own size limit, and all of them together
+    with NGINX's body limit for a start (streamed, never unbounded: without the total, 200
+    parts of up to ``template_limit`` each could be held in memory)."""
     fields: dict[str, bytes] = {}
+    total_limit = data_limit + template_limit + (1 << 20)
+    total = 0
     if request.content_type == "multipart/form-data":
         reader = await request.multipart()
         for _ in range(MAX_PARTS + 1):
@@ -46,8 +50,11 @@ async def _read_form(request: web.Request, data_limit: int, template_limit: int)
             buf = bytearray()
             while chunk := await part.read_chunk(1 << 16):
                 buf += chunk
+                total += len(chunk)
                 if len(buf) > limit:
                     raise PayloadTooLarge(f"{name} is over the {limit}-byte limit", code=code)
+                if total > total_limit:
+                    raise PayloadTooLarge(f"the start request is over the {total_limit}-byte limit")
             fields[name] = bytes(buf)
         raise BadRequest(f"more than {MAX_PARTS} form parts")
     if request.content_type == "application/x-www-form-urlencoded":
