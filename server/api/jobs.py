@@ -5,6 +5,7 @@ operation for upload batches. Handlers parse into ``StartInput`` and call the jo
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -162,8 +163,11 @@ def smartlinks_operation(app: web.Application):  # type: ignore[no-untyped-def]
         info = await open_upload(app)(owner, batch_id, idx)
         if info.size > limit:
             raise PayloadTooLarge(f"{name} (file {idx}) is over the {limit}-byte limit", code="ERR_DATA_TOO_LARGE")
-        with open(info.path, "rb") as f:
-            return f.read(limit + 1)
+        def read_bytes() -> bytes:
+            with open(info.path, "rb") as f:
+                return f.read(limit + 1)
+
+        return await asyncio.to_thread(read_bytes)  # up to FILEDROP_MAX_DATA_SIZE: not on the event loop
 
     async def op(ctx: ExecuteContext) -> OperationResult:
         settings = app[SETTINGS]
