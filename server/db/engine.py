@@ -63,8 +63,13 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
-        """One write transaction (BEGIN IMMEDIATE): committed on exit, rolled back on error."""
+        """One write transaction (BEGIN IMMEDIATE): committed on exit, rolled back on error.
+
+        The writer is held from the start of the block, not from its first statement (a session
+        connects lazily): what a block reads before its first statement (``utcnow()`` of a sync
+        point or a chunk record) is then ordered against every other write."""
         async with self._write_sessions() as session, session.begin():
+            await session.connection()
             yield session
 
     @asynccontextmanager
