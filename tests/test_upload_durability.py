@@ -3,10 +3,12 @@ last durability point are forgotten (the client resends them); a process crash l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
@@ -91,3 +93,23 @@ async def test_cleanup_never_removes_the_durability_marker(client, settings) -> 
     r = run_cli(settings, "cleanup", "--older-than", "0")
     assert r.returncode == 0, r.stderr
     assert marker.exists() and ".synced" not in r.stdout
+
+
+async def test_a_cancelled_sync_point_leaves_the_chunks_unsynced_for_the_stop(client, settings) -> None:
+    """Shutdown cancels the periodic sync point; if it was waiting for the writer, the stop's
+    own sync point must still run (else chunks answered 202 are not durable after a clean stop)."""
+    up = Uploads(client)
+    batch = await up.create()
+    r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
+    assert r.status == 202
+    service = client.app[UPLOADS]
+    marker = settings.uploads_dir / ".synced"
+    before = json.loads(marker.read_text())["at"]
+    async with service.db.write():  # the single writer is busy: the sync point waits for it
+        waiting = asyncio.ensure_future(service.sync_point())
+        await asyncio.sleep(0)  # let it start waiting for the writer
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    await service.close()  # what the clean stop runs
+    assert json.loads(marker.read_text())["at"] > before

@@ -269,9 +269,15 @@ class UploadService:
     async def sync_point(self) -> None:
         """Make every chunk recorded so far power-loss durable (one syncfs) and say so."""
         self._unsynced.clear()
-        async with self.db.write():
-            at = utcnow()  # under the writer: no chunk record is half done (see _record)
-        await asyncio.to_thread(self.store.sync_point, at)
+        try:
+            async with self.db.write():
+                at = utcnow()  # under the writer: no chunk record is half done (see _record)
+            await asyncio.to_thread(self.store.sync_point, at)
+        except BaseException:
+            # Cancelled (shutdown stops the periodic task) or failed: the chunks are still
+            # unsynced, so the next sync point, or the one ``close`` runs, must not skip them.
+            self._unsynced.set()
+            raise
 
     async def sync_points(self, every: float) -> None:
         """Owned task: a sync point at most every ``every`` seconds while chunks arrive."""
