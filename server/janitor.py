@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -55,6 +54,7 @@ from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile, Chunk
 from server.errors import Conflict, NotFound
 from server.jobs.pool import RUNNING  # the job engine's own notion of a running job
+from server.jobs.render import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.store import UploadStore
 
@@ -66,9 +66,6 @@ GRACE = 600.0
 # How long `drop --smartlinks --force` waits for a running job to notice its cancel flag before
 # marking it cancelled itself (no server may be running it at all).
 CANCEL_WAIT = 10.0
-# A smartlink batch id (SMARTLINK_FORMAT.md): never lets a CLI argument escape the root.
-BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # used with fullmatch
-NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # reference_id, suffix
 SMARTLINK_EXTS = (".html", ".pdf")  # <reference_id>.<suffix><ext>, what a job publishes per row
 
 Progress = Callable[[int, int, "Item"], None]  # (done, total, item just handled)
