@@ -113,3 +113,24 @@ async def test_a_cancelled_sync_point_leaves_the_chunks_unsynced_for_the_stop(cl
             await waiting
     await service.close()  # what the clean stop runs
     assert json.loads(marker.read_text())["at"] > before
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "one-chunk"])
+async def test_a_file_answered_complete_has_a_durable_record(client, settings, monkeypatch, chunked) -> None:
+    """Commits run synchronous=NORMAL (the WAL is synced at checkpoints and sync points): a
+    file answered 201 complete must not wait for either, or a power loss forgets its row."""
+    up = Uploads(client)
+    batch = await up.create()
+    wal = os.stat(f"{settings.db_path}-wal").st_ino
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.fstat(fd).st_ino == wal:
+            synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    r = await up.post(batch, 0, DATA, chunk=(0, 1) if chunked else None, size=len(DATA))
+    assert r.status == 201, await r.text()
+    assert synced

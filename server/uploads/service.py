@@ -575,7 +575,7 @@ class UploadService:
         except BaseException:
             remove(temp)
             raise
-        await asyncio.to_thread(_durable_whole, data)
+        await asyncio.to_thread(_durable_whole, data, self.db)
         if replaced is not None:
             await asyncio.to_thread(remove_tree, replaced)
         self.stats.assembled += 1
@@ -732,7 +732,7 @@ class UploadService:
             raise
         if inline:
             self._forget(batch_id, [slot.file_id])
-            await asyncio.to_thread(_settle_inline, data, final.parent)
+            await asyncio.to_thread(_settle_inline, data, final.parent, self.db)
             self.stats.assembled += 1
         else:
             self._unsynced.set()
@@ -820,15 +820,18 @@ def _ids(csv: str | None) -> list[int]:
     return sorted(int(i) for i in csv.split(",")) if csv else []
 
 
-def _durable_whole(data: Path) -> None:
-    """Make a whole file's new directory and rename durable."""
+def _durable_whole(data: Path, db: Database) -> None:
+    """Make a whole file's new directory, rename and record durable (it is answered complete)."""
     fsync_dir(data.parent)
     fsync_dir(data.parent.parent)
+    db.sync_commits()
 
 
-def _settle_inline(data: Path, chunks_dir: Path) -> None:
-    """Make a one-chunk file's rename durable and drop the chunks dir its temp lived in."""
+def _settle_inline(data: Path, chunks_dir: Path, db: Database) -> None:
+    """Make a one-chunk file's rename and record durable (it is answered complete) and drop
+    the chunks dir its temp lived in."""
     fsync_dir(data.parent)
+    db.sync_commits()
     try:
         chunks_dir.rmdir()
     except OSError:
