@@ -20,6 +20,7 @@ from server.errors import BadRequest, NotFound
 from server.keys import DATABASE, OPERATIONS, OWNER, SETTINGS, UPLOADS
 from server.uploads.operations import OperationResult
 from server.uploads.service import (
+    MAX_CHUNKS,
     FileState,
     UploadOutcome,
     UploadRequest,
@@ -29,8 +30,6 @@ from server.uploads.service import (
     parse_count,
     parse_file_idx,
 )
-
-_MAX_CHUNKS = 1_000_000
 
 
 def _service(request: web.Request) -> UploadService:
@@ -63,9 +62,9 @@ def _upload_request(request: web.Request, file_idx: int) -> UploadRequest:
     idx, count = 0, 1
     if chunked:
         count = parse_count(h.get("X-Upload-Chunk-Count"), "CHUNK_COUNT", "X-Upload-Chunk-Count",
-                            minimum=1, maximum=_MAX_CHUNKS)
+                            minimum=1, maximum=MAX_CHUNKS)
         idx = parse_count(h.get("X-Upload-Chunk-Index"), "CHUNK_INDEX", "X-Upload-Chunk-Index",
-                          maximum=_MAX_CHUNKS)
+                          maximum=MAX_CHUNKS)
     return UploadRequest(file_idx=file_idx, name=name, size=size, mimetype=mimetype, chunked=chunked,
                          chunk_idx=idx, chunk_count=count, content_length=length)
 

@@ -55,7 +55,7 @@ log = logging.getLogger("filedrop.uploads")
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _FILE_IDX = re.compile(r"[0-9]{1,9}")
 _MAX_NAME = 255  # characters; what common file systems allow for one name
-_MAX_CHUNKS = 1_000_000
+MAX_CHUNKS = 1_000_000  # most chunks one file may be declared with (X-Upload-Chunk-Count)
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
 _KNOWN_LIMIT = 10_000
 _TOUCH_EVERY = timedelta(seconds=30)  # a receiving file's updated_at is refreshed at most this often
