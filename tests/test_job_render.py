@@ -185,6 +185,29 @@ async def test_a_template_cannot_carry_one_rows_data_into_another(client, settin
     assert "<i>5</i>" in (settings.smartlink_root / "ns" / "ref000002.s00000000000000000002.html").read_text()
 
 
+async def test_a_start_compiles_its_template_once_and_off_the_event_loop(client, monkeypatch) -> None:
+    # a big template takes seconds to compile: the loop answering status calls must not do it
+    import asyncio
+
+    from server.jobs import pool, render, service
+
+    on_loop: list[bool] = []
+
+    def spy(text):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return render.compile_template(text)
+
+    monkeypatch.setattr(service, "compile_template", spy)
+    monkeypatch.setattr(pool, "compile_template", spy)
+    job = await start_ok(client, "once", SEED_TEMPLATE, SEED_ROWS)
+    assert (await wait_job(client, "once", job["job_id"]))["status"] == "Completed"
+    assert on_loop == [False]
+
+
 async def test_a_trailing_newline_in_a_name_is_errored(client, settings) -> None:
     data = [*rows(1), {"reference_id": "ref\n", "suffix": "s00000000000000000009"},
             {"reference_id": "ref9", "suffix": "s00000000000000000009\n"}, {"reference_id": "p", "pdf": "batch:1\n"}]

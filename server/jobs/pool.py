@@ -43,6 +43,7 @@ from server.jobs.notify import deliver_callback, send_emails
 from server.jobs.publish import remove_stale_temps
 from server.jobs.render import (
     AssetError,
+    Compiled,
     JobSpec,
     Renderer,
     RowIn,
@@ -108,6 +109,7 @@ class Runtime:
     upload_batch_id: str | None = None
     max_errors: int | None = None
     errored: int = 0
+    compiled: Compiled | None = None  # handed over by the start (else compiled by _load)
     renderer: Renderer | None = None
     # The job's JSON as last committed, kept by the worker that commits each change: status
     # calls for a running job are answered from here, without a database round trip.
@@ -193,9 +195,10 @@ class JobEngine:
         for job_id in unsent:
             self._spawn_notify(job_id)
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, compiled: Compiled | None = None) -> None:
+        """Run ``job_id``; ``compiled`` is its template as the start already compiled it."""
         if job_id not in self._active:
-            self._active[job_id] = Runtime(job_id)
+            self._active[job_id] = Runtime(job_id, compiled=compiled)
             self._order.append(job_id)
         self._finished.get(job_id)
         self._wake.set()
@@ -294,7 +297,9 @@ class JobEngine:
                     s.expunge(job)  # keep its loaded values past the read's rollback
             if job is None:
                 raise RuntimeError("job row vanished")
-            compiled, _ = compile_template(job.template)
+            # Compiled once per job: by the start, or here (after a restart) in a thread.
+            compiled = rt.compiled or (await asyncio.to_thread(compile_template, job.template))[0]
+            rt.compiled = None  # the Renderer holds it from now on
             assert self.settings.smartlink_root is not None
             rt.batch_id, rt.owner, rt.upload_batch_id = job.batch_id, job.owner, job.upload_batch_id
             rt.max_errors, rt.errored = job.max_errors, job.errored_count

@@ -190,13 +190,15 @@ class JobService:
         else:
             raise Unprocessable("document_file, or document_id with api_url, is required", field="document_file")
         try:
-            return compile_template(raw)
+            # In a thread: compiling a big template takes seconds (Jinja2's parser and code
+            # generator are Python), which the event loop must not spend.
+            return await asyncio.to_thread(compile_template, raw)
         except TemplateInvalid as e:
             raise Unprocessable(f"{where}: {e}", field=where) from None
 
     async def start(self, owner: str, inp: StartInput) -> Started:
         strategy, max_errors, callback_url, emails, params = self._check_options(inp)
-        _compiled, template = await self._template(inp)
+        compiled, template = await self._template(inp)
         where = inp.data_field
         if inp.data is None:
             raise Unprocessable("data or data_file is required", field="data")
@@ -236,7 +238,7 @@ class JobService:
                        + (f", {errored} invalid" if errored else "")] + problems
             await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": "error" if i else "info",
                                               "message": m} for i, m in enumerate(entries)])
-        self.engine.enqueue(job_id)
+        self.engine.enqueue(job_id, compiled)
         return Started(job_json(job), created=True)
 
     # ---- reading ----------------------------------------------------------------------------
