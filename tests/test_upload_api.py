@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 
 import pytest
 
@@ -288,3 +289,32 @@ async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, set
     assert r.status == 200, await r.text()  # and the next ones go to the new row
     files = (await Uploads(client).manifest(batch))["files"]
     assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"a")), ("1", sha256(b"bb"))]
+
+
+async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, settings, monkeypatch) -> None:
+    """The last chunk is answered 201 before the file is assembled: to the client it is
+    complete, so a whole-file upload right after replaces it (not "a repeat" kept as it was)."""
+    service = client.app[UPLOADS]
+    release = threading.Event()
+    assemble = type(service.store).assemble
+
+    def slow_assemble(store, *args):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        return assemble(store, *args)
+
+    monkeypatch.setattr(type(service.store), "assemble", slow_assemble)
+    up = Uploads(client)
+    batch = await up.create()
+    old = await up.upload(batch, 0, b"a" * 3000, chunk_size=1000)
+    assert old["uploadedChunkIds"] == [0, 1, 2]  # answered; the assembly waits
+    new = os.urandom(500)
+    r = await up.post(batch, 0, new, "new.bin")
+    assert r.status == 201, await r.text()
+    assert await r.json() == {"batchId": batch, "fileIdx": "0", "uploadType": "normal",
+                              "uploadedSize": "500", "uploaded": "true"}
+    release.set()
+    await service.idle()
+    assert await up.manifest(batch) == {"batchId": batch, "files": [
+        {"fileIdx": "0", "name": "new.bin", "size": 500, "sha256": sha256(new)}]}
+    files = upload_tree(settings.data_dir)  # the replaced file's assembly removed its own directory
+    assert len(files) == 1 and files[0].endswith("/data")

@@ -554,13 +554,16 @@ class UploadService:
                     if f_state == "receiving" and ids and f_count != 1:
                         raise BadRequest(f"file {req.file_idx} was declared with {f_count} chunks, not 1",
                                          code="ERR_CHUNK_COUNT_CHANGED")
-                    if f_state != "complete" and ids:  # one chunk of one, being assembled: a repeat
+                    if f_state != "complete" and ids and f_count == 1:  # one chunk of one, being assembled: a repeat
                         remove(temp)
                         return UploadOutcome(batch_id, req.file_idx, False, received, 1, ids, True)
-                    # A complete file is replaced (as in Nuxeo); an empty declaration is superseded.
+                    # A complete file is replaced (as in Nuxeo), and so is one still being assembled
+                    # (its last chunk was answered 201: complete to the client; the assembly sees
+                    # its row gone); an empty declaration is superseded.
                     await s.execute(delete(BatchFile).where(BatchFile.id == old_id))
                     self._forget(batch_id, [old_id])
-                    replaced = self.store.file_dir(batch_pk, old_id)
+                    if f_state != "assembling":  # else its assembly removes it, finding the row gone
+                        replaced = self.store.file_dir(batch_pk, old_id)
                     n_files, n_bytes = n_files - 1, n_bytes - f_size
                 self._check_limits(n_files, n_bytes, req.size)
                 file_id = (await s.execute(_SQL["insert_file"], {
@@ -746,7 +749,8 @@ class UploadService:
         except (OSError, ValueError) as e:
             self.stats.assembly_failed += 1
             log.error("assembling file %s of batch %s failed: %s", file_id, batch_pk, e)
-            await self._repair(batch_pk, file_id)
+            if not await self._repair(batch_pk, file_id):  # deleted, dropped or replaced meanwhile
+                await asyncio.to_thread(remove_tree, self.store.file_dir(batch_pk, file_id))
             return
         async with self.db.write() as s:
             res = await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
@@ -757,9 +761,10 @@ class UploadService:
         else:  # deleted or dropped meanwhile
             await asyncio.to_thread(remove_tree, self.store.file_dir(batch_pk, file_id))
 
-    async def _repair(self, batch_pk: int, file_id: int) -> None:
+    async def _repair(self, batch_pk: int, file_id: int) -> bool:
         """After a failed assembly: forget chunks whose bytes are missing or wrong and let the
-        client send them again (the file goes back to ``receiving``)."""
+        client send them again (the file goes back to ``receiving``). False: the file's row is
+        gone."""
         async with self.db.write() as s:
             rows = (await s.execute(select(Chunk.chunk_idx, Chunk.size).where(Chunk.file_id == file_id))).all()
             bad = []
@@ -773,8 +778,9 @@ class UploadService:
                     bad.append(idx)
             if bad:
                 await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(bad)))
-            await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
-                            .values(state="receiving", updated_at=utcnow()))
+            res = await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
+                                  .values(state="receiving", updated_at=utcnow()))
+        return res.rowcount == 1  # type: ignore[attr-defined]
 
     # -- execute -------------------------------------------------------------------------
     async def execute(self, owner: str, batch_id: str, file_idx: int | None, operation: str,
