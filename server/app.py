@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
 from server.api import jobs as jobs_api
@@ -17,7 +16,7 @@ from server.db import Database
 from server.db.migrate import check_at_head
 from server.errors import ServiceUnavailable, error_middleware
 from server.janitor import janitor_context
-from server.keys import DATABASE, HTTP_CLIENT, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.keys import DATABASE, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
 from server.uploads.operations import OperationRegistry
 
 log = logging.getLogger("filedrop.app")
@@ -35,15 +34,6 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     app[KEYSTORE] = KeyStore(db, settings.api_keys)
     yield
     await db.dispose()
-
-
-async def http_client_context(app: web.Application) -> AsyncIterator[None]:
-    # Outgoing fetches/callbacks go through server.jobs' guarded connector; this plain session
-    # is for nothing user-controlled.
-    session = aiohttp.ClientSession()
-    app[HTTP_CLIENT] = session
-    yield
-    await session.close()
 
 
 async def _mark_stopping(app: web.Application) -> None:
@@ -96,7 +86,6 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_mark_stopping)
     # Dependency order; aiohttp exits them in reverse, only those that started.
     app.cleanup_ctx.append(database_context)
-    app.cleanup_ctx.append(http_client_context)
     app.cleanup_ctx.append(uploads_api.uploads_context)
     app.cleanup_ctx.append(jobs_api.jobs_context)
     app.cleanup_ctx.append(janitor_context)

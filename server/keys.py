@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from server.config import Settings
@@ -19,7 +18,6 @@ SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
 OPERATIONS: web.AppKey[OperationRegistry] = web.AppKey("operations")
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 STOPPING = web.AppKey("stopping", dict)  # {"value": bool}: set when shutdown begins
 UPLOADS: web.AppKey[UploadService] = web.AppKey("uploads")  # server.uploads service (issue 2)
 JOBS: web.AppKey[Any] = web.AppKey("jobs")  # server.jobs engine (issue 3)
