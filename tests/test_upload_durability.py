@@ -134,3 +134,25 @@ async def test_a_file_answered_complete_has_a_durable_record(client, settings, m
     r = await up.post(batch, 0, DATA, chunk=(0, 1) if chunked else None, size=len(DATA))
     assert r.status == 201, await r.text()
     assert synced
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "one-chunk"])
+async def test_a_file_answered_complete_has_its_new_directories_synced(client, settings, monkeypatch,
+                                                                      chunked) -> None:
+    """A batch's first file makes its file dir and its batch dir: both entries must be durable
+    before the 201, or a power loss takes the file (and its fsynced bytes) with them."""
+    up = Uploads(client)
+    batch = await up.create()
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    r = await up.post(batch, 0, DATA, chunk=(0, 1) if chunked else None, size=len(DATA))
+    assert r.status == 201, await r.text()
+    [data] = [settings.uploads_dir / p for p in upload_tree(settings.data_dir)]
+    for d in (data.parent, data.parent.parent, data.parent.parent.parent):
+        assert os.stat(d).st_ino in synced, d

@@ -827,17 +827,18 @@ def _ids(csv: str | None) -> list[int]:
 
 
 def _durable_whole(data: Path, db: Database) -> None:
-    """Make a whole file's new directory, rename and record durable (it is answered complete)."""
+    """Make a file answered complete durable: its rename into ``data``, the entries of its
+    file dir and (new with a batch's first file) batch dir, and its record. Once the first
+    fsync has committed the file system's journal the others find little left to do."""
     fsync_dir(data.parent)
     fsync_dir(data.parent.parent)
+    fsync_dir(data.parent.parent.parent)
     db.sync_commits()
 
 
 def _settle_inline(data: Path, chunks_dir: Path, db: Database) -> None:
-    """Make a one-chunk file's rename and record durable (it is answered complete) and drop
-    the chunks dir its temp lived in."""
-    fsync_dir(data.parent)
-    db.sync_commits()
+    """Make a one-chunk file durable as a whole one and drop the chunks dir its temp lived in."""
+    _durable_whole(data, db)
     try:
         chunks_dir.rmdir()
     except OSError:
