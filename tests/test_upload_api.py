@@ -318,3 +318,26 @@ async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, s
         {"fileIdx": "0", "name": "new.bin", "size": 500, "sha256": sha256(new)}]}
     files = upload_tree(settings.data_dir)  # the replaced file's assembly removed its own directory
     assert len(files) == 1 and files[0].endswith("/data")
+
+
+async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(client, settings) -> None:
+    import sqlite3
+
+    batch = "legacy-shared-name"
+    h = {**upload_headers("a", 1), "X-Batch-Id": batch, "X-File-Idx": "0"}
+    for idx in ("0", "1"):  # the second upload finds the batch (and remembers its owner)
+        r = await client.post("/site/automation/batch/upload", data=b"a", headers={**h, "X-File-Idx": idx})
+        assert r.status == 200, await r.text()
+    # What the janitor does to an expired batch, from another process: its rows gone.
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM batches WHERE batch_id = ?", (batch,))
+    other = {**h, "X-API-Key": OTHER_KEY}
+    r = await client.post("/site/automation/batch/upload", data=b"a", headers=other)
+    assert r.status == 200, await r.text()  # the id is free: the row decides, not a remembered owner
+    r = await client.post("/site/automation/batch/upload", data=b"a", headers={**other, "X-File-Idx": "1"})
+    assert r.status == 200, await r.text()
+    r = await client.post("/site/automation/batch/upload", data=b"a", headers={**h, "X-File-Idx": "2"})
+    assert r.status == 404  # and it is the other key's now
+    files = (await Uploads(client, auth={"X-API-Key": OTHER_KEY}).manifest(batch))["files"]
+    assert [f["fileIdx"] for f in files] == ["0", "1"]

@@ -502,6 +502,8 @@ class UploadService:
         """The row id of an open batch of ``owner`` (cached; the recording transaction checks
         again), None if there is no such batch id at all; 404 for a closed or foreign one."""
         hit = self._open_batches.get(batch_id)
+        if hit is not None and hit[0] != owner:
+            hit = None  # maybe stale (the batch removed, its id taken by this owner): the row decides
         if hit is None:
             async with self.db.read() as s:
                 row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
