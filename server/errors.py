@@ -4,7 +4,6 @@
     ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED
     ├── NotFound              404  ERR_BATCH_NOT_FOUND, ERR_FILE_NOT_FOUND, ERR_OPERATION_NOT_FOUND, ...
     ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ...
-    ├── Gone                  410  (kept for clients that want it; uploads answer 404, as Nuxeo does)
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
@@ -56,11 +55,6 @@ class NotFound(FiledropError):
 class Conflict(FiledropError):
     status = 409
     code = "ERR_CONFLICT"
-
-
-class Gone(FiledropError):
-    status = 410
-    code = "ERR_GONE"
 
 
 class PayloadTooLarge(FiledropError):
@@ -120,11 +114,10 @@ async def error_middleware(
             raise
         code = _HTTP_CODES.get(e.status, f"ERR_HTTP_{e.status}")
         resp = error_response(e.status, code, e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text)
-        for h in ("Allow",):
-            if h in e.headers:
-                resp.headers[h] = e.headers[h]
+        if "Allow" in e.headers:  # a 405's list of methods
+            resp.headers["Allow"] = e.headers["Allow"]
         return resp
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:  # the client went away: nothing to answer, nothing to log
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
