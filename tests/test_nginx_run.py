@@ -182,3 +182,31 @@ def test_nginx_needs_no_root(tmp_path: Path) -> None:
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_run_makes_a_dev_key_only_its_user_can_read(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    http_port, app_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
+               FILEDROP_APP_PORT=str(app_port), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
+        keyfile = data / "dev-api-key"
+        assert keyfile.stat().st_mode & 0o077 == 0, oct(keyfile.stat().st_mode)
+        r = fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": keyfile.read_text().strip()})
+        assert r.status == 200, r.body
+    finally:
+        end_run(proc)
