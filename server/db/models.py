@@ -90,7 +90,8 @@ class BatchFile(Base):
 
 
 class Chunk(Base):
-    """A chunk that arrived whole (recorded only after its bytes are fsynced in place)."""
+    """A chunk that arrived whole (recorded once its bytes are written and renamed into place;
+    power-loss durable at the next sync point, see ``server.uploads.store``)."""
 
     __tablename__ = "chunks"
 

@@ -671,13 +671,14 @@ class UploadService:
 
     async def _record(self, slot: _Slot, batch_id: str, req: UploadRequest, temp: Path, size: int,
                       hasher: Any) -> tuple[UploadOutcome, bool]:
-        """Rename the fsynced chunk into place and record it; flip the file to ``assembling``
+        """Rename the received chunk into place and record it; flip the file to ``assembling``
         when this was its last missing chunk. Returns (outcome, this request must assemble).
 
         The rename happens inside the write transaction, so "not recorded yet" and the rename
         are one step for every other writer (a duplicate chunk never replaces a recorded one);
-        it is a metadata operation. The directory fsync that makes it durable comes right after
-        the commit, before the client is answered.
+        it is a metadata operation. A one-chunk file (fsynced on the way in) is made durable
+        right after the commit, before the client is answered; a chunk of a bigger file at the
+        next sync point.
         """
         final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
         data = self.store.data_path(slot.batch_pk, slot.file_id)

@@ -60,7 +60,7 @@ class BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class Received:
-    path: Path  # the fsynced temp file, not yet renamed into place
+    path: Path  # the temp file (fsynced if received durable), not yet renamed into place
     size: int
 
 
