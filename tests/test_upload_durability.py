@@ -16,6 +16,7 @@ from server.durable import boot_id
 from server.keys import UPLOADS
 from tests.support.disk_state import run_cli
 from tests.support.uploads import Uploads, sha256, upload_tree
+from tests.support.waiting import async_wait_until
 
 DATA = os.urandom(3 * 1000)
 PARTS = [DATA[:1000], DATA[1000:2000], DATA[2000:]]
@@ -156,3 +157,31 @@ async def test_a_file_answered_complete_has_its_new_directories_synced(client, s
     [data] = [settings.uploads_dir / p for p in upload_tree(settings.data_dir)]
     for d in (data.parent, data.parent.parent, data.parent.parent.parent):
         assert os.stat(d).st_ino in synced, d
+
+
+async def test_a_failed_sync_point_does_not_end_the_periodic_ones(client, settings, monkeypatch) -> None:
+    service = client.app[UPLOADS]
+    up = Uploads(client)
+    batch = await up.create()
+    calls: list[str] = []
+    real = service.store.sync_point
+
+    def flaky(at):  # type: ignore[no-untyped-def]
+        calls.append("call")
+        if len(calls) == 1:
+            raise OSError("disk hiccup")
+        real(at)
+
+    monkeypatch.setattr(service.store, "sync_point", flaky)
+    periodic = asyncio.ensure_future(service.sync_points(every=0.01))
+    try:
+        r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
+        assert r.status == 202
+
+        async def synced_after_the_failure() -> bool:
+            return len(calls) >= 2 and not service._unsynced.is_set()
+        await async_wait_until(synced_after_the_failure, timeout=10, what="a sync point after the failed one")
+        assert not periodic.done()
+    finally:
+        periodic.cancel()
+        await asyncio.gather(periodic, return_exceptions=True)

@@ -284,7 +284,10 @@ class UploadService:
         while True:
             await self._unsynced.wait()
             await asyncio.sleep(every)  # group the chunks of this interval into one syncfs
-            await self.sync_point()
+            try:
+                await self.sync_point()
+            except Exception:  # e.g. the writer busy past its pool timeout: try again next time
+                log.exception("sync point failed; the chunks stay unsynced until the next one")
 
     async def _forget_unsynced_chunks(self) -> None:
         """After a reboot, chunks recorded after the last durability point may have lost
