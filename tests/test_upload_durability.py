@@ -185,3 +185,40 @@ async def test_a_failed_sync_point_does_not_end_the_periodic_ones(client, settin
     finally:
         periodic.cancel()
         await asyncio.gather(periodic, return_exceptions=True)
+
+
+@pytest.mark.parametrize("how", ["drop", "delete", "execute"])
+async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client, settings, monkeypatch,
+                                                                         how) -> None:
+    """Commits are synced lazily (synchronous=NORMAL): removing bytes before the delete is
+    durable lets a power loss bring back an open batch whose complete files have no bytes."""
+    import server.uploads.service as service_module
+
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, DATA)
+    wal = os.stat(f"{settings.db_path}-wal").st_ino
+    events: list[str] = []
+    real_fsync, real_remove_tree = os.fsync, service_module.remove_tree
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.fstat(fd).st_ino == wal:
+            events.append("wal synced")
+
+    def remove_tree(path):  # type: ignore[no-untyped-def]
+        events.append("bytes removed")
+        real_remove_tree(path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(service_module, "remove_tree", remove_tree)
+    if how == "drop":
+        r = await client.delete(up.url(f"/{batch}"), headers=up.auth)
+        assert r.status == 204
+    elif how == "delete":
+        r = await client.delete(up.url(f"/{batch}/0"), headers=up.auth)
+        assert r.status == 204
+    else:
+        await up.manifest(batch, keep=False)
+    assert events == ["wal synced", "bytes removed"]
+    assert upload_tree(settings.data_dir) == []

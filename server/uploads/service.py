@@ -370,7 +370,7 @@ class UploadService:
         async with self.db.write() as s:
             batch = await self._open_batch(s, owner, batch_id)
             await self._close(s, batch, "dropped")
-        await asyncio.to_thread(remove_tree, self.store.batch_dir(batch.id))
+        await self._remove_after_commit(self.store.batch_dir(batch.id))
 
     async def _close(self, s: AsyncSession, batch: Batch, state: str) -> None:
         ids = (await s.scalars(select(BatchFile.id).where(BatchFile.batch_pk == batch.id))).all()
@@ -379,6 +379,12 @@ class UploadService:
         batch.updated_at = utcnow()
         self._open_batches.pop(batch.batch_id, None)
         self._forget(batch.batch_id, list(ids))
+
+    async def _remove_after_commit(self, path: Path) -> None:
+        """Remove bytes whose rows were just deleted: once that delete is durable, so that a
+        power loss cannot bring back rows (an open batch, complete files) without their bytes."""
+        await asyncio.to_thread(self.db.sync_commits)
+        await asyncio.to_thread(remove_tree, path)
 
     # -- files ---------------------------------------------------------------------------
     async def list_files(self, owner: str, batch_id: str) -> list[FileState]:
@@ -410,7 +416,7 @@ class UploadService:
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
         self._forget(batch_id, [f.id])
-        await asyncio.to_thread(remove_tree, self.store.file_dir(batch.id, f.id))
+        await self._remove_after_commit(self.store.file_dir(batch.id, f.id))
 
     async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
         """A complete file's path and metadata (404 if missing or not complete). Waits for
@@ -807,7 +813,7 @@ class UploadService:
                 if closing is None or closing.state != "open":
                     return result
                 await self._close(s, closing, "executed")
-            await asyncio.to_thread(remove_tree, self.store.batch_dir(batch_pk))
+            await self._remove_after_commit(self.store.batch_dir(batch_pk))
         return result
 
     async def manifest(self, ctx: ExecuteContext) -> OperationResult:
