@@ -29,7 +29,6 @@ The functions here are synchronous disk work: callers run them in a thread.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import json
 import os
@@ -40,9 +39,8 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from server.durable import boot_id, fsync_dir, syncfs
+from server.durable import boot_id, fsync_dir, start_writeback, syncfs
 
 # Bytes gathered from the socket before one write: large enough that the thread hop per write
 # is noise, small enough that a few hundred parallel uploads stay far below the RSS budget.
@@ -264,10 +262,10 @@ def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-    if offset is not None and _sync_file_range is not None:
+    if offset is not None:
         # Start writeback of this block now, while the next one arrives: the fsync that must
-        # come before the chunk is recorded then finds little left to write.
-        _sync_file_range(fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+        # come before the file is recorded then finds little left to write.
+        start_writeback(fd, offset, len(data))
 
 
 def _finish(fd: int, data: bytes, durable: bool) -> None:
@@ -275,21 +273,6 @@ def _finish(fd: int, data: bytes, durable: bool) -> None:
         _write_all(fd, data)
     if durable:
         os.fsync(fd)
-
-
-def _load_sync_file_range() -> Any:
-    """Linux's sync_file_range(2) through libc (Python's os module lacks it); None elsewhere."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _load_sync_file_range()
 
 
 def _copy(src: int, dst: int) -> None:
