@@ -145,10 +145,6 @@ class Settings:
         return self.data_dir / "uploads"
 
     @property
-    def db_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.db_path}"
-
-    @property
     def sync_db_url(self) -> str:
         return f"sqlite:///{self.db_path}"
 
