@@ -255,6 +255,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.janitor import CANCEL_WAIT
+
     p = argparse.ArgumentParser(prog="filedrop", description="filedrop server and admin commands "
                                 "(settings come from FILEDROP_* variables; see README)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("batch_id")
     d.add_argument("--smartlinks", action="store_true", help="drop the smartlink batch of this id")
     d.add_argument("--force", action="store_true", help="cancel a running job of the batch first")
-    d.add_argument("--cancel-wait", type=_duration, default=10.0, metavar="DURATION",
+    d.add_argument("--cancel-wait", type=_duration, default=CANCEL_WAIT, metavar="DURATION",
                    help="with --force: how long a live server gets to stop the job before it is "
                    "marked cancelled here (default 10s)")
     d.set_defaults(func=cmd_drop)

@@ -139,6 +139,13 @@ class Settings:
         if not self.callback_secret:
             object.__setattr__(self, "callback_secret", os.urandom(32).hex())
 
+    @property
+    def job_form_limit(self) -> int:
+        """Largest job start form: the data rows (``max_data_size``), the master template
+        (limited like a fetched one, ``fetch_max_bytes``) and small option parts; 1 MiB covers
+        those and the multipart framing. The app and NGINX both enforce it."""
+        return self.max_data_size + self.fetch_max_bytes + (1 << 20)
+
     # Paths the server derives itself: no client-supplied name ever becomes one of these.
     @property
     def uploads_dir(self) -> Path:
@@ -174,6 +181,8 @@ _SIZES = {"max_file_size", "max_chunk_size", "max_batch_bytes", "min_free_disk",
 _DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
          "callback_retries", "smtp_port"}
+_INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
+            "callback_retries": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 
 
@@ -183,7 +192,12 @@ def _convert(name: str, raw: str) -> Any:
     if name in _DURATIONS:
         return parse_duration(raw)
     if name in _INTS:
-        return int(raw)
+        value = int(raw)
+        low = _INT_MIN.get(name, 0)
+        high = 65535 if name.endswith("_port") else None
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{value} is out of range (at least {low}{f', at most {high}' if high else ''})")
+        return value
     if name in _PATHS:
         return Path(raw) if raw else None
     if name in ("api_keys", "fetch_allow"):

@@ -45,13 +45,9 @@ def upstream_address(host: str, port: int) -> str:
 
 
 def job_body_limit(settings: Settings) -> int:
-    """Largest request body under ``/api/`` outside the upload API (job starts).
-
-    A job start is one multipart form: the data rows (``max_data_size``), the master template
-    (limited like a fetched template, ``fetch_max_bytes``) and small option parts; 1 MiB covers
-    those and the multipart framing. Never below ``max_chunk_size``.
-    """
-    return max(settings.max_chunk_size, settings.max_data_size + settings.fetch_max_bytes + (1 << 20))
+    """Largest request body under ``/api/`` outside the upload API (job starts): the app's
+    ``job_form_limit``, never below ``max_chunk_size``."""
+    return max(settings.max_chunk_size, settings.job_form_limit)
 
 
 def _user_directive(root: Path) -> str:

@@ -105,3 +105,18 @@ def test_domain_packages_do_not_import_aiohttp_web() -> None:
             if re.search(r"^\s*(from aiohttp import .*\bweb\b|import aiohttp\.web|from aiohttp\.web)", text, re.M):
                 offenders.append(str(f.relative_to(REPO)))
     assert not offenders
+
+
+@pytest.mark.parametrize("name,value", [("WORKERS", "0"), ("WORKERS", "-1"), ("APP_PORT", "70000"),
+                                        ("MAX_FILES_PER_BATCH", "-5"), ("RENDER_PROCESSES", "-1"),
+                                        ("MAX_CHUNK_SIZE", "-1"), ("BATCH_TTL", "soon")])
+def test_out_of_range_setting_is_refused_naming_it(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"FILEDROP_{name}"):
+        Settings.from_env({f"FILEDROP_{name}": value})
+
+
+def test_job_form_limit_is_what_nginx_allows_for_a_start() -> None:
+    from server.nginx import job_body_limit
+    s = Settings(max_data_size=10 << 20, fetch_max_bytes=2 << 20, max_chunk_size=1 << 20)
+    assert s.job_form_limit == (13 << 20) and job_body_limit(s) == s.job_form_limit
+    assert job_body_limit(s.replace(max_chunk_size=64 << 20)) == 64 << 20

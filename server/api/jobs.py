@@ -26,12 +26,12 @@ MAX_PARTS = 200
 OPTION_LIMIT = 64 << 10  # bytes of one plain option field
 
 
-async def _read_form(request: web.Request, data_limit: int, template_limit: int) -> dict[str, bytes]:
+async def _read_form(request: web.Request, data_limit: int, template_limit: int,
+                     total_limit: int) -> dict[str, bytes]:
     """The start request's parts, each read with its own size limit, and all of them together
     with NGINX's body limit for a start (streamed, never unbounded: without the total, 200
     parts of up to ``template_limit`` each could be held in memory)."""
     fields: dict[str, bytes] = {}
-    total_limit = data_limit + template_limit + (1 << 20)
     total = 0
     if request.content_type == "multipart/form-data":
         reader = await request.multipart()
@@ -78,7 +78,7 @@ def _text(fields: dict[str, bytes], name: str) -> str | None:
 
 async def start_job(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    fields = await _read_form(request, settings.max_data_size, settings.fetch_max_bytes)
+    fields = await _read_form(request, settings.max_data_size, settings.fetch_max_bytes, settings.job_form_limit)
     data_field = "data" if "data" in fields else "data_file"
     inp = StartInput(
         batch_id=request.match_info["batch_id"],
