@@ -323,16 +323,16 @@ class JobEngine:
             if rt.inflight == 0 and not rt.finishing:
                 await self._finish(rt)
             return
-        rows = await self._claim(rt, CLAIM_ROWS)
-        if not rows:
-            rt.exhausted = True
-            if rt.inflight == 0 and not rt.finishing:
-                await self._finish(rt)
-            return
+        # Counted in flight from before the claim: a worker that sees the cancel while this
+        # claim waits for the writer must not finish the job (and skip rows) under it.
         rt.inflight += 1
         try:
-            results = await self._render(rt, rows)
-            await self._mark(rt, results)
+            rows = await self._claim(rt, CLAIM_ROWS)
+            if rows:
+                results = await self._render(rt, rows)
+                await self._mark(rt, results)
+            else:
+                rt.exhausted = True
         finally:
             rt.inflight -= 1
         if (rt.exhausted or rt.cancel.is_set()) and rt.inflight == 0 and not rt.finishing:
