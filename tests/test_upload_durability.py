@@ -108,7 +108,11 @@ async def test_a_cancelled_sync_point_leaves_the_chunks_unsynced_for_the_stop(cl
     before = json.loads(marker.read_text())["at"]
     async with service.db.write():  # the single writer is busy: the sync point waits for it
         waiting = asyncio.ensure_future(service.sync_point())
-        await asyncio.sleep(0)  # let it start waiting for the writer
+
+        async def started() -> bool:  # it clears the flag, then waits for the writer we hold
+            return not service._unsynced.is_set()
+
+        await async_wait_until(started, timeout=5, what="the sync point to start")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
