@@ -60,29 +60,44 @@ def end_run(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
+def start_run(tmp_path: Path, *, api_key: str | None = API_KEY) -> tuple[subprocess.Popen[bytes], Path, Path,
+                                                                       int, int]:
+    """``scripts/run`` on free ports over ``tmp_path/var``, waited for until NGINX answers the
+    app's /healthz; returns (process, data dir, log, http port, app port). ``api_key`` None: no
+    keys configured (the script makes a dev key). The caller ends it with ``end_run``."""
     data = tmp_path / "var"
     http_port, app_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
     env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
-               FILEDROP_APP_PORT=str(app_port), FILEDROP_API_KEYS=API_KEY,
-               FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+               FILEDROP_APP_PORT=str(app_port), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+    if api_key is not None:
+        env["FILEDROP_API_KEYS"] = api_key
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         # Its own session and process group, as a terminal would run it: Ctrl-C = SIGINT to the group.
         proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
-            except OSError:
-                return False
 
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
         # Generous: set-up may have to (re)install the package when pyproject.toml changed.
         wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
+    except BaseException:
+        end_run(proc)
+        raise
+    return proc, data, log, http_port, app_port
+
+
+def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
+    proc, data, log, http_port, app_port = start_run(tmp_path)
+    try:
         r = fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": API_KEY})
         assert r.status == 200, r.body
         link = data / "smartlinks" / "b1" / "ref.0123456789abcdef.html"
@@ -110,26 +125,8 @@ def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
 
 def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
     """Either process dying ends the run; the other one does not linger on its port."""
-    data = tmp_path / "var"
-    http_port, app_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
-               FILEDROP_APP_PORT=str(app_port), FILEDROP_API_KEYS=API_KEY,
-               FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
-    log = tmp_path / "run.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc, _data, _log, http_port, _app_port = start_run(tmp_path)
     try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
         # The script's children (each in its own session): NGINX's master and the app.
         app_pids = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "filedrop serve"],
                                   capture_output=True, text=True, timeout=10).stdout.split()
@@ -185,25 +182,8 @@ def test_nginx_needs_no_root(tmp_path: Path) -> None:
 
 
 def test_run_makes_a_dev_key_only_its_user_can_read(tmp_path: Path) -> None:
-    data = tmp_path / "var"
-    http_port, app_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
-               FILEDROP_APP_PORT=str(app_port), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
-    log = tmp_path / "run.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc, data, _log, http_port, _app_port = start_run(tmp_path, api_key=None)
     try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=180, interval=0.1, what=f"scripts/run (log: {log})")
         keyfile = data / "dev-api-key"
         assert keyfile.stat().st_mode & 0o077 == 0, oct(keyfile.stat().st_mode)
         r = fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": keyfile.read_text().strip()})
