@@ -1,0 +1,96 @@
+"""JSON from clients, parsed once, the same way everywhere (job data and rows, templates,
+``param.*`` parts, execute bodies).
+
+Invariants: a document that parses is one the rest of the server can store and walk:
+
+* nested at most :data:`MAX_DEPTH` arrays/objects deep (Python's own parser and encoder recurse;
+  ``[`` x 100,000 would raise ``RecursionError`` in them, a 500);
+* every string is valid Unicode (JSON's ``"\\ud800"`` escape decodes to a lone surrogate that no
+  UTF-8 column, file or response can hold);
+* a UTF-8 byte-order mark in front is ignored (editors on Windows write one).
+
+Anything else raises the error the caller chose, naming ``where``. Blocking on big inputs: call it
+in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from server.errors import FiledropError, Unprocessable
+
+MAX_DEPTH = 64  # arrays/objects inside each other; real documents use a handful
+_BOM = "\ufeff"
+
+
+class JsonRefused(ValueError):
+    """Why a text is not acceptable JSON (the caller turns it into its own error)."""
+
+
+def _text(raw: bytes | str) -> str:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JsonRefused(f"is not UTF-8 (byte {e.start})") from None
+    return raw[1:] if raw.startswith(_BOM) else raw
+
+
+def check_value(doc: Any) -> None:
+    """Raise JsonRefused if ``doc`` nests deeper than MAX_DEPTH or holds a lone surrogate.
+    Iterative: the walk itself never recurses."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                _check_str(value)
+            continue
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list):
+            items = ((None, v) for v in value)
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise JsonRefused(f"is nested more than {MAX_DEPTH} levels deep")
+        for k, v in items:
+            if k is not None and not k.isascii():
+                _check_str(k)
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+            elif isinstance(v, str) and not v.isascii():
+                _check_str(v)
+
+
+def _check_str(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JsonRefused("holds an invalid Unicode escape (a lone surrogate such as \\ud800)") from None
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse and check; raise JsonRefused with the reason (no field name)."""
+    text = _text(raw)
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise JsonRefused(f"is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
+        raise JsonRefused(f"is not JSON ({e})") from None
+    check_value(doc)
+    return doc
+
+
+def parse_json(raw: bytes | str, where: str, *, error: type[FiledropError] = Unprocessable,
+               **error_args: Any) -> Any:
+    """``loads`` for a client's input named ``where``: refusals raise ``error`` (by default
+    422 ``ERR_FIELD_INVALID`` with ``field=where``) whose message starts with ``where``."""
+    try:
+        return loads(raw)
+    except JsonRefused as e:
+        if error is Unprocessable:
+            error_args.setdefault("field", where)
+        raise error(f"{where} {e}", **error_args) from None

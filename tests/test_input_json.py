@@ -1,0 +1,42 @@
+"""server.jsondoc: the one parser for clients' JSON (depth, lone surrogates, BOM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import BadRequest, Unprocessable
+from server.jsondoc import MAX_DEPTH, JsonRefused, loads, parse_json
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1),
+    b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1),
+])
+def test_deep_nesting_is_refused(raw: bytes) -> None:
+    with pytest.raises(JsonRefused, match="nested more than"):
+        loads(raw)
+
+
+def test_nesting_up_to_the_limit_is_kept() -> None:
+    assert loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH) is not None
+
+
+@pytest.mark.parametrize("raw", [b'"\\ud800"', b'{"k": ["ok", "\\udfff"]}', b'{"\\ud800": 1}'])
+def test_lone_surrogates_are_refused(raw: bytes) -> None:
+    with pytest.raises(JsonRefused, match="lone surrogate"):
+        loads(raw)
+
+
+def test_surrogate_pairs_and_bom_are_fine() -> None:
+    assert loads(b'"\\ud83d\\ude00"') == "\U0001F600"
+    assert loads("\ufeff[1]".encode()) == [1]
+
+
+def test_parse_json_names_the_field() -> None:
+    with pytest.raises(Unprocessable) as e:
+        parse_json(b"{", "param.x")
+    assert e.value.extra["field"] == "param.x" and e.value.message.startswith("param.x is not JSON")
+    with pytest.raises(BadRequest) as e2:
+        parse_json(b"\xff", "execute body", error=BadRequest, code="ERR_REQUEST_MALFORMED")
+    assert e2.value.code == "ERR_REQUEST_MALFORMED" and "not UTF-8" in e2.value.message
