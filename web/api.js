@@ -17,6 +17,11 @@ export class ApiError extends Error {
   get keyRefused() { return this.status === 401; }
 }
 
+// A message as a sentence, so that another can follow it ("… retry shortly. Retrying in 2 s…").
+export function sentence(text) {
+  return /[.!?…]$/.test(text) ? text : `${text}.`;
+}
+
 export function isAbort(e) {
   return e && e.name === 'AbortError';
 }
@@ -72,7 +77,11 @@ export class Api {
   async request(method, path, { headers, body, signal } = {}) {
     let res;
     try {
-      res = await fetch(path, { method, headers: this.headers(headers), body, signal, cache: 'no-store' });
+      // credentials 'omit': a 401 (it carries WWW-Authenticate: Basic, for the nuxeo client)
+      // must come back to this code, not open the browser's login dialog.
+      res = await fetch(path, {
+        method, headers: this.headers(headers), body, signal, cache: 'no-store', credentials: 'omit',
+      });
     } catch (e) {
       if (isAbort(e)) throw e;
       throw errorFrom(0, '');
@@ -111,7 +120,9 @@ export class Api {
     return new Promise((resolve, reject) => {
       if (signal?.aborted) { reject(abortError()); return; }
       const xhr = new XMLHttpRequest();
-      xhr.open('POST', `/api/v1/upload/${encodeURIComponent(batchId)}/${fileIdx}`);
+      // XHR has no credentials 'omit'; given a user and password (the key, which the server
+      // also takes as a Basic password) it answers a 401 instead of opening a login dialog.
+      xhr.open('POST', `/api/v1/upload/${encodeURIComponent(batchId)}/${fileIdx}`, true, 'filedrop', this.key);
       const headers = this.headers({
         'Content-Type': 'application/octet-stream',
         'X-Upload-Type': 'chunked',

@@ -2,7 +2,7 @@
 // and the smartlink generation. Plain modules, no build step; no inline script or style (the
 // page is served with Content-Security-Policy: default-src 'self').
 
-import { Api, ApiError, KEY_REFUSED } from './api.js';
+import { Api, ApiError, KEY_REFUSED, sentence } from './api.js';
 import * as fmt from './format.js';
 import { Generator } from './generate.js';
 import { Memory } from './memory.js';
@@ -46,7 +46,7 @@ async function useKey(raw) {
   try {
     // /api/limits needs a key: it tells whether this one is accepted, and the chunk size.
     limits = await api.retrying(() => api.json('GET', '/api/limits'), {
-      attempts: 4, onRetry: (e) => say(el.keyMessage, `${e.message} Retrying…`),
+      attempts: 4, onRetry: (e) => say(el.keyMessage, `${sentence(e.message)} Retrying…`),
     });
   } catch (e) {
     if (e instanceof ApiError && e.keyRefused) {
@@ -210,7 +210,9 @@ function renderRow(u) {
   const progress = li.querySelector('.file-progress');
   progress.value = u.size ? u.sent / u.size : (u.state === COMPLETE ? 1 : 0);
   progress.setAttribute('aria-label', `${u.relPath} uploaded`);
-  li.querySelector('.file-figures').textContent = u.state === COMPLETE ? '' : fmt.progressLine(u.sent, u.size, u.rate);
+  // No speed while a chunk waits to be retried: the last one measured no longer holds.
+  li.querySelector('.file-figures').textContent = u.state === COMPLETE ? ''
+    : fmt.progressLine(u.sent, u.size, u.retryNote ? 0 : u.rate);
   const note = li.querySelector('.file-note');
   note.textContent = u.note;
   note.classList.toggle('error', u.state === ERROR);

@@ -1,7 +1,7 @@
 // Generating smartlinks from the batch: SmartLinks.Generate on the upload batch (kept with
 // X-Batch-No-Drop), then the job followed live (status, log) until it ends, and its links.
 
-import { ApiError, isAbort, sleep } from './api.js';
+import { ApiError, isAbort, sentence, sleep } from './api.js';
 import { bytes } from './format.js';
 import { COMPLETE } from './upload.js';
 
@@ -146,7 +146,7 @@ export class Generator {
       const job = await this.api.retrying(() => this.api.json('POST', `/api/v1/upload/${enc(batchId)}/execute/SmartLinks.Generate`, {
         headers: { 'Content-Type': 'application/json', 'X-Batch-No-Drop': 'true' },
         body: JSON.stringify({ params }),
-      }), { attempts: 5, onRetry: (e) => say(this.el.message, `${e.message} Retrying…`) });
+      }), { attempts: 5, onRetry: (e) => say(this.el.message, `${sentence(e.message)} Retrying…`) });
       say(this.el.message, '');
       this.follow(job);
     } catch (e) {
@@ -219,7 +219,7 @@ export class Generator {
         this.el.cancel.hidden = false;
         await sleep(Math.min(1000, 200 + 100 * n), signal);
         job = await this.api.retrying(() => this.api.json('GET', jobPath(job, 'status'), { signal }), {
-          signal, onRetry: (e) => say(this.el.message, `${e.message} Retrying…`),
+          signal, onRetry: (e) => say(this.el.message, `${sentence(e.message)} Retrying…`),
         });
         say(this.el.message, '');
         this.job = job;

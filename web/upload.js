@@ -5,7 +5,7 @@
 // (GET /api/v1/upload/{batchId}/{fileIdx}) and sends only the others; the same after a page
 // reload, when the user picks the file again and it is matched to what localStorage remembered.
 
-import { ApiError, backoff, isAbort, sleep } from './api.js';
+import { ApiError, backoff, isAbort, sentence, sleep } from './api.js';
 
 export const QUEUED = 'queued';
 export const UPLOADING = 'uploading';
@@ -482,7 +482,7 @@ export class Uploader extends EventTarget {
   }
 
   retrying(u, e, delay) {
-    u.note = `${e.message} Retrying in ${Math.max(1, Math.round(delay / 1000))} s…`;
+    u.note = `${sentence(e.message)} Retrying in ${Math.max(1, Math.round(delay / 1000))} s…`;
     u.retryNote = true;
     this.emit('change', u);
   }
