@@ -242,13 +242,33 @@ def test_fifty_rows_become_fifty_links_that_open_through_nginx(tmp_path: Path, s
     template_select, data_select = Select(page.find("template-file")), Select(page.find("data-file"))
     assert sorted(o.text for o in template_select.options) == ["rows.json", "template.json"]
     assert sorted(o.text for o in data_select.options) == ["rows.json", "template.json"]
+    # The server's refusal is shown as its message, not as JSON (rows are no master template).
+    template_select.select_by_visible_text("rows.json")
+    page.find("generate").click()
+    message = page.by_id("generate-message")
+    refusal = page.wait(lambda: "error" in (message.get_attribute("class") or "") and message.text, "the refusal")
+    idx = {r["name"]: r["idx"] for r in page.rows()}
+    answer = s.api("POST", f"/api/v1/upload/{page.batch_id()}/execute/SmartLinks.Generate",
+                   json={"params": {"template": idx["rows.json"], "data": idx["rows.json"]}},
+                   headers={"X-Batch-No-Drop": "true"})
+    assert answer.status_code == 422 and refusal == answer.json()["message"], (refusal, answer.text)
+    assert page.find("job-status").text == ""
+
     template_select.select_by_visible_text("template.json")
     data_select.select_by_visible_text("rows.json")
+    # Every text the status shows, in order, to see it move (not only its last value).
+    page.driver.execute_script("""
+        window.seen = [];
+        const status = document.querySelector('[data-testid="job-status"]');
+        new MutationObserver(() => window.seen.push(status.textContent))
+          .observe(status, {childList: true, characterData: true, subtree: true});""")
     page.find("generate").click()
 
     status = page.wait(lambda: (t := page.find("job-status").text) and t.startswith(TERMINAL) and t,
                        "the job to end", timeout=60)
     assert status.startswith("Completed:") and "50 succeeded, 0 errored" in status, status
+    seen = page.driver.execute_script("return window.seen")
+    assert seen[0].startswith(("Queued:", "In progress:")) and seen[-1] == status, seen
     links = page.wait(lambda: len(found := page.find_all("smartlink")) == 50 and found, "50 links")
     hrefs = [a.get_attribute("href") for a in links]
     batch_id = page.batch_id()
@@ -268,12 +288,26 @@ def test_fifty_rows_become_fifty_links_that_open_through_nginx(tmp_path: Path, s
     browser.close()
     browser.switch_to.window(browser.window_handles[0])
 
+    # Copy puts the link on the clipboard.
+    browser.execute_cdp_cmd("Browser.grantPermissions", {
+        "origin": s.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    links[3].find_element(page.By.XPATH, "following-sibling::button").click()
+    page.wait(lambda: page.by_id("links-message").text == "Link copied.", "the copy")
+    assert browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0](String(e)))") == hrefs[3]
+
     # The result as CSV, fetched with the key and handed to the browser as a download.
     job_id = page.by_id("job-id").text
     page.by_id("download-csv").click()
     table = list(csv.DictReader(io.StringIO(wait_for_file(browser.downloads / f"{job_id}.csv").decode())))
     assert [r["url"] for r in table] == hrefs and {r["status"] for r in table} == {"succeeded"}
     page.screenshot("links")
+
+    # After a reload the page follows its last job again.
+    browser.refresh()
+    page.wait_key_accepted()
+    page.wait(lambda: len(page.find_all("smartlink")) == 50, "the links again")
+    assert page.find("job-status").text == status
 
     # Readable at 360 px: nothing wider than the screen.
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
@@ -347,3 +381,40 @@ def test_keyboard_alone_enters_the_key_pauses_resumes_and_generates(tmp_path: Pa
     assert len(pasted) == 1 and pasted[0]["state"] == "complete"
     page.tab_to(lambda el: el.get_attribute("data-testid") == "smartlink", "the first link")
     page.screenshot("keyboard")
+
+
+def test_a_folder_and_dropped_files_go_up_with_their_paths(tmp_path: Path, stack, page_for) -> None:
+    s = stack()
+    folder = tmp_path / "reports"
+    (folder / "2026").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha\n")
+    (folder / "2026" / "b.csv").write_text("x,y\n1,2\n")
+    page = start_page(page_for(s))
+
+    page.driver.find_element(page.By.ID, "folder-input").send_keys(str(folder))
+    # A drop: the browser cannot be dragged onto from outside headless, so the page gets the
+    # DragEvent a drop makes, with files built in the page (DataTransfer, as a real drop has).
+    page.driver.execute_script("""
+        const dt = new DataTransfer();
+        dt.items.add(new File(['dropped one'], 'dropped-1.txt', {type: 'text/plain'}));
+        dt.items.add(new File([new Uint8Array(300000).fill(7)], 'dropped-2.bin'));
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""")
+    rows = page.wait_rows({"reports/a.txt": "complete", "reports/2026/b.csv": "complete",
+                           "dropped-1.txt": "complete", "dropped-2.bin": "complete"})
+    digests = {r["name"]: r["sha256"] for r in rows}
+    assert digests == {
+        "reports/a.txt": sha256(folder / "a.txt"), "reports/2026/b.csv": sha256(folder / "2026" / "b.csv"),
+        "dropped-1.txt": hashlib.sha256(b"dropped one").hexdigest(),
+        "dropped-2.bin": hashlib.sha256(bytes([7]) * 300000).hexdigest(),
+    }
+    # On the server a file has its own name only (no path: X-File-Name refuses "/").
+    assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-1.txt", "dropped-2.bin"}
+    page.screenshot("folder-and-drop")
+
+    # Remove: gone from the page and from the batch.
+    page.row_element("dropped-1.txt").find_element(page.By.CSS_SELECTOR, '[data-action="remove"]').click()
+    page.wait(lambda: len(page.rows()) == 3, "the row to go")
+    page.wait(lambda: "dropped-1.txt" not in s.manifest(page.batch_id()), "the file to leave the batch")
+    assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-2.bin"}
