@@ -2,7 +2,8 @@
 front of a real ``filedrop serve``, as scripts/run starts them. The issue's scenarios: three files
 in chunks with their SHA-256; the app killed and started again mid-upload; a page reload
 mid-upload; 50 rows generated into 50 links that open through NGINX; a refused key; keyboard
-only. Each test leaves a screenshot of the whole page in test-output/web/.
+only; a folder and dropped files; a key revoked mid-upload. Each test leaves a screenshot of the
+whole page in test-output/web/.
 
 One browser serves the module; each test has its own NGINX port, so its own origin, and so its
 own localStorage and sessionStorage.
@@ -17,6 +18,8 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from server.config import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.browser import DropPage, start_browser, wait_for_file
 from tests.support.nginx import NginxProcess
-from tests.support.server import ServerProcess
+from tests.support.server import REPO, ServerProcess
 from tests.support.waiting import free_port
 
 MiB = 1 << 20
@@ -418,3 +421,30 @@ def test_a_folder_and_dropped_files_go_up_with_their_paths(tmp_path: Path, stack
     page.wait(lambda: len(page.rows()) == 3, "the row to go")
     page.wait(lambda: "dropped-1.txt" not in s.manifest(page.batch_id()), "the file to leave the batch")
     assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-2.bin"}
+
+
+def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, stack, page_for) -> None:
+    s = stack(chunk_size="1M")
+
+    def keys(*argv: str) -> str:
+        env = {**s.app.env, "FILEDROP_API_KEYS": ""}
+        r = subprocess.run([sys.executable, "-m", "server", "keys", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    key = keys("create", "browser")
+    big = random_file(tmp_path / "big.bin", 64 * MiB)  # 16 s at 4 MiB/s: refused long before the end
+    page = page_for(s)
+    page.enter_key(key)
+    page.wait_key_accepted()
+    page.throttle_uploads(4 * MiB)
+    page.add_files([big])
+    page.wait(lambda: [r["state"] for r in page.rows()] == ["uploading"], "the upload to start")
+    keys("revoke", "browser")  # the server trusts a key lookup for up to 5 s
+    # The chunk uploads (XMLHttpRequest) get the 401 back, no login dialog: every upload pauses.
+    row = page.wait(lambda: (r := page.row("big.bin"))["state"] == "paused" and r, "the upload to pause",
+                    timeout=30)
+    assert "the key was refused" in (row["note"] or "")
+    assert "The key was refused" in page.key_message()
+    page.screenshot("revoked")

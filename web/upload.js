@@ -20,6 +20,9 @@ const CHUNKS_AT_ONCE = 4;
 const ASSEMBLY_WAIT_MS = 30 * 60 * 1000; // most a file is waited for once all its chunks are in
 const NEED_FILE = 'Choose or drop this file again to resume it.';
 
+// The server lacks chunks of a file whose bytes this page does not have (after a reload).
+class NeedFile extends Error {}
+
 class Slots {
   constructor(n) {
     this.free = n;
@@ -60,6 +63,8 @@ export class Upload {
     this.relPath = relPath || name;
     this.chunkSize = chunkSize || null;
     this.file = null; // the local File, when the user has given it (not after a reload)
+    this.fresh = false; // a new fileIdx of this page: nothing can be on the server yet
+    this.serverBytes = 0; // what the server reported having, for a file this page cannot resume
     this.state = QUEUED;
     this.note = '';
     this.sha256 = null;
@@ -73,8 +78,15 @@ export class Upload {
     this.wakers = [];
   }
 
+  // Unknown chunk size (a file of the batch this page never sent): counted as one chunk, and
+  // never resumed (resuming needs the size its chunks were cut at).
   get chunkCount() {
-    return this.size === 0 ? 1 : Math.ceil(this.size / this.chunkSize);
+    return this.size === 0 || !this.chunkSize ? 1 : Math.ceil(this.size / this.chunkSize);
+  }
+
+  // Every chunk is on the server: what is left (assembly) needs no local file.
+  get allSent() {
+    return this.chunkSize !== null && this.done.size >= this.chunkCount;
   }
 
   get needsFile() {
@@ -88,7 +100,7 @@ export class Upload {
 
   get sent() {
     if (this.state === COMPLETE) return this.size;
-    if (!this.chunkSize) return 0;
+    if (!this.chunkSize) return this.serverBytes;
     let n = 0;
     for (const i of this.done) n += this.chunkBytes(i);
     for (const loaded of this.inflight.values()) n += loaded;
@@ -244,11 +256,13 @@ export class Uploader extends EventTarget {
         u.state = COMPLETE;
         u.sha256 = info.sha256;
       } else {
-        u.state = PAUSED;
-        u.note = NEED_FILE;
+        u.serverBytes = Number(info.uploadedSize) || 0;
         if (u.chunkSize && Number(info.chunkCount) === u.chunkCount) {
           u.done = new Set((info.uploadedChunkIds || []).map(Number));
         }
+        // All chunks there: the server is assembling it, and the page only waits for that.
+        u.state = u.allSent ? QUEUED : PAUSED;
+        u.note = u.allSent ? '' : NEED_FILE;
       }
       this.uploads.set(fileIdx, u);
       this.memory.remember(fileIdx, { ...(rec || {}), name: u.name, size: u.size, type: u.type });
@@ -261,6 +275,7 @@ export class Uploader extends EventTarget {
       this.uploads.set(u.fileIdx, u);
     }
     this.emit('batch');
+    this.schedule();
     return true;
   }
 
@@ -295,6 +310,7 @@ export class Uploader extends EventTarget {
         lastModified: file.lastModified, relPath: relPath || file.name, chunkSize: this.limits.chunkSize,
       });
       u.file = file;
+      u.fresh = true;
       this.uploads.set(u.fileIdx, u);
       if (this.batchId) this.rememberFile(u);
       this.emit('added', u);
@@ -314,7 +330,7 @@ export class Uploader extends EventTarget {
     if (this.stopped) return;
     for (const u of this.uploads.values()) {
       if (this.active >= FILES_AT_ONCE) break;
-      if (u.state !== QUEUED || u.running || !u.file) continue;
+      if (u.state !== QUEUED || u.running || !(u.file || u.allSent)) continue;
       this.active++;
       u.running = this.run(u).finally(() => {
         u.running = null;
@@ -363,6 +379,12 @@ export class Uploader extends EventTarget {
         await sleep(delay, signal);
       }
     } catch (e) {
+      if (e instanceof NeedFile) {
+        u.state = PAUSED;
+        u.note = NEED_FILE;
+        this.emit('change', u);
+        return;
+      }
       if (isAbort(e) && !u.fatal) return; // paused, removed or the key refused: already said
       this.fail(u, u.fatal || e);
     } finally {
@@ -406,6 +428,11 @@ export class Uploader extends EventTarget {
   // Before sending: the chunk ids the server already has. Stored chunks cut at another size
   // cannot be continued safely (their byte ranges would not line up), so they are deleted.
   async sync(u, signal) {
+    if (u.fresh) {
+      u.fresh = false; // its first run: a GET would only answer 404
+      u.done = new Set();
+      return;
+    }
     const info = await this.info(u, signal);
     if (info === null) {
       u.done = new Set();
@@ -430,6 +457,7 @@ export class Uploader extends EventTarget {
       if (signal.aborted) throw new DOMException('aborted', 'AbortError');
       const next = u.nextMissing();
       if (next < 0 && u.inflight.size === 0) return;
+      if (next >= 0 && !u.file) throw new NeedFile();
       if (next < 0 || u.inflight.size >= CHUNKS_PER_FILE) {
         await u.changed();
         continue;
