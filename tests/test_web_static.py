@@ -205,3 +205,10 @@ def test_serve_refuses_to_start_with_a_chunk_size_over_the_limit(tmp_path: Path)
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "FILEDROP_CHUNK_SIZE (16777216 bytes)" in r.stderr and "FILEDROP_MAX_CHUNK_SIZE (8388608 bytes)" in r.stderr
+
+
+def test_a_missing_browser_fails_saying_how_to_install_it() -> None:
+    from tests.support.browser import _binary
+
+    with pytest.raises(AssertionError, match=r"FILEDROP_SETUP_TEST=1 scripts/setup` as root"):
+        _binary("no-such-chromium-here", "/nonexistent/chromium")
