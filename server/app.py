@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from server.api import jobs as jobs_api
+from server.api import limits as limits_api
 from server.api import uploads as uploads_api
 from server.auth import KeyStore, auth_middleware
 from server.config import Settings
@@ -71,6 +72,7 @@ def setup_routes(app: web.Application) -> None:
             app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
     for route in jobs_api.ROUTES:
         app.router.add_route(route.method, route.path, route.handler, **route.kwargs)
+    app.router.add_routes(limits_api.ROUTES)
 
 
 def create_app(settings: Settings) -> web.Application:

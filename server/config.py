@@ -17,6 +17,7 @@ from typing import Any
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.I)
+DEFAULT_CHUNK_SIZE = 8 << 20  # the drop page's chunks when FILEDROP_CHUNK_SIZE is unset
 
 
 def parse_duration(text: str) -> float:
@@ -62,6 +63,8 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "api_keys": ("", "Comma-separated API keys accepted besides those made by `filedrop keys create`."),
     "max_file_size": ("10G", "Largest file one upload may declare (X-File-Size). Over: 413."),
     "max_chunk_size": ("64M", "Largest request body of one upload/chunk. Over: 413. NGINX uses it too."),
+    "chunk_size": ("8M", "Chunk size the drop page uploads in (`GET /api/limits`). Above `FILEDROP_MAX_CHUNK_SIZE`: "
+                   "refused at start; unset: 8M, or `FILEDROP_MAX_CHUNK_SIZE` when that is smaller."),
     "max_files_per_batch": ("10000", "Most files one upload batch may hold. Over: 413."),
     "max_batch_bytes": ("50G", "Most declared bytes one upload batch may hold. Over: 413."),
     "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
@@ -98,6 +101,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_file_size: int = 10 << 30
     max_chunk_size: int = 64 << 20
+    chunk_size: int | None = None  # None (unset): see upload_chunk_size
     max_files_per_batch: int = 10000
     max_batch_bytes: int = 50 << 30
     min_free_disk: int = 256 << 20
@@ -134,6 +138,11 @@ class Settings:
             "smartlink_root",
             Path(self.smartlink_root).resolve() if self.smartlink_root else data_dir / "smartlinks",
         )
+        if self.chunk_size is not None and not 1 <= self.chunk_size <= self.max_chunk_size:
+            # Every chunk the page sends would be refused with 413: refuse the start instead.
+            raise ValueError(f"FILEDROP_CHUNK_SIZE ({self.chunk_size} bytes) must be at least 1 byte and at most "
+                             f"FILEDROP_MAX_CHUNK_SIZE ({self.max_chunk_size} bytes): lower FILEDROP_CHUNK_SIZE "
+                             f"or raise FILEDROP_MAX_CHUNK_SIZE")
         if not self.public_url:
             object.__setattr__(self, "public_url", f"http://127.0.0.1:{self.http_port}")
         if not self.callback_secret:
@@ -145,6 +154,13 @@ class Settings:
         (limited like a fetched one, ``fetch_max_bytes``) and small option parts; 1 MiB covers
         those and the multipart framing. The app and NGINX both enforce it."""
         return self.max_data_size + self.fetch_max_bytes + (1 << 20)
+
+    @property
+    def upload_chunk_size(self) -> int:
+        """The chunk size clients are told to upload in (``GET /api/limits``): ``chunk_size`` when
+        set (checked against ``max_chunk_size`` at construction), else 8 MiB, or ``max_chunk_size``
+        when that is smaller (so lowering only the limit stays a valid configuration)."""
+        return self.chunk_size if self.chunk_size is not None else min(DEFAULT_CHUNK_SIZE, self.max_chunk_size)
 
     # Paths the server derives itself: no client-supplied name ever becomes one of these.
     @property
@@ -177,7 +193,7 @@ class Settings:
         return cls(**kwargs)
 
 
-_SIZES = {"max_file_size", "max_chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size", "fetch_max_bytes"}
+_SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size", "fetch_max_bytes"}
 _DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
          "callback_retries", "smtp_port"}

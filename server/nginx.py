@@ -23,6 +23,8 @@ from pathlib import Path
 from server.config import Settings
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "nginx.conf"
+# The drop page's static files (index.html and the /_/ assets), served from the repo itself.
+WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 # What a path may contain to be written into the config unquoted and uninterpreted.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,=:~-]*")
@@ -89,7 +91,15 @@ def values(settings: Settings, *, listen: str | None = None, worker_processes: s
         "SMARTLINK_ROOT": str(root),
         "CHUNK_BODY_LIMIT": str(settings.max_chunk_size),
         "JOB_BODY_LIMIT": str(job_body_limit(settings)),
+        "WEB_ROOT": _web_root(),
     }
+
+
+def _web_root(web_root: Path = WEB_ROOT) -> str:
+    if not _SAFE_PATH.fullmatch(str(web_root)):
+        raise ValueError(f"the drop page's directory {str(web_root)!r}: NGINX needs an absolute path of plain "
+                         "characters (move the checkout)")
+    return str(web_root)
 
 
 def fill(template: str, vals: Mapping[str, str]) -> str:

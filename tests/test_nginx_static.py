@@ -142,8 +142,8 @@ def test_etag_and_last_modified_give_304(ngx: NginxProcess) -> None:
 
 # Everything that is not exactly /<batch_id>/<reference_id>.<suffix>.html|.pdf — traversal in
 # every spelling, listings, dotfiles, the renderer's temp files, symlinks, wrong characters.
+# (`/` is the drop page: tests/test_web_static.py.)
 NOT_SERVED = [
-    "/",
     "/b1",
     "/b1/",
     "/b1/?C=M;O=A",

@@ -91,8 +91,8 @@ class NginxProcess:
         if self.proc.poll() is not None:
             raise NginxExited(self.proc.returncode, self.error_log)
         try:
-            # Any HTTP answer means a worker is up (this path is a 404 by design).
-            return fetch(self.port, "GET", "/", timeout=1).status == 404
+            # Any HTTP answer means a worker is up (the drop page, or a 404 if web/ were missing).
+            return fetch(self.port, "GET", "/", timeout=1).status in (200, 404)
         except (OSError, http.client.HTTPException):
             return False
 

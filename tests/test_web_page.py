@@ -1,0 +1,450 @@
+"""The drop page in a real browser (headless Chromium + Selenium), through the project's NGINX in
+front of a real ``filedrop serve``, as scripts/run starts them. The issue's scenarios: three files
+in chunks with their SHA-256; the app killed and started again mid-upload; a page reload
+mid-upload; 50 rows generated into 50 links that open through NGINX; a refused key; keyboard
+only; a folder and dropped files; a key revoked mid-upload. Each test leaves a screenshot of the
+whole page in test-output/web/.
+
+One browser serves the module; each test has its own NGINX port, so its own origin, and so its
+own localStorage and sessionStorage.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from server.config import Settings
+from tests.conftest import API_KEY, AUTH
+from tests.support.browser import DropPage, start_browser, wait_for_file
+from tests.support.nginx import NginxProcess
+from tests.support.server import REPO, ServerProcess
+from tests.support.waiting import free_port
+
+MiB = 1 << 20
+TERMINAL = ("Completed", "Completed with errors", "Cancelled", "Failed")
+TEMPLATE = {"title": "Invoice {{ data.num }}", "lang": "en",
+            "body": "<h1>Invoice {{ data.num }}</h1><p>Amount: {{ data.amount }}</p>"}
+
+
+@dataclass
+class Stack:
+    app: ServerProcess
+    ngx: NginxProcess
+    data_dir: Path
+    http_port: int
+    settings: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.ngx.url
+
+    def api(self, method: str, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.request(method, self.url + path, headers={**AUTH, **kw.pop("headers", {})}, **kw)
+
+    def manifest(self, batch_id: str) -> dict[str, dict[str, Any]]:
+        r = self.api("POST", f"/api/v1/upload/{batch_id}/execute/Batch.Manifest", json={"params": {}},
+                     headers={"X-Batch-No-Drop": "true"})
+        assert r.status_code == 200, r.text
+        return {f["name"]: f for f in r.json()["files"]}
+
+    def chunk_ids(self, batch_id: str, file_idx: str) -> list[int] | None:
+        r = self.api("GET", f"/api/v1/upload/{batch_id}/{file_idx}")
+        if r.status_code == 404:
+            return None
+        assert r.status_code == 200, r.text
+        return r.json()["uploadedChunkIds"]
+
+    def stored_chunk_posts(self, batch_id: str, file_idx: str) -> int:
+        """Chunk POSTs of one file that the app answered 201/202, from NGINX's access log
+        (NGINX stopped first: the log is buffered)."""
+        self.ngx.stop()
+        log = (self.ngx.prefix / "logs" / "access.log").read_text()
+        return len(re.findall(rf'"POST /api/v1/upload/{batch_id}/{file_idx} HTTP/1\.1" 20[12] ', log))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def random_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    base = tmp_path_factory.mktemp("browser")
+    driver = start_browser(base / "profile", base / "downloads")
+    driver.downloads = base / "downloads"  # type: ignore[attr-defined]
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, server_factory, nginx_factory) -> Callable[..., Stack]:  # type: ignore[no-untyped-def]
+    """``stack(**settings)``: the app (a subprocess) and NGINX in front of it, as scripts/run
+    starts them; smartlinks are published on NGINX's port."""
+
+    def start(**settings: str) -> Stack:
+        http_port = free_port()
+        app = server_factory(http_port=str(http_port), **settings)
+        ngx = nginx_factory(Settings.from_env(app.env), app_port=app.port, http_port=http_port)
+        return Stack(app, ngx, tmp_path / "srv", http_port, settings)
+
+    return start
+
+
+@pytest.fixture
+def page_for(browser: Any, request: pytest.FixtureRequest) -> Callable[[Stack], DropPage]:
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)
+
+    def make(stack: Stack) -> DropPage:
+        page = DropPage(browser, stack.url, name)
+        page.throttle_uploads(None)
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        return page.open()
+
+    yield make
+    for handle in browser.window_handles[1:]:  # tabs a link opened
+        browser.switch_to.window(handle)
+        browser.close()
+    browser.switch_to.window(browser.window_handles[0])
+    browser.get("about:blank")  # stop whatever the page was still doing
+
+
+def start_page(page: DropPage) -> DropPage:
+    page.enter_key(API_KEY)
+    page.wait_key_accepted()
+    return page
+
+
+def test_three_files_go_up_in_chunks_and_show_the_servers_sha256(tmp_path: Path, stack, page_for) -> None:
+    s = stack(chunk_size="4M")
+    big = random_file(tmp_path / "big.bin", 20_000_000)  # 5 chunks of 4 MiB
+    text = tmp_path / "résumé 100% <b>.txt"  # a name is only data: encoded, shown as text
+    text.write_text("Bonjour, été 2026\n" * 500, encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    page = start_page(page_for(s))
+
+    page.add_files([big, text, empty])
+    rows = page.wait_rows({"big.bin": "complete", text.name: "complete", "empty.txt": "complete"})
+
+    expected = {p.name: sha256(p) for p in (big, text, empty)}
+    assert {r["name"]: r["sha256"] for r in rows} == expected
+    batch_id = page.batch_id()
+    manifest = s.manifest(batch_id)
+    assert {n: f["sha256"] for n, f in manifest.items()} == expected
+    assert {n: f["size"] for n, f in manifest.items()} == {p.name: p.stat().st_size for p in (big, text, empty)}
+    info = s.api("GET", f"/api/v1/upload/{batch_id}/{page.row('big.bin')['idx']}").json()
+    assert info["uploadType"] == "chunked" and info["chunkCount"] == 5
+    # Each finished file shows its size and SHA-256 in words, not only in attributes.
+    shown = page.row_element("big.bin").text
+    assert "20000000 bytes" in shown and expected["big.bin"] in shown
+    assert page.by_id("total-text").text.startswith("3 of 3 files complete")
+    assert page.console_errors() == []
+    page.screenshot("complete")
+
+
+def test_the_page_resumes_after_the_app_is_killed_mid_upload(tmp_path: Path, stack, page_for,
+                                                             server_factory) -> None:
+    s = stack(chunk_size="1M")
+    big = random_file(tmp_path / "big.bin", 16 * MiB)  # 16 chunks
+    page = start_page(page_for(s))
+    page.throttle_uploads(4 * MiB)  # ~4 s for the file: time to stop the app in the middle
+    page.add_files([big])
+    batch_id = page.wait(lambda: re.fullmatch(r"[0-9a-f]{32}", page.batch_id()) and page.batch_id(), "a batch")
+    before = page.wait(lambda: (ids := s.chunk_ids(batch_id, "0")) and len(ids) >= 6 and ids,
+                       "6 chunks stored", timeout=30)
+    assert len(before) < 16
+    figures = page.row_element("big.bin").find_element(page.By.CLASS_NAME, "file-figures").text
+    assert re.search(r"of 16 MiB, [0-9.]+ (KiB|MiB)/s, \d+ s left", figures), figures
+
+    s.app.kill9()
+    # NGINX answers 503 (JSON) while the app is down: the row shows its message and keeps trying.
+    page.wait(lambda: "the application is not available" in (page.row("big.bin")["note"] or ""),
+              "the row to say the app is unavailable")
+    assert page.row("big.bin")["state"] == "uploading"
+    page.screenshot("app-down")
+    server_factory(data_dir=s.data_dir, http_port=str(s.http_port), app_port=str(s.app.port), **s.settings)
+    page.throttle_uploads(None)
+
+    rows = page.wait_rows({"big.bin": "complete"}, timeout=60)
+    assert rows[0]["sha256"] == sha256(big) == s.manifest(batch_id)["big.bin"]["sha256"]
+    page.screenshot("resumed")
+    # It went on from the server's chunk ids: the chunks stored before the kill were not sent
+    # again (a few duplicates at most: chunks stored whose answer the kill cut off).
+    assert 16 <= s.stored_chunk_posts(batch_id, "0") <= 16 + 3
+
+
+def test_after_a_reload_the_file_picked_again_resumes_from_the_servers_chunks(tmp_path: Path, stack,
+                                                                              page_for) -> None:
+    s = stack(chunk_size="1M")
+    big = random_file(tmp_path / "big.bin", 16 * MiB)
+    page = start_page(page_for(s))
+    page.throttle_uploads(4 * MiB)
+    page.add_files([big])
+    batch_id = page.wait(lambda: re.fullmatch(r"[0-9a-f]{32}", page.batch_id()) and page.batch_id(), "a batch")
+    page.wait(lambda: (ids := s.chunk_ids(batch_id, "0")) and len(ids) >= 5, "5 chunks stored", timeout=30)
+
+    page.driver.refresh()
+    page.wait_key_accepted()  # the key is kept in sessionStorage
+    row = page.wait(lambda: (r := page.rows()) and r[0]["state"] == "paused" and r[0], "the remembered file")
+    assert page.batch_id() == batch_id
+    assert row["name"] == "big.bin" and "Choose or drop this file again" in (row["note"] or "")
+    stored = len(s.chunk_ids(batch_id, "0") or [])
+    progress = float(page.row_element("big.bin").find_element(page.By.TAG_NAME, "progress").get_attribute("value"))
+    assert progress == pytest.approx(stored / 16)  # what the server has, before anything is sent
+    page.screenshot("remembered")
+
+    page.throttle_uploads(None)
+    page.add_files([big])  # matched by name, size and lastModified
+    rows = page.wait_rows({"big.bin": "complete"})
+    assert rows[0]["sha256"] == sha256(big) and rows[0]["idx"] == "0"
+    page.screenshot("resumed")
+    assert 16 <= s.stored_chunk_posts(batch_id, "0") <= 16 + 3
+
+
+def test_fifty_rows_become_fifty_links_that_open_through_nginx(tmp_path: Path, stack, page_for, browser) -> None:
+    s = stack()
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps(TEMPLATE))
+    rows = [{"reference_id": f"ref{i:03d}", "suffix": f"{i:03d}5f1ea1e9b982f900468a",
+             "data": {"num": f"N-{i:03d}", "amount": f"{100 + i} EUR"}} for i in range(50)]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    page = start_page(page_for(s))
+    page.add_files([template, data])
+    page.wait_rows({"template.json": "complete", "rows.json": "complete"})
+
+    from selenium.webdriver.support.ui import Select
+
+    template_select, data_select = Select(page.find("template-file")), Select(page.find("data-file"))
+    assert sorted(o.text for o in template_select.options) == ["rows.json", "template.json"]
+    assert sorted(o.text for o in data_select.options) == ["rows.json", "template.json"]
+    # The server's refusal is shown as its message, not as JSON (rows are no master template).
+    template_select.select_by_visible_text("rows.json")
+    page.find("generate").click()
+    message = page.by_id("generate-message")
+    refusal = page.wait(lambda: "error" in (message.get_attribute("class") or "") and message.text, "the refusal")
+    idx = {r["name"]: r["idx"] for r in page.rows()}
+    answer = s.api("POST", f"/api/v1/upload/{page.batch_id()}/execute/SmartLinks.Generate",
+                   json={"params": {"template": idx["rows.json"], "data": idx["rows.json"]}},
+                   headers={"X-Batch-No-Drop": "true"})
+    assert answer.status_code == 422 and refusal == answer.json()["message"], (refusal, answer.text)
+    assert page.find("job-status").text == ""
+
+    template_select.select_by_visible_text("template.json")
+    data_select.select_by_visible_text("rows.json")
+    # Every text the status shows, in order, to see it move (not only its last value).
+    page.driver.execute_script("""
+        window.seen = [];
+        const status = document.querySelector('[data-testid="job-status"]');
+        new MutationObserver(() => window.seen.push(status.textContent))
+          .observe(status, {childList: true, characterData: true, subtree: true});""")
+    page.find("generate").click()
+
+    status = page.wait(lambda: (t := page.find("job-status").text) and t.startswith(TERMINAL) and t,
+                       "the job to end", timeout=60)
+    assert status.startswith("Completed:") and "50 succeeded, 0 errored" in status, status
+    seen = page.driver.execute_script("return window.seen")
+    assert seen[0].startswith(("Queued:", "In progress:")) and seen[-1] == status, seen
+    links = page.wait(lambda: len(found := page.find_all("smartlink")) == 50 and found, "50 links")
+    hrefs = [a.get_attribute("href") for a in links]
+    batch_id = page.batch_id()
+    assert hrefs == [f"{s.url}/{batch_id}/{r['reference_id']}.{r['suffix']}.html" for r in rows]
+    for href, row in zip(hrefs, rows, strict=True):
+        r = requests.get(href, timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+        assert f"Invoice {row['data']['num']}" in r.text and row["data"]["amount"] in r.text
+    assert int(page.by_id("job-log-count").text) >= 1
+
+    # A link opens the page in the browser too (a new tab).
+    links[7].click()
+    page.wait(lambda: len(browser.window_handles) == 2, "the link's tab")
+    browser.switch_to.window(browser.window_handles[1])
+    page.wait(lambda: "Invoice N-007" in browser.find_element(page.By.TAG_NAME, "h1").text, "the smartlink page")
+    assert browser.title == "Invoice N-007"
+    browser.close()
+    browser.switch_to.window(browser.window_handles[0])
+
+    # Copy puts the link on the clipboard.
+    browser.execute_cdp_cmd("Browser.grantPermissions", {
+        "origin": s.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    links[3].find_element(page.By.XPATH, "following-sibling::button").click()
+    page.wait(lambda: page.by_id("links-message").text == "Link copied.", "the copy")
+    assert browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0](String(e)))") == hrefs[3]
+
+    # The result as CSV, fetched with the key and handed to the browser as a download.
+    job_id = page.by_id("job-id").text
+    page.by_id("download-csv").click()
+    table = list(csv.DictReader(io.StringIO(wait_for_file(browser.downloads / f"{job_id}.csv").decode())))
+    assert [r["url"] for r in table] == hrefs and {r["status"] for r in table} == {"succeeded"}
+    page.screenshot("links")
+
+    # After a reload the page follows its last job again.
+    browser.refresh()
+    page.wait_key_accepted()
+    page.wait(lambda: len(page.find_all("smartlink")) == 50, "the links again")
+    assert page.find("job-status").text == status
+
+    # Readable at 360 px: nothing wider than the screen.
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 360, "height": 800, "deviceScaleFactor": 1, "mobile": True})
+    width = page.wait(lambda: browser.execute_script("return window.innerWidth") == 360 and 360, "360 px")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+    page.screenshot("narrow-360")
+
+
+def test_a_wrong_key_is_refused_in_words_and_nothing_is_uploaded(stack, page_for) -> None:
+    s = stack()
+    page = page_for(s)
+    page.enter_key("not-the-key-at-all")
+    page.wait(lambda: "The key was refused" in page.key_message(), "the refusal")
+    assert page.find("api-key").get_attribute("aria-invalid") == "true"
+    assert not page.find("file-input").is_displayed() and not page.find("generate").is_displayed()
+    page.screenshot("refused")
+    with sqlite3.connect(s.data_dir / "filedrop.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM batches").fetchone() == (0,)
+    uploads = s.data_dir / "uploads"  # holds only the server's own .synced marker
+    assert [p.name for p in uploads.iterdir() if not p.name.startswith(".")] == []
+    # The same page takes the right key: the refusal was the server's, not the page's.
+    start_page(page)
+
+
+def test_keyboard_alone_enters_the_key_pauses_resumes_and_generates(tmp_path: Path, stack, page_for) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    s = stack(chunk_size="1M")
+    big = random_file(tmp_path / "big.bin", 8 * MiB)
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps(TEMPLATE))
+    page = page_for(s)
+
+    page.tab_to(lambda el: el.get_attribute("data-testid") == "api-key", "the key field")
+    page.press(API_KEY, Keys.ENTER)
+    page.wait_key_accepted()
+    # Every visible control has a name a screen reader can say.
+    unnamed = page.driver.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea, button')]
+          .filter((el) => el.offsetParent !== null)
+          .filter((el) => !((el.labels && el.labels.length) || el.getAttribute('aria-label')
+                            || el.getAttribute('aria-labelledby') || (el.tagName === 'BUTTON' && el.textContent.trim())))
+          .map((el) => el.outerHTML);""")
+    assert unnamed == []
+
+    page.throttle_uploads(1 * MiB)
+    page.add_files([big, template])  # a native file dialog cannot be driven: the one exception
+    page.tab_to(lambda el: el.get_attribute("aria-label") == "Pause big.bin", "the row's pause button")
+    page.press(Keys.ENTER)
+    page.wait(lambda: page.row("big.bin")["state"] == "paused", "big.bin paused")
+    assert page.focused().get_attribute("aria-label") == "Resume big.bin"  # focus stays put
+    page.throttle_uploads(None)
+    page.press(Keys.SPACE)
+    page.wait_rows({"big.bin": "complete", "template.json": "complete"})
+    assert page.row("big.bin")["sha256"] == sha256(big)
+
+    # Rows pasted, template chosen by default (its name), started with Enter.
+    rows = [{"reference_id": f"k{i}", "data": {"num": f"K-{i}", "amount": "1"}} for i in range(3)]
+    page.tab_to(lambda el: el.get_attribute("id") == "data-paste", "the rows field")
+    page.press(json.dumps(rows))
+    assert page.by_id("data-from-paste").is_selected()
+    assert page.find("template-file").get_attribute("value") == page.row("template.json")["idx"]
+    page.tab_to(lambda el: el.get_attribute("data-testid") == "generate", "the generate button")
+    page.press(Keys.ENTER)
+    status = page.wait(lambda: (t := page.find("job-status").text) and t.startswith(TERMINAL) and t,
+                       "the job to end", timeout=60)
+    assert status.startswith("Completed:") and "3 succeeded" in status, status
+    page.wait(lambda: len(page.find_all("smartlink")) == 3, "3 links")
+    pasted = [r for r in page.rows() if (r["name"] or "").startswith("pasted-rows-")]
+    assert len(pasted) == 1 and pasted[0]["state"] == "complete"
+    page.tab_to(lambda el: el.get_attribute("data-testid") == "smartlink", "the first link")
+    page.screenshot("keyboard")
+
+
+def test_a_folder_and_dropped_files_go_up_with_their_paths(tmp_path: Path, stack, page_for) -> None:
+    s = stack()
+    folder = tmp_path / "reports"
+    (folder / "2026").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha\n")
+    (folder / "2026" / "b.csv").write_text("x,y\n1,2\n")
+    page = start_page(page_for(s))
+
+    page.driver.find_element(page.By.ID, "folder-input").send_keys(str(folder))
+    # A drop: the browser cannot be dragged onto from outside headless, so the page gets the
+    # DragEvent a drop makes, with files built in the page (DataTransfer, as a real drop has).
+    page.driver.execute_script("""
+        const dt = new DataTransfer();
+        dt.items.add(new File(['dropped one'], 'dropped-1.txt', {type: 'text/plain'}));
+        dt.items.add(new File([new Uint8Array(300000).fill(7)], 'dropped-2.bin'));
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""")
+    rows = page.wait_rows({"reports/a.txt": "complete", "reports/2026/b.csv": "complete",
+                           "dropped-1.txt": "complete", "dropped-2.bin": "complete"})
+    digests = {r["name"]: r["sha256"] for r in rows}
+    assert digests == {
+        "reports/a.txt": sha256(folder / "a.txt"), "reports/2026/b.csv": sha256(folder / "2026" / "b.csv"),
+        "dropped-1.txt": hashlib.sha256(b"dropped one").hexdigest(),
+        "dropped-2.bin": hashlib.sha256(bytes([7]) * 300000).hexdigest(),
+    }
+    # On the server a file has its own name only (no path: X-File-Name refuses "/").
+    assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-1.txt", "dropped-2.bin"}
+    page.screenshot("folder-and-drop")
+
+    # Remove: gone from the page and from the batch.
+    page.row_element("dropped-1.txt").find_element(page.By.CSS_SELECTOR, '[data-action="remove"]').click()
+    page.wait(lambda: len(page.rows()) == 3, "the row to go")
+    page.wait(lambda: "dropped-1.txt" not in s.manifest(page.batch_id()), "the file to leave the batch")
+    assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-2.bin"}
+
+
+def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, stack, page_for) -> None:
+    s = stack(chunk_size="1M")
+
+    def keys(*argv: str) -> str:
+        env = {**s.app.env, "FILEDROP_API_KEYS": ""}
+        r = subprocess.run([sys.executable, "-m", "server", "keys", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    key = keys("create", "browser")
+    big = random_file(tmp_path / "big.bin", 64 * MiB)  # 16 s at 4 MiB/s: refused long before the end
+    page = page_for(s)
+    page.enter_key(key)
+    page.wait_key_accepted()
+    page.throttle_uploads(4 * MiB)
+    page.add_files([big])
+    page.wait(lambda: [r["state"] for r in page.rows()] == ["uploading"], "the upload to start")
+    keys("revoke", "browser")  # the server trusts a key lookup for up to 5 s
+    # The chunk uploads (XMLHttpRequest) get the 401 back, no login dialog: every upload pauses.
+    row = page.wait(lambda: (r := page.row("big.bin"))["state"] == "paused" and r, "the upload to pause",
+                    timeout=30)
+    assert "the key was refused" in (row["note"] or "")
+    assert "The key was refused" in page.key_message()
+    page.screenshot("revoked")

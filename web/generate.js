@@ -1,0 +1,319 @@
+// Generating smartlinks from the batch: SmartLinks.Generate on the upload batch (kept with
+// X-Batch-No-Drop), then the job followed live (status, log) until it ends, and its links.
+
+import { ApiError, isAbort, sentence, sleep } from './api.js';
+import { bytes } from './format.js';
+import { COMPLETE } from './upload.js';
+
+const TERMINAL = new Set(['Completed', 'Completed with errors', 'Cancelled', 'Failed']);
+const LINKS_SHOWN = 1000; // more are in the CSV; thousands of rows in the page help nobody
+const LOG_SHOWN = 200;
+
+function enc(s) {
+  return encodeURIComponent(s);
+}
+
+function jobPath(job, what) {
+  return `/api/batch/${enc(job.batch_id)}/${enc(job.job_id)}/${what}`;
+}
+
+function say(el, text, isError = false) {
+  el.textContent = text;
+  el.classList.toggle('error', isError);
+}
+
+export function describe(job) {
+  const done = (job.succeededCount || 0) + (job.erroredCount || 0);
+  let text = `${job.status}: ${done} of ${job.totalCount ?? '?'} rows done, ${job.succeededCount || 0} succeeded, `
+    + `${job.erroredCount || 0} errored`;
+  if (job.reason) text += `. ${job.reason}`;
+  return text;
+}
+
+// Copy `text` to the clipboard: the Clipboard API where the page is a secure context, else the
+// older selection + copy command.
+export async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  const area = document.createElement('textarea');
+  area.value = text;
+  area.setAttribute('readonly', '');
+  area.className = 'offscreen';
+  document.body.append(area);
+  area.select();
+  const ok = document.execCommand('copy');
+  area.remove();
+  if (!ok) throw new Error('the browser refused to copy');
+}
+
+export class Generator {
+  constructor(api, uploader, memory, limits) {
+    this.api = api;
+    this.uploader = uploader;
+    this.memory = memory;
+    this.limits = limits;
+    this.job = null;
+    this.controller = null;
+    this.starting = false;
+    const $ = (id) => document.getElementById(id);
+    this.el = {
+      form: $('generate-form'), template: $('template-file'), data: $('data-file'),
+      fromFile: $('data-from-file'), fromPaste: $('data-from-paste'), paste: $('data-paste'),
+      strategy: $('strategy'), maxErrors: $('max-errors'), start: $('generate'), cancel: $('job-cancel'),
+      message: $('generate-message'), job: $('job'), jobId: $('job-id'), status: $('job-status'),
+      progress: $('job-progress'), logCount: $('job-log-count'), log: $('job-log'), result: $('job-result'),
+      links: $('links'), linksMessage: $('links-message'), errored: $('errored'),
+      erroredHeading: $('errored-heading'), csv: $('download-csv'), copyAll: $('copy-all'),
+      linkTemplate: $('link-template'),
+    };
+    this.el.form.addEventListener('submit', (e) => { e.preventDefault(); this.start(); });
+    this.el.cancel.addEventListener('click', () => this.cancel());
+    this.el.csv.addEventListener('click', () => this.downloadCsv());
+    this.el.copyAll.addEventListener('click', () => this.copyLinks([...this.el.links.querySelectorAll('a')].map((a) => a.href)));
+    this.el.links.addEventListener('click', (e) => {
+      const button = e.target.closest('button[data-action="copy"]');
+      if (button) this.copyLinks([button.parentElement.querySelector('a').href]);
+    });
+    this.el.paste.addEventListener('input', () => { if (this.el.paste.value.trim()) this.el.fromPaste.checked = true; });
+    this.el.data.addEventListener('change', () => { this.el.fromFile.checked = true; });
+    for (const ev of ['change', 'complete', 'removed', 'batch']) uploader.addEventListener(ev, () => this.refreshChoices());
+    this.refreshChoices();
+  }
+
+  setApi(api) {
+    this.api = api;
+  }
+
+  // The template and data choices: the batch's complete files, by name.
+  refreshChoices() {
+    const files = this.uploader.list().filter((u) => u.state === COMPLETE);
+    const counts = new Map();
+    for (const u of files) counts.set(u.name, (counts.get(u.name) || 0) + 1);
+    const label = (u) => (counts.get(u.name) > 1 ? `${u.name} (file ${u.fileIdx})` : u.name);
+    const fill = (select, pick) => {
+      const before = select.value;
+      const wanted = files.some((u) => String(u.fileIdx) === before) ? before : pick;
+      const same = select.options.length === files.length
+        && files.every((u, i) => select.options[i].value === String(u.fileIdx) && select.options[i].text === label(u));
+      if (!same) {
+        select.replaceChildren(...files.map((u) => new Option(label(u), String(u.fileIdx))));
+      }
+      select.value = wanted ?? '';
+      select.disabled = files.length === 0;
+    };
+    const json = files.filter((u) => /\.json$/i.test(u.name));
+    const template = files.find((u) => /template|master|smartlink/i.test(u.name) && /\.json$/i.test(u.name))
+      || json[0] || files[0];
+    fill(this.el.template, template ? String(template.fileIdx) : null);
+    const chosen = this.el.template.value;
+    const data = files.find((u) => String(u.fileIdx) !== chosen && /\.(jsonl?|ndjson)$/i.test(u.name))
+      || files.find((u) => String(u.fileIdx) !== chosen);
+    fill(this.el.data, data ? String(data.fileIdx) : null);
+  }
+
+  async start() {
+    if (this.starting) return;
+    say(this.el.message, '');
+    const template = this.el.template.value;
+    if (template === '') {
+      say(this.el.message, 'Choose the template file first (upload it above).', true);
+      this.el.template.focus();
+      return;
+    }
+    this.starting = true;
+    this.el.start.disabled = true;
+    try {
+      let data;
+      if (this.el.fromPaste.checked) {
+        data = await this.uploadPasted();
+        if (data === null) return;
+      } else {
+        data = this.el.data.value;
+        if (data === '') {
+          say(this.el.message, 'Choose the data file, or paste the rows.', true);
+          this.el.data.focus();
+          return;
+        }
+      }
+      const params = { template: Number(template), data: Number(data), strategy: this.el.strategy.value };
+      const maxErrors = this.el.maxErrors.value.trim();
+      if (maxErrors !== '') params.max_errors = Number(maxErrors);
+      say(this.el.message, 'Starting the job…');
+      const batchId = this.uploader.batchId;
+      // An identical start is answered with the running job, so a retried start makes no second job.
+      const job = await this.api.retrying(() => this.api.json('POST', `/api/v1/upload/${enc(batchId)}/execute/SmartLinks.Generate`, {
+        headers: { 'Content-Type': 'application/json', 'X-Batch-No-Drop': 'true' },
+        body: JSON.stringify({ params }),
+      }), { attempts: 5, onRetry: (e) => say(this.el.message, `${sentence(e.message)} Retrying…`) });
+      say(this.el.message, '');
+      this.follow(job);
+    } catch (e) {
+      say(this.el.message, e instanceof ApiError ? e.message : String(e.message || e), true);
+    } finally {
+      this.starting = false;
+      this.el.start.disabled = false;
+    }
+  }
+
+  // Pasted rows become a file of the batch (the operation reads files of the batch).
+  async uploadPasted() {
+    const text = this.el.paste.value.trim();
+    if (!text) {
+      say(this.el.message, 'Paste the data rows first (a JSON array, or one JSON object a line).', true);
+      this.el.paste.focus();
+      return null;
+    }
+    const file = new File([text], `pasted-rows-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
+      { type: 'application/json' });
+    if (file.size > this.limits.maxDataSize) {
+      say(this.el.message, `The pasted rows are ${bytes(file.size)}, over the ${bytes(this.limits.maxDataSize)} `
+        + 'a job accepts (FILEDROP_MAX_DATA_SIZE).', true);
+      return null;
+    }
+    say(this.el.message, 'Uploading the pasted rows…');
+    const { added, refused } = this.uploader.add([{ file }]);
+    if (!added.length) {
+      say(this.el.message, refused.join(' '), true);
+      return null;
+    }
+    await this.uploader.whenComplete(added[0]);
+    this.el.paste.value = '';
+    this.el.fromFile.checked = true;
+    this.el.data.value = String(added[0].fileIdx);
+    return added[0].fileIdx;
+  }
+
+  // After a reload: the job this page started last, if the server still has it.
+  async restore() {
+    const job = this.memory.state.job;
+    if (!job) return;
+    try {
+      this.follow(await this.api.json('GET', jobPath(job, 'status')));
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404) {
+        this.memory.state.job = null;
+        this.memory.save();
+      }
+    }
+  }
+
+  async follow(job) {
+    this.controller?.abort();
+    const controller = new AbortController();
+    this.controller = controller;
+    const { signal } = controller;
+    this.job = job;
+    this.memory.state.job = { batch_id: job.batch_id, job_id: job.job_id };
+    this.memory.save();
+    this.el.job.hidden = false;
+    this.el.result.hidden = true;
+    this.el.links.replaceChildren();
+    this.el.errored.replaceChildren();
+    this.el.log.replaceChildren();
+    this.el.jobId.textContent = job.job_id;
+    this.render(job);
+    try {
+      for (let n = 0; !TERMINAL.has(job.status); n++) {
+        this.el.cancel.hidden = false;
+        await sleep(Math.min(1000, 200 + 100 * n), signal);
+        job = await this.api.retrying(() => this.api.json('GET', jobPath(job, 'status'), { signal }), {
+          signal, onRetry: (e) => say(this.el.message, `${sentence(e.message)} Retrying…`),
+        });
+        say(this.el.message, '');
+        this.job = job;
+        this.render(job);
+        if (n % 3 === 2) await this.showLog(job, signal);
+      }
+      this.el.cancel.hidden = true;
+      await this.showLog(job, signal);
+      await this.showResult(job, signal);
+    } catch (e) {
+      if (!isAbort(e)) say(this.el.message, e.message || String(e), true);
+    }
+  }
+
+  render(job) {
+    this.el.status.textContent = describe(job);
+    this.el.status.dataset.status = job.status;
+    const total = job.totalCount || 0;
+    this.el.progress.max = Math.max(1, total);
+    this.el.progress.value = (job.succeededCount || 0) + (job.erroredCount || 0);
+  }
+
+  async showLog(job, signal) {
+    const body = await this.api.retrying(() => this.api.json('GET', jobPath(job, 'log'), { signal }), { signal });
+    const entries = body.log || [];
+    this.el.logCount.textContent = String(entries.length);
+    this.el.log.replaceChildren(...entries.slice(-LOG_SHOWN).map((e) => {
+      const li = document.createElement('li');
+      li.className = `log-${e.level}`;
+      const at = document.createElement('time');
+      at.textContent = e.at;
+      li.append(at, ` ${String(e.level).toUpperCase()} ${e.message}`);
+      return li;
+    }));
+  }
+
+  async showResult(job, signal) {
+    const body = await this.api.retrying(() => this.api.json('GET', jobPath(job, 'result'), { signal }), { signal });
+    const rows = body.rows || [];
+    const links = rows.filter((r) => r.url);
+    const errored = rows.filter((r) => r.status === 'errored');
+    this.el.links.replaceChildren(...links.slice(0, LINKS_SHOWN).map((r) => {
+      const li = this.el.linkTemplate.content.firstElementChild.cloneNode(true);
+      const a = li.querySelector('a');
+      a.href = r.url;
+      a.textContent = r.url;
+      li.querySelector('button').setAttribute('aria-label', `Copy the link of ${r.reference_id}`);
+      return li;
+    }));
+    say(this.el.linksMessage, links.length > LINKS_SHOWN
+      ? `The first ${LINKS_SHOWN} of ${links.length} links; the CSV has them all.`
+      : `${links.length} ${links.length === 1 ? 'link' : 'links'}.`);
+    this.el.errored.replaceChildren(...errored.slice(0, LINKS_SHOWN).map((r) => {
+      const li = document.createElement('li');
+      li.textContent = `${r.reference_id}: ${r.error}`;
+      return li;
+    }));
+    this.el.erroredHeading.hidden = errored.length === 0;
+    this.el.result.hidden = false;
+  }
+
+  async cancel() {
+    if (!this.job) return;
+    try {
+      this.render(await this.api.json('POST', jobPath(this.job, 'cancel')));
+    } catch (e) {
+      say(this.el.message, e.message, true);
+    }
+  }
+
+  async copyLinks(urls) {
+    try {
+      await copyText(urls.join('\n'));
+      say(this.el.linksMessage, urls.length === 1 ? 'Link copied.' : `${urls.length} links copied.`);
+    } catch (e) {
+      say(this.el.linksMessage, `Could not copy: ${e.message}`, true);
+    }
+  }
+
+  // The CSV needs the key, so it is fetched here and handed to the browser as a download.
+  async downloadCsv() {
+    if (!this.job) return;
+    try {
+      const res = await this.api.request('GET', `${jobPath(this.job, 'result')}?format=csv`, { headers: { Accept: 'text/csv' } });
+      const url = URL.createObjectURL(await res.blob());
+      const a = document.createElement('a');
+      a.href = url;
+      a.download = `${this.job.job_id}.csv`;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (e) {
+      say(this.el.linksMessage, e.message, true);
+    }
+  }
+}
