@@ -1,9 +1,12 @@
 """The error catalog and the one middleware that turns errors into JSON.
 
     FiledropError (status, code, message)          -> {"entity-type": "exception", ...}
-    ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED
+    ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED, ERR_REQUEST_INVALID
+    │   └── KeyNameInvalid         ERR_KEY_NAME_INVALID (CLI)
     ├── NotFound              404  ERR_BATCH_NOT_FOUND, ERR_FILE_NOT_FOUND, ERR_OPERATION_NOT_FOUND, ...
+    │   └── BatchNotFound          ERR_BATCH_NOT_FOUND
     ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ...
+    │   └── KeyNameTaken           ERR_KEY_NAME_TAKEN (CLI)
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
@@ -12,10 +15,15 @@
 Codes NGINX answers itself, in the same shape (nginx.conf; the app never raises them):
 404 ERR_NOT_FOUND, 405 ERR_METHOD_NOT_ALLOWED, 413 ERR_TOO_LARGE, 414 ERR_URI_TOO_LONG,
 431 ERR_HEADERS_TOO_LARGE, 503 ERR_APP_UNAVAILABLE (app down; Retry-After), 504 ERR_APP_TIMEOUT.
+``server.protocol`` answers what aiohttp refuses before any middleware runs (a control character
+in a header value, broken chunk framing) as 400 ERR_REQUEST_INVALID in the same shape.
 
 Handlers and services raise; only ``error_middleware`` builds error responses. The deliberate
 exception is 401, answered with an empty body (see ``server.auth``). The shape carries
 ``status`` and ``message`` because that is what the ``nuxeo`` client parses.
+
+A client's mistake (4xx) or a client that went away is at most one INFO line in the log; a
+traceback (ERROR) always means a fault of the server.
 """
 
 from __future__ import annotations
@@ -70,6 +78,18 @@ class Unprocessable(FiledropError):
         super().__init__(message, code=code, field=field, **extra)
 
 
+class KeyNameInvalid(BadRequest):
+    code = "ERR_KEY_NAME_INVALID"
+
+
+class BatchNotFound(NotFound):
+    code = "ERR_BATCH_NOT_FOUND"
+
+
+class KeyNameTaken(Conflict):
+    code = "ERR_KEY_NAME_TAKEN"
+
+
 class InsufficientStorage(FiledropError):
     status = 507
     code = "ERR_DISK_FULL"
@@ -91,6 +111,12 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     return web.json_response(
         error_body(status, code, message, **extra), status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False)
     )
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """True when the request's connection is closed or closing (the client went away)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 _HTTP_CODES = {
@@ -117,8 +143,20 @@ async def error_middleware(
         if "Allow" in e.headers:  # a 405's list of methods
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
-    except ConnectionError:  # the client went away: nothing to answer, nothing to log
-        raise
+    except (ConnectionError, web.RequestPayloadError) as e:
+        if client_gone(request):
+            # The client disconnected (or NGINX gave up on it) mid-request: one line, and an answer
+            # aiohttp drops quietly (raising would make it log the disconnect with a traceback).
+            log.info("client went away during %s %s: %s", request.method, request.path, e)
+            return error_response(400, "ERR_REQUEST_INCOMPLETE", "the request ended before its body did")
+        if isinstance(e, web.RequestPayloadError):  # a body the client framed wrongly
+            log.info("malformed body of %s %s: %s", request.method, request.path, e)
+            return error_response(400, "ERR_REQUEST_INVALID", f"malformed request body: {e}")
+        return _internal_error(request)  # e.g. a connection of ours failed: our fault
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "ERR_INTERNAL", "internal server error")
+        return _internal_error(request)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, "ERR_INTERNAL", "internal server error")
