@@ -25,8 +25,10 @@ from server.db.models import ApiKey
 from server.errors import KeyNameInvalid, KeyNameTaken
 from server.keys import KEYSTORE, OWNER
 
-# Paths answered without a key: the nuxeo client's reachability/version probes and health.
-PUBLIC_PATHS = frozenset({"/runningstatus", "/nuxeo/runningstatus", "/json/cmis", "/nuxeo/json/cmis", "/healthz"})
+# Paths answered without a key: the nuxeo client's reachability/version probes, health, and the
+# API's description (it holds no data, only the routes and this server's limits).
+PUBLIC_PATHS = frozenset({"/runningstatus", "/nuxeo/runningstatus", "/json/cmis", "/nuxeo/json/cmis", "/healthz",
+                          "/api/openapi.json"})
 _MAX_NAME = 200  # characters of a key name (the column's size)
 _CACHE_TTL = 5.0  # seconds a database key lookup is trusted (revocation takes effect within it)
 
