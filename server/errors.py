@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("filedrop.errors")
 
@@ -143,6 +144,12 @@ async def error_middleware(
         if "Allow" in e.headers:  # a 405's list of methods
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
+    except HttpProcessingError as e:
+        # aiohttp's parser refused part of the request while a handler read it (e.g. the headers
+        # of a multipart part): the client's malformed request, not our fault.
+        first = (e.message or "bad request").strip().splitlines()[0].rstrip(":")
+        log.info("malformed request %s %s: %s", request.method, request.path, first)
+        return error_response(400, "ERR_REQUEST_INVALID", f"malformed request: {first}")
     except (ConnectionError, web.RequestPayloadError) as e:
         if client_gone(request):
             # The client disconnected (or NGINX gave up on it) mid-request: one line, and an answer

@@ -49,6 +49,16 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Link:
+    """An OpenAPI link: what an answer's body lets a client call next (schemathesis follows them
+    in its stateful phase). ``parameters``: name -> runtime expression or constant."""
+
+    status: int
+    operation_id: str
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Op:
     method: str
     path: str
@@ -62,6 +72,7 @@ class Op:
     nuxeo: bool = False  # also answered under /nuxeo (the upload API)
     tag: str = "uploads"
     description: str = ""
+    links: tuple[Link, ...] = ()
 
 
 def error(description: str, *codes: str) -> Answer:
@@ -274,6 +285,24 @@ EXECUTE_ERRORS: dict[int, Answer] = {
 VOID = Answer("X-NXVoidOperation: true: done, nothing to say.")
 
 
+def _batch_links(status: int, batch: str) -> tuple[Link, ...]:
+    """From an answer naming an upload batch (``batch``: the expression) to what uses it."""
+    p = {"batch_id": batch}
+    return (Link(status, "uploadFile", {**p, "file_idx": "0"}), Link(status, "getBatch", p),
+            Link(status, "legacyListFiles", p), Link(status, "executeBatchManifest", p),
+            Link(status, "dropBatch", p))
+
+
+def _file_links(status: int) -> tuple[Link, ...]:
+    p = {"batch_id": "$response.body#/batchId", "file_idx": "$response.body#/fileIdx"}
+    return (Link(status, "getFile", p), Link(status, "executeBatchManifestFile", p), Link(status, "deleteFile", p))
+
+
+def _job_links(status: int) -> tuple[Link, ...]:
+    p = {"batch_id": "$response.body#/batch_id", "job_id": "$response.body#/job_id"}
+    return tuple(Link(status, op, p) for op in ("getJobStatus", "getJobLog", "getJobResult", "cancelJobPost"))
+
+
 def _upload_ops() -> list[Op]:
     created = Answer("The new batch.", ref("BatchCreated"))
     upload_answers = {
@@ -285,7 +314,8 @@ def _upload_ops() -> list[Op]:
         507: error("Not enough free disk space.", "ERR_DISK_FULL"),
     }
     return [
-        Op("POST", "/api/v1/upload", "createBatch", "Create an upload batch", {201: created}, nuxeo=True),
+        Op("POST", "/api/v1/upload", "createBatch", "Create an upload batch", {201: created}, nuxeo=True,
+           links=_batch_links(201, "$response.body#/batchId")),
         Op("POST", "/api/v1/upload/", "createBatchSlash", "Create an upload batch (trailing slash)",
            {201: created}, nuxeo=True),
         Op("GET", "/api/v1/upload/handlers", "listHandlers", "The upload handlers (one: default)",
@@ -296,7 +326,7 @@ def _upload_ops() -> list[Op]:
         Op("POST", "/api/v1/upload/{batch_id}/{file_idx}", "uploadFile", "Upload a file, or one chunk of it",
            upload_answers, (BATCH, FILE, *FILE_HEADERS),
            body={"application/octet-stream": {"type": "string", "contentMediaType": "application/octet-stream"}},
-           nuxeo=True),
+           nuxeo=True, links=_file_links(201) + _file_links(202)),
         Op("GET", "/api/v1/upload/{batch_id}", "getBatch", "The files of a batch",
            {200: Answer("Every file with bytes.", {"type": "array", "items": ref("FileInfo")}),
             204: Answer("No file has bytes yet."), 400: BAD_UPLOAD, 404: NO_BATCH}, (BATCH,), nuxeo=True),
@@ -327,7 +357,7 @@ def _upload_ops() -> list[Op]:
             header("X-File-Idx", {"type": "integer", "minimum": 0, "maximum": 999_999_999}, "the file's index",
                    required=True), *FILE_HEADERS),
            body={"application/octet-stream": {"type": "string", "contentMediaType": "application/octet-stream"}},
-           nuxeo=True),
+           nuxeo=True, links=_file_links(200) + _batch_links(200, "$response.body#/batchId")[1:]),
         Op("GET", "/site/automation/batch/files/{batch_id}", "legacyListFiles", "The files of a batch (legacy form)",
            {200: Answer("The files.", {"type": "array", "items": ref("LegacyFile")}), 400: BAD_UPLOAD,
             404: NO_BATCH}, (BATCH,), nuxeo=True),
@@ -370,7 +400,8 @@ def _execute_ops() -> list[Op]:
             params = (BATCH, FILE) if with_file else (BATCH,)
             ops.append(Op("POST", route, f"execute{short}{'File' if with_file else ''}", summary,
                           {**answers, 204: VOID, **EXECUTE_ERRORS}, (*params, *EXECUTE_HEADERS),
-                          body={JSON: body}, body_required=name == "SmartLinks.Generate", nuxeo=True))
+                          body={JSON: body}, body_required=name == "SmartLinks.Generate", nuxeo=True,
+                          links=_job_links(202) if name == "SmartLinks.Generate" else ()))
     return ops
 
 
@@ -389,7 +420,8 @@ def _job_ops(settings: Settings) -> list[Op]:
                        f"{job_body_limit(settings)} bytes.", "ERR_DATA_TOO_LARGE", "ERR_TEMPLATE_TOO_LARGE",
                        "ERR_FIELD_TOO_LARGE", "ERR_TOO_LARGE"),
             422: error("A field is invalid; `field` names it.", "ERR_FIELD_INVALID")},
-           (JOB_BATCH,), body={"multipart/form-data": ref("StartForm")}, body_required=True, tag="jobs"),
+           (JOB_BATCH,), body={"multipart/form-data": ref("StartForm")}, body_required=True, tag="jobs",
+           links=_job_links(202) + _job_links(200)),
         Op("GET", "/api/batch/{batch_id}/{job_id}/status", "getJobStatus", "A job's status and counts",
            {200: job, 404: NO_JOB}, (JOB_BATCH, JOB), tag="jobs"),
         Op("GET", "/api/batch/{batch_id}/{job_id}/log", "getJobLog", "A job's log",
@@ -490,7 +522,7 @@ def _responses(op: Op, settings: Settings) -> dict[str, Any]:
     return out
 
 
-def _operation(op: Op, settings: Settings, suffix: str) -> dict[str, Any]:
+def _operation(op: Op, settings: Settings, suffix: str, nuxeo_ids: set[str]) -> dict[str, Any]:
     doc: dict[str, Any] = {"operationId": op.operation_id + suffix, "summary": op.summary, "tags": [op.tag],
                            "responses": _responses(op, settings)}
     if op.description:
@@ -503,16 +535,22 @@ def _operation(op: Op, settings: Settings, suffix: str) -> dict[str, Any]:
                               "content": {media: {"schema": s} for media, s in op.body.items()}}
     if op.public:
         doc["security"] = []
+    for link in op.links:
+        target = link.operation_id + (suffix if link.operation_id in nuxeo_ids else "")
+        doc["responses"][str(link.status)].setdefault("links", {})[link.operation_id] = {
+            "operationId": target, "parameters": link.parameters}
     return doc
 
 
 def build(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document for a server running with ``settings``."""
     paths: dict[str, dict[str, Any]] = {}
-    for op in operations(settings):
+    ops = operations(settings)
+    nuxeo_ids = {op.operation_id for op in ops if op.nuxeo}
+    for op in ops:
         for prefix in ("", "/nuxeo") if op.nuxeo else ("",):
             paths.setdefault(prefix + op.path, {})[op.method.lower()] = _operation(
-                op, settings, "Nuxeo" if prefix else "")
+                op, settings, "Nuxeo" if prefix else "", nuxeo_ids)
     return {
         "openapi": "3.1.0",
         "info": {
