@@ -93,7 +93,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     upgrade(settings.db_path)
     private_state(settings)
     after = sorted(current_revisions(settings.db_path))
-    change = "unchanged" if before == after else f"was {', '.join(before) or 'empty (new database)'}"
+    change = "unchanged" if before == after else f"was {', '.join(before)}" if before else "new database"
     print(f"filedrop: {settings.db_path} at revision {', '.join(after)} ({change})")
     return 0
 
