@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.auth import PUBLIC_PATHS
-from server.config import Settings
 from tests.conftest import API_KEY
+from tests.support.nginx import app_behind_nginx
 from tests.support.server import REPO
 
 FORMS = {
@@ -40,8 +40,7 @@ async def test_no_valid_key_is_401_with_an_empty_body_and_a_basic_challenge(clie
 
 
 def test_401_passes_nginx_unchanged(server_factory, nginx_factory, tmp_path: Path) -> None:
-    srv = server_factory()
-    ngx = nginx_factory(Settings(data_dir=tmp_path / "srv", api_keys=(API_KEY,)), app_port=srv.port)
+    _srv, ngx = app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY)
     r = ngx.fetch("GET", "/api/v1/upload/handlers")
     assert r.status == 401 and r.body == b""
     assert r.headers["WWW-Authenticate"] == 'Basic realm="filedrop"'

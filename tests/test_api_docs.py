@@ -12,8 +12,8 @@ from pathlib import Path
 from server.config import Settings
 from server.openapi import build
 from tests.conftest import API_KEY
+from tests.support.nginx import app_behind_nginx
 from tests.support.server import REPO
-from tests.support.waiting import free_port
 from tests.test_api_openapi import PENDING_ROUTES
 
 API_DOC = REPO / "docs" / "api.md"
@@ -47,10 +47,7 @@ def test_every_route_has_an_example() -> None:
 
 
 def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path: Path) -> None:
-    http_port = free_port()
-    srv = server_factory(public_url=f"http://127.0.0.1:{http_port}")
-    front = nginx_factory(Settings(data_dir=tmp_path / "srv", api_keys=(API_KEY,)), app_port=srv.port,
-                          http_port=http_port)
+    srv, front = app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY)
     work = tmp_path / "work"
     (work / "var").mkdir(parents=True)
     (work / "var" / "dev-api-key").write_text(API_KEY + "\n")

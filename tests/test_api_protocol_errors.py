@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Settings
 from tests.conftest import API_KEY
+from tests.support.nginx import app_behind_nginx
 from tests.support.waiting import wait_until
 
 
@@ -62,9 +62,7 @@ def log_since(path: Path, offset: int) -> str:
 
 @pytest.fixture
 def app_and_nginx(server_factory, nginx_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
-    srv = server_factory()
-    ngx = nginx_factory(Settings(data_dir=tmp_path / "srv", api_keys=(API_KEY,)), app_port=srv.port)
-    return srv, ngx
+    return app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY)
 
 
 @pytest.mark.parametrize("char", [b"\x01", b"\x1b", b"\x7f"])

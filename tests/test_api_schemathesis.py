@@ -19,9 +19,8 @@ from pathlib import Path
 
 import requests
 
-from server.config import Settings
 from tests.conftest import API_KEY, AUTH
-from tests.support.waiting import free_port
+from tests.support.nginx import app_behind_nginx
 
 EXAMPLES = 25  # generated requests per operation in the fuzzing phase (about 4,000 in all)
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
@@ -56,10 +55,7 @@ def config(data: dict[str, list[str]]) -> str:
 
 
 def test_the_live_api_keeps_its_contract(server_factory, nginx_factory, tmp_path: Path) -> None:
-    http_port = free_port()
-    srv = server_factory(public_url=f"http://127.0.0.1:{http_port}")
-    front = nginx_factory(Settings(data_dir=tmp_path / "srv", api_keys=(API_KEY,)), app_port=srv.port,
-                          http_port=http_port)
+    srv, front = app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY)
     cfg = tmp_path / "schemathesis.toml"
     cfg.write_text(config(seed_data(front.url)))
     cmd = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(cfg), "--no-color",

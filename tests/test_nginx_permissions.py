@@ -21,7 +21,7 @@ from server import nginx as ngx
 from server.config import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.jobs import SEED_ROWS, SEED_TEMPLATE
-from tests.support.nginx import fetch, nginx_binary
+from tests.support.nginx import app_behind_nginx, fetch, nginx_binary, wait_served
 from tests.support.waiting import free_port, wait_until
 
 
@@ -39,11 +39,9 @@ def loose_modes(root: Path) -> list[str]:
 def test_state_made_under_umask_022_is_private_and_nginx_serves_it(server_factory, nginx_factory,
                                                                     tmp_path: Path) -> None:
     old = os.umask(0o022)  # what a shell gives the server: the server must not depend on it
+    data = tmp_path / "srv"
     try:
-        http_port = free_port()
-        srv = server_factory(public_url=f"http://127.0.0.1:{http_port}")
-        data = tmp_path / "srv"
-        proxy = nginx_factory(Settings(data_dir=data, api_keys=(API_KEY,)), app_port=srv.port, http_port=http_port)
+        srv, proxy = app_behind_nginx(server_factory, nginx_factory, data, API_KEY)
     finally:
         os.umask(old)
     base = proxy.url
@@ -102,15 +100,7 @@ def test_root_nginx_serves_private_links_owned_by_another_user(tmp_path: Path) -
         assert f"user {nobody.pw_name} " in conf.read_text()
         proc = subprocess.Popen([nginx_binary(), "-p", str(base / "p"), "-c", str(conf), "-g", "daemon off;"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def served() -> bool:
-            assert proc is not None and proc.poll() is None, (base / "p" / "logs" / "error.log").read_text()
-            try:
-                return fetch(port, "GET", "/b1/ref.0123456789abcdef.html", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(served, timeout=10, what="nginx serving another user's private files")
+        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", base / "p", "nginx serving another user's files")
         assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>owned</p>"
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True,
                                  timeout=10).stdout.split()

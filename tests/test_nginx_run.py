@@ -18,7 +18,7 @@ import pytest
 from server import nginx as ngx
 from server.config import Settings
 from tests.conftest import API_KEY
-from tests.support.nginx import fetch, nginx_binary
+from tests.support.nginx import fetch, nginx_binary, wait_served
 from tests.support.server import REPO
 from tests.support.waiting import free_port, wait_until
 
@@ -215,14 +215,7 @@ def test_nginx_needs_no_root(tmp_path: Path) -> None:
                                  "--clear-groups", nginx_binary(), "-p", str(base / "p"), "-c", str(conf),
                                  "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        def served() -> bool:
-            assert proc is not None and proc.poll() is None, (base / "p" / "logs" / "error.log").read_text()
-            try:
-                return fetch(port, "GET", "/b1/ref.0123456789abcdef.html", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(served, timeout=10, what="nginx started as nobody")
+        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", base / "p", "nginx started as nobody")
         uid_line = next(x for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if x.startswith("Uid:"))
         assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}
         assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>no root</p>"

@@ -20,9 +20,9 @@ import pytest
 
 from server import nginx as ngx
 from server.config import Settings
-from tests.support.nginx import fetch
+from tests.support.nginx import fetch, wait_served
 from tests.support.server import REPO
-from tests.support.waiting import free_port, wait_until
+from tests.support.waiting import free_port
 
 
 def unit(path: Path) -> configparser.ConfigParser:
@@ -97,14 +97,7 @@ def test_the_nginx_unit_serves_private_smartlinks_as_its_user() -> None:
                                  "--clear-groups", *shlex.split(svc["ExecStart"])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o077))
 
-        def served() -> bool:
-            assert proc is not None and proc.poll() is None, (data / "nginx" / "logs" / "error.log").read_text()
-            try:
-                return fetch(port, "GET", "/b1/ref.0123456789abcdef.html", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(served, timeout=10, what="the NGINX unit's command serving as nobody")
+        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", data / "nginx", "the NGINX unit serving as nobody")
         assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>from the unit</p>"
         assert fetch(port, "GET", "/api/v1/upload/x").status == 503  # no app: NGINX still answers
     finally:
