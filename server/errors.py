@@ -2,6 +2,7 @@
 
     FiledropError (status, code, message)          -> {"entity-type": "exception", ...}
     ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED, ERR_REQUEST_INVALID
+    │   ├── RequestIncomplete      ERR_REQUEST_INCOMPLETE (the client went away mid-body)
     │   └── KeyNameInvalid         ERR_KEY_NAME_INVALID (CLI)
     ├── NotFound              404  ERR_BATCH_NOT_FOUND, ERR_FILE_NOT_FOUND, ERR_OPERATION_NOT_FOUND, ...
     │   └── BatchNotFound          ERR_BATCH_NOT_FOUND
@@ -79,6 +80,10 @@ class Unprocessable(FiledropError):
         super().__init__(message, code=code, field=field, **extra)
 
 
+class RequestIncomplete(BadRequest):
+    code = "ERR_REQUEST_INCOMPLETE"  # the client went away mid-body (nobody reads the answer)
+
+
 class KeyNameInvalid(BadRequest):
     code = "ERR_KEY_NAME_INVALID"
 
@@ -114,6 +119,16 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     )
 
 
+def answer(e: FiledropError) -> web.Response:
+    """The JSON answer of an error from the catalog."""
+    return error_response(e.status, e.code, e.message, **e.extra)
+
+
+def first_line(e: HttpProcessingError) -> str:
+    """What aiohttp's parser says went wrong, without its echo of the raw bytes."""
+    return (e.message or "bad request").strip().splitlines()[0].rstrip(":")
+
+
 def client_gone(request: web.BaseRequest) -> bool:
     """True when the request's connection is closed or closing (the client went away)."""
     transport = request.transport
@@ -135,7 +150,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except FiledropError as e:
-        return error_response(e.status, e.code, e.message, **e.extra)
+        return answer(e)
     except web.HTTPException as e:
         if e.status < 400 or e.status == 401:
             raise
@@ -147,18 +162,17 @@ async def error_middleware(
     except HttpProcessingError as e:
         # aiohttp's parser refused part of the request while a handler read it (e.g. the headers
         # of a multipart part): the client's malformed request, not our fault.
-        first = (e.message or "bad request").strip().splitlines()[0].rstrip(":")
-        log.info("malformed request %s %s: %s", request.method, request.path, first)
-        return error_response(400, "ERR_REQUEST_INVALID", f"malformed request: {first}")
+        log.info("malformed request %s %s: %s", request.method, request.path, first_line(e))
+        return answer(BadRequest(f"malformed request: {first_line(e)}"))
     except (ConnectionError, web.RequestPayloadError) as e:
         if client_gone(request):
             # The client disconnected (or NGINX gave up on it) mid-request: one line, and an answer
             # aiohttp drops quietly (raising would make it log the disconnect with a traceback).
             log.info("client went away during %s %s: %s", request.method, request.path, e)
-            return error_response(400, "ERR_REQUEST_INCOMPLETE", "the request ended before its body did")
+            return answer(RequestIncomplete("the request ended before its body did"))
         if isinstance(e, web.RequestPayloadError):  # a body the client framed wrongly
             log.info("malformed body of %s %s: %s", request.method, request.path, e)
-            return error_response(400, "ERR_REQUEST_INVALID", f"malformed request body: {e}")
+            return answer(BadRequest(f"malformed request body: {e}"))
         return _internal_error(request)  # e.g. a connection of ours failed: our fault
     except Exception:
         return _internal_error(request)
@@ -166,4 +180,4 @@ async def error_middleware(
 
 def _internal_error(request: web.Request) -> web.Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(500, "ERR_INTERNAL", "internal server error")
+    return answer(FiledropError("internal server error"))

@@ -27,7 +27,15 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from server.errors import client_gone, error_response
+from server.errors import (
+    BadRequest,
+    FiledropError,
+    RequestIncomplete,
+    answer,
+    client_gone,
+    error_response,
+    first_line,
+)
 
 log = logging.getLogger("filedrop.protocol")
 
@@ -38,18 +46,15 @@ class ProtocolHandler(web.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if isinstance(exc, HttpProcessingError) and status < 500:
-            first = (message or exc.message or "bad request").strip().splitlines()[0].rstrip(":")
-            log.info("refused a malformed request from %s: %s", request.remote, first)
-            resp = error_response(status, "ERR_REQUEST_INVALID", f"malformed request: {first}")
+            log.info("refused a malformed request from %s: %s", request.remote, first_line(exc))
+            resp = answer(BadRequest(f"malformed request: {first_line(exc)}"))
         elif isinstance(exc, ConnectionError) and client_gone(request):
             log.info("client %s went away during %s %s", request.remote, request.method, request.path)
-            resp = error_response(400, "ERR_REQUEST_INCOMPLETE", "the request ended before its body did")
+            resp = answer(RequestIncomplete("the request ended before its body did"))
         else:
             super().handle_error(request, status, exc, message)  # logs the traceback
-            if status >= 500:
-                resp = error_response(status, "ERR_INTERNAL", "internal server error")
-            else:
-                resp = error_response(status, "ERR_REQUEST_INVALID", message or "bad request")
+            err = FiledropError("internal server error") if status >= 500 else BadRequest(message or "bad request")
+            resp = error_response(status, err.code, err.message)
         resp.force_close()
         return resp
 

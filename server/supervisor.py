@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -119,11 +119,10 @@ class Child:
     delay: float = FIRST_DELAY
     restart_at: float | None = None
     restarts: int = 0
-    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         self.kill_group()  # whatever a dead predecessor left (NGINX workers, app workers)
-        self.proc = subprocess.Popen(self.argv, env=self.env or None, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, start_new_session=True)
         self.up_since = None
         self.restart_at = None
 
@@ -143,8 +142,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, children: Sequence[Child]) -> None:
-        self.settings = settings
+    def __init__(self, children: Sequence[Child]) -> None:
         self.children = list(children)
         self.stop_signal: int | None = None
 
@@ -288,7 +286,7 @@ def main() -> int:
         say(f"app on http://{settings.app_host}:{settings.app_port}  dev key: {key}")
         say("Ctrl-C stops both; a crashed app is restarted")
 
-    return Supervisor(settings, kids).run(ready)
+    return Supervisor(kids).run(ready)
 
 
 if __name__ == "__main__":
