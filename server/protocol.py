@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -79,7 +80,8 @@ class BindError(OSError):
     """The app could not listen on ``host:port``."""
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
-        super().__init__(cause.errno, f"cannot listen on {host}:{port}: {cause.strerror or cause}")
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(cause.errno, f"cannot listen on {host}:{port}: {reason}")
         self.host, self.port, self.cause = host, port, cause
 
 

@@ -5,6 +5,7 @@ data dir whatever the umask."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -106,3 +107,17 @@ def test_migrate_makes_the_data_dir_and_database_private_whatever_the_umask(tmp_
     assert cli(e, "keys", "list", umask=0o022).returncode == 0
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "filedrop.sqlite3").stat().st_mode) == 0o600
+
+
+def test_serve_on_a_busy_port_names_the_port_its_holder_and_the_setting(env: dict[str, str]) -> None:
+    port = int(env["FILEDROP_APP_PORT"])
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = cli(env, "serve")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"filedrop: the app cannot listen on 127.0.0.1:{port}: address already in use "
+                           f"(held by pid {os.getpid()} ("), last  # this test's process holds it
+    assert last.endswith("): set FILEDROP_APP_PORT to a free port"), last
+    assert "listening" not in r.stdout + r.stderr and "Traceback" not in r.stderr
