@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# The names nginx.conf admits (shared/SMARTLINK_FORMAT.md), checked by the baseline too.
+# The names nginx.conf admits (docs/smartlinks.md), checked by the baseline too.
 BATCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{1,128}\.(?:html|pdf)$")
 FLOOR = 5.0

@@ -17,7 +17,8 @@ from server.db import Database
 from server.db.migrate import check_at_head
 from server.errors import ServiceUnavailable, error_middleware
 from server.janitor import janitor_context
-from server.keys import DATABASE, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.keys import API_DOCUMENT, DATABASE, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.openapi import build as build_api_document
 from server.uploads.operations import OperationRegistry
 
 log = logging.getLogger("filedrop.app")
@@ -63,16 +64,21 @@ async def cmis_info(_request: web.Request) -> web.Response:
     return web.json_response({"default": {"productName": "filedrop", "productVersion": "filedrop-0.1.0"}})
 
 
+async def api_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[API_DOCUMENT])
+
+
 def setup_routes(app: web.Application) -> None:
+    """Every route; each is described in server/openapi.py (a test compares the two)."""
     app.router.add_get("/healthz", healthz)
+    app.router.add_route("GET", "/api/openapi.json", api_document)
     for prefix in NUXEO_PREFIXES:
         app.router.add_get(prefix + "/runningstatus", running_status)
         app.router.add_get(prefix + "/json/cmis", cmis_info)
         for route in uploads_api.ROUTES:
             app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
-    for route in jobs_api.ROUTES:
+    for route in (*jobs_api.ROUTES, *limits_api.ROUTES):
         app.router.add_route(route.method, route.path, route.handler, **route.kwargs)
-    app.router.add_routes(limits_api.ROUTES)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -85,6 +91,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STOPPING] = {"value": False}
     app[OPERATIONS] = OperationRegistry()
+    app[API_DOCUMENT] = build_api_document(settings)
     app.on_shutdown.append(_mark_stopping)
     # Dependency order; aiohttp exits them in reverse, only those that started.
     app.cleanup_ctx.append(database_context)

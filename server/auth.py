@@ -1,8 +1,9 @@
-"""API keys: ``X-API-Key``, Nuxeo's ``X-Authentication-Token``, or the password of HTTP Basic.
+"""API keys: ``X-API-Key``, Nuxeo's ``X-Authentication-Token``, the password of HTTP Basic, or a Bearer token.
 
 Keys come from ``FILEDROP_API_KEYS`` and from ``filedrop keys create NAME`` (stored as SHA-256).
 A request's owner is the SHA-256 of its key, so a batch belongs to the key that created it.
-No valid key: 401 with an empty body and ``WWW-Authenticate: Basic`` (as Nuxeo answers).
+No valid key: 401 with an empty body and ``WWW-Authenticate: Basic realm="filedrop"`` (as Nuxeo
+answers). ``Authorization: Bearer KEY`` is accepted too.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from server.db import Database, utcnow
 from server.db.models import ApiKey
+from server.errors import KeyNameInvalid, KeyNameTaken
 from server.keys import KEYSTORE, OWNER
 
-# Paths answered without a key: the nuxeo client's reachability/version probes and health.
-PUBLIC_PATHS = frozenset({"/runningstatus", "/nuxeo/runningstatus", "/json/cmis", "/nuxeo/json/cmis", "/healthz"})
+# Paths answered without a key: the nuxeo client's reachability/version probes, health, and the
+# API's description (it holds no data, only the routes and this server's limits).
+PUBLIC_PATHS = frozenset({"/runningstatus", "/nuxeo/runningstatus", "/json/cmis", "/nuxeo/json/cmis", "/healthz",
+                          "/api/openapi.json"})
+_MAX_NAME = 200  # characters of a key name (the column's size)
 _CACHE_TTL = 5.0  # seconds a database key lookup is trusted (revocation takes effect within it)
 
 
@@ -60,10 +66,21 @@ class KeyStore:
         return h if hit[0] else None
 
     async def create(self, name: str) -> str:
-        """Make a key, store its hash, return the key (shown once)."""
+        """Make a key, store its hash, return the key (shown once). Names are unique for good,
+        revoked keys' included (a name in a log must mean one key): KeyNameTaken, and
+        KeyNameInvalid for a blank name, one with control characters or over 200 characters."""
+        if not name.strip() or not name.isprintable() or len(name) > _MAX_NAME:
+            raise KeyNameInvalid(f"a key name is 1-{_MAX_NAME} printable characters, not only spaces: {name!r}")
         key = new_key()
-        async with self.db.write() as s:
-            s.add(ApiKey(name=name, key_hash=hash_key(key), created_at=utcnow()))
+        try:
+            async with self.db.write() as s:
+                taken = await s.scalar(select(ApiKey.revoked_at.is_not(None)).where(ApiKey.name == name))
+                if taken is not None:
+                    raise KeyNameTaken(f"a key named {name!r} already exists{' (revoked)' if taken else ''}: "
+                                       "names are never reused, choose another")
+                s.add(ApiKey(name=name, key_hash=hash_key(key), created_at=utcnow()))
+        except IntegrityError:  # made by another process since the check
+            raise KeyNameTaken(f"a key named {name!r} already exists: choose another name") from None
         return key
 
 

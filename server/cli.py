@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from server.config import Settings, parse_duration
@@ -25,27 +27,59 @@ def _migrated_settings() -> Settings | None:
     from server.db.migrate import NotMigrated, check_at_head
 
     settings = _settings()
+    assert settings.db_path is not None
+    if not settings.db_path.exists():
+        # Most likely the wrong data dir: `filedrop migrate` would make a second, empty database.
+        where = ("from FILEDROP_DB_PATH" if "FILEDROP_DB_PATH" in os.environ else
+                 "from FILEDROP_DATA_DIR" if "FILEDROP_DATA_DIR" in os.environ else
+                 "FILEDROP_DATA_DIR is not set: ./var of the current directory")
+        print(f"filedrop: no database at {settings.db_path} ({where}): point FILEDROP_DATA_DIR at "
+              "the server's data dir (or FILEDROP_DB_PATH at its database); only for a new "
+              "installation run `filedrop migrate`, which creates an empty database there", file=sys.stderr)
+        return None
     try:
         check_at_head(settings.db_path)
     except NotMigrated as e:
         print(f"filedrop: {e}", file=sys.stderr)
         return None
+    private_state(settings)
     return settings
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+def private_state(settings: Settings) -> None:
+    """Data dir 0700, database files 0600, whatever the umask they were made under: the
+    database holds key hashes and every batch, the data dir the uploads and smartlinks (secret
+    URLs). Only what this user owns is changed."""
+    assert settings.db_path is not None
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = settings.db_path
+    for path, mode in ((settings.data_dir, 0o700), (db, 0o600), (Path(f"{db}-wal"), 0o600),
+                       (Path(f"{db}-shm"), 0o600)):
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o7777 != mode:
+                path.chmod(mode)
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
+    from server.protocol import BindError, serve
 
     settings = _migrated_settings()
     if settings is None:
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     host = args.host or settings.app_host
     port = args.port or settings.app_port
-    web.run_app(create_app(settings), host=host, port=port, access_log=None, shutdown_timeout=10,
-                print=lambda *_: print(f"filedrop: app listening on http://{host}:{port}", flush=True))
+    try:
+        serve(create_app(settings), host, port, shutdown_timeout=10,
+              on_listening=lambda: print(f"filedrop: app listening on http://{host}:{port}", flush=True))
+    except BindError as e:
+        from server.supervisor import port_holder
+
+        holder = port_holder(port)
+        print(f"filedrop: the app {e.strerror}{f' (held by {holder})' if holder else ''}: set "
+              f"{'FILEDROP_APP_PORT' if args.port is None else '--port'} to a free port", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -53,8 +87,14 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     from server.db.migrate import current_revisions, upgrade
 
     settings = _settings()
+    assert settings.db_path is not None
+    before = sorted(current_revisions(settings.db_path))
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     upgrade(settings.db_path)
-    print(f"filedrop: {settings.db_path} at revision {', '.join(sorted(current_revisions(settings.db_path)))}")
+    private_state(settings)
+    after = sorted(current_revisions(settings.db_path))
+    change = "unchanged" if before == after else f"was {', '.join(before)}" if before else "new database"
+    print(f"filedrop: {settings.db_path} at revision {', '.join(after)} ({change})")
     return 0
 
 
@@ -64,6 +104,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from server.auth import KeyStore
     from server.db import Database, utcnow
     from server.db.models import ApiKey
+    from server.errors import KeyNameInvalid, KeyNameTaken
 
     settings = _migrated_settings()
     if settings is None:
@@ -74,7 +115,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         db = Database(settings.db_path)
         try:
             if args.keys_cmd == "create":
-                key = await KeyStore(db, ()).create(args.name)
+                try:
+                    key = await KeyStore(db, ()).create(args.name)
+                except (KeyNameInvalid, KeyNameTaken) as e:
+                    print(f"filedrop: {e.message}", file=sys.stderr)
+                    return 2
                 print(key)
                 return 0
             if args.keys_cmd == "list":
@@ -93,11 +138,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         finally:
             await db.dispose()
 
-    try:
-        return asyncio.run(run())
-    except Exception as e:  # e.g. a duplicate name
-        print(f"filedrop: {e.__class__.__name__}: {e}", file=sys.stderr)
-        return 1
+    return asyncio.run(run())
 
 
 class TerminalProgress:
@@ -184,6 +225,13 @@ def print_table(plan: Any) -> None:
           f"{len(plan.errors)} error(s)" + (" (dry run: nothing changed)" if plan.dry_run else ""))
 
 
+def _say_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -193,7 +241,6 @@ def _duration(text: str) -> float:
 
 def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run an admin coroutine against the configured database: 2 when it is not migrated."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin chatter is not an admin step
     from server.db import Database
 
     settings = _migrated_settings()
@@ -240,6 +287,14 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from server import janitor
+
+    floor = _settings().cleanup_grace
+    if args.older_than is not None and args.older_than < floor:
+        # Never do less than asked without saying so: anything younger may still be in use.
+        print(f"filedrop: --older-than {_say_duration(args.older_than)} is below the safety floor of "
+              f"{_say_duration(floor)} (what was written since may still be in use); "
+              "FILEDROP_CLEANUP_GRACE lowers the floor", file=sys.stderr)
+        return 2
 
     async def run(db: Any, settings: Settings) -> int:
         with _progress() as bar:
@@ -288,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "prints a table; exit 1 on errors")
     c.add_argument("--older-than", type=_duration, metavar="DURATION",
                    help="age for idle upload batches and finished jobs (e.g. 24h; default: "
-                   "FILEDROP_BATCH_TTL and FILEDROP_JOB_RETENTION; never under 10m)")
+                   "FILEDROP_BATCH_TTL and FILEDROP_JOB_RETENTION; refused under "
+                   "FILEDROP_CLEANUP_GRACE, 10m)")
     c.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
     c.add_argument("--smartlinks", action="store_true",
                    help="also remove the smartlinks of expired jobs and smartlink dirs no job refers to")
@@ -297,10 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Everything the server makes (database, uploads, smartlinks, logs) is this user's alone,
+    # whatever umask it was started with; NGINX reads the smartlinks as the same user.
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
     try:
         level = Settings.from_env().log_level
     except ValueError:
         level = "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_alembic(level)
     return int(args.func(args) or 0)
+
+
+def quiet_alembic(level: str) -> None:
+    """Alembic's INFO lines (plugins, "Context impl SQLiteImpl", each revision run) are noise on
+    every command: shown only with FILEDROP_LOG_LEVEL=DEBUG. ``migrate`` says what it did."""
+    if logging.getLevelName(level.upper()) != logging.DEBUG:
+        logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -58,6 +58,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "db_path": ("<data_dir>/filedrop.sqlite3", "SQLite database file."),
     "app_host": ("127.0.0.1", "Address the Python app binds to (NGINX proxies to it)."),
     "app_port": ("8081", "Port of the Python app."),
+    "http_host": ("127.0.0.1", "Address NGINX listens on (scripts/run, the systemd site): 0.0.0.0 or a public address opens it to the network."),
     "http_port": ("8080", "Public NGINX port (scripts/run, tests)."),
     "public_url": ("http://127.0.0.1:<http_port>", "Base URL smartlinks are published under (result links)."),
     "api_keys": ("", "Comma-separated API keys accepted besides those made by `filedrop keys create`."),
@@ -86,6 +87,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "smtp_from": ("filedrop@localhost", "From address of job e-mails."),
     "job_retention": ("30d", "Finished jobs older than this are removed by cleanup."),
     "janitor_interval": ("10m", "How often the in-server janitor runs (0 disables it)."),
+    "cleanup_grace": ("10m", "Cleanup never touches what was written more recently than this (uploads in flight, temp files); `cleanup --older-than` may not go below it."),
     "log_level": ("INFO", "Python logging level."),
 }
 
@@ -96,6 +98,7 @@ class Settings:
     db_path: Path | None = None
     app_host: str = "127.0.0.1"
     app_port: int = 8081
+    http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_url: str = ""
     api_keys: tuple[str, ...] = ()
@@ -123,6 +126,7 @@ class Settings:
     smtp_from: str = "filedrop@localhost"
     job_retention: float = 30 * 86400.0
     janitor_interval: float = 600.0
+    cleanup_grace: float = 600.0
     log_level: str = "INFO"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -193,13 +197,16 @@ class Settings:
         return cls(**kwargs)
 
 
-_SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size", "fetch_max_bytes"}
-_DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
+_SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size",
+          "fetch_max_bytes"}
+_DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff",
+              "cleanup_grace"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
          "callback_retries", "smtp_port"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
             "callback_retries": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
+_HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a host name or an IP address: it is written into nginx.conf
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -216,6 +223,10 @@ def _convert(name: str, raw: str) -> Any:
         return value
     if name in _PATHS:
         return Path(raw) if raw else None
+    if name == "http_host":
+        if not _HOST.fullmatch(raw.strip()):
+            raise ValueError(f"{raw!r} is not a host name or an IP address")
+        return raw.strip()
     if name in ("api_keys", "fetch_allow"):
         return _split(raw)
     if name == "allow_http_callbacks":

@@ -1,9 +1,13 @@
 """The error catalog and the one middleware that turns errors into JSON.
 
     FiledropError (status, code, message)          -> {"entity-type": "exception", ...}
-    ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED
+    ├── BadRequest            400  ERR_*_INVALID, ERR_*_MALFORMED, ERR_REQUEST_INVALID
+    │   ├── RequestIncomplete      ERR_REQUEST_INCOMPLETE (the client went away mid-body)
+    │   └── KeyNameInvalid         ERR_KEY_NAME_INVALID (CLI)
     ├── NotFound              404  ERR_BATCH_NOT_FOUND, ERR_FILE_NOT_FOUND, ERR_OPERATION_NOT_FOUND, ...
+    │   └── BatchNotFound          ERR_BATCH_NOT_FOUND
     ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ...
+    │   └── KeyNameTaken           ERR_KEY_NAME_TAKEN (CLI)
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
@@ -12,10 +16,15 @@
 Codes NGINX answers itself, in the same shape (nginx.conf; the app never raises them):
 404 ERR_NOT_FOUND, 405 ERR_METHOD_NOT_ALLOWED, 413 ERR_TOO_LARGE, 414 ERR_URI_TOO_LONG,
 431 ERR_HEADERS_TOO_LARGE, 503 ERR_APP_UNAVAILABLE (app down; Retry-After), 504 ERR_APP_TIMEOUT.
+``server.protocol`` answers what aiohttp refuses before any middleware runs (a control character
+in a header value, broken chunk framing) as 400 ERR_REQUEST_INVALID in the same shape.
 
 Handlers and services raise; only ``error_middleware`` builds error responses. The deliberate
 exception is 401, answered with an empty body (see ``server.auth``). The shape carries
 ``status`` and ``message`` because that is what the ``nuxeo`` client parses.
+
+A client's mistake (4xx) or a client that went away is at most one INFO line in the log; a
+traceback (ERROR) always means a fault of the server.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("filedrop.errors")
 
@@ -70,6 +80,22 @@ class Unprocessable(FiledropError):
         super().__init__(message, code=code, field=field, **extra)
 
 
+class RequestIncomplete(BadRequest):
+    code = "ERR_REQUEST_INCOMPLETE"  # the client went away mid-body (nobody reads the answer)
+
+
+class KeyNameInvalid(BadRequest):
+    code = "ERR_KEY_NAME_INVALID"
+
+
+class BatchNotFound(NotFound):
+    code = "ERR_BATCH_NOT_FOUND"
+
+
+class KeyNameTaken(Conflict):
+    code = "ERR_KEY_NAME_TAKEN"
+
+
 class InsufficientStorage(FiledropError):
     status = 507
     code = "ERR_DISK_FULL"
@@ -93,6 +119,22 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     )
 
 
+def answer(e: FiledropError) -> web.Response:
+    """The JSON answer of an error from the catalog."""
+    return error_response(e.status, e.code, e.message, **e.extra)
+
+
+def first_line(e: HttpProcessingError) -> str:
+    """What aiohttp's parser says went wrong, without its echo of the raw bytes."""
+    return (e.message or "bad request").strip().splitlines()[0].rstrip(":")
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """True when the request's connection is closed or closing (the client went away)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 _HTTP_CODES = {
     400: "ERR_REQUEST_INVALID",
     404: "ERR_NOT_FOUND",
@@ -108,7 +150,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except FiledropError as e:
-        return error_response(e.status, e.code, e.message, **e.extra)
+        return answer(e)
     except web.HTTPException as e:
         if e.status < 400 or e.status == 401:
             raise
@@ -117,8 +159,25 @@ async def error_middleware(
         if "Allow" in e.headers:  # a 405's list of methods
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
-    except ConnectionError:  # the client went away: nothing to answer, nothing to log
-        raise
+    except HttpProcessingError as e:
+        # aiohttp's parser refused part of the request while a handler read it (e.g. the headers
+        # of a multipart part): the client's malformed request, not our fault.
+        log.info("malformed request %s %s: %s", request.method, request.path, first_line(e))
+        return answer(BadRequest(f"malformed request: {first_line(e)}"))
+    except (ConnectionError, web.RequestPayloadError) as e:
+        if client_gone(request):
+            # The client disconnected (or NGINX gave up on it) mid-request: one line, and an answer
+            # aiohttp drops quietly (raising would make it log the disconnect with a traceback).
+            log.info("client went away during %s %s: %s", request.method, request.path, e)
+            return answer(RequestIncomplete("the request ended before its body did"))
+        if isinstance(e, web.RequestPayloadError):  # a body the client framed wrongly
+            log.info("malformed body of %s %s: %s", request.method, request.path, e)
+            return answer(BadRequest(f"malformed request body: {e}"))
+        return _internal_error(request)  # e.g. a connection of ours failed: our fault
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "ERR_INTERNAL", "internal server error")
+        return _internal_error(request)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return answer(FiledropError("internal server error"))

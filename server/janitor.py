@@ -17,11 +17,12 @@ What cleanup removes, one :class:`Item` each:
 Invariants:
 
 * Never removes what is in use. A batch is in use while its (or any of its files') idle clock is
-  younger than the TTL, while any file under it was written within :data:`GRACE` (a chunk
-  being received keeps touching its ``.part``), or while a running job uses it. These checks
+  younger than the TTL, while any file under it was written within the grace
+  (``FILEDROP_CLEANUP_GRACE``, 10 min: a chunk being received keeps touching its ``.part``), or
+  while a running job uses it. These checks
   read only the database and the disk, so they hold for the CLI beside a live server too. A
   file being assembled keeps its batch. Nothing under a running job's smartlink directory is
-  touched. The TTL is never shorter than :data:`GRACE`, whatever ``--older-than`` says.
+  touched. The TTL is never shorter than the grace (the CLI refuses an ``--older-than`` below it).
 * :func:`plan` only reads; :func:`apply` re-checks every item (a conditional ``UPDATE``/``DELETE``
   under the writer lock, or a fresh ``stat``), so what woke up in between is kept (result
   ``kept: in use``).
@@ -52,7 +53,7 @@ from server.config import Settings
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile, Chunk
-from server.errors import Conflict, NotFound
+from server.errors import BatchNotFound, Conflict, NotFound
 from server.jobs.pool import RUNNING  # the job engine's own notion of a running job
 from server.jobs.render import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
 from server.keys import DATABASE, JANITOR, SETTINGS
@@ -60,8 +61,9 @@ from server.uploads.store import UploadStore
 
 log = logging.getLogger("filedrop.janitor")
 
-# A crash leftover is old; anything written more recently than this may belong to a request or a
-# render still under way (a slow chunk keeps touching its .part file), so it is left alone.
+# A crash leftover is old; anything written more recently than the grace may belong to a request or
+# a render still under way (a slow chunk keeps touching its .part file), so it is left alone. This
+# is the default of FILEDROP_CLEANUP_GRACE (Settings.cleanup_grace), which every pass uses.
 GRACE = 600.0
 # How long `drop --smartlinks --force` waits for a running job to notice its cancel flag before
 # marking it cancelled itself (no server may be running it at all).
@@ -195,6 +197,7 @@ class _Ages:
     wall: float  # time.time() at the same moment, for mtimes
     ttl: float
     retention: float
+    grace: float
 
     @property
     def batch_cutoff(self) -> datetime:
@@ -202,7 +205,7 @@ class _Ages:
 
     @property
     def grace_cutoff(self) -> datetime:
-        return self.now - timedelta(seconds=GRACE)
+        return self.now - timedelta(seconds=self.grace)
 
     @property
     def job_cutoff(self) -> datetime:
@@ -210,14 +213,17 @@ class _Ages:
 
     @property
     def wall_grace(self) -> float:
-        return self.wall - GRACE
+        return self.wall - self.grace
 
 
 def _ages(settings: Settings, older_than: float | None) -> _Ages:
     ttl = settings.batch_ttl if older_than is None else older_than
     retention = settings.job_retention if older_than is None else older_than
     # Never shorter than the grace: an upload or a job's notifications may still be under way.
-    return _Ages(now=utcnow(), wall=time.time(), ttl=max(ttl, GRACE), retention=max(retention, GRACE))
+    # (The CLI refuses an --older-than below it rather than let this raise it silently.)
+    grace = settings.cleanup_grace
+    return _Ages(now=utcnow(), wall=time.time(), ttl=max(ttl, grace), retention=max(retention, grace),
+                 grace=grace)
 
 
 def _rel(settings: Settings, path: Path) -> str:
@@ -231,7 +237,7 @@ def _rel(settings: Settings, path: Path) -> str:
 async def plan(db: Database, settings: Settings, *, older_than: float | None = None,
                smartlinks: bool = False) -> Plan:
     """What a cleanup would remove now (read-only). ``older_than`` (seconds) replaces both the
-    batch TTL and the job retention; either is at least :data:`GRACE`."""
+    batch TTL and the job retention; either is at least the grace (``settings.cleanup_grace``)."""
     ages = _ages(settings, older_than)
     out = Plan()
     async with db.read() as s:
@@ -420,7 +426,7 @@ async def apply(db: Database, settings: Settings, the_plan: Plan, *, dry_run: bo
 
 async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
-    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
+    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - ages.grace:
         return False
     cutoff = ages.batch_cutoff
     fresh_file = exists().where(BatchFile.batch_pk == Batch.id, BatchFile.updated_at >= cutoff)
@@ -477,7 +483,7 @@ async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item:
             if len(rel) == 1 or (rel[1].isdigit() and await s.scalar(
                     select(BatchFile.id).where(BatchFile.id == int(rel[1]), BatchFile.batch_pk == int(rel[0])))):
                 return False
-    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
+    if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - ages.grace:
         return False
     await asyncio.to_thread(_remove, item.path)
     return True
@@ -485,7 +491,7 @@ async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item:
 
 async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
-    if not _older(item.path, time.time() - GRACE):
+    if not _older(item.path, time.time() - ages.grace):
         return not item.path.exists()
     await asyncio.to_thread(_remove, item.path)
     return True
@@ -619,7 +625,8 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
     """Remove an upload batch's file rows and bytes through the upload service's own drop; its
     row stays as a ``dropped`` tombstone (as after an API drop) until cleanup expires it. A batch
     already closed only loses what bytes are left. Raises NotFound, or Conflict while a running
-    job reads it (unless ``force``, which cancels that job first). Idempotent."""
+    job reads it (unless ``force``, which cancels that job first). A closed batch with nothing
+    left is NotFound ("already dropped"): a second drop says the batch was not there."""
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
@@ -628,10 +635,12 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
         if b is not None:
             nfiles = await s.scalar(select(func.count()).select_from(BatchFile).where(BatchFile.batch_pk == b.id))
     if b is None:
-        raise NotFound(f"no upload batch {batch_id!r}", code="ERR_BATCH_NOT_FOUND")
+        raise BatchNotFound(f"no upload batch {batch_id!r}")
+    bdir = UploadStore(settings.uploads_dir).batch_dir(b.id)
+    if b.state != "open" and not await asyncio.to_thread(bdir.exists):
+        raise BatchNotFound(f"upload batch {batch_id!r} is already {b.state}: nothing left to remove")
     cancelled = await _cancel_running(db, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
                                       force, cancel_wait)
-    bdir = UploadStore(settings.uploads_dir).batch_dir(b.id)
     size = await asyncio.to_thread(_du, bdir)
     if b.state == "open":
         with contextlib.suppress(NotFound):  # closed meanwhile: then only leftovers remain

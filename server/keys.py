@@ -22,5 +22,6 @@ STOPPING = web.AppKey("stopping", dict)  # {"value": bool}: set when shutdown be
 UPLOADS: web.AppKey[UploadService] = web.AppKey("uploads")  # server.uploads service (issue 2)
 JOBS: web.AppKey[Any] = web.AppKey("jobs")  # server.jobs engine (issue 3)
 JANITOR: web.AppKey[Any] = web.AppKey("janitor")  # server.janitor periodic task (issue 5)
+API_DOCUMENT: web.AppKey[dict[str, Any]] = web.AppKey("api_document")  # the OpenAPI document (server.openapi)
 
 OWNER = web.RequestKey("owner", str)  # sha256 of the caller's API key: what batches/jobs belong to

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,12 +26,15 @@ from server.config import Settings
 TEMPLATE = Path(__file__).resolve().parents[1] / "nginx.conf"
 # The drop page's static files (index.html and the /_/ assets), served from the repo itself.
 WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+UNITS_DIR = TEMPLATE.parent / "deploy" / "systemd"
+UNITS = ("filedrop.service", "filedrop-worker.service", "filedrop-nginx.service")
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 # What a path may contain to be written into the config unquoted and uninterpreted.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,=:~-]*")
 _SAFE_HOST = re.compile(r"[A-Za-z0-9.:-]+")
 # Directories under the prefix NGINX writes to; nginx.conf names each of them.
 PREFIX_DIRS = ("logs", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi")
+LOG_FILES = ("logs/access.log", "logs/error.log")
 
 
 def upstream_address(host: str, port: int) -> str:
@@ -73,25 +77,52 @@ def _user_directive(root: Path) -> str:
     return f"user {user} {group};"
 
 
-def values(settings: Settings, *, listen: str | None = None, worker_processes: str = "auto") -> dict[str, str]:
-    """The placeholder values for ``settings``; ``listen`` defaults to every address, http_port."""
+def listen_address(host: str, port: int) -> str:
+    """NGINX's ``listen`` for ``host:port`` (an IPv6 address in brackets)."""
+    if not _SAFE_HOST.fullmatch(host):
+        raise ValueError(f"http_host {host!r}: use a host name or an IP address")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def too_large_messages(settings: Settings) -> tuple[str, str]:
+    """What NGINX's 413 says for the upload API and for a job start: the limit and the
+    setting(s) that make it, as the app's own 413s do."""
+    chunk = f"request body over the {settings.max_chunk_size}-byte limit of one upload (FILEDROP_MAX_CHUNK_SIZE)"
+    job_limit = job_body_limit(settings)
+    if job_limit == settings.max_chunk_size:
+        return chunk, chunk
+    job = (f"request body over the {job_limit}-byte limit of a job start (FILEDROP_MAX_DATA_SIZE + "
+           "FILEDROP_FETCH_MAX_BYTES + 1 MiB)")
+    return chunk, job
+
+
+def values(settings: Settings, *, listen: str | None = None, worker_processes: str = "auto",
+           app_ports: Sequence[int] | None = None, unprivileged: bool = False) -> dict[str, str]:
+    """The placeholder values for ``settings``. ``listen`` defaults to ``http_host:http_port``
+    (127.0.0.1 unless FILEDROP_HTTP_HOST opens it); ``app_ports`` (default: ``app_port``) are
+    the app processes behind the upstream; ``unprivileged``: NGINX will not run as root (a
+    systemd unit with ``User=``), so no ``user`` directive."""
     root = Path(settings.smartlink_root or settings.data_dir / "smartlinks")
     if not _SAFE_PATH.fullmatch(str(root)):
         raise ValueError(f"smartlink_root {str(root)!r}: NGINX needs an absolute path of plain characters")
-    listen = listen or str(settings.http_port)
+    listen = listen or listen_address(settings.http_host, settings.http_port)
     if not re.fullmatch(r"(?:[0-9.]+:|\[[0-9a-fA-F:]+\]:)?[0-9]{1,5}", listen):
         raise ValueError(f"listen {listen!r}: use PORT, ADDR:PORT or [ADDR6]:PORT")
     if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", worker_processes):
         raise ValueError(f"worker_processes {worker_processes!r}: use auto or a count")
+    chunk_too_large, job_too_large = too_large_messages(settings)
+    servers = [upstream_address(settings.app_host, p) for p in (app_ports or [settings.app_port])]
     return {
-        "USER_DIRECTIVE": _user_directive(root),
+        "USER_DIRECTIVE": "" if unprivileged else _user_directive(root),
         "WORKER_PROCESSES": worker_processes,
         "LISTEN": listen,
-        "APP_ADDR": upstream_address(settings.app_host, settings.app_port),
+        "APP_SERVERS": "\n        ".join(f"server {a};" for a in servers),
         "SMARTLINK_ROOT": str(root),
         "CHUNK_BODY_LIMIT": str(settings.max_chunk_size),
         "JOB_BODY_LIMIT": str(job_body_limit(settings)),
         "WEB_ROOT": _web_root(),
+        "CHUNK_TOO_LARGE": chunk_too_large,
+        "JOB_TOO_LARGE": job_too_large,
     }
 
 
@@ -114,18 +145,30 @@ def fill(template: str, vals: Mapping[str, str]) -> str:
 
 
 def render(settings: Settings, prefix: Path, *, listen: str | None = None, worker_processes: str = "auto",
-           template: Path = TEMPLATE) -> Path:
-    """Write ``prefix/nginx.conf`` and the directories it names; return the config's path."""
+           template: Path = TEMPLATE, app_ports: Sequence[int] | None = None, unprivileged: bool = False) -> Path:
+    """Write ``prefix/nginx.conf`` and the directories it names; return the config's path.
+    Everything made here is its user's only (0700 directories, 0600 files): the logs hold the
+    smartlink URLs, which are secrets."""
     prefix = Path(prefix).resolve()
-    vals = values(settings, listen=listen, worker_processes=worker_processes)
+    vals = values(settings, listen=listen, worker_processes=worker_processes, app_ports=app_ports,
+                  unprivileged=unprivileged)
     text = fill(template.read_text(encoding="utf-8"), vals)
     for d in PREFIX_DIRS:
-        (prefix / d).mkdir(parents=True, exist_ok=True)
+        (prefix / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+    for log in LOG_FILES:
+        # NGINX appends to an existing log and keeps its mode; made here, it is 0600 whatever
+        # the umask NGINX starts under (it creates files 0644 minus the umask).
+        fd = os.open(prefix / log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
     # NGINX serves from here; it must exist before the first job is published.
-    Path(vals["SMARTLINK_ROOT"]).mkdir(parents=True, exist_ok=True)
+    Path(vals["SMARTLINK_ROOT"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     tmp = prefix / ".nginx.conf.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -133,16 +176,99 @@ def render(settings: Settings, prefix: Path, *, listen: str | None = None, worke
     return conf
 
 
+def _safe_path(p: Path, what: str) -> str:
+    if not _SAFE_PATH.fullmatch(str(p)):
+        raise ValueError(f"{what} {str(p)!r}: use an absolute path of plain characters")
+    return str(p)
+
+
+def unit_values(settings: Settings, prefix: Path, *, user: str, env_file: Path) -> dict[str, str]:
+    """The placeholder values of ``deploy/systemd/*.service`` for ``settings``."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(f"user {user!r} does not exist") from None
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", user):
+        raise ValueError(f"user {user!r}: not a plain user name")
+    assert settings.db_path is not None and settings.smartlink_root is not None
+    prefix = Path(prefix).resolve()
+    data = settings.data_dir
+    writable = [data] + [p for p in (settings.db_path.parent, settings.smartlink_root, prefix)
+                         if data not in (p, *p.parents)]
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return {
+        "USER": user,
+        "GROUP": grp.getgrgid(pw.pw_gid).gr_name,
+        "ENV_FILE": _safe_path(Path(env_file).resolve(), "env file"),
+        "REPO": _safe_path(TEMPLATE.parent, "checkout"),
+        "FILEDROP": _safe_path(Path(sys.prefix) / "bin" / "filedrop", "filedrop command"),
+        "NGINX": _safe_path(Path(nginx), "nginx"),
+        "PREFIX": _safe_path(prefix, "NGINX prefix"),
+        "WRITABLE": " ".join(_safe_path(p, "data path") for p in dict.fromkeys(writable)),
+    }
+
+
+def render_units(settings: Settings, prefix: Path, out: Path, *, user: str | None = None,
+                 env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """systemd units for the app, a worker and NGINX (``deploy/systemd``) into ``out``, NGINX's
+    config into ``prefix`` (for a NGINX that runs as ``user``, so without a ``user`` directive
+    unless that is root), and ``out/filedrop.env`` with the
+    ``FILEDROP_*`` variables of ``environ`` (0600: it may hold keys) unless ``env_file`` names
+    another. ``user`` defaults to the owner of the data dir, else this user."""
+    import pwd
+
+    out = Path(out).resolve()
+    if user is None:
+        owner = settings.data_dir.stat().st_uid if settings.data_dir.exists() else os.geteuid()
+        user = pwd.getpwuid(owner).pw_name
+    env_path = Path(env_file) if env_file else out / "filedrop.env"
+    vals = unit_values(settings, prefix, user=user, env_file=env_path)
+    # Run as root, NGINX's workers would drop to `nobody` without the `user` directive.
+    render(settings, prefix, unprivileged=pwd.getpwnam(user).pw_uid != 0)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in UNITS:
+        text = (UNITS_DIR / name).read_text(encoding="utf-8")
+        used = set(_PLACEHOLDER.findall(text))  # each unit uses some of the values; none may be missing
+        path = out / name
+        path.write_text(fill(text, {k: v for k, v in vals.items() if k in used}), encoding="utf-8")
+        written.append(path)
+    if env_file is None:
+        env = dict(os.environ if environ is None else environ)
+        env["FILEDROP_DATA_DIR"] = str(settings.data_dir)
+        lines = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("FILEDROP_") and "\n" not in v]
+        fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write("# filedrop settings for its systemd units (README: Settings)\n" + "\n".join(lines) + "\n")
+        written.append(env_path)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.nginx", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("render", help="write PREFIX/nginx.conf (+ logs/, tmp/) from FILEDROP_* settings")
     r.add_argument("--prefix", required=True, type=Path, help="NGINX prefix directory (nginx -p)")
-    r.add_argument("--listen", help="listen address (default: FILEDROP_HTTP_PORT on every address)")
+    r.add_argument("--listen", help="listen address (default: FILEDROP_HTTP_HOST:FILEDROP_HTTP_PORT)")
     r.add_argument("--worker-processes", default="auto")
+    u = sub.add_parser("units", help="write systemd units (app, worker, NGINX) into OUT and NGINX's config "
+                       "into PREFIX, from FILEDROP_* settings")
+    u.add_argument("--prefix", required=True, type=Path, help="NGINX prefix directory (e.g. DATA_DIR/nginx)")
+    u.add_argument("--out", required=True, type=Path, help="where the .service files (and filedrop.env) go")
+    u.add_argument("--user", help="the user the services run as (default: the owner of the data dir)")
+    u.add_argument("--env-file", type=Path, help="an existing settings file for the units (default: write "
+                   "OUT/filedrop.env from this environment's FILEDROP_* variables)")
     args = parser.parse_args(argv)
+    os.umask(0o077)
     try:
         settings = Settings.from_env()
+        if args.command == "units":
+            for path in render_units(settings, args.prefix, args.out, user=args.user, env_file=args.env_file):
+                print(path)
+            return 0
         conf = render(settings, args.prefix, listen=args.listen, worker_processes=args.worker_processes)
     except ValueError as e:
         print(f"filedrop: {e}", file=sys.stderr)

@@ -127,7 +127,7 @@ def test_dry_run_reports_the_same_and_changes_nothing(settings: Settings) -> Non
     assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 1
 
 
-def test_older_than_replaces_the_ttl_but_never_goes_under_the_grace(settings: Settings) -> None:
+def test_older_than_replaces_the_ttl_and_is_refused_under_the_grace(settings: Settings) -> None:
     add_batch(settings, "two-hours", [FileSpec()], idle=2 * HOUR)
     add_batch(settings, "one-minute", [FileSpec()], idle=60)
     add_job(settings, "b" * 32, "recent-job", finished_ago=2 * HOUR, rows=[("r", "s" * 16)])
@@ -138,12 +138,23 @@ def test_older_than_replaces_the_ttl_but_never_goes_under_the_grace(settings: Se
     rows = table(r.stdout)
     assert [row[0] for row in rows["expired-batch"]] == ["two-hours"]
     assert [row[0] for row in rows["expired-job"]] == ["b" * 32]
-    r = run_cli(settings, "cleanup", "--older-than", "0")
+    # Below the grace: refused, saying so, rather than silently raised to it.
+    for below in ("0", "1s", "9m"):
+        r = run_cli(settings, "cleanup", "--older-than", below)
+        assert r.returncode == 2 and r.stdout == "", r.stdout
+        assert f"--older-than {below if below != '0' else '0s'} is below the safety floor of 10m" in r.stderr
+        assert "FILEDROP_CLEANUP_GRACE" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(settings, "cleanup", "--older-than", "10m")
     assert r.returncode == 0 and table(r.stdout) == {}, r.stdout
     assert batch_state(settings, "one-minute") == "open"
     # The TTL setting is the default.
-    r = run_cli(settings, "cleanup", FILEDROP_BATCH_TTL="30s")
+    r = run_cli(settings, "cleanup", batch_ttl="30s")  # (keyword: admin_env adds FILEDROP_)
+    assert r.returncode == 0, r.stderr
     assert batch_state(settings, "one-minute") == "open"  # 60 s idle, but the grace is 10 min
+    # The setting lowers the floor, and then the value asked for is what is used.
+    r = run_cli(settings, "cleanup", "--older-than", "30s", cleanup_grace="30s")
+    assert r.returncode == 0, r.stderr
+    assert [row[0] for row in table(r.stdout)["expired-batch"]] == ["one-minute"]
     bad = run_cli(settings, "cleanup", "--older-than", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr
 
@@ -220,7 +231,7 @@ def test_unmigrated_database_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["part", "assembling", "job-batch", "running-job-dir"])
-def test_what_is_in_use_stays_even_with_older_than_zero(settings: Settings, kind: str) -> None:
+def test_what_is_in_use_stays_even_with_older_than_the_floor(settings: Settings, kind: str) -> None:
     root = settings.smartlink_root
     assert root is not None
     if kind == "part":
@@ -248,7 +259,7 @@ def test_what_is_in_use_stays_even_with_older_than_zero(settings: Settings, kind
         tmp.write_bytes(b"t")
         age(tmp, HOUR)
         keep = [tmp, root / "links" / "r.ssssssssssssssss.html"]
-    r = run_cli(settings, "cleanup", "--older-than", "0", "--smartlinks")
+    r = run_cli(settings, "cleanup", "--older-than", "10m", "--smartlinks")
     assert r.returncode == 0, r.stderr
     assert table(r.stdout) == {}, r.stdout
     for p in keep:

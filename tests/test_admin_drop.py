@@ -46,10 +46,22 @@ def test_drop_upload_batch_removes_rows_and_bytes_and_keeps_a_tombstone(settings
     assert count(settings, Chunk, Chunk.file_id.in_(ids)) == 0
     assert batch_state(settings, "cust-1") == "dropped"  # a late upload into it is refused
     assert "dropped upload batch cust-1" in r.stderr
-    # Nothing else was touched; dropping again is harmless.
+    # Nothing else was touched; dropping again says there is nothing there (no "1 removed").
     assert (settings.uploads_dir / str(other_pk)).exists() and batch_state(settings, "cust-2") == "open"
     again = run_cli(settings, "drop", "cust-1")
-    assert again.returncode == 0 and table(again.stdout)["drop-batch"][0][1] == "0"
+    assert again.returncode == 1 and again.stdout == "", again.stdout
+    assert again.stderr.strip() == "filedrop: upload batch 'cust-1' is already dropped: nothing left to remove"
+
+
+def test_drop_of_a_closed_batch_with_bytes_left_removes_them(settings: Settings) -> None:
+    """A tombstone whose bytes a failed pass left behind is still cleaned up by a drop."""
+    pk, _ = add_batch(settings, "half-gone", [FileSpec(data=b"h" * 300)], state="dropped")
+    r = run_cli(settings, "drop", "half-gone")
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout)["drop-batch"] == [["half-gone", "300", "removed", "was dropped, 1 file(s)"]]
+    assert not (settings.uploads_dir / str(pk)).exists()
+    again = run_cli(settings, "drop", "half-gone")
+    assert again.returncode == 1 and "already dropped" in again.stderr
 
 
 def test_drop_unknown_batch_exits_1(settings: Settings) -> None:

@@ -123,7 +123,7 @@ async def _cleanup_while_busy(client: TestClient, settings: Settings, stack: con
     age(leftover_like, HOUR)
 
     # 3. Parallel chunked uploads (they complete and assemble) while the in-process janitor runs
-    # cleanup over and over and the CLI runs one beside the server, all with --older-than 0.
+    # cleanup over and over and the CLI runs one beside the server, all at the grace (--older-than 10m, the floor).
     burst = await up.create()
     payloads = [os.urandom(200_000 + i) for i in range(6)]
     done = asyncio.Event()
@@ -145,7 +145,7 @@ async def _cleanup_while_busy(client: TestClient, settings: Settings, stack: con
             done.set()
 
     loop_task = asyncio.create_task(janitor_loop())
-    (rc, out, err), _ = await asyncio.gather(run_cli_async(settings, "cleanup", "--older-than", "0", "--smartlinks"),
+    (rc, out, err), _ = await asyncio.gather(run_cli_async(settings, "cleanup", "--older-than", "10m", "--smartlinks"),
                                              uploads())
     passes = await asyncio.wait_for(loop_task, 60)
     assert passes >= 1

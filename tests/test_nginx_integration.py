@@ -69,7 +69,8 @@ def upload_through_nginx(nx: Nuxeo, big: Path, pdf: Path, digest: str, base: str
     # JSON error shape the nuxeo client parses (status + message).
     with pytest.raises(UploadError) as refused:
         nx.uploads.batch().upload(FileBlob(str(big), mimetype="application/octet-stream"), chunked=False)
-    assert "HTTPError(413)" in str(refused.value) and "request body too large" in str(refused.value)
+    assert "HTTPError(413)" in str(refused.value)
+    assert f"{8 << 20}-byte limit of one upload (FILEDROP_MAX_CHUNK_SIZE)" in str(refused.value)  # max_chunk_size="8M"
     return batch_id
 
 

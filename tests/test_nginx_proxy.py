@@ -157,6 +157,9 @@ async def test_body_limit_is_max_chunk_size(front, http, path: str) -> None:
         assert r.status == 413
         body = await r.json()
         assert body["code"] == "ERR_TOO_LARGE" and body["status"] == 413
+        # The limit and the setting behind it, as the app's own 413s name theirs.
+        assert body["message"] == (f"request body over the {LIMIT}-byte limit of one upload "
+                                   "(FILEDROP_MAX_CHUNK_SIZE)")
     assert len(rec.seen) == 1  # refused before anything reached the app
 
 
@@ -182,6 +185,9 @@ async def test_job_start_takes_the_data_limit(front, http, proxy_settings) -> No
     assert rec.seen[-1].size == size
     async with http.post(ngx.url + "/api/batch/b1/start", data=io.BytesIO(os.urandom(size + 1))) as r:
         assert r.status == 413
+        assert (await r.json())["message"] == (
+            f"request body over the {size}-byte limit of a job start "
+            "(FILEDROP_MAX_DATA_SIZE + FILEDROP_FETCH_MAX_BYTES + 1 MiB)")
 
 
 async def test_malformed_api_request_is_400_json(front) -> None:

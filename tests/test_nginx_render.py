@@ -35,7 +35,8 @@ def test_rendered_config_is_accepted_by_nginx(tmp_path: Path) -> None:
 def test_defaults_follow_settings(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path / "var")
     text = ngx.render(s, tmp_path / "p").read_text()
-    assert directive(text, "listen") == ["8080 default_server"]
+    # Loopback unless FILEDROP_HTTP_HOST opens it (scripts/run says 127.0.0.1: it is).
+    assert directive(text, "listen") == ["127.0.0.1:8080 default_server"]
     assert directive(text, "server") == ["127.0.0.1:8081"]
     assert directive(text, "worker_processes") == ["auto"]
     assert directive(text, "root") == [str(tmp_path / "var" / "smartlinks")]
@@ -47,7 +48,7 @@ def test_settings_change_ports_root_and_body_limit(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path / "var", http_port=18080, app_host="0.0.0.0", app_port=18081,
                  smartlink_root=tmp_path / "links", max_chunk_size=3 << 20)
     text = ngx.render(s, tmp_path / "p").read_text()
-    assert directive(text, "listen") == ["18080 default_server"]
+    assert directive(text, "listen") == ["127.0.0.1:18080 default_server"]
     assert directive(text, "server") == ["127.0.0.1:18081"]  # a wildcard bind is reached on loopback
     assert directive(text, "root") == [str(tmp_path / "links")]
     assert str(3 << 20) in directive(text, "client_max_body_size")
@@ -131,7 +132,7 @@ def test_cli_renders_from_the_environment(tmp_path: Path) -> None:
     conf = Path(r.stdout.strip())
     assert conf == tmp_path / "p" / "nginx.conf"
     text = conf.read_text()
-    assert directive(text, "listen") == ["18123 default_server"]
+    assert directive(text, "listen") == ["127.0.0.1:18123 default_server"]
     assert directive(text, "server") == ["127.0.0.1:18124"]
     assert str(5 << 20) in directive(text, "client_max_body_size")
     env["FILEDROP_SMARTLINK_ROOT"] = "/tmp/bad root"

@@ -1,5 +1,6 @@
-"""``scripts/run`` end to end: set-up, then NGINX and the app together (API and smartlinks through
-NGINX), and Ctrl-C stops both."""
+"""``scripts/run`` end to end: set-up, then NGINX and the app under the supervisor (API and
+smartlinks through NGINX); a killed app is restarted while NGINX serves on; a busy port is named;
+Ctrl-C stops both."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from server import nginx as ngx
 from server.config import Settings
 from tests.conftest import API_KEY
-from tests.support.nginx import fetch, nginx_binary
+from tests.support.nginx import fetch, nginx_binary, wait_served
 from tests.support.server import REPO
 from tests.support.waiting import free_port, wait_until
 
@@ -60,18 +61,23 @@ def end_run(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def start_run(tmp_path: Path, *, api_key: str | None = API_KEY) -> tuple[subprocess.Popen[bytes], Path, Path,
-                                                                       int, int]:
-    """``scripts/run`` on free ports over ``tmp_path/var``, waited for until NGINX answers the
-    app's /healthz; returns (process, data dir, log, http port, app port). ``api_key`` None: no
-    keys configured (the script makes a dev key). The caller ends it with ``end_run``."""
-    data = tmp_path / "var"
-    http_port, app_port = free_port(), free_port()
+def run_env(tmp_path: Path, api_key: str | None = API_KEY, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-    env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(http_port),
-               FILEDROP_APP_PORT=str(app_port), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_PORT=str(free_port()),
+               FILEDROP_APP_PORT=str(free_port()), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
     if api_key is not None:
         env["FILEDROP_API_KEYS"] = api_key
+    env.update({f"FILEDROP_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+def start_run(tmp_path: Path, *, api_key: str | None = API_KEY) -> tuple[subprocess.Popen[bytes], Path, Path,
+                                                                       int, int]:
+    """``scripts/run`` on free ports over ``tmp_path/var``, waited for until it says NGINX and the
+    app are up; returns (process, data dir, log, http port, app port). ``api_key`` None: no
+    keys configured (the script makes a dev key). The caller ends it with ``end_run``."""
+    env = run_env(tmp_path, api_key)
+    data, http_port, app_port = tmp_path / "var", int(env["FILEDROP_HTTP_PORT"]), int(env["FILEDROP_APP_PORT"])
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         # Its own session and process group, as a terminal would run it: Ctrl-C = SIGINT to the group.
@@ -81,10 +87,8 @@ def start_run(tmp_path: Path, *, api_key: str | None = API_KEY) -> tuple[subproc
     def up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"scripts/run exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            return fetch(http_port, "GET", "/healthz", timeout=1).status == 200
-        except OSError:
-            return False
+        # Ready once it says so (it says so only once both answer).
+        return "Ctrl-C stops both" in log.read_text()
 
     try:
         # Generous: set-up may have to (re)install the package when pyproject.toml changed.
@@ -123,17 +127,64 @@ def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
         end_run(proc)
 
 
-def test_run_stops_nginx_when_the_app_dies(tmp_path: Path) -> None:
-    """Either process dying ends the run; the other one does not linger on its port."""
+def app_pid(run: subprocess.Popen[bytes]) -> int:
+    """The app the supervisor runs (its child ``python -m server serve``)."""
+    pids = subprocess.run(["pgrep", "-P", str(run.pid), "-f", "server serve"], capture_output=True, text=True,
+                          timeout=10).stdout.split()
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+def test_a_killed_app_is_restarted_with_a_backoff_while_nginx_keeps_serving(tmp_path: Path) -> None:
+    proc, data, log, http_port, _app_port = start_run(tmp_path)
+    try:
+        link = data / "smartlinks" / "b1" / "ref.0123456789abcdef.html"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_bytes(b"<p>still here</p>")
+        nginx_pid = int((data / "nginx" / "logs" / "nginx.pid").read_text())
+        for restart, delay in ((1, "1"), (2, "2")):
+            first = app_pid(proc)
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda pid=first: not pid_alive(pid), timeout=10, what="the app to die")
+            # The links outlive the app: NGINX answers them (and the API says 503) meanwhile.
+            r = fetch(http_port, "GET", "/b1/ref.0123456789abcdef.html")
+            assert r.status == 200 and r.body == b"<p>still here</p>"
+            assert fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": API_KEY}).status in (200, 503)
+            wait_until(lambda n=restart: log.read_text().count("the app is back") == n, timeout=30,
+                       what=f"restart {restart} (log: {log})")
+            assert f"the app was killed by SIGKILL; restarting it in {delay} s" in log.read_text()
+            r = fetch(http_port, "GET", "/api/v1/upload/handlers", {"X-API-Key": API_KEY})
+            assert r.status == 200, r.body
+            assert app_pid(proc) != first and proc.poll() is None
+        assert pid_alive(nginx_pid)  # never restarted: it was serving all along
+    finally:
+        end_run(proc)
+
+
+@pytest.mark.parametrize("busy", ["HTTP", "APP"])
+def test_a_busy_port_is_named_with_its_holder_and_setting_before_anything_listens(tmp_path: Path, busy: str) -> None:
+    env = run_env(tmp_path)
+    port = int(env[f"FILEDROP_{busy}_PORT"])
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = subprocess.run([str(REPO / "scripts" / "run")], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert r.returncode == 1, r.stderr
+    who = "NGINX" if busy == "HTTP" else "the app"
+    assert f"filedrop: {who} cannot listen on 127.0.0.1:{port}: the port is in use by pid {os.getpid()} " in r.stderr
+    assert f"set FILEDROP_{busy}_PORT" in r.stderr
+    assert "listening" not in r.stderr and "Traceback" not in r.stderr
+    other = int(env["FILEDROP_APP_PORT" if busy == "HTTP" else "FILEDROP_HTTP_PORT"])
+    assert refuses(other)  # nothing was left running
+
+
+def test_nginx_listens_on_loopback_only_unless_told(tmp_path: Path) -> None:
     proc, _data, _log, http_port, _app_port = start_run(tmp_path)
     try:
-        # The script's children (each in its own session): NGINX's master and the app.
-        app_pids = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "filedrop serve"],
-                                  capture_output=True, text=True, timeout=10).stdout.split()
-        assert len(app_pids) == 1, app_pids
-        os.kill(int(app_pids[0]), signal.SIGKILL)
-        proc.wait(timeout=30)
-        wait_until(lambda: refuses(http_port), timeout=10, what="nginx to stop with the app")
+        listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[3] == "0A" and line.split()[1].endswith(f":{http_port:04X}")]
+        assert listening == [f"0100007F:{http_port:04X}"]  # 127.0.0.1, not 0.0.0.0
     finally:
         end_run(proc)
 
@@ -158,18 +209,13 @@ def test_nginx_needs_no_root(tmp_path: Path) -> None:
         for d, dirs, files in os.walk(base):
             for name in [d, *(os.path.join(d, x) for x in dirs + files)]:
                 os.chown(name, nobody.pw_uid, nobody.pw_gid)
+                # As the server makes them: readable by their owner only (who NGINX runs as).
+                os.chmod(name, 0o700 if os.path.isdir(name) else 0o600)
         proc = subprocess.Popen(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                                  "--clear-groups", nginx_binary(), "-p", str(base / "p"), "-c", str(conf),
                                  "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        def served() -> bool:
-            assert proc is not None and proc.poll() is None, (base / "p" / "logs" / "error.log").read_text()
-            try:
-                return fetch(port, "GET", "/b1/ref.0123456789abcdef.html", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(served, timeout=10, what="nginx started as nobody")
+        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", base / "p", "nginx started as nobody")
         uid_line = next(x for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if x.startswith("Uid:"))
         assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}
         assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>no root</p>"

@@ -91,7 +91,7 @@ async def test_cleanup_never_removes_the_durability_marker(client, settings) -> 
     assert marker.exists()
     hour_ago = time.time() - 3600
     os.utime(marker, (hour_ago, hour_ago))
-    r = run_cli(settings, "cleanup", "--older-than", "0")
+    r = run_cli(settings, "cleanup", "--older-than", "10m")
     assert r.returncode == 0, r.stderr
     assert marker.exists() and ".synced" not in r.stdout
 

@@ -34,7 +34,10 @@ async def _read_form(request: web.Request, data_limit: int, template_limit: int,
     fields: dict[str, bytes] = {}
     total = 0
     if request.content_type == "multipart/form-data":
-        reader = await request.multipart()
+        try:
+            reader = await request.multipart()
+        except ValueError:  # aiohttp: "boundary missed" (was a 500)
+            raise Unprocessable("multipart/form-data without a boundary", field="content-type") from None
         for _ in range(MAX_PARTS + 1):
             part = await reader.next()
             if part is None:

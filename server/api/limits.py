@@ -24,4 +24,4 @@ async def get_limits(request: web.Request) -> web.Response:
     })
 
 
-ROUTES: list[web.RouteDef] = [web.get("/api/limits", get_limits)]
+ROUTES: list[web.RouteDef] = [web.route("GET", "/api/limits", get_limits)]

@@ -144,3 +144,27 @@ class NginxFactory:
     def stop_all(self) -> None:
         for p in self.started:
             p.stop()
+
+
+def wait_served(proc: subprocess.Popen[bytes], port: int, path: str, prefix: Path, what: str) -> None:
+    """Wait (bounded) until an NGINX started by hand answers ``path`` with 200; fail with its
+    error log if it exits first."""
+
+    def served() -> bool:
+        assert proc.poll() is None, (prefix / "logs" / "error.log").read_text()
+        try:
+            return fetch(port, "GET", path, timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_until(served, timeout=10, what=what)
+
+
+def app_behind_nginx(server_factory: Any, nginx_factory: Any, data_dir: Path, api_key: str,
+                     **settings: str) -> tuple[Any, NginxProcess]:
+    """A real ``filedrop serve`` (``server_factory``, its data in ``data_dir``) behind NGINX
+    (``nginx_factory``), the app publishing links under NGINX's address."""
+    http_port = free_port()
+    srv = server_factory(data_dir, public_url=f"http://127.0.0.1:{http_port}", **settings)
+    front = nginx_factory(Settings(data_dir=data_dir, api_keys=(api_key,)), app_port=srv.port, http_port=http_port)
+    return srv, front

@@ -1,0 +1,123 @@
+"""What a newcomer meets on the command line: one-line errors with an exit status (never a
+traceback, SQL or a secret), no Alembic chatter, a wrong data dir named as such, and a private
+data dir whatever the umask."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY
+from tests.support.server import REPO, server_env
+
+
+def cli(env: dict[str, str], *args: str, cwd: Path = REPO, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = server_env(tmp_path / "data", API_KEY)
+    assert cli(e, "migrate").returncode == 0
+    return e
+
+
+def test_keys_create_refuses_a_taken_or_revoked_name_in_one_line(env: dict[str, str]) -> None:
+    first = cli(env, "keys", "create", "alice")
+    assert first.returncode == 0
+    key = first.stdout.strip()
+    again = cli(env, "keys", "create", "alice")
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr == "filedrop: a key named 'alice' already exists: names are never reused, choose another\n"
+    assert cli(env, "keys", "revoke", "alice").returncode == 0
+    revoked = cli(env, "keys", "create", "alice")
+    assert revoked.returncode == 2 and revoked.stdout == ""
+    assert revoked.stderr == ("filedrop: a key named 'alice' already exists (revoked): names are never "
+                              "reused, choose another\n")
+    for r in (again, revoked):
+        assert "Traceback" not in r.stderr and "INSERT" not in r.stderr and "sqlite" not in r.stderr.lower()
+        assert key not in r.stderr and "fd_" not in r.stderr
+    assert cli(env, "keys", "list").stdout.count("alice\t") == 1
+
+
+@pytest.mark.parametrize("name", ["", "   ", "tab\there", "new\nline", "x" * 201])
+def test_keys_create_refuses_a_blank_or_unprintable_name(env: dict[str, str], name: str) -> None:
+    r = cli(env, "keys", "create", name)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("filedrop: a key name is 1-200 printable characters") and r.stderr.count("\n") == 1
+    assert cli(env, "keys", "list").stdout == ""
+
+
+def test_commands_print_no_alembic_lines_unless_asked(env: dict[str, str]) -> None:
+    for args in (["migrate"], ["keys", "list"], ["cleanup", "--dry-run"]):
+        r = cli(env, *args)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == "", (args, r.stderr)  # not one Alembic INFO line (nine were printed)
+    migrated = cli(env, "migrate")
+    assert migrated.stdout.strip().endswith("at revision 0001 (unchanged)")
+    debug = cli({**env, "FILEDROP_LOG_LEVEL": "DEBUG"}, "keys", "list")
+    assert "alembic.runtime.migration" in debug.stderr
+
+
+def test_a_new_database_says_it_was_made(tmp_path: Path) -> None:
+    e = server_env(tmp_path / "new", API_KEY)
+    r = cli(e, "migrate")
+    assert r.returncode == 0 and r.stdout.strip().endswith("at revision 0001 (new database)") and r.stderr == ""
+
+
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["cleanup"], ["drop", "b"]])
+def test_a_wrong_data_dir_is_named_and_migrate_is_not_the_first_advice(tmp_path: Path, command: list[str]) -> None:
+    wrong = tmp_path / "typo"
+    r = cli(server_env(wrong, API_KEY), *command)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip()
+    assert line.startswith(f"filedrop: no database at {wrong / 'filedrop.sqlite3'} (from FILEDROP_DATA_DIR): "
+                           "point FILEDROP_DATA_DIR at the server's data dir"), line
+    assert "only for a new installation run `filedrop migrate`" in line
+    assert not wrong.exists()  # nothing was made at the wrong place
+
+
+def test_without_a_data_dir_setting_the_message_says_where_it_looked(tmp_path: Path) -> None:
+    e = server_env(tmp_path / "unused", API_KEY)
+    del e["FILEDROP_DATA_DIR"]
+    r = cli(e, "keys", "list", cwd=tmp_path)
+    assert r.returncode == 2
+    assert (f"no database at {tmp_path / 'var' / 'filedrop.sqlite3'} (FILEDROP_DATA_DIR is not set: ./var of "
+            "the current directory)") in r.stderr
+
+
+def test_migrate_makes_the_data_dir_and_database_private_whatever_the_umask(tmp_path: Path) -> None:
+    e = server_env(tmp_path / "open", API_KEY)
+    r = cli(e, "migrate", umask=0o022)
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "open"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for p in data.glob("filedrop.sqlite3*"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    # An existing database made open (e.g. by an older version) is closed at the next command.
+    (data / "filedrop.sqlite3").chmod(0o644)
+    data.chmod(0o755)
+    assert cli(e, "keys", "list", umask=0o022).returncode == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "filedrop.sqlite3").stat().st_mode) == 0o600
+
+
+def test_serve_on_a_busy_port_names_the_port_its_holder_and_the_setting(env: dict[str, str]) -> None:
+    port = int(env["FILEDROP_APP_PORT"])
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = cli(env, "serve")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"filedrop: the app cannot listen on 127.0.0.1:{port}: address already in use "
+                           f"(held by pid {os.getpid()} ("), last  # this test's process holds it
+    assert last.endswith("): set FILEDROP_APP_PORT to a free port"), last
+    assert "listening" not in r.stdout + r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,80 @@
+"""The newcomer docs work as written: docs/api.md's shell blocks and its Python example run, in
+order, against a real server behind NGINX; every route is shown there; README points at the docs
+and no longer outside the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from server.config import Settings
+from server.openapi import build
+from tests.conftest import API_KEY
+from tests.support.nginx import app_behind_nginx
+from tests.support.server import REPO
+from tests.test_api_openapi import PENDING_ROUTES
+
+API_DOC = REPO / "docs" / "api.md"
+# curl as the blocks use it, failing on an HTTP error unless the block shows one (-i/-I).
+CURL = '''curl() { case " $* " in *" -i "*|*" -I "*) command curl "$@" ;; *) command curl --fail-with-body "$@" ;; esac; }
+'''
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", API_DOC.read_text(), re.S | re.M)
+
+
+def route_pattern(path: str) -> str:
+    """A regex for ``path`` with each ``{param}`` standing for one path segment."""
+    return re.sub(r"\\\{\w+\\\}", lambda _m: r'[^/\s"?]+', re.escape(path))
+
+
+def pending(block: str) -> bool:
+    return any(re.search(route_pattern(p) + r"[\"\s?]", block) for _m, p in PENDING_ROUTES)
+
+
+def test_every_route_has_an_example() -> None:
+    text = API_DOC.read_text()
+    missing = []
+    for path in build(Settings())["paths"]:
+        if path.startswith("/nuxeo/"):
+            continue  # the same routes again, said once in the doc
+        if not re.search(r"\$H" + route_pattern(path) + r"[\"\s?]", text):
+            missing.append(path)
+    assert not missing, f"docs/api.md shows no call of {missing}"
+
+
+def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path: Path) -> None:
+    srv, front = app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY)
+    work = tmp_path / "work"
+    (work / "var").mkdir(parents=True)
+    (work / "var" / "dev-api-key").write_text(API_KEY + "\n")
+    runnable = [b for b in blocks("sh") if not pending(b)]
+    assert len(runnable) >= 10
+    script = "set -euo pipefail\n" + CURL + "\n".join(runnable)
+    script = script.replace("http://127.0.0.1:8080", front.url)
+    r = subprocess.run(["bash", "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-5000:]}\nstderr:\n{r.stderr[-3000:]}"
+    out = r.stdout
+    assert 'WWW-Authenticate: Basic realm="filedrop"' in out
+    assert "Completed\n" in out  # the job finished, all rows rendered (not "Completed with errors")
+    assert "<h1>Client 240 000 009 425</h1>" in out and "(EUR)" in out  # the page, through NGINX
+    assert '"uploadedChunkIds": [0, 1, 2]' in out and '"status": "Queued"' in out
+    # The Python client example, with the key and the file the blocks made.
+    (python,) = blocks("python")
+    code = f"KEY = {API_KEY!r}\n" + python.replace("http://127.0.0.1:8080", front.url) + \
+        "\nassert manifest['files'][0]['size'] == 3000000, manifest\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = srv.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_readme_links_the_docs_and_nothing_outside_the_repository() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "docs/smartlinks.md" in readme and "docs/api.md" in readme
+    for doc in (readme, API_DOC.read_text(), (REPO / "docs" / "smartlinks.md").read_text()):
+        assert "../shared" not in doc and "/work/shared" not in doc and "shared/SMARTLINK" not in doc
+    assert 'pip install "nuxeo[oauth2]==7.1.0" packaging' in API_DOC.read_text()
