@@ -251,7 +251,7 @@ def children(settings: Settings, prefix: Path, conf: Path) -> list[Child]:
     """NGINX over ``prefix``, then the app (``filedrop serve`` from this interpreter's venv)."""
     nginx = Child("NGINX", [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                   settings.http_host, settings.http_port, "FILEDROP_HTTP_PORT (or FILEDROP_HTTP_HOST)",
-                  lambda: http_ok(settings.http_host, settings.http_port, "/", lambda s: s == 404))
+                  lambda: http_ok(settings.http_host, settings.http_port, "/", lambda s: s == 200))  # the drop page
     app_host = ngx.upstream_address(settings.app_host, settings.app_port).rsplit(":", 1)[0].strip("[]")
     app = Child("the app", [sys.executable, "-m", "server", "serve"], settings.app_host or "0.0.0.0",
                 settings.app_port, "FILEDROP_APP_PORT",
