@@ -16,7 +16,14 @@ from server.db import Database
 from server.db.migrate import check_at_head
 from server.errors import ServiceUnavailable, error_middleware
 from server.janitor import janitor_context
-from server.keys import DATABASE, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.jobs import queries as job_queries
+from server.jobs.checker import TemplateChecker
+from server.jobs.fetch import Fetcher
+from server.jobs.notify import Notifier
+from server.jobs.operation import smartlinks_generate
+from server.jobs.pool import WorkerPool
+from server.jobs.service import JobService
+from server.keys import DATABASE, JOBS, KEYSTORE, OPERATIONS, SETTINGS, STOPPING, UPLOADS
 from server.uploads.operations import OperationRegistry
 
 log = logging.getLogger("filedrop.app")
@@ -36,8 +43,34 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     await db.dispose()
 
 
+async def jobs_context(app: web.Application) -> AsyncIterator[None]:
+    """The job service; its workers (``filedrop worker`` processes, started with the first
+    job), the template checker's render process and the notification loop. Jobs reach upload
+    files through the upload service handed to them here."""
+    settings, db = app[SETTINGS], app[DATABASE]
+    fetcher = Fetcher(settings.fetch_allow, settings.fetch_timeout, settings.fetch_max_bytes)
+    checker = TemplateChecker(settings)
+    pool = WorkerPool(db, settings)
+    app[JOBS] = JobService(db, settings, fetcher, checker, pool)
+    app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
+    if await job_queries.running_jobs(db):
+        pool.ensure_started()
+    notifying = asyncio.create_task(Notifier(db, settings, fetcher).run(), name="job-notifications")
+    try:
+        yield
+    finally:
+        notifying.cancel()
+        await asyncio.gather(notifying, return_exceptions=True)
+        await pool.stop()
+        await checker.close()
+        await fetcher.close()
+
+
 async def _mark_stopping(app: web.Application) -> None:
     app[STOPPING]["value"] = True
+    if JOBS in app:
+        # Workers start stopping now, while requests drain: SIGTERM ends them within 10 s.
+        app[JOBS].pool.signal_stop()
 
 
 @web.middleware
@@ -87,7 +120,7 @@ def create_app(settings: Settings) -> web.Application:
     # Dependency order; aiohttp exits them in reverse, only those that started.
     app.cleanup_ctx.append(database_context)
     app.cleanup_ctx.append(uploads_api.uploads_context)
-    app.cleanup_ctx.append(jobs_api.jobs_context)
+    app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(janitor_context)
     setup_routes(app)
     return app

@@ -120,7 +120,7 @@ async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start
         assert rc == 0 and "marked Cancelled" in err, out + err
         assert job_status(settings, jid) == "Cancelled"
         client = await aiohttp_client(create_app(settings))
-        await client.app[JOBS].engine.notified(jid, timeout=30)
+        await client.app[JOBS].notified(jid, timeout=30)
         assert rcv.delivered.is_set()
     assert json.loads(rcv.attempts[-1][1])["status"] == "Cancelled"
 
@@ -146,7 +146,7 @@ async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(cl
     assert rc == 0, err
     assert "marked Cancelled" not in err  # the engine itself finished it
     assert table(out)["drop-smartlinks"][0][0] == "live" and f"cancelled {jid}" in out
-    await client.app[JOBS].engine.job_finished(jid, timeout=10)
+    await client.app[JOBS].job_finished(jid, timeout=10)
     assert settings.smartlink_root is not None
     assert not (settings.smartlink_root / "live").exists()  # not re-created by a late write
     assert await asyncio.to_thread(count, settings, Job) == 0

@@ -74,8 +74,8 @@ async def start_ok(client: Any, batch_id: str, template: Any, data: Any, **kw: A
 
 
 async def wait_job(client: Any, batch_id: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Wait on the engine's job_finished signal, then read the status through the API."""
-    await client.app[JOBS].engine.job_finished(job_id, timeout=timeout)
+    """Wait until the job has ended (the service polls the database), then read the status through the API."""
+    await client.app[JOBS].job_finished(job_id, timeout=timeout)
     r = await client.get(f"/api/batch/{batch_id}/{job_id}/status", headers=AUTH)
     assert r.status == 200
     return await r.json()

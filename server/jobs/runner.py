@@ -1,0 +1,254 @@
+"""One claim of rows through a worker's render process, under the hard limits.
+
+The render process answers row by row. Between answers the worker enforces, from outside:
+* time: a row that takes longer than ``FILEDROP_RENDER_TIMEOUT`` gets its process killed;
+* memory: a process over ``FILEDROP_RENDER_MEMORY`` reports the row and exits (or just dies);
+  either way the row was killed by a limit: the first time it goes back to the queue with one
+  more ``attempt``, the second time it errors naming the limit. The rows after it in the claim
+  go to a fresh process;
+* cancel: every ``CHECK`` s it reads the job's state (a primary-key read); cancelled, dropped or
+  ended elsewhere, the process is killed at once, mid-row if need be, and rows not yet
+  published are skipped (cancel) or forgotten (the job is gone);
+* stop (SIGTERM): the process is killed, rows not yet published go back to the queue.
+
+Rendered pages are published and recorded in groups (``FLUSH_*``): counts move at least every
+``FLUSH_SECONDS`` while rows complete, and the render process keeps rendering meanwhile (its
+answers queue up, bounded). A page is published only after a fresh look at the job, and a row is
+marked done only after its files are published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from server.jobs import control, queries
+from server.jobs.childproc import ChildGone, RenderProcess
+from server.jobs.publish import Item, publish_batch
+from server.jobs.queries import Claimed, Outcome
+
+if TYPE_CHECKING:
+    from server.jobs.worker import LoadedJob, Worker
+
+log = logging.getLogger("filedrop.jobs.worker")
+
+CHECK = 0.2  # s between looks at the job's state while rendering: bounds the cancel latency
+FLUSH_SECONDS = 0.25  # publish + record at least this often while rows complete...
+FLUSH_ROWS = 250  # ...or after this many rows...
+FLUSH_BYTES = 8 << 20  # ...or this many bytes of pages (bounds the worker's memory)
+ASSET_ROUNDS = 4  # rows needing assets are sent again after each fetch round
+MAX_ATTEMPTS = 2  # renders of one row a limit may kill: the first goes back to the queue
+
+
+class Stop(Exception):
+    """The claim ends early; ``why``: cancel | gone | stopping | lost."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+@dataclass
+class _Buffer:
+    pages: list[tuple[Claimed, bytes, list[list[str]]]] = field(default_factory=list)
+    out: Outcome = field(default_factory=Outcome.empty)
+    size: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return bool(self.pages or self.out) and (len(self.pages) + len(self.out.errors) >= FLUSH_ROWS
+                                                  or self.size >= FLUSH_BYTES
+                                                  or time.monotonic() - self.since >= FLUSH_SECONDS)
+
+
+class RowRunner:
+    def __init__(self, worker: Worker, job: LoadedJob, rows: list[Claimed]) -> None:
+        self.w = worker
+        self.job = job
+        self.rows = rows
+        self.buf = _Buffer()
+        self.cancel_seen = False
+
+    @property
+    def timeout(self) -> float:
+        return self.w.settings.render_timeout
+
+    async def run(self) -> None:
+        """Render, publish and record every row of the claim (or hand them back)."""
+        todo = self.rows
+        try:
+            for _round in range(ASSET_ROUNDS):
+                needs = await self._pass(todo)
+                if not needs:
+                    break
+                keys = {k for _r, ks in needs for k in ks}
+                await self.w.resolve(self.job, keys)
+                todo = [r for r, _ks in needs]
+            else:
+                for r, ks in needs:
+                    self.buf.out.errors.append((r.idx, r.reference_id, "assets unavailable: " + ", ".join(ks)))
+            await self._flush()
+        except Stop as e:
+            await self._stopped(e.why)
+
+    async def _pass(self, rows: list[Claimed]) -> list[tuple[Claimed, list[str]]]:
+        queue = deque(rows)
+        needs: list[tuple[Claimed, list[str]]] = []
+        child = await self._send(queue)
+        deadline = time.monotonic() + self.timeout
+        next_check = time.monotonic() + CHECK
+        while queue:
+            now = time.monotonic()
+            if now >= next_check:
+                await self._check()
+                next_check = time.monotonic() + CHECK
+            try:
+                header, blobs = await child.recv(max(0.0, min(deadline, next_check) - time.monotonic()))
+            except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
+                await self.w.drop_child()
+                self._killed(queue.popleft(), f"time limit: rendering this row took longer than "
+                                              f"FILEDROP_RENDER_TIMEOUT ({self.timeout:g} s)")
+            except ChildGone as e:
+                await self.w.drop_child()
+                self._killed(queue.popleft(), f"the render process died while rendering this row "
+                                              f"(exit status {e.returncode})")
+            else:
+                row = queue.popleft()
+                if header.get("idx") != row.idx:  # not the protocol: trust nothing it says
+                    await self.w.drop_child()
+                    raise RuntimeError(f"render process answered {header.get('idx')!r} for row {row.idx}")
+                status = header.get("status")
+                if status == "done":
+                    self.buf.pages.append((row, blobs[0], header.get("extra") or []))
+                    self.buf.size += len(blobs[0])
+                elif status == "need":
+                    needs.append((row, list(header.get("needs") or [])))
+                elif status == "limit":  # it exits after saying so
+                    await self.w.drop_child()
+                    self._killed(row, str(header.get("error")))
+                else:
+                    self.buf.out.errors.append((row.idx, row.reference_id, str(header.get("error"))))
+                if self.buf.due():
+                    await self._flush()
+                deadline = time.monotonic() + self.timeout
+                continue
+            # The process was killed or died: the rest of the claim goes to a fresh one.
+            if queue:
+                child = await self._send(queue)
+                deadline = time.monotonic() + self.timeout
+        return needs
+
+    async def _send(self, queue: deque[Claimed]) -> RenderProcess:
+        child = await self.w.child_for(self.job)
+        await child.send({"op": "rows", "job_id": self.job.job_id,
+                          "rows": [[r.idx, r.reference_id, r.suffix, r.pdf, r.data] for r in queue]})
+        return child
+
+    def _killed(self, row: Claimed, why: str) -> None:
+        """A limit (or a crash) killed the render of ``row``: back to the queue once, then error."""
+        tries = row.attempts + 1
+        if tries >= MAX_ATTEMPTS:
+            self.buf.out.errors.append((row.idx, row.reference_id, f"{why} (on {tries} attempts)"))
+        else:
+            self.buf.out.retry.append(row.idx)
+        log.warning("job %s row %d: %s (attempt %d)", self.job.job_id, row.idx, why, tries)
+
+    async def _check(self) -> None:
+        """Raise Stop when the claim must end: the worker stops or was declared dead, the job
+        was cancelled, ended or dropped. Kills the render process first (mid-row if need be):
+        once this raises, nothing of the claim can be rendered or published any more."""
+        why = self.w.stop_reason()
+        if why is None:
+            state = await queries.job_state(self.w.db, self.job.job_id)
+            if state is None or state[0] not in ("Queued", "In progress"):
+                why = "gone"
+            elif state[1] or self.cancel_seen:
+                why = "cancel"
+        if why is not None:
+            await self.w.drop_child()
+            raise Stop(why)
+
+    async def _flush(self) -> None:
+        buf, self.buf = self.buf, _Buffer()
+        out = buf.out
+        if buf.pages:
+            try:
+                await self._check()
+            except Stop as e:
+                self.buf = buf  # _stopped settles them
+                raise e from None
+            await self._publish(buf.pages, out)
+        if not out:
+            return
+        counts = await queries.record(self.w.db, self.job.job_id, self.w.id, out)
+        if counts is None:
+            raise Stop("gone")
+        if counts.max_errors is not None and counts.errored > counts.max_errors and not self.cancel_seen:
+            self.cancel_seen = True
+            await control.cancel(self.w.db, self.w.settings, [self.job.job_id],
+                                 f"max_errors ({counts.max_errors}) exceeded: {counts.errored} rows errored",
+                                 level="error")
+
+    async def _publish(self, pages: list[tuple[Claimed, bytes, list[list[str]]]], out: Outcome) -> None:
+        settings = self.w.settings
+        items: list[Item] = []
+        owner: dict[str, Claimed] = {}
+        for row, html, extra in pages:
+            name = f"{row.reference_id}.{row.suffix}.html"
+            items.append(Item(name, data=html))
+            owner[name] = row
+            for extra_name, source in extra:
+                items.append(Item(extra_name, source=source))
+                owner[extra_name] = row
+        need = sum(len(i.data) if i.data is not None else _size(i.source) for i in items)
+        free = await asyncio.to_thread(_free_bytes, self.job.out_dir)
+        if free is not None and free - need < settings.min_free_disk:
+            msg = (f"disk space limit: publishing would leave less than FILEDROP_MIN_FREE_DISK "
+                   f"({settings.min_free_disk:,} bytes) free")
+            out.errors += [(row.idx, row.reference_id, msg) for row, _h, _e in pages]
+            return
+        errors = await asyncio.to_thread(publish_batch, self.job.out_dir, items, self.w.id)
+        failed: dict[int, str] = {}
+        for name, err in errors.items():
+            failed.setdefault(owner[name].idx, err)
+        for row, _html, _extra in pages:
+            if row.idx in failed:
+                out.errors.append((row.idx, row.reference_id, failed[row.idx]))
+            else:
+                out.done.append(row.idx)
+
+    async def _stopped(self, why: str) -> None:
+        """Settle every row of the claim that has no outcome yet."""
+        settled = set(self.buf.out.retry) | set(self.buf.out.done) | {idx for idx, _ref, _m in self.buf.out.errors}
+        open_rows = [r.idx for r in self.rows if r.idx not in settled]
+        if why in ("gone", "lost"):
+            return  # nothing of ours to record: the job or our claims are gone
+        out = Outcome(self.buf.out.done, self.buf.out.errors, self.buf.out.retry, [], [])
+        if why == "cancel":
+            out.skip = open_rows
+        else:
+            out.release = open_rows
+        self.buf = _Buffer()
+        await queries.record(self.w.db, self.job.job_id, self.w.id, out)
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except OSError:
+        return 0
+
+
+def _free_bytes(path: os.PathLike[str]) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
