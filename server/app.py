@@ -55,7 +55,9 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
     if await job_queries.running_jobs(db):
         pool.ensure_started()
-    notifying = asyncio.create_task(Notifier(db, settings, fetcher).run(), name="job-notifications")
+    notifier = Notifier(db, settings, fetcher)
+    await notifier.recover()
+    notifying = asyncio.create_task(notifier.run(), name="job-notifications")
     try:
         yield
     finally:

@@ -10,7 +10,8 @@ from sqlalchemy import update
 
 from server.app import create_app
 from server.config import Settings
-from server.db.job_models import Job, JobLog, JobRow
+from server.db import utcnow
+from server.db.job_models import Job, JobLog, JobRow, JobWorker
 from server.db.models import BatchFile, Chunk
 from server.keys import JOBS
 from tests.support.disk_state import (
@@ -83,12 +84,30 @@ def test_drop_smartlinks_refuses_a_running_job_unless_forced(settings: Settings)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "running job(s) " + "d" * 32 in r.stderr and "--force" in r.stderr
     assert all(p.exists() for p in paths) and job_status(settings, "d" * 32) == "In progress"
-    # No server runs this job: --force asks it to cancel, waits, then marks it cancelled itself.
-    r = run_cli(settings, "drop", "--smartlinks", "busy", "--force", "--cancel-wait", "0.3")
+    # No worker holds a row of it: --force cancels it through the jobs code, which ends it at once.
+    r = run_cli(settings, "drop", "--smartlinks", "busy", "--force", "--cancel-wait", "30")
     assert r.returncode == 0, r.stderr
     assert "cancelled " + "d" * 32 in r.stdout
-    assert "marked Cancelled" in r.stderr
+    assert "marked Cancelled" not in r.stderr and "Cancelled: 0 succeeded, 0 errored, 1 skipped of 1" in r.stderr
     assert not any(p.exists() for p in paths) and count(settings, Job) == 0
+
+
+def test_drop_force_ends_a_job_whose_worker_does_not_answer(settings: Settings) -> None:
+    """A row is held by a registered worker that never reacts (stopped, say): after
+    --cancel-wait the CLI ends the job itself, and the folder is gone all the same."""
+    paths = add_job(settings, "9" * 32, "stuck", status="In progress", rows=[("r1", "s" * 16), ("r2", "s" * 16)])
+    with session(settings) as s:
+        now = utcnow()
+        s.add(JobWorker(worker_id="w" * 16, host="elsewhere/boot", pid=1, started_at=now, seen_at=now))
+        s.execute(update(JobRow).where(JobRow.job_id == "9" * 32, JobRow.idx == 0)
+                  .values(status="claimed", claimed_by="w" * 16))
+        s.commit()
+    r = run_cli(settings, "drop", "--smartlinks", "stuck", "--force", "--cancel-wait", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "marked Cancelled" in r.stderr and "cancelled " + "9" * 32 in r.stdout
+    assert "no worker stopped it in time" in r.stderr
+    assert not any(p.exists() for p in paths) and count(settings, Job) == 0
+    assert not (settings.smartlink_root / "stuck").exists()
 
 
 def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settings: Settings) -> None:
@@ -106,8 +125,8 @@ def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settin
 
 async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start(aiohttp_client,
                                                                                 settings: Settings) -> None:
-    """Marked Cancelled by the CLI (no engine ran the job): its callback is still sent, by the
-    engine that starts next."""
+    """Ended as Cancelled by the CLI (no worker held a row of it): its callback is still sent,
+    by the server that starts next."""
     add_batch(settings, "tpl2", [FileSpec()])
     jid = "f" * 32
     add_job(settings, jid, "links2", status="Queued", rows=[("r1", "s" * 16)], publish=False,
@@ -117,7 +136,7 @@ async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start
             s.execute(update(Job).where(Job.job_id == jid).values(callback_url=rcv.url))
             s.commit()
         rc, out, err = await run_cli_async(settings, "drop", "tpl2", "--force", "--cancel-wait", "0.2")
-        assert rc == 0 and "marked Cancelled" in err, out + err
+        assert rc == 0 and "Cancelled: 0 succeeded, 0 errored, 1 skipped of 1" in err, out + err
         assert job_status(settings, jid) == "Cancelled"
         client = await aiohttp_client(create_app(settings))
         await client.app[JOBS].notified(jid, timeout=30)

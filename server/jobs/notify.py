@@ -115,10 +115,13 @@ class Notifier:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run(self) -> None:
+    async def recover(self) -> None:
+        """Before the loop: what a crash left ``sending`` is sent again (at-least-once)."""
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.callback_state == "sending").values(callback_state="pending"))
             await s.execute(update(Job).where(Job.email_state == "sending").values(email_state="pending"))
+
+    async def run(self) -> None:
         try:
             while True:
                 self._wake.clear()

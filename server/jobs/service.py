@@ -331,12 +331,14 @@ class JobService:
     # ---- waiting (callers and tests) ---------------------------------------------------------
 
     async def job_finished(self, job_id: str, timeout: float | None = None) -> None:
-        """Return once ``job_id`` has reached an end state; TimeoutError after ``timeout`` s."""
-        await self._wait(lambda st: st is not None and st[0] in FINISHED, job_id, timeout, "end")
+        """Return once ``job_id`` has reached an end state (or is gone: dropped); TimeoutError
+        after ``timeout`` s."""
+        await self._wait(lambda st: st is None or st[0] in FINISHED, job_id, timeout, "end")
 
     async def notified(self, job_id: str, timeout: float | None = None) -> None:
-        """Return once the job's callback/e-mails have been delivered or given up on."""
-        await self._wait(lambda st: st is not None and st[0] in FINISHED and not {"pending", "sending"} & set(st[1:]),
+        """Return once the job's callback/e-mails have been delivered or given up on (or the job
+        is gone)."""
+        await self._wait(lambda st: st is None or (st[0] in FINISHED and not {"pending", "sending"} & set(st[1:])),
                          job_id, timeout, "notifications")
 
     async def _wait(self, done: Any, job_id: str, timeout: float | None, what: str) -> None:
