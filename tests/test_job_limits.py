@@ -1,0 +1,165 @@
+"""Templates written as an attacker would, against a real server (``filedrop serve`` and its
+workers, subprocesses): each attack ends as an errored row naming its limit (or a 422) in
+bounded time, while another tenant's probe (``/healthz`` and its own job's status, every 50 ms)
+keeps a p99 under 100 ms, and the job goes on with its other rows."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import API_KEY, OTHER_KEY
+from tests.support.jobs import Probe, rows
+from tests.support.server import ServerProcess
+from tests.support.waiting import wait_until
+
+AUTH = {"X-API-Key": API_KEY}
+OTHER = {"X-API-Key": OTHER_KEY}
+FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
+TIMEOUT = 2.0  # FILEDROP_RENDER_TIMEOUT here: a real row takes milliseconds
+
+
+def start(srv: ServerProcess, batch_id: str, template: Any, data: Any, key: dict[str, str] = AUTH,
+          **fields: str) -> requests.Response:
+    files: dict[str, Any] = {"document_file": ("t.json", json.dumps(template), "application/json"),
+                             "data": (None, json.dumps(data))}
+    files.update({k: (None, v) for k, v in fields.items()})
+    return requests.post(f"{srv.url}/api/batch/{batch_id}/start", headers=key, files=files, timeout=60)
+
+
+def get(srv: ServerProcess, path: str, key: dict[str, str] = AUTH) -> Any:
+    r = requests.get(srv.url + path, headers=key, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_end(srv: ServerProcess, batch_id: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    return wait_until(lambda: (s := get(srv, f"/api/batch/{batch_id}/{job_id}/status"))["status"] in FINISHED and s,
+                      timeout=timeout, interval=0.05, what=f"job {job_id} to end")
+
+
+@pytest.fixture
+def attacked(server_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real server with two keys and a short row time limit; the other key has a finished job
+    the probe reads the status of."""
+    srv = server_factory(tmp_path / "srv", api_keys=f"{API_KEY},{OTHER_KEY}", render_timeout=f"{TIMEOUT}s",
+                         workers="2")
+    r = start(srv, "bystander", {"body": "<p>{{ data.n }}</p>"}, rows(3), key=OTHER)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    wait_until(lambda: get(srv, f"/api/batch/bystander/{job['job_id']}/status", OTHER)["status"] == "Completed",
+               timeout=60, what="the bystander's job")
+    return srv, Probe(srv.url, OTHER_KEY, "bystander", job["job_id"])
+
+
+def attack(srv: ServerProcess, probe: Probe, batch_id: str, template: Any, data: Any, *, within: float,
+           **fields: str) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """Start the attack with the probe running; (final status, result rows, seconds to the end)."""
+    with probe:
+        t0 = time.monotonic()
+        r = start(srv, batch_id, template, data, **fields)
+        assert r.status_code == 202, r.text
+        done = wait_end(srv, batch_id, r.json()["job_id"], timeout=within + 30)
+        took = time.monotonic() - t0
+    probe.check()
+    result = get(srv, f"/api/batch/{batch_id}/{done['job_id']}/result")["rows"]
+    assert took < within, f"the attack took {took:.1f} s to end (bound {within} s)"
+    return done, result, took
+
+
+def published(srv: ServerProcess, batch_id: str) -> list[str]:
+    d = Path(srv.env["FILEDROP_DATA_DIR"]) / "smartlinks" / batch_id
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+@pytest.mark.slow
+def test_constant_power_is_not_folded_by_the_compiler(attacked) -> None:
+    srv, probe = attacked
+    t0 = time.monotonic()
+    done, result, _ = attack(srv, probe, "pow-const", {"body": "{{ 10**(10**7) }}"}, rows(2), within=30)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 0, 2)
+    assert all(r["error"].startswith("number size limit: 10 ** 10000000 would have about 10,000,001 digits, "
+                                     "over FILEDROP_MAX_NUMBER_DIGITS (4300)") for r in result), result
+    assert time.monotonic() - t0 < 30
+    assert published(srv, "pow-const") == []
+
+
+@pytest.mark.slow
+def test_render_time_power_from_row_data(attacked) -> None:
+    srv, probe = attacked
+    data = [{"reference_id": "big", "suffix": "s" * 16, "data": {"e": 20_000_000}}, *rows(3)]
+    done, result, _ = attack(srv, probe, "pow-data", {"body": "{{ (10 ** data.e) % 7 }}"}, data, within=30)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 3, 1)
+    assert "number size limit: 10 ** 20000000" in result[0]["error"]
+    log = get(srv, f"/api/batch/pow-data/{done['job_id']}/log")["log"]
+    assert any(e["message"].startswith('row 0 (reference_id "big"): number size limit') for e in log)
+
+
+@pytest.mark.slow
+def test_a_row_that_never_ends_is_killed_then_errored_naming_the_limit(attacked) -> None:
+    srv, probe = attacked
+    spin = {"body": "{% if data.spin %}{% for i in range(100000) %}{% for j in range(100000) %}"
+                    "{% endfor %}{% endfor %}{% endif %}x{{ data.n }}"}
+    data = [{"reference_id": "spin", "suffix": "s" * 16, "data": {"spin": True}}, *rows(3)]
+    # Two attempts of TIMEOUT each, a fresh render process after each kill: bounded.
+    done, result, took = attack(srv, probe, "spin", spin, data, within=6 * TIMEOUT + 15)
+    assert took >= 2 * TIMEOUT  # it was given its time, twice
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 3, 1)
+    assert result[0]["error"] == (f"time limit: rendering this row took longer than FILEDROP_RENDER_TIMEOUT "
+                                  f"({TIMEOUT:g} s) (on 2 attempts)")
+    assert published(srv, "spin") == [f"ref{i:06d}.s{i:020d}.html" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_string_repetition_is_refused_before_it_is_made(attacked) -> None:
+    srv, probe = attacked
+    done, result, _ = attack(srv, probe, "repeat", {"body": "{{ 'x' * 300000000 }}"}, rows(2), within=30)
+    assert (done["succeededCount"], done["erroredCount"]) == (0, 2)
+    assert all(r["error"].startswith("page size limit: a str * 300000000 would hold 300,000,000 items, over "
+                                     "FILEDROP_MAX_PAGE_SIZE") for r in result), result
+    assert published(srv, "repeat") == []
+
+
+@pytest.mark.slow
+def test_a_page_over_the_size_limit_is_not_published(attacked) -> None:
+    srv, probe = attacked
+    data = [{"reference_id": "huge", "suffix": "s" * 16, "data": {"w": 11 << 20}}, *rows(1)]
+    done, result, _ = attack(srv, probe, "bigpage", {"body": "{{ 'x' | center(data.w or 1) }}"}, data, within=30)
+    assert (done["succeededCount"], done["erroredCount"]) == (1, 1)
+    assert result[0]["error"].startswith("page size limit: the page is 11,534,")
+    assert "over FILEDROP_MAX_PAGE_SIZE (10,485,760 bytes)" in result[0]["error"]
+    assert published(srv, "bigpage") == ["ref000000.s00000000000000000000.html"]
+
+
+@pytest.mark.slow
+def test_a_row_over_the_memory_limit_is_killed_then_errored_naming_the_limit(attacked) -> None:
+    srv, probe = attacked
+    data = [{"reference_id": "hog", "suffix": "s" * 16, "data": {"w": 600 << 20}}, *rows(2)]
+    done, result, _ = attack(srv, probe, "hog", {"body": "{{ 'x' | center(data.w or 1) }}"}, data, within=40)
+    assert (done["succeededCount"], done["erroredCount"]) == (2, 1)
+    assert result[0]["error"] == ("memory limit: the render process needed more than FILEDROP_RENDER_MEMORY "
+                                  f"({512 << 20:,} bytes) (on 2 attempts)")
+
+
+@pytest.mark.slow
+def test_a_template_that_cannot_compile_within_the_limits_is_refused_at_start(attacked) -> None:
+    # Jinja2 folds a filter on constants while it compiles: 2 x 400 MB, in the checker process.
+    srv, probe = attacked
+    bomb = {"body": "{{ 'x' | center(400000000) ~ 'y' | center(400000000) }}"}
+    with probe:
+        r = start(srv, "bomb", bomb, rows(1))
+        slow = {"body": "{% for i in range(10) %}" * 40 + "{{ i }}" + "{% endfor %}" * 40}
+        r2 = start(srv, "slow-compile", slow, rows(1))
+    probe.check()
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == "document_file" and "cannot be compiled within FILEDROP_RENDER_MEMORY" in body["message"]
+    assert r2.status_code in (202, 422), r2.text  # compiles, or is refused naming a limit
+    if r2.status_code == 422:
+        assert "FILEDROP_RENDER_" in r2.json()["message"]
+    assert get(srv, "/api/batch/bomb/jobs") == {"batch_id": "bomb", "jobs": []}
