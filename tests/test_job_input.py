@@ -10,7 +10,16 @@ import aiohttp
 import pytest
 
 from tests.conftest import OTHER_KEY
-from tests.support.jobs import AUTH, SEED_ROWS, SEED_TEMPLATE, get_json, rows, start, start_ok, wait_job
+from tests.support.jobs import (
+    AUTH,
+    SEED_ROWS,
+    SEED_TEMPLATE,
+    get_json,
+    rows,
+    start,
+    start_ok,
+    wait_job,
+)
 from tests.support.uploads import assert_error
 from tests.test_job_validation import assert_nothing_created
 

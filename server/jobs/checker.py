@@ -45,13 +45,16 @@ class TemplateChecker:
                 raise
             except TimeoutError:
                 await self._drop()
-                raise TemplateInvalid(f"cannot be compiled within FILEDROP_RENDER_TIMEOUT ({t:g} s)") from None
+                raise TemplateInvalid(f"cannot be compiled within the limits: compiling took longer than "
+                                      f"FILEDROP_RENDER_TIMEOUT ({t:g} s)") from None
             except ChildGone as e:
                 await self._drop()
-                raise TemplateInvalid(f"cannot be compiled within FILEDROP_RENDER_MEMORY "
-                                      f"({self.settings.render_memory:,} bytes; exit status {e.returncode})") from None
-            if header.get("status") == "limit":
+                raise TemplateInvalid(f"cannot be compiled within the limits: the render process died (exit "
+                                      f"status {e.returncode}; FILEDROP_RENDER_MEMORY is "
+                                      f"{self.settings.render_memory:,} bytes)") from None
+            if header.get("status") == "limit":  # it said so, and exits
                 await self._drop()
+                raise TemplateInvalid(f"cannot be compiled within the limits: {header.get('error')}")
             if not header.get("ok"):
                 raise TemplateInvalid(str(header.get("error")))
 

@@ -138,7 +138,8 @@ class RowRunner:
                 if self.buf.due():
                     await self._flush()
                 deadline = time.monotonic() + self.timeout
-                continue
+                if status != "limit":
+                    continue
             # The process was killed or died: the rest of the claim goes to a fresh one.
             if queue:
                 child = await self._send(queue)
