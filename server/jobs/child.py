@@ -11,7 +11,8 @@ process exits: its heap may be in pieces, a fresh one takes over.
 
 Messages in (``op``): ``config`` (first, once), ``check`` (compile a master smartlink),
 ``job`` (compile one and keep it), ``assets`` (what the job's asset keys resolved to), ``rows``
-(render; one answer per row, in order, each sent at once so the parent sees progress per row).
+(render; one answer per row, in order, sent in groups at least every ``FLUSH_SECONDS`` while rows
+complete; the row at hand is always in shared memory, see ``Child.progress``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import resource
 import signal
+import struct
 import sys
+import time
 from collections import OrderedDict
 from typing import Any, BinaryIO
 
@@ -34,6 +38,10 @@ from server.jobs.wire import encode, read_sync
 NICE = 10  # render processes yield the CPU to the API and the workers' bookkeeping
 MAX_MESSAGE = 1 << 30  # a claim's rows carry their data: up to FILEDROP_MAX_DATA_SIZE together
 MEMORY_EXIT = 3
+PROGRESS = struct.Struct("<qq")  # (sequence, row index): see Child.progress
+FLUSH_ROWS = 100  # answers are sent in groups of at most this many rows...
+FLUSH_BYTES = 4 << 20  # ...or bytes of pages...
+FLUSH_SECONDS = 0.1  # ...and at least this often while rows complete
 
 
 def _die_with_parent(parent: int) -> None:
@@ -64,6 +72,15 @@ def _cut(text: str, n: int = 2000) -> str:
 class Child:
     def __init__(self, config: dict[str, Any], out: BinaryIO) -> None:
         self.out = out
+        # (sequence, row index) of the row being rendered, in memory the parent maps too: when it
+        # kills this process for a limit it knows which row was at fault, though answers are
+        # sent in groups.
+        self.progress = mmap.mmap(int(config["progress_fd"]), PROGRESS.size)
+        self.seq = 0
+        self.answers: list[dict[str, Any]] = []
+        self.pages: list[bytes] = []
+        self.pending = 0
+        self.flushed = time.monotonic()
         self.memory = int(config["memory"])
         self.env = LimitedEnvironment(int(config["max_digits"]), int(config["max_page_size"]))
         self.max_page_size = int(config["max_page_size"])
@@ -113,27 +130,45 @@ class Child:
             r = self.jobs[msg["job_id"]]
             for idx, ref, suffix, pdf, data in msg["rows"]:
                 self.row(r, idx, ref, suffix, pdf, data)
+            self.flush()
         else:
             raise SystemExit(f"render process: unknown message {op!r}")
 
     def row(self, r: Renderer, idx: int, ref: str, suffix: str, pdf: str | None, data: str) -> None:
+        self.seq += 1
+        PROGRESS.pack_into(self.progress, 0, self.seq, idx)  # before the row: whom a kill was for
         try:
             out = r.render(idx, ref, suffix, pdf, data)
         except MemoryError:
             out = None
         except (RowFailed, LimitHit) as e:
-            self.send({"idx": idx, "status": "error", "error": _cut(str(e))})
-            return
+            out = e
         except Exception as e:  # a template that fails on this row's data
-            self.send({"idx": idx, "status": "error", "error": _cut(f"render failed: {e.__class__.__name__}: {e}")})
-            return
+            out = RowFailed(f"render failed: {e.__class__.__name__}: {e}")
         if out is None:
-            self.send({"idx": idx, "status": "limit", "limit": "memory", "error": self.memory_message()})
+            self.flush()
+            self.send({"answers": [{"idx": idx, "status": "limit", "error": self.memory_message()}]})
             sys.exit(MEMORY_EXIT)
         if isinstance(out, Page):
-            self.send({"idx": idx, "status": "done", "extra": [list(x) for x in out.extra]}, (out.html,))
+            self.answers.append({"idx": idx, "status": "done", "size": len(out.html),
+                                 "extra": [list(x) for x in out.extra]})
+            self.pages.append(out.html)
+            self.pending += len(out.html)
+        elif isinstance(out, Exception):
+            self.answers.append({"idx": idx, "status": "error", "error": _cut(str(out))})
         else:
-            self.send({"idx": idx, "status": "need", "needs": out})
+            self.answers.append({"idx": idx, "status": "need", "needs": out})
+        if len(self.answers) >= FLUSH_ROWS or self.pending >= FLUSH_BYTES or \
+                time.monotonic() - self.flushed >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the answers so far in one message (pages in one blob): per-row messages cost
+        the parent more than rendering. Sent at least every FLUSH_SECONDS while rows complete."""
+        if self.answers:
+            self.send({"answers": self.answers}, (b"".join(self.pages),))
+            self.answers, self.pages, self.pending = [], [], 0
+        self.flushed = time.monotonic()
 
 
 def main() -> int:
@@ -159,7 +194,8 @@ def main() -> int:
         except MemoryError:
             # Compiling (or reading a message) went over the limit: say so if we still can.
             try:
-                child.send({"ok": False, "status": "limit", "limit": "memory", "error": child.memory_message()})
+                child.flush()
+                child.send({"ok": False, "status": "limit", "error": child.memory_message()})
             finally:
                 os._exit(MEMORY_EXIT)
 

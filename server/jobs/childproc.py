@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
+import struct
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -19,7 +21,8 @@ from server.jobs.wire import WireError, encode, read_async
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: `python -m server.jobs.child` runs from it
 READ_AHEAD = 8 << 20  # bytes of answers buffered while the parent publishes: the child keeps rendering
-ANSWERS = 16  # answers queued before the reading stops
+ANSWERS = 16  # answer messages queued before the reading stops
+PROGRESS = struct.Struct("<qq")  # as server.jobs.child writes it
 START_TIMEOUT = 30.0
 JOBS_KEPT = 4  # compiled templates a render process keeps (a worker moves between running jobs)  # a loaded machine may take seconds to start Python
 
@@ -33,8 +36,9 @@ class ChildGone(Exception):
 
 
 class RenderProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, settings: Settings) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, settings: Settings, progress: mmap.mmap) -> None:
         self.proc = proc
+        self._progress = progress
         self.max_blob = settings.max_page_size
         self.pid = proc.pid
         # Jobs whose template this child has compiled (it keeps the JOBS_KEPT last used, like
@@ -62,12 +66,19 @@ class RenderProcess:
 
     @classmethod
     async def start(cls, settings: Settings) -> RenderProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.jobs.child", cwd=ROOT, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, limit=READ_AHEAD)
-        child = cls(proc, settings)
+        # The child writes (sequence, row index) here before each row (PROGRESS).
+        fd = os.memfd_create("filedrop-render-progress")
         try:
-            await child.send({"op": "config", "parent": os.getpid(), "memory": settings.render_memory,
+            os.ftruncate(fd, PROGRESS.size)
+            progress = mmap.mmap(fd, PROGRESS.size)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.jobs.child", cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, limit=READ_AHEAD, pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        child = cls(proc, settings, progress)
+        try:
+            await child.send({"op": "config", "parent": os.getpid(), "progress_fd": fd, "memory": settings.render_memory,
                               "max_digits": settings.max_number_digits, "max_page_size": settings.max_page_size,
                               "asset_memory": settings.job_asset_memory, "jobs_kept": JOBS_KEPT})
             ready = await child.recv(START_TIMEOUT)
@@ -77,6 +88,11 @@ class RenderProcess:
             await child.close()
             raise
         return child
+
+    def progress(self) -> tuple[int, int]:
+        """(sequence, index) of the row the child started last: the sequence moves with each row."""
+        seq, idx = PROGRESS.unpack_from(self._progress, 0)
+        return seq, idx
 
     def knows(self, job_id: str) -> bool:
         if job_id in self._jobs:
@@ -134,6 +150,8 @@ class RenderProcess:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         code = await self._reap()
+        with contextlib.suppress(BufferError):
+            self._progress.close()
         self._reader.cancel()  # it may wait to queue answers nobody will read
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader

@@ -25,7 +25,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.jobs import control, queries
 from server.jobs.childproc import ChildGone, RenderProcess
@@ -97,54 +97,86 @@ class RowRunner:
             await self._stopped(e.why)
 
     async def _pass(self, rows: list[Claimed]) -> list[tuple[Claimed, list[str]]]:
+        """Send the rows to the render process and take its answers (in groups, in order) until
+        each row has one. The time limit runs per row: the child marks each row it starts in
+        shared memory, so a row that outlives the limit is known even when the rows before it
+        were not answered yet (those go to the fresh process, innocent)."""
         queue = deque(rows)
         needs: list[tuple[Claimed, list[str]]] = []
         child = await self._send(queue)
+        seen = sent = child.progress()
         deadline = time.monotonic() + self.timeout
         next_check = time.monotonic() + CHECK
         while queue:
-            now = time.monotonic()
-            if now >= next_check:
+            if time.monotonic() >= next_check:
                 await self._check()
                 next_check = time.monotonic() + CHECK
             try:
                 header, blobs = await child.recv(max(0.0, min(deadline, next_check) - time.monotonic()))
             except TimeoutError:
+                now_at = child.progress()
+                if now_at != seen:  # the child moved on to another row: its time starts now
+                    seen, deadline = now_at, time.monotonic() + self.timeout
+                    continue
                 if time.monotonic() < deadline:
                     continue
                 await self.w.drop_child()
-                self._killed(queue.popleft(), f"time limit: rendering this row took longer than "
+                self._blame(queue, now_at, sent, f"time limit: rendering this row took longer than "
                                               f"FILEDROP_RENDER_TIMEOUT ({self.timeout:g} s)")
             except ChildGone as e:
+                at = child.progress()
                 await self.w.drop_child()
-                self._killed(queue.popleft(), f"the render process died while rendering this row "
-                                              f"(exit status {e.returncode})")
+                self._blame(queue, at, sent, f"the render process died while rendering this row "
+                                       f"(exit status {e.returncode})")
             else:
-                row = queue.popleft()
-                if header.get("idx") != row.idx:  # not the protocol: trust nothing it says
-                    await self.w.drop_child()
-                    raise RuntimeError(f"render process answered {header.get('idx')!r} for row {row.idx}")
-                status = header.get("status")
-                if status == "done":
-                    self.buf.pages.append((row, blobs[0], header.get("extra") or []))
-                    self.buf.size += len(blobs[0])
-                elif status == "need":
-                    needs.append((row, list(header.get("needs") or [])))
-                elif status == "limit":  # it exits after saying so
-                    await self.w.drop_child()
-                    self._killed(row, str(header.get("error")))
-                else:
-                    self.buf.out.errors.append((row.idx, row.reference_id, str(header.get("error"))))
+                died = self._answers(queue, header, blobs[0] if blobs else b"", needs)
                 if self.buf.due():
                     await self._flush()
-                deadline = time.monotonic() + self.timeout
-                if status != "limit":
+                seen, deadline = child.progress(), time.monotonic() + self.timeout
+                if not died:
                     continue
+                await self.w.drop_child()  # it said it went over the memory limit, and exits
             # The process was killed or died: the rest of the claim goes to a fresh one.
             if queue:
                 child = await self._send(queue)
+                seen = sent = child.progress()
                 deadline = time.monotonic() + self.timeout
         return needs
+
+    def _answers(self, queue: deque[Claimed], header: dict[str, Any], blob: bytes,
+                 needs: list[tuple[Claimed, list[str]]]) -> bool:
+        """Take a group of answers; True if the last says the process went over its memory."""
+        at = 0
+        for a in header.get("answers") or []:
+            row = queue.popleft() if queue else None
+            if row is None or a.get("idx") != row.idx:  # not the protocol: trust nothing it says
+                raise RuntimeError(f"render process answered {a.get('idx')!r} for row {row and row.idx}")
+            status = a.get("status")
+            if status == "done":
+                size = int(a.get("size") or 0)
+                page, at = blob[at:at + size], at + size
+                self.buf.pages.append((row, page, a.get("extra") or []))
+                self.buf.size += size
+            elif status == "need":
+                needs.append((row, list(a.get("needs") or [])))
+            elif status == "limit":
+                self._killed(row, str(a.get("error")))
+                return True
+            else:
+                self.buf.out.errors.append((row.idx, row.reference_id, str(a.get("error"))))
+        return False
+
+    def _blame(self, queue: deque[Claimed], at: tuple[int, int], sent: tuple[int, int], why: str) -> None:
+        """The process was killed (or died) at row ``at`` (its progress mark; ``sent``: the mark
+        when these rows were sent): that row was killed by a limit; rows before it finished but
+        their answers were lost with the process: they stay in the queue for a fresh one."""
+        if at[0] > sent[0]:
+            for i, row in enumerate(queue):
+                if row.idx == at[1]:
+                    del queue[i]
+                    self._killed(row, why)
+                    return
+        self._killed(queue.popleft(), why)  # it went before it started one of these
 
     async def _send(self, queue: deque[Claimed]) -> RenderProcess:
         child = await self.w.child_for(self.job)
