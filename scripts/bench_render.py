@@ -9,9 +9,10 @@ while a big job runs.
    from the start request to the status that says Completed, and the status calls' latencies.
 3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
 
-The bare loop runs just before and just after the server (the machine is shared, so the
-baseline drifts); their mean is the baseline. Floors: filedrop/bare ratio >= 0.8, status p99
-<= 50 ms. Exit status 1 if a floor is missed.
+The machine is shared and its disk's speed swings several-fold within minutes, so the 10k job
+runs ``--reps`` times (default 3), each between two bare loops; each job's ratio is against the
+mean of the two around it, and the floor applies to the median ratio. Floors: filedrop/bare
+ratio >= 0.8, status p99 <= 50 ms (over every status call). Exit status 1 if a floor is missed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,9 +161,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bare loop, the server (the 10k job, then the `original` job), bare loop again."""
-    # The machine is shared: the bare loop runs right before and right after, and the mean is used.
-    bare_before = bare_loop(rows, work / "bare-1")
+    """``reps`` times: bare loop, the server's 10k job, bare loop; then the `original` job."""
     srv = Server(work / "var", args.workers)
     await srv.start()
     pdf = b"%PDF-1.4\n" + os.urandom(200 * 1024)
@@ -179,15 +179,26 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
     await runner.setup()
     asset_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", asset_port).start()
+    reps: list[dict[str, Any]] = []
     try:
         async with aiohttp.ClientSession() as s:
             # Workers start with the server's first job: warm them up, as a running server has them.
             wsecs, warm, _ = await run_job(s, srv.url, "bench-warm-up", TEMPLATE, make_rows(20), "smallest")
             if warm["status"] != "Completed":
                 raise SystemExit(f"warm-up job ended {warm}")
-            secs, final, lat = await run_job(s, srv.url, "bench-smallest", TEMPLATE, rows, "smallest")
-            if final["status"] != "Completed" or final["succeededCount"] != args.rows:
-                raise SystemExit(f"10k job ended {final}")
+            for rep in range(args.reps):
+                # The machine is shared (the disk above all): the bare loop runs right before and
+                # right after each job, and the ratio is taken against their mean.
+                before = bare_loop(rows, work / f"bare-{rep}-1")
+                secs, final, lat = await run_job(s, srv.url, f"bench-smallest-{rep}", TEMPLATE, rows, "smallest")
+                if final["status"] != "Completed" or final["succeededCount"] != args.rows:
+                    raise SystemExit(f"10k job ended {final}")
+                after = bare_loop(rows, work / f"bare-{rep}-2")
+                for d in (work / f"bare-{rep}-1", work / f"bare-{rep}-2"):
+                    shutil.rmtree(d)
+                bare_rps = args.rows / ((before + after) / 2)
+                reps.append({"bare_rps": bare_rps, "rps": args.rows / secs, "secs": secs, "lat": lat,
+                             "accepted": final["_accepted_s"], "ratio": args.rows / secs / bare_rps})
             local = f"http://127.0.0.1:{asset_port}"
             orig_t = {**TEMPLATE, "pdf": f"{local}/doc.pdf", "styles": [{"href": f"{local}/s.css"}],
                       "scripts": [{"src": f"{local}/viewer.js"}, *TEMPLATE["scripts"][1:]]}
@@ -198,11 +209,9 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
     finally:
         await runner.cleanup()
         srv.stop()
-    bare_s = (bare_before + bare_loop(rows, work / "bare-2")) / 2
     sample = next((work / "var" / "smartlinks" / "bench-original").iterdir()).stat().st_size
-    return {"bare_rps": args.rows / bare_s, "rps": args.rows / secs, "secs": secs, "accepted": final["_accepted_s"],
-            "lat": lat, "orps": args.original_rows / osecs, "osecs": osecs, "page_kb": sample / 1024, "hits": hits,
-            "warm": wsecs}
+    return {"reps": reps, "orps": args.original_rows / osecs, "osecs": osecs, "page_kb": sample / 1024,
+            "hits": hits, "warm": wsecs}
 
 
 async def bench(args: argparse.Namespace) -> int:
@@ -211,20 +220,26 @@ async def bench(args: argparse.Namespace) -> int:
         r = await run(args, work, make_rows(args.rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    reps = r["reps"]
     print(f"render bench: {os.cpu_count()} cores, FILEDROP_WORKERS={args.workers or 'default (4)'}, "
-          f"python {sys.version.split()[0]}; the ratio is against the mean of bare loops run just before and "
-          f"after the server; workers warmed up by a 20-row job first ({r['warm']:.2f} s, their start included)\n")
+          f"python {sys.version.split()[0]}; {len(reps)} reps of bare loop, job, bare loop, each job's ratio "
+          f"against the mean of the bare loops around it; workers warmed up by a 20-row job first "
+          f"({r['warm']:.2f} s, their start included)\n")
     print("| measurement | value | floor |")
     print("| --- | --- | --- |")
-    lat = r["lat"]
-    ratio, p99 = r["rps"] / r["bare_rps"], pct(lat, 99)
+    for i, rep in enumerate(reps, 1):
+        lat = rep["lat"]
+        print(f"| rep {i}: bare loop (plain Jinja2 + open(), one process), mean of the 2 around the job | "
+              f"{rep['bare_rps']:,.0f} rows/s | |")
+        print(f"| rep {i}: filedrop {args.rows:,} rows `smallest`, start -> Completed | {rep['rps']:,.0f} rows/s "
+              f"({rep['secs']:.2f} s; start answered in {rep['accepted']:.2f} s; ratio {rep['ratio']:.2f}; status "
+              f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms) | |")
+    ratio = statistics.median(rep["ratio"] for rep in reps)
+    lat = [x for rep in reps for x in rep["lat"]]
+    p99 = pct(lat, 99)
     ok_ratio, ok_p99 = ratio >= 0.8, p99 <= 0.050
-    print(f"| bare loop (plain Jinja2 + open(), one process), {args.rows:,} rows, mean of 2 "
-          f"| {r['bare_rps']:,.0f} rows/s | |")
-    print(f"| filedrop {args.rows:,} rows `smallest`, start -> Completed | {r['rps']:,.0f} rows/s "
-          f"({r['secs']:.2f} s; start answered in {r['accepted']:.2f} s) | |")
-    print(f"| ratio filedrop / bare loop | {ratio:.2f} | >= 0.8 {'ok' if ok_ratio else 'MISSED'} |")
-    print(f"| status calls during the {args.rows:,}-row job ({len(lat)} calls) | "
+    print(f"| ratio filedrop / bare loop, median of {len(reps)} | {ratio:.2f} | >= 0.8 {'ok' if ok_ratio else 'MISSED'} |")
+    print(f"| status calls during the {args.rows:,}-row jobs ({len(lat)} calls) | "
           f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms "
           f"| p99 <= 50 ms {'ok' if ok_p99 else 'MISSED'} |")
     h = r["hits"]
@@ -239,4 +254,5 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rows", type=int, default=10_000)
     p.add_argument("--original-rows", type=int, default=1_000)
     p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server (default 4)")
+    p.add_argument("--reps", type=int, default=3, help="bare loop / job / bare loop alternations (median ratio)")
     return asyncio.run(bench(p.parse_args(argv)))

@@ -17,8 +17,8 @@ fsync costs 0.2-1 ms, which alone would be slower than the whole render of a row
 
 from __future__ import annotations
 
+import itertools
 import os
-import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +38,13 @@ class Item:
     source: str | None = None
 
 
+_serial = itertools.count()
+
+
 def temp_name(name: str, tag: str) -> str:
-    return f".{name}.{tag}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    """Unique without a random draw per file: ``tag`` is unique per worker, the serial per
+    process (a worker has one publishing thread at a time, and ``next`` is atomic anyway)."""
+    return f".{name}.{tag}.{next(_serial)}{TMP_SUFFIX}"
 
 
 def publish_batch(directory: Path, items: Sequence[Item], tag: str = "w") -> dict[str, str]:
