@@ -676,8 +676,9 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
     size = await asyncio.to_thread(_du, d)
     item = Item("drop-smartlinks", batch_id, size, f"{njobs} job(s)"
                 + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
-    gone = await asyncio.to_thread(_rename_away, settings.smartlink_root, batch_id)
+    gone = None
     try:
+        gone = await asyncio.to_thread(_rename_away, settings.smartlink_root, batch_id)
         if gone is None:
             pass
         elif progress is None:
@@ -685,9 +686,9 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
         else:
             total = await asyncio.to_thread(_count_files, gone)
             await asyncio.to_thread(_remove_counted, gone, lambda n: progress(n, total, item))
-    except OSError as e:  # unpublished already (renamed away); the next cleanup removes the rest
+    except OSError as e:  # renamed away already, the next cleanup removes the rest; or not even that
         item.result = f"error: {e.__class__.__name__}: {e.strerror or e}"
-        log.error("dropped smartlink batch %s, but could not remove %s: %s", batch_id, gone, e)
+        log.error("dropped smartlink batch %s, but could not remove %s: %s", batch_id, gone or d, e)
         return item
     log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, size, item.detail)
     return item

@@ -13,8 +13,8 @@ import requests
 from server.config import Settings
 from tests.support.disk_state import run_cli, table
 from tests.support.jobs import rows
+from tests.support.live import AUTH, get, start
 from tests.support.waiting import wait_until
-from tests.test_job_limits import AUTH, get, start
 from tests.test_job_workers import SLOW, db, workers
 
 

@@ -5,81 +5,33 @@ keeps a p99 under 100 ms, and the job goes on with its other rows."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-import requests
 
-from tests.conftest import API_KEY, OTHER_KEY
-from tests.support.jobs import Probe, rows
-from tests.support.server import ServerProcess
+from tests.support.jobs import rows
+from tests.support.live import (
+    FINISHED,
+    OTHER,
+    attack,
+    get,
+    published,
+    server_with_bystander,
+    start,
+    wait_end,
+)
 from tests.support.waiting import free_port, wait_until
 
-AUTH = {"X-API-Key": API_KEY}
-OTHER = {"X-API-Key": OTHER_KEY}
-FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
 TIMEOUT = 2.0  # FILEDROP_RENDER_TIMEOUT here: a real row takes milliseconds
-
-
-def start(srv: ServerProcess, batch_id: str, template: Any, data: Any, key: dict[str, str] = AUTH,
-          **fields: str) -> requests.Response:
-    files: dict[str, Any] = {"document_file": ("t.json", json.dumps(template), "application/json"),
-                             "data": (None, json.dumps(data))}
-    files.update({k: (None, v) for k, v in fields.items()})
-    return requests.post(f"{srv.url}/api/batch/{batch_id}/start", headers=key, files=files, timeout=60)
-
-
-def get(srv: ServerProcess, path: str, key: dict[str, str] = AUTH) -> Any:
-    r = requests.get(srv.url + path, headers=key, timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def wait_end(srv: ServerProcess, batch_id: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    return wait_until(lambda: (s := get(srv, f"/api/batch/{batch_id}/{job_id}/status"))["status"] in FINISHED and s,
-                      timeout=timeout, interval=0.05, what=f"job {job_id} to end")
 
 
 @pytest.fixture
 def attacked(server_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real server with two keys and a short row time limit; the other key has a finished job
-    the probe reads the status of."""
-    srv = server_factory(tmp_path / "srv", api_keys=f"{API_KEY},{OTHER_KEY}", render_timeout=f"{TIMEOUT}s",
-                         workers="2")
-    r = start(srv, "bystander", {"body": "<p>{{ data.n }}</p>"}, rows(3), key=OTHER)
-    assert r.status_code == 202, r.text
-    job = r.json()
-    wait_until(lambda: get(srv, f"/api/batch/bystander/{job['job_id']}/status", OTHER)["status"] == "Completed",
-               timeout=60, what="the bystander's job")
-    return srv, Probe(srv.url, OTHER_KEY, "bystander", job["job_id"])
-
-
-def attack(srv: ServerProcess, probe: Probe, batch_id: str, template: Any, data: Any, *, within: float,
-           **fields: str) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """Start the attack with the probe running; (final status, result rows, seconds to the end)."""
-    with probe:
-        t0 = time.monotonic()
-        r = start(srv, batch_id, template, data, **fields)
-        assert r.status_code == 202, r.text
-        done = wait_end(srv, batch_id, r.json()["job_id"], timeout=within + 30)
-        took = time.monotonic() - t0
-        # The probe covers the whole attack, and at least a second (20 calls) however fast it ended.
-        wait_until(lambda: len(probe.latencies) >= 20, timeout=30, what="20 probe calls")
-    probe.check()
-    result = get(srv, f"/api/batch/{batch_id}/{done['job_id']}/result")["rows"]
-    assert took < within, f"the attack took {took:.1f} s to end (bound {within} s)"
-    return done, result, took
-
-
-def published(srv: ServerProcess, batch_id: str) -> list[str]:
-    d = Path(srv.env["FILEDROP_DATA_DIR"]) / "smartlinks" / batch_id
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    return server_with_bystander(server_factory, tmp_path, TIMEOUT)
 
 
 @pytest.mark.slow
@@ -118,6 +70,26 @@ def test_a_row_that_never_ends_is_killed_then_errored_naming_the_limit(attacked)
     assert result[0]["error"] == (f"time limit: rendering this row took longer than FILEDROP_RENDER_TIMEOUT "
                                   f"({TIMEOUT:g} s) (on 2 attempts)")
     assert published(srv, "spin") == [f"ref{i:06d}.s{i:020d}.html" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_rows_that_never_end_do_not_take_every_worker_for_long(attacked) -> None:
+    # More never-ending jobs than workers (2 here), then another tenant's job: each spinning row
+    # holds a worker at most FILEDROP_RENDER_TIMEOUT, and workers take running jobs in turn.
+    srv, probe = attacked
+    spin = {"body": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"}
+    with probe:
+        spinning = [start(srv, f"spin{k}", spin, rows(1)).json()["job_id"] for k in range(3)]
+        t0 = time.monotonic()
+        r = start(srv, "latecomer", {"body": "<p>{{ data.n }}</p>"}, rows(3), key=OTHER)
+        assert r.status_code == 202, r.text
+        late = wait_until(lambda: (s := get(srv, f"/api/batch/latecomer/{r.json()['job_id']}/status", OTHER))
+                          ["status"] in FINISHED and s, timeout=60, interval=0.05, what="the latecomer's job")
+        took = time.monotonic() - t0
+        ends = [wait_end(srv, f"spin{k}", jid, timeout=60) for k, jid in enumerate(spinning)]
+    probe.check()
+    assert late["status"] == "Completed" and took < 3 * TIMEOUT + 10, (late, took)
+    assert [(e["status"], e["erroredCount"]) for e in ends] == [("Completed with errors", 1)] * 3
 
 
 @pytest.mark.slow

@@ -155,11 +155,12 @@ async def test_generated_suffixes_and_json_lines(client, settings) -> None:
 async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None:
     data = [*rows(3), {"reference_id": "../etc", "data": {}}, {"reference_id": "ok", "suffix": "short"},
             {"reference_id": "ref000001", "suffix": "s00000000000000000001", "data": {}},  # duplicate
-            {"reference_id": "p", "pdf": "file:///etc/passwd"}, "not an object"]
+            {"reference_id": "p", "pdf": "file:///etc/passwd"}, "not an object",
+            {"reference_id": 'x"\n\x1b[31m' + "y" * 300}]  # a log line must not carry it raw
     job = await start_ok(client, "badrows", {"body": "x"}, data)
     done = await wait_job(client, "badrows", job["job_id"])
     assert done["status"] == "Completed with errors"
-    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (3, 5, 8)
+    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (3, 6, 9)
     result = (await get_json(client, f"/api/batch/badrows/{job['job_id']}/result"))["rows"]
     errors = [r["error"] for r in result if r["status"] == "errored"]
     assert any("reference_id" in e for e in errors) and any("duplicate" in e for e in errors)
@@ -170,6 +171,9 @@ async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None
     assert any(e["level"] == "error" and 'row 5 (reference_id "ref000001"): duplicate' in e["message"] for e in log)
     assert any('row 3 (reference_id "../etc"): reference_id must be' in e["message"] for e in log)
     assert any("row 7 (no reference_id): a row must be a JSON object" in e["message"] for e in log)
+    ref8 = next(e["message"] for e in log if e["message"].startswith("row 8 "))
+    assert ref8 == 'row 8 (reference_id "x\\"\\n\\u001b[31m' + "y" * 120 + '"): reference_id must be 1-128 of A-Z a-z 0-9 _ -'
+    assert "\x1b" not in ref8 and "\n" not in ref8
 
 
 async def test_a_template_cannot_carry_one_rows_data_into_another(client, settings) -> None:

@@ -17,15 +17,28 @@ import pytest
 import requests
 
 from tests.support.jobs import rows
+from tests.support.live import (
+    AUTH,
+    FINISHED,
+    get,
+    published,
+    server_with_bystander,
+    start,
+    wait_end,
+)
 from tests.support.server import ServerProcess
 from tests.support.waiting import wait_until
-from tests.test_job_limits import AUTH, FINISHED, get, published, start, wait_end
 from tests.test_job_resume import alive, descendants
 
 NEVER = {"body": "{% if data.spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
                  "{% endfor %}{% endif %}<p>{{ data.n }}</p>"}
 # About 0.05-0.2 s of sandboxed looping per row (machine-dependent): rows complete one by one.
 SLOW = {"body": "{% for i in range(10) %}{% for j in range(100000) %}{% endfor %}{% endfor %}<p>{{ data.n }}</p>"}
+
+
+@pytest.fixture
+def attacked(server_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return server_with_bystander(server_factory, tmp_path, 10.0)
 
 
 def db(srv: ServerProcess) -> sqlite3.Connection:
@@ -49,15 +62,19 @@ def rendering(srv: ServerProcess, job_id: str, idx: int) -> bool:
 
 
 @pytest.mark.slow
-def test_cancel_of_a_row_that_never_ends_answers_cancelled_within_2s(server_factory) -> None:
-    srv = server_factory(workers="2")
+def test_cancel_of_a_row_that_never_ends_answers_cancelled_within_2s(attacked) -> None:
+    srv, probe = attacked
     data = [{"reference_id": "spin", "suffix": "s" * 16, "data": {"spin": True, "n": 0}}]
-    job = start(srv, "never", NEVER, data).json()
-    wait_until(lambda: rendering(srv, job["job_id"], 0), timeout=60, what="the row to be rendering")
-    procs = descendants(srv.proc.pid)
-    t0 = time.monotonic()
-    r = requests.post(f"{srv.url}/api/batch/never/{job['job_id']}/cancel", headers=AUTH, timeout=30)
-    took = time.monotonic() - t0
+    with probe:
+        job = start(srv, "never", NEVER, data).json()
+        wait_until(lambda: rendering(srv, job["job_id"], 0), timeout=60, what="the row to be rendering")
+        assert srv.proc is not None
+        procs = descendants(srv.proc.pid)
+        t0 = time.monotonic()
+        r = requests.post(f"{srv.url}/api/batch/never/{job['job_id']}/cancel", headers=AUTH, timeout=30)
+        took = time.monotonic() - t0
+        wait_until(lambda: len(probe.latencies) >= 20, timeout=30, what="20 probe calls")
+    probe.check()
     body = r.json()
     assert r.status_code == 200 and body["status"] == "Cancelled", body
     assert took < 2.0, f"cancel answered after {took:.2f} s"
