@@ -17,8 +17,6 @@ complete; the row at hand is always in shared memory, see ``Child.progress``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import mmap
 import os
@@ -31,6 +29,7 @@ from collections import OrderedDict
 from typing import Any, BinaryIO
 
 from server.jobs.contract import TemplateInvalid
+from server.jobs.lifeline import die_with_parent
 from server.jobs.render import Asset, AssetReader, Page, Renderer, RowFailed, compile_master
 from server.jobs.sandbox import LimitedEnvironment, LimitHit
 from server.jobs.wire import encode, read_sync
@@ -44,18 +43,8 @@ FLUSH_BYTES = 4 << 20  # ...or bytes of pages...
 FLUSH_SECONDS = 0.1  # ...and at least this often while rows complete
 
 
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before the prctl
-        os._exit(0)
-
-
 def _limit(config: dict[str, Any]) -> None:
-    _die_with_parent(int(config["parent"]))
+    die_with_parent(int(config["parent"]), signal.SIGKILL)
     try:
         os.nice(NICE)
     except OSError:

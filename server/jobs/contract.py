@@ -65,20 +65,12 @@ def template_fields(doc: dict[str, Any]) -> list[tuple[str, str]]:
             raise TemplateInvalid(f"`{where}` must be a string")
         out.append((where, value))
 
-    for i, s in enumerate(_items(doc, "styles")):
-        if isinstance(s.get("href"), str):
-            add(f"styles[{i}].href", s["href"])
-        elif isinstance(s.get("content"), str):
-            add(f"styles[{i}].content", s["content"])
-        else:
-            raise TemplateInvalid(f"`styles[{i}]` needs `href` or `content`")
-    for i, s in enumerate(_items(doc, "scripts")):
-        if isinstance(s.get("src"), str):
-            add(f"scripts[{i}].src", s["src"])
-        elif isinstance(s.get("content"), str):
-            add(f"scripts[{i}].content", s["content"])
-        else:
-            raise TemplateInvalid(f"`scripts[{i}]` needs `src` or `content`")
+    for key, url in (("styles", "href"), ("scripts", "src")):
+        for i, item in enumerate(_items(doc, key)):
+            field = url if isinstance(item.get(url), str) else "content" if isinstance(item.get("content"), str) else None
+            if field is None:
+                raise TemplateInvalid(f"`{key}[{i}]` needs `{url}` or `content`")
+            add(f"{key}[{i}].{field}", item[field])
     for k in ("title", "lang", "body"):
         add(k, doc.get(k))
     add("pdf", doc.get("pdf") or None)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import secrets
@@ -44,6 +42,7 @@ from server.jobs import control, queries
 from server.jobs.assets import Assets, JobRef, UploadFiles
 from server.jobs.childproc import ChildGone, RenderProcess
 from server.jobs.fetch import Fetcher
+from server.jobs.lifeline import die_with_parent
 from server.jobs.render import Asset
 from server.jobs.runner import RowRunner
 from server.jobs.states import RUNNING
@@ -327,17 +326,6 @@ def _make_dir(root: Path, out_dir: Path) -> tuple[bool, str | None]:
 # ---- the process -------------------------------------------------------------------------------
 
 
-def _die_with(parent: int) -> None:
-    """Started by ``filedrop serve``: stop (SIGTERM, so rows are handed back) when it dies."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 async def serve(settings: Settings, worker_id: str | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT (SIGUSR1: look for work now)."""
     from server.uploads.operations import OperationRegistry
@@ -371,8 +359,8 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
 
 
 def main(settings: Settings, worker_id: str | None = None, parent: int | None = None) -> int:
-    if parent is not None:
-        _die_with(parent)
+    if parent is not None:  # started by `filedrop serve`: stop with it (SIGTERM: rows handed back)
+        die_with_parent(parent, signal.SIGTERM)
     with contextlib.suppress(OSError):
         os.nice(NICE)
     asyncio.run(serve(settings, worker_id))
