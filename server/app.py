@@ -71,8 +71,10 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
 async def _mark_stopping(app: web.Application) -> None:
     app[STOPPING]["value"] = True
     if JOBS in app:
-        # Workers start stopping now, while requests drain: SIGTERM ends them within 10 s.
+        # Workers start stopping now, while requests drain, and a template check under way ends
+        # (503): SIGTERM ends the server and its workers within 10 s whatever templates do.
         app[JOBS].pool.signal_stop()
+        app[JOBS].checker.stop_now()
 
 
 @web.middleware

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,28 @@ SLOW = {"body": "{% for i in range(10) %}{% for j in range(100000) %}{% endfor %
 @pytest.fixture
 def attacked(server_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     return server_with_bystander(server_factory, tmp_path, 10.0)
+
+
+def checker_busy(server_pid: int) -> bool:
+    """The server's template checker (its own render process) holds over 100 MB."""
+    from tests.test_job_resume import children
+
+    for pid in children(server_pid):
+        try:
+            if "server.jobs.child" in Path(f"/proc/{pid}/cmdline").read_text():
+                rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+                return int(rss.split()[1]) > 100 << 10
+        except (OSError, StopIteration):
+            continue
+    return False
+
+
+def _try(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except requests.RequestException as e:
+        return e
 
 
 def db(srv: ServerProcess) -> sqlite3.Connection:
@@ -121,13 +144,22 @@ def test_sigterm_stops_the_server_and_its_workers_within_10s(server_factory) -> 
     job = start(srv, "term", NEVER, data).json()
     wait_until(lambda: rendering(srv, job["job_id"], 0) and rendering(srv, job["job_id"], 1), timeout=60,
                what="both rows to be rendering")
-    procs = descendants(srv.proc.pid)
-    assert len(procs) >= 4  # two workers, two render processes
+    # And a start whose template takes seconds to compile (Jinja2 folds 300 MB of constants
+    # into code) is being checked when the signal comes.
+    slow = {"body": "{{ 'x' | center(150000000) ~ 'y' | center(150000000) }}"}
+    checking: dict[str, object] = {}
+    t = threading.Thread(target=lambda: checking.update(r=_try(start, srv, "slowcheck", slow, [])), daemon=True)
+    t.start()
     assert srv.proc is not None
+    wait_until(lambda: checker_busy(srv.proc.pid), timeout=30, what="the checker to be compiling it")
+    procs = descendants(srv.proc.pid)  # two workers, two render processes, the checker
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     srv.proc.wait(timeout=10)
     assert time.monotonic() - t0 < 10
+    t.join(timeout=10)
+    r = checking["r"]
+    assert not isinstance(r, requests.Response) or r.status_code == 503, r  # or the connection closed
     wait_until(lambda: not any(alive(p) for p in procs), timeout=5, what="workers and render processes to exit")
     # The workers handed their rows back (not killed by a limit: no attempt counted).
     assert row_states(srv, job["job_id"]) == {"pending": 2}

@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from server.config import Settings
+from server.errors import ServiceUnavailable
 from server.jobs.childproc import ChildGone, RenderProcess
 from server.jobs.contract import TemplateInvalid
 
@@ -25,12 +26,21 @@ class TemplateChecker:
         self.settings = settings
         self._child: RenderProcess | None = None
         self._lock = asyncio.Lock()
+        self._stopping = False
+
+    def stop_now(self) -> None:
+        """The server is stopping: a check under way ends at once (503), none starts."""
+        self._stopping = True
+        if self._child is not None:
+            self._child.kill()
 
     async def check(self, template: str) -> None:
         """Compile ``template`` (canonical master JSON) in the checker process; raise
         ``TemplateInvalid`` with the reason (a syntax error, or a limit it went over)."""
         t = self.settings.render_timeout
         async with self._lock:
+            if self._stopping:
+                raise ServiceUnavailable("the server is shutting down, retry shortly")
             if self._child is None or not self._child.alive:
                 self._child = await RenderProcess.start(self.settings)
             child = self._child
@@ -49,6 +59,8 @@ class TemplateChecker:
                                       f"FILEDROP_RENDER_TIMEOUT ({t:g} s)") from None
             except ChildGone as e:
                 await self._drop()
+                if self._stopping:
+                    raise ServiceUnavailable("the server is shutting down, retry shortly") from None
                 raise TemplateInvalid(f"cannot be compiled within the limits: the render process died (exit "
                                       f"status {e.returncode}; FILEDROP_RENDER_MEMORY is "
                                       f"{self.settings.render_memory:,} bytes)") from None
