@@ -42,6 +42,7 @@ FLUSH_SECONDS = 0.5  # publish + record at least this often while rows complete 
 FLUSH_ROWS = 500  # ...or after this many rows (one syncfs and one transaction for them all)...
 FLUSH_BYTES = 8 << 20  # ...or this many bytes of pages (bounds the worker's memory)
 ASSET_ROUNDS = 4  # rows needing assets are sent again after each fetch round
+STREAM_SECONDS = 5.0  # a worker keeps claiming more of one job this long, then looks at the others
 MAX_ATTEMPTS = 2  # renders of one row a limit may kill: the first goes back to the queue
 
 
@@ -67,12 +68,18 @@ class _Buffer:
 
 
 class RowRunner:
+    """Rows of one job through the render process: the claim it is given, and more claims of the
+    same job while the render process is still busy with the last (so it never waits for the
+    database between claims), for up to ``STREAM_SECONDS``."""
+
     def __init__(self, worker: Worker, job: LoadedJob, rows: list[Claimed]) -> None:
         self.w = worker
         self.job = job
-        self.rows = rows
+        self.rows = list(rows)
         self.buf = _Buffer()
         self.cancel_seen = False
+        self.began = time.monotonic()
+        self.refill = True  # while claiming more of this job may give rows
 
     @property
     def timeout(self) -> float:
@@ -132,6 +139,8 @@ class RowRunner:
                 died = self._answers(queue, header, blobs[0] if blobs else b"", needs)
                 if self.buf.due():
                     await self._flush()
+                if not died and len(queue) < self.job.claim_size // 2:
+                    await self._more(child, queue)
                 seen, deadline = child.progress(), time.monotonic() + self.timeout
                 if not died:
                     continue
@@ -177,6 +186,21 @@ class RowRunner:
                     self._killed(row, why)
                     return
         self._killed(queue.popleft(), why)  # it went before it started one of these
+
+    async def _more(self, child: RenderProcess, queue: deque[Claimed]) -> None:
+        """Claim the next rows of the job before the render process runs out of these."""
+        if not self.refill or time.monotonic() - self.began > STREAM_SECONDS or self.cancel_seen \
+                or self.w.stop_reason() is not None:
+            return
+        self.job.adapt(len(self.rows) - len(queue), time.monotonic() - self.began)
+        more = await queries.claim_rows(self.w.db, self.job.job_id, self.w.id, self.job.claim_size)
+        if not more:
+            self.refill = False
+            return
+        self.rows += more
+        queue.extend(more)
+        await child.send({"op": "rows", "job_id": self.job.job_id,
+                          "rows": [[r.idx, r.reference_id, r.suffix, r.pdf, r.data] for r in more]})
 
     async def _send(self, queue: deque[Claimed]) -> RenderProcess:
         child = await self.w.child_for(self.job)

@@ -102,6 +102,11 @@ class LoadedJob:
     def ref(self) -> JobRef:
         return JobRef(self.job_id, self.owner, self.upload_batch_id)
 
+    def adapt(self, rows: int, seconds: float) -> None:
+        """Claims of about CLAIM_SECONDS of this worker's work, at the pace it just had."""
+        if rows:
+            self.claim_size = max(1, min(CLAIM_MAX, int(rows / max(seconds, 1e-3) * CLAIM_SECONDS)))
+
 
 class Worker:
     def __init__(self, db: Database, settings: Settings, fetcher: Fetcher, files: UploadFiles | None,
@@ -137,6 +142,8 @@ class Worker:
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
         try:
             await self._reap(orphans=True)
+            # Warm before the first rows: a render process takes 0.1-0.3 s to start.
+            self.child = await RenderProcess.start(self.settings)
             while not self.stopping.is_set():
                 if self.lost:
                     await self._rejoin()
@@ -211,13 +218,13 @@ class Worker:
         job = self.jobs.get(job_id) or await self._load(job_id)
         if job is None:
             return False
-        asked = job.claim_size
-        rows = await queries.claim_rows(self.db, job_id, self.id, asked)
+        rows = await queries.claim_rows(self.db, job_id, self.id, job.claim_size)
         if not rows:
             return await control.end(self.db, self.settings, job_id) is not None
         began = time.monotonic()
+        runner = RowRunner(self, job, rows)
         try:
-            await RowRunner(self, job, rows).run()
+            await runner.run()
         except JobUnrenderable as e:
             self.jobs.pop(job_id, None)
             await control.end(self.db, self.settings, job_id, failed=str(e))
@@ -225,15 +232,14 @@ class Worker:
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:
-            log.exception("worker %s: job %s: rows %d-%d handed back", self.id, job_id, rows[0].idx, rows[-1].idx)
+            log.exception("worker %s: job %s: %d claimed rows handed back", self.id, job_id, len(runner.rows))
             await self.drop_child()
             out = queries.Outcome.empty()
-            out.release = [r.idx for r in rows]
+            out.release = [r.idx for r in runner.rows]
             await queries.record(self.db, job_id, self.id, out)
             await asyncio.sleep(IDLE_POLL)  # do not spin on a fault of ours
             return True
-        rate = len(rows) / max(time.monotonic() - began, 1e-3)
-        job.claim_size = max(1, min(CLAIM_MAX, int(rate * CLAIM_SECONDS)))
+        job.adapt(len(runner.rows), time.monotonic() - began)
         if self.stop_reason() is None:  # the job's last rows, or a cancel: end it if nothing is held
             await control.end(self.db, self.settings, job_id)
         return True
