@@ -90,6 +90,14 @@ def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
         yield ids[i:i + BATCH]
 
 
+def _among(ids: Sequence[int]) -> Any:
+    """``idx IN ids``; for a run of consecutive indexes (the usual group of done rows) a range,
+    which spares compiling and binding hundreds of parameters."""
+    if len(ids) > 2 and max(ids) - min(ids) + 1 == len(ids) == len(set(ids)):
+        return ROWS.c.idx.between(min(ids), max(ids))
+    return ROWS.c.idx.in_(ids)
+
+
 # ---- claims ------------------------------------------------------------------------------------
 
 
@@ -131,7 +139,7 @@ async def record(db: Database, job_id: str, worker_id: str, out: Outcome) -> Cou
     n_done = n_errors = 0
     async with db.write() as s:
         for ids in _chunks(out.done):
-            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx.in_(ids))
+            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), _among(ids))
                                   .values(status="done", claimed_by=None))
             n_done += res.rowcount
         logged: list[tuple[str, str]] = []

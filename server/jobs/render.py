@@ -170,6 +170,16 @@ class Renderer:
     reader: AssetReader
     max_page_size: int
     assets: dict[str, Asset] = field(default_factory=dict)
+    _inlined: dict[int, str] = field(default_factory=dict)  # static inline code, escaped once
+
+    def _inline(self, t: Any, ctx: Mapping[str, Any], tag: str) -> str:
+        escape = _inline_js if tag == "script" else _inline_css
+        if isinstance(t, _Static):
+            hit = self._inlined.get(id(t))
+            if hit is None:
+                hit = self._inlined[id(t)] = f"<{tag}>{escape(t.text)}</{tag}>"
+            return hit
+        return f"<{tag}>{escape(t.render(ctx))}</{tag}>"
 
     def _asset(self, key: str, needs: list[str]) -> Asset | None:
         a = self.assets.get(key)
@@ -216,7 +226,7 @@ class Renderer:
         styles: list[str] = []
         for kind, t in c.styles:
             if kind == "content":
-                styles.append(f"<style>{_inline_css(t.render(ctx))}</style>")
+                styles.append(self._inline(t, ctx, "style"))
                 continue
             url = _url_text(t, ctx)
             if self.strategy == "original":
@@ -228,7 +238,7 @@ class Renderer:
         scripts: list[str] = []
         for kind, t, inline in c.scripts:
             if kind == "content":
-                scripts.append(f"<script>{_inline_js(t.render(ctx))}</script>")
+                scripts.append(self._inline(t, ctx, "script"))
                 continue
             url = _url_text(t, ctx)
             if self.strategy == "smallest":
