@@ -4,14 +4,16 @@ while a big job runs.
 1. Bare loop (baseline, this process): the same page template rendered with plain Jinja2 and
    written with plain ``open()``, one file per row.
 2. filedrop: a real ``python -m server serve`` subprocess on a fresh migrated data dir, with
-   its ``FILEDROP_WORKERS`` workers (default 4) already started and warm (a first small job);
+   its ``FILEDROP_WORKERS`` workers (default: one per core) already started and warm (a first small job);
    POST a 10,000-row ``smallest`` job, poll its status back to back until ``Completed``: rows/s
    from the start request to the status that says Completed, and the status calls' latencies.
 3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
 
 The machine is shared and its disk's speed swings several-fold within minutes, so the 10k job
 runs ``--reps`` times (default 3), each between two bare loops; each job's ratio is against the
-mean of the two around it, and the floor applies to the median ratio. Floors: filedrop/bare
+mean of the two around it, and the floor applies to the median ratio. Every part starts from a
+clean disk (``os.sync()``, not timed): the job's own ``syncfs`` would otherwise flush the files
+the bare loop just left dirty. Floors: filedrop/bare
 ratio >= 0.8, status p99 <= 50 ms (over every status call). Exit status 1 if a floor is missed.
 """
 
@@ -189,10 +191,16 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
             for rep in range(args.reps):
                 # The machine is shared (the disk above all): the bare loop runs right before and
                 # right after each job, and the ratio is taken against their mean.
+                # Each part starts from a clean disk (os.sync, untimed): the job makes its files
+                # durable (syncfs), so it would otherwise also flush the 10,000 files the bare
+                # loop just left dirty, and the bare loop never pays for its own.
+                os.sync()
                 before = bare_loop(rows, work / f"bare-{rep}-1")
+                os.sync()
                 secs, final, lat = await run_job(s, srv.url, f"bench-smallest-{rep}", TEMPLATE, rows, "smallest")
                 if final["status"] != "Completed" or final["succeededCount"] != args.rows:
                     raise SystemExit(f"10k job ended {final}")
+                os.sync()
                 after = bare_loop(rows, work / f"bare-{rep}-2")
                 for d in (work / f"bare-{rep}-1", work / f"bare-{rep}-2"):
                     shutil.rmtree(d)
@@ -202,6 +210,7 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
             local = f"http://127.0.0.1:{asset_port}"
             orig_t = {**TEMPLATE, "pdf": f"{local}/doc.pdf", "styles": [{"href": f"{local}/s.css"}],
                       "scripts": [{"src": f"{local}/viewer.js"}, *TEMPLATE["scripts"][1:]]}
+            os.sync()
             osecs, ofinal, _ = await run_job(s, srv.url, "bench-original", orig_t, make_rows(args.original_rows),
                                              "original")
             if ofinal["status"] != "Completed":
@@ -221,7 +230,7 @@ async def bench(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     reps = r["reps"]
-    print(f"render bench: {os.cpu_count()} cores, FILEDROP_WORKERS={args.workers or 'default (4)'}, "
+    print(f"render bench: {os.cpu_count()} cores, FILEDROP_WORKERS={args.workers or f'default ({os.cpu_count()})'}, "
           f"python {sys.version.split()[0]}; {len(reps)} reps of bare loop, job, bare loop, each job's ratio "
           f"against the mean of the bare loops around it; workers warmed up by a 20-row job first "
           f"({r['warm']:.2f} s, their start included)\n")
@@ -253,6 +262,6 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench.py render")
     p.add_argument("--rows", type=int, default=10_000)
     p.add_argument("--original-rows", type=int, default=1_000)
-    p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server (default 4)")
+    p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server (default: its default, one per core)")
     p.add_argument("--reps", type=int, default=3, help="bare loop / job / bare loop alternations (median ratio)")
     return asyncio.run(bench(p.parse_args(argv)))

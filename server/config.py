@@ -67,7 +67,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
-    "workers": ("4", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process."),
+    "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench)."),
     "render_timeout": ("10s", "Wall time one row may take to render (and a template to compile at start). Over: the render process is killed; the row is tried once more, then errors."),
     "render_memory": ("512M", "Address space of each render process (RLIMIT_AS; at least 64M). Over: as for the time limit."),
     "max_page_size": ("10M", "Largest page one row may publish. Over: the row errors."),
@@ -107,7 +107,7 @@ class Settings:
     min_free_disk: int = 256 << 20
     batch_ttl: float = 24 * 3600.0
     smartlink_root: Path | None = None
-    workers: int = 4
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     render_timeout: float = 10.0
     render_memory: int = 512 << 20
     max_page_size: int = 10 << 20
