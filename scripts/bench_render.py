@@ -10,7 +10,7 @@ while a big job runs.
 3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
 
 The machine is shared and its disk's speed swings several-fold within minutes, so the 10k job
-runs ``--reps`` times (default 3), each between two bare loops; each job's ratio is against the
+runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is against the
 mean of the two around it, and the floor applies to the median ratio. Every part starts from a
 clean disk (``os.sync()``, not timed): the job's own ``syncfs`` would otherwise flush the files
 the bare loop just left dirty. Floors: filedrop/bare
@@ -263,5 +263,5 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rows", type=int, default=10_000)
     p.add_argument("--original-rows", type=int, default=1_000)
     p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server (default: its default, one per core)")
-    p.add_argument("--reps", type=int, default=3, help="bare loop / job / bare loop alternations (median ratio)")
+    p.add_argument("--reps", type=int, default=5, help="bare loop / job / bare loop alternations (median ratio)")
     return asyncio.run(bench(p.parse_args(argv)))
