@@ -142,12 +142,20 @@ class Worker:
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
         try:
             await self._reap(orphans=True)
-            # Warm before the first rows: a render process takes 0.1-0.3 s to start.
-            self.child = await RenderProcess.start(self.settings)
+            with contextlib.suppress(ChildGone, OSError):  # else it starts with the first rows
+                # Warm before the first rows: a render process takes 0.1-0.3 s to start.
+                self.child = await RenderProcess.start(self.settings)
             while not self.stopping.is_set():
-                if self.lost:
-                    await self._rejoin()
-                if not await self._round():
+                try:
+                    if self.lost:
+                        await self._rejoin()
+                    busy = await self._round()
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception:  # the database busy past its timeout, say: not a reason to die
+                    log.exception("worker %s: round failed; trying again", self.id)
+                    busy = False
+                if not busy:
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
