@@ -205,3 +205,38 @@ def test_counts_move_per_row_and_the_last_log_line_counts_skipped_rows(server_fa
     assert log[-1]["message"] == (f"Cancelled: {body['succeededCount']} succeeded, 0 errored, {skipped} skipped "
                                   "of 300 (cancelled by request)")
     assert body["status"] in FINISHED
+
+
+@pytest.mark.slow
+def test_a_worker_started_on_its_own_shares_the_work(server_factory) -> None:
+    """`filedrop worker` by hand (as on another host: same database and data dir) claims rows
+    beside the server's own worker, and stops on SIGTERM handing its rows back."""
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO
+
+    srv = server_factory(workers="1")
+    n = 300
+    jid = start(srv, "shared", SLOW, rows(n)).json()["job_id"]
+    wait_until(lambda: len(workers(srv)) == 1, timeout=30, what="the server's worker")
+    own = set(workers(srv))
+    extra = subprocess.Popen([sys.executable, "-m", "server", "worker"], cwd=REPO, env=srv.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def helped() -> bool:
+            with db(srv) as c:
+                by = {w for (w,) in c.execute("SELECT DISTINCT claimed_by FROM job_rows WHERE job_id=? AND "
+                                              "status='claimed'", (jid,))}
+            return bool(by - own - {None})
+        wait_until(helped, timeout=60, what="the worker started by hand to claim rows")
+        extra.send_signal(signal.SIGTERM)
+        assert extra.wait(timeout=10) == 0
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+            extra.wait(timeout=10)
+    assert set(workers(srv)) == own  # it deregistered
+    done = wait_end(srv, "shared", jid, timeout=120)
+    assert (done["status"], done["succeededCount"]) == ("Completed", n)
+    assert published(srv, "shared") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]
