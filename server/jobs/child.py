@@ -34,7 +34,7 @@ from server.jobs.render import Asset, AssetReader, Page, Renderer, RowFailed, co
 from server.jobs.sandbox import LimitedEnvironment, LimitHit
 from server.jobs.wire import encode, read_sync
 
-NICE = 10  # render processes yield the CPU to the API and the workers' bookkeeping
+NICE = 5  # on top of its worker's: render processes yield the CPU to the API and to the workers' bookkeeping
 MAX_MESSAGE = 1 << 30  # a claim's rows carry their data: up to FILEDROP_MAX_DATA_SIZE together
 MEMORY_EXIT = 3
 PROGRESS = struct.Struct("<qq")  # (sequence, row index): see Child.progress

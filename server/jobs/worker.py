@@ -57,10 +57,10 @@ STOP_GRACE = 3.0  # after SIGTERM, the loop gets this long to hand rows back bef
 CLAIM_FIRST = 16  # rows of a job's first claim; then what this worker renders in CLAIM_SECONDS
 CLAIM_SECONDS = 1.0  # small enough that the last claims of a job spread over the workers
 CLAIM_MAX = 500
-# Workers run at a lower CPU priority than the API (their render processes lower still): status
+# Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
 # calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
 NICE = 5
-# Workers run at a lower CPU priority than the API (their render processes lower still): status
+# Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
 # calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
 NICE = 5
 
