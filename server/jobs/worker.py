@@ -60,9 +60,6 @@ CLAIM_MAX = 500
 # Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
 # calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
 NICE = 5
-# Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
-# calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
-NICE = 5
 
 
 class JobUnrenderable(Exception):
