@@ -150,7 +150,7 @@ SLOW = {"body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}
 
 async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(client, settings: Settings) -> None:
     """The CLI and the server are different processes: --force cancels through the database and
-    the live engine stops the job (no "marked Cancelled" fallback); nothing is written after."""
+    the live server's workers stop the job (no "marked Cancelled" fallback); nothing is written after."""
     job = await start_ok(client, "live", SLOW, job_rows(10_000))  # far longer than the two CLI runs
     jid = job["job_id"]
 
@@ -163,7 +163,7 @@ async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(cl
     assert rc == 3 and jid in err, out + err
     rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "live", "--force", "--cancel-wait", "20")
     assert rc == 0, err
-    assert "marked Cancelled" not in err  # the engine itself finished it
+    assert "marked Cancelled" not in err  # a worker (or the cancel itself) ended it
     assert table(out)["drop-smartlinks"][0][0] == "live" and f"cancelled {jid}" in out
     await client.app[JOBS].job_finished(jid, timeout=10)
     assert settings.smartlink_root is not None
