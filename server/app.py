@@ -17,7 +17,23 @@ from server.db import Database
 from server.db.migrate import check_at_head
 from server.errors import ServiceUnavailable, error_middleware
 from server.janitor import janitor_context
-from server.keys import API_DOCUMENT, DATABASE, KEYSTORE, OPERATIONS, SETTINGS, STOPPING
+from server.jobs import queries as job_queries
+from server.jobs.checker import TemplateChecker
+from server.jobs.fetch import Fetcher
+from server.jobs.notify import Notifier
+from server.jobs.operation import smartlinks_generate
+from server.jobs.pool import WorkerPool
+from server.jobs.service import JobService
+from server.keys import (
+    API_DOCUMENT,
+    DATABASE,
+    JOBS,
+    KEYSTORE,
+    OPERATIONS,
+    SETTINGS,
+    STOPPING,
+    UPLOADS,
+)
 from server.openapi import build as build_api_document
 from server.uploads.operations import OperationRegistry
 
@@ -38,8 +54,38 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     await db.dispose()
 
 
+async def jobs_context(app: web.Application) -> AsyncIterator[None]:
+    """The job service; its workers (``filedrop worker`` processes, started with the first
+    job), the template checker's render process and the notification loop. Jobs reach upload
+    files through the upload service handed to them here."""
+    settings, db = app[SETTINGS], app[DATABASE]
+    fetcher = Fetcher(settings.fetch_allow, settings.fetch_timeout, settings.fetch_max_bytes)
+    checker = TemplateChecker(settings)
+    pool = WorkerPool(db, settings)
+    app[JOBS] = JobService(db, settings, fetcher, checker, pool)
+    app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
+    if await job_queries.running_jobs(db):
+        pool.ensure_started()
+    notifier = Notifier(db, settings, fetcher)
+    await notifier.recover()
+    notifying = asyncio.create_task(notifier.run(), name="job-notifications")
+    try:
+        yield
+    finally:
+        notifying.cancel()
+        await asyncio.gather(notifying, return_exceptions=True)
+        await pool.stop()
+        await checker.close()
+        await fetcher.close()
+
+
 async def _mark_stopping(app: web.Application) -> None:
     app[STOPPING]["value"] = True
+    if JOBS in app:
+        # Workers start stopping now, while requests drain, and a template check under way ends
+        # (503): SIGTERM ends the server and its workers within 10 s whatever templates do.
+        app[JOBS].pool.signal_stop()
+        app[JOBS].checker.stop_now()
 
 
 @web.middleware
@@ -96,7 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     # Dependency order; aiohttp exits them in reverse, only those that started.
     app.cleanup_ctx.append(database_context)
     app.cleanup_ctx.append(uploads_api.uploads_context)
-    app.cleanup_ctx.append(jobs_api.jobs_context)
+    app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(janitor_context)
     setup_routes(app)
     return app

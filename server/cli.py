@@ -1,4 +1,4 @@
-"""Command line: serve, migrate, keys (and drop, cleanup)."""
+"""Command line: serve, worker, migrate, keys (and drop, cleanup)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{'FILEDROP_APP_PORT' if args.port is None else '--port'} to a free port", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from server.jobs.worker import main as run_worker
+
+    if args.parent is not None:  # started by `filedrop serve`, which checked the schema (0.6 s saved)
+        return run_worker(_settings(), args.id, args.parent)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = _migrated_settings()
+    if settings is None:
+        return 2
+    return run_worker(settings, args.id, None)
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
@@ -319,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="render smartlink jobs: claim rows from the database, render them in a "
+                       "limited child process, publish them (serve runs FILEDROP_WORKERS of these; run more "
+                       "here or on other hosts sharing the database and data dir); stops on SIGTERM")
+    w.add_argument("--id", help=argparse.SUPPRESS)  # given by serve, which hands its rows back on exit
+    w.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # serve's pid: the worker dies with it
+    w.set_defaults(func=cmd_worker)
     m = sub.add_parser("migrate", help="create/upgrade the database schema (Alembic)")
     m.set_defaults(func=cmd_migrate)
     k = sub.add_parser("keys", help="manage API keys")

@@ -71,8 +71,12 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
-    "workers": ("4", "Size of the smartlink rendering worker pool."),
-    "render_processes": ("2", "Processes that render jobs of 1,000+ rows beside the event loop (0: threads only)."),
+    "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench)."),
+    "render_timeout": ("10s", "Wall time one row may take to render (and a template to compile at start). Over: the render process is killed; the row is tried once more, then errors."),
+    "render_memory": ("512M", "Address space of each render process (RLIMIT_AS; at least 64M). Over: as for the time limit."),
+    "max_page_size": ("10M", "Largest page one row may publish. Over: the row errors."),
+    "max_number_digits": ("4300", "Most decimal digits a number in a template may have (`**`, `*`, int/str conversion; at least 640). Over: the row errors."),
+    "job_asset_memory": ("16M", "Bytes of fetched assets a render process keeps in memory per job; all are stored under <data_dir>/assets/<job_id>/ until the job ends."),
     "max_data_size": ("50M", "Largest `data`/`data_file` a job accepts. Over: 413."),
     "min_suffix_length": ("16", "Shortest client-supplied smartlink suffix."),
     "fetch_allow": ("", "CIDRs/hosts outgoing fetches and callbacks may reach although internal."),
@@ -110,8 +114,12 @@ class Settings:
     min_free_disk: int = 256 << 20
     batch_ttl: float = 24 * 3600.0
     smartlink_root: Path | None = None
-    workers: int = 4
-    render_processes: int = 2
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    render_timeout: float = 10.0
+    render_memory: int = 512 << 20
+    max_page_size: int = 10 << 20
+    max_number_digits: int = 4300
+    job_asset_memory: int = 16 << 20
     max_data_size: int = 50 << 20
     min_suffix_length: int = 16
     fetch_allow: tuple[str, ...] = ()
@@ -172,11 +180,37 @@ class Settings:
         return self.data_dir / "uploads"
 
     @property
+    def assets_dir(self) -> Path:
+        """Fetched job assets, one directory per running job (removed when it ends)."""
+        return self.data_dir / "assets"
+
+    @property
     def sync_db_url(self) -> str:
         return f"sqlite:///{self.db_path}"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``FILEDROP_*`` variables that ``from_env`` reads back to equal
+        settings: how ``filedrop serve`` hands its own to the workers it starts."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue  # unset (e.g. chunk_size): from_env leaves it unset too
+            if isinstance(value, bool):
+                text = "1" if value else "0"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            elif isinstance(value, float):
+                text = format(value, "f")  # no exponent: parse_duration reads plain decimals
+            else:
+                text = str(value)
+            env[f"FILEDROP_{f.name.upper()}"] = text
+        return env
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -198,22 +232,32 @@ class Settings:
 
 
 _SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size",
-          "fetch_max_bytes"}
+          "fetch_max_bytes", "render_memory", "max_page_size", "job_asset_memory"}
 _DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff",
-              "cleanup_grace"}
-_INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
-         "callback_retries", "smtp_port"}
+              "cleanup_grace", "render_timeout"}
+_INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "min_suffix_length", "callback_retries",
+         "smtp_port", "max_number_digits"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
-            "callback_retries": 1}
+            "callback_retries": 1, "max_number_digits": 640}  # 640: Python's own floor for int/str digits
+# Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
+# needs some time.
+_SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}
+_DURATION_MIN = {"render_timeout": 0.1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a host name or an IP address: it is written into nginx.conf
 
 
 def _convert(name: str, raw: str) -> Any:
     if name in _SIZES:
-        return parse_size(raw)
+        size = parse_size(raw)
+        if size < _SIZE_MIN.get(name, 0):
+            raise ValueError(f"{raw} is under the minimum {_SIZE_MIN[name]} bytes")
+        return size
     if name in _DURATIONS:
-        return parse_duration(raw)
+        seconds = parse_duration(raw)
+        if seconds < _DURATION_MIN.get(name, 0):
+            raise ValueError(f"{raw} is under the minimum {_DURATION_MIN[name]:g} s")
+        return seconds
     if name in _INTS:
         value = int(raw)
         low = _INT_MIN.get(name, 0)

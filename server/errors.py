@@ -106,6 +106,37 @@ class ServiceUnavailable(FiledropError):
     code = "ERR_SERVER_SHUTTING_DOWN"
 
 
+# --- smartlink jobs (issue 8): raised by name -----------------------------------------------
+
+
+class JobNotFound(NotFound):
+    code = "ERR_JOB_NOT_FOUND"
+
+
+class SmartlinkBatchNotFound(NotFound):
+    code = "ERR_BATCH_NOT_FOUND"
+
+
+class JobRunning(Conflict):
+    code = "ERR_JOB_RUNNING"
+
+
+class BatchTaken(Conflict):
+    code = "ERR_BATCH_TAKEN"
+
+
+class DataTooLarge(PayloadTooLarge):
+    code = "ERR_DATA_TOO_LARGE"
+
+
+class TemplateTooLarge(PayloadTooLarge):
+    code = "ERR_TEMPLATE_TOO_LARGE"
+
+
+class FieldTooLarge(PayloadTooLarge):
+    code = "ERR_FIELD_TOO_LARGE"
+
+
 def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:
     """The one JSON error shape (Nuxeo's, plus a stable ``code``)."""
     body: dict[str, Any] = {"entity-type": "exception", "status": status, "code": code, "message": message}

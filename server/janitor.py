@@ -8,7 +8,7 @@ What cleanup removes, one :class:`Item` each:
     orphan-dir         an upload batch or file directory that no database row refers to
     missing-bytes      a complete file row whose ``data`` is gone; chunk rows whose chunk file is gone
     temp-file          a dot-name temp left by a crash (``.part`` of uploads and assembly, ``.tmp`` of
-                       the renderer)
+                       the publisher, a dropped smartlink folder), or an ended job's fetched assets
     expired-job        a finished job past its retention: its rows (its smartlinks only with
                        ``smartlinks=True``)
     orphan-smartlinks  (``smartlinks=True``) a smartlink directory no job refers to, untouched for
@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -47,15 +48,17 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import case, delete, exists, func, insert, select, update
+from sqlalchemy import delete, exists, func, select, update
 
 from server.config import Settings
 from server.db import Database, utcnow
-from server.db.job_models import Job, JobLog, JobRow
+from server.db.job_models import Job, JobRow
 from server.db.models import Batch, BatchFile, Chunk
-from server.errors import BatchNotFound, Conflict, NotFound
-from server.jobs.pool import RUNNING  # the job engine's own notion of a running job
-from server.jobs.render import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
+from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNotFound
+from server.jobs import assets as job_assets
+from server.jobs import control as job_control
+from server.jobs.contract import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
+from server.jobs.states import RUNNING  # the jobs' own notion of a running job
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.store import UploadStore
 
@@ -269,6 +272,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
     await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks, stems_of)
+    await asyncio.to_thread(_plan_job_assets, settings, ages, out, {r.job_id for r in running})
     kinds: dict[str, int] = {}
     for i in out.items:
         kinds[i.kind] = kinds.get(i.kind, 0) + 1
@@ -381,6 +385,10 @@ def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: I
                               + (", with its smartlinks" if smartlinks else ""),
                               path=d, key=(j.job_id, j.batch_id, smartlinks)))
     for e in _listdir(root):
+        if _is_temp(e.name) and _newest_mtime(Path(e.path)) < ages.wall_grace:  # a drop cut short
+            out.items.append(Item("temp-file", _rel(settings, Path(e.path)), _du(Path(e.path)),
+                                  "a dropped smartlink folder", path=Path(e.path)))
+            continue
         if not e.is_dir(follow_symlinks=False) or not BATCH_ID_RE.fullmatch(e.name) or e.name in busy:
             continue
         d = Path(e.path)
@@ -391,6 +399,15 @@ def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: I
         if smartlinks and e.name not in job_batches and _newest_mtime(d) < ages.wall - ages.retention:
             out.items.append(Item("orphan-smartlinks", _rel(settings, d), _du(d), "no job row",
                                   path=d, key=e.name))
+
+
+def _plan_job_assets(settings: Settings, ages: _Ages, out: Plan, running: set[str]) -> None:
+    """Fetched assets of a job that is no longer running (its end removes them; a crash
+    between the two leaves them)."""
+    for e in _listdir(settings.assets_dir):
+        p = Path(e.path)
+        if e.name not in running and _newest_mtime(p) < ages.wall_grace:
+            out.items.append(Item("temp-file", _rel(settings, p), _du(p), f"assets of job {e.name}", path=p))
 
 
 # --- apply --------------------------------------------------------------------------------------
@@ -573,49 +590,28 @@ async def cleanup(db: Database, settings: Settings, *, older_than: float | None 
 # --- drop ---------------------------------------------------------------------------------------
 
 
-async def _cancel_running(db: Database, job_filter: Any, what: str, force: bool,
+async def _cancel_running(db: Database, settings: Settings, job_filter: Any, what: str, force: bool,
                           cancel_wait: float) -> list[str]:
     """Refuse (Conflict) while jobs matching ``job_filter`` run, unless ``force``: then cancel them
-    through the database, since a live server may be running them in another process. Their
-    pending rows become ``skipped`` and ``cancel_requested`` is set, so the engine's next claim
-    finds nothing and it finishes the job as ``Cancelled`` once its in-flight rows are written.
-    If no engine does so within ``cancel_wait`` (none may be running), they are marked here."""
+    through the jobs code, as an API cancel does (a live server's workers may hold their rows, in
+    other processes): pending rows are skipped at once, a worker mid-row kills its render and
+    ends the job as ``Cancelled``. If no worker does so within ``cancel_wait`` (none may be
+    running), the jobs are ended here; a worker that still held a row cannot publish it into
+    the dropped folder afterwards (see ``drop_smartlink_batch``)."""
     async with db.read() as s:
         running = list((await s.scalars(select(Job.job_id).where(job_filter, Job.status.in_(RUNNING)))).all())
     if not running:
         return []
     if not force:
-        raise Conflict(f"{what} is in use by running job(s) {', '.join(running)}: "
-                       "retry when they finish, or use --force to cancel them first", code="ERR_JOB_RUNNING")
-    reason = "cancelled by `filedrop drop --force`"
-    async with db.write() as s:
-        await s.execute(update(Job).where(Job.job_id.in_(running), Job.status.in_(RUNNING))
-                        .values(cancel_requested=True, reason=reason))
-        await s.execute(update(JobRow).where(JobRow.job_id.in_(running), JobRow.status == "pending")
-                        .values(status="skipped"))
-        await s.execute(insert(JobLog), [{"job_id": j, "at": utcnow(), "level": "info",
-                                          "message": f"cancelling: {reason}"} for j in running])
+        raise JobRunning(f"{what} is in use by running job(s) {', '.join(running)}: "
+                         "retry when they finish, or use --force to cancel them first")
+    await job_control.cancel(db, settings, running, "cancelled by `filedrop drop --force`")
     log.info("asked running job(s) %s to cancel", ", ".join(running))
-    deadline = time.monotonic() + cancel_wait
-    while True:
-        async with db.read() as s:
-            still = list((await s.scalars(select(Job.job_id).where(Job.job_id.in_(running),
-                                                                   Job.status.in_(RUNNING)))).all())
-        if not still or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)  # poll the job engine's progress under a deadline
+    still = await job_control.wait_ended(db, running, cancel_wait)
     if still:
-        now = utcnow()
-        async with db.write() as s:
-            # As the engine's own finish: notifications become pending, so the engine that next
-            # starts (resume) sends them; left "none", they would never be sent.
-            await s.execute(update(Job).where(Job.job_id.in_(still), Job.status.in_(RUNNING)).values(
-                status="Cancelled", finished=now, started=func.coalesce(Job.started, now),
-                reason=reason + " (no engine stopped it in time)",
-                callback_state=case((Job.callback_url.is_not(None), "pending"), else_="none"),
-                email_state=case((Job.callback_emails.is_not(None), "pending"), else_="none")))
-            await s.execute(update(JobRow).where(JobRow.job_id.in_(still), JobRow.status == "claimed")
-                            .values(status="skipped"))
+        # Ended as a worker would (notifications become pending: the next server sends them).
+        for job_id in still:
+            await job_control.end(db, settings, job_id, forced="no worker stopped it in time")
         log.warning("job(s) %s did not stop within %.1f s: marked Cancelled", ", ".join(still), cancel_wait)
     return running
 
@@ -639,7 +635,7 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
     bdir = UploadStore(settings.uploads_dir).batch_dir(b.id)
     if b.state != "open" and not await asyncio.to_thread(bdir.exists):
         raise BatchNotFound(f"upload batch {batch_id!r} is already {b.state}: nothing left to remove")
-    cancelled = await _cancel_running(db, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
+    cancelled = await _cancel_running(db, settings, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
                                       force, cancel_wait)
     size = await asyncio.to_thread(_du, bdir)
     if b.state == "open":
@@ -652,31 +648,57 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
     return item
 
 
+def _rename_away(root: Path, batch_id: str) -> Path | None:
+    """Move a smartlink folder out of NGINX's reach in one step (a dot name, which nginx.conf
+    refuses, in the same root); None if there is none. Publishing goes by path into
+    ``<root>/<batch_id>/`` and never creates it, so a late publish fails instead of writing into
+    a live folder, and the tree can then be removed without new files appearing in it."""
+    gone = root / f".{batch_id}.{secrets.token_hex(4)}.dropped.tmp"
+    try:
+        os.rename(root / batch_id, gone)
+    except FileNotFoundError:
+        return None
+    return gone
+
+
 async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
                                cancel_wait: float = CANCEL_WAIT, progress: Progress | None = None) -> Item:
     """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs), rows
     first. Raises NotFound when there is neither, Conflict while one of its jobs runs unless
-    ``force``. ``progress`` hears (files removed, files) while the files go."""
+    ``force``. ``progress`` hears (files removed, files) while the files go. Once it returns the
+    folder is gone and stays gone: it is renamed away first (``_rename_away``)."""
     if not BATCH_ID_RE.fullmatch(batch_id):
-        raise NotFound(f"{batch_id!r} is not a smartlink batch id", code="ERR_BATCH_NOT_FOUND")
+        raise SmartlinkBatchNotFound(f"{batch_id!r} is not a smartlink batch id")
     assert settings.smartlink_root is not None
     d = settings.smartlink_root / batch_id
     async with db.read() as s:
-        njobs = await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id))
+        job_ids = list((await s.scalars(select(Job.job_id).where(Job.batch_id == batch_id))).all())
+    njobs = len(job_ids)
     if not njobs and not d.exists():
-        raise NotFound(f"no smartlink batch {batch_id!r} (no job and no {d})", code="ERR_BATCH_NOT_FOUND")
-    cancelled = await _cancel_running(db, Job.batch_id == batch_id, f"smartlink batch {batch_id!r}",
+        raise SmartlinkBatchNotFound(f"no smartlink batch {batch_id!r} (no job and no {d})")
+    cancelled = await _cancel_running(db, settings, Job.batch_id == batch_id, f"smartlink batch {batch_id!r}",
                                       force, cancel_wait)
     async with db.write() as s:
         await s.execute(delete(Job).where(Job.batch_id == batch_id))
+    for job_id in job_ids:
+        await asyncio.to_thread(job_assets.release, settings, job_id)
     size = await asyncio.to_thread(_du, d)
     item = Item("drop-smartlinks", batch_id, size, f"{njobs} job(s)"
                 + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
-    if progress is None:
-        await asyncio.to_thread(_remove, d)
-    else:
-        total = await asyncio.to_thread(_count_files, d)
-        await asyncio.to_thread(_remove_counted, d, lambda n: progress(n, total, item))
+    gone = None
+    try:
+        gone = await asyncio.to_thread(_rename_away, settings.smartlink_root, batch_id)
+        if gone is None:
+            pass
+        elif progress is None:
+            await asyncio.to_thread(_remove, gone)
+        else:
+            total = await asyncio.to_thread(_count_files, gone)
+            await asyncio.to_thread(_remove_counted, gone, lambda n: progress(n, total, item))
+    except OSError as e:  # renamed away already, the next cleanup removes the rest; or not even that
+        item.result = f"error: {e.__class__.__name__}: {e.strerror or e}"
+        log.error("dropped smartlink batch %s, but could not remove %s: %s", batch_id, gone or d, e)
+        return item
     log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, size, item.detail)
     return item
 

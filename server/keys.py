@@ -11,6 +11,7 @@ from server.db import Database
 
 if TYPE_CHECKING:
     from server.auth import KeyStore
+    from server.jobs.service import JobService
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
@@ -20,7 +21,7 @@ KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
 OPERATIONS: web.AppKey[OperationRegistry] = web.AppKey("operations")
 STOPPING = web.AppKey("stopping", dict)  # {"value": bool}: set when shutdown begins
 UPLOADS: web.AppKey[UploadService] = web.AppKey("uploads")  # server.uploads service (issue 2)
-JOBS: web.AppKey[Any] = web.AppKey("jobs")  # server.jobs engine (issue 3)
+JOBS: web.AppKey[JobService] = web.AppKey("jobs")  # server.jobs service (issues 3, 8)
 JANITOR: web.AppKey[Any] = web.AppKey("janitor")  # server.janitor periodic task (issue 5)
 API_DOCUMENT: web.AppKey[dict[str, Any]] = web.AppKey("api_document")  # the OpenAPI document (server.openapi)
 

@@ -27,6 +27,7 @@ def settings(tmp_path: Path) -> Settings:
         fetch_allow=("127.0.0.1",),
         allow_http_callbacks=True,
         callback_backoff=0.05,
+        workers=2,  # jobs' worker processes: two share the claims, whatever the machine's cores
     )
     upgrade(s.db_path)
     return s

@@ -10,7 +10,8 @@ from sqlalchemy import update
 
 from server.app import create_app
 from server.config import Settings
-from server.db.job_models import Job, JobLog, JobRow
+from server.db import utcnow
+from server.db.job_models import Job, JobLog, JobRow, JobWorker
 from server.db.models import BatchFile, Chunk
 from server.keys import JOBS
 from tests.support.disk_state import (
@@ -95,12 +96,30 @@ def test_drop_smartlinks_refuses_a_running_job_unless_forced(settings: Settings)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "running job(s) " + "d" * 32 in r.stderr and "--force" in r.stderr
     assert all(p.exists() for p in paths) and job_status(settings, "d" * 32) == "In progress"
-    # No server runs this job: --force asks it to cancel, waits, then marks it cancelled itself.
-    r = run_cli(settings, "drop", "--smartlinks", "busy", "--force", "--cancel-wait", "0.3")
+    # No worker holds a row of it: --force cancels it through the jobs code, which ends it at once.
+    r = run_cli(settings, "drop", "--smartlinks", "busy", "--force", "--cancel-wait", "30")
     assert r.returncode == 0, r.stderr
     assert "cancelled " + "d" * 32 in r.stdout
-    assert "marked Cancelled" in r.stderr
+    assert "marked Cancelled" not in r.stderr and "Cancelled: 0 succeeded, 0 errored, 1 skipped of 1" in r.stderr
     assert not any(p.exists() for p in paths) and count(settings, Job) == 0
+
+
+def test_drop_force_ends_a_job_whose_worker_does_not_answer(settings: Settings) -> None:
+    """A row is held by a registered worker that never reacts (stopped, say): after
+    --cancel-wait the CLI ends the job itself, and the folder is gone all the same."""
+    paths = add_job(settings, "9" * 32, "stuck", status="In progress", rows=[("r1", "s" * 16), ("r2", "s" * 16)])
+    with session(settings) as s:
+        now = utcnow()
+        s.add(JobWorker(worker_id="w" * 16, host="elsewhere/boot", pid=1, started_at=now, seen_at=now))
+        s.execute(update(JobRow).where(JobRow.job_id == "9" * 32, JobRow.idx == 0)
+                  .values(status="claimed", claimed_by="w" * 16))
+        s.commit()
+    r = run_cli(settings, "drop", "--smartlinks", "stuck", "--force", "--cancel-wait", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "marked Cancelled" in r.stderr and "cancelled " + "9" * 32 in r.stdout
+    assert "no worker stopped it in time" in r.stderr
+    assert not any(p.exists() for p in paths) and count(settings, Job) == 0
+    assert not (settings.smartlink_root / "stuck").exists()
 
 
 def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settings: Settings) -> None:
@@ -118,8 +137,8 @@ def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settin
 
 async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start(aiohttp_client,
                                                                                 settings: Settings) -> None:
-    """Marked Cancelled by the CLI (no engine ran the job): its callback is still sent, by the
-    engine that starts next."""
+    """Ended as Cancelled by the CLI (no worker held a row of it): its callback is still sent,
+    by the server that starts next."""
     add_batch(settings, "tpl2", [FileSpec()])
     jid = "f" * 32
     add_job(settings, jid, "links2", status="Queued", rows=[("r1", "s" * 16)], publish=False,
@@ -129,10 +148,10 @@ async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start
             s.execute(update(Job).where(Job.job_id == jid).values(callback_url=rcv.url))
             s.commit()
         rc, out, err = await run_cli_async(settings, "drop", "tpl2", "--force", "--cancel-wait", "0.2")
-        assert rc == 0 and "marked Cancelled" in err, out + err
+        assert rc == 0 and "Cancelled: 0 succeeded, 0 errored, 1 skipped of 1" in err, out + err
         assert job_status(settings, jid) == "Cancelled"
         client = await aiohttp_client(create_app(settings))
-        await client.app[JOBS].engine.notified(jid, timeout=30)
+        await client.app[JOBS].notified(jid, timeout=30)
         assert rcv.delivered.is_set()
     assert json.loads(rcv.attempts[-1][1])["status"] == "Cancelled"
 
@@ -143,7 +162,7 @@ SLOW = {"body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}
 
 async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(client, settings: Settings) -> None:
     """The CLI and the server are different processes: --force cancels through the database and
-    the live engine stops the job (no "marked Cancelled" fallback); nothing is written after."""
+    the live server's workers stop the job (no "marked Cancelled" fallback); nothing is written after."""
     job = await start_ok(client, "live", SLOW, job_rows(10_000))  # far longer than the two CLI runs
     jid = job["job_id"]
 
@@ -156,9 +175,9 @@ async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(cl
     assert rc == 3 and jid in err, out + err
     rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "live", "--force", "--cancel-wait", "20")
     assert rc == 0, err
-    assert "marked Cancelled" not in err  # the engine itself finished it
+    assert "marked Cancelled" not in err  # a worker (or the cancel itself) ended it
     assert table(out)["drop-smartlinks"][0][0] == "live" and f"cancelled {jid}" in out
-    await client.app[JOBS].engine.job_finished(jid, timeout=10)
+    await client.app[JOBS].job_finished(jid, timeout=10)
     assert settings.smartlink_root is not None
     assert not (settings.smartlink_root / "live").exists()  # not re-created by a late write
     assert await asyncio.to_thread(count, settings, Job) == 0

@@ -108,7 +108,7 @@ def test_domain_packages_do_not_import_aiohttp_web() -> None:
 
 
 @pytest.mark.parametrize("name,value", [("WORKERS", "0"), ("WORKERS", "-1"), ("APP_PORT", "70000"),
-                                        ("MAX_FILES_PER_BATCH", "-5"), ("RENDER_PROCESSES", "-1"),
+                                        ("MAX_FILES_PER_BATCH", "-5"), ("MAX_NUMBER_DIGITS", "639"), ("RENDER_MEMORY", "1M"), ("RENDER_TIMEOUT", "0"),
                                         ("MAX_CHUNK_SIZE", "-1"), ("BATCH_TTL", "soon")])
 def test_out_of_range_setting_is_refused_naming_it(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"FILEDROP_{name}"):
@@ -120,3 +120,12 @@ def test_job_form_limit_is_what_nginx_allows_for_a_start() -> None:
     s = Settings(max_data_size=10 << 20, fetch_max_bytes=2 << 20, max_chunk_size=1 << 20)
     assert s.job_form_limit == (13 << 20) and job_body_limit(s) == s.job_form_limit
     assert job_body_limit(s.replace(max_chunk_size=64 << 20)) == 64 << 20
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4 << 20])
+def test_settings_survive_the_trip_to_a_worker(tmp_path: Path, chunk_size: int | None) -> None:
+    """``serve`` hands its settings to the workers it starts as FILEDROP_* variables: they must
+    read back equal (an unset optional setting stays unset, not an empty string it refuses)."""
+    s = Settings(data_dir=tmp_path, api_keys=("a", "b"), chunk_size=chunk_size, callback_secret="x",
+                 allow_http_callbacks=True, fetch_allow=("127.0.0.1",))
+    assert Settings.from_env(s.to_env()) == s

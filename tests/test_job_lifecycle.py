@@ -138,7 +138,7 @@ async def test_job_that_cannot_write_its_folder_fails_with_reason(client, settin
     async with callback_receiver() as rcv:
         job = await start_ok(client, "blocked", {"body": "x"}, rows(3), callback_url=rcv.url)
         done = await wait_job(client, "blocked", job["job_id"])
-        await client.app[JOBS].engine.notified(job["job_id"], timeout=30)
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
     assert done["status"] == "Failed" and "cannot create the output folder blocked/" in done["reason"]
     assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (0, 0, 3)
     assert done["finished"] is not None

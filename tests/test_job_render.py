@@ -18,6 +18,7 @@ from tests.support.jobs import (
     asset_server,
     get_json,
     rows,
+    start,
     start_ok,
     wait_job,
 )
@@ -154,11 +155,12 @@ async def test_generated_suffixes_and_json_lines(client, settings) -> None:
 async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None:
     data = [*rows(3), {"reference_id": "../etc", "data": {}}, {"reference_id": "ok", "suffix": "short"},
             {"reference_id": "ref000001", "suffix": "s00000000000000000001", "data": {}},  # duplicate
-            {"reference_id": "p", "pdf": "file:///etc/passwd"}, "not an object"]
+            {"reference_id": "p", "pdf": "file:///etc/passwd"}, "not an object",
+            {"reference_id": 'x"\n\x1b[31m' + "y" * 300}]  # a log line must not carry it raw
     job = await start_ok(client, "badrows", {"body": "x"}, data)
     done = await wait_job(client, "badrows", job["job_id"])
     assert done["status"] == "Completed with errors"
-    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (3, 5, 8)
+    assert (done["succeededCount"], done["erroredCount"], done["totalCount"]) == (3, 6, 9)
     result = (await get_json(client, f"/api/batch/badrows/{job['job_id']}/result"))["rows"]
     errors = [r["error"] for r in result if r["status"] == "errored"]
     assert any("reference_id" in e for e in errors) and any("duplicate" in e for e in errors)
@@ -166,7 +168,12 @@ async def test_bad_rows_are_errored_and_the_rest_go_on(client, settings) -> None
     assert sorted(p.name for p in (settings.smartlink_root / "badrows").iterdir()) == [
         f"ref00000{i}.s0000000000000000000{i}.html" for i in range(3)]
     log = (await get_json(client, f"/api/batch/badrows/{job['job_id']}/log"))["log"]
-    assert any(e["level"] == "error" and "row 5: duplicate" in e["message"] for e in log)
+    assert any(e["level"] == "error" and 'row 5 (reference_id "ref000001"): duplicate' in e["message"] for e in log)
+    assert any('row 3 (reference_id "../etc"): reference_id must be' in e["message"] for e in log)
+    assert any("row 7 (no reference_id): a row must be a JSON object" in e["message"] for e in log)
+    ref8 = next(e["message"] for e in log if e["message"].startswith("row 8 "))
+    assert ref8 == 'row 8 (reference_id "x\\"\\n\\u001b[31m' + "y" * 120 + '"): reference_id must be 1-128 of A-Z a-z 0-9 _ -'
+    assert "\x1b" not in ref8 and "\n" not in ref8
 
 
 async def test_a_template_cannot_carry_one_rows_data_into_another(client, settings) -> None:
@@ -185,27 +192,31 @@ async def test_a_template_cannot_carry_one_rows_data_into_another(client, settin
     assert "<i>5</i>" in (settings.smartlink_root / "ns" / "ref000002.s00000000000000000002.html").read_text()
 
 
-async def test_a_start_compiles_its_template_once_and_off_the_event_loop(client, monkeypatch) -> None:
-    # a big template takes seconds to compile: the loop answering status calls must not do it
-    import asyncio
+async def test_the_api_process_never_compiles_or_renders_a_template(client, settings, monkeypatch) -> None:
+    # Compiling runs the client's code (constant folding); rendering too: both happen in render
+    # processes only. Any Jinja2 compile or render in this (the API's) process is recorded.
+    import jinja2
 
-    from server.jobs import pool, render, service
+    calls: list[str] = []
+    real_compile, real_render = jinja2.Environment.compile, jinja2.Template.render
 
-    on_loop: list[bool] = []
+    def compile_spy(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append("compile")
+        return real_compile(self, *a, **kw)
 
-    def spy(text):  # type: ignore[no-untyped-def]
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return render.compile_template(text)
+    def render_spy(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append("render")
+        return real_render(self, *a, **kw)
 
-    monkeypatch.setattr(service, "compile_template", spy)
-    monkeypatch.setattr(pool, "compile_template", spy)
+    monkeypatch.setattr(jinja2.Environment, "compile", compile_spy)
+    monkeypatch.setattr(jinja2.Template, "render", render_spy)
     job = await start_ok(client, "once", SEED_TEMPLATE, SEED_ROWS)
     assert (await wait_job(client, "once", job["job_id"]))["status"] == "Completed"
-    assert on_loop == [False]
+    r = await start(client, "bad", {"body": "{{ data.x "}, SEED_ROWS)  # the syntax check is elsewhere too
+    assert r.status == 422 and "syntax error in `body` line 1" in (await r.json())["message"]
+    assert calls == []
+    page = (settings.smartlink_root / "once" / "5ef3501829bf41003d6da7b4.5f1ea1e9b982f900468aeb5b.html").read_text()
+    assert "<h1>Client 240 000 009 425</h1>" in page
 
 
 async def test_a_trailing_newline_in_a_name_is_errored(client, settings) -> None:

@@ -1,10 +1,13 @@
-"""A real server killed with SIGKILL mid-job resumes the job on start: every row ends with
-exactly one final file, the counts are right, no temp file is left, and the render processes
-die with the server."""
+"""A real server and its workers killed with SIGKILL mid-job (a crash of the host's processes):
+the render processes die with their workers, and the next server resumes the job: the dead
+workers' claimed rows go back to the queue, their temp files go, every row ends with exactly
+one final file and the counts are right."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -33,6 +36,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    found, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children(p)
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -59,17 +71,25 @@ def test_kill_9_mid_job_then_resume(server_factory, tmp_path) -> None:
 
     mid = wait_until(lambda: (s := status(first.url, job_id))["succeededCount"] >= 200 and s,
                      timeout=60, what="some rows rendered")
-    renderers = children(first.proc.pid)  # render processes (a 3,000-row job uses them)
-    assert renderers, "expected render processes for a job this big"
+    with sqlite3.connect(data_dir / "filedrop.sqlite3") as c:
+        workers = dict(c.execute("SELECT worker_id, pid FROM job_workers"))
+    procs = descendants(first.proc.pid)  # its workers and their render processes
+    assert set(workers.values()) < set(procs) and len(procs) > len(workers), (workers, procs)
+    for pid in workers.values():  # the workers get no chance to hand their rows back
+        os.kill(pid, signal.SIGKILL)
     first.kill9()
-    wait_until(lambda: not any(alive(p) for p in renderers), timeout=10, what="render processes to die with the server")
+    wait_until(lambda: not any(alive(p) for p in procs), timeout=10,
+               what="render processes to die with their workers")
     assert mid["succeededCount"] < ROWS, "the job finished before the kill; make it longer"
 
     out = data_dir / "smartlinks" / "crash"
-    (out / ".ref000000.s00000000000000000000.html.dead.tmp").write_text("half a page")  # a crashed write
+    dead = next(iter(workers))
+    leftover = out / f".ref000000.s00000000000000000000.html.{dead}.0badc0de.tmp"
+    leftover.write_text("half a page")  # a publish the kill cut short
     with sqlite3.connect(data_dir / "filedrop.sqlite3") as c:
         killed = dict(c.execute("SELECT status, count(*) FROM job_rows WHERE job_id=? GROUP BY status", (job_id,)))
         assert c.execute("SELECT status FROM jobs WHERE job_id=?", (job_id,)).fetchone()[0] == "In progress"
+    assert killed.get("claimed", 0) > 0, killed  # the dead workers' rows, to hand back
     assert killed.get("pending", 0) + killed.get("claimed", 0) > 0, killed  # unfinished rows to resume
 
     second = server_factory(data_dir)

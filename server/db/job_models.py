@@ -1,4 +1,5 @@
-"""ORM models for smartlink jobs: the job, one row per data row, and the job log."""
+"""ORM models for smartlink jobs: the job, one row per data row, the job log, and the workers
+that render them (``filedrop worker`` processes, on this host or others)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
-    callback_state: Mapped[str] = mapped_column(String(16), default="none")  # none|pending|sent|failed
-    email_state: Mapped[str] = mapped_column(String(16), default="none")
+    callback_state: Mapped[str] = mapped_column(String(16), default="none", index=True)  # none|pending|sending|sent|failed
+    email_state: Mapped[str] = mapped_column(String(16), default="none", index=True)
+    # A hint for claims: every row below it was claimed once already. Claims scan the primary key
+    # from here (not from 0); anything that hands rows back to the queue resets it to 0.
+    claim_from: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobRow(Base):
     """One data row. ``status``: pending -> claimed -> done | error (| skipped on cancel).
 
+    ``claimed_by`` is the worker holding a claimed row; ``attempts`` counts renders of this row
+    that a limit (time, memory) killed: the first goes back to the queue, the second errors.
     No index on status: claims scan the primary key (job_id, idx) from a cursor, and every
     status change would otherwise also rewrite an index entry (measured: marks cost 2x)."""
 
@@ -53,6 +59,8 @@ class JobRow(Base):
     data: Mapped[str] = mapped_column(Text)  # the row's JSON
     status: Mapped[str] = mapped_column(String(16), default="pending")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobLog(Base):
@@ -63,3 +71,17 @@ class JobLog(Base):
     at: Mapped[datetime] = mapped_column(DateTime)
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(Text)
+
+
+class JobWorker(Base):
+    """A live ``filedrop worker``: registered at start, ``seen_at`` refreshed every second,
+    removed at a clean stop. One whose heartbeat is stale (or, on this host, whose process is
+    gone) is dead: its claimed rows go back to the queue."""
+
+    __tablename__ = "job_workers"
+
+    worker_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(300))  # host name + boot id: a reboot ends every worker
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)

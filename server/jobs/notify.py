@@ -10,6 +10,7 @@ sends it again on restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,9 +20,14 @@ from email.message import EmailMessage
 from typing import Any
 
 import aiosmtplib
+from sqlalchemy import select, update
 
 from server.config import Settings
+from server.db import Database
+from server.db.job_models import Job
+from server.jobs import queries
 from server.jobs.fetch import Fetcher, FetchError
+from server.jobs.states import FINISHED, job_json
 
 log = logging.getLogger("filedrop.jobs.notify")
 
@@ -81,3 +87,110 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
     msg.set_content("\n".join(lines))
     await aiosmtplib.send(msg, hostname=settings.smtp_host, port=settings.smtp_port,
                           timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
+
+
+class Notifier:
+    """Sends the callback and e-mails of every ended job, whichever process ended it (a worker,
+    an API cancel, ``drop --force``): an owned loop in the API process that looks for jobs with
+    a ``pending`` notification every ``POLL`` s (or when woken).
+
+    Each notification is taken with a conditional UPDATE (``pending`` -> ``sending``), so two
+    API processes never send the same one twice; the outcome (``sent``/``failed``) is recorded
+    after the attempt, and a start turns ``sending`` left by a crash back into ``pending``
+    (at-least-once). Each job is sent from its own task, at most ``PARALLEL`` at a time.
+    """
+
+    POLL = 0.5
+    PARALLEL = 16
+
+    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher) -> None:
+        self.db = db
+        self.settings = settings
+        self.fetcher = fetcher
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.PARALLEL)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy: set[str] = set()  # jobs a task of ours is sending
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def recover(self) -> None:
+        """Before the loop: what a crash left ``sending`` is sent again (at-least-once)."""
+        async with self.db.write() as s:
+            await s.execute(update(Job).where(Job.callback_state == "sending").values(callback_state="pending"))
+            await s.execute(update(Job).where(Job.email_state == "sending").values(email_state="pending"))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    for job_id in await self._due():
+                        if job_id in self._busy:
+                            continue
+                        await self._slots.acquire()
+                        self._busy.add(job_id)
+                        t = asyncio.create_task(self._send(job_id), name=f"job-notify-{job_id}")
+                        self._tasks.add(t)
+                        t.add_done_callback(self._tasks.discard)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the database busy, say: look again at the next poll
+                    log.exception("looking for notifications to send failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.POLL)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _due(self) -> list[str]:
+        async with self.db.read() as s:
+            return list((await s.scalars(select(Job.job_id).where(
+                (Job.callback_state == "pending") | (Job.email_state == "pending"),
+                Job.status.in_(FINISHED)))).all())
+
+    async def _take(self, job_id: str, column: Any) -> bool:
+        async with self.db.write() as s:
+            res = await s.execute(update(Job).where(Job.job_id == job_id, column == "pending")
+                                  .values({column: "sending"}))
+        return bool(res.rowcount)
+
+    async def _set(self, job_id: str, **values: str) -> None:
+        async with self.db.write() as s:
+            await s.execute(update(Job).where(Job.job_id == job_id).values(**values))
+
+    async def _send(self, job_id: str) -> None:
+        try:
+            async with self.db.read() as s:
+                job = await s.get(Job, job_id)
+                if job is not None:
+                    s.expunge(job)
+            if job is None:
+                return
+            body = job_json(job)
+
+            async def note(level: str, message: str) -> None:
+                await queries.note(self.db, job_id, level, message)
+
+            if job.callback_url and await self._take(job_id, Job.callback_state):
+                ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note)
+                await self._set(job_id, callback_state="sent" if ok else "failed")
+            if job.callback_emails and await self._take(job_id, Job.email_state):
+                to = [a for a in job.callback_emails.split(",") if a]
+                url = f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
+                try:
+                    await send_emails(self.settings, to, body, url)
+                    await note("info", f"e-mail sent to {', '.join(to)}")
+                    await self._set(job_id, email_state="sent")
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+                    await note("error", f"e-mail to {', '.join(to)} failed: {e}")
+                    await self._set(job_id, email_state="failed")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: notification failed", job_id)
+        finally:
+            self._busy.discard(job_id)
+            self._slots.release()

@@ -1,10 +1,13 @@
 """Atomic publishing into NGINX's tree.
 
 A file reaches ``<smartlink_root>/<batch_id>/`` only as: a dot-named temp file in the same
-directory (``.<name>.<random>.tmp``: nginx.conf refuses dotfiles, the janitor and job resume
-remove leftovers) -> data made durable -> ``os.replace`` onto the final name -> the directory
-fsynced. A reader (NGINX) therefore sees either the previous complete file or the new complete
-file, never a partial one, also after a crash or power loss.
+directory (``.<name>.<worker id>.<random>.tmp``: nginx.conf refuses dotfiles; the workers remove
+a dead worker's leftovers, the janitor any old ones) -> data made durable -> ``os.replace`` onto
+the final name -> the directory fsynced. A reader (NGINX) therefore sees either the previous
+complete file or the new complete file, never a partial one, also after a crash or power loss.
+
+Publishing never creates the batch directory (a job's first load does): once ``drop`` has
+renamed it away, a late publish fails (ENOENT) instead of writing into a folder NGINX serves.
 
 Durability is batched: a batch of temp files is written, then one ``syncfs()`` on the
 directory's filesystem makes all of them durable at once (Linux; elsewhere each temp file is
@@ -14,8 +17,8 @@ fsync costs 0.2-1 ms, which alone would be slower than the whole render of a row
 
 from __future__ import annotations
 
+import itertools
 import os
-import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +38,19 @@ class Item:
     source: str | None = None
 
 
-def temp_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+_serial = itertools.count()
 
 
-def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
-    """Publish ``items`` atomically into ``directory``; returns {name: error} for failed items.
+def temp_name(name: str, tag: str) -> str:
+    """Unique without a random draw per file: ``tag`` is unique per worker, the serial per
+    process (a worker has one publishing thread at a time, and ``next`` is atomic anyway)."""
+    return f".{name}.{tag}.{next(_serial)}{TMP_SUFFIX}"
+
+
+def publish_batch(directory: Path, items: Sequence[Item], tag: str = "w") -> dict[str, str]:
+    """Publish ``items`` atomically into ``directory`` (which must exist); returns {name: error}
+    for failed items. ``tag`` (the worker's id) goes into temp names, so that a dead worker's
+    leftovers can be told from a live one's work in progress.
 
     Idempotent: publishing the same bytes again replaces a file with an identical one.
     """
@@ -49,7 +59,7 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
     per_file_sync = SYNCFS is None
     base = os.fspath(directory) + os.sep
     for it in items:
-        tmp = base + temp_name(it.name)
+        tmp = base + temp_name(it.name, tag)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -72,7 +82,13 @@ def publish_batch(directory: Path, items: Sequence[Item]) -> dict[str, str]:
         staged.append((tmp, base + it.name))
     if not staged:
         return errors
-    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError as e:  # dropped meanwhile
+        for tmp, final in staged:
+            _unlink(tmp)
+            errors[os.path.basename(final)] = f"cannot publish {os.path.basename(final)}: {e.strerror or e}"
+        return errors
     try:
         if not per_file_sync and SYNCFS is not None and SYNCFS(dfd) != 0:
             # syncfs failed: fall back to fsyncing each temp file.
@@ -98,15 +114,17 @@ def _unlink(path: str) -> None:
         pass
 
 
-def remove_stale_temps(directory: Path) -> int:
-    """Remove ``.*.tmp`` leftovers of a crashed writer in ``directory``; how many were removed."""
+def remove_stale_temps(directory: Path, tag: str) -> int:
+    """Remove the temp files worker ``tag`` left in ``directory`` (it died mid-publish); how
+    many were removed."""
     n = 0
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return 0
     for e in entries:
-        if e.name.startswith(".") and e.name.endswith(TMP_SUFFIX) and e.is_file(follow_symlinks=False):
+        if e.name.startswith(".") and e.name.endswith(TMP_SUFFIX) and f".{tag}." in e.name \
+                and e.is_file(follow_symlinks=False):
             _unlink(e.path)
             n += 1
     return n

@@ -1,14 +1,17 @@
-"""The job service: start (validate, insert job + rows in one transaction), status, log,
-result, cancel. Handlers and the ``SmartLinks.Generate`` operation call only this.
+"""The job service, as the API uses it: start (validate, insert job + rows in one transaction),
+status, log, result, cancel, a batch's jobs. Handlers and ``SmartLinks.Generate`` call only this.
 
 Invariants:
 * Everything a client sends is validated before anything is written; a refused start leaves
   no job, no rows, no files (422 naming the field, 413 for data over the limit).
+* The API process never compiles or renders a template: the shape of the master smartlink is
+  checked here, its Jinja2 in the template checker's render process (``server.jobs.checker``).
 * One running job per ``batch_id``: the same inputs again return that job (``created`` False),
   other inputs are a 409; the check and the insert share one ``BEGIN IMMEDIATE`` transaction.
 * A ``batch_id`` belongs to the key that first used it: another key gets 409 (it is a folder
   that NGINX serves, so sharing it would let one customer overwrite another's links).
-* Jobs are visible only to their owner (others get 404).
+* Jobs are visible only to their owner (others get 404). Everything is read from the database:
+  a job ``drop`` removed is 404 at once.
 """
 
 from __future__ import annotations
@@ -18,27 +21,39 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow
-from server.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from server.jobs.fetch import Fetcher, FetchError
-from server.jobs.pool import RUNNING, JobEngine, iso, job_json
-from server.jobs.render import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, compile_template
+from server.errors import (
+    BatchTaken,
+    DataTooLarge,
+    JobNotFound,
+    JobRunning,
+    SmartlinkBatchNotFound,
+    Unprocessable,
+)
+from server.jobs import control
+from server.jobs.checker import TemplateChecker
+from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
+from server.jobs.fetch import Fetcher, FetchError, FetchRefused
+from server.jobs.pool import WorkerPool
+from server.jobs.states import FINISHED, ROW_STATUS, RUNNING, iso, job_json, row_label
+from server.jsondoc import JsonRefused, loads, parse_json
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 MAX_EMAILS = 50
-ROW_STATUS = {"pending": "pending", "claimed": "pending", "done": "succeeded", "error": "errored",
-              "skipped": "skipped"}
+WAIT_POLL = 0.05  # job_finished / notified look at the database this often
+_BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -66,10 +81,13 @@ class Started:
 
 
 def parse_rows(raw: bytes, where: str) -> list[Any]:
-    """A JSON array of rows, or JSON Lines. Raises Unprocessable naming ``where``."""
+    """A JSON array of rows, or JSON Lines (a BOM in front is fine either way). Raises
+    Unprocessable naming ``where`` (also for nesting too deep and lone surrogates)."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        doc = loads(raw)
+    except JsonRefused as e:
+        if not str(e).startswith("is not JSON"):  # deep, a lone surrogate, not UTF-8: no line helps
+            raise Unprocessable(f"{where} {e}", field=where) from None
         return _parse_lines(raw, where)
     if isinstance(doc, list):
         rows = doc
@@ -85,15 +103,15 @@ def parse_rows(raw: bytes, where: str) -> list[Any]:
 def _parse_lines(raw: bytes, where: str) -> list[Any]:
     rows: list[Any] = []
     try:
-        lines = raw.decode("utf-8").splitlines()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise Unprocessable(f"{where} is not UTF-8 JSON", field=where) from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.removeprefix(_BOM).splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise Unprocessable(f"{where} is neither a JSON array nor JSON Lines (line {n}: {e})",
+                rows.append(loads(line))
+            except JsonRefused as e:
+                raise Unprocessable(f"{where} is neither a JSON array nor JSON Lines (line {n} {e})",
                                     field=where) from None
     if not rows:
         raise Unprocessable(f"{where} is empty", field=where)
@@ -107,9 +125,9 @@ def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[di
     seen: dict[tuple[str, str], int] = {}
     for idx, row in enumerate(rows):
         error = check_row(row, min_suffix)
-        ref = row.get("reference_id") if isinstance(row, dict) else None
+        raw_ref = row.get("reference_id") if isinstance(row, dict) else None
         suffix = row.get("suffix") if isinstance(row, dict) else None
-        ref = ref if isinstance(ref, str) else ""
+        ref = raw_ref if isinstance(raw_ref, str) else ""
         suffix = suffix if isinstance(suffix, str) and suffix else secrets.token_hex(12)
         if error is None:
             first = seen.setdefault((ref, suffix), idx)
@@ -124,16 +142,18 @@ def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[di
             "status": "error" if error else "pending", "error": error,
         })
         if error:
-            problems.append(f"row {idx}: {error}")
+            problems.append(f"{row_label(idx, raw_ref)}: {error}")
     return records, problems
 
 
 class JobService:
-    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher, engine: JobEngine) -> None:
+    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher, checker: TemplateChecker,
+                 pool: WorkerPool) -> None:
         self.db = db
         self.settings = settings
         self.fetcher = fetcher
-        self.engine = engine
+        self.checker = checker
+        self.pool = pool
 
     # ---- start ------------------------------------------------------------------------------
 
@@ -167,13 +187,20 @@ class JobService:
             if not PARAM_RE.match(name):
                 raise Unprocessable(f"{where}: the name must be a letter or _ then letters, digits, _",
                                     field=where)
-            try:
-                params[name] = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise Unprocessable(f"{where} is not JSON", field=where) from None
+            params[name] = parse_json(raw, where)
         return strategy, max_errors, callback_url, emails, params
 
-    async def _template(self, inp: StartInput) -> tuple[Any, str]:
+    async def _check_callback(self, url: str | None) -> None:
+        """A callback the fetch guard will refuse is refused now, not retried at the end."""
+        if url:
+            try:
+                await self.fetcher.check_url(url)
+            except FetchRefused as e:
+                raise Unprocessable(f"callback_url: {e}", field="callback_url") from None
+            except FetchError:
+                pass  # a name that does not resolve now may later: the delivery attempts tell
+
+    async def _template(self, inp: StartInput) -> str:
         if inp.document_file is not None:
             raw, where = inp.document_file, "document_file"
         elif inp.document_id:
@@ -190,21 +217,22 @@ class JobService:
         else:
             raise Unprocessable("document_file, or document_id with api_url, is required", field="document_file")
         try:
-            # In a thread: compiling a big template takes seconds (Jinja2's parser and code
-            # generator are Python), which the event loop must not spend.
-            return await asyncio.to_thread(compile_template, raw)
+            _doc, template = await asyncio.to_thread(parse_master, raw)  # JSON of up to 20 MB: off the loop
+            await self.checker.check(template)
         except TemplateInvalid as e:
             raise Unprocessable(f"{where}: {e}", field=where) from None
+        return template
 
     async def start(self, owner: str, inp: StartInput) -> Started:
+        accepted = utcnow()  # `started`: when the start was accepted (seed 000)
         strategy, max_errors, callback_url, emails, params = self._check_options(inp)
-        compiled, template = await self._template(inp)
+        await self._check_callback(callback_url)
+        template = await self._template(inp)
         where = inp.data_field
         if inp.data is None:
             raise Unprocessable("data or data_file is required", field="data")
         if len(inp.data) > self.settings.max_data_size:
-            raise PayloadTooLarge(f"{where} is over the {self.settings.max_data_size}-byte limit",
-                                  code="ERR_DATA_TOO_LARGE")
+            raise DataTooLarge(f"{where} is over the {self.settings.max_data_size}-byte limit")
         job_id = secrets.token_hex(16)
         rows = await asyncio.to_thread(parse_rows, inp.data, where)
         records, problems = await asyncio.to_thread(prepare_rows, job_id, rows, self.settings.min_suffix_length)
@@ -212,33 +240,38 @@ class JobService:
         inputs_hash = hashlib.sha256(json.dumps([
             template, hashlib.sha256(inp.data).hexdigest(), strategy, max_errors, callback_url, emails,
             params_json, inp.upload_batch_id]).encode()).hexdigest()
-        now = utcnow()
         errored = len(problems)
         async with self.db.write() as s:
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
             if other is not None:
-                raise Conflict(f"batch_id {inp.batch_id!r} is used by another API key", code="ERR_BATCH_TAKEN")
+                raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
             running = await s.scalar(select(Job).where(Job.batch_id == inp.batch_id, Job.status.in_(RUNNING)))
             if running is not None:
                 if running.inputs_hash == inputs_hash:
                     return Started(job_json(running), created=False)
-                raise Conflict(f"batch {inp.batch_id!r} has a running job {running.job_id} with other inputs; "
-                               "cancel it or wait for it to finish", code="ERR_JOB_RUNNING", job_id=running.job_id)
+                raise JobRunning(f"batch {inp.batch_id!r} has a running job {running.job_id} with other inputs; "
+                                 "cancel it or wait for it to finish", job_id=running.job_id)
             job = Job(job_id=job_id, batch_id=inp.batch_id, owner=owner, status="Queued", strategy=strategy,
                       inputs_hash=inputs_hash, template=template, params=params_json,
                       upload_batch_id=inp.upload_batch_id, max_errors=max_errors, callback_url=callback_url,
                       callback_emails=",".join(emails) or None, total_count=len(records), succeeded_count=0,
-                      errored_count=errored, cancel_requested=False, created_at=now,
-                      callback_state="none", email_state="none")
+                      errored_count=errored, cancel_requested=False, created_at=accepted, started=accepted,
+                      callback_state="none", email_state="none", claim_from=0)
             s.add(job)
             await s.flush()
             for i in range(0, len(records), 5000):
                 await s.execute(insert(JobRow.__table__), records[i:i + 5000])  # Core: 2x the ORM bulk path
             entries = [f"queued: {len(records)} rows, strategy {strategy}"
                        + (f", {errored} invalid" if errored else "")] + problems
-            await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": "error" if i else "info",
+            await s.execute(insert(JobLog), [{"job_id": job_id, "at": accepted, "level": "error" if i else "info",
                                               "message": m} for i, m in enumerate(entries)])
-        self.engine.enqueue(job_id, compiled)
+        if max_errors is not None and errored > max_errors:  # bad rows alone are too many: end it now
+            await control.cancel(self.db, self.settings, [job_id],
+                                 f"max_errors ({max_errors}) exceeded: {errored} rows errored", level="error")
+            job = await self._job(owner, inp.batch_id, job_id)
+        else:
+            self.pool.ensure_started()
+            await self.pool.wake()
         return Started(job_json(job), created=True)
 
     # ---- reading ----------------------------------------------------------------------------
@@ -252,13 +285,11 @@ class JobService:
                     s.expunge(job)  # keep its loaded values past the read's rollback
             if job is not None:
                 return job
-        raise NotFound(f"no job {job_id!r} in batch {batch_id!r}", code="ERR_JOB_NOT_FOUND")
+        raise JobNotFound(f"no job {job_id!r} in batch {batch_id!r}")
 
     async def status(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any]:
-        # A running job's progress comes from the engine (committed values, no DB round trip, so
-        # status stays fast while rendering keeps the GIL busy); otherwise from the database.
-        snap = self.engine.snapshot(owner, batch_id, job_id)
-        return snap if snap is not None else job_json(await self._job(owner, batch_id, job_id))
+        """A primary-key read: workers record progress as rows complete."""
+        return job_json(await self._job(owner, batch_id, job_id))
 
     async def log(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any]:
         job = await self._job(owner, batch_id, job_id)
@@ -272,18 +303,53 @@ class JobService:
         await self._job(owner, batch_id, job_id)
         base = self.settings.public_url.rstrip("/")
         async with self.db.read() as s:
-            rows = (await s.execute(text("SELECT reference_id, suffix, status, error FROM job_rows "
-                                         "WHERE job_id=:j ORDER BY idx"), {"j": job_id})).all()
+            rows = (await s.execute(select(JobRow.reference_id, JobRow.suffix, JobRow.status, JobRow.error)
+                                    .where(JobRow.job_id == job_id).order_by(JobRow.idx))).all()
         return [{"reference_id": ref, "suffix": suffix,
                  "url": f"{base}/{batch_id}/{ref}.{suffix}.html" if st == "done" else None,
                  "status": ROW_STATUS.get(st, st), "error": err} for ref, suffix, st, err in rows]
 
+    async def batch_jobs(self, owner: str, batch_id: str) -> dict[str, Any]:
+        """The caller's jobs of ``batch_id``, newest first (an empty list when there are none)."""
+        if not BATCH_ID_RE.match(batch_id):
+            raise SmartlinkBatchNotFound(f"{batch_id!r} is not a batch id (1-128 of A-Z a-z 0-9 _ -, "
+                                         "not starting with - or _)")
+        async with self.db.read() as s:
+            jobs = (await s.scalars(select(Job).where(Job.batch_id == batch_id, Job.owner == owner)
+                                    .order_by(Job.created_at.desc(), Job.job_id))).all()
+            out = [job_json(j) for j in jobs]
+        return {"batch_id": batch_id, "jobs": out}
+
     async def cancel(self, owner: str, batch_id: str, job_id: str, wait: float = 2.0) -> dict[str, Any]:
-        """Request cancellation and wait (up to ``wait`` s) for the pool to stop the job."""
+        """Request cancellation and wait (up to ``wait`` s) for the job to stop: workers kill a
+        render mid-row, so it normally answers ``Cancelled`` within a fraction of a second."""
         await self._job(owner, batch_id, job_id)
-        if await self.engine.cancel(job_id, "cancelled by request"):
-            try:
-                await self.engine.job_finished(job_id, timeout=wait)
-            except TimeoutError:
-                pass
+        if await control.cancel(self.db, self.settings, [job_id], "cancelled by request"):
+            await control.wait_ended(self.db, [job_id], wait)
         return job_json(await self._job(owner, batch_id, job_id))
+
+    # ---- waiting (callers and tests) ---------------------------------------------------------
+
+    async def job_finished(self, job_id: str, timeout: float | None = None) -> None:
+        """Return once ``job_id`` has reached an end state (or is gone: dropped); TimeoutError
+        after ``timeout`` s."""
+        await self._wait(lambda st: st is None or st[0] in FINISHED, job_id, timeout, "end")
+
+    async def notified(self, job_id: str, timeout: float | None = None) -> None:
+        """Return once the job's callback/e-mails have been delivered or given up on (or the job
+        is gone)."""
+        await self._wait(lambda st: st is None or (st[0] in FINISHED and not {"pending", "sending"} & set(st[1:])),
+                         job_id, timeout, "notifications")
+
+    async def _wait(self, done: Any, job_id: str, timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            async with self.db.read() as s:
+                row = (await s.execute(select(Job.status, Job.callback_state, Job.email_state)
+                                       .where(Job.job_id == job_id))).first()
+            if done(None if row is None else tuple(row)):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}: no {what} within {timeout} s")
+            await asyncio.sleep(WAIT_POLL)  # progress is made by other processes: poll under a deadline
+

@@ -74,8 +74,8 @@ async def start_ok(client: Any, batch_id: str, template: Any, data: Any, **kw: A
 
 
 async def wait_job(client: Any, batch_id: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Wait on the engine's job_finished signal, then read the status through the API."""
-    await client.app[JOBS].engine.job_finished(job_id, timeout=timeout)
+    """Wait until the job has ended (the service polls the database), then read the status through the API."""
+    await client.app[JOBS].job_finished(job_id, timeout=timeout)
     r = await client.get(f"/api/batch/{batch_id}/{job_id}/status", headers=AUTH)
     assert r.status == 200
     return await r.json()
@@ -181,3 +181,62 @@ async def smtp_server() -> AsyncIterator[tuple[int, _Collect]]:
         yield port, handler
     finally:
         await asyncio.to_thread(controller.stop)
+
+
+class Probe:
+    """Another tenant, while an attack runs: a thread that calls ``/healthz`` and the status of
+    a job of a second key every ``every`` s, recording each call's latency (bounded: it stops
+    on ``stop()`` or after ``limit`` calls)."""
+
+    def __init__(self, base_url: str, key: str, batch_id: str, job_id: str, every: float = 0.05,
+                 limit: int = 20_000) -> None:
+        import threading
+
+        self.urls = [f"{base_url}/healthz", f"{base_url}/api/batch/{batch_id}/{job_id}/status"]
+        self.headers = {"X-API-Key": key}
+        self.every, self.limit = every, limit
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import time
+
+        import requests
+
+        with requests.Session() as s:
+            for n in range(self.limit):
+                url = self.urls[n % 2]
+                t0 = time.perf_counter()
+                try:
+                    r = s.get(url, headers=self.headers, timeout=10)
+                    if r.status_code != 200:
+                        self.failures.append(f"{url}: {r.status_code}")
+                except requests.RequestException as e:
+                    self.failures.append(f"{url}: {e}")
+                self.latencies.append(time.perf_counter() - t0)
+                if self._stop.wait(self.every):  # the probe's own pace (the measured load), not a wait for work
+                    return
+
+    def p99(self) -> float:
+        s = sorted(self.latencies)
+        return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+
+    def check(self, limit: float = 0.100, calls: int = 5) -> None:
+        """The other tenant was served throughout: every call 200, p99 under ``limit``."""
+        assert not self.failures, self.failures[:5]
+        assert len(self.latencies) >= calls, f"only {len(self.latencies)} probe calls"
+        assert self.p99() < limit, (f"p99 {self.p99() * 1000:.0f} ms over {len(self.latencies)} calls "
+                                    f"(max {max(self.latencies) * 1000:.0f} ms)")

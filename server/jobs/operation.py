@@ -1,0 +1,73 @@
+"""``SmartLinks.Generate``: a job started by executing an upload batch. Params ``template`` and
+``data`` are fileIdx of that batch; optional ``strategy``, ``max_errors``, ``callback_url``,
+``callback_emails``, ``params`` (an object, like the ``param.<name>`` parts of a start) and
+``batch_id`` (default: the upload batch id). The batch stays: rows may publish its files
+(``"pdf": "batch:<fileIdx>"``) while the job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from server.config import Settings
+from server.errors import DataTooLarge, Unprocessable
+from server.jobs.assets import UploadFiles
+from server.jobs.service import JobService, StartInput
+from server.jsondoc import parse_json
+from server.uploads.operations import ExecuteContext, Operation, OperationResult
+
+
+def _file_index(params: dict[str, Any], name: str) -> int:
+    v = params.get(name)
+    if v is None or v == "":
+        raise Unprocessable(f"{name} (a fileIdx of this batch) is required", field=name)
+    try:
+        idx = int(str(v))
+    except ValueError:
+        idx = -1
+    if idx < 0:
+        raise Unprocessable(f"{name} must be a fileIdx of this batch", field=name)
+    return idx
+
+
+def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings) -> Operation:
+    async def read(owner: str, batch_id: str, idx: int, limit: int, name: str) -> bytes:
+        info = await files.open_file(owner, batch_id, idx)
+        if info.size > limit:
+            raise DataTooLarge(f"{name} (file {idx}) is over the {limit}-byte limit")
+
+        def read_bytes() -> bytes:
+            with open(info.path, "rb") as f:
+                return f.read(limit + 1)
+
+        return await asyncio.to_thread(read_bytes)  # up to FILEDROP_MAX_DATA_SIZE: not on the event loop
+
+    async def op(ctx: ExecuteContext) -> OperationResult:
+        p = ctx.params
+        template_idx, data_idx = _file_index(p, "template"), _file_index(p, "data")
+        extra = p.get("params") or {}
+        if isinstance(extra, str):
+            extra = parse_json(extra, "params")
+        if not isinstance(extra, dict):
+            raise Unprocessable("params must be a JSON object", field="params")
+
+        def opt(name: str) -> str | None:
+            v = p.get(name)
+            return None if v is None else str(v)
+
+        inp = StartInput(
+            batch_id=str(p.get("batch_id") or ctx.batch_id),
+            document_file=await read(ctx.owner, ctx.batch_id, template_idx, settings.fetch_max_bytes, "template"),
+            data=await read(ctx.owner, ctx.batch_id, data_idx, settings.max_data_size, "data"),
+            data_field="data",
+            strategy=opt("strategy"), max_errors=opt("max_errors"), callback_url=opt("callback_url"),
+            callback_emails=opt("callback_emails"),
+            params={k: json.dumps(v).encode() for k, v in extra.items()},
+            upload_batch_id=ctx.batch_id,
+        )
+        started = await jobs.start(ctx.owner, inp)
+        return OperationResult(202 if started.created else 200, started.job, drop_batch=False)
+
+    return op

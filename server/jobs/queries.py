@@ -1,0 +1,301 @@
+"""Every change of a job's rows and state, as SQLAlchemy Core on the models: claim, mark,
+hand back, cancel, finish. Workers, the API, the janitor and ``filedrop drop`` all go through
+these, so a job moves the same way whoever moves it.
+
+Invariants:
+* A row is claimed by one conditional ``UPDATE ... WHERE status='pending' ... RETURNING`` that
+  names the worker (``claimed_by``): two workers never get the same row. Every later change of a
+  claimed row checks ``status='claimed' AND claimed_by=<that worker>``, so a worker whose rows
+  were handed back (it was declared dead) changes nothing.
+* Row statuses and the job's counts change in the same transaction, so they never drift.
+* A job ends exactly once (a conditional UPDATE on its running status), and only when no row is
+  claimed: nobody still holds a row that could be published after the end. A cancelled job
+  skips its pending rows at once, so no worker claims them.
+* Portable SQL (SQLite now, PostgreSQL next): no SQLite-only functions; the claim's
+  ``IN (SELECT ... LIMIT n)`` becomes ``... FOR UPDATE SKIP LOCKED`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.db import Database, utcnow
+from server.db.job_models import Job, JobLog, JobRow, JobWorker
+from server.jobs.states import RUNNING, row_label
+
+ROWS = JobRow.__table__
+BATCH = 500  # ids per IN (...) list
+
+
+@dataclass(frozen=True)
+class Claimed:
+    idx: int
+    reference_id: str
+    suffix: str
+    pdf: str | None
+    data: str  # the row's JSON
+    attempts: int
+
+
+@dataclass
+class Outcome:
+    """What a worker learnt about claimed rows. ``retry``: a limit killed the render; the row
+    goes back to the queue with one more attempt. ``release``: back without an attempt (the
+    worker is stopping). ``skip``: the job was cancelled before they were rendered."""
+
+    done: list[int]
+    errors: list[tuple[int, str, str]]  # (idx, reference_id, message)
+    retry: list[int]
+    release: list[int]
+    skip: list[int]
+
+    @classmethod
+    def empty(cls) -> Outcome:
+        return cls([], [], [], [], [])
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.errors or self.retry or self.release or self.skip)
+
+
+@dataclass(frozen=True)
+class Counts:
+    succeeded: int
+    errored: int
+    max_errors: int | None
+
+
+async def add_log(s: AsyncSession, job_id: str, entries: Sequence[tuple[str, str]]) -> None:
+    if entries:
+        now = utcnow()
+        await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": lv, "message": m}
+                                         for lv, m in entries])
+
+
+async def note(db: Database, job_id: str, level: str, message: str) -> None:
+    async with db.write() as s:
+        await add_log(s, job_id, [(level, message)])
+
+
+def _mine(job_id: str, worker_id: str) -> Any:
+    return (ROWS.c.job_id == job_id) & (ROWS.c.status == "claimed") & (ROWS.c.claimed_by == worker_id)
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), BATCH):
+        yield ids[i:i + BATCH]
+
+
+def _among(ids: Sequence[int]) -> Any:
+    """``idx IN ids``; for a run of consecutive indexes (the usual group of done rows) a range,
+    which spares compiling and binding hundreds of parameters."""
+    if len(ids) > 2 and max(ids) - min(ids) + 1 == len(ids) == len(set(ids)):
+        return ROWS.c.idx.between(min(ids), max(ids))
+    return ROWS.c.idx.in_(ids)
+
+
+# ---- claims ------------------------------------------------------------------------------------
+
+
+async def running_jobs(db: Database) -> list[str]:
+    """Jobs a worker may have work for (or may finish), oldest first."""
+    async with db.read() as s:
+        return list((await s.scalars(select(Job.job_id).where(Job.status.in_(RUNNING))
+                                     .order_by(Job.created_at))).all())
+
+
+async def claim_rows(db: Database, job_id: str, worker_id: str, n: int) -> list[Claimed]:
+    """Up to ``n`` pending rows of a running, not cancelled job, in index order, now held by
+    ``worker_id``. The first claim moves the job to ``In progress``."""
+    async with db.write() as s:
+        job = (await s.execute(select(Job.status, Job.cancel_requested, Job.claim_from)
+                               .where(Job.job_id == job_id))).first()
+        if job is None or job.status not in RUNNING or job.cancel_requested:
+            return []
+        todo = (select(ROWS.c.idx).where(ROWS.c.job_id == job_id, ROWS.c.idx >= job.claim_from,
+                                         ROWS.c.status == "pending")
+                .order_by(ROWS.c.idx).limit(n).scalar_subquery())
+        res = await s.execute(
+            update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.idx.in_(todo), ROWS.c.status == "pending")
+            .values(status="claimed", claimed_by=worker_id)
+            .returning(ROWS.c.idx, ROWS.c.reference_id, ROWS.c.suffix, ROWS.c.pdf, ROWS.c.data, ROWS.c.attempts))
+        rows = sorted((Claimed(*r) for r in res.all()), key=lambda r: r.idx)
+        if rows:
+            await s.execute(update(Job).where(Job.job_id == job_id).values(claim_from=rows[-1].idx + 1))
+            began = await s.execute(update(Job).where(Job.job_id == job_id, Job.status == "Queued")
+                                    .values(status="In progress"))
+            if began.rowcount:
+                await add_log(s, job_id, [("info", "in progress")])
+        return rows
+
+
+async def record(db: Database, job_id: str, worker_id: str, out: Outcome) -> Counts | None:
+    """Apply a worker's outcome for rows it holds, the job's counts and the log, in one
+    transaction. None if the job is gone (dropped)."""
+    n_done = n_errors = 0
+    async with db.write() as s:
+        for ids in _chunks(out.done):
+            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), _among(ids))
+                                  .values(status="done", claimed_by=None))
+            n_done += res.rowcount
+        logged: list[tuple[str, str]] = []
+        for idx, ref, message in out.errors:
+            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx == idx)
+                                  .values(status="error", error=message, claimed_by=None))
+            if res.rowcount:
+                n_errors += 1
+                logged.append(("error", f"{row_label(idx, ref)}: {message}"))
+        back = False
+        for ids in _chunks(out.retry):
+            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx.in_(ids))
+                                  .values(status="pending", claimed_by=None, attempts=ROWS.c.attempts + 1))
+            back = back or bool(res.rowcount)
+        for ids in _chunks(out.release):
+            res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx.in_(ids))
+                                  .values(status="pending", claimed_by=None))
+            back = back or bool(res.rowcount)
+        for ids in _chunks(out.skip):
+            await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx.in_(ids))
+                            .values(status="skipped", claimed_by=None))
+        if back:
+            await s.execute(update(Job).where(Job.job_id == job_id).values(claim_from=0))
+        res = await s.execute(update(Job).where(Job.job_id == job_id).values(
+            succeeded_count=Job.succeeded_count + n_done, errored_count=Job.errored_count + n_errors)
+            .returning(Job.succeeded_count, Job.errored_count, Job.max_errors))
+        row = res.first()
+        await add_log(s, job_id, logged if row is not None else [])
+    return None if row is None else Counts(*row)
+
+
+# ---- cancel and finish -------------------------------------------------------------------------
+
+
+async def request_cancel(db: Database, job_ids: Sequence[str], reason: str, level: str = "info") -> list[str]:
+    """Cancel running jobs: ``cancel_requested`` set, pending rows skipped (no worker claims
+    them any more), one log line. Workers holding rows see the flag, stop (killing a render
+    mid-row) and finish the job. Returns the jobs that were running and not cancelled yet."""
+    async with db.write() as s:
+        res = await s.execute(update(Job).where(Job.job_id.in_(job_ids), Job.status.in_(RUNNING),
+                                                Job.cancel_requested.is_(False))
+                              .values(cancel_requested=True, reason=reason).returning(Job.job_id))
+        hit = list(res.scalars().all())
+        for job_id in hit:
+            await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status == "pending")
+                            .values(status="skipped"))
+            await add_log(s, job_id, [(level, f"cancelling: {reason}")])
+    return hit
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    status: str
+    summary: str
+
+
+async def finish(db: Database, job_id: str, *, failed: str | None = None, forced: str | None = None) -> Finished | None:
+    """End a running job, or do nothing (None) while it still has work: a claimed row, or
+    (not cancelled) a pending one. ``failed``: it cannot go on (status Failed, that reason).
+    ``forced``: cancelled by someone who waited for its workers in vain (``drop --force``); its
+    claimed rows are skipped too. Rows not done become ``skipped``."""
+    now = utcnow()
+    async with db.write() as s:
+        job = await s.get(Job, job_id)
+        if job is None or job.status not in RUNNING:
+            return None
+        final = failed is not None or forced is not None
+        open_ = ("pending", "claimed") if final or job.cancel_requested else ()
+        if not final:
+            busy = await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed")))
+            left = not job.cancel_requested and await s.scalar(
+                select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "pending")))
+            if busy or left:
+                return None
+        if open_:
+            await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status.in_(open_))
+                            .values(status="skipped", claimed_by=None))
+        if failed is not None:
+            status, reason = "Failed", failed
+        elif forced is not None or job.cancel_requested:
+            status = "Cancelled"
+            reason = (job.reason or "cancelled") + (f" ({forced})" if forced else "")
+        else:
+            status = "Completed with errors" if job.errored_count else "Completed"
+            reason = None
+        await s.execute(update(Job).where(Job.job_id == job_id, Job.status.in_(RUNNING)).values(
+            status=status, finished=now, reason=reason, started=func.coalesce(Job.started, now),
+            callback_state="pending" if job.callback_url else "none",
+            email_state="pending" if job.callback_emails else "none"))
+        skipped = await s.scalar(select(func.count()).select_from(ROWS)
+                                 .where(ROWS.c.job_id == job_id, ROWS.c.status == "skipped"))
+        summary = (f"{status}: {job.succeeded_count} succeeded, {job.errored_count} errored, "
+                   f"{skipped} skipped of {job.total_count}" + (f" ({reason})" if reason else ""))
+        await add_log(s, job_id, [("error" if failed else "info", summary)])
+    return Finished(job_id, status, summary)
+
+
+async def job_state(db: Database, job_id: str) -> tuple[str, bool] | None:
+    """(status, cancel_requested) of a job, or None once it is gone: what a worker checks
+    while it renders."""
+    async with db.read() as s:
+        row = (await s.execute(select(Job.status, Job.cancel_requested).where(Job.job_id == job_id))).first()
+    return None if row is None else (row[0], bool(row[1]))
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+
+async def register_worker(db: Database, worker_id: str, host: str, pid: int) -> None:
+    now = utcnow()
+    async with db.write() as s:
+        await s.execute(delete(JobWorker).where(JobWorker.worker_id == worker_id))
+        await s.execute(insert(JobWorker).values(worker_id=worker_id, host=host, pid=pid, started_at=now,
+                                                 seen_at=now))
+
+
+async def heartbeat(db: Database, worker_id: str) -> bool:
+    """Refresh the worker's ``seen_at``; False if it was declared dead meanwhile."""
+    async with db.write() as s:
+        res = await s.execute(update(JobWorker).where(JobWorker.worker_id == worker_id).values(seen_at=utcnow()))
+    return bool(res.rowcount)
+
+
+async def workers(db: Database) -> list[JobWorker]:
+    async with db.read() as s:
+        found = list((await s.scalars(select(JobWorker))).all())
+        for w in found:
+            s.expunge(w)
+    return found
+
+
+async def _hand_back(s: AsyncSession, held_by: Any) -> list[tuple[str, str]]:
+    """Claimed rows of running jobs matching ``held_by`` -> pending (no attempt counted: the
+    holder may have died for reasons of its own); (job_id, batch_id) of the jobs concerned."""
+    running = select(Job.job_id).where(Job.status.in_(RUNNING)).scalar_subquery()
+    res = await s.execute(update(ROWS).where(ROWS.c.job_id.in_(running), ROWS.c.status == "claimed", held_by)
+                          .values(status="pending", claimed_by=None).returning(ROWS.c.job_id))
+    jobs = sorted(set(res.scalars().all()))
+    if not jobs:
+        return []
+    await s.execute(update(Job).where(Job.job_id.in_(jobs)).values(claim_from=0))
+    return [(j, b) for j, b in (await s.execute(select(Job.job_id, Job.batch_id).where(Job.job_id.in_(jobs)))).all()]
+
+
+async def release_worker(db: Database, worker_id: str) -> list[tuple[str, str]]:
+    """A worker is gone (stopped, or dead): its claimed rows go back to the queue and its
+    registration goes. Returns (job_id, batch_id) of the jobs it held rows of."""
+    async with db.write() as s:
+        held = await _hand_back(s, ROWS.c.claimed_by == worker_id)
+        await s.execute(delete(JobWorker).where(JobWorker.worker_id == worker_id))
+    return held
+
+
+async def release_orphans(db: Database) -> list[tuple[str, str]]:
+    """Claimed rows no registered worker holds (a crash of every process) go back to the queue."""
+    async with db.write() as s:
+        live = select(JobWorker.worker_id).scalar_subquery()
+        return await _hand_back(s, ROWS.c.claimed_by.is_(None) | ROWS.c.claimed_by.not_in(live))

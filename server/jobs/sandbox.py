@@ -1,0 +1,79 @@
+"""The Jinja2 environment user templates run in: immutable sandbox, autoescape, and arithmetic
+that cannot make a huge number or string.
+
+Jinja2 folds constant expressions while it compiles (``{{ 10 ** (10 ** 7) }}`` would be
+computed by the compiler, holding the GIL for seconds) unless the sandbox intercepts the
+operator (``intercepted_binops``; ``nodes.BinExpr.as_const`` then refuses to fold). ``*`` and
+``**`` are intercepted: compiling never computes them, and at render time ``call_binop`` checks
+the size of the result before Python makes it. What gets past these checks (a filter making a
+huge string, a loop that never ends) meets the hard limits of the render process instead:
+its memory limit and the time limit its parent enforces by killing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sized
+from typing import Any
+
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_LOG10_2 = math.log10(2)
+
+
+class LimitHit(Exception):
+    """A row went over a render limit; the message names the limit and its setting."""
+
+
+def _digits(n: int) -> int:
+    return int(abs(n).bit_length() * _LOG10_2) + 1
+
+
+class LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """Immutable: ``params`` is one object shared by every row of a job; with the plain sandbox
+    a template could ``params.x.append(data)``, so a page would show other rows' data and a
+    re-render after a crash would not give the same bytes. Per-render state still works
+    through ``namespace()``."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, max_digits: int, max_chars: int) -> None:
+        super().__init__(autoescape=True, auto_reload=False, cache_size=0)
+        self.max_digits = max_digits
+        self.max_chars = max_chars
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            self._check_power(left, right)
+        elif operator == "*":
+            self._check_product(left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def _too_many_digits(self, what: str, digits: int) -> LimitHit:
+        return LimitHit(f"number size limit: {what} would have about {digits:,} digits, over "
+                        f"FILEDROP_MAX_NUMBER_DIGITS ({self.max_digits})")
+
+    def _check_power(self, base: Any, exp: Any) -> None:
+        if isinstance(base, int) and isinstance(exp, int) and exp > 0 and abs(base) > 1:
+            digits = int(exp * math.log10(abs(base))) + 1
+            if digits > self.max_digits:
+                raise self._too_many_digits(f"{_short(base)} ** {_short(exp)}", digits)
+
+    def _check_product(self, left: Any, right: Any) -> None:
+        if isinstance(left, int) and isinstance(right, int):
+            digits = _digits(left) + _digits(right) - 1
+            if digits > self.max_digits:
+                raise self._too_many_digits(f"{_short(left)} * {_short(right)}", digits)
+            return
+        seq, times = (left, right) if isinstance(right, int) else (right, left)
+        if isinstance(times, int) and isinstance(seq, Sized) and not isinstance(seq, int):
+            size = len(seq) * max(times, 0)
+            if size > self.max_chars:
+                raise LimitHit(f"page size limit: a {type(seq).__name__} * {_short(times)} would hold "
+                               f"{size:,} items, over FILEDROP_MAX_PAGE_SIZE ({self.max_chars} bytes)")
+
+
+def _short(n: int) -> str:
+    """A number for an error message: never its 10,000 digits (nor a ValueError for them)."""
+    return str(n) if _digits(n) <= 30 else f"<a {_digits(n)}-digit number>"

@@ -1,0 +1,379 @@
+"""``filedrop worker``: claims rows of running jobs from the database, has its render process
+render them, publishes the pages and marks the rows. ``filedrop serve`` runs
+``FILEDROP_WORKERS`` of these (``server.jobs.pool``); more can run on their own, here or on
+other hosts sharing the database and the data dir.
+
+The worker itself never runs a template: it is the small supervising loop that a runaway
+render cannot stall. It owns one render process (``server.jobs.child``, limited in memory and
+CPU priority) and kills it when a row takes too long, when the row's job is cancelled or gone,
+and when the worker stops (``runner.RowRunner``).
+
+Invariants:
+* Everything is in the database and the data dir: a worker holds rows only as ``claimed`` rows
+  naming it, so any worker or API process can tell whose rows are whose.
+* A worker proves it lives by a heartbeat (``job_workers.seen_at``, every second). A worker
+  whose heartbeat is older than ``LOST_AFTER``, or whose process is gone from this host, is
+  dead: the first live worker to see it hands its claimed rows back to the queue (no attempt
+  counted) and removes the temp files it left. A worker that finds itself declared dead drops
+  what it holds (its rows already went back) and registers again.
+* On SIGTERM it kills its render process, hands back the rows it had not published, and exits
+  within ``STOP_GRACE`` s whatever the templates do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import Settings
+from server.db import Database, utcnow
+from server.db.job_models import Job
+from server.durable import boot_id
+from server.jobs import control, queries
+from server.jobs.assets import Assets, JobRef, UploadFiles
+from server.jobs.childproc import ChildGone, RenderProcess
+from server.jobs.fetch import Fetcher
+from server.jobs.lifeline import die_with_parent
+from server.jobs.render import Asset
+from server.jobs.runner import RowRunner
+from server.jobs.states import RUNNING
+
+log = logging.getLogger("filedrop.jobs.worker")
+
+HEARTBEAT = 1.0  # s between heartbeats
+REAP_EVERY = 2.0  # s between looks for dead workers
+LOST_AFTER = 20.0  # a worker silent this long is dead (it may be on another host)
+IDLE_POLL = 1.0  # an idle worker looks for work this often (SIGUSR1 wakes it at once)
+STOP_GRACE = 3.0  # after SIGTERM, the loop gets this long to hand rows back before it is cancelled
+CLAIM_FIRST = 16  # rows of a job's first claim; then what this worker renders in CLAIM_SECONDS
+CLAIM_SECONDS = 1.0  # small enough that the last claims of a job spread over the workers
+CLAIM_MAX = 500
+# Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
+# calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
+NICE = 5
+
+
+class JobUnrenderable(Exception):
+    """The job's template cannot be compiled in a render process (its reason ends the job)."""
+
+
+def host_key() -> str:
+    """This host for this boot: workers registered under another boot id are all dead."""
+    return f"{socket.gethostname()}/{boot_id()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class LoadedJob:
+    job_id: str
+    batch_id: str
+    owner: str
+    upload_batch_id: str | None
+    strategy: str
+    template: str
+    params: str
+    out_dir: Path
+    assets: dict[str, Asset] = field(default_factory=dict)
+    version: int = 0  # bumped when assets resolve; a render process gets each version once
+    claim_size: int = CLAIM_FIRST
+
+    @property
+    def ref(self) -> JobRef:
+        return JobRef(self.job_id, self.owner, self.upload_batch_id)
+
+    def adapt(self, rows: int, seconds: float) -> None:
+        """Claims of about CLAIM_SECONDS of this worker's work, at the pace it just had."""
+        if rows:
+            self.claim_size = max(1, min(CLAIM_MAX, int(rows / max(seconds, 1e-3) * CLAIM_SECONDS)))
+
+
+class Worker:
+    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher, files: UploadFiles | None,
+                 worker_id: str | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.id = worker_id or secrets.token_hex(8)
+        self.host = host_key()
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.lost = False
+        self.child: RenderProcess | None = None
+        self.jobs: dict[str, LoadedJob] = {}
+        self.assets = Assets(settings, fetcher, files, self._note)
+        self._rr = 0
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def stop_reason(self) -> str | None:
+        return "stopping" if self.stopping.is_set() else "lost" if self.lost else None
+
+    async def run(self) -> None:
+        """Work until ``stop()``; then hand back what is held and deregister."""
+        await queries.register_worker(self.db, self.id, self.host, os.getpid())
+        log.info("worker %s (pid %d) started", self.id, os.getpid())
+        beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
+        try:
+            await self._reap(orphans=True)
+            with contextlib.suppress(ChildGone, OSError):  # else it starts with the first rows
+                # Warm before the first rows: a render process takes 0.1-0.3 s to start.
+                self.child = await RenderProcess.start(self.settings)
+            while not self.stopping.is_set():
+                try:
+                    if self.lost:
+                        await self._rejoin()
+                    busy = await self._round()
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception:  # the database busy past its timeout, say: not a reason to die
+                    log.exception("worker %s: round failed; trying again", self.id)
+                    busy = False
+                if not busy:
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
+        finally:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+            await self.drop_child()
+            with contextlib.suppress(Exception):  # the database may be what failed
+                await queries.release_worker(self.db, self.id)
+            log.info("worker %s stopped", self.id)
+
+    async def _rejoin(self) -> None:
+        log.warning("worker %s was declared dead (no heartbeat for %.0f s): its rows went back to the "
+                    "queue; registering again", self.id, LOST_AFTER)
+        self.jobs.clear()
+        await queries.release_worker(self.db, self.id)
+        await queries.register_worker(self.db, self.id, self.host, os.getpid())
+        self.lost = False
+
+    async def _beats(self) -> None:
+        last_reap = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT)  # the heartbeat's period
+            try:
+                if not await queries.heartbeat(self.db, self.id):
+                    self.lost = True
+                if time.monotonic() - last_reap >= REAP_EVERY:
+                    last_reap = time.monotonic()
+                    await self._reap()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # e.g. the writer busy past its timeout: try again next beat
+                log.exception("worker %s: heartbeat failed", self.id)
+
+    async def _reap(self, orphans: bool = False) -> None:
+        """Hand back the rows of dead workers (and, with ``orphans``, of rows claimed by no
+        registered worker: what a crash of everything left)."""
+        now = utcnow()
+        dead = [w for w in await queries.workers(self.db)
+                if w.worker_id != self.id
+                and ((now - w.seen_at).total_seconds() > LOST_AFTER or (w.host == self.host and not pid_alive(w.pid)))]
+        for w in dead:
+            held = await control.forget_worker(self.db, self.settings, w.worker_id)
+            log.warning("worker %s (pid %d on %s) is gone; rows it held in %d job(s) go back to the queue",
+                        w.worker_id, w.pid, w.host.split("/")[0], len(held))
+        if orphans or dead:
+            held = await queries.release_orphans(self.db)
+            if held:
+                log.warning("rows of %d job(s) were claimed by no live worker: back to the queue", len(held))
+
+    # ---- the work ----------------------------------------------------------------------------
+
+    async def _round(self) -> bool:
+        """Serve one job that has work (round robin over running jobs); False if none had."""
+        running = await queries.running_jobs(self.db)
+        for job_id in [j for j in self.jobs if j not in running]:
+            del self.jobs[job_id]
+        n = len(running)
+        for k in range(n):
+            if self.stop_reason():
+                return True
+            if await self._serve(running[(self._rr + k) % n]):
+                self._rr = (self._rr + k + 1) % n
+                return True
+        return False
+
+    async def _serve(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id) or await self._load(job_id)
+        if job is None:
+            return False
+        rows = await queries.claim_rows(self.db, job_id, self.id, job.claim_size)
+        if not rows:
+            return await control.end(self.db, self.settings, job_id) is not None
+        began = time.monotonic()
+        runner = RowRunner(self, job, rows)
+        try:
+            await runner.run()
+        except JobUnrenderable as e:
+            self.jobs.pop(job_id, None)
+            await control.end(self.db, self.settings, job_id, failed=str(e))
+            return True
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("worker %s: job %s: %d claimed rows handed back", self.id, job_id, len(runner.rows))
+            await self.drop_child()
+            out = queries.Outcome.empty()
+            out.release = [r.idx for r in runner.rows]
+            await queries.record(self.db, job_id, self.id, out)
+            await asyncio.sleep(IDLE_POLL)  # do not spin on a fault of ours
+            return True
+        job.adapt(len(runner.rows), time.monotonic() - began)
+        if self.stop_reason() is None:  # the job's last rows, or a cancel: end it if nothing is held
+            await control.end(self.db, self.settings, job_id)
+        return True
+
+    async def _load(self, job_id: str) -> LoadedJob | None:
+        async with self.db.read() as s:
+            job = await s.get(Job, job_id)
+            if job is not None:
+                s.expunge(job)
+        if job is None or job.status not in RUNNING:
+            return None
+        root = self.settings.smartlink_root
+        assert root is not None
+        out_dir = root / job.batch_id
+        made, problem = await asyncio.to_thread(_make_dir, root, out_dir)
+        if problem is not None:
+            await control.end(self.db, self.settings, job_id,
+                              failed=f"cannot create the output folder {job.batch_id}/: {problem}")
+            return None
+        if made:
+            # Dropped between our read and the mkdir? Then the folder must not come back.
+            state = await queries.job_state(self.db, job_id)
+            if state is None or state[0] not in RUNNING:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+                return None
+        loaded = LoadedJob(job.job_id, job.batch_id, job.owner, job.upload_batch_id, job.strategy, job.template,
+                           job.params or "{}", out_dir)
+        self.jobs[job_id] = loaded
+        return loaded
+
+    async def resolve(self, job: LoadedJob, keys: Iterable[str]) -> None:
+        job.assets.update(await self.assets.resolve(job.ref, keys))
+        job.version += 1
+
+    async def _note(self, job_id: str, level: str, message: str) -> None:
+        await queries.note(self.db, job_id, level, message)
+
+    # ---- the render process ------------------------------------------------------------------
+
+    async def child_for(self, job: LoadedJob) -> RenderProcess:
+        """This worker's render process, with ``job``'s template compiled and its assets known."""
+        if self.child is None or not self.child.alive:
+            await self.drop_child()
+            self.child = await RenderProcess.start(self.settings)
+        child = self.child
+        if not child.knows(job.job_id):
+            await child.send({"op": "job", "job_id": job.job_id, "template": job.template,
+                              "strategy": job.strategy, "batch_id": job.batch_id, "params": job.params})
+            t = self.settings.render_timeout
+            try:
+                header, _ = await child.recv(t)
+            except TimeoutError:
+                await self.drop_child()
+                raise JobUnrenderable(f"compiling the template took longer than FILEDROP_RENDER_TIMEOUT ({t:g} s)") from None
+            except ChildGone as e:
+                await self.drop_child()
+                raise JobUnrenderable(f"the render process died compiling the template (exit status {e.returncode}; "
+                                      f"FILEDROP_RENDER_MEMORY is {self.settings.render_memory:,} bytes)") from None
+            if not header.get("ok"):
+                if header.get("status") == "limit":
+                    await self.drop_child()
+                raise JobUnrenderable(f"the template cannot be compiled: {header.get('error')}")
+            child.learnt(job.job_id)
+        if child.assets_version(job.job_id) != job.version:
+            items = {k: {"path": a.path, "size": a.size, "error": a.error} for k, a in job.assets.items()}
+            await child.send({"op": "assets", "job_id": job.job_id, "items": items})
+            child.set_assets_version(job.job_id, job.version)
+        return child
+
+    async def drop_child(self) -> None:
+        """Kill and reap the render process (if any): nothing it was doing goes on."""
+        child, self.child = self.child, None
+        if child is not None:
+            await child.close()
+
+
+def _make_dir(root: Path, out_dir: Path) -> tuple[bool, str | None]:
+    """(made it now, problem): the job's folder is made by its load, never by a publish."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir()
+        return True, None
+    except FileExistsError:
+        return False, None if out_dir.is_dir() and not out_dir.is_symlink() else "File exists"
+    except OSError as e:
+        return False, e.strerror or str(e)
+
+
+# ---- the process -------------------------------------------------------------------------------
+
+
+async def serve(settings: Settings, worker_id: str | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (SIGUSR1: look for work now)."""
+    from server.uploads.operations import OperationRegistry
+    from server.uploads.service import UploadService
+
+    db = Database(settings.db_path)
+    fetcher = Fetcher(settings.fetch_allow, settings.fetch_timeout, settings.fetch_max_bytes)
+    worker = Worker(db, settings, fetcher, UploadService(db, settings, OperationRegistry()), worker_id)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    loop.add_signal_handler(signal.SIGINT, worker.stop)
+    loop.add_signal_handler(signal.SIGUSR1, worker.poke)
+    task = asyncio.create_task(worker.run(), name=f"worker-{worker.id}")
+    try:
+        stopping = asyncio.create_task(worker.stopping.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            _done, pending = await asyncio.wait({task}, timeout=STOP_GRACE)
+            if pending:
+                log.warning("worker %s: still busy %.0f s after SIGTERM (a fetch?): cancelling it", worker.id,
+                            STOP_GRACE)
+                task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    finally:
+        await worker.drop_child()
+        await fetcher.close()
+        await db.dispose()
+
+
+def main(settings: Settings, worker_id: str | None = None, parent: int | None = None) -> int:
+    if parent is not None:  # started by `filedrop serve`: stop with it (SIGTERM: rows handed back)
+        die_with_parent(parent, signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    asyncio.run(serve(settings, worker_id))
+    return 0
+

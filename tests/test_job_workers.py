@@ -1,0 +1,242 @@
+"""Workers as real processes beside a real server: a cancel stops a row mid-render, a worker
+killed with SIGKILL is replaced and its rows done exactly once, SIGTERM stops everything within
+10 s whatever the templates do, counts move as rows complete, the final log line counts skipped
+rows, ``started`` is when the start was accepted."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.jobs import rows
+from tests.support.live import (
+    AUTH,
+    FINISHED,
+    get,
+    published,
+    server_with_bystander,
+    start,
+    wait_end,
+)
+from tests.support.server import ServerProcess
+from tests.support.waiting import wait_until
+from tests.test_job_resume import alive, descendants
+
+NEVER = {"body": "{% if data.spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                 "{% endfor %}{% endif %}<p>{{ data.n }}</p>"}
+# About 0.05-0.2 s of sandboxed looping per row (machine-dependent): rows complete one by one.
+SLOW = {"body": "{% for i in range(10) %}{% for j in range(100000) %}{% endfor %}{% endfor %}<p>{{ data.n }}</p>"}
+
+
+@pytest.fixture
+def attacked(server_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return server_with_bystander(server_factory, tmp_path, 10.0)
+
+
+def checker_busy(server_pid: int) -> bool:
+    """The server's template checker (its own render process) holds over 100 MB."""
+    from tests.test_job_resume import children
+
+    for pid in children(server_pid):
+        try:
+            if "server.jobs.child" in Path(f"/proc/{pid}/cmdline").read_text():
+                rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+                return int(rss.split()[1]) > 100 << 10
+        except (OSError, StopIteration):
+            continue
+    return False
+
+
+def _try(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except requests.RequestException as e:
+        return e
+
+
+def db(srv: ServerProcess) -> sqlite3.Connection:
+    return sqlite3.connect(Path(srv.env["FILEDROP_DATA_DIR"]) / "filedrop.sqlite3")
+
+
+def workers(srv: ServerProcess) -> dict[str, int]:
+    with db(srv) as c:
+        return dict(c.execute("SELECT worker_id, pid FROM job_workers"))
+
+
+def row_states(srv: ServerProcess, job_id: str) -> dict[str, int]:
+    with db(srv) as c:
+        return dict(c.execute("SELECT status, count(*) FROM job_rows WHERE job_id=? GROUP BY status", (job_id,)))
+
+
+def rendering(srv: ServerProcess, job_id: str, idx: int) -> bool:
+    with db(srv) as c:
+        row = c.execute("SELECT status FROM job_rows WHERE job_id=? AND idx=?", (job_id, idx)).fetchone()
+    return row is not None and row[0] == "claimed"
+
+
+@pytest.mark.slow
+def test_cancel_of_a_row_that_never_ends_answers_cancelled_within_2s(attacked) -> None:
+    srv, probe = attacked
+    data = [{"reference_id": "spin", "suffix": "s" * 16, "data": {"spin": True, "n": 0}}]
+    with probe:
+        job = start(srv, "never", NEVER, data).json()
+        wait_until(lambda: rendering(srv, job["job_id"], 0), timeout=60, what="the row to be rendering")
+        assert srv.proc is not None
+        procs = descendants(srv.proc.pid)
+        t0 = time.monotonic()
+        r = requests.post(f"{srv.url}/api/batch/never/{job['job_id']}/cancel", headers=AUTH, timeout=30)
+        took = time.monotonic() - t0
+        wait_until(lambda: len(probe.latencies) >= 20, timeout=30, what="20 probe calls")
+    probe.check()
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "Cancelled", body
+    assert took < 2.0, f"cancel answered after {took:.2f} s"
+    assert (body["succeededCount"], body["erroredCount"]) == (0, 0)
+    # The render process that was at it is dead (killed, not asked): nothing of the job can
+    # be written any more; the folder stays empty and the row skipped.
+    now = set(descendants(srv.proc.pid))
+    assert any(p not in now for p in procs), "no render process was killed"
+    assert not any(alive(p) for p in procs if p not in now)
+    assert published(srv, "never") == []
+    assert row_states(srv, job["job_id"]) == {"skipped": 1}
+    log = get(srv, f"/api/batch/never/{job['job_id']}/log")["log"]
+    assert log[-1]["message"] == "Cancelled: 0 succeeded, 0 errored, 1 skipped of 1 (cancelled by request)"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_row_is_replaced_and_every_row_done_once(server_factory) -> None:
+    srv = server_factory(workers="2")
+    n = 300
+    job = start(srv, "kill9", SLOW, rows(n)).json()
+    jid = job["job_id"]
+    wait_until(lambda: get(srv, f"/api/batch/kill9/{jid}/status")["succeededCount"] >= 5, timeout=60,
+               what="some rows done")
+    before = workers(srv)
+    with db(srv) as c:
+        holder = c.execute("SELECT claimed_by FROM job_rows WHERE job_id=? AND status='claimed' LIMIT 1",
+                           (jid,)).fetchone()
+    assert holder is not None, "no row was being rendered"
+    os.kill(before[holder[0]], signal.SIGKILL)
+    wait_until(lambda: holder[0] not in workers(srv) and len(workers(srv)) == 2, timeout=30,
+               what="the killed worker to be replaced")
+    done = wait_end(srv, "kill9", jid, timeout=120)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed", n, 0), done
+    assert published(srv, "kill9") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]  # no temps either
+    assert row_states(srv, jid) == {"done": n}
+    with db(srv) as c:  # handed back without an attempt: the worker died, not the row
+        assert c.execute("SELECT max(attempts) FROM job_rows WHERE job_id=?", (jid,)).fetchone()[0] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_its_workers_within_10s(server_factory) -> None:
+    srv = server_factory(workers="2")
+    data = [{"reference_id": f"spin{i}", "suffix": "s" * 16, "data": {"spin": True, "n": i}} for i in range(2)]
+    job = start(srv, "term", NEVER, data).json()
+    wait_until(lambda: rendering(srv, job["job_id"], 0) and rendering(srv, job["job_id"], 1), timeout=60,
+               what="both rows to be rendering")
+    # And a start whose template takes seconds to compile (Jinja2 folds 300 MB of constants
+    # into code) is being checked when the signal comes.
+    slow = {"body": "{{ 'x' | center(150000000) ~ 'y' | center(150000000) }}"}
+    checking: dict[str, object] = {}
+    t = threading.Thread(target=lambda: checking.update(r=_try(start, srv, "slowcheck", slow, [])), daemon=True)
+    t.start()
+    assert srv.proc is not None
+    wait_until(lambda: checker_busy(srv.proc.pid), timeout=30, what="the checker to be compiling it")
+    procs = descendants(srv.proc.pid)  # two workers, two render processes, the checker
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 10
+    t.join(timeout=10)
+    r = checking["r"]
+    assert not isinstance(r, requests.Response) or r.status_code == 503, r  # or the connection closed
+    wait_until(lambda: not any(alive(p) for p in procs), timeout=5, what="workers and render processes to exit")
+    # The workers handed their rows back (not killed by a limit: no attempt counted).
+    assert row_states(srv, job["job_id"]) == {"pending": 2}
+    with db(srv) as c:
+        assert c.execute("SELECT count(*) FROM job_workers").fetchone()[0] == 0
+        assert c.execute("SELECT max(attempts) FROM job_rows").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+def test_counts_move_per_row_and_the_last_log_line_counts_skipped_rows(server_factory) -> None:
+    srv = server_factory(workers="1")
+    accepted = datetime.now(UTC).replace(tzinfo=None)
+    r = start(srv, "progress", SLOW, rows(300))
+    job = r.json()
+    jid = job["job_id"]
+    # `started`: the time the start was accepted, in the start's own answer (seed 000).
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", job["started"]), job
+    started = datetime.strptime(job["started"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert abs((started - accepted).total_seconds()) < 5
+    # Sample the count for a while: it moves at least once a second while rows complete.
+    seen: list[tuple[float, int]] = []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        s = get(srv, f"/api/batch/progress/{jid}/status")
+        if s["status"] not in ("Queued", "In progress"):
+            break
+        seen.append((time.monotonic(), s["succeededCount"]))
+        time.sleep(0.05)  # the sampling pace
+    changes = [t for (t, c), (_t0, c0) in zip(seen[1:], seen, strict=False) if c != c0]
+    assert len(changes) >= 3, seen[-5:]
+    gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
+    assert max(gaps) < 1.0, f"the count stood still for {max(gaps):.2f} s"
+    first = changes[0]
+    assert any(c < 50 for t, c in seen if t >= first), "counts moved only in big steps"
+    r = requests.post(f"{srv.url}/api/batch/progress/{jid}/cancel", headers=AUTH, timeout=30)
+    body = r.json()
+    assert body["status"] == "Cancelled", body
+    assert body["started"] == job["started"]
+    result = get(srv, f"/api/batch/progress/{jid}/result")["rows"]
+    skipped = sum(x["status"] == "skipped" for x in result)
+    assert skipped == 300 - body["succeededCount"] > 0
+    log = get(srv, f"/api/batch/progress/{jid}/log")["log"]
+    assert log[-1]["message"] == (f"Cancelled: {body['succeededCount']} succeeded, 0 errored, {skipped} skipped "
+                                  "of 300 (cancelled by request)")
+    assert body["status"] in FINISHED
+
+
+@pytest.mark.slow
+def test_a_worker_started_on_its_own_shares_the_work(server_factory) -> None:
+    """`filedrop worker` by hand (as on another host: same database and data dir) claims rows
+    beside the server's own worker, and stops on SIGTERM handing its rows back."""
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO
+
+    srv = server_factory(workers="1")
+    n = 300
+    jid = start(srv, "shared", SLOW, rows(n)).json()["job_id"]
+    wait_until(lambda: len(workers(srv)) == 1, timeout=30, what="the server's worker")
+    own = set(workers(srv))
+    extra = subprocess.Popen([sys.executable, "-m", "server", "worker"], cwd=REPO, env=srv.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def helped() -> bool:
+            with db(srv) as c:
+                by = {w for (w,) in c.execute("SELECT DISTINCT claimed_by FROM job_rows WHERE job_id=? AND "
+                                              "status='claimed'", (jid,))}
+            return bool(by - own - {None})
+        wait_until(helped, timeout=60, what="the worker started by hand to claim rows")
+        extra.send_signal(signal.SIGTERM)
+        assert extra.wait(timeout=10) == 0
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+            extra.wait(timeout=10)
+    assert set(workers(srv)) == own  # it deregistered
+    done = wait_end(srv, "shared", jid, timeout=120)
+    assert (done["status"], done["succeededCount"]) == ("Completed", n)
+    assert published(srv, "shared") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]
