@@ -14,7 +14,6 @@ from server.openapi import build
 from tests.conftest import API_KEY
 from tests.support.nginx import app_behind_nginx
 from tests.support.server import REPO
-from tests.test_api_openapi import PENDING_ROUTES
 
 API_DOC = REPO / "docs" / "api.md"
 # curl as the blocks use it, failing on an HTTP error unless the block shows one (-i/-I).
@@ -29,10 +28,6 @@ def blocks(lang: str) -> list[str]:
 def route_pattern(path: str) -> str:
     """A regex for ``path`` with each ``{param}`` standing for one path segment."""
     return re.sub(r"\\\{\w+\\\}", lambda _m: r'[^/\s"?]+', re.escape(path))
-
-
-def pending(block: str) -> bool:
-    return any(re.search(route_pattern(p) + r"[\"\s?]", block) for _m, p in PENDING_ROUTES)
 
 
 def test_every_route_has_an_example() -> None:
@@ -51,7 +46,7 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
     work = tmp_path / "work"
     (work / "var").mkdir(parents=True)
     (work / "var" / "dev-api-key").write_text(API_KEY + "\n")
-    runnable = [b for b in blocks("sh") if not pending(b)]
+    runnable = blocks("sh")
     assert len(runnable) >= 10
     script = "set -euo pipefail\n" + CURL + "\n".join(runnable)
     script = script.replace("http://127.0.0.1:8080", front.url)
