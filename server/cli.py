@@ -292,7 +292,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
             print(f"filedrop: {e.message}", file=sys.stderr)
             return 3
         print_table(janitor.Plan([item]))
-        return 0
+        return 1 if item.failed else 0  # e.g. the folder could not be removed: its row says why
 
     return _admin(run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 
 from sqlalchemy import update
 
@@ -184,3 +185,21 @@ async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(cl
     r = await client.get(f"/api/batch/live/{jid}/status", headers=AUTH)
     assert r.status == 404
 
+
+
+def test_drop_smartlinks_that_cannot_be_removed_says_so_and_exits_1(settings: Settings) -> None:
+    """A folder the server may not move (here: immutable) is an error row and exit 1, not a
+    'removed' with exit 0; the files stay where they were."""
+    assert settings.smartlink_root is not None
+    d = settings.smartlink_root / "stuck"
+    d.mkdir(parents=True)
+    (d / "r.s0000000000000000.html").write_text("<p>page</p>")
+    subprocess.run(["chattr", "+i", str(d)], check=True)  # root, ext4: renames are refused (EPERM)
+    try:
+        r = run_cli(settings, "drop", "--smartlinks", "stuck")
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    (row,) = table(r.stdout)["drop-smartlinks"]
+    assert row[0] == "stuck" and row[2].startswith("error: PermissionError"), row
+    assert (d / "r.s0000000000000000.html").exists() and "Traceback" not in r.stderr
