@@ -64,7 +64,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "max_chunk_size": ("64M", "Largest request body of one upload/chunk. Over: 413. NGINX uses it too."),
     "max_files_per_batch": ("10000", "Most files one upload batch may hold. Over: 413."),
     "max_batch_bytes": ("50G", "Most declared bytes one upload batch may hold. Over: 413."),
+    "max_chunks_per_file": ("10000", "Most chunks one file may be sent in (X-Upload-Chunk-Count), as S3 allows. Over: 413."),
     "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
+    "upload_sync_interval": ("1s", "Chunks answered 202 become power-loss durable within this (one sync for all)."),
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
     "workers": ("4", "Size of the smartlink rendering worker pool."),
@@ -100,7 +102,9 @@ class Settings:
     max_chunk_size: int = 64 << 20
     max_files_per_batch: int = 10000
     max_batch_bytes: int = 50 << 30
+    max_chunks_per_file: int = 10000
     min_free_disk: int = 256 << 20
+    upload_sync_interval: float = 1.0
     batch_ttl: float = 24 * 3600.0
     smartlink_root: Path | None = None
     workers: int = 4
@@ -178,11 +182,11 @@ class Settings:
 
 
 _SIZES = {"max_file_size", "max_chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size", "fetch_max_bytes"}
-_DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
-_INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "render_processes", "min_suffix_length",
-         "callback_retries", "smtp_port"}
+_DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff"}
+_INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "render_processes",
+         "min_suffix_length", "callback_retries", "smtp_port"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
-            "callback_retries": 1}
+            "max_chunks_per_file": 1, "callback_retries": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 
 

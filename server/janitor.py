@@ -6,7 +6,7 @@ What cleanup removes, one :class:`Item` each:
     expired-batch      an upload batch idle past its TTL (any state, tombstones too): rows and bytes
     chunk-leftovers    ``chunks/`` of a file that is already assembled (state complete)
     orphan-dir         an upload batch or file directory that no database row refers to
-    missing-bytes      a complete file row whose ``data`` is gone; chunk rows whose chunk file is gone
+    missing-bytes      a complete file row whose ``data`` is gone; recorded chunks whose bytes are gone
     temp-file          a dot-name temp left by a crash (``.part`` of uploads and assembly, ``.tmp`` of
                        the renderer)
     expired-job        a finished job past its retention: its rows (its smartlinks only with
@@ -51,11 +51,13 @@ from sqlalchemy import case, delete, exists, func, insert, select, update
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow
-from server.db.models import Batch, BatchFile, Chunk
+from server.db.models import Batch, BatchFile
 from server.errors import Conflict, NotFound
 from server.jobs.pool import RUNNING  # the job engine's own notion of a running job
 from server.jobs.render import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
 from server.keys import DATABASE, JANITOR, SETTINGS
+from server.uploads.assembly import Snapshot, chunks_present
+from server.uploads.chunkset import ChunkSet
 from server.uploads.store import UploadStore
 
 log = logging.getLogger("filedrop.janitor")
@@ -241,11 +243,9 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
             select(Batch.id, Batch.batch_id, Batch.state, Batch.updated_at,
                    func.max(BatchFile.updated_at).label("files_updated_at"))
             .outerjoin(BatchFile, BatchFile.batch_pk == Batch.id).group_by(Batch.id))).all()
-        files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state,
-                                        BatchFile.updated_at))).all()
-        chunk_rows = (await s.execute(
-            select(Chunk.file_id, Chunk.chunk_idx).join(BatchFile, BatchFile.id == Chunk.file_id)
-            .where(BatchFile.state == "receiving"))).all()
+        files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state, BatchFile.updated_at,
+                                        BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
+                                        BatchFile.chunk_ids, BatchFile.loose_ids))).all()
         expired_jobs = (await s.execute(
             select(Job.job_id, Job.batch_id, Job.finished).where(
                 Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
@@ -260,7 +260,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
                 stems_of.setdefault(r.job_id, set()).update(_stems([r]))
     busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
     busy_smartlinks = {r.batch_id for r in running}
-    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
+    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks, stems_of)
     kinds: dict[str, int] = {}
@@ -273,16 +273,13 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
 
 
 def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[Any],
-                  files: Iterable[Any], chunk_rows: Iterable[Any], busy: set[str]) -> None:
+                  files: Iterable[Any], busy: set[str]) -> None:
     root = settings.uploads_dir
     store = UploadStore(root)
     by_pk = {b.id: b for b in batches}
     files_of: dict[int, dict[int, Any]] = {}
     for f in files:
         files_of.setdefault(f.batch_pk, {})[f.id] = f
-    chunks_of: dict[int, list[int]] = {}
-    for c in chunk_rows:
-        chunks_of.setdefault(c.file_id, []).append(c.chunk_idx)
 
     expired: set[int] = set()
     for b in by_pk.values():
@@ -316,12 +313,12 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                                           f"batch {b.batch_id}: file row of a complete file without data",
                                           path=data, key=f.id))
             if f.state == "receiving" and settled and b.state == "open":
-                gone = [i for i in sorted(chunks_of.get(f.id, ())) if not store.chunk_path(pk, f.id, i).exists()]
+                kept = chunks_present(store, Snapshot.of(f))[0]
+                gone = [i for i in ChunkSet(f.chunk_ids).ids() if i not in kept]
                 if gone:
-                    out.items.append(Item("missing-bytes", _rel(settings, store.chunks_dir(pk, f.id)), 0,
-                                          f"batch {b.batch_id}: rows of chunks {gone} without bytes",
-                                          path=store.chunks_dir(pk, f.id),
-                                          key=(f.id, tuple(gone))))
+                    out.items.append(Item("missing-bytes", _rel(settings, fdir), 0,
+                                          f"batch {b.batch_id}: chunks {gone} recorded without their bytes",
+                                          path=fdir, key=(f.id, "chunks")))
             if f.state != "assembling":
                 for d in (fdir, store.chunks_dir(pk, f.id)):
                     for e in _listdir(d):
@@ -449,15 +446,24 @@ async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, 
 async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     settled = BatchFile.updated_at < ages.grace_cutoff
-    if isinstance(item.key, tuple):
-        file_id, idxs = item.key
-        gone = [i for i in idxs if not (item.path / str(i)).exists()]
+    if isinstance(item.key, tuple):  # a receiving file: forget its chunks without bytes (clients resend them)
+        file_id = item.key[0]
+        async with db.read() as s:
+            row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "receiving",
+                                                           settled))).scalar_one_or_none()
+            snap = Snapshot.of(row) if row is not None else None
+            synced = ChunkSet(row.synced_ids) if row is not None else ChunkSet()
+        if snap is None:
+            return False
+        ids, loose, received = await asyncio.to_thread(chunks_present, UploadStore(settings.uploads_dir), snap)
+        if bytes(ids) == snap.chunk_ids:
+            return False
         async with db.write() as s:
-            state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id, settled))
-            if state != "receiving":
-                return False
-            await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(gone)))
-        return bool(gone)
+            res = await s.execute(update(BatchFile).where(
+                BatchFile.id == file_id, BatchFile.state == "receiving", BatchFile.chunk_ids == snap.chunk_ids)
+                .values(chunk_ids=bytes(ids), loose_ids=bytes(loose), received=received,
+                        synced_ids=bytes(ChunkSet.of(i for i in synced.ids() if i in ids))))
+        return res.rowcount == 1  # type: ignore[attr-defined]
     if item.path.exists():
         return False
     async with db.write() as s:

@@ -291,22 +291,43 @@ async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, set
     assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"a")), ("1", sha256(b"bb"))]
 
 
-async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, settings, monkeypatch) -> None:
-    """The last chunk is answered 201 before the file is assembled: to the client it is
-    complete, so a whole-file upload right after replaces it (not "a repeat" kept as it was)."""
-    service = client.app[UPLOADS]
-    release = threading.Event()
-    assemble = type(service.store).assemble
+async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client, settings, monkeypatch) -> None:
+    """A file left ``assembling`` by a crash is assembled again at start; a whole-file upload
+    meanwhile replaces it (as it replaces a complete one), and the assembly, finding its row
+    gone, removes what it made."""
+    import sqlite3
 
-    def slow_assemble(store, *args):  # type: ignore[no-untyped-def]
-        release.wait(10)
-        return assemble(store, *args)
+    from server.app import create_app
+    from server.uploads import assembly
 
-    monkeypatch.setattr(type(service.store), "assemble", slow_assemble)
-    up = Uploads(client)
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
     batch = await up.create()
-    old = await up.upload(batch, 0, b"a" * 3000, chunk_size=1000)
-    assert old["uploadedChunkIds"] == [0, 1, 2]  # answered; the assembly waits
+    parts = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    for i in (0, 1):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=3000)).status == 202
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:  # chunk 2 recorded, then the crash
+        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+        with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
+            os.pwrite(f.fileno(), parts[2], 2000)
+        db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, received = 3000", (bytes([7]),))
+
+    entered, release = threading.Event(), threading.Event()
+    real = assembly.prepare
+
+    def slow_prepare(*args):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(assembly, "prepare", slow_prepare)
+    client = await aiohttp_client(create_app(settings))
+    service = client.app[UPLOADS]
+    up = Uploads(client)
+    assert await asyncio.to_thread(entered.wait, 10)
+    info = await (await up.info(batch, 0)).json()
+    assert info["state"] == "assembling" and info["complete"] is False
     new = os.urandom(500)
     r = await up.post(batch, 0, new, "new.bin")
     assert r.status == 201, await r.text()
@@ -317,7 +338,7 @@ async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, s
     assert await up.manifest(batch) == {"batchId": batch, "files": [
         {"fileIdx": "0", "name": "new.bin", "size": 500, "sha256": sha256(new)}]}
     files = upload_tree(settings.data_dir)  # the replaced file's assembly removed its own directory
-    assert len(files) == 1 and files[0].endswith("/data")
+    assert len(files) == 1 and files[0].endswith("/data") and files[0].split("/")[1] != str(fid)
 
 
 async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(client, settings) -> None:
