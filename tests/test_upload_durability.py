@@ -122,8 +122,7 @@ async def test_a_failed_chunk_point_does_not_end_the_periodic_ones(client, setti
     up = Uploads(client)
     batch = await up.create()
     calls: list[str] = []
-    barrier = service.durability.barrier
-    real = barrier._fn
+    real = service.durability.sync_now
 
     def flaky() -> None:
         calls.append("call")
@@ -131,7 +130,7 @@ async def test_a_failed_chunk_point_does_not_end_the_periodic_ones(client, setti
             raise OSError("disk hiccup")
         real()
 
-    monkeypatch.setattr(barrier, "_fn", flaky)
+    monkeypatch.setattr(service.durability, "sync_now", flaky)
     periodic = asyncio.ensure_future(service.sync_points(every=0.01))
     try:
         r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
@@ -158,8 +157,7 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
     await up.upload(batch, 0, DATA)
     service = client.app[UPLOADS]
     events: list[str] = []
-    barrier = service.durability.barrier
-    real_sync, real_remove_tree = barrier._fn, service_module.remove_tree
+    real_sync, real_remove_tree = service.durability.sync_now, service_module.remove_tree
 
     def sync() -> None:
         with sqlite3.connect(settings.db_path) as db:  # what the sync is about to make durable
@@ -171,7 +169,7 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
         events.append("bytes removed")
         real_remove_tree(path)
 
-    monkeypatch.setattr(barrier, "_fn", sync)
+    monkeypatch.setattr(service.durability, "sync_now", sync)
     monkeypatch.setattr(service_module, "remove_tree", remove_tree)
     if how == "drop":
         r = await client.delete(up.url(f"/{batch}"), headers=up.auth)

@@ -93,11 +93,12 @@ class Durability:
         self.db = db
         self.store = store
         self._db_elsewhere = _device(Path(db.path).parent) != _device(store.root)
-        self.barrier = SyncBarrier(self._sync)
+        self.barrier = SyncBarrier(lambda: self.sync_now())  # looked up each time: tests wrap it
         self._touched: set[int] = set()
         self._pending = asyncio.Event()  # chunks were recorded since the last chunk point
 
-    def _sync(self) -> None:
+    def sync_now(self) -> None:
+        """One sync, now (blocking: in a thread). ``synced()`` shares them between callers."""
         make_dirs(self.store.root)
         syncfs(self.store.root)
         if self._db_elsewhere:

@@ -3,20 +3,26 @@ recorded in one write transaction, and those that complete a file share its two 
 
 One owned task takes every request queued so far (a group, at most ``MAX_GROUP``) and:
 
-1. if any of them completes a file, waits for one sync of the data (``Durability.synced``):
-   the bytes of a file must be durable before the record that says it is complete;
-2. runs one ``BEGIN IMMEDIATE`` transaction: reads the group's batch and file rows once
-   (``FOR UPDATE``, a no-op on SQLite, for PostgreSQL), decides each request in order against
-   what the earlier ones changed, writes the rows (one ``INSERT ... RETURNING``, one
-   ``executemany`` ``UPDATE``, one ``DELETE``), and moves each request's bytes into place
-   (renames, in one thread hop) before the commit, so that "recorded" and "in place" are one
-   step for every other writer: a duplicate chunk never replaces a recorded one;
-3. if a file was completed or a row removed, waits for one sync of that commit (and its
-   renames) before anyone is answered or any bytes are removed.
+1. runs one sync (``Durability.sync_now``) if the group before it completed a file or removed a
+   row, or if one of this group's requests completes a file: that one sync makes the last
+   group's commit (and its renames) durable, and this group's bytes: a file's bytes must be
+   durable before the record that says it is complete (PostgreSQL pipelines its WAL flushes so);
+2. answers the last group's completions and removes the bytes its commit no longer needs;
+3. runs one ``BEGIN IMMEDIATE`` transaction: reads the group's batch and file rows in one
+   query (``FOR UPDATE`` of the batch rows, a no-op on SQLite, for PostgreSQL), decides each
+   request in order against what the earlier ones changed, writes the rows (one ``INSERT ...
+   RETURNING``, one ``executemany`` ``UPDATE``, one ``DELETE``), and moves each request's bytes
+   into place (renames) before the commit, so that "recorded" and "in place" are one step for
+   every other writer: a duplicate chunk never replaces a recorded one. Requests that only
+   recorded a chunk are answered at once; those that completed a file wait for the next sync.
+
+All of that runs in one thread hop per group (``Database.write_sync``), so a group costs one
+sync, one transaction and a couple of trips through the event loop, whatever its size.
 
 A request that breaks a rule (404, 400, 413) gets its error and its temp is removed; the others
 of its group go on. A rename that fails rolls the transaction back and the group is tried again
-without that request. Each request costs one write transaction at most.
+without that request. Each request costs one write transaction at most; a storage fault
+becomes the client's error (``server.uploads.faults``) with nothing half-recorded.
 """
 
 from __future__ import annotations
@@ -30,9 +36,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.config import Settings
 from server.db import Database, utcnow
@@ -132,6 +137,13 @@ class Recorded:
         return self.row.id
 
 
+@dataclass(frozen=True)
+class _Batch:
+    id: int
+    owner: str
+    state: str
+
+
 @dataclass(eq=False)
 class _Pending:
     arrival: Arrival
@@ -180,6 +192,20 @@ class _MoveFailed(Exception):
         self.error = error
 
 
+# The group's statements, built once (building them per group costs as much as running them).
+_ROWS = (select(_B.c.id.label("b_pk"), _B.c.batch_id.label("b_batch_id"), _B.c.owner.label("b_owner"),
+                _B.c.state.label("b_state"), *_F.c)
+         .select_from(_B.outerjoin(_F, and_(_F.c.batch_pk == _B.c.id,
+                                            _F.c.file_idx.in_(bindparam("idxs", expanding=True)))))
+         .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
+         .with_for_update(of=_B))  # PostgreSQL: writers of a batch's files queue on its row
+_TOTALS = (select(_F.c.batch_pk, func.count(), func.coalesce(func.sum(_F.c.size), 0))
+           .where(_F.c.batch_pk.in_(bindparam("pks", expanding=True))).group_by(_F.c.batch_pk))
+_DELETE = delete(_F).where(_F.c.id.in_(bindparam("ids", expanding=True)))
+_INSERT = insert(_F).returning(_F.c.id, sort_by_parameter_order=True)
+_UPDATE = update(_F).where(_F.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _MUTABLE})
+
+
 class Recorder:
     def __init__(self, db: Database, store: UploadStore, durability: Durability, settings: Settings) -> None:
         self.db = db
@@ -211,108 +237,127 @@ class Recorder:
         self._closing = False
 
     async def _run(self) -> None:
+        # The group committed last and waiting for the sync that makes it durable (files it
+        # completed, rows it removed), with its plan.
+        waiting: tuple[list[_Pending], _Plan] | None = None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-                try:
-                    await self._commit(group)
-                except Exception as e:  # a bug: answer everyone rather than hang them
-                    log.exception("recording a group of %d upload(s) failed", len(group))
-                    self._finish(group, e)
-            if self._closing:
-                return
+            if not self._queue and waiting is None:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+            try:
+                # One thread hop a group: the sync (the last group's records, this group's
+                # bytes), the last group's clean-up, this group's transaction and renames.
+                plan = await asyncio.to_thread(self._step, waiting, group)
+            except Exception as e:  # a bug: answer everyone rather than hang them
+                log.exception("recording a group of %d upload(s) failed", len(group))
+                for p in (*group, *(waiting[0] if waiting else ())):
+                    p.error = p.error or e
+                plan = None
+            if waiting is not None:
+                self._finish(waiting[0])
+            waiting = None
+            if plan is not None:
+                self.durability.touch(plan.touched)
+                later = [p for p in group if p.error is None and p.result is not None and p.result.completed]
+                self._finish([p for p in group if p not in later])
+                if later or plan.remove_dirs:
+                    waiting = (later, plan)
+            else:
+                self._finish(group)
 
-    def _finish(self, group: list[_Pending], error: BaseException | None = None) -> None:
+    @staticmethod
+    def _finish(group: list[_Pending]) -> None:
         for p in group:
             if p.future.done():
                 continue
-            err = error or p.error
-            if err is None:
+            if p.error is None:
                 assert p.result is not None
                 p.future.set_result(p.result)
             else:
-                p.future.set_exception(err)
+                p.future.set_exception(p.error)
                 p.future.exception()  # retrieved: its caller may have gone away
 
     def _mapped(self, e: BaseException, what: str) -> BaseException:
         return storage_error(e, self.settings.min_free_disk, what) or e
 
-    async def _commit(self, group: list[_Pending]) -> None:
+    def _step(self, waiting: tuple[list[_Pending], _Plan] | None, group: list[_Pending]) -> _Plan | None:
+        """Blocking, in a thread: sync if the last group or this one needs it, then clean up
+        after the last group (its removals are durable now) and record this one."""
         live = list(group)
-        discard: list[Path] = []
-        if any(p.arrival.digest is not None for p in live):
+        if waiting is not None or any(p.arrival.digest is not None for p in live):
             try:
-                await self.durability.synced()  # the bytes before the records that say complete
+                self.durability.sync_now()
             except Exception as e:
-                self._fail(live, self._mapped(e, "making the uploaded bytes durable"))
-                return
-        plan = _Plan()
+                if waiting is not None:  # committed, but not known durable: not answered complete
+                    self._fail(waiting[0], self._mapped(e, "making the upload's record durable"))
+                    waiting[1].remove_dirs.clear()
+                    waiting[1].completed.clear()
+                self._fail([p for p in live if p.arrival.digest is not None],
+                           self._mapped(e, "making the uploaded bytes durable"))
+                live = [p for p in live if p.arrival.digest is None]
+        if waiting is not None:
+            self._clean(waiting[1])
+        return self._commit(live) if live else None
+
+    def _commit(self, live: list[_Pending]) -> _Plan | None:
+        """One transaction for ``live``; None if it could not be made (each has its error)."""
         for attempt in range(3):
             plan = _Plan()
             try:
-                async with self.db.write() as s:
-                    await self._apply(await s.connection(), live, plan)
-                self.groups += 1
-                break
+                with self.db.write_sync() as conn:
+                    self._apply(conn, live, plan)
             except _MoveFailed as f:  # rolled back: try again without that request
                 plan.undo()
-                f.pending.error = self._mapped(f.error, "moving the upload into place")
-                self._fail([f.pending], f.pending.error)
+                self._fail([f.pending], self._mapped(f.error, "moving the upload into place"))
                 live.remove(f.pending)
                 if not live:
-                    return
+                    return None
+                continue
             except IntegrityError:  # another process made the same file row meanwhile
                 plan.undo()
                 if attempt == 2:
                     raise
+                continue
             except Exception as e:
                 plan.undo()
                 self._fail(live, self._mapped(e, "recording the upload"))
-                return
-        if plan.deleted or plan.completed:
-            try:
-                await self.durability.synced()  # the records (and renames) before the answers
-            except Exception as e:
-                self._fail([p for p in live if p.result is not None and p.result.completed],
-                           self._mapped(e, "making the upload's record durable"))
-                plan.remove_dirs.clear()
-                plan.completed.clear()
-        self.durability.touch(plan.touched)
-        discard += plan.discard
-        if discard or plan.remove_dirs or plan.completed:
-            await asyncio.to_thread(self._clean, discard, plan.remove_dirs,
-                                    [(r.batch_pk, r.id) for r in plan.completed if r.id is not None])
-        self._finish(live)
+                return None
+            self.groups += 1
+            for path in plan.discard:
+                remove(path)
+            return plan
+        return None
 
-    def _fail(self, group: list[_Pending], error: BaseException) -> None:
+    def _clean(self, plan: _Plan) -> None:
+        """After the sync that made ``plan``'s commit durable: the bytes it no longer needs."""
+        for d in plan.remove_dirs:
+            remove_tree(d)
+        for r in plan.completed:
+            if r.id is not None:
+                self.store.remove_chunks(r.batch_pk, r.id)
+
+    @staticmethod
+    def _fail(group: list[_Pending], error: BaseException) -> None:
         for p in group:
             p.error = error
             for path in (p.arrival.temp, p.arrival.completion):
                 if path is not None and path.name != "partial":
                     remove(path)
-        self._finish(group)
-
-    def _clean(self, discard: list[Path], dirs: list[Path], completed: list[tuple[int, int]]) -> None:
-        for p in discard:
-            remove(p)
-        for d in dirs:
-            remove_tree(d)
-        for pk, fid in completed:
-            self.store.remove_chunks(pk, fid)
 
     # -- the transaction ----------------------------------------------------------------------
-    async def _apply(self, conn: AsyncConnection, live: list[_Pending], plan: _Plan) -> None:
-        batches = {r.batch_id: r for r in await conn.execute(
-            select(_B.c.id, _B.c.batch_id, _B.c.owner, _B.c.state)
-            .where(_B.c.batch_id.in_({p.arrival.batch_id for p in live})).with_for_update())}
-        pks = {b.id for b in batches.values()}
+    def _apply(self, conn: Connection, live: list[_Pending], plan: _Plan) -> None:
+        batches: dict[str, Any] = {}
         files: dict[tuple[int, int], Row] = {}
-        if pks:
-            for r in await conn.execute(select(_F).where(
-                    _F.c.batch_pk.in_(pks), _F.c.file_idx.in_({p.arrival.req.file_idx for p in live})).with_for_update()):
+        for r in conn.execute(_ROWS, {"batch_ids": sorted({p.arrival.batch_id for p in live}),
+                                      "idxs": sorted({p.arrival.req.file_idx for p in live})}):
+            batches[r.b_batch_id] = _Batch(r.b_pk, r.b_owner, r.b_state)
+            if r.id is not None:
                 files[(r.batch_pk, r.file_idx)] = Row.of(r)
+        pks = sorted({b.id for b in batches.values()})
         totals: dict[int, list[int]] = {}  # batch pk -> [files, declared bytes], read when needed
         totals_read = False
         now = utcnow()
@@ -321,29 +366,24 @@ class Recorder:
             a = p.arrival
             try:
                 if pks and not totals_read and _may_add_file(a, files, batches):
-                    rows = await conn.execute(select(_F.c.batch_pk, func.count(), func.coalesce(func.sum(_F.c.size), 0))
-                                              .where(_F.c.batch_pk.in_(pks)).group_by(_F.c.batch_pk))
-                    totals.update({pk: [n, size] for pk, n, size in rows})
+                    totals.update({pk: [n, size] for pk, n, size in conn.execute(_TOTALS, {"pks": pks})})
                     totals_read = True
                 p.result = self._decide(p, batches, files, totals, plan, now)
             except FiledropError as e:
                 p.error = e
                 plan.discard += [x for x in (a.temp, a.completion) if x is not None and x.name != "partial"]
         if plan.deleted:
-            await conn.execute(delete(_F).where(_F.c.id.in_([r.id for r in plan.deleted])))
+            conn.execute(_DELETE, {"ids": [r.id for r in plan.deleted]})
         if plan.new:
-            ids = (await conn.execute(insert(_F).returning(_F.c.id, sort_by_parameter_order=True),
-                                      [r.values() for r in plan.new])).scalars().all()
+            ids = conn.execute(_INSERT, [r.values() for r in plan.new]).scalars().all()
             for r, new_id in zip(plan.new, ids, strict=True):
                 r.id = new_id
         if plan.moves:
-            await asyncio.to_thread(self._move_all, plan)
+            self._move_all(plan)
         dirty = [r for r in plan.dirty if r not in plan.deleted]
         if dirty:
-            await conn.execute(update(_F).where(_F.c.id == bindparam("b_id"))
-                               .values({c: bindparam(f"b_{c}") for c in _MUTABLE}),
-                               [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
-                                for r in dirty])
+            conn.execute(_UPDATE, [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
+                                   for r in dirty])
         plan.touched |= {r.id for r in (*plan.new, *dirty)
                          if r.id is not None and r.state != "complete" and r not in plan.deleted}
 

@@ -59,7 +59,9 @@ from server.uploads.recorder import Arrival, Recorder
 from server.uploads.store import BodyTooLarge, Target, UploadStore, remove, remove_tree
 
 log = logging.getLogger("filedrop.uploads")
-_KNOWN_LIMIT = 10_000  # open batches remembered (owner, row id); the transaction checks again
+_KNOWN_LIMIT = 10_000  # open batches and receiving files remembered; the transaction checks again
+_SNAPSHOT = (BatchFile.id, BatchFile.batch_pk, BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
+             BatchFile.chunk_ids, BatchFile.loose_ids, BatchFile.received, BatchFile.state)
 
 __all__ = ["FileInfo", "FileState", "UploadOutcome", "UploadRequest", "UploadService"]
 
@@ -76,6 +78,10 @@ class UploadService:
         self.assembler = Assembler(db, self.store, self.durability, self.hashes, self.stats, settings)
         self.recorder = Recorder(db, self.store, self.durability, settings)
         self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id)
+        # (batch pk, fileIdx) -> the file as this process last recorded it: where the next chunk
+        # goes without a read. The recording transaction checks everything again; a chunk the
+        # copy says is recorded, or a declaration it disagrees with, is checked with a read.
+        self._files: dict[tuple[int, int], tuple[Snapshot, str]] = {}
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
@@ -166,6 +172,8 @@ class UploadService:
         batch.state = state
         batch.updated_at = utcnow()
         self._open_batches.pop(batch.batch_id, None)
+        for key in [k for k in self._files if k[0] == batch.id]:
+            del self._files[key]
 
     async def _remove_after_commit(self, path: Path) -> None:
         """Remove bytes whose rows were just deleted: once that delete is durable, so that a
@@ -200,6 +208,7 @@ class UploadService:
             f = await self._file(s, batch, file_idx)
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
+        self._files.pop((batch.id, file_idx), None)
         await self._remove_after_commit(self.store.file_dir(batch.id, f.id))
 
     async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
@@ -254,7 +263,7 @@ class UploadService:
         if cl is not None and (cl != req.size if req.chunk_count == 1 else cl > req.size):
             raise FileSizeMismatch(f"Content-Length {cl} does not match X-File-Size {req.size}")
         incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
-        free = self.store.free_bytes()  # one statvfs: no thread needed
+        free = self.store.free_bytes(max_age=0.2)  # at most five statvfs a second on the event loop
         if free - incoming < s.min_free_disk:
             raise DiskFull(f"not enough free disk space: {incoming} more bytes would leave {free - incoming} "
                            f"free, under FILEDROP_MIN_FREE_DISK ({s.min_free_disk} bytes)")
@@ -271,16 +280,34 @@ class UploadService:
         batch_pk = await self._batch_pk(owner, batch_id, create)
         f, state = None, None
         if req.chunk_count > 1:
-            async with self.db.read() as s:
-                row = (await s.execute(select(BatchFile).where(
-                    BatchFile.batch_pk == batch_pk, BatchFile.file_idx == req.file_idx))).scalar_one_or_none()
-                if row is not None and row.chunk_ids:
-                    f, state = Snapshot.of(row), row.state
+            f, state = self._files.get((batch_pk, req.file_idx), (None, None))
+            if f is None or state != "receiving" or req.chunk_idx in ChunkSet(f.chunk_ids) or \
+                    (f.chunk_count, f.size) != (req.chunk_count, req.size):
+                f, state = await self._read_file(batch_pk, req.file_idx)
             if f is not None and state is not None:
                 early = await self._early(batch_id, req, f, state)
                 if early is not None:
                     return early
         return await _Receipt(self, owner, batch_id, batch_pk, req, f).run(body)
+
+    async def _read_file(self, batch_pk: int, file_idx: int) -> tuple[Snapshot | None, str | None]:
+        async with self.db.read() as s:
+            row = (await s.execute(select(*_SNAPSHOT).where(
+                BatchFile.batch_pk == batch_pk, BatchFile.file_idx == file_idx))).one_or_none()
+        if row is None or not row.chunk_ids:
+            self._files.pop((batch_pk, file_idx), None)
+            return None, None
+        self._remember(Snapshot.of(row), row.state, file_idx)
+        return Snapshot.of(row), row.state
+
+    def _remember(self, f: Snapshot, state: str, file_idx: int) -> None:
+        key = (f.batch_pk, file_idx)
+        if state == "complete":
+            self._files.pop(key, None)
+            return
+        if len(self._files) >= _KNOWN_LIMIT:
+            self._files.clear()
+        self._files[key] = (f, state)
 
     async def _early(self, batch_id: str, req: UploadRequest, f: Snapshot, state: str) -> UploadOutcome | None:
         """The answer before a byte of the body is read, when the file's row decides it: a
@@ -405,6 +432,10 @@ class _Receipt:
             file_id = recorded.file_id if recorded is not None else (self.f.id if self.f else None)
             s.hashes.end(file_id, self.offset, self.hasher if req.chunk_count > 1 else None,
                          recorded.outcome.uploaded_size if recorded else 0, recorded is not None and recorded.new)
+        row = recorded.row
+        if req.chunk_count > 1 and row.id is not None:
+            s._remember(Snapshot(row.id, row.batch_pk, row.size, row.chunk_count, row.chunk_size,
+                                 bytes(row.chunk_ids), bytes(row.loose_ids), row.received), row.state, req.file_idx)
         if recorded.assemble and recorded.file_id is not None:
             await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=True))
             o = recorded.outcome

@@ -37,6 +37,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ class UploadStore:
     def __init__(self, root: Path, min_free: int = 0) -> None:
         self.root = root
         self.min_free = min_free
+        self._free = (0, -1e9)  # (free bytes, when read)
 
     # -- paths (row ids only) ------------------------------------------------------------
     def batch_dir(self, batch_pk: int) -> Path:
@@ -132,12 +134,19 @@ class UploadStore:
         return self.root / ".synced"
 
     # -- space -----------------------------------------------------------------------------
-    def free_bytes(self) -> int:
+    def free_bytes(self, max_age: float = 0.0) -> int:
+        """Free bytes of the uploads' file system; ``max_age``: a reading that recent will do
+        (a request's early check; the reservation before writing reads it afresh)."""
+        now = time.monotonic()
+        if max_age and now - self._free[1] < max_age:
+            return self._free[0]
         try:
-            return shutil.disk_usage(self.root).free
+            free = shutil.disk_usage(self.root).free
         except FileNotFoundError:
             make_dirs(self.root)
-            return shutil.disk_usage(self.root).free
+            free = shutil.disk_usage(self.root).free
+        self._free = (free, now)
+        return free
 
     def _reserve(self, fd: int, offset: int, length: int) -> None:
         """Take ``length`` bytes at ``offset`` of ``fd`` from the disk, then check the floor
