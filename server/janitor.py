@@ -303,10 +303,10 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
             fdir = store.file_dir(pk, f.id)
             settled = f.updated_at < ages.grace_cutoff
             if f.state == "complete" and settled:
-                chunks = store.chunks_dir(pk, f.id)
-                if chunks.is_dir():
-                    out.items.append(Item("chunk-leftovers", _rel(settings, chunks), _du(chunks),
-                                          f"batch {b.batch_id}", path=chunks, key=f.id))
+                for left in (store.chunks_dir(pk, f.id), store.partial_path(pk, f.id)):
+                    if left.exists():  # a complete file's file dir goes; this one was left behind
+                        out.items.append(Item("chunk-leftovers", _rel(settings, left), _du(left),
+                                              f"batch {b.batch_id}", path=left, key=f.id))
                 data = store.data_path(pk, f.id)
                 if b.state == "open" and not data.exists():
                     out.items.append(Item("missing-bytes", _rel(settings, data), 0,
@@ -348,10 +348,17 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                 if _older(fp, ages.wall_grace):
                     out.items.append(Item("temp-file", _rel(settings, fp), _du(fp), f"batch {b.batch_id}", path=fp))
                 continue
-            fid = int(fe.name) if fe.name.isdigit() else None
+            fid = _file_id(fe.name)  # <file id>/ (a file dir) or <file id>.data (a complete file)
             if (fid is None or fid not in known) and _newest_mtime(fp) < ages.wall_grace:
                 out.items.append(Item("orphan-dir", _rel(settings, fp), _du(fp),
                                       f"no file row in batch {b.batch_id}", path=fp))
+
+
+def _file_id(name: str) -> int | None:
+    """The file row id an entry of a batch dir belongs to: ``<id>`` (its file dir) or
+    ``<id>.data`` (the complete file)."""
+    stem = name[:-len(".data")] if name.endswith(".data") else name
+    return int(stem) if stem.isdigit() else None
 
 
 def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: Iterable[Any],
@@ -440,6 +447,8 @@ async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, 
         return False
     assert item.path is not None
     await asyncio.to_thread(_remove, item.path)
+    with contextlib.suppress(OSError):  # the file dir, once nothing is left in it
+        item.path.parent.rmdir()
     return True
 
 
@@ -471,7 +480,7 @@ async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, it
                                                       BatchFile.state == "complete", settled))
     if res.rowcount == 0:
         return False
-    await asyncio.to_thread(_remove, item.path.parent)  # what is left of the file's directory
+    await asyncio.to_thread(_remove, item.path.with_suffix(""))  # what is left of its file dir
     return True
 
 
@@ -480,8 +489,9 @@ async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item:
     rel = item.path.relative_to(settings.uploads_dir).parts
     async with db.read() as s:
         if rel[0].isdigit() and await s.scalar(select(Batch.id).where(Batch.id == int(rel[0]))):
-            if len(rel) == 1 or (rel[1].isdigit() and await s.scalar(
-                    select(BatchFile.id).where(BatchFile.id == int(rel[1]), BatchFile.batch_pk == int(rel[0])))):
+            fid = _file_id(rel[1]) if len(rel) > 1 else None
+            if len(rel) == 1 or (fid is not None and await s.scalar(
+                    select(BatchFile.id).where(BatchFile.id == fid, BatchFile.batch_pk == int(rel[0])))):
                 return False
     if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - GRACE:
         return False

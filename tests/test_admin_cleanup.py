@@ -94,7 +94,7 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     assert batch_state(settings, "expired") is None and batch_state(settings, "tombstone") is None
     assert count(settings, BatchFile, BatchFile.batch_pk == st["expired_pk"]) == 0
     assert not (live / str(st["done_id"]) / "chunks").exists()
-    assert (live / str(st["done_id"]) / "data").read_bytes() == b"x" * 100  # the assembled file stays
+    assert (live / f"{st['done_id']}.data").read_bytes() == b"x" * 100  # the assembled file stays
     assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 0
     assert count(settings, BatchFile, BatchFile.id == st["recv_id"]) == 1
     assert chunk_ids(settings, st["recv_id"]) == [0]  # chunk 1 had no bytes: forgotten

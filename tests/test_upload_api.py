@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -33,9 +34,9 @@ async def test_normal_upload_info_and_manifest(client, settings, prefix) -> None
     assert [f["fileIdx"] for f in listing] == ["0"]
     assert await up.manifest(batch) == {"batchId": batch, "files": [
         {"fileIdx": "0", "name": "résumé 1.pdf", "size": 10000, "sha256": sha256(data)}]}
-    # Only the derived layout is on disk: <batch pk>/<file id>/data, nothing else.
+    # Only the derived layout is on disk: <batch pk>/<file id>.data, nothing else.
     files = upload_tree(settings.data_dir)
-    assert len(files) == 1 and files[0].endswith("/data")
+    assert len(files) == 1 and re.fullmatch(r"\d+/\d+\.data", files[0]), files
 
 
 async def test_chunks_out_of_order_list_all_ids_and_assemble(client) -> None:
@@ -257,7 +258,7 @@ async def test_concurrent_whole_uploads_to_one_index_leave_one_file(client, sett
     assert len(files) == 1
     winner = int(files[0]["name"][1:])
     assert files[0]["sha256"] == sha256(bodies[winner]) and files[0]["size"] == len(bodies[winner])
-    assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]
+    assert [re.fullmatch(r"\d+/\d+\.data", p) is not None for p in upload_tree(settings.data_dir)] == [True]
 
 
 async def test_empty_file(client) -> None:
@@ -338,7 +339,7 @@ async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client,
     assert await up.manifest(batch) == {"batchId": batch, "files": [
         {"fileIdx": "0", "name": "new.bin", "size": 500, "sha256": sha256(new)}]}
     files = upload_tree(settings.data_dir)  # the replaced file's assembly removed its own directory
-    assert len(files) == 1 and files[0].endswith("/data") and files[0].split("/")[1] != str(fid)
+    assert len(files) == 1 and re.fullmatch(r"\d+/\d+\.data", files[0]) and files[0] != f"{pk}/{fid}.data"
 
 
 async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(client, settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -109,4 +110,4 @@ async def test_file_left_assembling_is_assembled_at_start(aiohttp_client, settin
     assert service.stats.assembled == 1
     up2 = Uploads(second)
     assert (await up2.manifest(batch))["files"][0]["sha256"] == sha256(data)
-    assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]
+    assert [re.fullmatch(r"\d+/\d+\.data", p) is not None for p in upload_tree(settings.data_dir)] == [True]

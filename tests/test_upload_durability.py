@@ -158,6 +158,7 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
     service = client.app[UPLOADS]
     events: list[str] = []
     real_sync, real_remove_tree = service.durability.sync_now, service_module.remove_tree
+    real_remove_file = service.store.remove_file
 
     def sync() -> None:
         with sqlite3.connect(settings.db_path) as db:  # what the sync is about to make durable
@@ -169,8 +170,13 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
         events.append("bytes removed")
         real_remove_tree(path)
 
+    def remove_file(batch_pk, file_id):  # type: ignore[no-untyped-def]
+        events.append("bytes removed")
+        real_remove_file(batch_pk, file_id)
+
     monkeypatch.setattr(service.durability, "sync_now", sync)
     monkeypatch.setattr(service_module, "remove_tree", remove_tree)
+    monkeypatch.setattr(service.store, "remove_file", remove_file)
     if how == "drop":
         r = await client.delete(up.url(f"/{batch}"), headers=up.auth)
         assert r.status == 204

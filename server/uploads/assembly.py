@@ -1,9 +1,10 @@
 """Completing a file: its SHA-256 as the bytes arrive, and its chunks turned into ``data``.
 
-* ``Hashes`` keeps, per file, a SHA-256 of the bytes that arrived in order (each chunk is hashed
-  in a thread while it streams in, when the file's hash has reached its offset). At completion
-  only the rest is hashed. It is this process's memory: after a restart, or for chunks that
-  arrived out of order, the rest is simply larger; nothing depends on it for correctness.
+* ``Hashes`` keeps, per file, a SHA-256 of the bytes that arrived in order (a ``HashLane``: each
+  chunk is hashed in a thread as it streams in, when the file's hash has reached its offset, and
+  nobody waits for it before the file completes). At completion only the rest is hashed. It is
+  this process's memory: after a restart, or for chunks that arrived out of order, the rest is
+  simply larger; nothing depends on it for correctness.
 * ``prepare`` makes the completed file from a file's recorded chunks: with the uniform layout
   every chunk is already in ``partial`` (chunks stored on their own are copied in when they fit),
   so the file is ``partial`` itself; otherwise the chunks are concatenated into a temp. The
@@ -35,7 +36,7 @@ from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.model import chunk_length
-from server.uploads.store import UploadStore, hash_file, remove, remove_tree
+from server.uploads.store import HashLane, UploadStore, hash_file, remove
 
 log = logging.getLogger("filedrop.uploads")
 HASHES_KEPT = 4096  # files whose running SHA-256 is kept (a few hundred bytes each)
@@ -71,42 +72,48 @@ class Snapshot:
 
 @dataclass
 class _Running:
-    hasher: Any
-    upto: int
-    busy: bool = False
+    lane: HashLane
+    upto: int  # bytes of the file handed to the lane, in order
+    busy: bool = False  # a request feeds it now
 
 
 class Hashes:
     def __init__(self) -> None:
         self._files: dict[int, _Running] = {}
 
-    def begin(self, file_id: int | None, offset: int) -> Any:
-        """A hasher to feed a chunk at ``offset`` as it streams in, or None (hashed at the end).
-        ``file_id`` None: the first chunk of a file not made yet."""
+    def begin(self, file_id: int | None, offset: int) -> HashLane | None:
+        """The lane to feed a chunk at ``offset`` into as it streams in, or None (it is hashed at
+        the end). ``file_id`` None: the first chunk of a file not made yet."""
         if offset == 0:
-            return hashlib.sha256()
+            return HashLane()
         st = self._files.get(file_id) if file_id is not None else None
-        if st is None or st.busy or st.upto != offset:
+        if st is None or st.busy or st.upto != offset or st.lane.broken:
             return None
         st.busy = True
-        return st.hasher.copy()
+        return st.lane
 
-    def end(self, file_id: int | None, offset: int, hasher: Any, length: int, recorded: bool) -> None:
-        """After the chunk's record: keep ``hasher`` if the chunk was recorded."""
-        if hasher is None or file_id is None:
+    def end(self, file_id: int | None, offset: int, lane: HashLane | None, length: int, recorded: bool) -> None:
+        """After the chunk's record: the lane goes on if the chunk was recorded; if it was not,
+        the lane holds bytes the file does not, and is dropped."""
+        if lane is None or file_id is None:
             return
         st = self._files.get(file_id)
-        if st is not None and st.upto == offset:
-            st.busy = False
-        if recorded and (st is None and offset == 0 or st is not None and st.upto == offset):
-            if len(self._files) >= HASHES_KEPT:
+        if not recorded:
+            if st is not None and st.lane is lane:
+                del self._files[file_id]
+            return
+        if st is None and offset == 0 or st is not None and st.lane is lane:
+            if len(self._files) >= HASHES_KEPT and file_id not in self._files:
                 self._files.pop(next(iter(self._files)))
-            self._files[file_id] = _Running(hasher, offset + length)
+            self._files[file_id] = _Running(lane, offset + length)
 
-    def take(self, file_id: int) -> tuple[Any, int] | None:
-        """(a copy of the hasher, bytes it covers), or None."""
+    async def take(self, file_id: int) -> tuple[Any, int] | None:
+        """(a copy of the file's running hash, the bytes it covers), or None."""
         st = self._files.get(file_id)
-        return None if st is None or st.busy else (st.hasher.copy(), st.upto)
+        if st is None or st.busy:
+            return None
+        await st.lane.settle()
+        return None if st.lane.broken else (st.lane.hasher.copy(), st.upto)
 
     def forget(self, file_id: int) -> None:
         self._files.pop(file_id, None)
@@ -250,7 +257,8 @@ class Assembler:
         if snap is None:
             return
         try:
-            completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, self.hashes.take(file_id))
+            running = await self.hashes.take(file_id)
+            completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, running)
         except (OSError, ValueError) as e:
             self.stats.assembly_failed += 1
             log.error("assembling file %s of batch %s failed: %s", file_id, batch_id, e)
@@ -266,14 +274,14 @@ class Assembler:
                                         updated_at=utcnow()))
                 await asyncio.to_thread(os.replace, completion, data)
         if state is None:  # replaced meanwhile (the replacing upload left its directory to us)
-            await asyncio.to_thread(remove_tree, self.store.file_dir(snap.batch_pk, file_id))
+            await asyncio.to_thread(self.store.remove_file, snap.batch_pk, file_id)
             return
         if state != "assembling":
             if completion.name != "partial":
                 await asyncio.to_thread(remove, completion)
             return
         await self.durability.synced()  # the record before anyone is told
-        await asyncio.to_thread(self.store.remove_chunks, snap.batch_pk, file_id)
+        await asyncio.to_thread(self.store.remove_file_dir, snap.batch_pk, file_id)
         self.hashes.forget(file_id)
         self.stats.assembled += 1
 

@@ -56,7 +56,7 @@ from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.model import UploadOutcome, UploadRequest, stride_of
-from server.uploads.store import UploadStore, make_dirs, remove, remove_tree
+from server.uploads.store import UploadStore, make_dirs, remove
 
 log = logging.getLogger("filedrop.uploads")
 MAX_GROUP = 64
@@ -168,7 +168,7 @@ class _Plan:
     moves: list[_Move] = field(default_factory=list)
     moved: list[tuple[Path, Path]] = field(default_factory=list)  # (dst, src), to undo
     discard: list[Path] = field(default_factory=list)  # temps not needed (after the commit)
-    remove_dirs: list[Path] = field(default_factory=list)  # of removed rows (once that is durable)
+    removed: list[tuple[int, int]] = field(default_factory=list)  # (batch pk, file id) of removed rows
     completed: list[Row] = field(default_factory=list)  # their chunks go (once that is durable)
     touched: set[int] = field(default_factory=set)
 
@@ -264,7 +264,7 @@ class Recorder:
                 self.durability.touch(plan.touched)
                 later = [p for p in group if p.error is None and p.result is not None and p.result.completed]
                 self._finish([p for p in group if p not in later])
-                if later or plan.remove_dirs:
+                if later or plan.removed:
                     waiting = (later, plan)
             else:
                 self._finish(group)
@@ -294,7 +294,7 @@ class Recorder:
             except Exception as e:
                 if waiting is not None:  # committed, but not known durable: not answered complete
                     self._fail(waiting[0], self._mapped(e, "making the upload's record durable"))
-                    waiting[1].remove_dirs.clear()
+                    waiting[1].removed.clear()
                     waiting[1].completed.clear()
                 self._fail([p for p in live if p.arrival.digest is not None],
                            self._mapped(e, "making the uploaded bytes durable"))
@@ -334,11 +334,11 @@ class Recorder:
 
     def _clean(self, plan: _Plan) -> None:
         """After the sync that made ``plan``'s commit durable: the bytes it no longer needs."""
-        for d in plan.remove_dirs:
-            remove_tree(d)
+        for pk, file_id in plan.removed:
+            self.store.remove_file(pk, file_id)
         for r in plan.completed:
             if r.id is not None:
-                self.store.remove_chunks(r.batch_pk, r.id)
+                self.store.remove_file_dir(r.batch_pk, r.id)
 
     @staticmethod
     def _fail(group: list[_Pending], error: BaseException) -> None:
@@ -508,7 +508,7 @@ class Recorder:
         else:
             plan.deleted.append(f)
             if f.state != "assembling":  # else its assembler removes it, finding the row gone
-                plan.remove_dirs.append(self.store.file_dir(f.batch_pk, f.id))
+                plan.removed.append((f.batch_pk, f.id))
         del files[(batch_pk, f.file_idx)]
         t = totals.get(batch_pk)
         if t is not None:

@@ -56,7 +56,7 @@ from server.uploads.faults import storage_error
 from server.uploads.model import FileInfo, FileState, UploadOutcome, UploadRequest, chunk_length
 from server.uploads.operations import ExecuteContext, OperationRegistry, OperationResult
 from server.uploads.recorder import Arrival, Recorder
-from server.uploads.store import BodyTooLarge, Target, UploadStore, remove, remove_tree
+from server.uploads.store import BodyTooLarge, HashLane, Target, UploadStore, remove, remove_tree
 
 log = logging.getLogger("filedrop.uploads")
 _KNOWN_LIMIT = 10_000  # open batches and receiving files remembered; the transaction checks again
@@ -209,7 +209,8 @@ class UploadService:
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
         self._files.pop((batch.id, file_idx), None)
-        await self._remove_after_commit(self.store.file_dir(batch.id, f.id))
+        await self.durability.synced()  # the row's removal durable before its bytes go
+        await asyncio.to_thread(self.store.remove_file, batch.id, f.id)
 
     async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
         """A complete file's path and metadata (404 if missing or not complete). Waits for
@@ -379,17 +380,17 @@ class _Receipt:
         self.s, self.owner, self.batch_id, self.batch_pk, self.req, self.f = service, owner, batch_id, batch_pk, req, f
         store, cfg = service.store, service.settings
         self.limit = min(cfg.max_chunk_size, req.size)
-        self.hasher: Any = None
+        self.lane: HashLane | None = None
         self.offset = 0  # of this body in the complete file, when known
         if f is None:  # no row yet (or nothing stored): the body waits in the batch dir
             self.target = Target(store.arrival_temp(batch_pk, req.file_idx))
-            self.hasher = service.hashes.begin(None, 0) if req.chunk_idx == 0 else None
+            self.lane = service.hashes.begin(None, 0) if req.chunk_idx == 0 else None
         elif f.chunk_size is not None and req.content_length == chunk_length(f.size, f.chunk_count, f.chunk_size,
                                                                                  req.chunk_idx):
             self.offset = req.chunk_idx * f.chunk_size  # the uniform layout: in place
             self.target = Target(store.partial_path(batch_pk, f.id), self.offset, fresh=False)
             self.limit = req.content_length
-            self.hasher = service.hashes.begin(f.id, self.offset)
+            self.lane = service.hashes.begin(f.id, self.offset)
         else:  # another chunking, or no Content-Length: on its own
             self.target = Target(store.chunk_temp(batch_pk, f.id, req.chunk_idx))
         self.reserve = req.content_length if req.content_length is not None else self.limit
@@ -401,7 +402,11 @@ class _Receipt:
         recorded = None
         try:
             length = await self._receive(body)
-            digest = self.hasher.hexdigest() if req.chunk_count == 1 else None
+            digest = None
+            if req.chunk_count == 1:
+                assert self.lane is not None
+                await self.lane.settle()
+                digest = self.lane.hasher.hexdigest()
             if self.f is not None:
                 total = self.f.received + length
                 if total > req.size or (self.last and total != req.size):
@@ -409,8 +414,11 @@ class _Receipt:
                                            f"X-File-Size is {req.size}")
             if self.last and self.f is not None:
                 mine = (req.chunk_idx, self.target.path if self.target.fresh else None)
-                running = (self.hasher.copy(), self.offset + length) if self.hasher is not None else \
-                    s.hashes.take(self.f.id)
+                if self.lane is not None:
+                    await self.lane.settle()
+                    running = None if self.lane.broken else (self.lane.hasher.copy(), self.offset + length)
+                else:  # this chunk was not hashed on its way in: what arrived in order before it was
+                    running = await s.hashes.take(self.f.id)
                 completion, digest = await asyncio.to_thread(prepare, s.store, self.f, mine, running)
             recorded = await s.recorder.record(Arrival(
                 self.owner, self.batch_id, self.batch_pk, req, length,
@@ -430,7 +438,7 @@ class _Receipt:
             raise
         finally:
             file_id = recorded.file_id if recorded is not None else (self.f.id if self.f else None)
-            s.hashes.end(file_id, self.offset, self.hasher if req.chunk_count > 1 else None,
+            s.hashes.end(file_id, self.offset, self.lane if req.chunk_count > 1 else None,
                          recorded.outcome.uploaded_size if recorded else 0, recorded is not None and recorded.new)
         row = recorded.row
         if req.chunk_count > 1 and row.id is not None:
@@ -450,7 +458,7 @@ class _Receipt:
         req = self.req
         try:
             length = await self.s.store.receive(body, self.target, limit=self.limit, reserve_bytes=self.reserve,
-                                                declared=req.content_length, hasher=self.hasher)
+                                                declared=req.content_length, lane=self.lane)
         except BodyTooLarge:
             if self.limit == self.s.settings.max_chunk_size:
                 raise ChunkTooLarge(f"request body is over the {self.limit} byte chunk limit "

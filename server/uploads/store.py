@@ -4,17 +4,21 @@ Disk layout (the janitor codes against it; every path is derived from row ids, n
 client-supplied name):
 
     <data_dir>/uploads/<batches.id>/                      batch dir
+    <batch dir>/<batch_files.id>.data                     a complete file
     <batch dir>/.<file_idx>.<random>.part                 a request's body before its file row exists
                                                           (a whole file, or a file's first chunk)
-    <batch dir>/<batch_files.id>/                         file dir
+    <batch dir>/<batch_files.id>/                         file dir, while the file is received
     <file dir>/partial                                    the file being received: every chunk of the
                                                           uniform layout at chunk_idx * chunk_size
     <file dir>/chunks/<chunk_idx>                         a chunk stored on its own (other chunkings,
                                                           a chunk sent without Content-Length)
     <file dir>/chunks/.<chunk_idx>.<random>.part          such a chunk being received
     <file dir>/.data.<random>.part                        a concatenation under way
-    <file dir>/data                                       the complete file
     <data_dir>/uploads/.synced                            boot id of the last start (JSON)
+
+A complete file has no directory of its own (its file dir goes once it is complete): creating
+an inode is the dearest step of a small upload here (ext4 scans for one not recently freed), so a
+whole-file upload costs one, its temp, renamed into place.
 
 Chunks of the uniform layout (all chunks but the last the same size, as every known client
 sends them) are written where they belong in ``partial``, so completing the file is a rename;
@@ -38,15 +42,16 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from server.durable import reserve, start_writeback
 
-# Bytes gathered from the socket before one write: large enough that the thread hop per write
-# is noise, small enough that a few hundred parallel uploads stay far below the RSS budget.
-# A body no larger than this is written in one thread hop (open, reserve, write, close).
+# Bytes hashed per thread hop: large enough that the hop is noise, small enough that a few hundred
+# parallel uploads stay far below the RSS budget. A body no larger than this is written in one
+# thread hop (open, reserve, write, close).
 WRITE_BUFFER = 1 << 20
 READ_BLOCK = 1 << 20  # read size when hashing what arrived out of order
 DIR_MODE = 0o700
@@ -127,7 +132,7 @@ class UploadStore:
         return self.file_dir(batch_pk, file_id) / "partial"
 
     def data_path(self, batch_pk: int, file_id: int) -> Path:
-        return self.file_dir(batch_pk, file_id) / "data"
+        return self.batch_dir(batch_pk) / f"{int(file_id)}.data"
 
     @property
     def sync_marker(self) -> Path:
@@ -180,71 +185,52 @@ class UploadStore:
 
     # -- receiving ---------------------------------------------------------------------------
     async def receive(self, body: AsyncIterable[bytes], target: Target, *, limit: int, reserve_bytes: int,
-                      declared: int | None, hasher: hashlib._Hash | None = None) -> int:
+                      declared: int | None, lane: HashLane | None = None) -> int:
         """Stream ``body`` (at most ``limit`` bytes) into ``target``; returns its size.
 
         ``reserve_bytes`` are taken from the disk before the first write (the declared length, or
         the most the body may be). A body ``declared`` (Content-Length) to hold at most
-        WRITE_BUFFER bytes is read whole, then written in one thread hop. Any other is written as
-        it arrives, in WRITE_BUFFER blocks in a thread, overlapping with reading the next block
-        from the socket, its writeback started at once (its file exists from the start: a stalled
-        client's temp is there for the janitor to see). ``hasher`` (if given) is updated in
-        another thread beside the write (hashlib releases the GIL), in order. At most three
-        blocks are in memory per request. On any error, a client that goes away and
-        cancellation included, a fresh temp is removed (once no thread uses it any more).
+        WRITE_BUFFER bytes is read whole, then written (and hashed) in one thread hop. Any other
+        is written as it arrives (its file exists from the start: a stalled client's temp is
+        there for the janitor to see) through a ``_Stream``: written on the loop, hashed in order
+        in a thread (``lane``), and this returns without waiting for the hash. On any error, a
+        client that goes away and cancellation included, a fresh temp is removed (once no thread
+        uses it any more).
         """
         loop = asyncio.get_running_loop()
-        fd: int | None = None
-        writing: asyncio.Future[None] | None = None
-        hashing: asyncio.Future[None] | None = None
         size = 0
-        pieces: list[bytes] = []  # joined once per block: one copy of every byte, not two
-        pending = 0
-        try:
-            if declared is None or declared > WRITE_BUFFER:
-                fd = await loop.run_in_executor(None, self._open, target, reserve_bytes)
+        if declared is not None and declared <= WRITE_BUFFER:
+            pieces: list[bytes] = []
             async for data in body:
                 size += len(data)
                 if size > limit:
                     raise BodyTooLarge(limit)
                 pieces.append(data)
-                pending += len(data)
-                if pending < WRITE_BUFFER:
-                    continue
-                block = b"".join(pieces)
-                pieces.clear()
-                pending = 0
-                if fd is None:
-                    fd = await loop.run_in_executor(None, self._open, target, reserve_bytes)
-                if writing is not None:
-                    await writing
-                writing = loop.run_in_executor(None, _pwrite, fd, block, target.offset + size - len(block), True)
-                if hasher is not None:
-                    if hashing is not None:
-                        await hashing
-                    hashing = loop.run_in_executor(None, hasher.update, block)
-            tail = b"".join(pieces)
-            if fd is None:
-                await loop.run_in_executor(None, self._write_small, target, tail, reserve_bytes, hasher)
-                return size
-            if writing is not None:
-                await writing
-            writing = loop.run_in_executor(None, _pwrite, fd, tail, target.offset + size - len(tail))
-            if hasher is not None:
-                if hashing is not None:
-                    await hashing
-                hashing = loop.run_in_executor(None, hasher.update, tail)
-                await hashing
-            await writing
+            hasher = None
+            if lane is not None:
+                await lane.settle()
+                hasher = lane.hasher
+            await loop.run_in_executor(None, self._write_small, target, b"".join(pieces), reserve_bytes, hasher)
+            return size
+        opening = loop.run_in_executor(None, self._open, target, reserve_bytes)
+        stream: _Stream | None = None
+        try:
+            async for data in body:
+                size += len(data)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                if stream is None:  # the first piece waited in the socket while the file opened
+                    stream = _Stream(loop, await opening, target.offset, lane)
+                await stream.write(data)
+            if stream is None:
+                stream = _Stream(loop, await opening, target.offset, lane)
         except BaseException:
-            if fd is not None:
-                if writing is not None and not writing.done():
-                    # A thread still writes to fd: close (and remove) once it is done.
-                    writing.add_done_callback(lambda _f, fd=fd: _discard(fd, target))
-                else:
-                    _discard(fd, target)
+            if stream is not None:
+                stream.finish(partial(_discard, stream.fd, target))
+            else:
+                opening.add_done_callback(lambda f: f.cancelled() or f.exception() or _discard(f.result(), target))
             raise
-        os.close(fd)
+        stream.finish(partial(os.close, stream.fd))
         return size
 
     # -- completing --------------------------------------------------------------------------
@@ -280,8 +266,14 @@ class UploadStore:
         os.close(fd)
         return temp
 
-    def remove_chunks(self, batch_pk: int, file_id: int) -> None:
-        remove_tree(self.chunks_dir(batch_pk, file_id))
+    def remove_file_dir(self, batch_pk: int, file_id: int) -> None:
+        """What a complete file no longer needs: its file dir (chunks, temps)."""
+        remove_tree(self.file_dir(batch_pk, file_id))
+
+    def remove_file(self, batch_pk: int, file_id: int) -> None:
+        """Every byte of a file whose row is gone: its data and its file dir."""
+        remove(self.data_path(batch_pk, file_id))
+        remove_tree(self.file_dir(batch_pk, file_id))
 
     def remove_arrival_temps(self) -> int:
         """Remove every ``<batch dir>/.<file_idx>.<random>.part``; how many (start-up only)."""
@@ -296,6 +288,93 @@ class UploadStore:
                     remove(Path(entry.path))
                     removed += 1
         return removed
+
+
+BEHIND = 3  # WRITE_BUFFER blocks of one request read and written but not yet hashed
+
+
+class HashLane:
+    """A SHA-256 fed in order, across the requests of a file: each body's blocks are hashed in
+    a thread after those before them (``tail``), and nobody waits for it until the digest is
+    needed (``settle``). ``broken``: a block was not hashed; the digest must come from disk."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.tail: asyncio.Future[None] | None = None
+        self.broken = False
+
+    async def settle(self) -> None:
+        """Wait until every block handed to the lane is hashed."""
+        while self.tail is not None and not self.tail.done():
+            await asyncio.wait([self.tail])
+
+
+class _Stream:
+    """A body written as it arrives, each piece with one ``pwrite`` on the event loop (a copy
+    into the page cache, like a bare handler's: profiling showed writes handed to threads cost
+    twice the CPU, the pieces going cold between cores); every WRITE_BUFFER bytes are then
+    hashed (in order, on the lane) and their writeback started, in one thread hop of the
+    default executor, while the loop reads on. ``write`` waits only when BEHIND of this body's
+    blocks are still waiting for that."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, offset: int, lane: HashLane | None) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.offset = offset  # where the next piece goes
+        self.lane = lane
+        self._pieces: list[bytes] = []
+        self._start = offset  # of the pieces not yet handed to a thread
+        self._jobs: list[asyncio.Future[None]] = []  # this body's, in order
+
+    async def write(self, data: bytes) -> None:
+        _pwrite(self.fd, data, self.offset)
+        self.offset += len(data)
+        self._pieces.append(data)
+        if self.offset - self._start >= WRITE_BUFFER:
+            self._hand_off()
+            while len(self._jobs) > BEHIND:
+                await asyncio.wait([self._jobs[0]])
+                self._jobs = [j for j in self._jobs if not j.done()]
+
+    def _hand_off(self) -> None:
+        pieces, start, length = self._pieces, self._start, self.offset - self._start
+        self._pieces, self._start = [], self.offset
+        previous = self.lane.tail if self.lane is not None else None
+        job = asyncio.ensure_future(self._job(previous, pieces, start, length))
+        if self.lane is not None:
+            self.lane.tail = job
+        self._jobs.append(job)
+
+    async def _job(self, previous: asyncio.Future[None] | None, pieces: list[bytes], start: int, length: int) -> None:
+        if previous is not None:  # in order: the hash is one stream
+            await asyncio.wait([previous])
+        lane = self.lane
+        hasher = lane.hasher if lane is not None and not lane.broken else None
+        try:
+            await self.loop.run_in_executor(None, _hash_and_write_back, self.fd, pieces, start, length, hasher)
+        except Exception:  # e.g. out of memory: the digest will be read back from disk instead
+            if lane is not None:
+                lane.broken = True
+
+    def finish(self, then: Callable[[], None]) -> None:
+        """Hand the rest to the lane; run ``then`` (close the file, or discard a temp) once no
+        thread uses the file any more. Does not wait."""
+        if self._pieces:
+            self._hand_off()
+        running = [j for j in self._jobs if not j.done()]
+        if not running:
+            then()
+            return
+        asyncio.gather(*running).add_done_callback(lambda _f: then())
+
+
+def _hash_and_write_back(fd: int, pieces: list[bytes], start: int, length: int, hasher: hashlib._Hash | None) -> None:
+    if hasher is not None:
+        for p in pieces:
+            hasher.update(p)
+    # Start writeback of this block now, while the next ones arrive: the sync that must come
+    # before the file is answered complete then finds little left to write.
+    start_writeback(fd, start, length)
 
 
 def hash_file(path: Path, start: int, end: int, hasher: hashlib._Hash) -> None:
@@ -320,7 +399,7 @@ def _discard(fd: int, target: Target) -> None:
         remove(target.path)
 
 
-def _pwrite(fd: int, data: bytes, offset: int, writeback: bool = False) -> None:
+def _pwrite(fd: int, data: bytes | memoryview, offset: int, writeback: bool = False) -> None:
     view = memoryview(data)
     start = offset
     while view:

@@ -34,7 +34,7 @@ DAY = 86400.0
 @dataclass
 class FileSpec:
     state: str = "complete"
-    data: bytes | None = b"d" * 1000  # written as <file dir>/data
+    data: bytes | None = b"d" * 1000  # written as <batch dir>/<file id>.data
     chunks: dict[int, bytes] = field(default_factory=dict)  # chunks/<idx>, recorded (stored on its own)
     chunk_rows_without_bytes: list[int] = field(default_factory=list)  # recorded, no chunk file
     temps: dict[str, bytes] = field(default_factory=dict)  # relative to the file dir
@@ -86,8 +86,8 @@ def add_batch(settings: Settings, batch_id: str, files: list[FileSpec], *, state
             ids.append(f.id)
             fdir = settings.uploads_dir / str(b.id) / str(f.id)
             fdir.mkdir(parents=True, exist_ok=True)
-            if spec.data is not None:
-                (fdir / "data").write_bytes(spec.data)
+            if spec.data is not None:  # a complete file's bytes: <batch dir>/<file id>.data
+                (fdir.parent / f"{f.id}.data").write_bytes(spec.data)
             for i, chunk in spec.chunks.items():
                 (fdir / "chunks").mkdir(exist_ok=True)
                 (fdir / "chunks" / str(i)).write_bytes(chunk)
