@@ -28,6 +28,7 @@ becomes the client's error (``server.uploads.faults``) with nothing half-recorde
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -56,7 +57,7 @@ from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.model import UploadOutcome, UploadRequest, stride_of
-from server.uploads.store import UploadStore, make_dirs, remove
+from server.uploads.store import Target, UploadStore, make_dirs, remove
 
 log = logging.getLogger("filedrop.uploads")
 MAX_GROUP = 64
@@ -80,6 +81,12 @@ class Arrival:
     digest: str | None = None  # SHA-256 of the whole file, when this request completes it
     completion: Path | None = None  # what becomes ``data`` (``partial`` or a concatenation)
     assumed: tuple[bytes, bytes] | None = None  # (chunk_ids, loose_ids) the completion was made from
+    body: bytes | None = None  # a small whole file, written to ``temp`` (and hashed) by its group
+
+    @property
+    def completes(self) -> bool:
+        """It makes a file complete: its bytes must be durable before its record."""
+        return self.digest is not None or self.body is not None
 
 
 @dataclass(eq=False)
@@ -287,8 +294,8 @@ class Recorder:
     def _step(self, waiting: tuple[list[_Pending], _Plan] | None, group: list[_Pending]) -> _Plan | None:
         """Blocking, in a thread: sync if the last group or this one needs it, then clean up
         after the last group (its removals are durable now) and record this one."""
-        live = list(group)
-        if waiting is not None or any(p.arrival.digest is not None for p in live):
+        live = self._write_bodies(group)
+        if waiting is not None or any(p.arrival.completes for p in live):
             try:
                 self.durability.sync_now()
             except Exception as e:
@@ -296,12 +303,29 @@ class Recorder:
                     self._fail(waiting[0], self._mapped(e, "making the upload's record durable"))
                     waiting[1].removed.clear()
                     waiting[1].completed.clear()
-                self._fail([p for p in live if p.arrival.digest is not None],
-                           self._mapped(e, "making the uploaded bytes durable"))
-                live = [p for p in live if p.arrival.digest is None]
+                self._fail([p for p in live if p.arrival.completes], self._mapped(e, "making the uploaded bytes durable"))
+                live = [p for p in live if not p.arrival.completes]
         if waiting is not None:
             self._clean(waiting[1])
         return self._commit(live) if live else None
+
+    def _write_bodies(self, group: list[_Pending]) -> list[_Pending]:
+        """Write (and hash) the small whole files of the group, each to its temp: one thread hop
+        for all of them, before the sync that makes them durable. Returns those still going."""
+        live = []
+        for p in group:
+            a = p.arrival
+            if a.body is not None and a.digest is None:
+                assert a.temp is not None
+                hasher = hashlib.sha256()
+                try:
+                    self.store.write_small(Target(a.temp), a.body, len(a.body), hasher)
+                except Exception as e:
+                    self._fail([p], self._mapped(e, f"writing file {a.req.file_idx}"))
+                    continue
+                a.digest, a.body = hasher.hexdigest(), b""  # written: the memory goes
+            live.append(p)
+        return live
 
     def _commit(self, live: list[_Pending]) -> _Plan | None:
         """One transaction for ``live``; None if it could not be made (each has its error)."""
@@ -337,7 +361,7 @@ class Recorder:
         for pk, file_id in plan.removed:
             self.store.remove_file(pk, file_id)
         for r in plan.completed:
-            if r.id is not None:
+            if r.id is not None and r.chunk_count > 1:  # a whole file never had a file dir
                 self.store.remove_file_dir(r.batch_pk, r.id)
 
     @staticmethod

@@ -172,7 +172,8 @@ class UploadStore:
             raise
         return fd
 
-    def _write_small(self, target: Target, data: bytes, reserve_bytes: int, hasher: hashlib._Hash | None) -> None:
+    def write_small(self, target: Target, data: bytes, reserve_bytes: int, hasher: hashlib._Hash | None) -> None:
+        """Create, reserve, write and close in one go (blocking: in a thread)."""
         fd = self._open(target, reserve_bytes)
         try:
             _pwrite(fd, data, target.offset)
@@ -210,7 +211,7 @@ class UploadStore:
             if lane is not None:
                 await lane.settle()
                 hasher = lane.hasher
-            await loop.run_in_executor(None, self._write_small, target, b"".join(pieces), reserve_bytes, hasher)
+            await loop.run_in_executor(None, self.write_small, target, b"".join(pieces), reserve_bytes, hasher)
             return size
         opening = loop.run_in_executor(None, self._open, target, reserve_bytes)
         stream: _Stream | None = None
