@@ -34,6 +34,21 @@ _FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, c
 _FALLOC_FL_KEEP_SIZE = 1
 
 
+_MALLOPT = _libc("mallopt", ctypes.c_int, ctypes.c_int)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_heap(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Ask glibc's allocator to serve blocks under ``mmap_threshold`` from its heap and to keep up
+    to ``trim_threshold`` free bytes there instead of giving them back (False where there is no
+    ``mallopt``). A server that receives bodies in 256 KiB pieces and keeps a few megabytes of
+    them for a hashing thread otherwise maps fresh pages for most pieces (page faults were a
+    tenth of the CPU of a large upload)."""
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(_MALLOPT(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a range of ``fd`` back to disk without waiting for it (Linux's
     ``sync_file_range``), so that a later sync finds little left to write; elsewhere nothing."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.durable import keep_heap
 from server.errors import (
     BatchIdInvalid,
     ChunkCountInvalid,
@@ -114,6 +115,19 @@ def file_type(request: web.Request, name: str) -> str:
     if len(mimetype) > 255 or not mimetype.isprintable():
         raise FileTypeInvalid("X-File-Type is not a MIME type")
     return mimetype
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as the socket delivers it: ``readchunk`` hands over each piece as it
+    came (``iter_any`` joins what has piled up, a copy into fresh memory every time the
+    handler was busy)."""
+    content = request.content
+    while True:
+        data, end_of_chunk = await content.readchunk()
+        if data:
+            yield data
+        elif not end_of_chunk:
+            return
 
 
 def _service(request: web.Request) -> UploadService:
@@ -220,7 +234,7 @@ async def create_batch_with_handler(request: web.Request) -> web.Response:
 async def upload_file(request: web.Request) -> web.Response:
     batch_id = _batch_id(request)
     upload = _upload_request(request, parse_file_idx(request.match_info["file_idx"]))
-    o = await _service(request).receive(request[OWNER], batch_id, upload, request.content.iter_any())
+    o = await _service(request).receive(request[OWNER], batch_id, upload, _body(request))
     return _json(_upload_body(o), 201 if o.complete or not o.chunked else 202)
 
 
@@ -265,7 +279,7 @@ async def legacy_upload(request: web.Request) -> web.Response:
         raise BatchIdInvalid("X-Batch-Id is required")
     batch_id = check_batch_id(h["X-Batch-Id"].strip())
     upload = _upload_request(request, parse_file_idx(h.get("X-File-Idx")))
-    o = await _service(request).receive(request[OWNER], batch_id, upload, request.content.iter_any(), create=True)
+    o = await _service(request).receive(request[OWNER], batch_id, upload, _body(request), create=True)
     return _json(_upload_body(o))
 
 
@@ -321,6 +335,7 @@ async def uploads_context(app: web.Application) -> AsyncIterator[None]:
     """The upload service on ``app[UPLOADS]``, ``Batch.Manifest`` registered, and its start
     (what a reboot lost forgotten, what a crash left synced and assembled) before the first
     request."""
+    keep_heap(mmap_threshold=2 << 20, trim_threshold=32 << 20)  # see server.durable.keep_heap
     service = UploadService(app[DATABASE], app[SETTINGS], app[OPERATIONS])
     app[OPERATIONS].register("Batch.Manifest", service.manifest)
     app[UPLOADS] = service

@@ -291,7 +291,7 @@ class UploadStore:
         return removed
 
 
-BEHIND = 3  # WRITE_BUFFER blocks of one request read and written but not yet hashed
+BEHIND = 2  # WRITE_BUFFER blocks of one request read and written but not yet hashed
 
 
 class HashLane:
