@@ -222,6 +222,9 @@ class Recorder:
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._bodies: list[_Pending] = []  # small whole files to write before they are recorded
+        self._bodies_wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.groups = 0  # transactions run (tests read it)
 
@@ -231,17 +234,49 @@ class Recorder:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
         fut: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(arrival, fut))
-        self._wake.set()
+        if arrival.body is not None:
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.ensure_future(self._write_loop())
+            self._bodies.append(_Pending(arrival, fut))
+            self._bodies_wake.set()
+        else:
+            self._queue.append(_Pending(arrival, fut))
+            self._wake.set()
         return await asyncio.shield(fut)  # a caller that goes away does not stop its group
 
     async def close(self) -> None:
-        """Record what is queued, then end the task."""
+        """Write and record what is queued, then end the tasks."""
         self._closing = True
+        self._bodies_wake.set()
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._closing = False
+
+    async def _write_loop(self) -> None:
+        """Small whole files are written to their temps here, one batch per thread hop, while
+        the recorder syncs and commits the ones before them: creating a file is the dearest
+        step of a small upload, and one writer at a time does not contend for the directory."""
+        while True:
+            if not self._bodies:
+                if self._closing:
+                    return
+                await self._bodies_wake.wait()
+                self._bodies_wake.clear()
+                continue
+            batch, self._bodies = self._bodies[:MAX_GROUP], self._bodies[MAX_GROUP:]
+            try:
+                written = await asyncio.to_thread(self._write_bodies, batch)
+            except Exception as e:  # a bug: answer everyone rather than hang them
+                log.exception("writing %d upload(s) failed", len(batch))
+                for p in batch:
+                    p.error = p.error or e
+                written = []
+            self._finish([p for p in batch if p not in written])
+            self._queue += written
+            self._wake.set()
 
     async def _run(self) -> None:
         # The group committed last and waiting for the sync that makes it durable (files it
@@ -294,7 +329,7 @@ class Recorder:
     def _step(self, waiting: tuple[list[_Pending], _Plan] | None, group: list[_Pending]) -> _Plan | None:
         """Blocking, in a thread: sync if the last group or this one needs it, then clean up
         after the last group (its removals are durable now) and record this one."""
-        live = self._write_bodies(group)
+        live = group
         if waiting is not None or any(p.arrival.completes for p in live):
             try:
                 self.durability.sync_now()
@@ -310,8 +345,8 @@ class Recorder:
         return self._commit(live) if live else None
 
     def _write_bodies(self, group: list[_Pending]) -> list[_Pending]:
-        """Write (and hash) the small whole files of the group, each to its temp: one thread hop
-        for all of them, before the sync that makes them durable. Returns those still going."""
+        """Write (and hash) small whole files, each to its temp (blocking: in a thread), before
+        the sync that makes them durable. Returns those written."""
         live = []
         for p in group:
             a = p.arrival
