@@ -187,3 +187,39 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
         await up.manifest(batch, keep=False)
     assert events[-2:] == ["synced with 0 row(s)", "bytes removed"], events
     assert upload_tree(settings.data_dir) == []
+
+
+async def test_after_a_reboot_a_complete_file_whose_rename_was_lost_is_put_back(aiohttp_client, settings) -> None:
+    """The record of a completed file reached the disk but its rename into place did not (it was
+    not answered yet): a start after the reboot puts its synced bytes back from where they were
+    (checked against the SHA-256); one whose bytes are nowhere is removed, to be sent again."""
+    from server.app import create_app
+
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    whole, in_place, uneven, gone = os.urandom(3000), os.urandom(4000), os.urandom(2500), os.urandom(100)
+    await up.upload(batch, 0, whole)
+    await up.upload(batch, 1, in_place, chunk_size=1000)
+    for i, part in enumerate((uneven[:1000], uneven[1000:])):  # 1000 + 1500: concatenated
+        assert (await up.post(batch, 2, part, chunk=(i, 2), size=len(uneven))).status == (202, 201)[i]
+    await up.upload(batch, 3, gone)
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:
+        pk, *ids = [r[0] for r in db.execute("SELECT batch_pk FROM batch_files LIMIT 1")] + \
+            [r[0] for r in db.execute("SELECT id FROM batch_files ORDER BY file_idx")]
+    bdir = settings.uploads_dir / str(pk)
+    # Where each file's bytes were before its rename (the rename "lost with the power").
+    os.replace(bdir / f"{ids[0]}.data", bdir / ".0.feedface.part")
+    (bdir / str(ids[1])).mkdir()
+    os.replace(bdir / f"{ids[1]}.data", bdir / str(ids[1]) / "partial")
+    (bdir / str(ids[2])).mkdir()
+    os.replace(bdir / f"{ids[2]}.data", bdir / str(ids[2]) / ".data.feedface.part")
+    os.remove(bdir / f"{ids[3]}.data")
+    marker = settings.uploads_dir / ".synced"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "boot_id": "a-previous-boot"}))
+
+    client = await aiohttp_client(create_app(settings))
+    files = {f["fileIdx"]: f.get("sha256") for f in (await Uploads(client).manifest(batch))["files"]}
+    assert files == {"0": sha256(whole), "1": sha256(in_place), "2": sha256(uneven)}
+    assert sorted(upload_tree(settings.data_dir)) == sorted(f"{pk}/{i}.data" for i in ids[:3])

@@ -200,7 +200,8 @@ async def test_same_chunk_twice_is_not_an_error(up, settings) -> None:
 
 
 @pytest.mark.parametrize("name", ["a%2Fb.txt", "a/b.txt", "..%2F..%2Fetc%2Fpasswd", "a%5Cb.txt", "a\\b.txt",
-                                  "a%00b.txt", "%0A", "x" * 1000, "%FF%FE.txt", "%C3%28", "", "..", "."])
+                                  "a%00b.txt", "%0A", "x" * 1000, "%FF%FE.txt", "%C3%28", "", "..", ".",
+                                  "a%C2%85b", "a%C2%9Fb", "a%7Fb"])
 async def test_bad_file_names_rejected(client, up, settings, name) -> None:
     batch = await batch_with_good_file(up)
     h = {**upload_headers("n", 1), "X-File-Name": name}

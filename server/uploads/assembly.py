@@ -261,9 +261,11 @@ class Assembler:
             completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, running)
         except (OSError, ValueError) as e:
             self.stats.assembly_failed += 1
-            log.error("assembling file %s of batch %s failed: %s", file_id, batch_id, e)
             await self._give_back(snap, forget=isinstance(e, ValueError))
-            raise storage_error(e, self.settings.min_free_disk, f"assembling file {file_id}") or e from None
+            what = f"assembling file {file_id} of batch {batch_id}"
+            if isinstance(e, ValueError):
+                log.error("%s failed: %s; its chunks without their bytes are forgotten", what, e)
+            raise storage_error(e, self.settings.min_free_disk, what) or e from None
         await self.durability.synced()  # the bytes before the record that says complete
         data = self.store.data_path(snap.batch_pk, file_id)
         async with self.db.write() as s:

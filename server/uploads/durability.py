@@ -14,8 +14,9 @@
   the files this process recorded chunks of are read, a sync runs, then those ids are written
   to ``synced_ids``. Each process covers the files it wrote, and ``syncfs`` covers every
   process's bytes, so several processes sharing a data dir stay correct.
-* **After a reboot** (the boot id in ``uploads/.synced`` is not this boot's), every file still
-  receiving forgets the chunks not in ``synced_ids`` (loose chunk files removed, ``received``
+* **After a reboot** (the boot id in ``uploads/.synced`` is not this boot's), a file recorded
+  complete whose rename was lost gets its synced bytes back (see ``_restore_complete``), and
+  every file still receiving forgets the chunks not in ``synced_ids`` (loose chunk files removed, ``received``
   recomputed) and its client sends them again: it asks which ids the server has. A process
   restart in the same boot forgets nothing: the start syncs every recorded chunk.
 """
@@ -23,13 +24,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, select, update
 
 from server.db import Database, utcnow
 from server.db.models import BatchFile
@@ -171,6 +173,7 @@ class Durability:
         forgotten = 0
         last = await asyncio.to_thread(self._last_boot)
         if last is not None and last != boot_id():
+            await self._restore_complete()
             forgotten = await self._forget_unsynced()
         await self._sync_chunks(None)
         await asyncio.to_thread(self._write_boot)
@@ -194,6 +197,40 @@ class Durability:
             os.close(fd)
         os.replace(temp, marker)
         fsync_dir(marker.parent)
+
+    async def _restore_complete(self) -> None:
+        """After a reboot: a file recorded complete whose rename into place was lost with the
+        power (its record reached the disk, the rename did not: it was not answered yet) gets its
+        bytes back from where they were synced before the record -- ``partial``, a
+        concatenation's temp, or the whole file's temp -- checked against its SHA-256. One whose
+        bytes are nowhere is removed: its client, never told it was complete, sends it again."""
+        async with self.db.read() as s:
+            rows = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.file_idx, BatchFile.size,
+                                           BatchFile.sha256).where(BatchFile.state == "complete"))).all()
+        lost = await asyncio.to_thread(lambda: [r.id for r in rows if not self._put_back(r)])
+        if lost:
+            async with self.db.write() as s:
+                await s.execute(delete(BatchFile).where(BatchFile.id.in_(lost), BatchFile.state == "complete"))
+            log.warning("the machine rebooted: %d file(s) recorded complete had lost their bytes and were removed "
+                        "(they had not been answered complete; their clients send them again)", len(lost))
+
+    def _put_back(self, r) -> bool:  # type: ignore[no-untyped-def]
+        data = self.store.data_path(r.batch_pk, r.id)
+        if data.exists():
+            return True
+        fdir, bdir = self.store.file_dir(r.batch_pk, r.id), self.store.batch_dir(r.batch_pk)
+        candidates = [self.store.partial_path(r.batch_pk, r.id), *fdir.glob(".data.*.part"),
+                      *bdir.glob(f".{r.file_idx}.*.part")]
+        for c in candidates:
+            try:
+                if c.stat().st_size == r.size and _sha256(c) == r.sha256:
+                    os.replace(c, data)
+                    log.warning("file %s was recorded complete but its rename was lost: put back from %s",
+                                r.id, c.name)
+                    return True
+            except OSError:
+                continue
+        return False
 
     async def _forget_unsynced(self) -> int:
         async with self.db.read() as s:
@@ -237,3 +274,8 @@ class Durability:
             received += length
         gone = [self.store.chunk_path(r.batch_pk, r.id, i) for i in old_loose.ids() if i not in loose]
         return ids, loose, received, gone
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

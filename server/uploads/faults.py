@@ -28,15 +28,20 @@ _BUSY = (errno.EMFILE, errno.ENFILE)
 
 
 def storage_error(e: BaseException, floor: int, what: str) -> FiledropError | None:
-    """The client's error for a storage fault met while ``what`` (None: not a storage fault)."""
+    """The client's error for a storage fault met while ``what`` (None: not a storage fault),
+    logged in one line: a warning for what the operator can fix (space, open files), an error
+    for the disk failing."""
     if isinstance(e, BelowFloor):
+        log.warning("%s: the free-disk floor was reached (%d bytes free)", what, e.free)
         return DiskFull(f"not enough free disk space: {what} would leave {e.free} bytes free, under "
                         f"FILEDROP_MIN_FREE_DISK ({floor} bytes)")
     if isinstance(e, OperationalError) and "full" in str(e.orig):
+        log.warning("%s: the database's disk is full", what)
         return DiskFull(f"the database's disk is full ({what}); nothing was recorded")
     if not isinstance(e, OSError) or isinstance(e, ConnectionError | TimeoutError):
         return None
     if e.errno in _FULL:
+        log.warning("%s: %s", what, e.strerror or e)
         return DiskFull(f"no space left on the data dir's disk ({what}); nothing was recorded")
     if e.errno == errno.ENOENT:
         return FileNotFound(f"the file was removed while {what}; send it again")
