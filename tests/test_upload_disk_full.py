@@ -159,5 +159,7 @@ def test_the_free_disk_floor_holds_under_concurrent_uploads(tmpfs, server_factor
     answers = asyncio.run(scenario())
     statuses = [a[0] for a in answers]
     assert statuses.count(201) >= 10 and statuses.count(507) >= 5, statuses
-    assert lowest[0] >= floor - MIB, (lowest[0], floor)  # never under the floor (a page of slack)
+    # Never under the floor but for a moment: a reservation made at the same time as another
+    # one is given back when the check after it finds the floor crossed (at most one upload).
+    assert lowest[0] >= floor - 2 * MIB - 64 * 1024, (lowest[0], floor)
     assert free(disk) >= floor

@@ -154,12 +154,16 @@ class UploadStore:
         return free
 
     def _reserve(self, fd: int, offset: int, length: int) -> None:
-        """Take ``length`` bytes at ``offset`` of ``fd`` from the disk, then check the floor
-        (raises OSError ENOSPC, or BelowFloor: the caller gives a fresh temp back)."""
+        """Take ``length`` bytes at ``offset`` of ``fd`` from the disk unless that would leave less
+        than the floor, and check the floor again after (another request may have reserved
+        meanwhile). Raises OSError ENOSPC, or BelowFloor (the caller gives a fresh temp back)."""
+        free = os.statvfs(self.root)
+        if free.f_bavail * free.f_frsize - length < self.min_free:
+            raise BelowFloor(free.f_bavail * free.f_frsize)
         reserve(fd, offset, length)
-        free = shutil.disk_usage(self.root).free
-        if free < self.min_free:
-            raise BelowFloor(free)
+        free = os.statvfs(self.root)
+        if free.f_bavail * free.f_frsize < self.min_free:
+            raise BelowFloor(free.f_bavail * free.f_frsize)
 
     def _open(self, target: Target, reserve_bytes: int) -> int:
         make_dirs(target.path.parent)
