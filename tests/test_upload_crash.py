@@ -16,7 +16,7 @@ import requests
 from server.app import create_app
 from server.keys import UPLOADS
 from tests.conftest import API_KEY, AUTH
-from tests.support.uploads import Uploads, sha256, split, upload_headers, upload_tree
+from tests.support.uploads import Uploads, holds, sha256, split, upload_headers, upload_tree
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,14 +27,6 @@ CHUNK = 2 * MIB  # over one write block, so a chunk cut off mid-body has reached
 def post_chunk(base: str, batch: str, idx: int, count: int, size: int, data: bytes) -> requests.Response:
     return requests.post(f"{base}/api/v1/upload/{batch}/0", data=data, timeout=30,
                          headers=upload_headers("crash.bin", size, chunk=(idx, count)))
-
-
-def holds(path: Path, offset: int, data: bytes) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return os.pread(f.fileno(), len(data), offset) == data
-    except FileNotFoundError:
-        return False
 
 
 def test_kill9_mid_chunked_upload_then_resume(server_factory, tmp_path: Path) -> None:

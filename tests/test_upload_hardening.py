@@ -14,7 +14,7 @@ import pytest
 
 from server.app import create_app
 from tests.conftest import AUTH
-from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
+from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -138,14 +138,6 @@ async def test_body_shorter_or_longer_than_declared(client, up, settings) -> Non
 MIB = 1 << 20
 
 
-def _part_of(path: Path, offset: int, data: bytes) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return os.pread(f.fileno(), len(data), offset) == data
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("framing", ["content-length", "chunked"], ids=["in-place", "on-its-own"])
 async def test_client_disconnect_mid_chunk_records_nothing_and_retry_works(client, up, settings, framing) -> None:
     """A chunk cut off mid-body records nothing and leaves no temp; sent again, it completes
@@ -173,7 +165,7 @@ async def test_client_disconnect_mid_chunk_records_nothing_and_retry_works(clien
         if framing == "chunked":
             return bool(temps())
         partial = [settings.uploads_dir / p for p in upload_tree(settings.data_dir) if p.endswith("/partial")]
-        return bool(partial) and _part_of(partial[0], len(first), second[:MIB])
+        return bool(partial) and holds(partial[0], len(first), second[:MIB])
 
     async def no_temps() -> bool:
         return not temps()

@@ -97,6 +97,15 @@ class Uploads:
         return await r.json()
 
 
+def holds(path: Path, offset: int, data: bytes) -> bool:
+    """True if ``path`` holds ``data`` at ``offset`` (a chunk written in place, say)."""
+    try:
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), len(data), offset) == data
+    except FileNotFoundError:
+        return False
+
+
 def upload_tree(data_dir: Path) -> list[str]:
     """Every path under ``<data_dir>/uploads``, relative (to assert what is on disk), but the
     service's own durability marker ``.synced``."""
