@@ -32,6 +32,7 @@ from sqlalchemy import select, update
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.models import Batch, BatchFile
+from server.errors import FiledropError, FileSizeMismatch
 from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
@@ -219,8 +220,10 @@ class Assembler:
             batch.discard(t)
             if not batch and self._by_batch.get(batch_id) is batch:
                 del self._by_batch[batch_id]
-            if not t.cancelled():
-                t.exception()  # retrieved: whoever needs the outcome awaits the task itself
+            if not t.cancelled() and (e := t.exception()) is not None and not isinstance(e, FiledropError):
+                # A fault of ours (a storage fault was logged and turned into a FiledropError):
+                # the file stays as it was, for the next start to assemble.
+                log.error("assembling file %s of batch %s failed", file_id, batch_id, exc_info=e)
         task.add_done_callback(done)
         return task
 
@@ -265,6 +268,8 @@ class Assembler:
             what = f"assembling file {file_id} of batch {batch_id}"
             if isinstance(e, ValueError):
                 log.error("%s failed: %s; its chunks without their bytes are forgotten", what, e)
+                raise FileSizeMismatch(f"file of batch {batch_id}: {e}; the chunks without their bytes were "
+                                       "forgotten: send them again") from None
             raise storage_error(e, self.settings.min_free_disk, what) or e from None
         await self.durability.synced()  # the bytes before the record that says complete
         data = self.store.data_path(snap.batch_pk, file_id)

@@ -455,7 +455,8 @@ class _Receipt:
             s._remember(Snapshot(row.id, row.batch_pk, row.size, row.chunk_count, row.chunk_size,
                                  bytes(row.chunk_ids), bytes(row.loose_ids), row.received), row.state, req.file_idx)
         if recorded.assemble and recorded.file_id is not None:
-            await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=True))
+            # Claimed by its own record, or (a repeat) a failed assembly to claim and run again.
+            await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
             o = recorded.outcome
             return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, True)
         if recorded.completed:
