@@ -85,11 +85,19 @@ async def test_an_io_error_on_the_last_chunk_is_500_in_one_log_line(client, sett
 
 async def test_out_of_open_files_is_503_and_retryable(client, settings, monkeypatch) -> None:
     up = Uploads(client)
-    service = client.app[UPLOADS]
     batch = await up.create()
-    monkeypatch.setattr(service.store, "write_small",
-                        Once(service.store.write_small, OSError(errno.EMFILE, "Too many open files")))
+    real_open = os.open
+
+    def open_fails_once(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".part") and not fired:  # the body's temp
+            fired.append(path)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    fired: list[str] = []
+    monkeypatch.setattr(os, "open", open_fails_once)
     await assert_error(await up.post(batch, 0, b"small file"), 503, "ERR_SERVER_BUSY")
+    assert fired
     await assert_error(await up.info(batch, 0), 404, "ERR_FILE_NOT_FOUND")  # nothing recorded
     assert not temps(settings)
     assert (await up.post(batch, 0, b"small file")).status == 201

@@ -38,7 +38,7 @@ from server.db import Database
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.ledger import Arrival, Ledger, MoveFailed, Pending, Plan, Recorded
-from server.uploads.store import Target, UploadStore, remove
+from server.uploads.store import UploadStore, remove
 
 log = logging.getLogger("filedrop.uploads")
 MAX_GROUP = 64
@@ -181,20 +181,18 @@ class Recorder:
     def _write_bodies(self, group: list[Pending]) -> list[Pending]:
         """Write (and hash) small whole files, each to its temp (blocking: in a thread), before
         the sync that makes them durable. Returns those written."""
-        live = []
-        for p in group:
+        todo = [p for p in group if p.arrival.body is not None and p.arrival.digest is None]
+        errors = self.store.write_files([(p.arrival.temp, p.arrival.body) for p in todo])  # type: ignore[misc]
+        failed = set()
+        for p, error in zip(todo, errors, strict=True):
             a = p.arrival
-            if a.body is not None and a.digest is None:
-                assert a.temp is not None
-                hasher = hashlib.sha256()
-                try:
-                    self.store.write_small(Target(a.temp), a.body, len(a.body), hasher)
-                except Exception as e:
-                    self._fail([p], self._mapped(e, f"writing file {a.req.file_idx}"))
-                    continue
-                a.digest, a.body = hasher.hexdigest(), b""  # written: the memory goes
-            live.append(p)
-        return live
+            if error is not None:
+                self._fail([p], self._mapped(error, f"writing file {a.req.file_idx}"))
+                failed.add(id(p))
+                continue
+            assert a.body is not None
+            a.digest, a.body = hashlib.sha256(a.body).hexdigest(), b""  # written: the memory goes
+        return [p for p in group if id(p) not in failed]
 
     def _commit(self, live: list[Pending]) -> Plan | None:
         """One transaction for ``live``; None if it could not be made (each has its error)."""

@@ -176,6 +176,34 @@ class UploadStore:
             raise
         return fd
 
+    def write_files(self, files: list[tuple[Path, bytes]]) -> list[BaseException | None]:
+        """Create and write small fresh files one after the other (blocking: in one thread, the
+        only one writing such files): what failed, in order. The floor is checked once for all
+        of them, and their bytes are taken from the disk by the writes right after it (the file
+        system counts them at once), which the next check sees; bodies that stream reserve
+        theirs first (``fallocate``)."""
+        results: list[BaseException | None] = []
+        room = self.free_bytes() - self.min_free if files else 0
+        made: set[Path] = set()
+        for path, data in files:
+            try:
+                if room - len(data) < 0:
+                    raise BelowFloor(room + self.min_free)
+                if path.parent not in made:
+                    make_dirs(path.parent)
+                    made.add(path.parent)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                try:
+                    _pwrite(fd, data, 0)
+                finally:
+                    os.close(fd)
+                room -= len(data)
+                results.append(None)
+            except Exception as e:
+                remove(path)
+                results.append(e)
+        return results
+
     def write_small(self, target: Target, data: bytes, reserve_bytes: int, hasher: hashlib._Hash | None) -> None:
         """Create, reserve, write and close in one go (blocking: in a thread)."""
         fd = self._open(target, reserve_bytes)
