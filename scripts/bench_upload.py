@@ -15,8 +15,8 @@ Workloads: one 1 GiB file in 8 MiB chunks sent in order over one connection (the
 client's way; timed until the last chunk's answer, which for filedrop means the file is complete
 and durable); 2,000 files of 16 KiB, 8 requests in flight (filedrop: whole-file uploads into one
 batch; tus: creation-with-upload, one request a file; bare: one POST a file). Then the filedrop
-server's peak RSS (VmHWM). Every rep runs every target back to back; each ratio is taken within
-its rep and the table shows medians.
+server's peak RSS (VmHWM). Every rep runs every target back to back, each rep starting with the
+next target; each ratio is taken within its rep and the table shows medians.
 
 Floors (exit status 1 when one is missed): large >= 0.5 x bare and >= 2 x tus-node; small >=
 0.5 x bare and >= 1.5 x tus-node; peak RSS <= 100 MB.
@@ -326,9 +326,15 @@ def main(argv: list[str]) -> int:
         targets["filedrop"] = (fd_url, None)
         clients = {"large": {"bare": large_bare, "tus-node": large_tus, "filedrop": large_filedrop},
                    "small": {"bare": small_bare, "tus-node": small_tus, "filedrop": small_filedrop}}
+        names = list(targets)
         for rep in range(args.reps):
+            # Each rep starts with another target: what one leaves behind (files just deleted make
+            # creating the next ones dearer on ext4; dirty pages being written back) falls on
+            # each in turn, not always on the one after it.
+            order = names[rep % len(names):] + names[:rep % len(names)]
             for w in workloads:
-                for name, (url, root) in targets.items():
+                for name in order:
+                    url, root = targets[name]
                     if w == "large":
                         t = asyncio.run(clients[w][name](url, block, chunks))  # type: ignore[operator]
                     else:
