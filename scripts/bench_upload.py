@@ -379,6 +379,10 @@ def main(argv: list[str]) -> int:
             ok &= met
             verdicts.append(f"{w}: filedrop / tus-node {to_tus:.2f} >= {floor_tus}: {'met' if met else 'MISSED'}")
     print(f"| filedrop server peak RSS (VmHWM) | | | {rss:.0f} MB | | |")
+    print("\nper rep (" + ", ".join(units[w] for w in workloads) + "):")
+    for w in workloads:
+        for name in targets:
+            print(f"- {w} {name}: " + ", ".join(f"{amounts[w] / t:,.0f}" for t in times[(w, name)]))
     met = rss <= RSS_FLOOR_MB
     ok &= met
     verdicts.append(f"peak RSS {rss:.0f} MB <= {RSS_FLOOR_MB} MB: {'met' if met else 'MISSED'}")
