@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""``scripts/bench.py upload``: filedrop's upload path against a bare aiohttp handler, same run.
+"""``scripts/bench.py upload``: filedrop's upload path against two baselines, in one run.
 
-* large: one 1 GiB file in 8 MiB chunks, sent in order over one connection (as the nuxeo
-  client does), through the real server (``python -m server serve`` subprocess) until the last
-  chunk's answer, which comes after assembly (concatenate + SHA-256 + fsync + rename);
-* small: 2,000 files of 16 KiB, 8 requests in flight, each a normal (one-chunk) upload;
-* baselines: a bare aiohttp app in its own process whose handler streams each request body to
-  a new file, once with aiofiles and once with writes in a thread (``--fsync`` adds the fsync
-  that filedrop does for every chunk, so both sides are durable);
-* the server's peak RSS (VmHWM from /proc/<pid>/status) after all runs.
+Targets, each a server process of its own, driven by the same client in this process:
 
-Everything is written under a temp dir on the repository's disk and removed at the end.
-Options: ``--size-mib N`` (default 1024), ``--files N`` (default 2000), ``--reps N`` (default 3;
-the table shows medians, and ratios are taken within each rep).
+* **bare sink**: an aiohttp app whose handler writes each request body at its offset in the
+  target file (``os.pwrite`` as the body arrives; no database, no hash, no fsync): what aiohttp
+  itself can take on this machine;
+* **tus-node**: ``@tus/server`` 2.4.5 with ``@tus/file-store`` (what a user would pick instead),
+  installed from the npm registry into a temp dir outside the repository (reused by later runs)
+  when ``node`` and ``npm`` are present; left out otherwise (its floors then read "n/a");
+* **filedrop**: ``python -m server serve`` on a fresh migrated database.
+
+Workloads: one 1 GiB file in 8 MiB chunks sent in order over one connection (the nuxeo
+client's way; timed until the last chunk's answer, which for filedrop means the file is complete
+and durable); 2,000 files of 16 KiB, 8 requests in flight (filedrop: whole-file uploads into one
+batch; tus: creation-with-upload, one request a file; bare: one POST a file). Then the filedrop
+server's peak RSS (VmHWM). Every rep runs every target back to back, each rep starting with the
+next target; each ratio is taken within its rep and the table shows medians.
+
+Floors (exit status 1 when one is missed): large >= 0.5 x bare and >= 2 x tus-node; small >=
+0.5 x bare and >= 1.5 x tus-node; peak RSS <= 100 MB.
+
+Options: ``--size-mib`` (1024), ``--chunk-mib`` (8), ``--files`` (2000), ``--file-kib`` (16),
+``--reps`` (5), ``--no-tus``, ``--only large|small``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import itertools
 import os
 import shutil
 import signal
@@ -29,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from statistics import median
 
@@ -38,8 +49,22 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 KEY = "bench-key-0123456789"
 MiB = 1 << 20
-RSS_FLOOR_MB = 150
-RATIO_FLOOR = 0.7
+TUS_VERSION = "2.4.5"
+TUS_DIR = Path(tempfile.gettempdir()) / f"filedrop-bench-tus-{TUS_VERSION}"
+FLOORS = {  # workload -> (min ratio to bare, min ratio to tus-node)
+    "large": (0.5, 2.0),
+    "small": (0.5, 1.5),
+}
+RSS_FLOOR_MB = 100
+PARALLEL = 8
+
+TUS_SERVER_JS = """
+const {Server} = require('@tus/server');
+const {FileStore} = require('@tus/file-store');
+const [port, dir] = process.argv.slice(2);
+const server = new Server({path: '/files', datastore: new FileStore({directory: dir})});
+server.listen({host: '127.0.0.1', port: Number(port)});
+"""
 
 
 def free_port() -> int:
@@ -48,7 +73,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until ``url`` answers anything over HTTP (an error status counts: the server is up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,6 +82,8 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
+        except urllib.error.HTTPError:
+            return
         except OSError:
             time.sleep(0.05)  # poll interval under a deadline
     raise SystemExit(f"{url} did not come up in {timeout}s")
@@ -68,94 +96,123 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-# -- the baseline: a bare aiohttp handler streaming a body to a file ---------------------------
-def serve_baseline(port: int, root: Path, mode: str, fsync: bool) -> None:
-    import aiofiles
-    from aiohttp import web
-
-    counter = itertools.count()
-
-    async def receive(request: web.Request) -> web.Response:
-        path = root / f"{next(counter)}.bin"
-        size = 0
-        if mode == "aiofiles":
-            async with aiofiles.open(path, "wb") as f:
-                async for data in request.content.iter_chunked(1 << 20):
-                    await f.write(data)
-                    size += len(data)
-                if fsync:
-                    await f.flush()
-                    await asyncio.to_thread(os.fsync, f.fileno())
-        else:
-            with open(path, "wb") as f:
-                async for data in request.content.iter_chunked(1 << 20):
-                    await asyncio.to_thread(f.write, data)
-                    size += len(data)
-                if fsync:
-                    await asyncio.to_thread(lambda: (f.flush(), os.fsync(f.fileno())))
-        return web.json_response({"size": size}, status=201)
-
-    async def healthz(_r: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/upload", receive)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
 class Proc:
-    def __init__(self, argv: list[str], env: dict[str, str], health: str, log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], health: str, log: Path,
+                 cwd: Path = REPO) -> None:
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_healthy(health, self.proc)
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_up(health, self.proc)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
 
 
-def start_baseline(tmp: Path, mode: str, fsync: bool) -> tuple[Proc, str, Path]:
-    port = free_port()
-    root = tmp / f"bare-{mode}{'-fsync' if fsync else ''}"
+# -- the bare sink ------------------------------------------------------------------------------
+def serve_bare(port: int, root: Path) -> None:
+    from aiohttp import web
+
+    async def receive(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        offset = int(request.headers.get("X-Offset", "0"))
+        fd = os.open(root / name, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            async for data in request.content.iter_any():
+                os.pwrite(fd, data, offset)
+                offset += len(data)
+        finally:
+            os.close(fd)
+        return web.json_response({"offset": offset}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/upload/{name}", receive)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def start_bare(tmp: Path) -> tuple[Proc, str, Path]:
+    port, root = free_port(), tmp / "bare"
     root.mkdir()
-    argv = [sys.executable, __file__, "--serve-baseline", str(port), str(root), mode] + (["--fsync"] if fsync else [])
-    return Proc(argv, dict(os.environ), f"http://127.0.0.1:{port}/healthz", tmp / "bare.log"), \
-        f"http://127.0.0.1:{port}/upload", root
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc([sys.executable, __file__, "--serve-bare", str(port), str(root)], dict(os.environ),
+                url + "/", tmp / "bare.log")
+    return proc, url, root
 
 
-def start_server(tmp: Path) -> tuple[Proc, str]:
+# -- tus-node -----------------------------------------------------------------------------------
+def install_tus() -> Path | None:
+    """``@tus/server`` into a temp dir outside the repository (reused while it is there)."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        print("node/npm not found: tus-node left out", file=sys.stderr)
+        return None
+    if not (TUS_DIR / "node_modules" / "@tus" / "server").is_dir():
+        TUS_DIR.mkdir(parents=True, exist_ok=True)
+        (TUS_DIR / "package.json").write_text('{"name": "filedrop-bench-tus", "private": true}\n')
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent",
+                            f"@tus/server@{TUS_VERSION}", "@tus/file-store@2"], cwd=TUS_DIR,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            print(f"npm install of @tus/server failed: tus-node left out\n{r.stderr[-2000:]}", file=sys.stderr)
+            return None
+    (TUS_DIR / "server.js").write_text(TUS_SERVER_JS)
+    return TUS_DIR
+
+
+def start_tus(tmp: Path, tus_dir: Path) -> tuple[Proc, str, Path]:
+    port, root = free_port(), tmp / "tus"
+    root.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(["node", str(tus_dir / "server.js"), str(port), str(root)], dict(os.environ), url + "/files",
+                tmp / "tus.log", cwd=tus_dir)
+    return proc, url, root
+
+
+# -- filedrop -----------------------------------------------------------------------------------
+def start_filedrop(tmp: Path) -> tuple[Proc, str, Path]:
     sys.path.insert(0, str(REPO))
     from server.db.migrate import upgrade
 
-    data = tmp / "srv"
+    data = tmp / "filedrop"
     upgrade(data / "filedrop.sqlite3")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
     env.update({"FILEDROP_DATA_DIR": str(data), "FILEDROP_APP_PORT": str(port), "FILEDROP_API_KEYS": KEY,
                 "FILEDROP_MIN_FREE_DISK": "64M", "FILEDROP_JANITOR_INTERVAL": "0", "FILEDROP_LOG_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
-    return Proc([sys.executable, "-m", "server", "serve"], env, url + "/healthz", tmp / "server.log"), url
+    return Proc([sys.executable, "-m", "server", "serve"], env, url + "/healthz", tmp / "filedrop.log"), url, data
 
 
-# -- clients ------------------------------------------------------------------------------------
+# -- clients: one large file ----------------------------------------------------------------------
 async def large_bare(url: str, block: bytes, chunks: int) -> float:
     async with aiohttp.ClientSession() as s:
         t = time.perf_counter()
-        for _ in range(chunks):
-            async with s.post(url, data=block) as r:
+        for i in range(chunks):
+            async with s.post(f"{url}/upload/large.bin", data=block, headers={"X-Offset": str(i * len(block))}) as r:
                 assert r.status == 201, await r.text()
         return time.perf_counter() - t
 
 
-async def large_filedrop(url: str, block: bytes, chunks: int) -> tuple[float, float]:
-    """Seconds until the last chunk is answered, and until the file is assembled (the
-    manifest, which waits for assembly, has its SHA-256)."""
+async def large_tus(url: str, block: bytes, chunks: int) -> float:
+    base = {"Tus-Resumable": "1.0.0"}
+    async with aiohttp.ClientSession() as s:
+        t = time.perf_counter()
+        async with s.post(f"{url}/files", headers={**base, "Upload-Length": str(len(block) * chunks)}) as r:
+            assert r.status == 201, await r.text()
+            location = r.headers["Location"]
+        for i in range(chunks):
+            h = {**base, "Upload-Offset": str(i * len(block)), "Content-Type": "application/offset+octet-stream"}
+            async with s.patch(location, data=block, headers=h) as r:
+                assert r.status == 204, await r.text()
+        return time.perf_counter() - t
+
+
+async def large_filedrop(url: str, block: bytes, chunks: int) -> float:
+    """Seconds until the last chunk is answered 201 (the file complete and durable); then the
+    manifest (not timed) must give the SHA-256 of what was sent."""
     h = {"X-API-Key": KEY}
     size = len(block) * chunks
     async with aiohttp.ClientSession() as s:
@@ -167,19 +224,19 @@ async def large_filedrop(url: str, block: bytes, chunks: int) -> tuple[float, fl
                   "X-Upload-Chunk-Index": str(i), "X-Upload-Chunk-Count": str(chunks),
                   "Content-Type": "application/octet-stream"}
             async with s.post(f"{url}/api/v1/upload/{batch}/0", data=block, headers=hh) as r:
-                assert r.status in (201, 202), await r.text()
-        answered = time.perf_counter() - t
+                assert r.status == (201 if i == chunks - 1 else 202), await r.text()
+        elapsed = time.perf_counter() - t
         async with s.post(f"{url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
             files = (await r.json())["files"]  # executing also removes the batch
-        assembled = time.perf_counter() - t
     expected = hashlib.sha256()
     for _ in range(chunks):
         expected.update(block)
-    assert files[0]["sha256"] == expected.hexdigest(), "assembled file differs"
-    return answered, assembled
+    assert files[0]["sha256"] == expected.hexdigest(), "the file filedrop stored differs"
+    return elapsed
 
 
-async def small_run(post_one, count: int, parallel: int = 8) -> float:  # type: ignore[no-untyped-def]
+# -- clients: many small files --------------------------------------------------------------------
+async def in_flight(post_one: Callable[[int], Awaitable[None]], count: int) -> float:
     queue = iter(range(count))
 
     async def worker() -> None:
@@ -187,16 +244,26 @@ async def small_run(post_one, count: int, parallel: int = 8) -> float:  # type: 
             await post_one(i)
 
     t = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(parallel)))
+    await asyncio.gather(*(worker() for _ in range(PARALLEL)))
     return time.perf_counter() - t
 
 
 async def small_bare(url: str, blob: bytes, count: int) -> float:
     async with aiohttp.ClientSession() as s:
-        async def one(_i: int) -> None:
-            async with s.post(url, data=blob) as r:
+        async def one(i: int) -> None:
+            async with s.post(f"{url}/upload/small-{i}.bin", data=blob) as r:
                 assert r.status == 201
-        return await small_run(one, count)
+        return await in_flight(one, count)
+
+
+async def small_tus(url: str, blob: bytes, count: int) -> float:
+    h = {"Tus-Resumable": "1.0.0", "Upload-Length": str(len(blob)), "Content-Type": "application/offset+octet-stream"}
+    async with aiohttp.ClientSession() as s:
+        async def one(_i: int) -> None:
+            async with s.post(f"{url}/files", data=blob, headers=h) as r:
+                assert r.status == 201 and r.headers.get("Upload-Offset") == str(len(blob)), \
+                    (r.status, dict(r.headers), await r.text())
+        return await in_flight(one, count)
 
 
 async def small_filedrop(url: str, blob: bytes, count: int) -> float:
@@ -210,91 +277,116 @@ async def small_filedrop(url: str, blob: bytes, count: int) -> float:
                   "Content-Type": "application/octet-stream"}
             async with s.post(f"{url}/api/v1/upload/{batch}/{i}", data=blob, headers=hh) as r:
                 assert r.status == 201, await r.text()
-        elapsed = await small_run(one, count)
+        elapsed = await in_flight(one, count)
         async with s.post(f"{url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
-            assert len((await r.json())["files"]) == count
+            files = (await r.json())["files"]
+        assert len(files) == count and all(f["sha256"] == hashlib.sha256(blob).hexdigest() for f in files)
     return elapsed
 
 
 def clear(root: Path) -> None:
     for p in root.iterdir():
-        p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "--serve-baseline":
-        serve_baseline(int(argv[1]), Path(argv[2]), argv[3], "--fsync" in argv)
+    if argv and argv[0] == "--serve-bare":
+        serve_bare(int(argv[1]), Path(argv[2]))
         return 0
     ap = argparse.ArgumentParser(prog="scripts/bench.py upload")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--chunk-mib", type=int, default=8)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--file-kib", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-tus", action="store_true", help="leave tus-node out")
+    ap.add_argument("--only", choices=("large", "small"), help="run one workload")
     args = ap.parse_args(argv)
     block = os.urandom(args.chunk_mib * MiB)
     chunks = args.size_mib // args.chunk_mib
     blob = os.urandom(args.file_kib * 1024)
+    workloads = [args.only] if args.only else ["large", "small"]
+    tus_dir = None if args.no_tus else install_tus()
     tmp = Path(tempfile.mkdtemp(prefix=".bench-upload-", dir=REPO))
-    results: dict[str, list[float]] = {}
+    times: dict[tuple[str, str], list[float]] = {}
     procs: list[Proc] = []
     try:
-        server, url = start_server(tmp)
-        procs.append(server)
-        bares = {}
-        for mode, fsync in (("aiofiles", False), ("thread", False), ("thread", True)):
-            proc, burl, root = start_baseline(tmp, mode, fsync)
-            procs.append(proc)
-            bares[f"bare {mode}{' + fsync' if fsync else ''}"] = (burl, root)
-        for _ in range(args.reps):
-            for name, (burl, root) in bares.items():
-                results.setdefault(f"large {name}", []).append(asyncio.run(large_bare(burl, block, chunks)))
-                clear(root)
-            answered, assembled = asyncio.run(large_filedrop(url, block, chunks))
-            results.setdefault("large filedrop", []).append(answered)
-            results.setdefault("large filedrop assembled", []).append(assembled)
-            for name, (burl, root) in bares.items():
-                results.setdefault(f"small {name}", []).append(asyncio.run(small_bare(burl, blob, args.files)))
-                clear(root)
-            results.setdefault("small filedrop", []).append(asyncio.run(small_filedrop(url, blob, args.files)))
-        rss = peak_rss_mb(server.proc.pid)
+        fd_proc, fd_url, _ = start_filedrop(tmp)
+        procs.append(fd_proc)
+        bare_proc, bare_url, bare_root = start_bare(tmp)
+        procs.append(bare_proc)
+        targets: dict[str, tuple[str, Path | None]] = {"bare": (bare_url, bare_root)}
+        if tus_dir is not None:
+            tus_proc, tus_url, tus_root = start_tus(tmp, tus_dir)
+            procs.append(tus_proc)
+            targets["tus-node"] = (tus_url, tus_root)
+        targets["filedrop"] = (fd_url, None)
+        clients = {"large": {"bare": large_bare, "tus-node": large_tus, "filedrop": large_filedrop},
+                   "small": {"bare": small_bare, "tus-node": small_tus, "filedrop": small_filedrop}}
+        names = list(targets)
+        for rep in range(args.reps):
+            # Each rep starts with another target: what one leaves behind (files just deleted make
+            # creating the next ones dearer on ext4; dirty pages being written back) falls on
+            # each in turn, not always on the one after it.
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for w in workloads:
+                for name in order:
+                    url, root = targets[name]
+                    if w == "large":
+                        t = asyncio.run(clients[w][name](url, block, chunks))  # type: ignore[operator]
+                    else:
+                        t = asyncio.run(clients[w][name](url, blob, args.files))  # type: ignore[operator]
+                    times.setdefault((w, name), []).append(t)
+                    if root is not None:
+                        clear(root)
+            print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+        rss = peak_rss_mb(fd_proc.proc.pid)
     finally:
         for p in procs:
             p.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    # The machine is shared: every rep runs all variants back to back, each ratio is taken
-    # within its rep, and the table shows medians (rates and ratios).
-    mb = args.size_mib * MiB / 1e6
-    reps = range(args.reps)
-
-    def rate(key: str, amount: float) -> list[float]:
-        return [amount / t for t in results[key]]
-
-    def ratio_row(label: str, key: str, amount: float, prefix: str, digits: int = 0) -> float:
-        fd = rate(key, amount)
-        bare = {k: rate(f"{prefix} {k}", amount) for k in bares}
-        best_bare = [max(bare["bare aiofiles"][i], bare["bare thread"][i]) for i in reps]
-        to_best = median([fd[i] / best_bare[i] for i in reps])
-        to_durable = median([fd[i] / bare["bare thread + fsync"][i] for i in reps])
-        cells = " | ".join(f"{median(bare[k]):.{digits}f}" for k in bares)
-        print(f"| {label} | {median(fd):.{digits}f} | {cells} | {to_best:.2f} | {to_durable:.2f} |")
-        return to_best
-
-    print(f"Upload benchmark: {args.size_mib} MiB in {args.chunk_mib} MiB chunks (in order, one connection); "
-          f"{args.files} files of {args.file_kib} KiB (8 in flight); medians of {args.reps} reps; "
-          f"{os.cpu_count()} cores.\n")
-    print("| measurement | filedrop | bare aiohttp, aiofiles | bare aiohttp, thread | bare, thread + fsync "
-          "| ratio to best bare | ratio to bare + fsync |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    ratio = ratio_row(f"{args.size_mib} MiB file, MB/s, last chunk answered", "large filedrop", mb, "large")
-    ratio_row(f"{args.size_mib} MiB file, MB/s, assembled (SHA-256 known)", "large filedrop assembled", mb, "large")
-    ratio_row(f"{args.files} files of {args.file_kib} KiB, files/s", "small filedrop", args.files, "small")
-    print(f"| server peak RSS (VmHWM), MB | {rss:.0f} | | | | | |")
-    ok = ratio >= RATIO_FLOOR and rss <= RSS_FLOOR_MB
-    print(f"\nfloors: large-file ratio (last chunk answered, to the best bare handler) >= {RATIO_FLOOR}: "
-          f"{ratio:.2f} {'met' if ratio >= RATIO_FLOOR else 'MISSED'}; peak RSS <= {RSS_FLOOR_MB} MB: "
-          f"{rss:.0f} {'met' if rss <= RSS_FLOOR_MB else 'MISSED'}")
+    amounts = {"large": args.size_mib * MiB / 1e6, "small": args.files}
+    units = {"large": "MB/s", "small": "files/s"}
+    labels = {"large": f"{args.size_mib} MiB in {args.chunk_mib} MiB chunks, in order, one connection",
+              "small": f"{args.files:,} files of {args.file_kib} KiB, {PARALLEL} in flight"}
+    has_tus = tus_dir is not None
+    print(f"Upload benchmark: medians of {args.reps} reps; {os.cpu_count()} cores; load average before the "
+          f"table {os.getloadavg()[0]:.1f}.\n")
+    print("| workload | bare sink | tus-node | filedrop | filedrop / bare | filedrop / tus-node |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    verdicts: list[str] = []
+    ok = True
+    for w in workloads:
+        rate = {name: [amounts[w] / t for t in times[(w, name)]] for name in targets}
+        reps = range(args.reps)
+        to_bare = median(rate["filedrop"][i] / rate["bare"][i] for i in reps)
+        to_tus = median(rate["filedrop"][i] / rate["tus-node"][i] for i in reps) if has_tus else None
+        cell = {name: f"{median(rate[name]):,.0f} {units[w]}" for name in rate}
+        print(f"| {labels[w]} | {cell['bare']} | {cell.get('tus-node', 'n/a')} | {cell['filedrop']} | "
+              f"{to_bare:.2f} | {f'{to_tus:.2f}' if to_tus is not None else 'n/a'} |")
+        floor_bare, floor_tus = FLOORS[w]
+        met = to_bare >= floor_bare
+        ok &= met
+        verdicts.append(f"{w}: filedrop / bare {to_bare:.2f} >= {floor_bare}: {'met' if met else 'MISSED'}")
+        if to_tus is None:
+            verdicts.append(f"{w}: filedrop / tus-node >= {floor_tus}: n/a (no tus-node)")
+        else:
+            met = to_tus >= floor_tus
+            ok &= met
+            verdicts.append(f"{w}: filedrop / tus-node {to_tus:.2f} >= {floor_tus}: {'met' if met else 'MISSED'}")
+    print(f"| filedrop server peak RSS (VmHWM) | | | {rss:.0f} MB | | |")
+    print("\nper rep (" + ", ".join(units[w] for w in workloads) + "):")
+    for w in workloads:
+        for name in targets:
+            print(f"- {w} {name}: " + ", ".join(f"{amounts[w] / t:,.0f}" for t in times[(w, name)]))
+    met = rss <= RSS_FLOOR_MB
+    ok &= met
+    verdicts.append(f"peak RSS {rss:.0f} MB <= {RSS_FLOOR_MB} MB: {'met' if met else 'MISSED'}")
+    print("\nfloors:\n" + "\n".join(f"- {v}" for v in verdicts))
     return 0 if ok else 1
 
 

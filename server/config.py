@@ -68,7 +68,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
                    "refused at start; unset: 8M, or `FILEDROP_MAX_CHUNK_SIZE` when that is smaller."),
     "max_files_per_batch": ("10000", "Most files one upload batch may hold. Over: 413."),
     "max_batch_bytes": ("50G", "Most declared bytes one upload batch may hold. Over: 413."),
+    "max_chunks_per_file": ("10000", "Most chunks one file may be sent in (X-Upload-Chunk-Count), as S3 allows. Over: 413."),
     "min_free_disk": ("256M", "Free space the data dir must keep after a write. Under: 507."),
+    "upload_sync_interval": ("1s", "Chunks answered 202 become power-loss durable within this (one sync for all)."),
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
     "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench)."),
@@ -111,7 +113,9 @@ class Settings:
     chunk_size: int | None = None  # None (unset): see upload_chunk_size
     max_files_per_batch: int = 10000
     max_batch_bytes: int = 50 << 30
+    max_chunks_per_file: int = 10000
     min_free_disk: int = 256 << 20
+    upload_sync_interval: float = 1.0
     batch_ttl: float = 24 * 3600.0
     smartlink_root: Path | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -233,12 +237,13 @@ class Settings:
 
 _SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size",
           "fetch_max_bytes", "render_memory", "max_page_size", "job_asset_memory"}
-_DURATIONS = {"batch_ttl", "job_retention", "janitor_interval", "fetch_timeout", "callback_backoff",
-              "cleanup_grace", "render_timeout"}
-_INTS = {"app_port", "http_port", "max_files_per_batch", "workers", "min_suffix_length", "callback_retries",
-         "smtp_port", "max_number_digits"}
+_DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_interval", "fetch_timeout",
+              "callback_backoff", "cleanup_grace", "render_timeout"}
+_INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
+         "callback_retries", "smtp_port", "max_number_digits"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
-            "callback_retries": 1, "max_number_digits": 640}  # 640: Python's own floor for int/str digits
+            "max_chunks_per_file": 1, "callback_retries": 1,
+            "max_number_digits": 640}  # 640: Python's own floor for int/str digits
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}

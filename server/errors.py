@@ -11,7 +11,11 @@
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
-    └── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN (retryable)
+    ├── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN, ERR_SERVER_BUSY (retryable)
+    └── StorageFailed         500  ERR_STORAGE_FAILED (the disk failed; retryable)
+
+The upload API's codes each have a class of their own below (``BatchNotFound``, ``DiskFull``...),
+raised by name.
 
 Codes NGINX answers itself, in the same shape (nginx.conf; the app never raises them):
 404 ERR_NOT_FOUND, 405 ERR_METHOD_NOT_ALLOWED, 413 ERR_TOO_LARGE, 414 ERR_URI_TOO_LONG,
@@ -135,6 +139,120 @@ class TemplateTooLarge(PayloadTooLarge):
 
 class FieldTooLarge(PayloadTooLarge):
     code = "ERR_FIELD_TOO_LARGE"
+
+
+# -- the upload API's errors, one class per code (raised by name) -----------------------------
+class BatchIdInvalid(BadRequest):
+    code = "ERR_BATCH_ID_INVALID"
+
+
+class FileIdxInvalid(BadRequest):
+    code = "ERR_FILE_IDX_INVALID"
+
+
+class FileNameInvalid(BadRequest):
+    code = "ERR_FILE_NAME_INVALID"
+
+
+class FileTypeInvalid(BadRequest):
+    code = "ERR_FILE_TYPE_INVALID"
+
+
+class FileSizeMissing(BadRequest):
+    code = "ERR_FILE_SIZE_MISSING"
+
+
+class FileSizeInvalid(BadRequest):
+    code = "ERR_FILE_SIZE_INVALID"
+
+
+class FileSizeMismatch(BadRequest):
+    code = "ERR_FILE_SIZE_MISMATCH"
+
+
+class FileSizeChanged(BadRequest):
+    code = "ERR_FILE_SIZE_CHANGED"
+
+
+class UploadTypeInvalid(BadRequest):
+    code = "ERR_UPLOAD_TYPE_INVALID"
+
+
+class ChunkCountMissing(BadRequest):
+    code = "ERR_CHUNK_COUNT_MISSING"
+
+
+class ChunkCountInvalid(BadRequest):
+    code = "ERR_CHUNK_COUNT_INVALID"
+
+
+class ChunkCountChanged(BadRequest):
+    code = "ERR_CHUNK_COUNT_CHANGED"
+
+
+class ChunkIndexMissing(BadRequest):
+    code = "ERR_CHUNK_INDEX_MISSING"
+
+
+class ChunkIndexInvalid(BadRequest):
+    code = "ERR_CHUNK_INDEX_INVALID"
+
+
+class RequestMalformed(BadRequest):
+    code = "ERR_REQUEST_MALFORMED"
+
+
+class FileNotFound(NotFound):
+    code = "ERR_FILE_NOT_FOUND"
+
+
+class FileIncomplete(NotFound):
+    code = "ERR_FILE_INCOMPLETE"
+
+
+class HandlerNotFound(NotFound):
+    code = "ERR_HANDLER_NOT_FOUND"
+
+
+class OperationNotFound(NotFound):
+    code = "ERR_OPERATION_NOT_FOUND"
+
+
+class FileTooLarge(PayloadTooLarge):
+    code = "ERR_FILE_TOO_LARGE"
+
+
+class ChunkTooLarge(PayloadTooLarge):
+    code = "ERR_CHUNK_TOO_LARGE"
+
+
+class FileTooManyChunks(PayloadTooLarge):
+    code = "ERR_FILE_TOO_MANY_CHUNKS"
+
+
+class BatchTooManyFiles(PayloadTooLarge):
+    code = "ERR_BATCH_TOO_MANY_FILES"
+
+
+class BatchTooLarge(PayloadTooLarge):
+    code = "ERR_BATCH_TOO_LARGE"
+
+
+class DiskFull(InsufficientStorage):
+    code = "ERR_DISK_FULL"
+
+
+class ServerBusy(ServiceUnavailable):
+    """Out of a resource for a moment (open files): retry shortly."""
+
+    code = "ERR_SERVER_BUSY"
+
+
+class StorageFailed(FiledropError):
+    """The disk failed an operation (EIO and the like): nothing was recorded; retry later."""
+
+    status = 500
+    code = "ERR_STORAGE_FAILED"
 
 
 def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ What cleanup removes, one :class:`Item` each:
     expired-batch      an upload batch idle past its TTL (any state, tombstones too): rows and bytes
     chunk-leftovers    ``chunks/`` of a file that is already assembled (state complete)
     orphan-dir         an upload batch or file directory that no database row refers to
-    missing-bytes      a complete file row whose ``data`` is gone; chunk rows whose chunk file is gone
+    missing-bytes      a complete file row whose ``data`` is gone; recorded chunks whose bytes are gone
     temp-file          a dot-name temp left by a crash (``.part`` of uploads and assembly, ``.tmp`` of
                        the publisher, a dropped smartlink folder), or an ended job's fetched assets
     expired-job        a finished job past its retention: its rows (its smartlinks only with
@@ -53,13 +53,15 @@ from sqlalchemy import delete, exists, func, select, update
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobRow
-from server.db.models import Batch, BatchFile, Chunk
+from server.db.models import Batch, BatchFile
 from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNotFound
 from server.jobs import assets as job_assets
 from server.jobs import control as job_control
 from server.jobs.contract import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
 from server.jobs.states import RUNNING  # the jobs' own notion of a running job
 from server.keys import DATABASE, JANITOR, SETTINGS
+from server.uploads.assembly import Snapshot, chunks_present
+from server.uploads.chunkset import ChunkSet
 from server.uploads.store import UploadStore
 
 log = logging.getLogger("filedrop.janitor")
@@ -250,11 +252,9 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
             select(Batch.id, Batch.batch_id, Batch.state, Batch.updated_at,
                    func.max(BatchFile.updated_at).label("files_updated_at"))
             .outerjoin(BatchFile, BatchFile.batch_pk == Batch.id).group_by(Batch.id))).all()
-        files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state,
-                                        BatchFile.updated_at))).all()
-        chunk_rows = (await s.execute(
-            select(Chunk.file_id, Chunk.chunk_idx).join(BatchFile, BatchFile.id == Chunk.file_id)
-            .where(BatchFile.state == "receiving"))).all()
+        files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state, BatchFile.updated_at,
+                                        BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
+                                        BatchFile.chunk_ids, BatchFile.loose_ids))).all()
         expired_jobs = (await s.execute(
             select(Job.job_id, Job.batch_id, Job.finished).where(
                 Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
@@ -269,7 +269,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
                 stems_of.setdefault(r.job_id, set()).update(_stems([r]))
     busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
     busy_smartlinks = {r.batch_id for r in running}
-    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, chunk_rows, busy_uploads)
+    await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks, stems_of)
     await asyncio.to_thread(_plan_job_assets, settings, ages, out, {r.job_id for r in running})
@@ -283,16 +283,13 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
 
 
 def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[Any],
-                  files: Iterable[Any], chunk_rows: Iterable[Any], busy: set[str]) -> None:
+                  files: Iterable[Any], busy: set[str]) -> None:
     root = settings.uploads_dir
     store = UploadStore(root)
     by_pk = {b.id: b for b in batches}
     files_of: dict[int, dict[int, Any]] = {}
     for f in files:
         files_of.setdefault(f.batch_pk, {})[f.id] = f
-    chunks_of: dict[int, list[int]] = {}
-    for c in chunk_rows:
-        chunks_of.setdefault(c.file_id, []).append(c.chunk_idx)
 
     expired: set[int] = set()
     for b in by_pk.values():
@@ -316,22 +313,22 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
             fdir = store.file_dir(pk, f.id)
             settled = f.updated_at < ages.grace_cutoff
             if f.state == "complete" and settled:
-                chunks = store.chunks_dir(pk, f.id)
-                if chunks.is_dir():
-                    out.items.append(Item("chunk-leftovers", _rel(settings, chunks), _du(chunks),
-                                          f"batch {b.batch_id}", path=chunks, key=f.id))
+                for left in (store.chunks_dir(pk, f.id), store.partial_path(pk, f.id)):
+                    if left.exists():  # a complete file's file dir goes; this one was left behind
+                        out.items.append(Item("chunk-leftovers", _rel(settings, left), _du(left),
+                                              f"batch {b.batch_id}", path=left, key=f.id))
                 data = store.data_path(pk, f.id)
                 if b.state == "open" and not data.exists():
                     out.items.append(Item("missing-bytes", _rel(settings, data), 0,
                                           f"batch {b.batch_id}: file row of a complete file without data",
                                           path=data, key=f.id))
             if f.state == "receiving" and settled and b.state == "open":
-                gone = [i for i in sorted(chunks_of.get(f.id, ())) if not store.chunk_path(pk, f.id, i).exists()]
+                kept = chunks_present(store, Snapshot.of(f))[0]
+                gone = [i for i in ChunkSet(f.chunk_ids).ids() if i not in kept]
                 if gone:
-                    out.items.append(Item("missing-bytes", _rel(settings, store.chunks_dir(pk, f.id)), 0,
-                                          f"batch {b.batch_id}: rows of chunks {gone} without bytes",
-                                          path=store.chunks_dir(pk, f.id),
-                                          key=(f.id, tuple(gone))))
+                    out.items.append(Item("missing-bytes", _rel(settings, fdir), 0,
+                                          f"batch {b.batch_id}: chunks {gone} recorded without their bytes",
+                                          path=fdir, key=(f.id, "chunks")))
             if f.state != "assembling":
                 for d in (fdir, store.chunks_dir(pk, f.id)):
                     for e in _listdir(d):
@@ -361,10 +358,17 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                 if _older(fp, ages.wall_grace):
                     out.items.append(Item("temp-file", _rel(settings, fp), _du(fp), f"batch {b.batch_id}", path=fp))
                 continue
-            fid = int(fe.name) if fe.name.isdigit() else None
+            fid = _file_id(fe.name)  # <file id>/ (a file dir) or <file id>.data (a complete file)
             if (fid is None or fid not in known) and _newest_mtime(fp) < ages.wall_grace:
                 out.items.append(Item("orphan-dir", _rel(settings, fp), _du(fp),
                                       f"no file row in batch {b.batch_id}", path=fp))
+
+
+def _file_id(name: str) -> int | None:
+    """The file row id an entry of a batch dir belongs to: ``<id>`` (its file dir) or
+    ``<id>.data`` (the complete file)."""
+    stem = name[:-len(".data")] if name.endswith(".data") else name
+    return int(stem) if stem.isdigit() else None
 
 
 def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: Iterable[Any],
@@ -466,21 +470,32 @@ async def _apply_chunk_leftovers(db: Database, settings: Settings, ages: _Ages, 
         return False
     assert item.path is not None
     await asyncio.to_thread(_remove, item.path)
+    with contextlib.suppress(OSError):  # the file dir, once nothing is left in it
+        item.path.parent.rmdir()
     return True
 
 
 async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     assert item.path is not None
     settled = BatchFile.updated_at < ages.grace_cutoff
-    if isinstance(item.key, tuple):
-        file_id, idxs = item.key
-        gone = [i for i in idxs if not (item.path / str(i)).exists()]
+    if isinstance(item.key, tuple):  # a receiving file: forget its chunks without bytes (clients resend them)
+        file_id = item.key[0]
+        async with db.read() as s:
+            row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "receiving",
+                                                           settled))).scalar_one_or_none()
+            snap = Snapshot.of(row) if row is not None else None
+            synced = ChunkSet(row.synced_ids) if row is not None else ChunkSet()
+        if snap is None:
+            return False
+        ids, loose, received = await asyncio.to_thread(chunks_present, UploadStore(settings.uploads_dir), snap)
+        if bytes(ids) == snap.chunk_ids:
+            return False
         async with db.write() as s:
-            state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id, settled))
-            if state != "receiving":
-                return False
-            await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(gone)))
-        return bool(gone)
+            res = await s.execute(update(BatchFile).where(
+                BatchFile.id == file_id, BatchFile.state == "receiving", BatchFile.chunk_ids == snap.chunk_ids)
+                .values(chunk_ids=bytes(ids), loose_ids=bytes(loose), received=received,
+                        synced_ids=bytes(ChunkSet.of(i for i in synced.ids() if i in ids))))
+        return res.rowcount == 1  # type: ignore[attr-defined]
     if item.path.exists():
         return False
     async with db.write() as s:
@@ -488,7 +503,7 @@ async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, it
                                                       BatchFile.state == "complete", settled))
     if res.rowcount == 0:
         return False
-    await asyncio.to_thread(_remove, item.path.parent)  # what is left of the file's directory
+    await asyncio.to_thread(_remove, item.path.with_suffix(""))  # what is left of its file dir
     return True
 
 
@@ -497,8 +512,9 @@ async def _apply_orphan_dir(db: Database, settings: Settings, ages: _Ages, item:
     rel = item.path.relative_to(settings.uploads_dir).parts
     async with db.read() as s:
         if rel[0].isdigit() and await s.scalar(select(Batch.id).where(Batch.id == int(rel[0]))):
-            if len(rel) == 1 or (rel[1].isdigit() and await s.scalar(
-                    select(BatchFile.id).where(BatchFile.id == int(rel[1]), BatchFile.batch_pk == int(rel[0])))):
+            fid = _file_id(rel[1]) if len(rel) > 1 else None
+            if len(rel) == 1 or (fid is not None and await s.scalar(
+                    select(BatchFile.id).where(BatchFile.id == fid, BatchFile.batch_pk == int(rel[0])))):
                 return False
     if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - ages.grace:
         return False

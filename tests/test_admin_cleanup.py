@@ -10,7 +10,7 @@ import pytest
 
 from server.config import Settings
 from server.db.job_models import Job, JobLog, JobRow
-from server.db.models import Batch, BatchFile, Chunk
+from server.db.models import Batch, BatchFile
 from tests.support.disk_state import (
     DAY,
     HOUR,
@@ -19,6 +19,7 @@ from tests.support.disk_state import (
     add_job,
     age,
     batch_state,
+    chunk_ids,
     count,
     freed,
     run_cli,
@@ -93,10 +94,10 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     assert batch_state(settings, "expired") is None and batch_state(settings, "tombstone") is None
     assert count(settings, BatchFile, BatchFile.batch_pk == st["expired_pk"]) == 0
     assert not (live / str(st["done_id"]) / "chunks").exists()
-    assert (live / str(st["done_id"]) / "data").read_bytes() == b"x" * 100  # the assembled file stays
+    assert (live / f"{st['done_id']}.data").read_bytes() == b"x" * 100  # the assembled file stays
     assert count(settings, BatchFile, BatchFile.id == st["gone_id"]) == 0
     assert count(settings, BatchFile, BatchFile.id == st["recv_id"]) == 1
-    assert count(settings, Chunk, Chunk.file_id == st["recv_id"]) == 1  # row 1 had no bytes
+    assert chunk_ids(settings, st["recv_id"]) == [0]  # chunk 1 had no bytes: forgotten
     assert (live / str(st["recv_id"]) / "chunks" / "0").read_bytes() == b"r" * 10
     assert not (live / str(st["recv_id"]) / "chunks" / ".2.deadbeef.part").exists()
     for p in ("orphan", "orphan_file", "assembly_temp", "whole_temp", "render_temp"):

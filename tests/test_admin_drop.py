@@ -13,7 +13,7 @@ from server.app import create_app
 from server.config import Settings
 from server.db import utcnow
 from server.db.job_models import Job, JobLog, JobRow, JobWorker
-from server.db.models import BatchFile, Chunk
+from server.db.models import BatchFile
 from server.keys import JOBS
 from tests.support.disk_state import (
     DAY,
@@ -45,7 +45,7 @@ def test_drop_upload_batch_removes_rows_and_bytes_and_keeps_a_tombstone(settings
     assert freed(r.stdout) == 1000
     assert not (settings.uploads_dir / str(pk)).exists()
     assert count(settings, BatchFile, BatchFile.batch_pk == pk) == 0
-    assert count(settings, Chunk, Chunk.file_id.in_(ids)) == 0
+    assert count(settings, BatchFile, BatchFile.id.in_(ids)) == 0
     assert batch_state(settings, "cust-1") == "dropped"  # a late upload into it is refused
     assert "dropped upload batch cust-1" in r.stderr
     # Nothing else was touched; dropping again says there is nothing there (no "1 removed").

@@ -43,8 +43,10 @@ async def test_janitor_runs_periodically_in_server_and_stops_with_it(aiohttp_cli
     # It keeps running: a leftover made now is gone by a later pass.
     # (In a thread: a blocking SQLite write must not stall the loop the janitor writes from.)
     pk2, _ = await asyncio.to_thread(add_batch, settings, "expired-later", [FileSpec()], idle=25 * HOUR)
-    await async_wait_until(lambda: _gone(settings, "expired-later"), timeout=10, what="second janitor pass")
-    assert jan.passes >= 2 and not (settings.uploads_dir / str(pk2)).exists()
+    async def second_pass_done() -> bool:  # the row goes during the pass; the count after it
+        return await _gone(settings, "expired-later") and jan.passes >= 2
+    await async_wait_until(second_pass_done, timeout=10, what="second janitor pass")
+    assert not (settings.uploads_dir / str(pk2)).exists()
     task = jan.task
     assert task is not None and not task.done()
     await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -33,9 +34,9 @@ async def test_normal_upload_info_and_manifest(client, settings, prefix) -> None
     assert [f["fileIdx"] for f in listing] == ["0"]
     assert await up.manifest(batch) == {"batchId": batch, "files": [
         {"fileIdx": "0", "name": "résumé 1.pdf", "size": 10000, "sha256": sha256(data)}]}
-    # Only the derived layout is on disk: <batch pk>/<file id>/data, nothing else.
+    # Only the derived layout is on disk: <batch pk>/<file id>.data, nothing else.
     files = upload_tree(settings.data_dir)
-    assert len(files) == 1 and files[0].endswith("/data")
+    assert len(files) == 1 and re.fullmatch(r"\d+/\d+\.data", files[0]), files
 
 
 async def test_chunks_out_of_order_list_all_ids_and_assemble(client) -> None:
@@ -257,7 +258,7 @@ async def test_concurrent_whole_uploads_to_one_index_leave_one_file(client, sett
     assert len(files) == 1
     winner = int(files[0]["name"][1:])
     assert files[0]["sha256"] == sha256(bodies[winner]) and files[0]["size"] == len(bodies[winner])
-    assert [p.split("/")[-1] for p in upload_tree(settings.data_dir)] == ["data"]
+    assert [re.fullmatch(r"\d+/\d+\.data", p) is not None for p in upload_tree(settings.data_dir)] == [True]
 
 
 async def test_empty_file(client) -> None:
@@ -291,22 +292,43 @@ async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, set
     assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"a")), ("1", sha256(b"bb"))]
 
 
-async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, settings, monkeypatch) -> None:
-    """The last chunk is answered 201 before the file is assembled: to the client it is
-    complete, so a whole-file upload right after replaces it (not "a repeat" kept as it was)."""
-    service = client.app[UPLOADS]
-    release = threading.Event()
-    assemble = type(service.store).assemble
+async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client, settings, monkeypatch) -> None:
+    """A file left ``assembling`` by a crash is assembled again at start; a whole-file upload
+    meanwhile replaces it (as it replaces a complete one), and the assembly, finding its row
+    gone, removes what it made."""
+    import sqlite3
 
-    def slow_assemble(store, *args):  # type: ignore[no-untyped-def]
-        release.wait(10)
-        return assemble(store, *args)
+    from server.app import create_app
+    from server.uploads import assembly
 
-    monkeypatch.setattr(type(service.store), "assemble", slow_assemble)
-    up = Uploads(client)
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
     batch = await up.create()
-    old = await up.upload(batch, 0, b"a" * 3000, chunk_size=1000)
-    assert old["uploadedChunkIds"] == [0, 1, 2]  # answered; the assembly waits
+    parts = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    for i in (0, 1):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=3000)).status == 202
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:  # chunk 2 recorded, then the crash
+        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+        with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
+            os.pwrite(f.fileno(), parts[2], 2000)
+        db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, received = 3000", (bytes([7]),))
+
+    entered, release = threading.Event(), threading.Event()
+    real = assembly.prepare
+
+    def slow_prepare(*args):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(assembly, "prepare", slow_prepare)
+    client = await aiohttp_client(create_app(settings))
+    service = client.app[UPLOADS]
+    up = Uploads(client)
+    assert await asyncio.to_thread(entered.wait, 10)
+    info = await (await up.info(batch, 0)).json()
+    assert info["state"] == "assembling" and info["complete"] is False
     new = os.urandom(500)
     r = await up.post(batch, 0, new, "new.bin")
     assert r.status == 201, await r.text()
@@ -317,7 +339,7 @@ async def test_whole_file_upload_replaces_a_file_still_being_assembled(client, s
     assert await up.manifest(batch) == {"batchId": batch, "files": [
         {"fileIdx": "0", "name": "new.bin", "size": 500, "sha256": sha256(new)}]}
     files = upload_tree(settings.data_dir)  # the replaced file's assembly removed its own directory
-    assert len(files) == 1 and files[0].endswith("/data")
+    assert len(files) == 1 and re.fullmatch(r"\d+/\d+\.data", files[0]) and files[0] != f"{pk}/{fid}.data"
 
 
 async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(client, settings) -> None:

@@ -1,86 +1,83 @@
-"""Chunks become power-loss durable in groups: after a reboot the chunks recorded since the
-last durability point are forgotten (the client resends them); a process crash loses none."""
+"""Chunks become power-loss durable at chunk points: after a reboot the chunks no point covered
+are forgotten (the client resends them); a process crash loses none. A failed or cancelled point
+is retried; bytes of removed rows go only once that removal is durable."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import sqlite3
 import time
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+import requests
 
-from server.app import create_app
-from server.durable import boot_id
 from server.keys import UPLOADS
+from server.uploads.chunkset import ChunkSet
+from tests.conftest import AUTH
 from tests.support.disk_state import run_cli
-from tests.support.uploads import Uploads, sha256, upload_tree
+from tests.support.uploads import Uploads, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
 
 DATA = os.urandom(3 * 1000)
 PARTS = [DATA[:1000], DATA[1000:2000], DATA[2000:]]
 
 
-async def _restart(client: TestClient, settings, before_start=None) -> TestClient:  # type: ignore[no-untyped-def]
-    await client.close()
-    if before_start is not None:
-        before_start()
-    fresh = TestClient(TestServer(create_app(settings)))
-    await fresh.start_server()
-    return fresh
+def synced_ids(settings, batch: str) -> list[int]:  # type: ignore[no-untyped-def]
+    with sqlite3.connect(settings.db_path) as db:
+        raw = db.execute("SELECT f.synced_ids FROM batch_files f JOIN batches b ON b.id = f.batch_pk "
+                         "WHERE b.batch_id = ?", (batch,)).fetchone()[0]
+    return ChunkSet(raw).ids()
 
 
-async def _chunk_ids(up: Uploads, batch: str) -> list[int]:
-    r = await up.info(batch, 0)
-    assert r.status == 200, await r.text()
-    return [int(i) for i in (await r.json())["uploadedChunkIds"]]
+def post_chunk(base: str, batch: str, idx: int) -> requests.Response:
+    return requests.post(f"{base}/api/v1/upload/{batch}/0", data=PARTS[idx], timeout=30,
+                         headers=upload_headers("d.bin", len(DATA), chunk=(idx, 3)))
 
 
-async def test_reboot_forgets_chunks_after_the_last_sync_point(client, settings) -> None:
-    up = Uploads(client)
-    batch = await up.create()
-    r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
-    assert r.status == 202
-    await client.app[UPLOADS].sync_point()  # chunk 0 is durable from here on
-    r = await up.post(batch, 0, PARTS[1], chunk=(1, 3), size=len(DATA))
-    assert r.status == 202
+def test_reboot_forgets_the_chunks_no_point_covered(server_factory, settings) -> None:
+    """A power loss: chunk 1 was recorded after the last chunk point and its bytes never
+    reached the disk. After the reboot the server forgets it (it cannot tell its bytes are
+    there), the client sends it again, and the file is whole."""
+    start = lambda: server_factory(data_dir=settings.data_dir, upload_sync_interval="1h")  # noqa: E731
+    srv = start()
+    batch = requests.post(srv.url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
+    assert post_chunk(srv.url, batch, 0).status_code == 202
+    srv.kill9()
+    srv = start()  # a start in the same boot makes what was recorded durable: chunk 0
+    assert synced_ids(settings, batch) == [0]
+    assert post_chunk(srv.url, batch, 1).status_code == 202
+    srv.kill9()  # no chunk point since (an hour apart): chunk 1 is recorded, not known durable
+    assert synced_ids(settings, batch) == [0]
+
+    # What the power loss did: chunk 1's bytes (written in place, after chunk 0) never reached
+    # the disk, and the machine booted again.
+    [partial] = [settings.uploads_dir / p for p in upload_tree(settings.data_dir) if p.endswith("partial")]
+    with open(partial, "r+b") as f:
+        os.pwrite(f.fileno(), b"\0" * 1000, 1000)
     marker = settings.uploads_dir / ".synced"
-    point = json.loads(marker.read_text())
-    assert point["boot_id"] == boot_id()
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "boot_id": "a-previous-boot"}))
 
-    def power_loss() -> None:
-        # The graceful stop just made chunk 1 durable too; a power loss would not have. What
-        # it leaves: the last durability point (before chunk 1), taken in a previous boot.
-        assert json.loads(marker.read_text())["at"] > point["at"]
-        marker.write_text(json.dumps({**point, "boot_id": "a-previous-boot"}))
-
-    client = await _restart(client, settings, power_loss)
-    try:
-        up = Uploads(client)
-        assert await _chunk_ids(up, batch) == [0]
-        assert not any(p.endswith("chunks/1") for p in upload_tree(settings.data_dir))
-        assert json.loads(marker.read_text())["boot_id"] == boot_id()  # a fresh point at start
-        for i in (1, 2):
-            r = await up.post(batch, 0, PARTS[i], chunk=(i, 3), size=len(DATA))
-            assert r.status == (202 if i == 1 else 201), await r.text()
-        manifest = await up.manifest(batch)
-        assert manifest["files"][0]["sha256"] == sha256(DATA)
-    finally:
-        await client.close()
+    srv = start()
+    info = requests.get(f"{srv.url}/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
+    assert info["uploadedChunkIds"] == [0] and info["uploadedSize"] == 1000
+    for i in (1, 2):
+        assert post_chunk(srv.url, batch, i).status_code == (202 if i == 1 else 201)
+    r = requests.post(f"{srv.url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=AUTH, json={}, timeout=30)
+    assert r.json()["files"][0]["sha256"] == sha256(DATA)
 
 
-async def test_restart_in_the_same_boot_keeps_every_recorded_chunk(client, settings) -> None:
-    up = Uploads(client)
-    batch = await up.create()
+def test_restart_in_the_same_boot_keeps_every_recorded_chunk(server_factory, settings) -> None:
+    srv = server_factory(data_dir=settings.data_dir)
+    batch = requests.post(srv.url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
     for i in (0, 1):
-        r = await up.post(batch, 0, PARTS[i], chunk=(i, 3), size=len(DATA))
-        assert r.status == 202
-    client = await _restart(client, settings)
-    try:
-        assert await _chunk_ids(Uploads(client), batch) == [0, 1]
-    finally:
-        await client.close()
+        assert post_chunk(srv.url, batch, i).status_code == 202
+    srv.kill9()
+    srv = server_factory(data_dir=settings.data_dir)
+    info = requests.get(f"{srv.url}/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
+    assert info["uploadedChunkIds"] == [0, 1]
+    assert synced_ids(settings, batch) == [0, 1]  # the start made them durable (the page cache had them)
 
 
 async def test_cleanup_never_removes_the_durability_marker(client, settings) -> None:
@@ -96,95 +93,52 @@ async def test_cleanup_never_removes_the_durability_marker(client, settings) -> 
     assert marker.exists() and ".synced" not in r.stdout
 
 
-async def test_a_cancelled_sync_point_leaves_the_chunks_unsynced_for_the_stop(client, settings) -> None:
-    """Shutdown cancels the periodic sync point; if it was waiting for the writer, the stop's
-    own sync point must still run (else chunks answered 202 are not durable after a clean stop)."""
+async def test_a_cancelled_chunk_point_leaves_the_chunks_for_the_stop(client, settings) -> None:
+    """Shutdown cancels the periodic chunk point; if it was waiting for the writer, the stop's
+    own point must still cover its chunks (else chunks answered 202 are not durable after a
+    clean stop)."""
     up = Uploads(client)
     batch = await up.create()
     r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
     assert r.status == 202
     service = client.app[UPLOADS]
-    marker = settings.uploads_dir / ".synced"
-    before = json.loads(marker.read_text())["at"]
-    async with service.db.write():  # the single writer is busy: the sync point waits for it
+    assert service.durability.unsynced and synced_ids(settings, batch) == []
+    async with service.db.write():  # the single writer is busy: the point waits for it
         waiting = asyncio.ensure_future(service.sync_point())
 
-        async def started() -> bool:  # it clears the flag, then waits for the writer we hold
-            return not service._unsynced.is_set()
-
-        await async_wait_until(started, timeout=5, what="the sync point to start")
+        async def started() -> bool:  # it took the chunks, synced, and now waits for the writer
+            return not service.durability.unsynced and service.durability.barrier.runs > 0
+        await async_wait_until(started, timeout=5, what="the chunk point to start")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
+    assert service.durability.unsynced
     await service.close()  # what the clean stop runs
-    assert json.loads(marker.read_text())["at"] > before
+    assert synced_ids(settings, batch) == [0]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "one-chunk"])
-async def test_a_file_answered_complete_has_a_durable_record(client, settings, monkeypatch, chunked) -> None:
-    """Commits run synchronous=NORMAL (the WAL is synced at checkpoints and sync points): a
-    file answered 201 complete must not wait for either, or a power loss forgets its row."""
-    up = Uploads(client)
-    batch = await up.create()
-    wal = os.stat(f"{settings.db_path}-wal").st_ino
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        if os.fstat(fd).st_ino == wal:
-            synced.append(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    r = await up.post(batch, 0, DATA, chunk=(0, 1) if chunked else None, size=len(DATA))
-    assert r.status == 201, await r.text()
-    assert synced
-
-
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "one-chunk"])
-async def test_a_file_answered_complete_has_its_new_directories_synced(client, settings, monkeypatch,
-                                                                      chunked) -> None:
-    """A batch's first file makes its file dir and its batch dir: both entries must be durable
-    before the 201, or a power loss takes the file (and its fsynced bytes) with them."""
-    up = Uploads(client)
-    batch = await up.create()
-    synced: set[int] = set()
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        synced.add(os.fstat(fd).st_ino)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    r = await up.post(batch, 0, DATA, chunk=(0, 1) if chunked else None, size=len(DATA))
-    assert r.status == 201, await r.text()
-    [data] = [settings.uploads_dir / p for p in upload_tree(settings.data_dir)]
-    for d in (data.parent, data.parent.parent, data.parent.parent.parent):
-        assert os.stat(d).st_ino in synced, d
-
-
-async def test_a_failed_sync_point_does_not_end_the_periodic_ones(client, settings, monkeypatch) -> None:
+async def test_a_failed_chunk_point_does_not_end_the_periodic_ones(client, settings, monkeypatch) -> None:
     service = client.app[UPLOADS]
     up = Uploads(client)
     batch = await up.create()
     calls: list[str] = []
-    real = service.store.sync_point
+    real = service.durability.sync_now
 
-    def flaky(at):  # type: ignore[no-untyped-def]
+    def flaky() -> None:
         calls.append("call")
         if len(calls) == 1:
             raise OSError("disk hiccup")
-        real(at)
+        real()
 
-    monkeypatch.setattr(service.store, "sync_point", flaky)
+    monkeypatch.setattr(service.durability, "sync_now", flaky)
     periodic = asyncio.ensure_future(service.sync_points(every=0.01))
     try:
         r = await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))
         assert r.status == 202
 
         async def synced_after_the_failure() -> bool:
-            return len(calls) >= 2 and not service._unsynced.is_set()
-        await async_wait_until(synced_after_the_failure, timeout=10, what="a sync point after the failed one")
+            return len(calls) >= 2 and synced_ids(settings, batch) == [0]
+        await async_wait_until(synced_after_the_failure, timeout=10, what="a chunk point after the failed one")
         assert not periodic.done()
     finally:
         periodic.cancel()
@@ -201,21 +155,28 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
     up = Uploads(client)
     batch = await up.create()
     await up.upload(batch, 0, DATA)
-    wal = os.stat(f"{settings.db_path}-wal").st_ino
+    service = client.app[UPLOADS]
     events: list[str] = []
-    real_fsync, real_remove_tree = os.fsync, service_module.remove_tree
+    real_sync, real_remove_tree = service.durability.sync_now, service_module.remove_tree
+    real_remove_file = service.store.remove_file
 
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        if os.fstat(fd).st_ino == wal:
-            events.append("wal synced")
+    def sync() -> None:
+        with sqlite3.connect(settings.db_path) as db:  # what the sync is about to make durable
+            rows = db.execute("SELECT count(*) FROM batch_files").fetchone()[0]
+        real_sync()
+        events.append(f"synced with {rows} row(s)")
 
     def remove_tree(path):  # type: ignore[no-untyped-def]
         events.append("bytes removed")
         real_remove_tree(path)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    def remove_file(batch_pk, file_id):  # type: ignore[no-untyped-def]
+        events.append("bytes removed")
+        real_remove_file(batch_pk, file_id)
+
+    monkeypatch.setattr(service.durability, "sync_now", sync)
     monkeypatch.setattr(service_module, "remove_tree", remove_tree)
+    monkeypatch.setattr(service.store, "remove_file", remove_file)
     if how == "drop":
         r = await client.delete(up.url(f"/{batch}"), headers=up.auth)
         assert r.status == 204
@@ -224,5 +185,41 @@ async def test_bytes_are_removed_only_once_their_rows_removal_is_durable(client,
         assert r.status == 204
     else:
         await up.manifest(batch, keep=False)
-    assert events == ["wal synced", "bytes removed"]
+    assert events[-2:] == ["synced with 0 row(s)", "bytes removed"], events
     assert upload_tree(settings.data_dir) == []
+
+
+async def test_after_a_reboot_a_complete_file_whose_rename_was_lost_is_put_back(aiohttp_client, settings) -> None:
+    """The record of a completed file reached the disk but its rename into place did not (it was
+    not answered yet): a start after the reboot puts its synced bytes back from where they were
+    (checked against the SHA-256); one whose bytes are nowhere is removed, to be sent again."""
+    from server.app import create_app
+
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    whole, in_place, uneven, gone = os.urandom(3000), os.urandom(4000), os.urandom(2500), os.urandom(100)
+    await up.upload(batch, 0, whole)
+    await up.upload(batch, 1, in_place, chunk_size=1000)
+    for i, part in enumerate((uneven[:1000], uneven[1000:])):  # 1000 + 1500: concatenated
+        assert (await up.post(batch, 2, part, chunk=(i, 2), size=len(uneven))).status == (202, 201)[i]
+    await up.upload(batch, 3, gone)
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:
+        pk, *ids = [r[0] for r in db.execute("SELECT batch_pk FROM batch_files LIMIT 1")] + \
+            [r[0] for r in db.execute("SELECT id FROM batch_files ORDER BY file_idx")]
+    bdir = settings.uploads_dir / str(pk)
+    # Where each file's bytes were before its rename (the rename "lost with the power").
+    os.replace(bdir / f"{ids[0]}.data", bdir / ".0.feedface.part")
+    (bdir / str(ids[1])).mkdir()
+    os.replace(bdir / f"{ids[1]}.data", bdir / str(ids[1]) / "partial")
+    (bdir / str(ids[2])).mkdir()
+    os.replace(bdir / f"{ids[2]}.data", bdir / str(ids[2]) / ".data.feedface.part")
+    os.remove(bdir / f"{ids[3]}.data")
+    marker = settings.uploads_dir / ".synced"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "boot_id": "a-previous-boot"}))
+
+    client = await aiohttp_client(create_app(settings))
+    files = {f["fileIdx"]: f.get("sha256") for f in (await Uploads(client).manifest(batch))["files"]}
+    assert files == {"0": sha256(whole), "1": sha256(in_place), "2": sha256(uneven)}
+    assert sorted(upload_tree(settings.data_dir)) == sorted(f"{pk}/{i}.data" for i in ids[:3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from server.app import create_app
 from tests.conftest import AUTH
-from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
+from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,30 +135,51 @@ async def test_body_shorter_or_longer_than_declared(client, up, settings) -> Non
     assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(b"aaaabbbbcc")
 
 
-async def test_client_disconnect_mid_chunk_records_nothing_and_retry_works(client, up, settings) -> None:
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"], ids=["in-place", "on-its-own"])
+async def test_client_disconnect_mid_chunk_records_nothing_and_retry_works(client, up, settings, framing) -> None:
+    """A chunk cut off mid-body records nothing and leaves no temp; sent again, it completes
+    the file. With Content-Length it is written in place (in ``partial``); without one it is
+    received on its own (a ``.part`` temp, removed)."""
     batch = await batch_with_good_file(up)
-    assert (await up.post(batch, 1, b"0" * 1000, chunk=(0, 2), size=2000)).status == 202
-    head = "\r\n".join([
-        f"POST /api/v1/upload/{batch}/1 HTTP/1.1", "Host: x", f"X-API-Key: {AUTH['X-API-Key']}",
-        "X-File-Name: d.bin", "X-File-Size: 2000", "X-Upload-Type: chunked", "X-Upload-Chunk-Index: 1",
-        "X-Upload-Chunk-Count: 2", "Content-Length: 1000", "", ""]).encode()
+    data = os.urandom(3 * MIB)
+    first, second = data[:3 * MIB // 2], data[3 * MIB // 2:]
+    assert (await up.post(batch, 1, first, chunk=(0, 2), size=len(data))).status == 202
+    fields = [f"POST /api/v1/upload/{batch}/1 HTTP/1.1", "Host: x", f"X-API-Key: {AUTH['X-API-Key']}",
+              "X-File-Name: d.bin", f"X-File-Size: {len(data)}", "X-Upload-Type: chunked",
+              "X-Upload-Chunk-Index: 1", "X-Upload-Chunk-Count: 2"]
+    sent = second[:MIB + 4096]  # more than one write block: some of it reaches the disk
+    if framing == "content-length":
+        wire = "\r\n".join([*fields, f"Content-Length: {len(second)}", "", ""]).encode() + sent
+    else:
+        wire = "\r\n".join([*fields, "Transfer-Encoding: chunked", "", ""]).encode() + \
+            f"{len(sent):x}\r\n".encode() + sent + b"\r\n"
     loop = asyncio.get_running_loop()
+
+    def temps() -> list[str]:
+        return [p for p in upload_tree(settings.data_dir) if p.endswith(".part")]
+
+    async def on_disk() -> bool:
+        if framing == "chunked":
+            return bool(temps())
+        partial = [settings.uploads_dir / p for p in upload_tree(settings.data_dir) if p.endswith("/partial")]
+        return bool(partial) and holds(partial[0], len(first), second[:MIB])
+
+    async def no_temps() -> bool:
+        return not temps()
+
     with socket.create_connection((client.server.host, client.server.port)) as sock:
-        await loop.run_in_executor(None, sock.sendall, head + b"1" * 400)
-        chunks_dir_has_temp = lambda: any(p.endswith(".part") for p in upload_tree(settings.data_dir))  # noqa: E731
-
-        async def temp_present() -> bool:
-            return chunks_dir_has_temp()
-        await async_wait_until(temp_present, timeout=10, what="the chunk temp file")
-
-    async def temp_gone() -> bool:
-        return not chunks_dir_has_temp()
-    await async_wait_until(temp_gone, timeout=10, what="the temp file of the broken chunk removed")
+        await loop.run_in_executor(None, sock.sendall, wire)
+        await async_wait_until(on_disk, timeout=10, what="the first megabyte of the cut-off chunk on disk")
+    await async_wait_until(no_temps, timeout=10, what="the temp file of the broken chunk removed")
     info = await (await up.info(batch, 1)).json()
     assert info["uploadedChunkIds"] == [0]
-    r = await up.post(batch, 1, b"1" * 1000, chunk=(1, 2), size=2000)
+    r = await up.post(batch, 1, second, chunk=(1, 2), size=len(data))
     assert r.status == 201 and (await r.json())["uploadedChunkIds"] == [0, 1]
     await assert_intact(up, batch, settings.data_dir, extra=1)
+    assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(data)
 
 
 async def test_same_chunk_twice_is_not_an_error(up, settings) -> None:
@@ -170,7 +192,8 @@ async def test_same_chunk_twice_is_not_an_error(up, settings) -> None:
 
 
 @pytest.mark.parametrize("name", ["a%2Fb.txt", "a/b.txt", "..%2F..%2Fetc%2Fpasswd", "a%5Cb.txt", "a\\b.txt",
-                                  "a%00b.txt", "%0A", "x" * 1000, "%FF%FE.txt", "%C3%28", "", "..", "."])
+                                  "a%00b.txt", "%0A", "x" * 1000, "%FF%FE.txt", "%C3%28", "", "..", ".",
+                                  "a%C2%85b", "a%C2%9Fb", "a%7Fb"])
 async def test_bad_file_names_rejected(client, up, settings, name) -> None:
     batch = await batch_with_good_file(up)
     h = {**upload_headers("n", 1), "X-File-Name": name}
@@ -186,7 +209,7 @@ async def test_unicode_and_odd_names_are_only_data(up, settings) -> None:
         await up.upload(batch, i, b"d", name)
     files = (await up.manifest(batch))["files"]
     assert [f["name"] for f in files[1:]] == names
-    assert all(p.split("/")[-1] == "data" for p in upload_tree(settings.data_dir))
+    assert all(re.fullmatch(r"\d+/\d+\.data", p) for p in upload_tree(settings.data_dir))
 
 
 async def test_unknown_batch(client, up) -> None:
@@ -287,9 +310,10 @@ async def test_low_disk_answers_507(aiohttp_client, settings) -> None:
 
 async def test_client_disconnect_mid_whole_file_records_nothing(client, up, settings) -> None:
     batch = await batch_with_good_file(up)
+    size = 3 * MIB  # declared over one write block: its temp exists from the start
     head = "\r\n".join([
         f"POST /api/v1/upload/{batch}/1 HTTP/1.1", "Host: x", f"X-API-Key: {AUTH['X-API-Key']}",
-        "X-File-Name: w.bin", "X-File-Size: 5000", "Content-Length: 5000", "", ""]).encode()
+        "X-File-Name: w.bin", f"X-File-Size: {size}", f"Content-Length: {size}", "", ""]).encode()
     loop = asyncio.get_running_loop()
 
     def temps() -> list[str]:
@@ -302,9 +326,9 @@ async def test_client_disconnect_mid_whole_file_records_nothing(client, up, sett
         return not temps()
 
     with socket.create_connection((client.server.host, client.server.port)) as sock:
-        await loop.run_in_executor(None, sock.sendall, head + b"w" * 2000)
+        await loop.run_in_executor(None, sock.sendall, head + b"w" * (size // 2))
         await async_wait_until(temp_present, timeout=10, what="the whole file's temp")
     await async_wait_until(temp_gone, timeout=10, what="the temp of the broken upload removed")
     await assert_error(await up.info(batch, 1), 404, "ERR_FILE_NOT_FOUND")
-    await up.upload(batch, 1, b"w" * 5000, "w.bin")
+    await up.upload(batch, 1, b"w" * size, "w.bin")
     await assert_intact(up, batch, settings.data_dir, extra=1)

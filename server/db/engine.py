@@ -6,18 +6,22 @@
   transactions start with ``BEGIN IMMEDIATE``. Writers queue in the pool instead of failing
   with SQLITE_BUSY, and a read-then-update inside ``write()`` can never be upgraded into a
   deadlock. Keep write transactions short: never await network or disk inside one.
+* ``write_sync()``: the same kind of write transaction on a synchronous single connection, for
+  work that runs a whole transaction in one thread hop (the upload service's group commit: one
+  hop per group instead of one per statement, each of which costs a trip through the event loop
+  and the driver's thread). SQLite serialises it with ``write()`` as it would two processes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -32,8 +36,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _configure(engine: AsyncEngine, begin: str) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure(engine: AsyncEngine | Engine, begin: str) -> None:
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+    @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN itself (the pysqlite driver's own
         # implicit BEGIN is DEFERRED and skipped for reads).
@@ -45,7 +51,7 @@ def _configure(engine: AsyncEngine, begin: str) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql(begin)
 
@@ -59,6 +65,9 @@ class Database:
         self.reader = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4)
         _configure(self.writer, "BEGIN IMMEDIATE")
         _configure(self.reader, "BEGIN")
+        self.sync_writer = create_engine(f"sqlite:///{db_path}", pool_size=1, max_overflow=0, pool_timeout=60,
+                                         connect_args={"check_same_thread": False})  # one thread at a time: the pool
+        _configure(self.sync_writer, "BEGIN IMMEDIATE")
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
 
@@ -72,6 +81,13 @@ class Database:
         async with self._write_sessions() as session, session.begin():
             await session.connection()
             yield session
+
+    @contextmanager
+    def write_sync(self) -> Iterator[Connection]:
+        """One write transaction (BEGIN IMMEDIATE) on a synchronous connection: committed on exit,
+        rolled back on error. Blocking: call it in a thread."""
+        with self.sync_writer.begin() as conn:
+            yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -99,3 +115,4 @@ class Database:
     async def dispose(self) -> None:
         await self.writer.dispose()
         await self.reader.dispose()
+        self.sync_writer.dispose()

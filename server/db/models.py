@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -67,7 +68,15 @@ class Batch(Base):
 
 
 class BatchFile(Base):
-    """One file of a batch. ``state``: receiving -> assembling -> complete."""
+    """One file of a batch. ``state``: receiving -> assembling -> complete.
+
+    Its chunks are three bitmaps (``server.uploads.chunkset``; bit i = chunk i), so recording one
+    is O(1) whatever the file holds: ``chunk_ids`` recorded (bytes written before the record),
+    ``loose_ids`` those stored as ``chunks/<i>`` (the others are in ``partial`` at
+    ``i * chunk_size``), ``synced_ids`` those known to survive a power loss (a chunk sync point
+    ran after they were recorded). ``received`` is the bytes of the recorded chunks.
+    ``chunk_size`` is the stride of the uniform layout (None: every chunk is stored on its own).
+    """
 
     __tablename__ = "batch_files"
     __table_args__ = (UniqueConstraint("batch_pk", "file_idx"), {"sqlite_autoincrement": True})
@@ -80,24 +89,14 @@ class BatchFile(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     upload_type: Mapped[str] = mapped_column(String(16), default="normal")
     chunk_count: Mapped[int] = mapped_column(Integer, default=1)
+    chunk_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    chunk_ids: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    loose_ids: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    synced_ids: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    received: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(16), default="receiving")
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
     batch: Mapped[Batch] = relationship(back_populates="files")
-    chunks: Mapped[list[Chunk]] = relationship(back_populates="file", cascade="all, delete-orphan")
-
-
-class Chunk(Base):
-    """A chunk that arrived whole (recorded once its bytes are written and renamed into place;
-    power-loss durable at the next sync point, see ``server.uploads.store``)."""
-
-    __tablename__ = "chunks"
-
-    file_id: Mapped[int] = mapped_column(ForeignKey("batch_files.id", ondelete="CASCADE"), primary_key=True)
-    chunk_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    received_at: Mapped[datetime] = mapped_column(DateTime)
-
-    file: Mapped[BatchFile] = relationship(back_populates="chunks")

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import NotFound
+from server.errors import OperationNotFound
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class OperationRegistry:
         try:
             return self._ops[name]
         except KeyError:
-            raise NotFound(f"operation {name!r} is not registered", code="ERR_OPERATION_NOT_FOUND") from None
+            raise OperationNotFound(f"operation {name!r} is not registered") from None
 
     def names(self) -> list[str]:
         return sorted(self._ops)

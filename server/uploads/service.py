@@ -4,232 +4,74 @@ Invariants:
 * A batch belongs to the owner that created it; for anyone else it does not exist (404).
   ``state``: open -> dropped | executed. Closed batches stay as tombstone rows and refuse
   uploads (404), so a late chunk cannot resurrect them.
-* A chunk is recorded only after its bytes are written and renamed into place; recording the
-  same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs). Chunks become
-  power-loss durable in groups (``sync_points``; see ``server.uploads.store``); after a reboot
-  the chunks recorded since the last durability point are forgotten and sent again.
-* A file is assembled exactly once: the "all chunks present" check and the flip
-  receiving -> assembling is one conditional UPDATE whose row count picks the single winner.
-  The winner assembles outside any transaction, in a thread, then marks the file complete.
-  A one-chunk file (every normal upload) is "assembled" by its rename into ``data`` in the
-  same transaction that records it. Multi-chunk files are assembled by a task the service
-  owns; the last chunk is answered once every chunk is durably stored (as Nuxeo, which
-  concatenates chunks lazily), and everything that reads a file's bytes (``open_file``,
-  ``execute``) or removes them waits for its batch's assemblies first. Files found in
-  ``assembling`` at start-up are assembled again (``recover``).
+* One path receives every upload: a whole file is the one-chunk case. A body is written where
+  it belongs before it is recorded (a chunk of the uniform layout at its offset in ``partial``;
+  a file's first chunk, a whole file, or a chunk of another chunking in a temp), then recorded
+  with the others arriving at the same moment in one transaction (``server.uploads.recorder``).
+  Recording the same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs).
+* A file is complete when it is answered complete: the request that sends its last missing
+  chunk makes the complete file (a rename of ``partial`` with the uniform layout, else a
+  concatenation), its bytes are synced, its record committed and synced, then it is answered
+  201. If that fails (no space, I/O error), the file keeps its chunks and is assembled again by
+  the next request for it or at the next start (``server.uploads.assembly``); its info says
+  ``"state": "assembling"`` meanwhile. Exactly once: conditional ``UPDATE``s pick one assembler.
+* Chunks of a bigger file are durable against a crash once answered and against a power loss
+  at the next chunk point (``server.uploads.durability``).
 * Client-supplied names are data in rows; every path comes from row ids (``UploadStore``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
-import re
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from server.config import Settings
 from server.db import Database, utcnow
-from server.db.models import Batch, BatchFile, Chunk
-from server.durable import boot_id, fsync_dir
-from server.errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge
+from server.db.models import Batch, BatchFile
+from server.errors import (
+    BatchNotFound,
+    ChunkCountChanged,
+    ChunkCountInvalid,
+    ChunkIndexInvalid,
+    ChunkTooLarge,
+    DiskFull,
+    FileIncomplete,
+    FileNotFound,
+    FileSizeChanged,
+    FileSizeMismatch,
+    FileTooLarge,
+    FileTooManyChunks,
+)
+from server.uploads.assembly import Assembler, Hashes, Snapshot, Stats, prepare
+from server.uploads.chunkset import ChunkSet
+from server.uploads.durability import Durability
+from server.uploads.faults import storage_error
+from server.uploads.model import FileInfo, FileState, UploadOutcome, UploadRequest, chunk_length
 from server.uploads.operations import ExecuteContext, OperationRegistry, OperationResult
-from server.uploads.store import BodyTooLarge, UploadStore, remove, remove_tree
+from server.uploads.recorder import Arrival, Recorder
+from server.uploads.store import (
+    WRITE_BUFFER,
+    BodyTooLarge,
+    HashLane,
+    Target,
+    UploadStore,
+    remove,
+    remove_tree,
+)
 
 log = logging.getLogger("filedrop.uploads")
+_KNOWN_LIMIT = 10_000  # open batches and receiving files remembered; the transaction checks again
+_SNAPSHOT = (BatchFile.id, BatchFile.batch_pk, BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
+             BatchFile.chunk_ids, BatchFile.loose_ids, BatchFile.received, BatchFile.state)
 
-# Legacy clients choose their batch ids: 1-128 of [A-Za-z0-9._-], not starting with a dot
-# (so never ".", ".." or a dot-name) and never containing "..". Ids are only ever data, but a
-# strict alphabet keeps them safe in logs, URLs and NGINX paths.
-_BATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_FILE_IDX = re.compile(r"[0-9]{1,9}")
-_MAX_NAME = 255  # characters; what common file systems allow for one name
-MAX_CHUNKS = 1_000_000  # most chunks one file may be declared with (X-Upload-Chunk-Count)
-_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
-_KNOWN_LIMIT = 10_000
-_TOUCH_EVERY = timedelta(seconds=30)  # a receiving file's updated_at is refreshed at most this often
-
-
-def _hot_statements() -> dict[str, Any]:
-    """The statements of the upload hot path, built once (building them per request cost as
-    much CPU as running them)."""
-    fa, others = aliased(BatchFile), aliased(BatchFile)
-    chunk_ids = select(func.group_concat(Chunk.chunk_idx))
-    return {
-        # Everything _claim decides on, in one query.
-        "claim": select(
-            Batch.id, Batch.owner, Batch.state, fa.id, fa.state, fa.chunk_count, fa.size,
-            select(func.count()).select_from(others).where(others.batch_pk == Batch.id).scalar_subquery(),
-            select(func.coalesce(func.sum(others.size), 0)).where(others.batch_pk == Batch.id).scalar_subquery(),
-            chunk_ids.where(Chunk.file_id == fa.id).scalar_subquery(),
-        ).outerjoin(fa, and_(fa.batch_pk == Batch.id, fa.file_idx == bindparam("file_idx")))
-        .where(Batch.batch_id == bindparam("batch_id")),
-        # Everything _record decides on, in one query.
-        "record": select(
-            Batch.state, BatchFile.state, BatchFile.chunk_count, BatchFile.size,
-            chunk_ids.where(Chunk.file_id == BatchFile.id).scalar_subquery(),
-            select(func.coalesce(func.sum(Chunk.size), 0)).where(Chunk.file_id == BatchFile.id).scalar_subquery(),
-            BatchFile.updated_at,
-        ).join(Batch, Batch.id == BatchFile.batch_pk).where(BatchFile.id == bindparam("file_id")),
-        "insert_batch": insert(Batch).returning(Batch.id),
-        "insert_file": insert(BatchFile).returning(BatchFile.id),
-        "insert_chunk": insert(Chunk),
-        "touch_file": update(BatchFile).where(BatchFile.id == bindparam("file_id"))
-        .values(updated_at=bindparam("now")),
-        "complete_file": update(BatchFile).where(BatchFile.id == bindparam("file_id"))
-        .values(state="complete", sha256=bindparam("sha"), updated_at=bindparam("now")),
-        # The exactly-once claim of assembly: all chunks present and still receiving.
-        "start_assembly": update(BatchFile).where(
-            BatchFile.id == bindparam("file_id"), BatchFile.state == "receiving",
-            select(func.count()).where(Chunk.file_id == BatchFile.id).scalar_subquery() == BatchFile.chunk_count,
-        ).values(state="assembling", updated_at=bindparam("now")),
-    }
-
-
-_SQL = _hot_statements()
-
-
-def check_batch_id(value: str) -> str:
-    """Return ``value`` if it is a valid batch id, else raise 400 ERR_BATCH_ID_INVALID."""
-    if not _BATCH_ID.fullmatch(value) or ".." in value:
-        raise BadRequest(
-            "batch id must be 1-128 characters of A-Z a-z 0-9 . _ -, not start with '.' nor contain '..'",
-            code="ERR_BATCH_ID_INVALID")
-    return value
-
-
-def parse_file_idx(value: str | None) -> int:
-    if value is None or not _FILE_IDX.fullmatch(value.strip()):
-        raise BadRequest("fileIdx must be a non-negative integer", code="ERR_FILE_IDX_INVALID")
-    return int(value)
-
-
-def parse_count(value: str | None, what: str, header: str, *, minimum: int = 0,
-                maximum: int = 1 << 62) -> int:
-    if value is None:
-        raise BadRequest(f"{header} is required", code=f"ERR_{what}_MISSING")
-    v = value.strip()
-    if not v.isascii() or not v.isdigit() or len(v) > 19 or not minimum <= int(v) <= maximum:
-        raise BadRequest(f"{header} must be an integer from {minimum} to {maximum}", code=f"ERR_{what}_INVALID")
-    return int(v)
-
-
-def decode_file_name(value: str | None) -> str:
-    """Percent-decode X-File-Name as strict UTF-8.
-
-    Rejected (400 ERR_FILE_NAME_INVALID): missing or empty, non-UTF-8 escapes, control
-    characters including NUL, path separators ``/`` and ``\\``, ``.`` and ``..``, more than 255
-    characters. A name is one file name as every client OS knows it; the server never uses it
-    as a path, but a separator or a NUL in one is always a confused or hostile client.
-    """
-    if value is None or not value.strip():
-        raise BadRequest("X-File-Name is required", code="ERR_FILE_NAME_INVALID")
-    try:
-        raw = value.encode("utf-8", "surrogateescape")
-        name = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeError:
-        raise BadRequest("X-File-Name is not percent-encoded UTF-8", code="ERR_FILE_NAME_INVALID") from None
-    if _NAME_FORBIDDEN.search(name) or name in (".", ".."):
-        raise BadRequest("X-File-Name must not contain path separators or control characters",
-                         code="ERR_FILE_NAME_INVALID")
-    if len(name) > _MAX_NAME:
-        raise BadRequest(f"X-File-Name is longer than {_MAX_NAME} characters", code="ERR_FILE_NAME_INVALID")
-    return name
-
-
-@dataclass(frozen=True)
-class UploadRequest:
-    """One upload request (a whole file, or one chunk of it), parsed from headers."""
-
-    file_idx: int
-    name: str
-    size: int  # the whole file's declared size (X-File-Size)
-    mimetype: str
-    chunked: bool
-    chunk_idx: int = 0
-    chunk_count: int = 1
-    content_length: int | None = None  # of this request's body, when the client sent one
-
-
-@dataclass(frozen=True)
-class UploadOutcome:
-    batch_id: str
-    file_idx: int
-    chunked: bool
-    uploaded_size: int  # bytes of this request's body
-    chunk_count: int
-    chunk_ids: list[int]
-    complete: bool  # every chunk is there (the file is assembled, or was already)
-
-
-@dataclass(frozen=True)
-class FileState:
-    batch_id: str
-    file_idx: int
-    name: str
-    size: int
-    mimetype: str
-    chunked: bool
-    chunk_count: int
-    chunk_ids: list[int]
-    received: int
-    state: str
-    sha256: str | None
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "complete"
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """A complete file, for other components (the job engine reads it, never writes)."""
-
-    path: Path
-    name: str
-    size: int
-    sha256: str
-    mimetype: str
-
-
-@dataclass(frozen=True)
-class _Known:
-    """A file known to be receiving: lets a chunk skip the claim transaction (the record
-    transaction checks everything again, so a stale entry costs one refused request)."""
-
-    owner: str
-    batch_pk: int
-    file_id: int
-    chunk_count: int
-    size: int
-
-
-@dataclass(frozen=True)
-class _Slot:
-    batch_pk: int
-    file_id: int
-    done: UploadOutcome | None = None  # set when no body needs reading (idempotent repeat)
-    replaced: Path | None = None
-
-
-@dataclass
-class Stats:
-    """Counters since start (exactly-once assembly is checked against them)."""
-
-    assembled: int = 0
-    assembly_failed: int = 0
-    recovered: int = 0
+__all__ = ["FileInfo", "FileState", "UploadOutcome", "UploadRequest", "UploadService"]
 
 
 class UploadService:
@@ -237,116 +79,49 @@ class UploadService:
         self.db = db
         self.settings = settings
         self.operations = operations
-        self.store = UploadStore(settings.uploads_dir)
+        self.store = UploadStore(settings.uploads_dir, settings.min_free_disk)
         self.stats = Stats()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._assemblies: dict[str, set[asyncio.Task[None]]] = {}  # batch_id -> running assemblies
-        self._known: dict[tuple[str, int], _Known] = {}
-        self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id), open ones
-        self._unsynced = asyncio.Event()  # chunks were recorded since the last sync point
+        self.durability = Durability(db, self.store)
+        self.hashes = Hashes()
+        self.assembler = Assembler(db, self.store, self.durability, self.hashes, self.stats, settings)
+        self.recorder = Recorder(db, self.store, self.durability, settings)
+        self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id)
+        # (batch pk, fileIdx) -> the file as this process last recorded it: where the next chunk
+        # goes without a read. The recording transaction checks everything again; a chunk the
+        # copy says is recorded, or a declaration it disagrees with, is checked with a read.
+        self._files: dict[tuple[int, int], tuple[Snapshot, str]] = {}
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
-        """Forget chunks a reboot may have lost, then assemble again every file a crash left
-        in ``assembling``; returns how many. Ends with a fresh durability point."""
-        await self._forget_unsynced_chunks()
-        async with self.db.read() as s:
-            rows = (await s.execute(
-                select(Batch.batch_id, BatchFile.batch_pk, BatchFile.id, BatchFile.chunk_count, BatchFile.size)
-                .join(Batch).where(BatchFile.state == "assembling", Batch.state == "open"))).all()
-        for batch_id, batch_pk, file_id, count, size in rows:
-            log.info("recovering file %s of batch %s left assembling", file_id, batch_id)
-            self._start_assembly(batch_id, batch_pk, file_id, count, size)
-        self.stats.recovered += len(rows)
-        # Whole-file temps in batch dirs belong to requests of a previous run (the janitor
-        # looks for temps in file dirs only): before the first request, all are leftovers.
-        removed = await asyncio.to_thread(self.store.remove_batch_temps)
-        if removed:
-            log.info("removed %d whole-file temp(s) left by a previous run", removed)
-        await self.sync_point()
-        return len(rows)
-
-    async def sync_point(self) -> None:
-        """Make every chunk recorded so far power-loss durable (one syncfs) and say so."""
-        self._unsynced.clear()
-        try:
-            async with self.db.write():
-                at = utcnow()  # under the writer: no chunk record is half done (see _record)
-            await asyncio.to_thread(self.store.sync_point, at)
-        except BaseException:
-            # Cancelled (shutdown stops the periodic task) or failed: the chunks are still
-            # unsynced, so the next sync point, or the one ``close`` runs, must not skip them.
-            self._unsynced.set()
-            raise
+        """At start: forget what a reboot lost, sync what a crash left, remove the temps of
+        requests cut off, assemble what was left to assemble (returns how many)."""
+        await self.durability.start()
+        removed = await asyncio.to_thread(self.store.remove_arrival_temps)
+        if removed:  # single-process assumption: before the first request, all are leftovers
+            log.info("removed %d upload temp(s) left by a previous run", removed)
+        return await self.assembler.recover()
 
     async def sync_points(self, every: float) -> None:
-        """Owned task: a sync point at most every ``every`` seconds while chunks arrive."""
-        while True:
-            await self._unsynced.wait()
-            await asyncio.sleep(every)  # group the chunks of this interval into one syncfs
-            try:
-                await self.sync_point()
-            except Exception:  # e.g. the writer busy past its pool timeout: try again next time
-                log.exception("sync point failed; the chunks stay unsynced until the next one")
+        """Owned task: chunks become power-loss durable at most every ``every`` seconds."""
+        await self.durability.chunk_points(every)
 
-    async def _forget_unsynced_chunks(self) -> None:
-        """After a reboot, chunks recorded after the last durability point may have lost
-        bytes the database still counts: forget them (rows and files) so clients resend them.
-        A process crash alone (same boot) loses nothing: the page cache outlived it."""
-        last = await asyncio.to_thread(self.store.last_sync_point)
-        if last is None or last[0] == boot_id():
-            return
-        since = last[1]
-        async with self.db.write() as s:
-            rows = (await s.execute(
-                select(BatchFile.batch_pk, Chunk.file_id, Chunk.chunk_idx).join(BatchFile)
-                .where(Chunk.received_at > since, BatchFile.state.in_(("receiving", "assembling"))))).all()
-            file_ids = sorted({r.file_id for r in rows})
-            if file_ids:
-                await s.execute(delete(Chunk).where(Chunk.file_id.in_(file_ids), Chunk.received_at > since))
-                await s.execute(update(BatchFile).where(BatchFile.id.in_(file_ids))
-                                .values(state="receiving", updated_at=utcnow()))
-        for batch_pk, file_id, idx in rows:
-            remove(self.store.chunk_path(batch_pk, file_id, idx))
-        if rows:
-            log.warning("the machine rebooted after the last durability point (%s): forgot %d chunk(s) "
-                        "of %d file(s); clients will send them again", since.isoformat(), len(rows),
-                        len(file_ids))
+    async def sync_point(self) -> None:
+        await self.durability.chunk_point()
 
     async def close(self) -> None:
-        """Let running assemblies finish (they are short and leave a consistent state), then
-        make what was received durable."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._unsynced.is_set():
-            await self.sync_point()
+        """Record what is queued, let assemblies finish, make the chunks received durable."""
+        await self.recorder.close()
+        await self.assembler.idle()
+        if self.durability.unsynced:
+            await self.durability.chunk_point()
+        await self.durability.barrier.aclose()
 
     async def idle(self) -> None:
         """Wait until no assembly is running (tests and the janitor use it)."""
-        await self.close()
-
-    def _start_assembly(self, batch_id: str, batch_pk: int, file_id: int, count: int, size: int) -> None:
-        task = asyncio.ensure_future(self._assemble(batch_pk, file_id, count, size))
-        self._tasks.add(task)
-        running = self._assemblies.setdefault(batch_id, set())
-        running.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            running.discard(t)
-            if not running and self._assemblies.get(batch_id) is running:
-                del self._assemblies[batch_id]
-        task.add_done_callback(done)
+        await self.assembler.idle()
 
     async def settle(self, batch_id: str) -> None:
-        """Wait for the batch's running assemblies (shielded: a caller that goes away does
-        not stop them)."""
-        while running := self._assemblies.get(batch_id):
-            await asyncio.shield(asyncio.gather(*running, return_exceptions=True))
-
-    def _forget(self, batch_id: str, file_ids: list[int]) -> None:
-        for key in [k for k, v in self._known.items() if k[0] == batch_id and v.file_id in file_ids]:
-            del self._known[key]
+        await self.assembler.settle(batch_id)
 
     # -- batches -------------------------------------------------------------------------
     async def create_batch(self, owner: str) -> str:
@@ -359,10 +134,38 @@ class UploadService:
     async def _open_batch(self, s: AsyncSession, owner: str, batch_id: str) -> Batch:
         batch = await s.scalar(select(Batch).where(Batch.batch_id == batch_id))
         if batch is None or batch.owner != owner:
-            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
+            raise BatchNotFound(f"batch {batch_id} not found")
         if batch.state != "open":
-            raise NotFound(f"batch {batch_id} was {batch.state}", code="ERR_BATCH_NOT_FOUND")
+            raise BatchNotFound(f"batch {batch_id} was {batch.state}")
         return batch
+
+    async def _batch_pk(self, owner: str, batch_id: str, create: bool) -> int:
+        """The row id of ``owner``'s open batch (remembered; the recording transaction checks
+        again). ``create``: a legacy upload makes its batch (client-chosen id) on first use."""
+        hit = self._open_batches.get(batch_id)
+        if hit is not None and hit[0] == owner and not create:
+            return hit[1]
+        async with self.db.read() as s:
+            row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
+                                   .where(Batch.batch_id == batch_id))).one_or_none()
+        if row is None and create:
+            now = utcnow()
+            async with self.db.write() as s:
+                row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
+                                       .where(Batch.batch_id == batch_id))).one_or_none()
+                if row is None:
+                    s.add(Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now))
+                    await s.flush()
+                    row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
+                                           .where(Batch.batch_id == batch_id))).one()
+        if row is None or row.owner != owner:
+            raise BatchNotFound(f"batch {batch_id} not found")
+        if row.state != "open":
+            raise BatchNotFound(f"batch {batch_id} was {row.state}")
+        if len(self._open_batches) >= _KNOWN_LIMIT:
+            self._open_batches.clear()
+        self._open_batches[batch_id] = (owner, row.id)
+        return int(row.id)
 
     async def drop_batch(self, owner: str, batch_id: str) -> None:
         """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone."""
@@ -373,17 +176,17 @@ class UploadService:
         await self._remove_after_commit(self.store.batch_dir(batch.id))
 
     async def _close(self, s: AsyncSession, batch: Batch, state: str) -> None:
-        ids = (await s.scalars(select(BatchFile.id).where(BatchFile.batch_pk == batch.id))).all()
         await s.execute(delete(BatchFile).where(BatchFile.batch_pk == batch.id))
         batch.state = state
         batch.updated_at = utcnow()
         self._open_batches.pop(batch.batch_id, None)
-        self._forget(batch.batch_id, list(ids))
+        for key in [k for k in self._files if k[0] == batch.id]:
+            del self._files[key]
 
     async def _remove_after_commit(self, path: Path) -> None:
         """Remove bytes whose rows were just deleted: once that delete is durable, so that a
         power loss cannot bring back rows (an open batch, complete files) without their bytes."""
-        await asyncio.to_thread(self.db.sync_commits)
+        await self.durability.synced()
         await asyncio.to_thread(remove_tree, path)
 
     # -- files ---------------------------------------------------------------------------
@@ -393,9 +196,8 @@ class UploadService:
             batch = await self._open_batch(s, owner, batch_id)
             files = (await s.scalars(select(BatchFile).where(BatchFile.batch_pk == batch.id)
                                      .order_by(BatchFile.file_idx))).all()
-            chunks = await self._chunks_of(s, [f.id for f in files])
             # Built inside the session: the read session's rollback expires its objects.
-            return [self._state(batch_id, f, chunks.get(f.id, [])) for f in files if chunks.get(f.id)]
+            return [self._state(batch_id, f) for f in files if f.chunk_ids]
 
     async def file_state(self, owner: str, batch_id: str, file_idx: int) -> FileState:
         """One file's state; 404 until its first chunk is recorded (the nuxeo client reads a
@@ -403,10 +205,9 @@ class UploadService:
         async with self.db.read() as s:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
-            chunks = (await self._chunks_of(s, [f.id])).get(f.id, [])
-            if not chunks:
-                raise NotFound(f"file {file_idx} of batch {batch_id} not found", code="ERR_FILE_NOT_FOUND")
-            return self._state(batch_id, f, chunks)
+            if not f.chunk_ids:
+                raise FileNotFound(f"file {file_idx} of batch {batch_id} not found")
+            return self._state(batch_id, f)
 
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
         await self.settle(batch_id)
@@ -415,8 +216,9 @@ class UploadService:
             f = await self._file(s, batch, file_idx)
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
-        self._forget(batch_id, [f.id])
-        await self._remove_after_commit(self.store.file_dir(batch.id, f.id))
+        self._files.pop((batch.id, file_idx), None)
+        await self.durability.synced()  # the row's removal durable before its bytes go
+        await asyncio.to_thread(self.store.remove_file, batch.id, f.id)
 
     async def open_file(self, owner: str, batch_id: str, file_idx: int) -> FileInfo:
         """A complete file's path and metadata (404 if missing or not complete). Waits for
@@ -426,373 +228,117 @@ class UploadService:
             batch = await self._open_batch(s, owner, batch_id)
             f = await self._file(s, batch, file_idx)
             if f.state != "complete" or f.sha256 is None:
-                raise NotFound(f"file {file_idx} of batch {batch_id} is not complete", code="ERR_FILE_INCOMPLETE")
+                raise FileIncomplete(f"file {file_idx} of batch {batch_id} is not complete")
             return FileInfo(self.store.data_path(batch.id, f.id), f.name, f.size, f.sha256, f.mimetype)
 
     async def _file(self, s: AsyncSession, batch: Batch, file_idx: int) -> BatchFile:
         f = await s.scalar(select(BatchFile).where(BatchFile.batch_pk == batch.id, BatchFile.file_idx == file_idx))
         if f is None:
-            raise NotFound(f"file {file_idx} of batch {batch.batch_id} not found", code="ERR_FILE_NOT_FOUND")
+            raise FileNotFound(f"file {file_idx} of batch {batch.batch_id} not found")
         return f
 
-    @staticmethod
-    async def _chunks_of(s: AsyncSession, file_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
-        out: dict[int, list[tuple[int, int]]] = {}
-        if not file_ids:
-            return out
-        rows = await s.execute(select(Chunk.file_id, Chunk.chunk_idx, Chunk.size)
-                               .where(Chunk.file_id.in_(file_ids)).order_by(Chunk.file_id, Chunk.chunk_idx))
-        for file_id, idx, size in rows:
-            out.setdefault(file_id, []).append((idx, size))
-        return out
-
-    @staticmethod
-    def _state(batch_id: str, f: BatchFile, chunks: list[tuple[int, int]]) -> FileState:
+    def _state(self, batch_id: str, f: BatchFile) -> FileState:
+        ids = ChunkSet(f.chunk_ids)
+        state = f.state
+        if state == "receiving" and ids.covers(f.chunk_count):
+            # Every chunk is there but the file is not: an assembly failed. This request is
+            # "the next request for it": assemble it again (in the background).
+            self.assembler.ensure(batch_id, f.id, claimed=False)
+            state = "assembling"
         return FileState(batch_id, f.file_idx, f.name, f.size, f.mimetype, f.upload_type == "chunked",
-                         f.chunk_count, [i for i, _ in chunks], sum(n for _, n in chunks), f.state, f.sha256)
+                         f.chunk_count, ids.ids(), f.received, state, f.sha256)
 
     # -- receiving -----------------------------------------------------------------------
+    def _check(self, req: UploadRequest) -> None:
+        """Every limit and rule that needs no row, before a byte is read."""
+        s = self.settings
+        if req.size > s.max_file_size:
+            raise FileTooLarge(f"X-File-Size {req.size} is over the {s.max_file_size} byte file limit "
+                               "(FILEDROP_MAX_FILE_SIZE)")
+        if req.chunk_count > s.max_chunks_per_file:
+            raise FileTooManyChunks(f"X-Upload-Chunk-Count {req.chunk_count} is over the limit of "
+                                    f"{s.max_chunks_per_file} chunks per file (FILEDROP_MAX_CHUNKS_PER_FILE)")
+        if req.chunk_idx >= req.chunk_count:
+            raise ChunkIndexInvalid(f"chunk index {req.chunk_idx} is not below chunk count {req.chunk_count}")
+        if req.chunk_count > max(req.size, 1):  # every chunk holds at least one byte
+            raise ChunkCountInvalid(f"{req.chunk_count} chunks cannot make {req.size} bytes")
+        cl = req.content_length
+        if not req.chunked and req.size > s.max_chunk_size:
+            raise ChunkTooLarge(f"a file over {s.max_chunk_size} bytes (FILEDROP_MAX_CHUNK_SIZE) must be sent "
+                                "in chunks")
+        if cl is not None and cl > s.max_chunk_size:
+            raise ChunkTooLarge(f"request body of {cl} bytes is over the {s.max_chunk_size} byte chunk limit "
+                                "(FILEDROP_MAX_CHUNK_SIZE)")
+        if cl is not None and (cl != req.size if req.chunk_count == 1 else cl > req.size):
+            raise FileSizeMismatch(f"Content-Length {cl} does not match X-File-Size {req.size}")
+        incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
+        free = self.store.free_bytes(max_age=0.2)  # at most five statvfs a second on the event loop
+        if free - incoming < s.min_free_disk:
+            raise DiskFull(f"not enough free disk space: {incoming} more bytes would leave {free - incoming} "
+                           f"free, under FILEDROP_MIN_FREE_DISK ({s.min_free_disk} bytes)")
+
     async def receive(self, owner: str, batch_id: str, req: UploadRequest, body: AsyncIterable[bytes], *,
                       create: bool = False) -> UploadOutcome:
         """Store one upload request's body (a whole file or one chunk) and record it.
 
-        ``create``: a legacy upload creates its batch (client-chosen id) on first use.
-        Checks every limit before reading a byte; a body that breaks one while streaming is
-        deleted and nothing is recorded. Sending a chunk that is already recorded is a no-op.
+        Checks every limit it can before reading a byte; a body that breaks one while
+        streaming is removed and nothing is recorded. Sending a recorded chunk again is a
+        no-op. ``create``: a legacy upload makes its batch (client-chosen id) on first use.
         """
-        s = self.settings
-        if req.size > s.max_file_size:
-            raise PayloadTooLarge(f"X-File-Size {req.size} is over the {s.max_file_size} byte file limit",
-                                  code="ERR_FILE_TOO_LARGE")
-        if req.chunk_idx >= req.chunk_count:
-            raise BadRequest(f"chunk index {req.chunk_idx} is not below chunk count {req.chunk_count}",
-                             code="ERR_CHUNK_INDEX_INVALID")
-        if req.chunk_count > max(req.size, 1):  # every chunk holds at least one byte
-            raise BadRequest(f"{req.chunk_count} chunks cannot make {req.size} bytes", code="ERR_CHUNK_COUNT_INVALID")
-        cl = req.content_length
-        if not req.chunked and req.size > s.max_chunk_size:
-            raise PayloadTooLarge(f"a file over {s.max_chunk_size} bytes must be sent in chunks",
-                                  code="ERR_CHUNK_TOO_LARGE")
-        if cl is not None and cl > s.max_chunk_size:
-            raise PayloadTooLarge(f"request body of {cl} bytes is over the {s.max_chunk_size} byte chunk limit",
-                                  code="ERR_CHUNK_TOO_LARGE")
-        if cl is not None and (cl != req.size if not req.chunked else cl > req.size):
-            raise BadRequest(f"Content-Length {cl} does not match X-File-Size {req.size}",
-                             code="ERR_FILE_SIZE_MISMATCH")
-        incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
-        if self.store.free_bytes() - incoming < s.min_free_disk:  # one statvfs: no thread needed
-            raise InsufficientStorage("not enough free disk space for this upload", code="ERR_DISK_FULL")
+        self._check(req)
+        batch_pk = await self._batch_pk(owner, batch_id, create)
+        f, state = None, None
+        if req.chunk_count > 1:
+            f, state = self._files.get((batch_pk, req.file_idx), (None, None))
+            if f is None or state != "receiving" or req.chunk_idx in ChunkSet(f.chunk_ids) or \
+                    (f.chunk_count, f.size) != (req.chunk_count, req.size):
+                f, state = await self._read_file(batch_pk, req.file_idx)
+            if f is not None and state is not None:
+                early = await self._early(batch_id, req, f, state)
+                if early is not None:
+                    return early
+        return await _Receipt(self, owner, batch_id, batch_pk, req, f).run(body)
 
-        if not req.chunked:
-            whole = await self._receive_whole(owner, batch_id, req, body, create)
-            if whole is not None:
-                return whole
-        known = self._known.get((batch_id, req.file_idx))
-        if (known is not None and known.owner == owner and known.chunk_count == req.chunk_count
-                and known.size == req.size):
-            slot = _Slot(known.batch_pk, known.file_id)
-        else:
-            slot = await self._claim(owner, batch_id, req, create)
-        if slot.replaced is not None:
-            await asyncio.to_thread(remove_tree, slot.replaced)
-        if slot.done is not None:
-            return slot.done
-        # A one-chunk file is hashed on the way in (it is complete when recorded); a chunked
-        # file is hashed while it is assembled, beside the copy, off the chunks' critical path.
-        hasher = hashlib.sha256() if req.chunk_count == 1 else None
-        temp = self.store.chunk_temp(slot.batch_pk, slot.file_id, req.chunk_idx)
-        received = await self._stream(body, temp, req, hasher)
-        outcome, assemble = await self._record(slot, batch_id, req, temp, received, hasher)
-        if assemble:
-            self._start_assembly(batch_id, slot.batch_pk, slot.file_id, req.chunk_count, req.size)
-        return outcome
+    async def _read_file(self, batch_pk: int, file_idx: int) -> tuple[Snapshot | None, str | None]:
+        async with self.db.read() as s:
+            row = (await s.execute(select(*_SNAPSHOT).where(
+                BatchFile.batch_pk == batch_pk, BatchFile.file_idx == file_idx))).one_or_none()
+        if row is None or not row.chunk_ids:
+            self._files.pop((batch_pk, file_idx), None)
+            return None, None
+        self._remember(Snapshot.of(row), row.state, file_idx)
+        return Snapshot.of(row), row.state
 
-    async def _open_batch_pk(self, owner: str, batch_id: str) -> int | None:
-        """The row id of an open batch of ``owner`` (cached; the recording transaction checks
-        again), None if there is no such batch id at all; 404 for a closed or foreign one."""
-        hit = self._open_batches.get(batch_id)
-        if hit is not None and hit[0] != owner:
-            hit = None  # maybe stale (the batch removed, its id taken by this owner): the row decides
-        if hit is None:
-            async with self.db.read() as s:
-                row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
-                                       .where(Batch.batch_id == batch_id))).one_or_none()
-            if row is None:
-                return None
-            if row[2] != "open":
-                raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
-            if len(self._open_batches) >= _KNOWN_LIMIT:
-                self._open_batches.clear()
-            hit = self._open_batches[batch_id] = (row[0], row[1])
-        if hit[0] != owner:
-            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
-        return hit[1]
-
-    async def _receive_whole(self, owner: str, batch_id: str, req: UploadRequest, body: AsyncIterable[bytes],
-                             create: bool) -> UploadOutcome | None:
-        """A whole-file upload in one write transaction: the body goes to a temp in the batch
-        dir first, then its file row is made complete, its chunk recorded and the temp renamed
-        to ``data``, all at once. (Whole files are most of the traffic of small uploads, and
-        the single writer is their bottleneck.) None: the batch does not exist yet (a legacy
-        upload creates it through the general path)."""
-        batch_pk = await self._open_batch_pk(owner, batch_id)
-        if batch_pk is None:
-            if create:
-                return None
-            raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
-        hasher = hashlib.sha256()
-        temp = self.store.whole_temp(batch_pk, req.file_idx)
-        received = await self._stream(body, temp, req, hasher)
-        now = utcnow()
-        replaced: Path | None = None
-        file_id = 0
-        try:
-            async with self.db.write() as s:
-                row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
-                if row is None and create:  # removed meanwhile (janitor, CLI): a legacy upload makes it anew
-                    row = await self._insert_batch(s, owner, batch_id, now)
-                if row is None or row[1] != owner or row[2] != "open":
-                    self._open_batches.pop(batch_id, None)
-                    raise NotFound(f"batch {batch_id} not found", code="ERR_BATCH_NOT_FOUND")
-                pk, _owner, _state, old_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
-                if pk != batch_pk:
-                    # The cached row id is stale: the batch was removed (janitor, CLI) and its
-                    # id made anew. The row decides; the temp is renamed across (same disk).
-                    self._open_batches[batch_id] = (owner, pk)
-                    batch_pk = pk
-                if old_id is not None:
-                    ids = _ids(ids_csv)
-                    if f_state == "receiving" and ids and f_count != 1:
-                        raise BadRequest(f"file {req.file_idx} was declared with {f_count} chunks, not 1",
-                                         code="ERR_CHUNK_COUNT_CHANGED")
-                    if f_state != "complete" and ids and f_count == 1:  # one chunk of one, being assembled: a repeat
-                        remove(temp)
-                        return UploadOutcome(batch_id, req.file_idx, False, received, 1, ids, True)
-                    # A complete file is replaced (as in Nuxeo), and so is one still being assembled
-                    # (its last chunk was answered 201: complete to the client; the assembly sees
-                    # its row gone); an empty declaration is superseded.
-                    await s.execute(delete(BatchFile).where(BatchFile.id == old_id))
-                    self._forget(batch_id, [old_id])
-                    if f_state != "assembling":  # else its assembly removes it, finding the row gone
-                        replaced = self.store.file_dir(batch_pk, old_id)
-                    n_files, n_bytes = n_files - 1, n_bytes - f_size
-                self._check_limits(n_files, n_bytes, req.size)
-                file_id = (await s.execute(_SQL["insert_file"], {
-                    "batch_pk": batch_pk, "file_idx": req.file_idx, "name": req.name, "mimetype": req.mimetype,
-                    "size": req.size, "upload_type": "normal", "chunk_count": 1, "state": "complete",
-                    "sha256": hasher.hexdigest(), "created_at": now, "updated_at": now})).scalar_one()
-                await s.execute(_SQL["insert_chunk"], {"file_id": file_id, "chunk_idx": 0, "size": received,
-                                                       "received_at": now})
-                data = self.store.data_path(batch_pk, file_id)
-                data.parent.mkdir(parents=True, exist_ok=True)  # a rolled-back id may come again
-                os.replace(temp, data)
-        except BaseException:
-            remove(temp)
-            raise
-        await asyncio.to_thread(_durable_whole, data, self.db)
-        if replaced is not None:
-            await asyncio.to_thread(remove_tree, replaced)
-        self.stats.assembled += 1
-        return UploadOutcome(batch_id, req.file_idx, False, received, 1, [0], True)
-
-    async def _stream(self, body: AsyncIterable[bytes], temp: Path, req: UploadRequest, hasher: Any) -> int:
-        """Receive a body into ``temp`` within the chunk limit and the declared size; its size."""
-        limit = min(self.settings.max_chunk_size, req.size)
-        try:
-            # A one-chunk file is complete once recorded: durable first. Chunks of bigger files
-            # become durable at the next sync point.
-            received = await self.store.receive(body, temp, limit, hasher, durable=req.chunk_count == 1)
-        except BodyTooLarge:
-            if limit == self.settings.max_chunk_size:
-                raise PayloadTooLarge(f"request body is over the {limit} byte chunk limit",
-                                      code="ERR_CHUNK_TOO_LARGE") from None
-            raise BadRequest(f"body is longer than X-File-Size {req.size}", code="ERR_FILE_SIZE_MISMATCH") from None
-        if not req.chunked and received.size != req.size:
-            remove(received.path)
-            raise BadRequest(f"body of {received.size} bytes is shorter than X-File-Size {req.size}",
-                             code="ERR_FILE_SIZE_MISMATCH")
-        return received.size
-
-    async def _claim(self, owner: str, batch_id: str, req: UploadRequest, create: bool) -> _Slot:
-        """Find or make the batch and file rows for an upload (one short write transaction,
-        one query to read everything it decides on: the writer is the bottleneck for small files)."""
-        now = utcnow()
-        replaced = None
-        async with self.db.write() as s:
-            row = (await s.execute(_SQL["claim"], {"batch_id": batch_id, "file_idx": req.file_idx})).one_or_none()
-            if row is None and create:
-                row = await self._insert_batch(s, owner, batch_id, now)
-            if row is None or row[1] != owner or row[2] != "open":
-                raise NotFound(f"batch {batch_id} not found" if row is None or row[1] != owner
-                               else f"batch {batch_id} was {row[2]}", code="ERR_BATCH_NOT_FOUND")
-            batch_pk, _owner, _state, file_id, f_state, f_count, f_size, n_files, n_bytes, ids_csv = row
-            kind = "chunked" if req.chunked else "normal"
-            if file_id is not None:
-                ids = _ids(ids_csv)
-                if f_state == "complete" and not req.chunked:
-                    # A whole-file upload onto a complete file replaces it (as in Nuxeo).
-                    await s.execute(delete(BatchFile).where(BatchFile.id == file_id))
-                    self._forget(batch_id, [file_id])
-                    replaced = self.store.file_dir(batch_pk, file_id)
-                    file_id, n_files, n_bytes = None, n_files - 1, n_bytes - f_size
-                elif not ids and f_state == "receiving":
-                    # Nothing received yet: the client may declare the file anew.
-                    self._check_limits(n_files - 1, n_bytes - f_size, req.size)
-                    await s.execute(update(BatchFile).where(BatchFile.id == file_id).values(
-                        chunk_count=req.chunk_count, size=req.size, name=req.name, mimetype=req.mimetype,
-                        upload_type=kind, updated_at=now))
-                    f_count, f_size = req.chunk_count, req.size
-                elif f_count != req.chunk_count:
-                    raise BadRequest(f"file {req.file_idx} was declared with {f_count} chunks, not "
-                                     f"{req.chunk_count}", code="ERR_CHUNK_COUNT_CHANGED")
-                elif f_size != req.size:
-                    raise BadRequest(f"file {req.file_idx} was declared with {f_size} bytes, not {req.size}",
-                                     code="ERR_FILE_SIZE_CHANGED")
-                elif f_state != "receiving" or req.chunk_idx in ids:
-                    done = UploadOutcome(batch_id, req.file_idx, req.chunked, 0, f_count, ids, len(ids) == f_count)
-                    return _Slot(batch_pk, file_id, done=done)
-            if file_id is None:
-                self._check_limits(n_files, n_bytes, req.size)
-                file_id = (await s.execute(_SQL["insert_file"], {
-                    "batch_pk": batch_pk, "file_idx": req.file_idx, "name": req.name, "mimetype": req.mimetype,
-                    "size": req.size, "upload_type": kind, "chunk_count": req.chunk_count, "state": "receiving",
-                    "created_at": now, "updated_at": now})).scalar_one()
-                f_count, f_size = req.chunk_count, req.size
-        if len(self._known) >= _KNOWN_LIMIT:
-            self._known.clear()
-        self._known[(batch_id, req.file_idx)] = _Known(owner, batch_pk, file_id, f_count, f_size)
-        return _Slot(batch_pk, file_id, replaced=replaced)
-
-    @staticmethod
-    async def _insert_batch(s: AsyncSession, owner: str, batch_id: str, now: Any) -> tuple[Any, ...]:
-        """Make a legacy batch (client-chosen id); returns a row shaped like the claim query's."""
-        pk = (await s.execute(_SQL["insert_batch"], {"batch_id": batch_id, "owner": owner, "state": "open",
-                                                     "created_at": now, "updated_at": now})).scalar_one()
-        return (pk, owner, "open", None, None, None, None, 0, 0, None)
-
-    def _check_limits(self, other_files: int, other_bytes: int, size: int) -> None:
-        cfg = self.settings
-        if other_files + 1 > cfg.max_files_per_batch:
-            raise PayloadTooLarge(f"a batch holds at most {cfg.max_files_per_batch} files",
-                                  code="ERR_BATCH_TOO_MANY_FILES")
-        if other_bytes + size > cfg.max_batch_bytes:
-            raise PayloadTooLarge(f"a batch holds at most {cfg.max_batch_bytes} bytes", code="ERR_BATCH_TOO_LARGE")
-
-    async def _record(self, slot: _Slot, batch_id: str, req: UploadRequest, temp: Path, size: int,
-                      hasher: Any) -> tuple[UploadOutcome, bool]:
-        """Rename the received chunk into place and record it; flip the file to ``assembling``
-        when this was its last missing chunk. Returns (outcome, this request must assemble).
-
-        The rename happens inside the write transaction, so "not recorded yet" and the rename
-        are one step for every other writer (a duplicate chunk never replaces a recorded one);
-        it is a metadata operation. A one-chunk file (fsynced on the way in) is made durable
-        right after the commit, before the client is answered; a chunk of a bigger file at the
-        next sync point.
-        """
-        final = self.store.chunk_path(slot.batch_pk, slot.file_id, req.chunk_idx)
-        data = self.store.data_path(slot.batch_pk, slot.file_id)
-        stray: Path | None = None
-        try:
-            async with self.db.write() as s:
-                # Taken under the writer: a sync point's time (also taken under it) orders
-                # every chunk record, rename included, before or after that sync point.
-                now = utcnow()
-                row = (await s.execute(_SQL["record"], {"file_id": slot.file_id})).one_or_none()
-                if row is None or row[0] != "open":
-                    # Its rows are gone: whatever directory this request made is ours to remove.
-                    stray = (self.store.file_dir(slot.batch_pk, slot.file_id) if row is None
-                             else self.store.batch_dir(slot.batch_pk))
-                    self._known.pop((batch_id, req.file_idx), None)
-                    raise NotFound(f"batch {batch_id} or its file {req.file_idx} was removed meanwhile",
-                                   code="ERR_FILE_NOT_FOUND" if row is None else "ERR_BATCH_NOT_FOUND")
-                _b_state, f_state, f_count, f_size, ids_csv, received, touched = row
-                ids = _ids(ids_csv)
-                if f_count != req.chunk_count or f_size != req.size:
-                    raise BadRequest(f"file {req.file_idx} was declared anew meanwhile",
-                                     code="ERR_CHUNK_COUNT_CHANGED")
-                if f_state != "receiving" or req.chunk_idx in ids:
-                    remove(temp)
-                    return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f_count, ids,
-                                         len(ids) == f_count), False
-                total = received + size
-                last = len(ids) + 1 == f_count
-                if total > f_size or (last and total != f_size):
-                    raise BadRequest(f"the chunks of file {req.file_idx} add up to {total} bytes, X-File-Size "
-                                     f"is {f_size}", code="ERR_FILE_SIZE_MISMATCH")
-                if last and f_count > 1 and self.store.free_bytes() - f_size < self.settings.min_free_disk:
-                    raise InsufficientStorage("not enough free disk space to assemble this file",
-                                              code="ERR_DISK_FULL")
-                await s.execute(_SQL["insert_chunk"], {"file_id": slot.file_id, "chunk_idx": req.chunk_idx,
-                                                       "size": size, "received_at": now})
-                assemble = inline = False
-                if last and f_count == 1 and hasher is not None:
-                    # A one-chunk file is assembled by renaming it into place: no copy, no task.
-                    os.replace(temp, data)
-                    await s.execute(_SQL["complete_file"], {"file_id": slot.file_id, "sha": hasher.hexdigest(),
-                                                            "now": now})
-                    inline = True
-                elif last:
-                    os.replace(temp, final)
-                    res = await s.execute(_SQL["start_assembly"], {"file_id": slot.file_id, "now": now})
-                    assemble = res.rowcount == 1  # type: ignore[attr-defined]
-                else:
-                    os.replace(temp, final)
-                    if now - touched > _TOUCH_EVERY:  # the idle clock the janitor reads; minutes matter
-                        await s.execute(_SQL["touch_file"], {"file_id": slot.file_id, "now": now})
-                ids = sorted([*ids, req.chunk_idx])
-        except BaseException:
-            remove(temp)
-            if stray is not None:
-                await asyncio.to_thread(remove_tree, stray)
-            raise
-        if inline:
-            self._forget(batch_id, [slot.file_id])
-            await asyncio.to_thread(_settle_inline, data, final.parent, self.db)
-            self.stats.assembled += 1
-        else:
-            self._unsynced.set()
-            if last:
-                self._known.pop((batch_id, req.file_idx), None)
-        return UploadOutcome(batch_id, req.file_idx, req.chunked, size, req.chunk_count, ids, last), assemble
-
-    async def _assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int) -> None:
-        try:
-            digest = await asyncio.to_thread(self.store.assemble, batch_pk, file_id, chunk_count, size)
-        except (OSError, ValueError) as e:
-            self.stats.assembly_failed += 1
-            log.error("assembling file %s of batch %s failed: %s", file_id, batch_pk, e)
-            if not await self._repair(batch_pk, file_id):  # deleted, dropped or replaced meanwhile
-                await asyncio.to_thread(remove_tree, self.store.file_dir(batch_pk, file_id))
+    def _remember(self, f: Snapshot, state: str, file_idx: int) -> None:
+        key = (f.batch_pk, file_idx)
+        if state == "complete":
+            self._files.pop(key, None)
             return
-        async with self.db.write() as s:
-            res = await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
-                                  .values(state="complete", sha256=digest, updated_at=utcnow()))
-        self.stats.assembled += 1
-        if res.rowcount == 1:  # type: ignore[attr-defined]
-            await asyncio.to_thread(self.store.remove_chunks, batch_pk, file_id)
-        else:  # deleted or dropped meanwhile
-            await asyncio.to_thread(remove_tree, self.store.file_dir(batch_pk, file_id))
+        if len(self._files) >= _KNOWN_LIMIT:
+            self._files.clear()
+        self._files[key] = (f, state)
 
-    async def _repair(self, batch_pk: int, file_id: int) -> bool:
-        """After a failed assembly: forget chunks whose bytes are missing or wrong and let the
-        client send them again (the file goes back to ``receiving``). False: the file's row is
-        gone."""
-        async with self.db.write() as s:
-            rows = (await s.execute(select(Chunk.chunk_idx, Chunk.size).where(Chunk.file_id == file_id))).all()
-            bad = []
-            for idx, size in rows:
-                p = self.store.chunk_path(batch_pk, file_id, idx)
-                try:
-                    ok = p.stat().st_size == size
-                except OSError:
-                    ok = False
-                if not ok:
-                    bad.append(idx)
-            if bad:
-                await s.execute(delete(Chunk).where(Chunk.file_id == file_id, Chunk.chunk_idx.in_(bad)))
-            res = await s.execute(update(BatchFile).where(BatchFile.id == file_id, BatchFile.state == "assembling")
-                                  .values(state="receiving", updated_at=utcnow()))
-        return res.rowcount == 1  # type: ignore[attr-defined]
+    async def _early(self, batch_id: str, req: UploadRequest, f: Snapshot, state: str) -> UploadOutcome | None:
+        """The answer before a byte of the body is read, when the file's row decides it: a
+        changed declaration, a chunk already recorded, a file complete or being assembled."""
+        if f.chunk_count != req.chunk_count:
+            raise ChunkCountChanged(f"file {req.file_idx} was declared with {f.chunk_count} chunks, "
+                                    f"not {req.chunk_count}")
+        if f.size != req.size:
+            raise FileSizeChanged(f"file {req.file_idx} was declared with {f.size} bytes, not {req.size}")
+        ids = ChunkSet(f.chunk_ids)
+        waiting = state == "receiving" and ids.covers(f.chunk_count)  # a failed assembly: assemble again
+        if req.chunk_idx not in ids and state == "receiving" and not waiting:
+            return None
+        complete = state == "complete"
+        if state == "assembling" or waiting:
+            task = self.assembler.running(f.id) if state == "assembling" else \
+                self.assembler.ensure(batch_id, f.id, claimed=False)
+            if task is not None:
+                await asyncio.shield(task)  # raises what the assembly met (507, 503, 500)
+                complete = True
+        size = req.content_length or 0
+        return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids.ids(), complete)
 
     # -- execute -------------------------------------------------------------------------
     async def execute(self, owner: str, batch_id: str, file_idx: int | None, operation: str,
@@ -833,25 +379,121 @@ class UploadService:
         return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
 
 
-def _ids(csv: str | None) -> list[int]:
-    """Chunk ids from SQLite's group_concat (unordered)."""
-    return sorted(int(i) for i in csv.split(",")) if csv else []
+class _Receipt:
+    """One request's body: where it goes, receiving it, preparing the file when it is the
+    last chunk, recording it."""
 
+    def __init__(self, service: UploadService, owner: str, batch_id: str, batch_pk: int, req: UploadRequest,
+                 f: Snapshot | None) -> None:
+        self.s, self.owner, self.batch_id, self.batch_pk, self.req, self.f = service, owner, batch_id, batch_pk, req, f
+        store, cfg = service.store, service.settings
+        self.limit = min(cfg.max_chunk_size, req.size)
+        self.lane: HashLane | None = None
+        self.offset = 0  # of this body in the complete file, when known
+        if f is None:  # no row yet (or nothing stored): the body waits in the batch dir
+            self.target = Target(store.arrival_temp(batch_pk, req.file_idx))
+            self.lane = service.hashes.begin(None, 0) if req.chunk_idx == 0 else None
+        elif f.chunk_size is not None and req.content_length == chunk_length(f.size, f.chunk_count, f.chunk_size,
+                                                                                 req.chunk_idx):
+            self.offset = req.chunk_idx * f.chunk_size  # the uniform layout: in place
+            self.target = Target(store.partial_path(batch_pk, f.id), self.offset, fresh=False)
+            self.limit = req.content_length
+            self.lane = service.hashes.begin(f.id, self.offset)
+        else:  # another chunking, or no Content-Length: on its own
+            self.target = Target(store.chunk_temp(batch_pk, f.id, req.chunk_idx))
+        self.reserve = req.content_length if req.content_length is not None else self.limit
+        self.last = f is not None and len(ChunkSet(f.chunk_ids)) + 1 == f.chunk_count
 
-def _durable_whole(data: Path, db: Database) -> None:
-    """Make a file answered complete durable: its rename into ``data``, the entries of its
-    file dir and (new with a batch's first file) batch dir, and its record. Once the first
-    fsync has committed the file system's journal the others find little left to do."""
-    fsync_dir(data.parent)
-    fsync_dir(data.parent.parent)
-    fsync_dir(data.parent.parent.parent)
-    db.sync_commits()
+    async def run(self, body: AsyncIterable[bytes]) -> UploadOutcome:
+        s, req = self.s, self.req
+        completion: Path | None = None
+        recorded = None
+        if req.chunk_count == 1 and req.content_length is not None and req.content_length <= WRITE_BUFFER:
+            return await self._small(body)
+        try:
+            length = await self._receive(body)
+            digest = None
+            if req.chunk_count == 1:
+                assert self.lane is not None
+                await self.lane.settle()
+                digest = self.lane.hasher.hexdigest()
+            if self.f is not None:
+                total = self.f.received + length
+                if total > req.size or (self.last and total != req.size):
+                    raise FileSizeMismatch(f"the chunks of file {req.file_idx} add up to {total} bytes, "
+                                           f"X-File-Size is {req.size}")
+            if self.last and self.f is not None:
+                mine = (req.chunk_idx, self.target.path if self.target.fresh else None)
+                if self.lane is not None:
+                    await self.lane.settle()
+                    running = None if self.lane.broken else (self.lane.hasher.copy(), self.offset + length)
+                else:  # this chunk was not hashed on its way in: what arrived in order before it was
+                    running = await s.hashes.take(self.f.id)
+                completion, digest = await asyncio.to_thread(prepare, s.store, self.f, mine, running)
+            recorded = await s.recorder.record(Arrival(
+                self.owner, self.batch_id, self.batch_pk, req, length,
+                self.target.path if self.target.fresh else None, self.f.id if self.f else None,
+                self.f.chunk_size if self.f else None, digest, completion,
+                (self.f.chunk_ids, self.f.loose_ids) if completion is not None and self.f else None))
+        except BaseException as e:
+            if self.target.fresh:
+                remove(self.target.path)
+            if completion is not None and completion.name != "partial":
+                remove(completion)
+            if isinstance(e, ValueError):  # the chunks did not make the declared file
+                raise FileSizeMismatch(f"file {req.file_idx}: {e}") from None
+            mapped = storage_error(e, s.settings.min_free_disk, f"receiving file {req.file_idx}")
+            if mapped is not None:
+                raise mapped from None
+            raise
+        finally:
+            file_id = recorded.file_id if recorded is not None else (self.f.id if self.f else None)
+            s.hashes.end(file_id, self.offset, self.lane if req.chunk_count > 1 else None,
+                         recorded.outcome.uploaded_size if recorded else 0, recorded is not None and recorded.new)
+        row = recorded.row
+        if req.chunk_count > 1 and row.id is not None:
+            s._remember(Snapshot(row.id, row.batch_pk, row.size, row.chunk_count, row.chunk_size,
+                                 bytes(row.chunk_ids), bytes(row.loose_ids), row.received), row.state, req.file_idx)
+        if recorded.assemble and recorded.file_id is not None:
+            # Claimed by its own record, or (a repeat) a failed assembly to claim and run again.
+            await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
+            o = recorded.outcome
+            return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, True)
+        if recorded.completed:
+            s.stats.assembled += 1
+            if recorded.file_id is not None:
+                s.hashes.forget(recorded.file_id)
+        return recorded.outcome
 
+    async def _small(self, body: AsyncIterable[bytes]) -> UploadOutcome:
+        """A whole file of at most WRITE_BUFFER bytes: read into memory, then written, hashed and
+        recorded by its group, in the group's one thread hop."""
+        req, pieces, size = self.req, [], 0
+        async for data in body:
+            size += len(data)
+            if size > self.limit:
+                raise FileSizeMismatch(f"body is longer than X-File-Size ({self.limit} bytes)")
+            pieces.append(data)
+        if size != req.size:
+            raise FileSizeMismatch(f"body of {size} bytes is shorter than X-File-Size {req.size}")
+        recorded = await self.s.recorder.record(Arrival(
+            self.owner, self.batch_id, self.batch_pk, req, size, self.target.path, None, body=b"".join(pieces)))
+        if recorded.completed:
+            self.s.stats.assembled += 1
+        return recorded.outcome
 
-def _settle_inline(data: Path, chunks_dir: Path, db: Database) -> None:
-    """Make a one-chunk file durable as a whole one and drop the chunks dir its temp lived in."""
-    _durable_whole(data, db)
-    try:
-        chunks_dir.rmdir()
-    except OSError:
-        pass  # not empty: a concurrent duplicate's temp; the janitor takes stale temps
+    async def _receive(self, body: AsyncIterable[bytes]) -> int:
+        req = self.req
+        try:
+            length = await self.s.store.receive(body, self.target, limit=self.limit, reserve_bytes=self.reserve,
+                                                declared=req.content_length, lane=self.lane)
+        except BodyTooLarge:
+            if self.limit == self.s.settings.max_chunk_size:
+                raise ChunkTooLarge(f"request body is over the {self.limit} byte chunk limit "
+                                    "(FILEDROP_MAX_CHUNK_SIZE)") from None
+            raise FileSizeMismatch(f"body is longer than {'X-File-Size' if self.limit == req.size else 'this chunk'} "
+                                   f"({self.limit} bytes)") from None
+        if req.chunk_count == 1 and length != req.size:
+            raise FileSizeMismatch(f"body of {length} bytes is shorter than X-File-Size {req.size}")
+        return length
+

@@ -1,65 +1,88 @@
-"""Where upload bytes live, and the disk steps that keep them crash safe.
+"""Where upload bytes live, and the disk steps of receiving and completing a file.
 
 Disk layout (the janitor codes against it; every path is derived from row ids, never from a
 client-supplied name):
 
     <data_dir>/uploads/<batches.id>/                      batch dir
-    <batch dir>/<batch_files.id>/                         file dir
-    <file dir>/chunks/<chunk_idx>                         a received chunk (renamed into place)
-    <file dir>/chunks/.<chunk_idx>.<random>.part          a chunk being received
-    <batch dir>/.<file_idx>.<random>.part                  a whole-file upload being received
-    <file dir>/data                                       the assembled file
-    <file dir>/.data.<random>.part                        the assembled file being written
-    <data_dir>/uploads/.synced                            the last durability point (JSON)
+    <batch dir>/<batch_files.id>.data                     a complete file
+    <batch dir>/.<file_idx>.<random>.part                 a request's body before its file row exists
+                                                          (a whole file, or a file's first chunk)
+    <batch dir>/<batch_files.id>/                         file dir, while the file is received
+    <file dir>/partial                                    the file being received: every chunk of the
+                                                          uniform layout at chunk_idx * chunk_size
+    <file dir>/chunks/<chunk_idx>                         a chunk stored on its own (other chunkings,
+                                                          a chunk sent without Content-Length)
+    <file dir>/chunks/.<chunk_idx>.<random>.part          such a chunk being received
+    <file dir>/.data.<random>.part                        a concatenation under way
+    <data_dir>/uploads/.synced                            boot id of the last start (JSON)
 
-Bytes reach their final name only by temp (a dot-name) -> ``os.replace`` in the same directory,
-so a crash leaves either the old state or the new one plus a temp the janitor removes.
+A complete file has no directory of its own (its file dir goes once it is complete): creating
+an inode is the dearest step of a small upload here (ext4 scans for one not recently freed), so a
+whole-file upload costs one, its temp, renamed into place.
 
-Durability comes in two strengths. A complete file (a whole-file upload, an assembled one) is
-fsynced before it is recorded complete. A chunk of a multi-chunk file is recorded as soon as
-its bytes are written: a process crash (kill -9) cannot lose them, the page cache outlives the
-process. A power loss can, so chunks are made durable in groups: ``sync_point`` runs one
-``syncfs`` and then records its time and the machine's boot id in ``.synced``. After a reboot
-that was not preceded by a sync point, the upload service forgets the chunks recorded after
-it and the client sends them again (it asks which ids the server has). An fsync per 8 MiB chunk
-cost a third of the upload speed here.
-The functions here are synchronous disk work: callers run them in a thread.
+Chunks of the uniform layout (all chunks but the last the same size, as every known client
+sends them) are written where they belong in ``partial``, so completing the file is a rename;
+chunks stored on their own are copied into ``partial`` when they fit the layout, and otherwise
+the file is concatenated into a temp. Bytes reach a final name only by temp (a dot-name, or
+``partial``) -> ``os.replace`` in the same directory.
+
+Space is reserved (``fallocate``) for the bytes a request declares before they are written,
+so that concurrent writers see each other in ``statvfs`` and the free-disk floor holds.
+Nothing here syncs: the upload service makes bytes durable in groups (``syncfs``, see
+``server.uploads.durability``). The functions are synchronous disk work, called in threads,
+except ``receive`` (a coroutine that hands its disk work to threads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
-import json
 import os
 import secrets
 import shutil
-import threading
-from collections.abc import AsyncIterable
+import time
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from functools import partial
 from pathlib import Path
 
-from server.durable import boot_id, fsync_dir, start_writeback, syncfs
+from server.durable import reserve, start_writeback
 
-# Bytes gathered from the socket before one write: large enough that the thread hop per write
-# is noise, small enough that a few hundred parallel uploads stay far below the RSS budget.
+# Bytes hashed per thread hop: large enough that the hop is noise, small enough that a few hundred
+# parallel uploads stay far below the RSS budget. A body no larger than this is written in one
+# thread hop (open, reserve, write, close).
 WRITE_BUFFER = 1 << 20
-COPY_BLOCK = 1 << 20  # read size when hashing chunk files at assembly
+READ_BLOCK = 1 << 20  # read size when hashing what arrived out of order
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class BodyTooLarge(Exception):
-    """The request body went past the limit while streaming (the temp file is already gone)."""
+    """The request body went past the limit while streaming (nothing of it is kept)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
 
 
+class BelowFloor(Exception):
+    """Writing would leave less free space than the floor (the reservation is given back)."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__(free)
+        self.free = free
+
+
 @dataclass(frozen=True)
-class Received:
-    path: Path  # the temp file (fsynced if received durable), not yet renamed into place
-    size: int
+class Target:
+    """Where a body goes: a fresh temp (``fresh``: created here, removed on any failure), or
+    ``partial`` at ``offset`` (shared by the file's requests; an unrecorded range is simply
+    written again by the chunk's next attempt)."""
+
+    path: Path
+    offset: int = 0
+    fresh: bool = True
 
 
 def remove(path: Path) -> None:
@@ -73,11 +96,17 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class UploadStore:
-    """Paths under ``<data_dir>/uploads`` and the disk steps of receiving and assembling."""
+def make_dirs(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
-    def __init__(self, root: Path) -> None:
+
+class UploadStore:
+    """Paths under ``<data_dir>/uploads`` and the disk steps of receiving and completing."""
+
+    def __init__(self, root: Path, min_free: int = 0) -> None:
         self.root = root
+        self.min_free = min_free
+        self._free = (0, -1e9)  # (free bytes, when read)
 
     # -- paths (row ids only) ------------------------------------------------------------
     def batch_dir(self, batch_pk: int) -> Path:
@@ -95,146 +124,191 @@ class UploadStore:
     def chunk_temp(self, batch_pk: int, file_id: int, chunk_idx: int) -> Path:
         return self.chunks_dir(batch_pk, file_id) / f".{int(chunk_idx)}.{secrets.token_hex(8)}.part"
 
-    def whole_temp(self, batch_pk: int, file_idx: int) -> Path:
-        """A whole-file upload being received (before its file row exists)."""
+    def arrival_temp(self, batch_pk: int, file_idx: int) -> Path:
+        """A body received before its file row exists (a whole file, a file's first chunk)."""
         return self.batch_dir(batch_pk) / f".{int(file_idx)}.{secrets.token_hex(8)}.part"
 
-    def data_path(self, batch_pk: int, file_id: int) -> Path:
-        return self.file_dir(batch_pk, file_id) / "data"
+    def partial_path(self, batch_pk: int, file_id: int) -> Path:
+        return self.file_dir(batch_pk, file_id) / "partial"
 
-    # -- durability points ---------------------------------------------------------------
+    def data_path(self, batch_pk: int, file_id: int) -> Path:
+        return self.batch_dir(batch_pk) / f"{int(file_id)}.data"
+
     @property
     def sync_marker(self) -> Path:
         return self.root / ".synced"
 
-    def sync_point(self, at: datetime) -> None:
-        """Make everything written so far durable, then record ``at`` (taken before the sync)
-        and this boot's id as the last durability point."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        syncfs(self.root)
-        temp = self.root / f".synced.{secrets.token_hex(4)}.part"
-        temp.write_text(json.dumps({"boot_id": boot_id(), "at": at.isoformat()}))
-        fd = os.open(temp, os.O_RDONLY)
+    # -- space -----------------------------------------------------------------------------
+    def free_bytes(self, max_age: float = 0.0) -> int:
+        """Free bytes of the uploads' file system; ``max_age``: a reading that recent will do
+        (a request's early check; the reservation before writing reads it afresh)."""
+        now = time.monotonic()
+        if max_age and now - self._free[1] < max_age:
+            return self._free[0]
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.sync_marker)
-        fsync_dir(self.root)
+            free = shutil.disk_usage(self.root).free
+        except FileNotFoundError:
+            make_dirs(self.root)
+            free = shutil.disk_usage(self.root).free
+        self._free = (free, now)
+        return free
 
-    def last_sync_point(self) -> tuple[str, datetime] | None:
-        """(boot id, time) of the last durability point, or None if none was recorded."""
+    def _reserve(self, fd: int, offset: int, length: int) -> None:
+        """Take ``length`` bytes at ``offset`` of ``fd`` from the disk unless that would leave less
+        than the floor, and check the floor again after (another request may have reserved
+        meanwhile). Raises OSError ENOSPC, or BelowFloor (the caller gives a fresh temp back)."""
+        free = os.statvfs(self.root)
+        if free.f_bavail * free.f_frsize - length < self.min_free:
+            raise BelowFloor(free.f_bavail * free.f_frsize)
+        reserve(fd, offset, length)
+        free = os.statvfs(self.root)
+        if free.f_bavail * free.f_frsize < self.min_free:
+            raise BelowFloor(free.f_bavail * free.f_frsize)
+
+    def _open(self, target: Target, reserve_bytes: int) -> int:
+        make_dirs(target.path.parent)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if target.fresh else 0)
+        fd = os.open(target.path, flags, FILE_MODE)
         try:
-            raw = json.loads(self.sync_marker.read_text())
-            return str(raw["boot_id"]), datetime.fromisoformat(raw["at"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            self._reserve(fd, target.offset, reserve_bytes)
+        except BaseException:
+            _discard(fd, target)
+            raise
+        return fd
 
-    def free_bytes(self) -> int:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return shutil.disk_usage(self.root).free
+    def write_files(self, files: list[tuple[Path, bytes]]) -> list[BaseException | None]:
+        """Create and write small fresh files one after the other (blocking: in one thread, the
+        only one writing such files): what failed, in order. The floor is checked once for all
+        of them, and their bytes are taken from the disk by the writes right after it (the file
+        system counts them at once), which the next check sees; bodies that stream reserve
+        theirs first (``fallocate``)."""
+        results: list[BaseException | None] = []
+        room = self.free_bytes() - self.min_free if files else 0
+        made: set[Path] = set()
+        for path, data in files:
+            try:
+                if room - len(data) < 0:
+                    raise BelowFloor(room + self.min_free)
+                if path.parent not in made:
+                    make_dirs(path.parent)
+                    made.add(path.parent)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                try:
+                    _pwrite(fd, data, 0)
+                finally:
+                    os.close(fd)
+                room -= len(data)
+                results.append(None)
+            except Exception as e:
+                remove(path)
+                results.append(e)
+        return results
 
-    # -- receiving -----------------------------------------------------------------------
-    async def receive(self, body: AsyncIterable[bytes], temp: Path, limit: int,
-                      hasher: hashlib._Hash | None = None, *, durable: bool = True) -> Received:
-        """Stream ``body`` into ``temp`` (created here); at most ``limit`` bytes. ``durable``:
-        fsync it before returning (else the next ``sync_point`` makes it durable).
+    def write_small(self, target: Target, data: bytes, reserve_bytes: int, hasher: hashlib._Hash | None) -> None:
+        """Create, reserve, write and close in one go (blocking: in a thread)."""
+        fd = self._open(target, reserve_bytes)
+        try:
+            _pwrite(fd, data, target.offset)
+            if hasher is not None:
+                hasher.update(data)
+        except BaseException:
+            _discard(fd, target)
+            raise
+        os.close(fd)
 
-        Writes happen in a thread, one buffer at a time, overlapping with reading the next
-        buffer from the socket; ``hasher`` (if given) is updated in another thread beside the
-        write (hashlib releases the GIL), in order. At most three buffers are in memory per
-        request. On any error, including a client that goes away and cancellation, the temp
-        file is removed (once no thread uses it any more).
+    # -- receiving ---------------------------------------------------------------------------
+    async def receive(self, body: AsyncIterable[bytes], target: Target, *, limit: int, reserve_bytes: int,
+                      declared: int | None, lane: HashLane | None = None) -> int:
+        """Stream ``body`` (at most ``limit`` bytes) into ``target``; returns its size.
+
+        ``reserve_bytes`` are taken from the disk before the first write (the declared length, or
+        the most the body may be). A body ``declared`` (Content-Length) to hold at most
+        WRITE_BUFFER bytes is read whole, then written (and hashed) in one thread hop. Any other
+        is written as it arrives (its file exists from the start: a stalled client's temp is
+        there for the janitor to see) through a ``_Stream``: written on the loop, hashed in order
+        in a thread (``lane``), and this returns without waiting for the hash. On any error, a
+        client that goes away and cancellation included, a fresh temp is removed (once no thread
+        uses it any more).
         """
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         loop = asyncio.get_running_loop()
-        writing: asyncio.Future[None] | None = None
-        hashing: asyncio.Future[None] | None = None
         size = 0
-        pieces: list[bytes] = []  # joined once per block: one copy of every byte, not two
-        pending = 0
-        try:
+        if declared is not None and declared <= WRITE_BUFFER:
+            pieces: list[bytes] = []
             async for data in body:
                 size += len(data)
                 if size > limit:
                     raise BodyTooLarge(limit)
                 pieces.append(data)
-                pending += len(data)
-                if pending >= WRITE_BUFFER:
-                    block = b"".join(pieces)
-                    pieces.clear()
-                    pending = 0
-                    if writing is not None:
-                        await writing
-                    # Nothing is pending now: the block ends at `size`.
-                    writing = loop.run_in_executor(None, _write_all, fd, block,
-                                                   size - len(block) if durable else None)
-                    if hasher is not None:
-                        if hashing is not None:
-                            await hashing
-                        hashing = loop.run_in_executor(None, hasher.update, block)
-            if writing is not None:
-                await writing
-            tail = b"".join(pieces)
-            writing = loop.run_in_executor(None, _finish, fd, tail, durable)
-            if hasher is not None:
-                if hashing is not None:
-                    await hashing
-                hasher.update(tail)
-            await writing
+            hasher = None
+            if lane is not None:
+                await lane.settle()
+                hasher = lane.hasher
+            await loop.run_in_executor(None, self.write_small, target, b"".join(pieces), reserve_bytes, hasher)
+            return size
+        opening = loop.run_in_executor(None, self._open, target, reserve_bytes)
+        stream: _Stream | None = None
+        try:
+            async for data in body:
+                size += len(data)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                if stream is None:  # the first piece waited in the socket while the file opened
+                    stream = _Stream(loop, await opening, target.offset, lane)
+                await stream.write(data)
+            if stream is None:
+                stream = _Stream(loop, await opening, target.offset, lane)
         except BaseException:
-            if writing is not None and not writing.done():
-                # A thread still writes to fd: close and remove once it is done.
-                writing.add_done_callback(lambda _f: _discard(fd, temp))
+            if stream is not None:
+                stream.finish(partial(_discard, stream.fd, target))
             else:
-                _discard(fd, temp)
+                opening.add_done_callback(lambda f: f.cancelled() or f.exception() or _discard(f.result(), target))
+            raise
+        stream.finish(partial(os.close, stream.fd))
+        return size
+
+    # -- completing --------------------------------------------------------------------------
+    def place(self, chunk: Path, partial: Path, offset: int) -> None:
+        """Copy a chunk stored on its own into ``partial`` at ``offset`` (in the kernel)."""
+        make_dirs(partial.parent)
+        with open(chunk, "rb") as src:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+            try:
+                length = os.fstat(src.fileno()).st_size
+                self._reserve(fd, offset, length)
+                _copy_range(src.fileno(), fd, offset, length)
+            finally:
+                os.close(fd)
+
+    def concat(self, batch_pk: int, file_id: int, sources: list[tuple[Path, int, int]], size: int,
+               hasher: hashlib._Hash) -> Path:
+        """Concatenate ``(path, offset, length)`` ranges into a fresh temp in the file dir,
+        hashing them on the way; returns the temp (not yet renamed). Space is reserved first."""
+        temp = self.file_dir(batch_pk, file_id) / f".data.{secrets.token_hex(8)}.part"
+        target = Target(temp)
+        fd = self._open(target, size)
+        try:
+            pos = 0
+            for path, offset, length in sources:
+                with open(path, "rb") as src:
+                    _copy_range(src.fileno(), fd, pos, length, src_offset=offset)
+                    _hash_range(src.fileno(), offset, length, hasher)
+                pos += length
+        except BaseException:
+            _discard(fd, target)
             raise
         os.close(fd)
-        return Received(temp, size)
+        return temp
 
-    # -- assembling ----------------------------------------------------------------------
-    def assemble(self, batch_pk: int, file_id: int, chunk_count: int, size: int) -> str:
-        """Turn ``chunks/0..n-1`` into ``data`` atomically; return its SHA-256 (hex).
+    def remove_file_dir(self, batch_pk: int, file_id: int) -> None:
+        """What a complete file no longer needs: its file dir (chunks, temps)."""
+        remove_tree(self.file_dir(batch_pk, file_id))
 
-        The kernel copies (``copy_file_range``) while a second thread hashes the same chunks
-        (hashlib releases the GIL), so hashing costs no time on two cores. Idempotent, so
-        crash recovery can call it again: if ``data`` is already in place (a crash after the
-        rename) it is only hashed. Raises ValueError if the bytes do not add up to ``size``.
-        """
-        fdir = self.file_dir(batch_pk, file_id)
-        data = self.data_path(batch_pk, file_id)
-        if data.exists():
-            _check_size(data, size)
-            return _sha256_file(data)
-        chunks = [self.chunk_path(batch_pk, file_id, i) for i in range(chunk_count)]
-        if chunk_count == 1:
-            _check_size(chunks[0], size)
-            digest = _sha256_file(chunks[0])
-            os.replace(chunks[0], data)
-            fsync_dir(fdir)
-            return digest
-        temp = fdir / f".data.{secrets.token_hex(8)}.part"
-        hashing = _Hashing(chunks)
-        hashing.start()
-        try:
-            with open(temp, "wb") as out:
-                for chunk in chunks:
-                    with open(chunk, "rb") as src:
-                        _copy(src.fileno(), out.fileno())
-                out.flush()
-                os.fsync(out.fileno())
-            _check_size(temp, size)
-            digest = hashing.result()
-            os.replace(temp, data)
-        except BaseException:
-            hashing.join()
-            remove(temp)
-            raise
-        fsync_dir(fdir)
-        return digest
+    def remove_file(self, batch_pk: int, file_id: int) -> None:
+        """Every byte of a file whose row is gone: its data and its file dir."""
+        remove(self.data_path(batch_pk, file_id))
+        remove_tree(self.file_dir(batch_pk, file_id))
 
-    def remove_batch_temps(self) -> int:
+    def remove_arrival_temps(self) -> int:
         """Remove every ``<batch dir>/.<file_idx>.<random>.part``; how many (start-up only)."""
         removed = 0
         if not self.root.is_dir():
@@ -248,77 +322,144 @@ class UploadStore:
                     removed += 1
         return removed
 
-    def remove_chunks(self, batch_pk: int, file_id: int) -> None:
-        remove_tree(self.chunks_dir(batch_pk, file_id))
+
+BEHIND = 2  # WRITE_BUFFER blocks of one request read and written but not yet hashed
 
 
-def _discard(fd: int, temp: Path) -> None:
-    os.close(fd)
-    remove(temp)
+class HashLane:
+    """A SHA-256 fed in order, across the requests of a file: each body's blocks are hashed in
+    a thread after those before them (``tail``), and nobody waits for it until the digest is
+    needed (``settle``). ``broken``: a block was not hashed; the digest must come from disk."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.tail: asyncio.Future[None] | None = None
+        self.broken = False
+
+    async def settle(self) -> None:
+        """Wait until every block handed to the lane is hashed."""
+        while self.tail is not None and not self.tail.done():
+            await asyncio.wait([self.tail])
 
 
-def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    if offset is not None:
-        # Start writeback of this block now, while the next one arrives: the fsync that must
-        # come before the file is recorded then finds little left to write.
-        start_writeback(fd, offset, len(data))
+class _Stream:
+    """A body written as it arrives, each piece with one ``pwrite`` on the event loop (a copy
+    into the page cache, like a bare handler's: profiling showed writes handed to threads cost
+    twice the CPU, the pieces going cold between cores); every WRITE_BUFFER bytes are then
+    hashed (in order, on the lane) and their writeback started, in one thread hop of the
+    default executor, while the loop reads on. ``write`` waits only when BEHIND of this body's
+    blocks are still waiting for that."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, offset: int, lane: HashLane | None) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.offset = offset  # where the next piece goes
+        self.lane = lane
+        self._pieces: list[bytes] = []
+        self._start = offset  # of the pieces not yet handed to a thread
+        self._jobs: list[asyncio.Future[None]] = []  # this body's, in order
 
-def _finish(fd: int, data: bytes, durable: bool) -> None:
-    if data:
-        _write_all(fd, data)
-    if durable:
-        os.fsync(fd)
+    async def write(self, data: bytes) -> None:
+        _pwrite(self.fd, data, self.offset)
+        self.offset += len(data)
+        self._pieces.append(data)
+        if self.offset - self._start >= WRITE_BUFFER:
+            self._hand_off()
+            while len(self._jobs) > BEHIND:
+                await asyncio.wait([self._jobs[0]])
+                self._jobs = [j for j in self._jobs if not j.done()]
 
+    def _hand_off(self) -> None:
+        pieces, start, length = self._pieces, self._start, self.offset - self._start
+        self._pieces, self._start = [], self.offset
+        previous = self.lane.tail if self.lane is not None else None
+        job = asyncio.ensure_future(self._job(previous, pieces, start, length))
+        if self.lane is not None:
+            self.lane.tail = job
+        self._jobs.append(job)
 
-def _copy(src: int, dst: int) -> None:
-    """Append all of ``src`` to ``dst`` in the kernel (no round trip through user space)."""
-    remaining = os.fstat(src).st_size
-    while remaining > 0:
-        n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
-        if n == 0:
-            raise ValueError("chunk file shrank while it was copied")
-        remaining -= n
-
-
-class _Hashing(threading.Thread):
-    """SHA-256 of files read in order, in its own thread."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        super().__init__(name="assemble-sha256", daemon=True)
-        self.paths = paths
-        self.digest: str | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
+    async def _job(self, previous: asyncio.Future[None] | None, pieces: list[bytes], start: int, length: int) -> None:
+        if previous is not None:  # in order: the hash is one stream
+            await asyncio.wait([previous])
+        lane = self.lane
+        hasher = lane.hasher if lane is not None and not lane.broken else None
         try:
-            h = hashlib.sha256()
-            for p in self.paths:
-                with open(p, "rb") as f:
-                    while block := f.read(COPY_BLOCK):
-                        h.update(block)
-            self.digest = h.hexdigest()
-        except BaseException as e:  # handed to the caller by result()
-            self.error = e
+            await self.loop.run_in_executor(None, _hash_and_write_back, self.fd, pieces, start, length, hasher)
+        except Exception:  # e.g. out of memory: the digest will be read back from disk instead
+            if lane is not None:
+                lane.broken = True
 
-    def result(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        assert self.digest is not None
-        return self.digest
+    def finish(self, then: Callable[[], None]) -> None:
+        """Hand the rest to the lane; run ``then`` (close the file, or discard a temp) once no
+        thread uses the file any more. Does not wait."""
+        if self._pieces:
+            self._hand_off()
+        running = [j for j in self._jobs if not j.done()]
+        if not running:
+            then()
+            return
+        asyncio.gather(*running).add_done_callback(lambda _f: then())
 
 
-def _sha256_file(path: Path) -> str:
+def _hash_and_write_back(fd: int, pieces: list[bytes], start: int, length: int, hasher: hashlib._Hash | None) -> None:
+    if hasher is not None:
+        for p in pieces:
+            hasher.update(p)
+    # Start writeback of this block now, while the next ones arrive: the sync that must come
+    # before the file is answered complete then finds little left to write.
+    start_writeback(fd, start, length)
+
+
+def hash_file(path: Path, start: int, end: int, hasher: hashlib._Hash) -> None:
+    """Feed bytes ``[start, end)`` of ``path`` to ``hasher``; ValueError if the file is short."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        _hash_range(f.fileno(), start, end - start, hasher)
 
 
-def _check_size(path: Path, size: int) -> None:
-    actual = os.stat(path).st_size
-    if actual != size:
-        raise ValueError(f"{path} holds {actual} bytes, {size} were declared")
+def _hash_range(fd: int, offset: int, length: int, hasher: hashlib._Hash) -> None:
+    while length > 0:
+        block = os.pread(fd, min(length, READ_BLOCK), offset)
+        if not block:
+            raise ValueError(f"a file ended {length} bytes early")
+        hasher.update(block)
+        offset += len(block)
+        length -= len(block)
+
+
+def _discard(fd: int, target: Target) -> None:
+    os.close(fd)
+    if target.fresh:
+        remove(target.path)
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int, writeback: bool = False) -> None:
+    view = memoryview(data)
+    start = offset
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+    if writeback:
+        # Start writeback of this block now, while the next one arrives: the sync that must
+        # come before the file is answered complete then finds little left to write.
+        start_writeback(fd, start, len(data))
+
+
+def _copy_range(src: int, dst: int, dst_offset: int, length: int, src_offset: int = 0) -> None:
+    """Copy ``length`` bytes of ``src`` (from ``src_offset``) to ``dst`` at ``dst_offset``, in
+    the kernel where it can (no round trip through user space)."""
+    while length > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(length, 1 << 30), src_offset, dst_offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            block = os.pread(src, min(length, READ_BLOCK), src_offset)
+            n = len(block)
+            if n:
+                _pwrite(dst, block, dst_offset)
+        if n == 0:
+            raise ValueError("a chunk file shrank while it was copied")
+        src_offset += n
+        dst_offset += n
+        length -= n

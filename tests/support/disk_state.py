@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from server.config import Settings
 from server.db import utcnow
 from server.db.job_models import Job, JobLog, JobRow
-from server.db.models import Batch, BatchFile, Chunk
+from server.db.models import Batch, BatchFile
+from server.uploads.chunkset import ChunkSet
 from tests.support.server import REPO, server_env
 
 HOUR = 3600.0
@@ -33,9 +34,9 @@ DAY = 86400.0
 @dataclass
 class FileSpec:
     state: str = "complete"
-    data: bytes | None = b"d" * 1000  # written as <file dir>/data
-    chunks: dict[int, bytes] = field(default_factory=dict)  # chunks/<idx> + a Chunk row each
-    chunk_rows_without_bytes: list[int] = field(default_factory=list)
+    data: bytes | None = b"d" * 1000  # written as <batch dir>/<file id>.data
+    chunks: dict[int, bytes] = field(default_factory=dict)  # chunks/<idx>, recorded (stored on its own)
+    chunk_rows_without_bytes: list[int] = field(default_factory=list)  # recorded, no chunk file
     temps: dict[str, bytes] = field(default_factory=dict)  # relative to the file dir
     idle: float | None = None  # age of updated_at; default: the batch's
 
@@ -65,22 +66,31 @@ def add_batch(settings: Settings, batch_id: str, files: list[FileSpec], *, state
         ids = []
         for idx, spec in enumerate(files):
             f_idle = idle if spec.idle is None else spec.idle
-            f = BatchFile(batch_pk=b.id, file_idx=idx, name=f"f{idx}.bin", size=len(spec.data or b""),
-                          chunk_count=max(len(spec.chunks), 1), state=spec.state,
-                          created_at=now - timedelta(seconds=f_idle), updated_at=now - timedelta(seconds=f_idle))
+            recorded = sorted([*spec.chunks, *spec.chunk_rows_without_bytes])
+            if spec.state == "complete":
+                count = max(len(recorded), 1)
+                recorded_ids, loose = ChunkSet.full(count), ChunkSet()
+                received = len(spec.data or b"")
+            else:  # still receiving: one chunk more than recorded is declared
+                count = (max(recorded) + 2) if recorded else 1
+                recorded_ids, loose = ChunkSet.of(recorded), ChunkSet.of(recorded)
+                received = sum(len(c) for c in spec.chunks.values()) + len(spec.chunk_rows_without_bytes)
+            size = len(spec.data) if spec.data is not None else received + 1
+            f = BatchFile(batch_pk=b.id, file_idx=idx, name=f"f{idx}.bin", size=size, chunk_count=count,
+                          chunk_ids=bytes(recorded_ids), loose_ids=bytes(loose), synced_ids=bytes(recorded_ids),
+                          received=received,
+                          state=spec.state, created_at=now - timedelta(seconds=f_idle),
+                          updated_at=now - timedelta(seconds=f_idle))
             s.add(f)
             s.flush()
             ids.append(f.id)
             fdir = settings.uploads_dir / str(b.id) / str(f.id)
             fdir.mkdir(parents=True, exist_ok=True)
-            if spec.data is not None:
-                (fdir / "data").write_bytes(spec.data)
+            if spec.data is not None:  # a complete file's bytes: <batch dir>/<file id>.data
+                (fdir.parent / f"{f.id}.data").write_bytes(spec.data)
             for i, chunk in spec.chunks.items():
                 (fdir / "chunks").mkdir(exist_ok=True)
                 (fdir / "chunks" / str(i)).write_bytes(chunk)
-                s.add(Chunk(file_id=f.id, chunk_idx=i, size=len(chunk), received_at=now))
-            for i in spec.chunk_rows_without_bytes:
-                s.add(Chunk(file_id=f.id, chunk_idx=i, size=1, received_at=now))
             for rel, content in spec.temps.items():
                 (fdir / rel).parent.mkdir(parents=True, exist_ok=True)
                 (fdir / rel).write_bytes(content)
@@ -122,6 +132,12 @@ def add_job(settings: Settings, job_id: str, batch_id: str, *, status: str = "Co
             paths.append(p)
         age(d, finished_ago or 0.0)
     return paths
+
+
+def chunk_ids(settings: Settings, file_id: int) -> list[int]:
+    """The recorded chunk ids of a file row."""
+    with session(settings) as s:
+        return ChunkSet(s.scalar(select(BatchFile.chunk_ids).where(BatchFile.id == file_id))).ids()
 
 
 def count(settings: Settings, model: type, *where: object) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import urllib.parse
 from pathlib import Path
@@ -63,7 +64,9 @@ class Uploads:
     async def post(self, batch_id: str, idx: int, data: bytes, name: str = "f.bin", *,
                    chunk: tuple[int, int] | None = None, size: int | None = None, **headers: str) -> Any:
         h = {**upload_headers(name, len(data) if size is None else size, chunk=chunk), **self.auth, **headers}
-        return await self.client.post(self.url(f"/{batch_id}/{idx}"), data=data, headers=h)
+        # aiohttp warns about big raw bytes bodies (they are sent in one write): a stream instead.
+        body: Any = io.BytesIO(data) if isinstance(data, bytes) and len(data) > 1 << 20 else data
+        return await self.client.post(self.url(f"/{batch_id}/{idx}"), data=body, headers=h)
 
     async def upload(self, batch_id: str, idx: int, data: bytes, name: str = "f.bin",
                      chunk_size: int | None = None) -> dict[str, Any]:
@@ -92,6 +95,15 @@ class Uploads:
         r = await self.client.post(self.url(path), json={"params": {}}, headers=h)
         assert r.status == 200, await r.text()
         return await r.json()
+
+
+def holds(path: Path, offset: int, data: bytes) -> bool:
+    """True if ``path`` holds ``data`` at ``offset`` (a chunk written in place, say)."""
+    try:
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), len(data), offset) == data
+    except FileNotFoundError:
+        return False
 
 
 def upload_tree(data_dir: Path) -> list[str]:

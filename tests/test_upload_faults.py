@@ -1,0 +1,173 @@
+"""Storage faults under uploads: each gives the client a clear JSON error (507 for a full disk,
+503 for no open files left, 500 for an I/O error, logged in one line), records nothing half,
+and the same request succeeds once the cause is gone. No file is left stuck: one whose
+assembly failed keeps its chunks and is assembled again by the next request for it.
+
+The faults are injected into the live service's store (the issue allows "a store that injects
+ENOSPC/EIO"); ``test_upload_disk_full.py`` fills a real tmpfs."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from server.app import create_app
+from server.keys import UPLOADS
+from server.uploads import assembly
+from tests.support.uploads import Uploads, assert_error, sha256, upload_tree
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Once:
+    """Raise ``error`` from the first call, then behave as ``real``."""
+
+    def __init__(self, real, error: BaseException) -> None:  # type: ignore[no-untyped-def]
+        self.real, self.error, self.calls = real, error, 0
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+def temps(settings) -> list[str]:  # type: ignore[no-untyped-def]
+    return [p for p in upload_tree(settings.data_dir) if os.path.basename(p).startswith(".")]
+
+
+async def test_no_space_while_concatenating_is_507_and_the_last_chunk_can_be_sent_again(client, settings,
+                                                                                      monkeypatch) -> None:
+    up = Uploads(client)
+    service = client.app[UPLOADS]
+    batch = await up.create()
+    parts = [os.urandom(1000), os.urandom(1500), os.urandom(500)]  # not uniform: concatenated
+    data = b"".join(parts)
+    for i in (0, 1):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=len(data))).status == 202
+    monkeypatch.setattr(service.store, "concat", Once(service.store.concat, OSError(errno.ENOSPC, "No space left")))
+    r = await up.post(batch, 0, parts[2], chunk=(2, 3), size=len(data))
+    body = await assert_error(r, 507, "ERR_DISK_FULL")
+    assert "nothing was recorded" in body["message"]
+    info = await (await up.info(batch, 0)).json()
+    assert info["uploadedChunkIds"] == [0, 1] and info["state"] == "receiving" and not temps(settings)
+    r = await up.post(batch, 0, parts[2], chunk=(2, 3), size=len(data))  # space is back
+    assert r.status == 201 and (await r.json())["uploadedChunkIds"] == [0, 1, 2]
+    info = await (await up.info(batch, 0)).json()
+    assert info["complete"] is True and info["sha256"] == sha256(data)
+
+
+async def test_an_io_error_on_the_last_chunk_is_500_in_one_log_line(client, settings, monkeypatch, caplog) -> None:
+    import server.uploads.service as service_module
+
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(4000)
+    for i in range(3):
+        assert (await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 4), size=4000)).status == 202
+    monkeypatch.setattr(service_module, "prepare", Once(service_module.prepare, OSError(errno.EIO, "I/O error")))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        r = await up.post(batch, 0, data[3000:], chunk=(3, 4), size=4000)
+    await assert_error(r, 500, "ERR_STORAGE_FAILED")
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None and "I/O error" in errors[0].getMessage()
+    assert (await (await up.info(batch, 0)).json())["uploadedChunkIds"] == [0, 1, 2]
+    r = await up.post(batch, 0, data[3000:], chunk=(3, 4), size=4000)
+    assert r.status == 201
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+
+
+async def test_out_of_open_files_is_503_and_retryable(client, settings, monkeypatch) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    real_open = os.open
+
+    def open_fails_once(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".part") and not fired:  # the body's temp
+            fired.append(path)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    fired: list[str] = []
+    monkeypatch.setattr(os, "open", open_fails_once)
+    await assert_error(await up.post(batch, 0, b"small file"), 503, "ERR_SERVER_BUSY")
+    assert fired
+    await assert_error(await up.info(batch, 0), 404, "ERR_FILE_NOT_FOUND")  # nothing recorded
+    assert not temps(settings)
+    assert (await up.post(batch, 0, b"small file")).status == 201
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(b"small file")
+
+
+async def test_a_full_database_is_507_and_records_nothing(client, settings, monkeypatch) -> None:
+    up = Uploads(client)
+    service = client.app[UPLOADS]
+    batch = await up.create()
+    full = OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    monkeypatch.setattr(service.db, "write_sync", Once(service.db.write_sync, full))
+    await assert_error(await up.post(batch, 0, b"whole"), 507, "ERR_DISK_FULL")
+    assert upload_tree(settings.data_dir) == []  # its temp is gone, nothing was renamed into place
+    assert (await up.post(batch, 0, b"whole")).status == 201
+
+
+async def test_a_failed_assembly_leaves_the_file_to_the_next_request_for_it(aiohttp_client, settings,
+                                                                           monkeypatch, caplog) -> None:
+    """The assembler (for a file nobody prepared: a crash left it ``assembling`` here) fails
+    with EIO: the file goes back to ``receiving`` with every chunk, its info says
+    ``assembling``, and that very request starts the assembly again, which completes it."""
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    data = os.urandom(4000)
+    for i in range(3):
+        assert (await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 4), size=4000)).status == 202
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:  # chunk 3 recorded, the file claimed, then the crash
+        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+        with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
+            os.pwrite(f.fileno(), data[3000:], 3000)
+        db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, received = 4000", (bytes([15]),))
+
+    failing = Once(assembly.prepare, OSError(errno.EIO, "I/O error"))
+    monkeypatch.setattr(assembly, "prepare", failing)
+    caplog.clear()
+    client = await aiohttp_client(create_app(settings))
+    service = client.app[UPLOADS]
+    await service.idle()
+    assert failing.calls == 1 and service.stats.assembly_failed == 1 and service.stats.assembled == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None and "I/O error" in errors[0].getMessage()
+    with sqlite3.connect(settings.db_path) as db:
+        assert db.execute("SELECT state FROM batch_files").fetchone() == ("receiving",)
+    up = Uploads(client)
+    info = await (await up.info(batch, 0)).json()
+    assert info["state"] == "assembling" and info["uploadedChunkIds"] == [0, 1, 2, 3] and not info["complete"]
+    await service.idle()  # the assembly that request started
+    assert failing.calls == 2 and service.stats.assembled == 1
+    info = await (await up.info(batch, 0)).json()
+    assert info["state"] == "complete" and info["sha256"] == sha256(data)
+
+
+async def test_a_file_whose_assembly_failed_is_assembled_at_start(aiohttp_client, settings, monkeypatch) -> None:
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    data = os.urandom(3000)
+    for i in range(2):
+        await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 3), size=3000)
+    await first.close()
+    with sqlite3.connect(settings.db_path) as db:  # every chunk recorded; the assembly had failed
+        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+        with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
+            os.pwrite(f.fileno(), data[2000:], 2000)
+        db.execute("UPDATE batch_files SET chunk_ids = ?, received = 3000", (bytes([7]),))
+    client = await aiohttp_client(create_app(settings))
+    service = client.app[UPLOADS]
+    assert service.stats.recovered == 1
+    await service.idle()
+    assert (await Uploads(client).manifest(batch))["files"][0]["sha256"] == sha256(data)
