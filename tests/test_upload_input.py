@@ -88,3 +88,20 @@ async def test_a_file_of_many_chunks_lists_every_id_in_every_answer(client) -> N
         assert r.status == (201 if i == n - 1 else 202)
         assert body["uploadedChunkIds"] == list(range(i + 1))
     assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+
+
+async def test_empty_uploads_one_after_another_are_each_answered(client) -> None:
+    """Every Content-Length: 0 request shares aiohttp's one empty body; once any request has read
+    it, it answers (b"", True) for ever. Reading that as "end of an HTTP chunk, more to come" spun
+    the event loop at 100% CPU on the second empty upload (found by schemathesis): each must be
+    answered, on both forms."""
+    up = Uploads(client)
+    batch = await up.create()
+    for idx in range(3):
+        assert (await up.upload(batch, idx, b"", name=f"empty{idx}"))["uploadedSize"] == "0"
+    legacy = {**AUTH, "X-Batch-Id": "legacy-empty", "X-File-Idx": "0", "X-File-Name": "e", "X-File-Size": "0"}
+    for _ in range(2):
+        r = await client.post("/site/automation/batch/upload", data=b"", headers=legacy)
+        assert r.status == 200, await r.text()
+    files = (await up.manifest(batch))["files"]
+    assert [f["sha256"] for f in files] == [sha256(b"")] * 3

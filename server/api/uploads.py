@@ -126,7 +126,10 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
         data, end_of_chunk = await content.readchunk()
         if data:
             yield data
-        elif not end_of_chunk:
+        elif not end_of_chunk or content.at_eof():
+            # (b"", True) is also what aiohttp's shared empty body (every Content-Length: 0
+            # request) answers forever once it has been read by any request: not an end of
+            # chunk but the end, else an empty upload spins the event loop.
             return
 
 
