@@ -134,6 +134,8 @@ SCHEMAS: dict[str, Schema] = {
             "mimetype": {"type": "string"}, "uploadedSize": {"type": "integer", "minimum": 0},
             "uploadedChunkIds": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "chunkCount": {"type": "integer", "minimum": 1}, "complete": {"type": "boolean"},
+            "state": {"enum": ["receiving", "assembling", "complete"],
+                      "description": "assembling: every chunk is there, the file is being put together"},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "once complete"},
         },
     },
@@ -253,8 +255,9 @@ FILE_HEADERS = (
     header("X-File-Type", {"type": "string", "maxLength": 255}, "its MIME type"),
     header("X-Upload-Type", {"enum": ["normal", "chunked"]}, "normal (default): the body is the whole file"),
     header("X-Upload-Chunk-Index", {"type": "integer", "minimum": 0}, "chunked: this chunk's index"),
-    header("X-Upload-Chunk-Count", {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-           "chunked: how many chunks the file has"),
+    header("X-Upload-Chunk-Count", {"type": "integer", "minimum": 1},
+           "chunked: how many chunks the file has (at most FILEDROP_MAX_CHUNKS_PER_FILE: over, 413 "
+           "ERR_FILE_TOO_MANY_CHUNKS)"),
 )
 EXECUTE_HEADERS = (
     header("X-Batch-No-Drop", {"enum": ["true", "false"]}, "true: keep the batch after the operation"),
@@ -269,7 +272,8 @@ BAD_UPLOAD = error("A header or the path is malformed, or the body does not matc
                    "ERR_BATCH_ID_INVALID", "ERR_FILE_IDX_INVALID", "ERR_FILE_NAME_INVALID", "ERR_FILE_SIZE_MISSING",
                    "ERR_FILE_SIZE_INVALID", "ERR_FILE_TYPE_INVALID", "ERR_UPLOAD_TYPE_INVALID",
                    "ERR_CHUNK_INDEX_INVALID", "ERR_CHUNK_COUNT_INVALID", "ERR_CHUNK_COUNT_CHANGED",
-                   "ERR_FILE_SIZE_CHANGED", "ERR_FILE_SIZE_MISMATCH", "ERR_REQUEST_INVALID")
+                   "ERR_FILE_SIZE_CHANGED", "ERR_FILE_SIZE_MISMATCH", "ERR_CHUNK_COUNT_MISSING",
+                   "ERR_CHUNK_INDEX_MISSING", "ERR_REQUEST_INVALID")
 NO_BATCH = error("No such batch for this key (unknown, another key's, dropped or executed), or no such file.",
                  "ERR_BATCH_NOT_FOUND", "ERR_FILE_NOT_FOUND", "ERR_NOT_FOUND")
 NO_JOB = error("No such job in this batch for this key.", "ERR_JOB_NOT_FOUND", "ERR_NOT_FOUND")
@@ -310,7 +314,10 @@ def _upload_ops() -> list[Op]:
         202: Answer("A chunk stored; others are missing.", ref("Uploaded")),
         400: BAD_UPLOAD, 404: NO_BATCH,
         413: error("Over a limit (the setting is named).", "ERR_FILE_TOO_LARGE", "ERR_CHUNK_TOO_LARGE",
-                   "ERR_BATCH_TOO_MANY_FILES", "ERR_BATCH_TOO_LARGE", "ERR_TOO_LARGE"),
+                   "ERR_BATCH_TOO_MANY_FILES", "ERR_BATCH_TOO_LARGE", "ERR_FILE_TOO_MANY_CHUNKS", "ERR_TOO_LARGE"),
+        500: error("The disk failed (EIO): nothing was recorded; retry.", "ERR_STORAGE_FAILED"),
+        503: error("Too many open files or the database is busy: nothing was recorded; retry.", "ERR_SERVER_BUSY",
+                   "ERR_SERVER_SHUTTING_DOWN", "ERR_APP_UNAVAILABLE"),
         507: error("Not enough free disk space.", "ERR_DISK_FULL"),
     }
     return [
@@ -352,7 +359,8 @@ def _upload_ops() -> list[Op]:
         Op("POST", "/site/automation/batch/upload", "legacyUpload",
            "Upload a file or chunk (legacy form; the first upload creates the batch)",
            {200: Answer("Stored (chunk answers list the chunk ids so far).", ref("Uploaded")),
-            400: BAD_UPLOAD, 404: NO_BATCH, 413: upload_answers[413], 507: upload_answers[507]},
+            400: BAD_UPLOAD, 404: NO_BATCH, 413: upload_answers[413], 500: upload_answers[500],
+            503: upload_answers[503], 507: upload_answers[507]},
            (header("X-Batch-Id", UPLOAD_BATCH_ID, "the batch (chosen by the client)", required=True),
             header("X-File-Idx", {"type": "integer", "minimum": 0, "maximum": 999_999_999}, "the file's index",
                    required=True), *FILE_HEADERS),

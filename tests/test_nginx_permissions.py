@@ -67,7 +67,7 @@ def test_state_made_under_umask_022_is_private_and_nginx_serves_it(server_factor
 
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     links = data / "smartlinks" / "private"
-    assert any(links.glob("*.html")) and any((data / "uploads").rglob("data"))
+    assert any(links.glob("*.html")) and any((data / "uploads").rglob("*.data"))
     assert (data / "filedrop.sqlite3").exists()
     assert loose_modes(data) == []
     logs = proxy.prefix / "logs"

@@ -2,7 +2,7 @@
 
 Thin handlers: parse headers and path into typed values, make one ``UploadService`` call,
 serialize. Errors are raised (``server.errors``); the error middleware answers them. Shapes
-follow the nuxeo 7.1.0 client (``/work/shared/nuxeo-upload-api.md``): upload answers carry
+follow the nuxeo 7.1.0 client (README "Uploads", docs/api.md): upload answers carry
 string values, file info numeric ones, and every chunk answer lists all chunk ids so far.
 ``app.py`` mounts ``ROUTES`` both bare and under ``/nuxeo``.
 """
