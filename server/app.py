@@ -46,8 +46,8 @@ NUXEO_PREFIXES = ("", "/nuxeo")
 async def database_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Refuse to start on an unmigrated database: the message says to run `filedrop migrate`.
-    await asyncio.to_thread(check_at_head, settings.db_path)
-    db = Database(settings.db_path)
+    await asyncio.to_thread(check_at_head, settings.database)
+    db = Database(settings.database, settings.database_pool)
     app[DATABASE] = db
     app[KEYSTORE] = KeyStore(db, settings.api_keys)
     yield

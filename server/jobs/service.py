@@ -7,7 +7,9 @@ Invariants:
 * The API process never compiles or renders a template: the shape of the master smartlink is
   checked here, its Jinja2 in the template checker's render process (``server.jobs.checker``).
 * One running job per ``batch_id``: the same inputs again return that job (``created`` False),
-  other inputs are a 409; the check and the insert share one ``BEGIN IMMEDIATE`` transaction.
+  other inputs are a 409; the check and the insert share one write transaction that is the
+  only one about that batch id (``BEGIN IMMEDIATE``; on PostgreSQL an advisory transaction
+  lock on it), so two app processes cannot both start one.
 * A ``batch_id`` belongs to the key that first used it: another key gets 409 (it is a folder
   that NGINX serves, so sharing it would let one customer overwrite another's links).
 * Jobs are visible only to their owner (others get 404). Everything is read from the database:
@@ -44,6 +46,7 @@ from server.jobs.checker import TemplateChecker
 from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from server.jobs.pool import WorkerPool
+from server.jobs.queries import JOBS_CHANNEL, storable
 from server.jobs.states import FINISHED, ROW_STATUS, RUNNING, iso, job_json, row_label
 from server.jsondoc import JsonRefused, loads, parse_json
 
@@ -242,6 +245,7 @@ class JobService:
             params_json, inp.upload_batch_id]).encode()).hexdigest()
         errored = len(problems)
         async with self.db.write() as s:
+            await self.db.serialize(s, "job-start", inp.batch_id)
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
             if other is not None:
                 raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
@@ -264,7 +268,8 @@ class JobService:
             entries = [f"queued: {len(records)} rows, strategy {strategy}"
                        + (f", {errored} invalid" if errored else "")] + problems
             await s.execute(insert(JobLog), [{"job_id": job_id, "at": accepted, "level": "error" if i else "info",
-                                              "message": m} for i, m in enumerate(entries)])
+                                              "message": storable(m)} for i, m in enumerate(entries)])
+            await self.db.notify(s, JOBS_CHANNEL, job_id)  # idle workers anywhere look now
         if max_errors is not None and errored > max_errors:  # bad rows alone are too many: end it now
             await control.cancel(self.db, self.settings, [job_id],
                                  f"max_errors ({max_errors}) exceeded: {errored} rows errored", level="error")

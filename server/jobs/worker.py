@@ -54,6 +54,7 @@ REAP_EVERY = 2.0  # s between looks for dead workers
 LOST_AFTER = 20.0  # a worker silent this long is dead (it may be on another host)
 IDLE_POLL = 1.0  # an idle worker looks for work this often (SIGUSR1 wakes it at once)
 STOP_GRACE = 3.0  # after SIGTERM, the loop gets this long to hand rows back before it is cancelled
+WORKER_POOL = 3  # database connections of a worker: its loop, its heartbeat, a reap
 CLAIM_FIRST = 16  # rows of a job's first claim; then what this worker renders in CLAIM_SECONDS
 CLAIM_SECONDS = 1.0  # small enough that the last claims of a job spread over the workers
 CLAIM_MAX = 500
@@ -342,7 +343,7 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
-    db = Database(settings.db_path)
+    db = Database(settings.database, min(settings.database_pool, WORKER_POOL))
     fetcher = Fetcher(settings.fetch_allow, settings.fetch_timeout, settings.fetch_max_bytes)
     worker = Worker(db, settings, fetcher, UploadService(db, settings, OperationRegistry()), worker_id)
     loop = asyncio.get_running_loop()
