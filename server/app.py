@@ -66,8 +66,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
     if await job_queries.running_jobs(db):
         pool.ensure_started()
-    notifier = Notifier(db, settings, fetcher)
-    await notifier.recover()
+    notifier = Notifier(db, settings, fetcher)  # sends only while it holds the notifier lock
     notifying = asyncio.create_task(notifier.run(), name="job-notifications")
     try:
         yield

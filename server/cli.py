@@ -314,11 +314,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     async def run(db: Any, settings: Settings) -> int:
         with _progress() as bar:
-            if bar:
-                bar.status("filedrop cleanup: looking for what to remove…")
-            plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
-            await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
-                                progress=bar)
+            async with janitor.one_at_a_time(db, wait=None):  # after a pass under way (a server's janitor)
+                if bar:
+                    bar.status("filedrop cleanup: looking for what to remove…")
+                plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
+                await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
+                                    progress=bar)
         print_table(plan)
         return 1 if plan.errors else 0
 

@@ -3,7 +3,6 @@ in use stays; --dry-run changes nothing; errors give a non-zero exit."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from server.config import Settings
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile
+from tests.support.database import connect
 from tests.support.disk_state import (
     DAY,
     HOUR,
@@ -25,6 +25,17 @@ from tests.support.disk_state import (
     run_cli,
     table,
 )
+
+pytestmark = pytest.mark.engines
+
+# A trigger that makes the database refuse to delete the batch 'stuck', per engine.
+REFUSE_DELETE = {
+    "sqlite": ["CREATE TRIGGER stuck BEFORE DELETE ON batches WHEN old.batch_id = 'stuck' "
+               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+    "postgresql": ["CREATE FUNCTION refuse_stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "IF old.batch_id = 'stuck' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN old; END $$",
+                   "CREATE TRIGGER stuck BEFORE DELETE ON batches FOR EACH ROW EXECUTE FUNCTION refuse_stuck()"],
+}
 
 
 def _leftovers(settings: Settings) -> dict[str, object]:
@@ -202,10 +213,9 @@ def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -
     add_batch(settings, "expired", [FileSpec(data=b"e" * 10)], idle=25 * HOUR)
     # The database refuses to delete one row (as a locked or broken database would); works as
     # root too, where file permissions would not stop anything.
-    db = sqlite3.connect(settings.db_path)
-    db.execute("CREATE TRIGGER stuck BEFORE DELETE ON batches WHEN old.batch_id = 'stuck' "
-               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-    db.commit()
+    with connect(settings) as db:
+        for statement in REFUSE_DELETE[db.dialect.name]:
+            db.exec_driver_sql(statement)
     r = run_cli(settings, "cleanup")
     rows = table(r.stdout)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -216,9 +226,8 @@ def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -
     assert "could not remove expired-batch stuck" in r.stderr
     # The row stays as a tombstone (a late chunk is refused); the next pass finishes it.
     assert batch_state(settings, "stuck") == "dropped" and batch_state(settings, "expired") is None
-    db.execute("DROP TRIGGER stuck")
-    db.commit()
-    db.close()
+    with connect(settings) as db:
+        db.exec_driver_sql("DROP TRIGGER stuck" + (" ON batches" if db.dialect.name == "postgresql" else ""))
     r = run_cli(settings, "cleanup")
     assert r.returncode == 0 and [row[0] for row in table(r.stdout)["expired-batch"]] == ["stuck"]
     assert batch_state(settings, "stuck") is None

@@ -10,8 +10,9 @@ while it lives).
   connection of their own per process, in autocommit (no transaction is ever held open). They
   go when the process does: a ``kill -9`` closes the connection and the server drops its locks
   at once; a host that vanishes is noticed by TCP keepalives within about 25 s (set on that
-  connection). If the connection itself breaks, every lock of the process is lost with it:
-  ``lost`` says so and holders give up what they guard.
+  connection). If the connection itself breaks, every lock of the process is lost with it: the
+  next call makes a new connection and ``epoch`` counts up, so a long-lived holder (the
+  notifier) can tell that what it took under an older epoch is gone.
 * **SQLite** (one app process, one host): ``flock`` on a file beside the database for the
   singletons (the CLI's ``cleanup`` and the server's janitor are two processes), in-process
   sets for the per-item kinds (only the one app process assembles or writes upload temps).
@@ -28,7 +29,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _objid(ident: int) -> int:
 class Locks:
     """The interface both engines give (see the module docstring)."""
 
-    lost = False
+    epoch = 0  # counts the lock connections made (PostgreSQL): locks of an older one are gone
 
     async def try_take(self, kind: str, ident: int = 0) -> bool:
         raise NotImplementedError
@@ -72,11 +73,15 @@ class Locks:
         return True
 
     @asynccontextmanager
-    async def held(self, kind: str, ident: int = 0, *, wait: float | None = 0.0) -> AsyncIterator[bool]:
+    async def held(self, kind: str, ident: int = 0, *, wait: float | None = 0.0,
+                   waiting: Callable[[], None] | None = None) -> AsyncIterator[bool]:
         """Hold the lock for the block: yields True once taken, False if it could not be within
-        ``wait`` seconds (None: as long as it takes). Released on exit."""
+        ``wait`` seconds (None: as long as it takes; ``waiting`` is called once if it must
+        wait). Released on exit."""
         deadline = None if wait is None else time.monotonic() + wait
         got = await self.try_take(kind, ident)
+        if not got and waiting is not None and wait != 0:
+            waiting()
         while not got and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(POLL)  # another process holds it: poll under the deadline
             got = await self.try_take(kind, ident)
@@ -104,6 +109,7 @@ class AdvisoryLocks(Locks):
                                 ("tcp_keepalives_count", "3")):
                 await conn.execute(select(func.set_config(name, value, False)))
             self._conn = conn
+            self.epoch += 1
         return self._conn
 
     async def _call(self, fn: object, kind: str, ident: int) -> bool:
@@ -116,7 +122,6 @@ class AdvisoryLocks(Locks):
                 # The connection broke: the server dropped every lock it held.
                 if self._held:
                     log.error("the lock connection to the database broke: %d lock(s) lost", len(self._held))
-                    self.lost = True
                 self._held.clear()
                 conn, self._conn = self._conn, None
                 if conn is not None:

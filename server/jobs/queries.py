@@ -260,6 +260,16 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
     return Finished(job_id, status, summary)
 
 
+async def holds(db: Database, job_id: str, worker_id: str, idxs: Sequence[int]) -> bool:
+    """True while ``worker_id`` holds every row ``idxs`` of ``job_id`` (none was handed back)."""
+    held = 0
+    async with db.read() as s:
+        for ids in _chunks(sorted(set(idxs))):
+            held += await s.scalar(select(func.count()).select_from(ROWS)
+                                   .where(_mine(job_id, worker_id), _among(ids))) or 0
+    return held == len(set(idxs))
+
+
 async def job_state(db: Database, job_id: str) -> tuple[str, bool] | None:
     """(status, cancel_requested) of a job, or None once it is gone: what a worker checks
     while it renders."""
