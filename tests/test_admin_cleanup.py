@@ -3,6 +3,8 @@ in use stays; --dry-run changes nothing; errors give a non-zero exit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tests.support.disk_state import (
     FileSpec,
     add_batch,
     add_job,
+    admin_env,
     age,
     batch_state,
     chunk_ids,
@@ -25,6 +28,7 @@ from tests.support.disk_state import (
     run_cli,
     table,
 )
+from tests.support.server import REPO
 
 pytestmark = pytest.mark.engines
 
@@ -123,6 +127,30 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     again = run_cli(settings, "cleanup")
     assert again.returncode == 0
     assert again.stdout.strip().splitlines()[-1].startswith("0 item(s), 0 removed, 0 bytes"), again.stdout
+
+
+def test_two_cleanups_started_together_remove_each_item_once(settings: Settings) -> None:
+    """Two janitors at once (two ``filedrop cleanup`` processes; an app process's janitor takes the
+    same lock): one pass at a time, so every item is removed by exactly one of them and the other
+    finds it gone instead of removing it again or racing the first."""
+    st = _leftovers(settings)
+    env = admin_env(settings)
+    procs = [subprocess.Popen([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    targets: list[tuple[str, str]] = []
+    for out, _err in outs:
+        for kind, rs in table(out).items():
+            assert all(row[2] == "removed" for row in rs), out
+            targets += [(kind, row[0]) for row in rs]
+    # What one cleanup alone removes (the test above), each item once across both.
+    assert len(targets) == len(set(targets)) == 12, outs
+    assert sum(freed(out) for out, _err in outs) == 3990, outs
+    assert sorted(freed(out) for out, _err in outs)[0] == 0, outs  # the second found nothing left
+    assert all("Traceback" not in err for _out, err in outs), outs
+    assert batch_state(settings, "expired") is None and batch_state(settings, "live") == "open"
+    assert Path(st["receiving"]).exists()  # type: ignore[arg-type]
 
 
 def test_dry_run_reports_the_same_and_changes_nothing(settings: Settings) -> None:
