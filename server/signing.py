@@ -154,7 +154,7 @@ class SigningKeys:
         """A new current key; every older one keeps verifying for ``grace`` seconds from now (a
         grace shorter than one given before shortens that one too: ``--grace 0`` after a leak
         stops every old URL at once). Keys retired more than ``forget_after`` s ago are deleted
-        (their URLs are then invalid rather than expired). Returns (new key, the retiring ones)."""
+        (their URLs are then invalid rather than expired). Returns (new key, the older ones kept)."""
         now = utcnow()
         until = now + timedelta(seconds=grace)
         new = SigningKey(kid=secrets.token_hex(4), secret=secrets.token_hex(32), created_at=now)
@@ -164,7 +164,8 @@ class SigningKeys:
             await s.execute(update(SigningKey).where(SigningKey.retires_at > until).values(retires_at=until))
             s.add(new)
         await self._load()
-        return self._keys[new.kid], [k for k in self._keys.values() if k.kid != new.kid and not k.retired(now)]
+        return self._keys[new.kid], sorted((k for k in self._keys.values() if k.kid != new.kid),
+                                           key=lambda k: (k.created_at, k.kid))
 
 
 class Signer:
