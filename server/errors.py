@@ -142,8 +142,9 @@ class FieldTooLarge(PayloadTooLarge):
 
 
 class Forbidden(FiledropError):
+    """403: a signed URL that does not allow the request; raised only as one of the two below."""
+
     status = 403
-    code = "ERR_FORBIDDEN"
 
 
 class UrlInvalid(Forbidden):
