@@ -20,11 +20,13 @@ from typing import Any
 
 import requests
 
+from server.config import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.jobs import SEED_TEMPLATE, rows
 from tests.support.live import FINISHED
 from tests.support.nginx import app_behind_nginx, fetch
 from tests.support.signed import (
+    app_and_front,
     flip_last,
     get_receiver,
     path_of,
@@ -151,7 +153,7 @@ def test_seed_004_flow_through_nginx(server_factory, nginx_factory, tmp_path: Pa
 
 
 def test_every_refusal_through_nginx(server_factory, nginx_factory, tmp_path: Path) -> None:
-    srv, front = app_behind_nginx(server_factory, nginx_factory, tmp_path / "srv", API_KEY, max_data_size="4K")
+    srv, front = app_and_front(server_factory, nginx_factory, tmp_path / "srv", API_KEY, max_data_size="4K")
     job = create(front.url, "refusals")
     other = create(front.url, "refusals-2")
     url = job["upload_URL"]
@@ -189,7 +191,13 @@ def test_every_refusal_through_nginx(server_factory, nginx_factory, tmp_path: Pa
         body = error_of(r, 413, "ERR_DATA_TOO_LARGE")
         assert body["message"] == "data is over the 4096-byte limit (FILEDROP_MAX_DATA_SIZE)"
     assert status(front.url, "refusals", job["job_id"])["status"] == "Waiting for data"
+    # NGINX refuses a declared length itself, before a byte reaches the app: an NGINX with the
+    # same settings and no app behind it answers 413 over the limit and 503 (no app) at it.
+    alone = nginx_factory(Settings(data_dir=tmp_path / "srv", max_data_size=4096))
     exact = good + b" " * (4096 - len(good))
+    path = path_of(url)
+    assert alone.fetch("PUT", path, body=too_big).json()["message"] == body["message"]
+    assert alone.fetch("PUT", path, body=exact).json()["code"] == "ERR_APP_UNAVAILABLE"
     r = put(url, exact)
     assert r.status_code == 201, r.text
     # A second PUT after the data arrived.

@@ -90,3 +90,18 @@ def get_receiver() -> Iterator[GetReceiver]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def app_and_front(server_factory: Any, nginx_factory: Any, data_dir: Any, api_key: str,
+                  **settings: str) -> tuple[Any, Any]:
+    """A real ``filedrop serve`` behind NGINX, both with ``settings`` (the NGINX limits too:
+    ``tests.support.nginx.app_behind_nginx`` renders NGINX with the defaults)."""
+    from server.config import Settings
+    from tests.support.waiting import free_port
+
+    http_port = free_port()
+    srv = server_factory(data_dir, public_url=f"http://127.0.0.1:{http_port}", **settings)
+    env = {f"FILEDROP_{k.upper()}": v for k, v in settings.items()}
+    front = nginx_factory(Settings.from_env(env, data_dir=data_dir, api_keys=(api_key,)), app_port=srv.port,
+                          http_port=http_port)
+    return srv, front
