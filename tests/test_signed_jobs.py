@@ -245,3 +245,41 @@ async def test_expired_jobs_are_cleaned_up_like_other_finished_jobs(client, sett
     assert [(i.kind, i.target, i.result) for i in plan.items if i.kind == "expired-job"] == [
         ("expired-job", job["job_id"], "removed")]
     await assert_error(await client.get(f"/api/batch/cleaned/{job['job_id']}/status", headers=AUTH), 404)
+
+
+async def test_drop_refuses_a_waiting_job_unless_forced(client, settings) -> None:
+    from server.errors import JobRunning
+    from server.janitor import drop_smartlink_batch
+    from server.keys import DATABASE
+
+    job = await start_waiting(client, "dropwait")
+    with pytest.raises(JobRunning):
+        await drop_smartlink_batch(client.app[DATABASE], settings, "dropwait")
+    await drop_smartlink_batch(client.app[DATABASE], settings, "dropwait", force=True, cancel_wait=5)
+    await assert_error(await put_data(client, job["upload_URL"], json.dumps(SEED_ROWS).encode()), 403,
+                       "ERR_URL_INVALID")  # the job is gone: its URL names nothing
+
+
+async def test_a_result_csv_goes_with_its_job(client, settings) -> None:
+    import os
+    import time
+
+    from server.janitor import cleanup, drop_smartlink_batch
+    from server.keys import DATABASE
+
+    done = await start_ok(client, "csvgone", SEED_TEMPLATE, SEED_ROWS)
+    await wait_job(client, "csvgone", done["job_id"])
+    r = await client.get(f"/api/batch/csvgone/{done['job_id']}/result?format=url", headers=AUTH)
+    assert r.status == 200
+    csv_file = settings.results_dir / f"{done['job_id']}.csv"
+    assert csv_file.read_text().startswith("reference_id,suffix,url,status,error\n")
+    assert oct(csv_file.stat().st_mode & 0o777) == "0o600"
+    await drop_smartlink_batch(client.app[DATABASE], settings, "csvgone")  # the job's rows go, the CSV stays
+    plan = await cleanup(client.app[DATABASE], settings)
+    assert [i for i in plan.items if i.kind == "temp-file"] == []  # younger than the grace: kept
+    old = time.time() - settings.cleanup_grace - 60
+    os.utime(csv_file, (old, old))
+    plan = await cleanup(client.app[DATABASE], settings)
+    assert [(i.kind, i.detail, i.result) for i in plan.items] == [
+        ("temp-file", "result CSV of a job that is gone", "removed")]
+    assert not csv_file.exists()
