@@ -268,8 +268,8 @@ class JobService:
             expires = (accepted + timedelta(seconds=wait)).replace(microsecond=0)
         params_json = json.dumps(params, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         inputs_hash = hashlib.sha256(json.dumps([
-            template, data_digest, strategy, max_errors, callback_url, emails, params_json, inp.upload_batch_id,
-            method]).encode()).hexdigest()
+            template, data_digest, strategy, max_errors, callback_url, emails, params_json, inp.upload_batch_id]
+            + ([method] if method != "POST" else [])).encode()).hexdigest()  # (a POST start hashes as before)
         errored = len(problems)
         async with self.db.write() as s:
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
