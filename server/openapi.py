@@ -244,6 +244,7 @@ SCHEMAS: dict[str, Schema] = {
             "template": {"type": ["string", "integer"]}, "data": {"type": ["string", "integer"]},
             "strategy": {"enum": ["smallest", "mixed", "original"]}, "max_errors": {"type": ["string", "integer"]},
             "callback_url": {"type": "string"}, "callback_emails": {"type": "string"},
+            "notification_method": {"enum": ["POST", "GET"]},
             "params": {"type": "object"}, "batch_id": JOB_BATCH_ID,
         },
     },

@@ -107,3 +107,22 @@ async def test_a_job_that_expired_unused_is_notified(aiohttp_client, settings) -
     assert "Status:    Expired" in text and "Reason:    no data arrived before the upload URL expired" in text
     done = await wait_job(client, "expnote", job["job_id"])
     assert done["status"] == "Expired"
+
+
+async def test_smartlinks_generate_takes_the_notification_method(client, settings) -> None:
+    auth = {"X-API-Key": "test-key-0123456789"}
+    batch = (await (await client.post("/api/v1/upload", headers=auth)).json())["batchId"]
+    for idx, doc in enumerate((SEED_TEMPLATE, SEED_ROWS)):
+        r = await client.post(f"/api/v1/upload/{batch}/{idx}", data=json.dumps(doc).encode(),
+                              headers={**auth, "X-File-Name": f"{idx}.json"})
+        assert r.status == 201, await r.text()
+    rcv = Receiver()
+    async with serve(rcv.handle) as port:
+        r = await client.post(f"/api/v1/upload/{batch}/execute/SmartLinks.Generate", headers=auth, json={"params": {
+            "template": 0, "data": 1, "batch_id": "fromupload", "callback_url": f"http://127.0.0.1:{port}/h",
+            "notification_method": "GET"}})
+        job = await r.json()
+        assert r.status == 202, job
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    ((method, query, _headers, _body),) = rcv.calls
+    assert method == "GET" and check(query, settings.callback_secret)["status"] == "Completed"
