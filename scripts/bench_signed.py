@@ -9,7 +9,8 @@ measured in the same run.
    ``--seconds`` each way: through NGINX (the app checks the signature and answers
    X-Accel-Redirect; NGINX sends the file from disk) against straight to the app (the app checks
    the signature and sends the file itself, ``web.FileResponse``). The same client (aiohttp, one
-   process) and the same links.
+   process) and the same links; besides req/s and latency, the app process's CPU time per request
+   (what the API has left for everything else).
 
 No floors: these numbers say where the time goes, they gate nothing. The machine is shared:
 read them with the load average printed beside them.
@@ -126,7 +127,7 @@ async def put_rows(s: aiohttp.ClientSession, base: str, batch: str, rows: bytes)
     return t1 - t0, time.perf_counter() - t1, job["job_id"]
 
 
-async def start_with_rows(s: aiohttp.ClientSession, base: str, batch: str, rows: bytes) -> float:
+async def start_with_rows(s: aiohttp.ClientSession, base: str, batch: str, rows: bytes) -> tuple[float, str]:
     form = aiohttp.FormData()
     form.add_field("document_file", json.dumps(TEMPLATE), filename="t.json", content_type="application/json")
     form.add_field("data", rows, filename="rows.jsonl", content_type="application/json")
@@ -134,7 +135,7 @@ async def start_with_rows(s: aiohttp.ClientSession, base: str, batch: str, rows:
     async with s.post(f"{base}/api/batch/{batch}/start", data=form, headers=AUTH) as r:
         body = await r.json()
         assert r.status == 202, body
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, body["job_id"]
 
 
 async def wait_end(s: aiohttp.ClientSession, base: str, batch: str, job_id: str) -> None:
@@ -147,8 +148,15 @@ async def wait_end(s: aiohttp.ClientSession, base: str, batch: str, job_id: str)
     raise SystemExit(f"job {job_id} did not end within 900 s")
 
 
-async def hammer(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
-    """GET ``url`` back to back from ``concurrency`` tasks for ``seconds``: req/s, MB/s, latencies."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def hammer(url: str, seconds: float, concurrency: int, app_pid: int) -> dict[str, Any]:
+    """GET ``url`` back to back from ``concurrency`` tasks for ``seconds``: req/s, MB/s, latencies,
+    and the app process's CPU time per request."""
     lat: list[float] = []
     size = errors = 0
     stop = time.monotonic() + seconds
@@ -164,13 +172,14 @@ async def hammer(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
             lat.append(time.perf_counter() - t)
             size += len(body)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(app_pid)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
         await asyncio.gather(*(one(s) for _ in range(concurrency)))
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, cpu_seconds(app_pid) - cpu0
     lat.sort()
     return {"requests": len(lat), "rps": len(lat) / took, "mbps": size / took / 1e6, "errors": errors,
-            "p50": lat[len(lat) // 2] * 1000, "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000}
+            "p50": lat[len(lat) // 2] * 1000, "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
+            "app_ms": cpu / max(len(lat), 1) * 1000}
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
@@ -182,19 +191,26 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         async with aiohttp.ClientSession(timeout=timeout) as s:
             creates, puts, starts = [], [], []
             for rep in range(args.reps):
-                starts.append(await start_with_rows(s, front.nginx, f"bench-start-{rep}", rows))
-                created, secs, job_id = await put_rows(s, front.nginx, f"bench-put-{rep}", rows)
-                creates.append(created)
-                puts.append(secs)
-                await wait_end(s, front.nginx, f"bench-put-{rep}", job_id)
-                await wait_end(s, front.nginx, f"bench-start-{rep}", (await (await s.get(
-                    f"{front.nginx}/api/batch/bench-start-{rep}/jobs", headers=AUTH)).json())["jobs"][0]["job_id"])
-            last = f"{front.nginx}/api/batch/bench-put-{args.reps - 1}/{job_id}"
+                # Each job renders its rows once accepted (the workers take both cores): the next
+                # request waits for its end, and the order alternates, so neither side is measured
+                # beside the other's rendering.
+                for side in (("start", "put") if rep % 2 == 0 else ("put", "start")):
+                    if side == "start":
+                        secs, job_id = await start_with_rows(s, front.nginx, f"bench-start-{rep}", rows)
+                        starts.append(secs)
+                        await wait_end(s, front.nginx, f"bench-start-{rep}", job_id)
+                    else:
+                        created, secs, job_id = await put_rows(s, front.nginx, f"bench-put-{rep}", rows)
+                        creates.append(created)
+                        puts.append(secs)
+                        await wait_end(s, front.nginx, f"bench-put-{rep}", job_id)
+                        last = f"{front.nginx}/api/batch/bench-put-{rep}/{job_id}"
             async with s.get(f"{last}/result?format=url&expires_in=3600", headers=AUTH) as r:
                 link = (await r.json())["download_url"]
             csv_size = len(await (await s.get(link)).read())
-        via_nginx = await hammer(link, args.seconds, args.concurrency)
-        direct = await hammer(link.replace(front.nginx, front.app), args.seconds, args.concurrency)
+        app_pid = front.procs[0].pid
+        via_nginx = await hammer(link, args.seconds, args.concurrency, app_pid)
+        direct = await hammer(link.replace(front.nginx, front.app), args.seconds, args.concurrency, app_pid)
     finally:
         front.stop()
     load = os.getloadavg()
@@ -213,9 +229,10 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                     ("straight to the app (FileResponse)", direct)):
         print(f"| signed CSV download ({csv_size / 1e6:.2f} MB), {name}, {args.concurrency} clients | "
               f"{m['rps']:,.0f} req/s, {m['mbps']:,.0f} MB/s, p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms, "
-              f"{m['errors']} non-200 | | |")
-    print(f"\nNGINX / app: **{via_nginx['rps'] / direct['rps']:.2f}x** requests/s (each request still goes "
-          "through the app for its signature). Runs: create " + ", ".join(f"{p:.2f}" for p in creates)
+              f"{m['errors']} non-200; app CPU {m['app_ms']:.2f} ms per request | | |")
+    print(f"\nNGINX / app: **{via_nginx['rps'] / direct['rps']:.2f}x** requests/s, app CPU per request "
+          f"{via_nginx['app_ms'] / direct['app_ms']:.2f}x (each request still goes through the app for its "
+          "signature). Runs: create " + ", ".join(f"{p:.2f}" for p in creates)
           + " s; PUT " + ", ".join(f"{p:.2f}" for p in puts) + " s; start " + ", ".join(f"{p:.2f}" for p in starts)
           + " s.")
     return 1 if via_nginx["errors"] or direct["errors"] else 0
