@@ -12,6 +12,7 @@ from alembic import context
 from sqlalchemy import create_engine, func, select
 
 from server.db import job_models as _job_models  # noqa: F401  (registers the job tables)
+from server.db import signing_models as _signing_models  # noqa: F401  (registers signing_keys)
 from server.db.models import Base
 
 config = context.config

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks: ``scripts/bench.py upload|render|deliver|page [options]``.
+"""Benchmarks: ``scripts/bench.py upload|render|deliver|page|signed [options]``.
 
 Each benchmark lives in ``scripts/bench_<name>.py`` with a ``main(argv) -> int`` and prints a
 Markdown table whose ratios compare filedrop with a baseline measured in the same run.
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("upload", "render", "deliver", "page")
+NAMES = ("upload", "render", "deliver", "page", "signed")
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from server.api import jobs as jobs_api
 from server.api import limits as limits_api
+from server.api import signed as signed_api
 from server.api import uploads as uploads_api
 from server.auth import KeyStore, auth_middleware
 from server.config import Settings
@@ -24,6 +25,7 @@ from server.jobs.notify import Notifier
 from server.jobs.operation import smartlinks_generate
 from server.jobs.pool import WorkerPool
 from server.jobs.service import JobService
+from server.jobs.waiting import expire_loop
 from server.keys import (
     API_DOCUMENT,
     DATABASE,
@@ -31,10 +33,13 @@ from server.keys import (
     KEYSTORE,
     OPERATIONS,
     SETTINGS,
+    SIGNED_ROUTES,
+    SIGNER,
     STOPPING,
     UPLOADS,
 )
 from server.openapi import build as build_api_document
+from server.signing import Signer, SigningKeys
 from server.uploads.operations import OperationRegistry
 
 log = logging.getLogger("filedrop.app")
@@ -50,6 +55,8 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     db = Database(settings.database, settings.database_pool)
     app[DATABASE] = db
     app[KEYSTORE] = KeyStore(db, settings.api_keys)
+    # Signed URLs: keys in the database (made on first use), cached by this process.
+    app[SIGNER] = Signer(SigningKeys(db), settings.public_url)
     yield
     await db.dispose()
 
@@ -68,11 +75,14 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
         pool.ensure_started()
     notifier = Notifier(db, settings, fetcher)  # sends only while it holds the notifier lock
     notifying = asyncio.create_task(notifier.run(), name="job-notifications")
+    # Jobs that waited for data past their upload URL's expiry end Expired (then are notified).
+    expiring = asyncio.create_task(expire_loop(db, notifier.wake), name="job-data-expiry")
     try:
         yield
     finally:
-        notifying.cancel()
-        await asyncio.gather(notifying, return_exceptions=True)
+        for task in (expiring, notifying):
+            task.cancel()
+        await asyncio.gather(expiring, notifying, return_exceptions=True)
         await pool.stop()
         await checker.close()
         await fetcher.close()
@@ -122,8 +132,9 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_get(prefix + "/json/cmis", cmis_info)
         for route in uploads_api.ROUTES:
             app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
-    for route in (*jobs_api.ROUTES, *limits_api.ROUTES):
+    for route in (*jobs_api.ROUTES, *limits_api.ROUTES, *signed_api.ROUTES):
         app.router.add_route(route.method, route.path, route.handler, **route.kwargs)
+    app[SIGNED_ROUTES] = signed_api.SIGNED_ROUTES  # where a signed URL may stand in for a key
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -4,6 +4,11 @@ Keys come from ``FILEDROP_API_KEYS`` and from ``filedrop keys create NAME`` (sto
 A request's owner is the SHA-256 of its key, so a batch belongs to the key that created it.
 No valid key: 401 with an empty body and ``WWW-Authenticate: Basic realm="filedrop"`` (as Nuxeo
 answers). ``Authorization: Bearer KEY`` is accepted too.
+
+A signed URL (``server.signing``) takes the place of a key on the routes of ``SIGNED_ROUTES``
+only, and for exactly the method, path and query it was signed for: a request there with a
+``signature`` parameter is judged by it alone (403 ``ERR_URL_INVALID`` / ``ERR_URL_EXPIRED``,
+one INFO line), and acts for the owner of the resource the path names.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -22,8 +28,11 @@ from sqlalchemy.exc import IntegrityError
 
 from server.db import Database, utcnow
 from server.db.models import ApiKey
-from server.errors import KeyNameInvalid, KeyNameTaken
-from server.keys import KEYSTORE, OWNER
+from server.errors import Forbidden, KeyNameInvalid, KeyNameTaken
+from server.keys import KEYSTORE, OWNER, SIGNED, SIGNED_ROUTES, SIGNER, OwnerLookup
+from server.signing import SIGNATURE
+
+log = logging.getLogger("filedrop.auth")
 
 # Paths answered without a key: the nuxeo client's reachability/version probes, health, and the
 # API's description (it holds no data, only the routes and this server's limits).
@@ -106,11 +115,33 @@ def unauthorized() -> web.Response:
     return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="filedrop"'})
 
 
+def signed_route(request: web.Request) -> OwnerLookup | None:
+    """The owner lookup of the request's route when it takes signed URLs (else None)."""
+    if SIGNATURE not in request.query:
+        return None
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    return request.app[SIGNED_ROUTES].get((request.method, resource.canonical))
+
+
 @web.middleware
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    lookup = signed_route(request)
+    if lookup is not None:
+        owner = await lookup(request.app, request.match_info)
+        try:
+            await request.app[SIGNER].verify(request.method, request.rel_url.raw_path, request.query.items(), owner)
+        except Forbidden as e:
+            log.info("signed URL refused: %s %s: %s", request.method, request.path, e.message)
+            raise
+        assert owner is not None  # verify refuses a URL whose resource has no owner
+        request[OWNER] = owner
+        request[SIGNED] = True
         return await handler(request)
     owner = await request.app[KEYSTORE].owner_for(credential_from(request))
     if owner is None:

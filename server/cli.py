@@ -1,4 +1,4 @@
-"""Command line: serve, worker, migrate, keys (and drop, cleanup)."""
+"""Command line: serve, worker, migrate, keys, secrets (and drop, cleanup)."""
 
 from __future__ import annotations
 
@@ -155,6 +155,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
             await db.dispose()
 
     return asyncio.run(run())
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    """The keys that sign expiring URLs (``server.signing``): list them, or rotate."""
+    from server.signing import SigningKeys
+
+    def when(dt: Any) -> str:
+        return f"{dt:%Y-%m-%dT%H:%M:%S}Z"
+
+    async def run(db: Any, settings: Settings) -> int:
+        from server.db import utcnow
+
+        keys = SigningKeys(db)
+        if args.secrets_cmd == "rotate":
+            new, retiring = await keys.rotate(args.grace, forget_after=settings.max_url_ttl)
+            print(f"new signing key {new.kid}: signs every URL made from now on (running servers switch "
+                  "within 5 s)")
+            now = utcnow()
+            for k in retiring:
+                print(f"key {k.kid}: " + (f"retired at {when(k.retires_at)}: its URLs are refused (expired)"
+                                          if k.retired(now) else f"its URLs verify until {when(k.retires_at)}"))
+            return 0
+        now = utcnow()
+        found = await keys.all()
+        if not found:
+            print("no signing key yet: the first signed URL makes one")
+        for k in found:
+            state = ("current" if k.retires_at is None else f"retired at {when(k.retires_at)}"
+                     if k.retired(now) else f"verifies until {when(k.retires_at)}")
+            print(f"{k.kid}\t{state}\tcreated {when(k.created_at)}")
+        return 0
+
+    return _admin(run)
 
 
 class TerminalProgress:
@@ -352,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by name")
     kr.add_argument("name")
     k.set_defaults(func=cmd_keys)
+    sc = sub.add_parser("secrets", help="the keys that sign expiring URLs (made on first use, kept in the "
+                        "database)")
+    scsub = sc.add_subparsers(dest="secrets_cmd", required=True)
+    scsub.add_parser("list", help="each key: current, verifying until its grace ends, or retired")
+    rot = scsub.add_parser("rotate", help="a new key signs from now on; the old ones' URLs keep verifying "
+                           "for --grace")
+    rot.add_argument("--grace", type=_duration, default=24 * 3600.0, metavar="DURATION",
+                     help="how long URLs signed by the old keys keep working (default 24h; 0: stop them now, "
+                     "e.g. after a leak)")
+    sc.set_defaults(func=cmd_secrets)
     d = sub.add_parser("drop", help="drop an upload batch (rows and bytes), or with --smartlinks a "
                        "smartlink batch (published files and its jobs' rows); exit 1: not found, "
                        "3: in use")

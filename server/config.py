@@ -102,6 +102,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "fetch_max_bytes": ("20M", "Largest remote asset or template fetched."),
     "allow_http_callbacks": ("0", "Accept http:// callback URLs (local use and tests only)."),
     "callback_secret": ("", "HMAC-SHA256 secret for X-Filedrop-Signature (empty: a random one per start)."),
+    "upload_url_ttl": ("8h", "How long a signed upload URL (a job's `upload_URL`, a presigned upload) lives unless `expires_in` says otherwise."),
+    "download_url_ttl": ("1h", "How long a signed result download URL (`result?format=url`) lives unless `expires_in` says otherwise."),
+    "max_url_ttl": ("7d", "Longest `expires_in` a signed URL may be given (and the ceiling of the two defaults above). Over: 422."),
     "callback_retries": ("5", "Attempts to deliver a job callback before giving up."),
     "callback_backoff": ("1", "First retry delay in seconds; doubles each attempt."),
     "smtp_host": ("127.0.0.1", "SMTP server for job e-mails."),
@@ -152,6 +155,9 @@ class Settings:
     callback_secret: str = ""
     callback_retries: int = 5
     callback_backoff: float = 1.0
+    upload_url_ttl: float = 8 * 3600.0
+    download_url_ttl: float = 3600.0
+    max_url_ttl: float = 7 * 86400.0
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "filedrop@localhost"
@@ -187,6 +193,11 @@ class Settings:
             # SQLite serves one app process (its workers beside it); several share PostgreSQL.
             raise ValueError(f"FILEDROP_APP_PROCESSES={self.app_processes} needs PostgreSQL: set "
                              "FILEDROP_DATABASE_URL (postgresql+asyncpg://…), or FILEDROP_APP_PROCESSES=1 for SQLite")
+        for name in ("upload_url_ttl", "download_url_ttl"):
+            if getattr(self, name) > self.max_url_ttl:
+                # Every URL made without expires_in would be refused: refuse the start instead.
+                raise ValueError(f"FILEDROP_{name.upper()} ({getattr(self, name):g} s) is over FILEDROP_MAX_URL_TTL "
+                                 f"({self.max_url_ttl:g} s): lower it or raise FILEDROP_MAX_URL_TTL")
         if not self.public_url:
             object.__setattr__(self, "public_url", f"http://127.0.0.1:{self.http_port}")
         if not self.callback_secret:
@@ -227,6 +238,12 @@ class Settings:
         URL when one is set, else the SQLite file."""
         assert self.db_path is not None
         return self.database_url or self.db_path
+
+    @property
+    def results_dir(self) -> Path:
+        """Result CSVs of finished jobs that signed download URLs serve (NGINX reads them through
+        an internal location only)."""
+        return self.data_dir / "results"
 
     @property
     def sync_db_url(self) -> str:
@@ -281,7 +298,8 @@ class Settings:
 _SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "min_free_disk", "max_data_size",
           "fetch_max_bytes", "render_memory", "max_page_size", "job_asset_memory"}
 _DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_interval", "fetch_timeout",
-              "callback_backoff", "cleanup_grace", "render_timeout"}
+              "callback_backoff", "cleanup_grace", "render_timeout", "upload_url_ttl", "download_url_ttl",
+              "max_url_ttl"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
          "callback_retries", "smtp_port", "max_number_digits", "database_pool", "app_processes"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
@@ -292,7 +310,7 @@ _INT_MAX = {"app_port": 65535, "http_port": 65535, "smtp_port": 65535, "app_proc
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}
-_DURATION_MIN = {"render_timeout": 0.1}
+_DURATION_MIN = {"render_timeout": 0.1, "upload_url_ttl": 1, "download_url_ttl": 1, "max_url_ttl": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a host name or an IP address: it is written into nginx.conf
 

@@ -6,7 +6,8 @@
     │   └── KeyNameInvalid         ERR_KEY_NAME_INVALID (CLI)
     ├── NotFound              404  ERR_BATCH_NOT_FOUND, ERR_FILE_NOT_FOUND, ERR_OPERATION_NOT_FOUND, ...
     │   └── BatchNotFound          ERR_BATCH_NOT_FOUND
-    ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ...
+    ├── Forbidden             403  ERR_URL_INVALID, ERR_URL_EXPIRED (signed URLs, ``server.signing``)
+    ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ERR_DATA_RECEIVED, ...
     │   └── KeyNameTaken           ERR_KEY_NAME_TAKEN (CLI)
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
@@ -254,6 +255,45 @@ class StorageFailed(FiledropError):
 
     status = 500
     code = "ERR_STORAGE_FAILED"
+
+
+# --- signed URLs (issue 11): raised by name -------------------------------------------------
+
+
+class Forbidden(FiledropError):
+    """403: a signed URL that does not allow the request; raised only as one of the two below."""
+
+    status = 403
+
+
+class UrlInvalid(Forbidden):
+    """A signed URL whose path, query, expiry or signature was changed (or never signed here)."""
+
+    code = "ERR_URL_INVALID"
+
+
+class UrlExpired(Forbidden):
+    """A signed URL past its expiry (or signed with a key whose grace period is over)."""
+
+    code = "ERR_URL_EXPIRED"
+
+
+class DataReceived(Conflict):
+    """A job's data arrived already: its upload URL takes one PUT."""
+
+    code = "ERR_DATA_RECEIVED"
+
+
+class JobNotWaiting(Conflict):
+    """A job that waits for no data (it was started with its rows, or ended without them)."""
+
+    code = "ERR_JOB_NOT_WAITING"
+
+
+class JobNotFinished(Conflict):
+    """The result download URL is made once the job has ended (its rows no longer change)."""
+
+    code = "ERR_JOB_NOT_FINISHED"
 
 
 def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -61,8 +61,9 @@ from server.db.models import Batch, BatchFile
 from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNotFound
 from server.jobs import assets as job_assets
 from server.jobs import control as job_control
+from server.jobs import results as job_results
 from server.jobs.contract import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
-from server.jobs.states import RUNNING  # the jobs' own notion of a running job
+from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or waiting for data
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.assembly import Snapshot, chunks_present
 from server.uploads.chunkset import ChunkSet
@@ -264,6 +265,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
                 Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
             .order_by(Job.finished))).all()
         job_batches = set((await s.scalars(select(Job.batch_id).distinct())).all())
+        job_ids = set((await s.scalars(select(Job.job_id))).all())
         stems_of: dict[str, set[str]] = {}
         if smartlinks:
             for r in (await s.execute(
@@ -277,6 +279,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
                             busy_smartlinks, smartlinks, stems_of)
     await asyncio.to_thread(_plan_job_assets, settings, ages, out, {r.job_id for r in running})
+    await asyncio.to_thread(_plan_job_results, settings, ages, out, job_ids)
     kinds: dict[str, int] = {}
     for i in out.items:
         kinds[i.kind] = kinds.get(i.kind, 0) + 1
@@ -418,6 +421,17 @@ def _plan_job_assets(settings: Settings, ages: _Ages, out: Plan, running: set[st
             out.items.append(Item("temp-file", _rel(settings, p), _du(p), f"assets of job {e.name}", path=p))
 
 
+def _plan_job_results(settings: Settings, ages: _Ages, out: Plan, jobs: set[str]) -> None:
+    """Result CSVs (what signed download URLs serve) of jobs that are gone (dropped, or removed
+    by a cleanup that stopped half-way), and crash leftovers of their writing."""
+    for e in _listdir(settings.results_dir):
+        p = Path(e.path)
+        gone = e.name.endswith(job_results.SUFFIX) and e.name.removesuffix(job_results.SUFFIX) not in jobs
+        if (gone or _is_temp(e.name)) and _older(p, ages.wall_grace):
+            out.items.append(Item("temp-file", _rel(settings, p), _du(p), "result CSV of a job that is gone"
+                                  if gone else "result CSV temp left by a crash", path=p))
+
+
 # --- apply --------------------------------------------------------------------------------------
 
 
@@ -555,6 +569,7 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
                                  .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
     if names and item.path is not None and not running:
         item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, names - keep)
+    await asyncio.to_thread(_remove, job_results.path_of(settings, job_id))  # its signed downloads' CSV
     return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from server.db import Database
 if TYPE_CHECKING:
     from server.auth import KeyStore
     from server.jobs.service import JobService
+    from server.signing import Signer
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
@@ -24,5 +26,11 @@ UPLOADS: web.AppKey[UploadService] = web.AppKey("uploads")  # server.uploads ser
 JOBS: web.AppKey[JobService] = web.AppKey("jobs")  # server.jobs service (issues 3, 8)
 JANITOR: web.AppKey[Any] = web.AppKey("janitor")  # server.janitor periodic task (issue 5)
 API_DOCUMENT: web.AppKey[dict[str, Any]] = web.AppKey("api_document")  # the OpenAPI document (server.openapi)
+SIGNER: web.AppKey[Signer] = web.AppKey("signer")  # signed URLs (issue 11)
+# (method, route) -> the owner a signed URL of that route acts for, found from its path's
+# resource (None: no such resource). Only these routes take a signature in place of a key.
+OwnerLookup = Callable[[web.Application, Mapping[str, str]], Awaitable[str | None]]
+SIGNED_ROUTES: web.AppKey[dict[tuple[str, str], OwnerLookup]] = web.AppKey("signed_routes")
 
 OWNER = web.RequestKey("owner", str)  # sha256 of the caller's API key: what batches/jobs belong to
+SIGNED = web.RequestKey("signed", bool)  # set (True) when a signed URL, not a key, authorised the request

@@ -84,6 +84,11 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def data_too_large_message(settings: Settings) -> str:
+    """What NGINX's 413 says for a job's data PUT: the app's own limit and setting."""
+    return f"data is over the {settings.max_data_size}-byte limit (FILEDROP_MAX_DATA_SIZE)"
+
+
 def too_large_messages(settings: Settings) -> tuple[str, str]:
     """What NGINX's 413 says for the upload API and for a job start: the limit and the
     setting(s) that make it, as the app's own 413s do."""
@@ -112,6 +117,9 @@ def values(settings: Settings, *, listen: str | None = None, worker_processes: s
     if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", worker_processes):
         raise ValueError(f"worker_processes {worker_processes!r}: use auto or a count")
     chunk_too_large, job_too_large = too_large_messages(settings)
+    results = Path(settings.results_dir)
+    if not _SAFE_PATH.fullmatch(str(results)):
+        raise ValueError(f"data_dir {str(settings.data_dir)!r}: NGINX needs an absolute path of plain characters")
     servers = [upstream_address(settings.app_host, p) for p in (app_ports or settings.app_ports)]
     return {
         "USER_DIRECTIVE": "" if unprivileged else _user_directive(root),
@@ -124,6 +132,9 @@ def values(settings: Settings, *, listen: str | None = None, worker_processes: s
         "WEB_ROOT": _web_root(),
         "CHUNK_TOO_LARGE": chunk_too_large,
         "JOB_TOO_LARGE": job_too_large,
+        "DATA_BODY_LIMIT": str(settings.max_data_size),
+        "DATA_TOO_LARGE": data_too_large_message(settings),
+        "RESULTS_ROOT": str(results),
     }
 
 

@@ -165,14 +165,30 @@ SCHEMAS: dict[str, Schema] = {
                      "totalCount", "strategy"],
         "properties": {
             "batch_id": {"type": "string"}, "job_id": JOB_ID,
-            "status": {"enum": ["Queued", "In progress", "Completed", "Completed with errors", "Cancelled",
-                                "Failed"]},
+            "status": {"enum": ["Waiting for data", "Queued", "In progress", "Completed", "Completed with errors",
+                                "Cancelled", "Failed", "Expired"]},
             "started": TIME, "finished": TIME,
             "succeededCount": {"type": "integer", "minimum": 0}, "erroredCount": {"type": "integer", "minimum": 0},
             "totalCount": {"type": "integer", "minimum": 0},
             "strategy": {"enum": ["smallest", "mixed", "original"]},
             "reason": {"type": "string", "description": "why it was cancelled or failed"},
         },
+    },
+    "WaitingJob": {
+        "allOf": [ref("Job"), {"type": "object", "required": ["upload_URL", "expires"], "properties": {
+            "upload_URL": {"type": "string", "description": "a signed URL: PUT the rows there, no key needed"},
+            "expires": {"type": "string", "description": "when it stops working (UTC, Z)"}}}],
+    },
+    "UploadLink": {
+        "type": "object", "required": ["upload_URL", "expires"],
+        "properties": {"upload_URL": {"type": "string", "description": "a signed URL: PUT the file there, no key needed"},
+                       "expires": {"type": "string", "description": "when it stops working (UTC, Z)"}},
+    },
+    "DownloadLink": {
+        "type": "object", "required": ["download_url", "expires"],
+        "properties": {"download_url": {"type": "string", "description": "a signed URL: GET the result CSV, no key "
+                                        "needed"},
+                       "expires": {"type": "string", "description": "when it stops working (UTC, Z)"}},
     },
     "JobLog": {
         "allOf": [ref("Job"), {"type": "object", "required": ["log"], "properties": {"log": {
@@ -214,6 +230,12 @@ SCHEMAS: dict[str, Schema] = {
             "max_errors": {"type": "string", "pattern": "^[0-9]{1,9}$"},
             "callback_url": {"type": "string", "format": "uri"},
             "callback_emails": {"type": "string", "description": "comma-separated addresses"},
+            "notification_method": {"enum": ["POST", "GET"], "description": "how callback_url is called "
+                                    "(POST: the job JSON; GET: its counts in the query), both signed"},
+            "data_upload": {"const": "url", "description": "no rows now: the answer (201) holds upload_URL, a "
+                            "signed URL the rows are PUT to, without a key"},
+            "expires_in": {"type": "string", "pattern": "^[0-9]{1,12}$",
+                           "description": "with data_upload=url: seconds upload_URL lives"},
         },
     },
     "SmartLinksParams": {
@@ -224,6 +246,7 @@ SCHEMAS: dict[str, Schema] = {
             "template": {"type": ["string", "integer"]}, "data": {"type": ["string", "integer"]},
             "strategy": {"enum": ["smallest", "mixed", "original"]}, "max_errors": {"type": ["string", "integer"]},
             "callback_url": {"type": "string"}, "callback_emails": {"type": "string"},
+            "notification_method": {"enum": ["POST", "GET"]},
             "params": {"type": "object"}, "batch_id": JOB_BATCH_ID,
         },
     },
@@ -259,6 +282,19 @@ FILE_HEADERS = (
            "chunked: how many chunks the file has (at most FILEDROP_MAX_CHUNKS_PER_FILE: over, 413 "
            "ERR_FILE_TOO_MANY_CHUNKS)"),
 )
+SIGNED_PARAMS = (
+    Param("expires", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
+          "of a signed URL: the Unix time it stops working"),
+    Param("kid", "query", {"type": "string", "pattern": "^[0-9a-f]{1,16}$"}, "of a signed URL: the key that signed it"),
+    Param("signature", "query", {"type": "string"},
+          "of a signed URL: hex HMAC-SHA256 of the method, path, query and owner; with it the request needs no key "
+          "and is judged by it alone (403 when it does not match or has expired)"),
+)
+SIGNED_REFUSED = error("A signed URL that was changed, or whose expiry has passed.", "ERR_URL_INVALID",
+                       "ERR_URL_EXPIRED")
+EXPIRES_IN = Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                   "seconds the signed URL lives (at most FILEDROP_MAX_URL_TTL)")
+
 EXECUTE_HEADERS = (
     header("X-Batch-No-Drop", {"enum": ["true", "false"]}, "true: keep the batch after the operation"),
     header("X-NXVoidOperation", {"enum": ["true", "false"]},
@@ -334,6 +370,17 @@ def _upload_ops() -> list[Op]:
            upload_answers, (BATCH, FILE, *FILE_HEADERS),
            body={"application/octet-stream": {"type": "string", "contentMediaType": "application/octet-stream"}},
            nuxeo=True, links=_file_links(201) + _file_links(202)),
+        Op("PUT", "/api/v1/upload/{batch_id}/{file_idx}", "uploadFilePut",
+           "Upload a file (or a chunk) as POST does, by a presigned URL (no key) or with the key",
+           {**upload_answers, 403: SIGNED_REFUSED}, (BATCH, FILE, *FILE_HEADERS, *SIGNED_PARAMS),
+           body={"application/octet-stream": {"type": "string", "contentMediaType": "application/octet-stream"}},
+           description="The URL comes from `presign`; the request is the same as a POST with the key: the same "
+                       "headers, limits and checks."),
+        Op("POST", "/api/v1/upload/{batch_id}/{file_idx}/presign", "presignUpload",
+           "A signed URL that uploads this file of the batch without the key",
+           {200: Answer("The URL and when it expires.", ref("UploadLink")), 400: BAD_UPLOAD, 404: NO_BATCH,
+            422: error("expires_in is not a number of seconds, or over FILEDROP_MAX_URL_TTL.", "ERR_FIELD_INVALID")},
+           (BATCH, FILE, EXPIRES_IN)),
         Op("GET", "/api/v1/upload/{batch_id}", "getBatch", "The files of a batch",
            {200: Answer("Every file with bytes.", {"type": "array", "items": ref("FileInfo")}),
             204: Answer("No file has bytes yet."), 400: BAD_UPLOAD, 404: NO_BATCH}, (BATCH,), nuxeo=True),
@@ -421,6 +468,7 @@ def _job_ops(settings: Settings) -> list[Op]:
            {202: Answer("The new job.", ref("Job")),
             200: Answer("Identical inputs to the batch's running job: that job.", ref("Job")),
             400: error("A malformed request.", "ERR_REQUEST_INVALID"),
+            201: Answer("data_upload=url: the new job, Waiting for data, with its upload_URL.", ref("WaitingJob")),
             409: error("The batch has a running job with other inputs, or belongs to another key.",
                        "ERR_JOB_RUNNING", "ERR_BATCH_TAKEN"),
             413: error(f"Rows over {settings.max_data_size} bytes (FILEDROP_MAX_DATA_SIZE), a template over "
@@ -429,7 +477,20 @@ def _job_ops(settings: Settings) -> list[Op]:
                        "ERR_FIELD_TOO_LARGE", "ERR_TOO_LARGE"),
             422: error("A field is invalid; `field` names it.", "ERR_FIELD_INVALID")},
            (JOB_BATCH,), body={"multipart/form-data": ref("StartForm")}, body_required=True, tag="jobs",
-           links=_job_links(202) + _job_links(200)),
+           links=_job_links(202) + _job_links(200) + _job_links(201)
+           + (Link(201, "putJobData", {"batch_id": "$response.body#/batch_id", "job_id": "$response.body#/job_id"}),)),
+        Op("PUT", "/api/batch/{batch_id}/{job_id}/data", "putJobData",
+           "The rows of a job waiting for its data (its upload_URL: no key needed); the job is then Queued",
+           {201: Answer("The job, now Queued (or Cancelled when bad rows alone exceed max_errors).", ref("Job")),
+            403: SIGNED_REFUSED, 404: NO_JOB,
+            409: error("The data arrived already (one PUT per URL), or the job waits for none.",
+                       "ERR_DATA_RECEIVED", "ERR_JOB_NOT_WAITING"),
+            413: error(f"Rows over {settings.max_data_size} bytes (FILEDROP_MAX_DATA_SIZE).", "ERR_DATA_TOO_LARGE"),
+            422: error("The rows are not a JSON array of rows nor JSON Lines (`field`: data).", "ERR_FIELD_INVALID")},
+           (JOB_BATCH, JOB, *SIGNED_PARAMS), tag="jobs",
+           body={JSON: {"type": "array", "items": {"type": "object"}, "description": "rows, a JSON array"},
+                 "application/x-ndjson": {"type": "string", "description": "rows, JSON Lines"}},
+           body_required=True, links=_job_links(201)),
         Op("GET", "/api/batch/{batch_id}/{job_id}/status", "getJobStatus", "A job's status and counts",
            {200: job, 404: NO_JOB}, (JOB_BATCH, JOB), tag="jobs"),
         Op("GET", "/api/batch/{batch_id}/{job_id}/log", "getJobLog", "A job's log",
@@ -441,9 +502,16 @@ def _job_ops(settings: Settings) -> list[Op]:
              "Cancel a job (rows written stay; the rest become skipped)", {200: job, 404: NO_JOB},
              (JOB_BATCH, JOB), tag="jobs") for m in ("GET", "POST")),
         Op("GET", "/api/batch/{batch_id}/{job_id}/result", "getJobResult", "Every row's outcome and link",
-           {200: Answer("The rows (format=csv: text/csv).", ref("JobResult")), 404: NO_JOB,
-            422: error("format is not json or csv.", "ERR_FIELD_INVALID")},
-           (JOB_BATCH, JOB, Param("format", "query", {"type": "string"}, "json (default) or csv")), tag="jobs"),
+           {200: Answer("The rows (format=csv: text/csv; format=url: a signed download link).",
+                        {"anyOf": [ref("JobResult"), ref("DownloadLink")]}), 403: SIGNED_REFUSED, 404: NO_JOB,
+            409: error("format=url: the job has not ended yet.", "ERR_JOB_NOT_FINISHED"),
+            422: error("format is not json, csv or url; expires_in is not a number of seconds or over "
+                       "FILEDROP_MAX_URL_TTL.", "ERR_FIELD_INVALID")},
+           (JOB_BATCH, JOB, Param("format", "query", {"type": "string"},
+                                  "json (default), csv, or url: a signed link to the CSV, fetched without the key"),
+            Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                  "format=url: seconds the link lives (default FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS),
+           tag="jobs"),
         Op("GET", "/api/batch/{batch_id}/jobs", "listBatchJobs", "The caller's jobs of a batch, newest first",
            {200: Answer("The jobs.", ref("BatchJobs"))}, (JOB_BATCH,), tag="jobs"),
         Op("GET", "/api/limits", "getLimits", "The limits a client must respect (from the settings)",

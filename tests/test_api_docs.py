@@ -57,6 +57,9 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
     assert "Completed\n" in out  # the job finished, all rows rendered (not "Completed with errors")
     assert "<h1>Client 240 000 009 425</h1>" in out and "(EUR)" in out  # the page, through NGINX
     assert '"uploadedChunkIds": [0, 1, 2]' in out and '"status": "Queued"' in out
+    # Signed URLs (issue 11): the second PUT and a changed URL refused, the CSV downloaded keyless.
+    assert "Waiting for data\n" in out and '"code": "ERR_DATA_RECEIVED"' in out and '"code": "ERR_URL_INVALID"' in out
+    assert "reference_id,suffix,url,status,error\n5ef3501829bf41003d6da7b4," in out
     # The Python client example, with the key and the file the blocks made.
     (python,) = blocks("python")
     code = f"KEY = {API_KEY!r}\n" + python.replace("http://127.0.0.1:8080", front.url) + \

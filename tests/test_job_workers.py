@@ -179,7 +179,10 @@ def test_counts_move_per_row_and_the_last_log_line_counts_skipped_rows(server_fa
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", job["started"]), job
     started = datetime.strptime(job["started"], "%Y-%m-%dT%H:%M:%S.%fZ")
     assert abs((started - accepted).total_seconds()) < 5
-    # Sample the count for a while: it moves at least once a second while rows complete.
+    # Once rows complete (a worker is spawned with the first job: seconds on a loaded machine),
+    # sample the count for a while: it moves at least once a second while rows complete.
+    wait_until(lambda: get(srv, f"/api/batch/progress/{jid}/status")["succeededCount"] > 0, timeout=60,
+               what="the first row done")
     seen: list[tuple[float, int]] = []
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:

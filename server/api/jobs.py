@@ -5,12 +5,11 @@ Handlers parse into ``StartInput`` and call the job service (``app[JOBS]``).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 from aiohttp import BodyPartReader, web
 
+from server.api import signed
 from server.errors import (
     BadRequest,
     DataTooLarge,
@@ -19,10 +18,12 @@ from server.errors import (
     TemplateTooLarge,
     Unprocessable,
 )
+from server.jobs.results import csv_text
 from server.jobs.service import StartInput
-from server.keys import JOBS, OWNER, SETTINGS
+from server.keys import JOBS, OWNER, SETTINGS, SIGNED
 
-OPTION_FIELDS = ("document_id", "api_url", "strategy", "max_errors", "callback_url", "callback_emails")
+OPTION_FIELDS = ("document_id", "api_url", "strategy", "max_errors", "callback_url", "callback_emails",
+                 "data_upload", "expires_in", "notification_method")
 MAX_PARTS = 200
 OPTION_LIMIT = 64 << 10  # bytes of one plain option field
 
@@ -99,6 +100,9 @@ async def start_job(request: web.Request) -> web.Response:
         **{k: _text(fields, k) for k in OPTION_FIELDS},
     )
     started = await request.app[JOBS].start(request[OWNER], inp)
+    if started.data_expires is not None:  # data_upload=url: the rows come by a PUT to upload_URL
+        link = await signed.upload_link(request, inp.batch_id, started.job["job_id"], started.data_expires)
+        return web.json_response({**started.job, **link}, status=201 if started.created else 200)
     return web.json_response(started.job, status=202 if started.created else 200)
 
 
@@ -121,19 +125,19 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(await request.app[JOBS].cancel(request[OWNER], m["batch_id"], m["job_id"]))
 
 
-async def get_result(request: web.Request) -> web.Response:
+async def get_result(request: web.Request) -> web.StreamResponse:
     m = request.match_info
-    rows = await request.app[JOBS].result(request[OWNER], m["batch_id"], m["job_id"])
     fmt = request.query.get("format", "json")
+    if request.get(SIGNED):  # a signed download link (format=csv is part of what was signed)
+        return await signed.download_result(request)
+    if fmt == "url":
+        return await signed.result_url(request)
+    rows = await request.app[JOBS].result(request[OWNER], m["batch_id"], m["job_id"])
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["reference_id", "suffix", "url", "status", "error"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        return web.Response(text=buf.getvalue(), content_type="text/csv",
+        return web.Response(text=csv_text(rows), content_type="text/csv",
                             headers={"Content-Disposition": f'attachment; filename="{m["job_id"]}.csv"'})
     if fmt != "json":
-        raise Unprocessable("format must be json or csv", field="format")
+        raise Unprocessable("format must be json, csv or url", field="format")
     return web.json_response({"batch_id": m["batch_id"], "job_id": m["job_id"], "rows": rows},
                              dumps=lambda o: json.dumps(o, ensure_ascii=False))
 

@@ -170,6 +170,12 @@ class Database:
         if self.shared:
             await s.execute(select(func.pg_notify(channel, payload)))
 
+    async def notify_now(self, channel: str, payload: str = "") -> None:
+        """``notify`` in a transaction of its own (after a commit that made the work visible)."""
+        if self.shared:
+            async with self.write() as s:
+                await self.notify(s, channel, payload)
+
     async def listen(self, channel: str, callback: Callable[[], Any]) -> bool:
         """Call ``callback`` (on this loop) whenever ``channel`` is notified, on a connection of
         its own until ``dispose``. False where there is no such thing (SQLite) or the

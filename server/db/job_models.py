@@ -39,6 +39,9 @@ class Job(Base):
     # A hint for claims: every row below it was claimed once already. Claims scan the primary key
     # from here (not from 0); anything that hands rows back to the queue resets it to 0.
     claim_from: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A job started with data_upload=url waits for its rows until then (its upload_URL's expiry).
+    data_expires: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    notification_method: Mapped[str] = mapped_column(String(8), default="POST", server_default="POST")  # callback
 
 
 class JobRow(Base):

@@ -186,13 +186,19 @@ class Fetcher:
 
     async def post(self, url: str, body: bytes, headers: dict[str, Any]) -> int:
         """POST ``body`` to ``url`` (no redirects); the response status."""
+        return await self.send("POST", url, headers, body)
+
+    async def send(self, method: str, url: str, headers: dict[str, Any], body: bytes | None = None) -> int:
+        """``method`` ``url`` with ``body`` (no redirects: a callback is called where it says);
+        the response status."""
         try:
             async with asyncio.timeout(self.timeout):
                 await self.check_url(url)
-                async with self.session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                async with self.session.request(method, url, data=body, headers=headers,
+                                                allow_redirects=False) as resp:
                     await resp.read()
                     return resp.status
         except TimeoutError:
-            raise FetchError(f"POST {url}: no answer within {self.timeout:g} s") from None
+            raise FetchError(f"{method} {url}: no answer within {self.timeout:g} s") from None
         except aiohttp.ClientError as e:
-            raise FetchError(f"POST {url}: {e.__class__.__name__}: {e}") from None
+            raise FetchError(f"{method} {url}: {e.__class__.__name__}: {e}") from None

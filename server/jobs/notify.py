@@ -1,10 +1,13 @@
-"""Telling the job's owner it finished: a signed callback POST and e-mails.
+"""Telling the job's owner it finished: a signed callback (POST or GET) and e-mails.
 
-The callback body is the job's status JSON; ``X-Filedrop-Signature: sha256=<hex>`` is the
-HMAC-SHA256 of exactly those bytes under ``settings.callback_secret``, so a receiver can check
-``hmac.compare_digest(sign(secret, body), header)``. Delivery is at-least-once: the state is
-recorded on the job after the attempt, so a crash between the receiver's 2xx and that record
-sends it again on restart.
+``notification_method`` POST (the default): the body is the job's status JSON;
+``X-Filedrop-Signature: sha256=<hex>`` is the HMAC-SHA256 of exactly those bytes under
+``settings.callback_secret``, so a receiver can check ``hmac.compare_digest(sign(secret, body),
+header)``. GET (seed 004): ``batch_id``, ``job_id``, ``status``, ``succeededCount`` and
+``erroredCount`` are appended to the URL's query, form-encoded in that order, then
+``signature=<hex>``, the HMAC-SHA256 of exactly that encoded text (``notification_query``); the
+header carries it too. Delivery is at-least-once: the state is recorded on the job after the
+attempt, so a crash between the receiver's 2xx and that record sends it again on restart.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiosmtplib
 from sqlalchemy import select, update
@@ -42,17 +46,39 @@ def callback_body(job: dict[str, Any]) -> bytes:
     return json.dumps(job, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def notification_query(job: dict[str, Any]) -> str:
+    """What a GET notification appends to the callback URL's query (before ``signature``), and
+    exactly the text its signature covers."""
+    return urlencode([(k, str(job[k])) for k in ("batch_id", "job_id", "status", "succeededCount", "erroredCount")])
+
+
+def notification_url(url: str, job: dict[str, Any], secret: str) -> tuple[str, str]:
+    """The GET notification's URL (the callback URL's own query kept, ours appended) and its
+    signature header."""
+    query = notification_query(job)
+    signature = sign(secret, query.encode("ascii"))
+    parts = urlsplit(url)
+    ours = f"{query}&signature={signature.removeprefix('sha256=')}"
+    return urlunsplit(parts._replace(query=f"{parts.query}&{ours}" if parts.query else ours, fragment="")), signature
+
+
 async def deliver_callback(fetcher: Fetcher, settings: Settings, url: str, job: dict[str, Any],
-                           note: Callable[[str, str], Awaitable[None]]) -> bool:
-    """POST the job JSON to ``url``; up to ``callback_retries`` attempts, the delay doubling from
+                           note: Callable[[str, str], Awaitable[None]], method: str = "POST") -> bool:
+    """Call ``url`` with the job (POST: its JSON; GET: its counts in the query, see the module
+    docstring); up to ``callback_retries`` attempts, the delay doubling from
     ``callback_backoff``. True once a 2xx arrives. ``note(level, message)`` records each attempt."""
-    body = callback_body(job)
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(settings.callback_secret, body)}
+    body: bytes | None
+    if method == "GET":
+        target, signature = notification_url(url, job, settings.callback_secret)
+        body, headers = None, {SIGNATURE_HEADER: signature}
+    else:
+        target, body = url, callback_body(job)
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(settings.callback_secret, body)}
     attempts = max(1, settings.callback_retries)
     delay = settings.callback_backoff
     for attempt in range(1, attempts + 1):
         try:
-            status = await fetcher.post(url, body, headers)
+            status = await fetcher.send(method, target, headers, body)
             if 200 <= status < 300:
                 await note("info", f"callback delivered to {url} (attempt {attempt}, HTTP {status})")
                 return True
@@ -197,7 +223,8 @@ class Notifier:
                 await queries.note(self.db, job_id, level, message)
 
             if job.callback_url and await self._take(job_id, Job.callback_state):
-                ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note)
+                ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note,
+                                            job.notification_method)
                 await self._set(job_id, callback_state="sent" if ok else "failed")
             if job.callback_emails and await self._take(job_id, Job.email_state):
                 to = [a for a in job.callback_emails.split(",") if a]

@@ -1,6 +1,6 @@
 """``SmartLinks.Generate``: a job started by executing an upload batch. Params ``template`` and
 ``data`` are fileIdx of that batch; optional ``strategy``, ``max_errors``, ``callback_url``,
-``callback_emails``, ``params`` (an object, like the ``param.<name>`` parts of a start) and
+``notification_method``, ``callback_emails``, ``params`` (an object, like the ``param.<name>`` parts of a start) and
 ``batch_id`` (default: the upload batch id). The batch stays: rows may publish its files
 (``"pdf": "batch:<fileIdx>"``) while the job runs.
 """
@@ -63,7 +63,7 @@ def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings
             data=await read(ctx.owner, ctx.batch_id, data_idx, settings.max_data_size, "data"),
             data_field="data",
             strategy=opt("strategy"), max_errors=opt("max_errors"), callback_url=opt("callback_url"),
-            callback_emails=opt("callback_emails"),
+            callback_emails=opt("callback_emails"), notification_method=opt("notification_method"),
             params={k: json.dumps(v).encode() for k, v in extra.items()},
             upload_batch_id=ctx.batch_id,
         )

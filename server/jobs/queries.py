@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow, JobWorker
-from server.jobs.states import RUNNING, row_label
+from server.jobs.states import ACTIVE, RUNNING, WAITING, row_label
 
 ROWS = JobRow.__table__
 BATCH = 500  # ids per IN (...) list
@@ -196,12 +196,12 @@ async def record(db: Database, job_id: str, worker_id: str, out: Outcome) -> Cou
 
 
 async def request_cancel(db: Database, job_ids: Sequence[str], reason: str, level: str = "info") -> list[str]:
-    """Cancel running jobs: ``cancel_requested`` set, pending rows skipped (no worker claims
-    them any more), one log line. Workers holding rows see the flag, stop (killing a render
+    """Cancel running jobs (and jobs waiting for their data): ``cancel_requested`` set, pending
+    rows skipped (no worker claims them any more), one log line. Workers holding rows see the flag, stop (killing a render
     mid-row) and finish the job. Returns the jobs that were running and not cancelled yet."""
     async with db.write() as s:
         await lock_jobs(s, job_ids)
-        res = await s.execute(update(Job).where(Job.job_id.in_(job_ids), Job.status.in_(RUNNING),
+        res = await s.execute(update(Job).where(Job.job_id.in_(job_ids), Job.status.in_(ACTIVE),
                                                 Job.cancel_requested.is_(False))
                               .values(cancel_requested=True, reason=reason).returning(Job.job_id))
         hit = list(res.scalars().all())
@@ -227,9 +227,11 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
     now = utcnow()
     async with db.write() as s:
         job = await s.get(Job, job_id, with_for_update={"key_share": True})
-        if job is None or job.status not in RUNNING:
+        if job is None or job.status not in ACTIVE:
             return None
         final = failed is not None or forced is not None
+        if job.status == WAITING and not (final or job.cancel_requested):
+            return None  # no rows yet is not done: it waits for its data (or ends Expired)
         open_ = ("pending", "claimed") if final or job.cancel_requested else ()
         if not final:
             busy = await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed")))
@@ -248,7 +250,7 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
         else:
             status = "Completed with errors" if job.errored_count else "Completed"
             reason = None
-        await s.execute(update(Job).where(Job.job_id == job_id, Job.status.in_(RUNNING)).values(
+        await s.execute(update(Job).where(Job.job_id == job_id, Job.status.in_(ACTIVE)).values(
             status=status, finished=now, reason=reason, started=func.coalesce(Job.started, now),
             callback_state="pending" if job.callback_url else "none",
             email_state="pending" if job.callback_emails else "none"))

@@ -25,6 +25,8 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -36,25 +38,28 @@ from server.db.job_models import Job, JobLog, JobRow
 from server.errors import (
     BatchTaken,
     DataTooLarge,
+    JobNotFinished,
     JobNotFound,
     JobRunning,
     SmartlinkBatchNotFound,
     Unprocessable,
 )
-from server.jobs import control
+from server.jobs import control, results, waiting
 from server.jobs.checker import TemplateChecker
 from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from server.jobs.pool import WorkerPool
 from server.jobs.queries import JOBS_CHANNEL, storable
-from server.jobs.states import FINISHED, ROW_STATUS, RUNNING, iso, job_json, row_label
+from server.jobs.states import ACTIVE, FINISHED, ROW_STATUS, WAITING, iso, job_json, row_label
 from server.jsondoc import JsonRefused, loads, parse_json
+from server.signing import parse_expires_in
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 MAX_EMAILS = 50
+NOTIFICATION_METHODS = ("POST", "GET")
 WAIT_POLL = 0.05  # job_finished / notified look at the database this often
 _BOM = "\ufeff"
 
@@ -75,12 +80,16 @@ class StartInput:
     callback_emails: str | None = None
     params: dict[str, bytes] = field(default_factory=dict)
     upload_batch_id: str | None = None
+    data_upload: str | None = None  # "url": no rows now; they come by a PUT to a signed upload URL
+    expires_in: str | None = None  # seconds that URL lives (data_upload=url only)
+    notification_method: str | None = None  # POST (default) or GET, for callback_url
 
 
 @dataclass(frozen=True)
 class Started:
     job: dict[str, Any]
     created: bool  # False: an identical start of a running job returned that job
+    data_expires: datetime | None = None  # set while the job waits for its data (data_upload=url)
 
 
 def parse_rows(raw: bytes, where: str) -> list[Any]:
@@ -160,7 +169,7 @@ class JobService:
 
     # ---- start ------------------------------------------------------------------------------
 
-    def _check_options(self, inp: StartInput) -> tuple[str, int | None, str | None, list[str], dict[str, Any]]:
+    def _check_options(self, inp: StartInput) -> tuple[str, int | None, str | None, list[str], dict[str, Any], str]:
         if not BATCH_ID_RE.match(inp.batch_id or ""):
             raise Unprocessable("batch_id must be 1-128 of A-Z a-z 0-9 _ - and not start with - or _",
                                 field="batch_id")
@@ -184,6 +193,11 @@ class JobService:
                 raise Unprocessable(f"callback_emails: {e!r} is not an e-mail address", field="callback_emails")
         if len(emails) > MAX_EMAILS:
             raise Unprocessable(f"callback_emails: at most {MAX_EMAILS} addresses", field="callback_emails")
+        method = (inp.notification_method or "").strip().upper() or "POST"
+        if method not in NOTIFICATION_METHODS:
+            raise Unprocessable("notification_method must be POST or GET", field="notification_method")
+        if inp.notification_method and not callback_url:
+            raise Unprocessable("notification_method needs a callback_url", field="notification_method")
         params: dict[str, Any] = {}
         for name, raw in inp.params.items():
             where = f"param.{name}"
@@ -191,7 +205,22 @@ class JobService:
                 raise Unprocessable(f"{where}: the name must be a letter or _ then letters, digits, _",
                                     field=where)
             params[name] = parse_json(raw, where)
-        return strategy, max_errors, callback_url, emails, params
+        return strategy, max_errors, callback_url, emails, params, method
+
+    def _data_upload(self, inp: StartInput) -> float | None:
+        """Seconds the job waits for its data (``data_upload=url``), or None: the rows are in
+        the start."""
+        mode = (inp.data_upload or "").strip()
+        if not mode:
+            if inp.expires_in is not None and inp.expires_in.strip():
+                raise Unprocessable("expires_in applies to data_upload=url only", field="expires_in")
+            return None
+        if mode != "url":
+            raise Unprocessable("data_upload must be url (or absent: the rows come with the start)",
+                                field="data_upload")
+        if inp.data is not None:
+            raise Unprocessable(f"give either {inp.data_field} or data_upload=url, not both", field="data_upload")
+        return parse_expires_in(inp.expires_in, self.settings.upload_url_ttl, self.settings.max_url_ttl)
 
     async def _check_callback(self, url: str | None) -> None:
         """A callback the fetch guard will refuse is refused now, not retried at the end."""
@@ -228,56 +257,97 @@ class JobService:
 
     async def start(self, owner: str, inp: StartInput) -> Started:
         accepted = utcnow()  # `started`: when the start was accepted (seed 000)
-        strategy, max_errors, callback_url, emails, params = self._check_options(inp)
+        strategy, max_errors, callback_url, emails, params, method = self._check_options(inp)
+        wait = self._data_upload(inp)
         await self._check_callback(callback_url)
         template = await self._template(inp)
-        where = inp.data_field
-        if inp.data is None:
-            raise Unprocessable("data or data_file is required", field="data")
-        if len(inp.data) > self.settings.max_data_size:
-            raise DataTooLarge(f"{where} is over the {self.settings.max_data_size}-byte limit")
         job_id = secrets.token_hex(16)
-        rows = await asyncio.to_thread(parse_rows, inp.data, where)
-        records, problems = await asyncio.to_thread(prepare_rows, job_id, rows, self.settings.min_suffix_length)
+        if wait is None:
+            records, problems = await self._rows(job_id, inp.data, inp.data_field)
+            data_digest = hashlib.sha256(inp.data or b"").hexdigest()
+            expires = None
+        else:  # rows come later, by a PUT to the job's signed upload URL
+            records, problems, data_digest = [], [], "data_upload=url"
+            expires = (accepted + timedelta(seconds=wait)).replace(microsecond=0)
         params_json = json.dumps(params, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         inputs_hash = hashlib.sha256(json.dumps([
-            template, hashlib.sha256(inp.data).hexdigest(), strategy, max_errors, callback_url, emails,
-            params_json, inp.upload_batch_id]).encode()).hexdigest()
+            template, data_digest, strategy, max_errors, callback_url, emails, params_json, inp.upload_batch_id]
+            + ([method] if method != "POST" else [])).encode()).hexdigest()  # (a POST start hashes as before)
         errored = len(problems)
         async with self.db.write() as s:
             await self.db.serialize(s, "job-start", inp.batch_id)
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
             if other is not None:
                 raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
-            running = await s.scalar(select(Job).where(Job.batch_id == inp.batch_id, Job.status.in_(RUNNING)))
+            running = await s.scalar(select(Job).where(Job.batch_id == inp.batch_id, Job.status.in_(ACTIVE)))
             if running is not None:
                 if running.inputs_hash == inputs_hash:
-                    return Started(job_json(running), created=False)
+                    return Started(job_json(running), created=False,
+                                   data_expires=running.data_expires if running.status == WAITING else None)
                 raise JobRunning(f"batch {inp.batch_id!r} has a running job {running.job_id} with other inputs; "
                                  "cancel it or wait for it to finish", job_id=running.job_id)
-            job = Job(job_id=job_id, batch_id=inp.batch_id, owner=owner, status="Queued", strategy=strategy,
-                      inputs_hash=inputs_hash, template=template, params=params_json,
+            job = Job(job_id=job_id, batch_id=inp.batch_id, owner=owner, status="Queued" if wait is None else WAITING,
+                      strategy=strategy, inputs_hash=inputs_hash, template=template, params=params_json,
                       upload_batch_id=inp.upload_batch_id, max_errors=max_errors, callback_url=callback_url,
                       callback_emails=",".join(emails) or None, total_count=len(records), succeeded_count=0,
                       errored_count=errored, cancel_requested=False, created_at=accepted, started=accepted,
-                      callback_state="none", email_state="none", claim_from=0)
+                      callback_state="none", email_state="none", claim_from=0, data_expires=expires,
+                      notification_method=method)
             s.add(job)
             await s.flush()
             for i in range(0, len(records), 5000):
                 await s.execute(insert(JobRow.__table__), records[i:i + 5000])  # Core: 2x the ORM bulk path
-            entries = [f"queued: {len(records)} rows, strategy {strategy}"
-                       + (f", {errored} invalid" if errored else "")] + problems
+            entries = ([f"queued: {len(records)} rows, strategy {strategy}" + (f", {errored} invalid" if errored else "")]
+                       if wait is None else [f"waiting for data: strategy {strategy}, the upload URL expires at "
+                                             f"{iso(expires)}"]) + problems
             await s.execute(insert(JobLog), [{"job_id": job_id, "at": accepted, "level": "error" if i else "info",
                                               "message": storable(m)} for i, m in enumerate(entries)])
-            await self.db.notify(s, JOBS_CHANNEL, job_id)  # idle workers anywhere look now
+        if wait is not None:
+            return Started(job_json(job), created=True, data_expires=expires)
+        return Started(await self._launch(owner, inp.batch_id, job_id, errored, max_errors) or job_json(job),
+                       created=True)
+
+    async def _rows(self, job_id: str, data: bytes | None, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The rows of ``data`` (a JSON array or JSON Lines) as ``job_rows`` records, and the log
+        lines of the bad ones. Unprocessable naming ``where``; DataTooLarge over the limit."""
+        if data is None:
+            raise Unprocessable("data or data_file (or data_upload=url) is required", field="data")
+        if len(data) > self.settings.max_data_size:
+            raise DataTooLarge(f"{where} is over the {self.settings.max_data_size}-byte limit (FILEDROP_MAX_DATA_SIZE)")
+        rows = await asyncio.to_thread(parse_rows, data, where)
+        return await asyncio.to_thread(prepare_rows, job_id, rows, self.settings.min_suffix_length)
+
+    async def _launch(self, owner: str, batch_id: str, job_id: str, errored: int,
+                      max_errors: int | None) -> dict[str, Any] | None:
+        """A job whose rows are in: cancel it if its bad rows alone exceed ``max_errors`` (its
+        JSON then), else wake the workers (None)."""
         if max_errors is not None and errored > max_errors:  # bad rows alone are too many: end it now
             await control.cancel(self.db, self.settings, [job_id],
                                  f"max_errors ({max_errors}) exceeded: {errored} rows errored", level="error")
-            job = await self._job(owner, inp.batch_id, job_id)
-        else:
-            self.pool.ensure_started()
-            await self.pool.wake()
-        return Started(job_json(job), created=True)
+            return job_json(await self._job(owner, batch_id, job_id))
+        await self.db.notify_now(JOBS_CHANNEL, job_id)  # idle workers anywhere look now
+        self.pool.ensure_started()
+        await self.pool.wake()
+        return None
+
+    # ---- data for a job that waits for it (data_upload=url) ------------------------------------
+
+    async def receive_data(self, owner: str, batch_id: str, job_id: str, data: bytes) -> dict[str, Any]:
+        """The one PUT of a waiting job's rows (a JSON array or JSON Lines, checked as a start's
+        ``data``): the job is ``Queued`` and runs; its JSON. JobNotFound, DataReceived,
+        JobNotWaiting, UrlExpired, Unprocessable (bad data), DataTooLarge."""
+        records, problems = await self._rows(job_id, data, "data")
+        got = await waiting.receive(self.db, owner, batch_id, job_id, records, problems)
+        launched = await self._launch(owner, batch_id, job_id, got.errored, got.max_errors)
+        return launched or job_json(await self._job(owner, batch_id, job_id))
+
+    async def check_waiting(self, owner: str, batch_id: str, job_id: str) -> None:
+        """Raise as ``receive_data`` would unless the job waits for its data now (before a
+        body is read)."""
+        await waiting.check_waiting(self.db, owner, batch_id, job_id)
+
+    async def owner_of(self, batch_id: str, job_id: str) -> str | None:
+        return await waiting.owner_of(self.db, batch_id, job_id) if JOB_ID_RE.match(job_id) else None
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -313,6 +383,18 @@ class JobService:
         return [{"reference_id": ref, "suffix": suffix,
                  "url": f"{base}/{batch_id}/{ref}.{suffix}.html" if st == "done" else None,
                  "status": ROW_STATUS.get(st, st), "error": err} for ref, suffix, st, err in rows]
+
+    async def result_file(self, owner: str, batch_id: str, job_id: str) -> Path:
+        """The result of an ended job as a CSV file (``results.csv_text``, the bytes of
+        ``?format=csv``), written once under ``FILEDROP_DATA_DIR/results/``: what signed download
+        URLs serve. JobNotFinished while the job runs (its rows still change)."""
+        job = await self._job(owner, batch_id, job_id)
+        if job.status not in FINISHED:
+            raise JobNotFinished(f"job {job_id} is {job.status}: its result can be downloaded once it has ended")
+        path = results.path_of(self.settings, job_id)
+        if not await asyncio.to_thread(path.exists):
+            await asyncio.to_thread(results.write, path, await self.result(owner, batch_id, job_id))
+        return path
 
     async def batch_jobs(self, owner: str, batch_id: str) -> dict[str, Any]:
         """The caller's jobs of ``batch_id``, newest first (an empty list when there are none)."""

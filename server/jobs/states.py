@@ -8,8 +8,14 @@ from typing import Any
 
 from server.db.job_models import Job
 
-RUNNING = ("Queued", "In progress")
-FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed")
+RUNNING = ("Queued", "In progress")  # a job with rows for workers to claim
+# A job started with data_upload=url has no rows until its upload URL receives them; it holds
+# its batch meanwhile (a second start is refused or joins it) but workers never see it. Unused
+# until its URL expires, it ends Expired.
+WAITING = "Waiting for data"
+EXPIRED = "Expired"
+ACTIVE = (WAITING, *RUNNING)  # a job that holds its batch: what a duplicate start, drop and cleanup see
+FINISHED = ("Completed", "Completed with errors", "Cancelled", "Failed", EXPIRED)
 
 # Row statuses in the database -> as /result shows them. A claimed row is still to do.
 ROW_STATUS = {"pending": "pending", "claimed": "pending", "done": "succeeded", "error": "errored",
