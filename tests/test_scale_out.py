@@ -300,3 +300,34 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
         assert receiver.posts[0]["succeededCount"] == n
     finally:
         receiver.close()
+
+
+def test_a_stalled_worker_declared_dead_publishes_nothing_after_the_job_ended(stack: Any) -> None:
+    """A worker frozen (SIGSTOP) while it holds rows: after 20 s the other worker hands its rows
+    back and the job completes without it; thawed, it must not rename a page it rendered before:
+    every page keeps the inode it had when the job ended, no temp is left. (Its lease and the
+    job's state both stop it here; the lease alone covers a stall between that check and the
+    renames, a window this test cannot aim at.)"""
+    s = stack()
+    n = 3000
+    files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
+             "data": (None, json.dumps(rows(n)))}
+    r = requests.post(f"{s.url}/api/batch/stall/start", headers=AUTH, files=files, timeout=60)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    out_dir = s.data / "smartlinks" / "stall"
+    wait_until(lambda: out_dir.exists() and sum(1 for _ in out_dir.iterdir()) >= 200, timeout=120, interval=0.02,
+               what="the first 200 pages")
+    frozen = s.children("server worker")[0]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        end = wait_until(lambda: (st := _status(s, "stall", job_id)) and st["status"] in FINISHED and st,
+                         timeout=120, interval=0.2, what=f"job {job_id} to end without the frozen worker")
+        assert end["status"] == "Completed" and end["succeededCount"] == n, end
+        inodes = {p.name: p.stat().st_ino for p in out_dir.iterdir()}
+        assert len(inodes) == n and all(name.endswith(".html") for name in inodes)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    wait_until(lambda: "was declared dead (no heartbeat for 20 s)" in s.log.read_text(), timeout=30,
+               what="the thawed worker to find itself declared dead")
+    assert {p.name: p.stat().st_ino for p in out_dir.iterdir()} == inodes
