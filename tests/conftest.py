@@ -36,17 +36,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class _Databases:
     """The session's PostgreSQL cluster and the databases of tests that ended. A test's database
     is dropped when the next one is made (and at the end): by then whatever the test started
-    (an app whose fixture ends after this one, a server process) has let go of it."""
+    (an app whose fixture ends after this one, a server process) has let go of it.
+
+    Migrated databases are copies of one migrated once per session (``CREATE DATABASE ...
+    TEMPLATE``: ~0.1 s instead of ~1 s of Alembic per test)."""
 
     def __init__(self) -> None:
         self.cluster: PostgresCluster | None = None
+        self.template: str | None = None
         self.done: list[str] = []
 
-    def make(self) -> str:
+    def make(self, migrated: bool = True) -> str:
         if self.cluster is None:
             self.cluster = PostgresCluster.from_env()
         self.drop_done()
-        return self.cluster.create_database()
+        if migrated and self.template is None:
+            template = self.cluster.create_database()
+            upgrade(self.cluster.database_url(template))  # its connections are closed on return
+            self.template = template
+        return self.cluster.create_database(self.template if migrated else None)
 
     def drop_done(self) -> None:
         assert self.cluster is not None
@@ -60,13 +68,15 @@ def pg_databases() -> Iterator[_Databases]:
     yield dbs
     if dbs.cluster is not None:
         dbs.drop_done()
+        if dbs.template is not None:
+            dbs.cluster.drop_database(dbs.template)
         dbs.cluster.stop()
 
 
 @pytest.fixture
 def database(request: pytest.FixtureRequest) -> Iterator[str]:
-    """``FILEDROP_DATABASE_URL`` of the test: "" (SQLite in the data dir), or a fresh, empty
-    PostgreSQL database of its own when the test runs on that engine."""
+    """``FILEDROP_DATABASE_URL`` of the test: "" (SQLite in the data dir), or a PostgreSQL
+    database of its own, already migrated, when the test runs on that engine."""
     if getattr(request, "param", "sqlite") == "sqlite":
         yield ""
         return
@@ -75,6 +85,15 @@ def database(request: pytest.FixtureRequest) -> Iterator[str]:
     assert dbs.cluster is not None
     yield dbs.cluster.database_url(name)
     dbs.done.append(name)
+
+
+@pytest.fixture
+def empty_database(pg_databases: _Databases) -> Iterator[str]:
+    """A PostgreSQL database of its own, empty (not migrated)."""
+    name = pg_databases.make(migrated=False)
+    assert pg_databases.cluster is not None
+    yield pg_databases.cluster.database_url(name)
+    pg_databases.done.append(name)
 
 
 @pytest.fixture
@@ -90,7 +109,8 @@ def settings(tmp_path: Path, database: str) -> Settings:
         callback_backoff=0.05,
         workers=2,  # jobs' worker processes: two share the claims, whatever the machine's cores
     )
-    upgrade(s.database)
+    if not database:  # a PostgreSQL one is a copy of a migrated database
+        upgrade(s.database)
     return s
 
 

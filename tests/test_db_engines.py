@@ -18,17 +18,15 @@ from tests.conftest import API_KEY
 from tests.support.server import REPO, server_env
 from tests.support.waiting import free_port
 
-on_postgres = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
-
 
 def _run(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@on_postgres
 def test_serve_refuses_an_unmigrated_postgres_database_and_two_migrates_at_once_agree(
-        tmp_path: Path, database: str) -> None:
+        tmp_path: Path, empty_database: str) -> None:
+    database = empty_database
     env = server_env(tmp_path / "d", API_KEY, database_url=database)
     serve = _run(env, "serve")
     out, err = serve.communicate(timeout=60)
