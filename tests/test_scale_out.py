@@ -277,6 +277,9 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
         text_log = s.log.read_text()
         assert "worker 1 was killed by SIGKILL" in text_log or "worker 2 was killed by SIGKILL" in text_log
         assert re.search(r"app process \d \(port \d+\) was killed by SIGKILL", text_log), text_log[-3000:]
+        # Both were restarted by the supervisor, alone (the others ran on).
+        wait_until(lambda: len(re.findall(r"(app process \d \(port \d+\)|worker \d) is back \(pid",
+                                          s.log.read_text())) == 2, timeout=60, what="both killed processes back")
 
         r = requests.get(f"{s.url}/api/batch/big/{job_id}/result", headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text
