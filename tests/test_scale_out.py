@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 
+from server.db.job_models import JobRow, JobWorker
 from server.db.locks import KINDS
 from server.db.urls import sync_url
 from tests.conftest import API_KEY
@@ -305,6 +306,32 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
         receiver.close()
 
 
+def _claimed_by_pid(database: str, job_id: str) -> dict[int, int]:
+    """{worker pid: rows of ``job_id`` it holds claimed}."""
+    engine = create_engine(sync_url(database))
+    try:
+        with engine.connect() as c:
+            got = c.execute(select(JobWorker.pid, func.count()).join(JobRow, JobRow.claimed_by == JobWorker.worker_id)
+                            .where(JobRow.job_id == job_id, JobRow.status == "claimed").group_by(JobWorker.pid))
+            return {int(pid): int(n) for pid, n in got}
+    finally:
+        engine.dispose()
+
+
+def _freeze_a_worker_holding_rows(s: Stack, job_id: str) -> int:
+    """SIGSTOP a worker at a moment it holds claimed rows of the job (checked once it is
+    stopped: one that had just recorded its claim is thawed and another moment tried)."""
+    for _ in range(50):
+        held = wait_until(lambda: _claimed_by_pid(s.database, job_id), timeout=30, interval=0.02,
+                          what="a worker holding rows")
+        pid = next(iter(held))
+        os.kill(pid, signal.SIGSTOP)
+        if _claimed_by_pid(s.database, job_id).get(pid):
+            return pid
+        os.kill(pid, signal.SIGCONT)
+    raise AssertionError("no worker was caught holding rows in 50 tries")
+
+
 def test_a_stalled_worker_declared_dead_publishes_nothing_after_the_job_ended(stack: Any) -> None:
     """A worker frozen (SIGSTOP) while it holds rows: after 20 s the other worker hands its rows
     back and the job completes without it; thawed, it must not rename a page it rendered before:
@@ -321,8 +348,7 @@ def test_a_stalled_worker_declared_dead_publishes_nothing_after_the_job_ended(st
     out_dir = s.data / "smartlinks" / "stall"
     wait_until(lambda: out_dir.exists() and sum(1 for _ in out_dir.iterdir()) >= 200, timeout=120, interval=0.02,
                what="the first 200 pages")
-    frozen = s.children("server worker")[0]
-    os.kill(frozen, signal.SIGSTOP)
+    frozen = _freeze_a_worker_holding_rows(s, job_id)
     try:
         end = wait_until(lambda: (st := _status(s, "stall", job_id)) and st["status"] in FINISHED and st,
                          timeout=120, interval=0.2, what=f"job {job_id} to end without the frozen worker")
