@@ -6,6 +6,9 @@ round-robin ``upstream``, 2 ``filedrop worker`` processes, each a child of the s
   process that answered each): every SHA-256 right, every file completed and assembled once.
 * A 5,000-row job during which one worker and the app process that sends the callbacks are
   ``kill -9``'d: one page per row on disk, no temp left, one callback.
+* A worker frozen while it holds rows: declared dead, the job ends without it, it publishes
+  nothing once thawed.
+* Caches of one process (open batches, API keys) do not outlive a change made through another.
 
 (Two janitors at once: ``tests/test_admin_cleanup.py``, on both engines.)
 """
@@ -19,7 +22,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -360,3 +365,44 @@ def test_a_stalled_worker_declared_dead_publishes_nothing_after_the_job_ended(st
     wait_until(lambda: "was declared dead (no heartbeat for 20 s)" in s.log.read_text(), timeout=30,
                what="the thawed worker to find itself declared dead")
     assert {p.name: p.stat().st_ino for p in out_dir.iterdir()} == inodes
+
+
+def test_what_one_process_remembers_does_not_outlive_a_change_made_through_another(stack: Any) -> None:
+    """Each app process keeps caches (open batches, API keys): a batch dropped through one is
+    refused by the others at once, and a key revoked by ``filedrop keys revoke`` stops working
+    on every process within the keys' cache bound (5 s)."""
+    s = stack()
+    direct = [f"http://127.0.0.1:{p}" for p in range(s.app_port, s.app_port + APPS)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(s.data), FILEDROP_DATABASE_URL=s.database)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    # A batch every process has seen (its cache says open), dropped through the first.
+    r = requests.post(f"{direct[0]}/api/v1/upload/", headers=AUTH, timeout=30)
+    batch_id = r.json()["batchId"]
+    for i, url in enumerate(direct):
+        h = upload_headers(f"f{i}.bin", 3)
+        assert requests.post(f"{url}/api/v1/upload/{batch_id}/{i}", data=b"abc", headers=h,
+                             timeout=30).status_code == 201
+    assert requests.delete(f"{direct[0]}/api/v1/upload/{batch_id}", headers=AUTH, timeout=30).status_code in (200, 204)
+    for i, url in enumerate(direct[1:], 1):
+        r = requests.post(f"{url}/api/v1/upload/{batch_id}/{i + 10}", data=b"abc",
+                          headers=upload_headers("late.bin", 3), timeout=30)
+        assert r.status_code == 404 and r.json()["code"] == "ERR_BATCH_NOT_FOUND", (url, r.status_code, r.text)
+    assert not list((s.data / "uploads").rglob("*.data"))  # nothing of the dropped batch came back
+
+    # A key every process has accepted (cached), revoked from the command line.
+    made = cli("keys", "create", "carol")
+    assert made.returncode == 0, made.stderr
+    key = {"X-API-Key": made.stdout.strip()}
+    for url in direct:
+        assert requests.get(f"{url}/api/v1/upload/handlers", headers=key, timeout=30).status_code == 200
+    assert cli("keys", "revoke", "carol").returncode == 0
+    revoked_at = time.monotonic()
+    wait_until(lambda: all(requests.get(f"{url}/api/v1/upload/handlers", headers=key, timeout=30).status_code == 401
+                           for url in direct), timeout=30, interval=0.1, what="every process to refuse the key")
+    took = time.monotonic() - revoked_at
+    assert took < 5.0 + 2.0, f"the revoked key worked {took:.1f} s on (bound: 5 s, plus 2 s of headroom)"
