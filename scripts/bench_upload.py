@@ -365,21 +365,7 @@ async def small_tus(url: str, blob: bytes, count: int) -> float:
 
 
 async def small_filedrop(url: str, blob: bytes, count: int) -> float:
-    h = {"X-API-Key": KEY}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url + "/api/v1/upload/", headers=h) as r:
-            batch = (await r.json())["batchId"]
-
-        async def one(i: int) -> None:
-            hh = {**h, "X-File-Name": f"small-{i}.bin", "X-File-Size": str(len(blob)),
-                  "Content-Type": "application/octet-stream"}
-            async with s.post(f"{url}/api/v1/upload/{batch}/{i}", data=blob, headers=hh) as r:
-                assert r.status == 201, await r.text()
-        elapsed = await in_flight(one, count)
-        async with s.post(f"{url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
-            files = (await r.json())["files"]
-        assert len(files) == count and all(f["sha256"] == hashlib.sha256(blob).hexdigest() for f in files)
-    return elapsed
+    return await small_spread([url], blob, count)
 
 
 def clear(root: Path) -> None:
