@@ -42,7 +42,7 @@ from tests.conftest import API_KEY
 from tests.support.jobs import rows
 from tests.support.server import REPO
 from tests.support.uploads import upload_headers
-from tests.support.waiting import free_port, wait_until
+from tests.support.waiting import free_port, free_ports_in_a_row, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.parametrize("database", ["postgresql"], indirect=True)]
@@ -60,9 +60,7 @@ class Stack:
     def __init__(self, tmp_path: Path, database: str, **extra: str) -> None:
         self.data = tmp_path / "var"
         self.log = tmp_path / "run.log"
-        self.http_port, self.app_port = free_port(), free_port()
-        while self.app_port + APPS - 1 > 65535 or self.http_port in range(self.app_port, self.app_port + APPS):
-            self.app_port = free_port()
+        self.http_port, self.app_port = free_port(), free_ports_in_a_row(APPS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
         env.update(FILEDROP_DATA_DIR=str(self.data), FILEDROP_HTTP_PORT=str(self.http_port),
                    FILEDROP_APP_PORT=str(self.app_port), FILEDROP_API_KEYS=API_KEY, FILEDROP_DATABASE_URL=database,
