@@ -23,6 +23,16 @@ Floors (exit status 1 when one is missed): large >= 0.5 x bare and >= 2 x tus-no
 
 Options: ``--size-mib`` (1024), ``--chunk-mib`` (8), ``--files`` (2000), ``--file-kib`` (16),
 ``--reps`` (5), ``--no-tus``, ``--only large|small``.
+
+**Scale-out report** (``--processes N`` and/or ``--database-url URL``; no floor, a report): the
+small-file workload against filedrop on SQLite (one process: the baseline, as shipped) and on
+PostgreSQL with 1, 2, ... N app processes (``FILEDROP_APP_PROCESSES``'s layout: consecutive ports,
+one database; the client sends file i to process i mod N, the round-robin NGINX does, without
+NGINX's own cost in the numbers). ``--database-url`` names a server on which the bench may create
+and drop a database of its own (``postgresql://USER@HOST:PORT/DB``, DB being one it can connect
+to); without it a throwaway cluster is started as the tests do (Debian's postgresql, see
+``tests/support/postgres.py``). The client runs in this process on the same cores as the servers
+and the database: on a 2-core machine more processes mostly share the same two cores.
 """
 
 from __future__ import annotations
@@ -186,6 +196,94 @@ def start_filedrop(tmp: Path) -> tuple[Proc, str, Path]:
     return Proc([sys.executable, "-m", "server", "serve"], env, url + "/healthz", tmp / "filedrop.log"), url, data
 
 
+def start_filedrop_on(tmp: Path, name: str, database_url: str, processes: int) -> tuple[list[Proc], list[str]]:
+    """``processes`` app processes on one data dir and ``database_url`` ("" = SQLite), already
+    migrated, on consecutive ports (``FILEDROP_APP_PROCESSES``'s layout); no workers."""
+    sys.path.insert(0, str(REPO))
+    from server.db.migrate import upgrade
+
+    data = tmp / name
+    upgrade(database_url or data / "filedrop.sqlite3")
+    procs, urls = [], []
+    for n in range(processes):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+        env.update({"FILEDROP_DATA_DIR": str(data), "FILEDROP_APP_PORT": str(port), "FILEDROP_API_KEYS": KEY,
+                    "FILEDROP_MIN_FREE_DISK": "64M", "FILEDROP_JANITOR_INTERVAL": "0", "FILEDROP_WORKERS": "0",
+                    "FILEDROP_LOG_LEVEL": "WARNING", "FILEDROP_DATABASE_URL": database_url})
+        url = f"http://127.0.0.1:{port}"
+        procs.append(Proc([sys.executable, "-m", "server", "serve"], env, url + "/healthz", tmp / f"{name}-{n}.log"))
+        urls.append(url)
+    return procs, urls
+
+
+async def small_spread(urls: list[str], blob: bytes, count: int) -> float:
+    """``small_filedrop`` with file i sent to ``urls[i % len(urls)]`` (one batch, shared by all)."""
+    h = {"X-API-Key": KEY}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async with s.post(urls[0] + "/api/v1/upload/", headers=h) as r:
+            batch = (await r.json())["batchId"]
+
+        async def one(i: int) -> None:
+            hh = {**h, "X-File-Name": f"small-{i}.bin", "X-File-Size": str(len(blob)),
+                  "Content-Type": "application/octet-stream"}
+            async with s.post(f"{urls[i % len(urls)]}/api/v1/upload/{batch}/{i}", data=blob, headers=hh) as r:
+                assert r.status == 201, await r.text()
+        elapsed = await in_flight(one, count)
+        async with s.post(f"{urls[-1]}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
+            files = (await r.json())["files"]
+        assert len(files) == count and all(f["sha256"] == hashlib.sha256(blob).hexdigest() for f in files)
+    return elapsed
+
+
+def scale_main(args: argparse.Namespace) -> int:
+    """The scale-out report (see the module docstring)."""
+    sys.path.insert(0, str(REPO))
+    from tests.support.postgres import PostgresCluster
+
+    cluster = (PostgresCluster(url=args.database_url.replace("postgresql+asyncpg://", "postgresql://"), external=True)
+               if args.database_url else PostgresCluster().start())
+    blob = os.urandom(args.file_kib * 1024)
+    tmp = Path(tempfile.mkdtemp(prefix=".bench-upload-", dir=REPO))
+    made: list[str] = []
+    procs: list[Proc] = []
+    times: dict[str, list[float]] = {}
+    try:
+        targets: dict[str, list[str]] = {}
+        _p, targets["SQLite, 1 process"] = start_filedrop_on(tmp, "sqlite", "", 1)
+        procs += _p
+        for n in range(1, args.processes + 1):
+            made.append(cluster.create_database())
+            _p, targets[f"PostgreSQL, {n} process{'es' if n > 1 else ''}"] = start_filedrop_on(
+                tmp, f"pg{n}", cluster.database_url(made[-1]), n)
+            procs += _p
+        names = list(targets)
+        for rep in range(args.reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times.setdefault(name, []).append(asyncio.run(small_spread(targets[name], blob, args.files)))
+            print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+    finally:
+        for p in procs:
+            p.stop()
+        for name in made:
+            cluster.drop_database(name)
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = "SQLite, 1 process"
+    print(f"Upload scale-out: {args.files:,} files of {args.file_kib} KiB, {PARALLEL} in flight, medians of "
+          f"{args.reps} reps; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}. A report, no floor.\n")
+    print("| target | files/s | / SQLite, 1 process |")
+    print("| --- | ---: | ---: |")
+    for name in times:
+        rates = [args.files / t for t in times[name]]
+        ratio = median(args.files / t / (args.files / b) for t, b in zip(times[name], times[base], strict=True))
+        print(f"| {name} | {median(rates):,.0f} | {ratio:.2f} |")
+    print("\nper rep (files/s):")
+    for name in times:
+        print(f"- {name}: " + ", ".join(f"{args.files / t:,.0f}" for t in times[name]))
+    return 0
+
+
 # -- clients: one large file ----------------------------------------------------------------------
 async def large_bare(url: str, block: bytes, chunks: int) -> float:
     async with aiohttp.ClientSession() as s:
@@ -267,21 +365,7 @@ async def small_tus(url: str, blob: bytes, count: int) -> float:
 
 
 async def small_filedrop(url: str, blob: bytes, count: int) -> float:
-    h = {"X-API-Key": KEY}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url + "/api/v1/upload/", headers=h) as r:
-            batch = (await r.json())["batchId"]
-
-        async def one(i: int) -> None:
-            hh = {**h, "X-File-Name": f"small-{i}.bin", "X-File-Size": str(len(blob)),
-                  "Content-Type": "application/octet-stream"}
-            async with s.post(f"{url}/api/v1/upload/{batch}/{i}", data=blob, headers=hh) as r:
-                assert r.status == 201, await r.text()
-        elapsed = await in_flight(one, count)
-        async with s.post(f"{url}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
-            files = (await r.json())["files"]
-        assert len(files) == count and all(f["sha256"] == hashlib.sha256(blob).hexdigest() for f in files)
-    return elapsed
+    return await small_spread([url], blob, count)
 
 
 def clear(root: Path) -> None:
@@ -304,7 +388,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-tus", action="store_true", help="leave tus-node out")
     ap.add_argument("--only", choices=("large", "small"), help="run one workload")
+    ap.add_argument("--database-url", default="", help="scale-out report: a PostgreSQL server to create a "
+                    "database on (default: a throwaway cluster)")
+    ap.add_argument("--processes", type=int, default=0, help="scale-out report: PostgreSQL with 1..N app processes")
     args = ap.parse_args(argv)
+    if args.processes or args.database_url:
+        args.processes = max(args.processes, 1)
+        if "--reps" not in argv:
+            args.reps = 3
+        return scale_main(args)
     block = os.urandom(args.chunk_mib * MiB)
     chunks = args.size_mib // args.chunk_mib
     blob = os.urandom(args.file_kib * 1024)

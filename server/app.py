@@ -51,8 +51,8 @@ NUXEO_PREFIXES = ("", "/nuxeo")
 async def database_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Refuse to start on an unmigrated database: the message says to run `filedrop migrate`.
-    await asyncio.to_thread(check_at_head, settings.db_path)
-    db = Database(settings.db_path)
+    await asyncio.to_thread(check_at_head, settings.database)
+    db = Database(settings.database, settings.database_pool)
     app[DATABASE] = db
     app[KEYSTORE] = KeyStore(db, settings.api_keys)
     # Signed URLs: keys in the database (made on first use), cached by this process.
@@ -73,8 +73,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
     if await job_queries.running_jobs(db):
         pool.ensure_started()
-    notifier = Notifier(db, settings, fetcher)
-    await notifier.recover()
+    notifier = Notifier(db, settings, fetcher)  # sends only while it holds the notifier lock
     notifying = asyncio.create_task(notifier.run(), name="job-notifications")
     # Jobs that waited for data past their upload URL's expiry end Expired (then are notified).
     expiring = asyncio.create_task(expire_loop(db, notifier.wake), name="job-data-expiry")

@@ -28,7 +28,7 @@ def _migrated_settings() -> Settings | None:
 
     settings = _settings()
     assert settings.db_path is not None
-    if not settings.db_path.exists():
+    if not settings.database_url and not settings.db_path.exists():
         # Most likely the wrong data dir: `filedrop migrate` would make a second, empty database.
         where = ("from FILEDROP_DB_PATH" if "FILEDROP_DB_PATH" in os.environ else
                  "from FILEDROP_DATA_DIR" if "FILEDROP_DATA_DIR" in os.environ else
@@ -38,7 +38,7 @@ def _migrated_settings() -> Settings | None:
               "installation run `filedrop migrate`, which creates an empty database there", file=sys.stderr)
         return None
     try:
-        check_at_head(settings.db_path)
+        check_at_head(settings.database)
     except NotMigrated as e:
         print(f"filedrop: {e}", file=sys.stderr)
         return None
@@ -96,17 +96,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from server.db.migrate import current_revisions, upgrade
+    from server.db.migrate import NotMigrated, current_revisions, upgrade
+    from server.db.urls import shown
 
     settings = _settings()
-    assert settings.db_path is not None
-    before = sorted(current_revisions(settings.db_path))
+    try:
+        before = sorted(current_revisions(settings.database))
+    except NotMigrated as e:  # PostgreSQL unreachable: one line, not a traceback
+        print(f"filedrop: {e}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    upgrade(settings.db_path)
+    upgrade(settings.database)
     private_state(settings)
-    after = sorted(current_revisions(settings.db_path))
+    after = sorted(current_revisions(settings.database))
     change = "unchanged" if before == after else f"was {', '.join(before)}" if before else "new database"
-    print(f"filedrop: {settings.db_path} at revision {', '.join(after)} ({change})")
+    print(f"filedrop: {shown(settings.database)} at revision {', '.join(after)} ({change})")
     return 0
 
 
@@ -124,7 +128,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         assert settings is not None
-        db = Database(settings.db_path)
+        db = Database(settings.database, settings.database_pool)
         try:
             if args.keys_cmd == "create":
                 try:
@@ -293,7 +297,7 @@ def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
         return 2
 
     async def main() -> int:
-        db = Database(settings.db_path)
+        db = Database(settings.database, settings.database_pool)
         try:
             return await run(db, settings)
         finally:
@@ -343,11 +347,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     async def run(db: Any, settings: Settings) -> int:
         with _progress() as bar:
-            if bar:
-                bar.status("filedrop cleanup: looking for what to remove…")
-            plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
-            await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
-                                progress=bar)
+            async with janitor.one_at_a_time(db, wait=None):  # after a pass under way (a server's janitor)
+                if bar:
+                    bar.status("filedrop cleanup: looking for what to remove…")
+                plan = await janitor.plan(db, settings, older_than=args.older_than, smartlinks=args.smartlinks)
+                await janitor.apply(db, settings, plan, dry_run=args.dry_run, older_than=args.older_than,
+                                    progress=bar)
         print_table(plan)
         return 1 if plan.errors else 0
 

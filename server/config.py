@@ -39,6 +39,15 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * mult
 
 
+def check_database_url(url: str) -> str:
+    """A PostgreSQL URL the server can use, as given; ValueError saying what is wrong (the
+    password never appears in the message)."""
+    from server.db.urls import postgres_url
+
+    postgres_url(url)  # raises ValueError
+    return url
+
+
 def _split(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -56,6 +65,13 @@ def _bool(text: str) -> bool:
 SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "data_dir": ("./var", "Root of all server state: database, upload bytes, smartlinks."),
     "db_path": ("<data_dir>/filedrop.sqlite3", "SQLite database file."),
+    "database_url": ("", "PostgreSQL instead of SQLite: `postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB` (or `postgresql://…`). "
+                     "Unset: the SQLite file of `FILEDROP_DB_PATH`. Needed for more than one app process."),
+    "database_pool": ("10", "PostgreSQL connections one process uses at most (a `filedrop worker` at most 3). All busy: "
+                      "a request waits up to 30 s, then 503."),
+    "app_processes": ("1", "App processes `scripts/run` starts, on `FILEDROP_APP_PORT` and the ports after it, behind "
+                      "one NGINX `upstream` (round-robin). Over 1: needs `FILEDROP_DATABASE_URL`; the app processes "
+                      "then start no workers and `scripts/run` starts the `FILEDROP_WORKERS` workers itself."),
     "app_host": ("127.0.0.1", "Address the Python app binds to (NGINX proxies to it)."),
     "app_port": ("8081", "Port of the Python app."),
     "http_host": ("127.0.0.1", "Address NGINX listens on (scripts/run, the systemd site): 0.0.0.0 or a public address opens it to the network."),
@@ -73,7 +89,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "upload_sync_interval": ("1s", "Chunks answered 202 become power-loss durable within this (one sync for all)."),
     "batch_ttl": ("24h", "An upload batch idle this long expires (janitor removes it)."),
     "smartlink_root": ("<data_dir>/smartlinks", "Where smartlinks are written; NGINX's root."),
-    "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench)."),
+    "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench). 0: serve starts none (workers run elsewhere: `filedrop worker`, or `scripts/run` with `FILEDROP_APP_PROCESSES` over 1)."),
     "render_timeout": ("10s", "Wall time one row may take to render (and a template to compile at start). Over: the render process is killed; the row is tried once more, then errors."),
     "render_memory": ("512M", "Address space of each render process (RLIMIT_AS; at least 64M). Over: as for the time limit."),
     "max_page_size": ("10M", "Largest page one row may publish. Over: the row errors."),
@@ -105,6 +121,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
 class Settings:
     data_dir: Path = Path("./var")
     db_path: Path | None = None
+    database_url: str = ""
+    database_pool: int = 10
+    app_processes: int = 1
     app_host: str = "127.0.0.1"
     app_port: int = 8081
     http_host: str = "127.0.0.1"
@@ -165,6 +184,15 @@ class Settings:
             raise ValueError(f"FILEDROP_CHUNK_SIZE ({self.chunk_size} bytes) must be at least 1 byte and at most "
                              f"FILEDROP_MAX_CHUNK_SIZE ({self.max_chunk_size} bytes): lower FILEDROP_CHUNK_SIZE "
                              f"or raise FILEDROP_MAX_CHUNK_SIZE")
+        if self.database_url:
+            object.__setattr__(self, "database_url", check_database_url(self.database_url))
+        if self.app_port + self.app_processes - 1 > 65535:
+            raise ValueError(f"FILEDROP_APP_PORT {self.app_port} + FILEDROP_APP_PROCESSES {self.app_processes} "
+                             "go past port 65535")
+        if self.app_processes > 1 and not self.database_url:
+            # SQLite serves one app process (its workers beside it); several share PostgreSQL.
+            raise ValueError(f"FILEDROP_APP_PROCESSES={self.app_processes} needs PostgreSQL: set "
+                             "FILEDROP_DATABASE_URL (postgresql+asyncpg://…), or FILEDROP_APP_PROCESSES=1 for SQLite")
         for name in ("upload_url_ttl", "download_url_ttl"):
             if getattr(self, name) > self.max_url_ttl:
                 # Every URL made without expires_in would be refused: refuse the start instead.
@@ -200,6 +228,18 @@ class Settings:
         return self.data_dir / "assets"
 
     @property
+    def app_ports(self) -> tuple[int, ...]:
+        """The ports of the app processes behind NGINX: ``app_port`` and the ones after it."""
+        return tuple(range(self.app_port, self.app_port + self.app_processes))
+
+    @property
+    def database(self) -> Path | str:
+        """What the database layer opens (``server.db.Database``, the migrations): the PostgreSQL
+        URL when one is set, else the SQLite file."""
+        assert self.db_path is not None
+        return self.database_url or self.db_path
+
+    @property
     def results_dir(self) -> Path:
         """Result CSVs of finished jobs that signed download URLs serve (NGINX reads them through
         an internal location only)."""
@@ -207,7 +247,10 @@ class Settings:
 
     @property
     def sync_db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        """A synchronous SQLAlchemy URL of the same database (migrations, admin tools, tests)."""
+        from server.db.urls import sync_url
+
+        return sync_url(self.database)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -258,10 +301,12 @@ _DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_int
               "callback_backoff", "cleanup_grace", "render_timeout", "upload_url_ttl", "download_url_ttl",
               "max_url_ttl"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
-         "callback_retries", "smtp_port", "max_number_digits"}
-_INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 1, "max_files_per_batch": 1,
-            "max_chunks_per_file": 1, "callback_retries": 1,
+         "callback_retries", "smtp_port", "max_number_digits", "database_pool", "app_processes"}
+_INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
+            "max_chunks_per_file": 1, "callback_retries": 1, "database_pool": 2, "app_processes": 1,
             "max_number_digits": 640}  # 640: Python's own floor for int/str digits
+# Upper bounds where one is needed: ports; processes behind one NGINX on consecutive ports.
+_INT_MAX = {"app_port": 65535, "http_port": 65535, "smtp_port": 65535, "app_processes": 64}
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}
@@ -284,7 +329,7 @@ def _convert(name: str, raw: str) -> Any:
     if name in _INTS:
         value = int(raw)
         low = _INT_MIN.get(name, 0)
-        high = 65535 if name.endswith("_port") else None
+        high = _INT_MAX.get(name)
         if value < low or (high is not None and value > high):
             raise ValueError(f"{value} is out of range (at least {low}{f', at most {high}' if high else ''})")
         return value
@@ -294,6 +339,8 @@ def _convert(name: str, raw: str) -> Any:
         if not _HOST.fullmatch(raw.strip()):
             raise ValueError(f"{raw!r} is not a host name or an IP address")
         return raw.strip()
+    if name == "database_url":
+        return check_database_url(raw.strip()) if raw.strip() else ""
     if name in ("api_keys", "fetch_allow"):
         return _split(raw)
     if name == "allow_http_callbacks":

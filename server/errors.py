@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 log = logging.getLogger("filedrop.errors")
 
@@ -363,6 +364,11 @@ async def error_middleware(
             log.info("malformed body of %s %s: %s", request.method, request.path, e)
             return answer(BadRequest(f"malformed request body: {e}"))
         return _internal_error(request)  # e.g. a connection of ours failed: our fault
+    except PoolTimeout:
+        # Every PostgreSQL connection of this process stayed busy for the pool's timeout.
+        log.warning("no free database connection for %s %s (FILEDROP_DATABASE_POOL)", request.method, request.path)
+        return answer(ServerBusy("every database connection of this process is busy (FILEDROP_DATABASE_POOL); "
+                                 "retry shortly"))
     except Exception:
         return _internal_error(request)
 

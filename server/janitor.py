@@ -30,6 +30,10 @@ Invariants:
   refused), then its bytes go, then the row. A failure in between leaves a tombstone that the
   next pass finishes.
 * Idempotent: a second run right after the first finds nothing to do.
+* One pass at a time, across every process (the CLI, each app process's janitor): a pass holds
+  the ``janitor`` lock (an advisory lock on PostgreSQL, ``flock`` beside the SQLite file), so two
+  never plan the same item and remove it twice. The CLI waits for a pass under way; the
+  in-server janitor skips its turn.
 """
 
 from __future__ import annotations
@@ -610,10 +614,18 @@ _APPLY = {
 }
 
 
+def one_at_a_time(db: Database, wait: float | None) -> contextlib.AbstractAsyncContextManager[bool]:
+    """The ``janitor`` lock for one pass: yields False if another pass held it for ``wait``
+    seconds (None: as long as it takes, saying so once in the log)."""
+    return db.locks.held("janitor", wait=wait,
+                         waiting=lambda: log.info("another cleanup is running: waiting for it to finish"))
+
+
 async def cleanup(db: Database, settings: Settings, *, older_than: float | None = None,
                   dry_run: bool = False, smartlinks: bool = False,
                   progress: Progress | None = None) -> Plan:
-    """Plan, then apply (or only mark, with ``dry_run``). See the module docstring."""
+    """Plan, then apply (or only mark, with ``dry_run``). See the module docstring. The caller
+    holds the ``janitor`` lock (``one_at_a_time``)."""
     the_plan = await plan(db, settings, older_than=older_than, smartlinks=smartlinks)
     return await apply(db, settings, the_plan, dry_run=dry_run, older_than=older_than, progress=progress)
 
@@ -750,7 +762,12 @@ class Janitor:
         self.task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> Plan:
-        result = await cleanup(self.db, self.settings)
+        async with one_at_a_time(self.db, wait=0) as mine:
+            if not mine:  # another process is cleaning up: its pass covers this one
+                log.debug("janitor: another process holds the janitor lock; skipping this pass")
+                self.passed.set()
+                return Plan()
+            result = await cleanup(self.db, self.settings)
         self.passes += 1
         self.last = result
         if result.items:

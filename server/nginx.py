@@ -104,8 +104,9 @@ def too_large_messages(settings: Settings) -> tuple[str, str]:
 def values(settings: Settings, *, listen: str | None = None, worker_processes: str = "auto",
            app_ports: Sequence[int] | None = None, unprivileged: bool = False) -> dict[str, str]:
     """The placeholder values for ``settings``. ``listen`` defaults to ``http_host:http_port``
-    (127.0.0.1 unless FILEDROP_HTTP_HOST opens it); ``app_ports`` (default: ``app_port``) are
-    the app processes behind the upstream; ``unprivileged``: NGINX will not run as root (a
+    (127.0.0.1 unless FILEDROP_HTTP_HOST opens it); ``app_ports`` (default: ``app_port`` and,
+    with ``FILEDROP_APP_PROCESSES``, the ports after it) are the app processes behind the
+    upstream (round-robin); ``unprivileged``: NGINX will not run as root (a
     systemd unit with ``User=``), so no ``user`` directive."""
     root = Path(settings.smartlink_root or settings.data_dir / "smartlinks")
     if not _SAFE_PATH.fullmatch(str(root)):
@@ -119,7 +120,7 @@ def values(settings: Settings, *, listen: str | None = None, worker_processes: s
     results = Path(settings.results_dir)
     if not _SAFE_PATH.fullmatch(str(results)):
         raise ValueError(f"data_dir {str(settings.data_dir)!r}: NGINX needs an absolute path of plain characters")
-    servers = [upstream_address(settings.app_host, p) for p in (app_ports or [settings.app_port])]
+    servers = [upstream_address(settings.app_host, p) for p in (app_ports or settings.app_ports)]
     return {
         "USER_DIRECTIVE": "" if unprivileged else _user_directive(root),
         "WORKER_PROCESSES": worker_processes,

@@ -16,9 +16,14 @@
 
 Each child runs in its own session: the terminal's Ctrl-C reaches only the supervisor, so the
 app's graceful shutdown is not cut short by a second signal, and a restart can kill whatever
-a dead app left behind (workers) by process group. The children are a list, NGINX's upstream
-a list of app addresses (``server.nginx.values(app_ports=...)``): running N app processes
-behind NGINX is a matter of more :class:`Child` entries on consecutive ports.
+a dead app left behind (workers) by process group.
+
+``FILEDROP_APP_PROCESSES=N`` (over 1, PostgreSQL only): N app processes on ``FILEDROP_APP_PORT``
+and the N-1 ports after it, each a child of its own, behind NGINX's ``upstream`` (round-robin);
+they start no workers (``FILEDROP_WORKERS=0`` for them) and the supervisor runs the
+``FILEDROP_WORKERS`` ``filedrop worker`` processes itself, each a child restarted like the
+others. A child that dies is restarted alone: NGINX sends the API to the other app processes
+meanwhile, and the workers hand a dead worker's rows back to the queue.
 
 Production hosts use systemd instead (``python -m server.nginx units``): the same commands,
 restarted by systemd.
@@ -108,12 +113,14 @@ def http_ok(host: str, port: int, path: str, expect: Callable[[int], bool]) -> b
 class Child:
     """One supervised process (its own session and process group)."""
 
-    name: str  # as the messages say it: "NGINX", "the app"
+    name: str  # as the messages say it: "NGINX", "the app", "app process 2", "worker 1"
     argv: list[str]
     host: str
-    port: int
+    port: int | None  # None: listens nowhere (a worker)
     setting: str  # what to change when the port is taken
     probe: Callable[[], bool]  # answers?
+    env: dict[str, str] | None = None  # None: the supervisor's own
+    note: str = ""  # said when it is restarted
     proc: subprocess.Popen[bytes] | None = None
     up_since: float | None = None  # when the probe first answered, this start
     delay: float = FIRST_DELAY
@@ -122,7 +129,7 @@ class Child:
 
     def start(self) -> None:
         self.kill_group()  # whatever a dead predecessor left (NGINX workers, app workers)
-        self.proc = subprocess.Popen(self.argv, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env)
         self.up_since = None
         self.restart_at = None
 
@@ -154,7 +161,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             for child in self.children:
-                if port_taken(child.host, child.port):
+                if child.port is not None and port_taken(child.host, child.port):
                     holder = port_holder(child.port)
                     say(f"{child.name} cannot listen on {child.host}:{child.port}: the port is in use"
                         f"{f' by {holder}' if holder else ''}; set {child.setting} to a free port")
@@ -174,15 +181,15 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT
         while self.stop_signal is None:
             code = child.proc.poll()
+            where = f" on {child.host}:{child.port}" if child.port is not None else ""
             if code is not None:
-                say(f"{child.name} exited with status {code} before it answered on "
-                    f"{child.host}:{child.port} (see its messages above)")
+                say(f"{child.name} exited with status {code} before it answered{where} (see its messages above)")
                 return False
             if child.probe():
                 child.up_since = time.monotonic()
                 return True
             if time.monotonic() > deadline:
-                say(f"{child.name} did not answer on {child.host}:{child.port} within {START_TIMEOUT:.0f} s")
+                say(f"{child.name} did not answer{where} within {START_TIMEOUT:.0f} s")
                 return False
             time.sleep(TICK)
         return False
@@ -207,8 +214,7 @@ class Supervisor:
             if child.up_since is not None and now - child.up_since >= STABLE_AFTER:
                 child.delay = FIRST_DELAY
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            say(f"{child.name} {how}; restarting it in {child.delay:g} s"
-                + (" (NGINX keeps serving the smartlinks)" if child.name == "the app" else ""))
+            say(f"{child.name} {how}; restarting it in {child.delay:g} s" + child.note)
             child.restart_at = now + child.delay
             child.delay = min(child.delay * 2, MAX_DELAY)
             child.kill_group()
@@ -248,15 +254,30 @@ def nginx_binary() -> str:
 
 
 def children(settings: Settings, prefix: Path, conf: Path) -> list[Child]:
-    """NGINX over ``prefix``, then the app (``filedrop serve`` from this interpreter's venv)."""
+    """NGINX over ``prefix``, then the app (``filedrop serve`` from this interpreter's venv), or
+    with ``app_processes`` over 1 the app processes on consecutive ports and the workers."""
     nginx = Child("NGINX", [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                   settings.http_host, settings.http_port, "FILEDROP_HTTP_PORT (or FILEDROP_HTTP_HOST)",
                   lambda: http_ok(settings.http_host, settings.http_port, "/", lambda s: s == 200))  # the drop page
     app_host = ngx.upstream_address(settings.app_host, settings.app_port).rsplit(":", 1)[0].strip("[]")
-    app = Child("the app", [sys.executable, "-m", "server", "serve"], settings.app_host or "0.0.0.0",
-                settings.app_port, "FILEDROP_APP_PORT",
-                lambda: http_ok(app_host, settings.app_port, "/healthz", lambda s: s == 200))
-    return [nginx, app]
+    serve = [sys.executable, "-m", "server", "serve"]
+    if settings.app_processes == 1:
+        return [nginx, Child("the app", serve, settings.app_host or "0.0.0.0", settings.app_port, "FILEDROP_APP_PORT",
+                             lambda: http_ok(app_host, settings.app_port, "/healthz", lambda s: s == 200),
+                             note=" (NGINX keeps serving the smartlinks)")]
+    env = {**os.environ, "FILEDROP_WORKERS": "0"}  # the workers are children of their own
+
+    def app(n: int, port: int) -> Child:
+        return Child(f"app process {n} (port {port})", serve, settings.app_host or "0.0.0.0", port,
+                     f"FILEDROP_APP_PORT (app processes use {settings.app_port}-{settings.app_ports[-1]})",
+                     lambda: http_ok(app_host, port, "/healthz", lambda s: s == 200),
+                     env={**env, "FILEDROP_APP_PORT": str(port)}, note=" (NGINX sends the API to the others)")
+
+    apps = [app(n, port) for n, port in enumerate(settings.app_ports, 1)]
+    workers = [Child(f"worker {n}", [sys.executable, "-m", "server", "worker"], "", None, "",
+                     lambda: True, note=" (its rows go back to the queue)")
+               for n in range(1, settings.workers + 1)]
+    return [nginx, *apps, *workers]
 
 
 def main() -> int:
@@ -283,8 +304,13 @@ def main() -> int:
 
     def ready() -> None:
         say(f"NGINX listening on http://{host}:{settings.http_port} (smartlinks + API; logs in {prefix}/logs)")
-        say(f"app on http://{settings.app_host}:{settings.app_port}  dev key: {key}")
-        say("Ctrl-C stops both; a crashed app is restarted")
+        if settings.app_processes == 1:
+            say(f"app on http://{settings.app_host}:{settings.app_port}  dev key: {key}")
+            say("Ctrl-C stops both; a crashed app is restarted")
+            return
+        say(f"{settings.app_processes} app processes on http://{settings.app_host}:{settings.app_port}-"
+            f"{settings.app_ports[-1]} and {settings.workers} worker(s)  dev key: {key}")
+        say("Ctrl-C stops them all; a crashed process is restarted")
 
     return Supervisor(kids).run(ready)
 

@@ -3,7 +3,8 @@ in use stays; --dry-run changes nothing; errors give a non-zero exit."""
 
 from __future__ import annotations
 
-import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,14 @@ import pytest
 from server.config import Settings
 from server.db.job_models import Job, JobLog, JobRow
 from server.db.models import Batch, BatchFile
+from tests.support.database import connect
 from tests.support.disk_state import (
     DAY,
     HOUR,
     FileSpec,
     add_batch,
     add_job,
+    admin_env,
     age,
     batch_state,
     chunk_ids,
@@ -25,6 +28,18 @@ from tests.support.disk_state import (
     run_cli,
     table,
 )
+from tests.support.server import REPO
+
+pytestmark = pytest.mark.engines
+
+# A trigger that makes the database refuse to delete the batch 'stuck', per engine.
+REFUSE_DELETE = {
+    "sqlite": ["CREATE TRIGGER stuck BEFORE DELETE ON batches WHEN old.batch_id = 'stuck' "
+               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+    "postgresql": ["CREATE FUNCTION refuse_stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "IF old.batch_id = 'stuck' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN old; END $$",
+                   "CREATE TRIGGER stuck BEFORE DELETE ON batches FOR EACH ROW EXECUTE FUNCTION refuse_stuck()"],
+}
 
 
 def _leftovers(settings: Settings) -> dict[str, object]:
@@ -112,6 +127,30 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
     again = run_cli(settings, "cleanup")
     assert again.returncode == 0
     assert again.stdout.strip().splitlines()[-1].startswith("0 item(s), 0 removed, 0 bytes"), again.stdout
+
+
+def test_two_cleanups_started_together_remove_each_item_once(settings: Settings) -> None:
+    """Two janitors at once (two ``filedrop cleanup`` processes; an app process's janitor takes the
+    same lock): one pass at a time, so every item is removed by exactly one of them and the other
+    finds it gone instead of removing it again or racing the first."""
+    st = _leftovers(settings)
+    env = admin_env(settings)
+    procs = [subprocess.Popen([sys.executable, "-m", "server", "cleanup"], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    targets: list[tuple[str, str]] = []
+    for out, _err in outs:
+        for kind, rs in table(out).items():
+            assert all(row[2] == "removed" for row in rs), out
+            targets += [(kind, row[0]) for row in rs]
+    # What one cleanup alone removes (the test above), each item once across both.
+    assert len(targets) == len(set(targets)) == 12, outs
+    assert sum(freed(out) for out, _err in outs) == 3990, outs
+    assert sorted(freed(out) for out, _err in outs)[0] == 0, outs  # the second found nothing left
+    assert all("Traceback" not in err for _out, err in outs), outs
+    assert batch_state(settings, "expired") is None and batch_state(settings, "live") == "open"
+    assert Path(st["receiving"]).exists()  # type: ignore[arg-type]
 
 
 def test_dry_run_reports_the_same_and_changes_nothing(settings: Settings) -> None:
@@ -202,10 +241,9 @@ def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -
     add_batch(settings, "expired", [FileSpec(data=b"e" * 10)], idle=25 * HOUR)
     # The database refuses to delete one row (as a locked or broken database would); works as
     # root too, where file permissions would not stop anything.
-    db = sqlite3.connect(settings.db_path)
-    db.execute("CREATE TRIGGER stuck BEFORE DELETE ON batches WHEN old.batch_id = 'stuck' "
-               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-    db.commit()
+    with connect(settings) as db:
+        for statement in REFUSE_DELETE[db.dialect.name]:
+            db.exec_driver_sql(statement)
     r = run_cli(settings, "cleanup")
     rows = table(r.stdout)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -216,9 +254,8 @@ def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -
     assert "could not remove expired-batch stuck" in r.stderr
     # The row stays as a tombstone (a late chunk is refused); the next pass finishes it.
     assert batch_state(settings, "stuck") == "dropped" and batch_state(settings, "expired") is None
-    db.execute("DROP TRIGGER stuck")
-    db.commit()
-    db.close()
+    with connect(settings) as db:
+        db.exec_driver_sql("DROP TRIGGER stuck" + (" ON batches" if db.dialect.name == "postgresql" else ""))
     r = run_cli(settings, "cleanup")
     assert r.returncode == 0 and [row[0] for row in table(r.stdout)["expired-batch"]] == ["stuck"]
     assert batch_state(settings, "stuck") is None

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 
+import pytest
 from sqlalchemy import update
 
 from server.app import create_app
@@ -32,6 +33,8 @@ from tests.support.disk_state import (
 from tests.support.jobs import AUTH, callback_receiver, get_json, start_ok
 from tests.support.jobs import rows as job_rows
 from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.engines
 
 
 def test_drop_upload_batch_removes_rows_and_bytes_and_keeps_a_tombstone(settings: Settings) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -31,6 +32,8 @@ from tests.support.jobs import get_json, serve, start_ok, wait_job
 from tests.support.jobs import rows as job_rows
 from tests.support.uploads import Uploads
 from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.engines
 
 
 async def test_janitor_runs_periodically_in_server_and_stops_with_it(aiohttp_client, settings: Settings) -> None:

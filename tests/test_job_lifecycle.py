@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from server.keys import JOBS
 from tests.support.jobs import AUTH, get_json, rows, start, start_ok, wait_job
 from tests.support.uploads import assert_error
 from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.engines
 
 # ~1-2 ms of sandboxed work per row, so a few thousand rows stay in progress for seconds.
 SLOW = {"body": "{% for i in range(20000) %}{% endfor %}<p>{{ data.n }}</p>"}

@@ -7,11 +7,15 @@ import asyncio
 import hashlib
 import hmac
 import json
-import sqlite3
 from email import message_from_bytes
 
+import pytest
+from sqlalchemy import func, select
+
 from server.app import create_app
+from server.db.job_models import Job
 from server.keys import JOBS
+from tests.support.database import connect
 from tests.support.jobs import (
     SEED_ROWS,
     SEED_TEMPLATE,
@@ -24,10 +28,12 @@ from tests.support.jobs import (
 )
 from tests.support.uploads import assert_error
 
+pytestmark = pytest.mark.engines
+
 
 def job_row(settings, job_id: str) -> tuple:
-    with sqlite3.connect(settings.db_path) as c:
-        return c.execute("SELECT callback_state, email_state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+    with connect(settings) as c:
+        return tuple(c.execute(select(Job.callback_state, Job.email_state).where(Job.job_id == job_id)).one())
 
 
 async def test_callback_is_signed_and_retried(client, settings) -> None:
@@ -70,8 +76,8 @@ async def test_callback_to_internal_address_refused_at_start(aiohttp_client, set
         await client.app[JOBS].notified(job["job_id"], timeout=30)
     assert rcv.attempts == []
     assert job_row(settings, job["job_id"])[0] == "failed"
-    with sqlite3.connect(settings.db_path) as c:
-        assert c.execute("SELECT count(*) FROM jobs WHERE batch_id='cbguard'").fetchone()[0] == 0
+    with connect(settings) as c:
+        assert c.scalar(select(func.count()).select_from(Job).where(Job.batch_id == "cbguard")) == 0
 
 
 async def test_email_is_sent_with_status_and_result_link(aiohttp_client, settings) -> None:

@@ -3,19 +3,22 @@ and nothing created (no job row, no smartlink folder)."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
+from sqlalchemy import func, select
 
 from server.app import create_app
+from server.db.job_models import Job
 from tests.conftest import OTHER_KEY
+from tests.support.database import connect
 from tests.support.jobs import AUTH, SEED_ROWS, SEED_TEMPLATE, start, start_ok, wait_job
 from tests.support.uploads import assert_error
 
+pytestmark = pytest.mark.engines
+
 
 def job_count(settings) -> int:
-    with sqlite3.connect(settings.db_path) as c:
-        return c.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    with connect(settings) as c:
+        return c.scalar(select(func.count()).select_from(Job))
 
 
 def assert_nothing_created(settings) -> None:

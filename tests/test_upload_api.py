@@ -9,12 +9,15 @@ import re
 import threading
 
 import pytest
+from sqlalchemy import delete, select, update
 
+from server.db.models import Batch, BatchFile
 from server.keys import UPLOADS
 from tests.conftest import AUTH, OTHER_KEY
+from tests.support.database import connect
 from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.engines]
 
 
 @pytest.mark.parametrize("prefix", ["", "/nuxeo"])
@@ -272,7 +275,6 @@ async def test_empty_file(client) -> None:
 
 async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, settings) -> None:
     import shutil
-    import sqlite3
 
     batch = "legacy-again"
     h = {**upload_headers("a", 1), "X-Batch-Id": batch, "X-File-Idx": "0"}
@@ -280,9 +282,8 @@ async def test_legacy_batch_id_made_anew_after_its_rows_were_removed(client, set
     for headers, body in ((h, b"a"), (h2, b"bb")):  # the second one finds the batch (and remembers it)
         assert (await client.post("/site/automation/batch/upload", data=body, headers=headers)).status == 200
     # What the janitor does to an expired batch, from another process: rows and bytes gone.
-    with sqlite3.connect(settings.db_path) as db:
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("DELETE FROM batches WHERE batch_id = ?", (batch,))
+    with connect(settings) as db:
+        db.execute(delete(Batch).where(Batch.batch_id == batch))
     shutil.rmtree(settings.uploads_dir)
     r = await client.post("/site/automation/batch/upload", data=b"bb", headers=h2)
     assert r.status == 200, await r.text()  # the first upload makes the batch again
@@ -296,8 +297,6 @@ async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client,
     """A file left ``assembling`` by a crash is assembled again at start; a whole-file upload
     meanwhile replaces it (as it replaces a complete one), and the assembly, finding its row
     gone, removes what it made."""
-    import sqlite3
-
     from server.app import create_app
     from server.uploads import assembly
 
@@ -308,11 +307,11 @@ async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client,
     for i in (0, 1):
         assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=3000)).status == 202
     await first.close()
-    with sqlite3.connect(settings.db_path) as db:  # chunk 2 recorded, then the crash
-        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+    with connect(settings) as db:  # chunk 2 recorded, then the crash
+        pk, fid = db.execute(select(BatchFile.batch_pk, BatchFile.id)).one()
         with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
             os.pwrite(f.fileno(), parts[2], 2000)
-        db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, received = 3000", (bytes([7]),))
+        db.execute(update(BatchFile).values(state="assembling", chunk_ids=bytes([7]), received=3000))
 
     entered, release = threading.Event(), threading.Event()
     real = assembly.prepare
@@ -343,17 +342,14 @@ async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client,
 
 
 async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(client, settings) -> None:
-    import sqlite3
-
     batch = "legacy-shared-name"
     h = {**upload_headers("a", 1), "X-Batch-Id": batch, "X-File-Idx": "0"}
     for idx in ("0", "1"):  # the second upload finds the batch (and remembers its owner)
         r = await client.post("/site/automation/batch/upload", data=b"a", headers={**h, "X-File-Idx": idx})
         assert r.status == 200, await r.text()
     # What the janitor does to an expired batch, from another process: its rows gone.
-    with sqlite3.connect(settings.db_path) as db:
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("DELETE FROM batches WHERE batch_id = ?", (batch,))
+    with connect(settings) as db:
+        db.execute(delete(Batch).where(Batch.batch_id == batch))
     other = {**h, "X-API-Key": OTHER_KEY}
     r = await client.post("/site/automation/batch/upload", data=b"a", headers=other)
     assert r.status == 200, await r.text()  # the id is free: the row decides, not a remembered owner

@@ -17,7 +17,7 @@ from tests.conftest import AUTH
 from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.engines]
 GOOD = b"the good file"
 
 

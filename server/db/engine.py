@@ -1,4 +1,7 @@
-"""SQLite engines, configured on purpose.
+"""The database: SQLite (one file, the default) or PostgreSQL (``FILEDROP_DATABASE_URL``), both
+configured on purpose behind one ``Database``.
+
+SQLite:
 
 * WAL, ``busy_timeout``, foreign keys on every connection.
 * Two engines over one file: ``read()`` sessions for queries (many connections, WAL lets them
@@ -10,18 +13,31 @@
   work that runs a whole transaction in one thread hop (the upload service's group commit: one
   hop per group instead of one per statement, each of which costs a trip through the event loop
   and the driver's thread). SQLite serialises it with ``write()`` as it would two processes.
+
+PostgreSQL (several app processes and workers, on one host or several):
+
+* One asyncpg pool (``FILEDROP_DATABASE_POOL`` connections) serves ``read()`` and ``write()``;
+  transactions are READ COMMITTED. Every "exactly once" decision is a conditional ``UPDATE``
+  (row count checked), a ``SELECT ... FOR UPDATE`` taken in a fixed order (the job row before
+  its rows, a batch before its files, files by id), ``FOR UPDATE SKIP LOCKED`` for claims, or an
+  advisory lock (``locks``).
+* ``write_sync()`` runs on one psycopg connection (the group commit's thread). A commit returns
+  once PostgreSQL has flushed its WAL: ``sync_commits()`` has nothing left to do.
+* ``notify()`` / ``listen()``: LISTEN/NOTIFY (workers wake when a job is queued).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,6 +45,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from server.db.locks import KINDS, AdvisoryLocks, FileLocks, Locks
+from server.db.urls import async_url, is_postgres, libpq_url, sync_url
+
+log = logging.getLogger("filedrop.db")
+POOL_TIMEOUT = 30.0  # s a request waits for a free PostgreSQL connection (FILEDROP_DATABASE_POOL)
 
 
 def utcnow() -> datetime:
@@ -57,19 +79,39 @@ def _configure(engine: AsyncEngine | Engine, begin: str) -> None:
 
 
 class Database:
-    def __init__(self, db_path: Path) -> None:
-        url = f"sqlite+aiosqlite:///{db_path}"
-        self.path = db_path
-        self.writer = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
-                                          pool_timeout=60)
-        self.reader = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4)
-        _configure(self.writer, "BEGIN IMMEDIATE")
-        _configure(self.reader, "BEGIN")
-        self.sync_writer = create_engine(f"sqlite:///{db_path}", pool_size=1, max_overflow=0, pool_timeout=60,
-                                         connect_args={"check_same_thread": False})  # one thread at a time: the pool
-        _configure(self.sync_writer, "BEGIN IMMEDIATE")
+    """``target``: the SQLite file (a Path) or a PostgreSQL URL (``Settings.database``).
+    ``pool_size``: PostgreSQL connections at most (``FILEDROP_DATABASE_POOL``)."""
+
+    def __init__(self, target: Path | str, pool_size: int = 10) -> None:
+        self.target = target
+        self.shared = is_postgres(target)  # other processes, maybe on other hosts, use it too
+        self.dialect = "postgresql" if self.shared else "sqlite"
+        self.path: Path | None = None
+        self.locks: Locks
+        if self.shared:
+            url = async_url(target)
+            engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=POOL_TIMEOUT,
+                                         pool_pre_ping=True)
+            self.writer = self.reader = engine
+            self.sync_writer = create_engine(sync_url(target), pool_size=1, max_overflow=0, pool_timeout=60,
+                                             pool_pre_ping=True)  # one thread at a time: the recorder's
+            self.locks = AdvisoryLocks(url)
+        else:
+            db_path = Path(target)
+            url = async_url(db_path)
+            self.path = db_path
+            self.writer = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
+                                              pool_timeout=60)
+            self.reader = create_async_engine(url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4)
+            _configure(self.writer, "BEGIN IMMEDIATE")
+            _configure(self.reader, "BEGIN")
+            self.sync_writer = create_engine(sync_url(db_path), pool_size=1, max_overflow=0, pool_timeout=60,
+                                             connect_args={"check_same_thread": False})  # one thread at a time
+            _configure(self.sync_writer, "BEGIN IMMEDIATE")
+            self.locks = FileLocks(db_path)
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+        self._listeners: list[Any] = []
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -100,9 +142,12 @@ class Database:
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in
-        a thread). Connections run ``synchronous=NORMAL``: a commit survives a process crash
-        at once, a power loss only once the WAL is next synced (a checkpoint, the uploads'
-        syncfs). An answer that promises a durable record calls this first: one fsync."""
+        a thread). SQLite connections run ``synchronous=NORMAL``: a commit survives a process
+        crash at once, a power loss only once the WAL is next synced (a checkpoint, the uploads'
+        syncfs). An answer that promises a durable record calls this first: one fsync.
+        PostgreSQL flushed its WAL before the commit returned: nothing to do."""
+        if self.path is None:
+            return
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except FileNotFoundError:
@@ -112,7 +157,49 @@ class Database:
         finally:
             os.close(fd)
 
+    async def serialize(self, s: AsyncSession, kind: str, key: str) -> None:
+        """Make the transaction of ``s`` the only one about ``key`` (of ``kind``) until it ends:
+        PostgreSQL's transaction-level advisory lock (two job starts of one batch id on two
+        processes: the second waits, then sees the first). SQLite's single writer already is."""
+        if self.shared:
+            await s.execute(select(func.pg_advisory_xact_lock(KINDS[kind], func.hashtext(key))))
+
+    async def notify(self, s: AsyncSession, channel: str, payload: str = "") -> None:
+        """Tell the listeners of ``channel`` when ``s`` commits (PostgreSQL's NOTIFY; nothing on
+        SQLite, whose processes poll)."""
+        if self.shared:
+            await s.execute(select(func.pg_notify(channel, payload)))
+
+    async def notify_now(self, channel: str, payload: str = "") -> None:
+        """``notify`` in a transaction of its own (after a commit that made the work visible)."""
+        if self.shared:
+            async with self.write() as s:
+                await self.notify(s, channel, payload)
+
+    async def listen(self, channel: str, callback: Callable[[], Any]) -> bool:
+        """Call ``callback`` (on this loop) whenever ``channel`` is notified, on a connection of
+        its own until ``dispose``. False where there is no such thing (SQLite) or the
+        connection could not be made (the caller's polling is the fallback)."""
+        if not self.shared:
+            return False
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(libpq_url(str(self.target)))
+            await conn.add_listener(channel, lambda *_args: callback())
+        except (OSError, asyncpg.PostgresError) as e:
+            log.warning("cannot LISTEN on %s (%s): polling only", channel, e)
+            return False
+        self._listeners.append(conn)
+        return True
+
     async def dispose(self) -> None:
+        for conn in self._listeners:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._listeners.clear()
+        await self.locks.close()
         await self.writer.dispose()
-        await self.reader.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
         self.sync_writer.dispose()

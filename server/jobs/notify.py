@@ -120,13 +120,18 @@ class Notifier:
     an API cancel, ``drop --force``): an owned loop in the API process that looks for jobs with
     a ``pending`` notification every ``POLL`` s (or when woken).
 
-    Each notification is taken with a conditional UPDATE (``pending`` -> ``sending``), so two
-    API processes never send the same one twice; the outcome (``sent``/``failed``) is recorded
-    after the attempt, and a start turns ``sending`` left by a crash back into ``pending``
-    (at-least-once). Each job is sent from its own task, at most ``PARALLEL`` at a time.
+    With several app processes one sends: the one holding the ``notifier`` lock (an advisory
+    lock on PostgreSQL, gone with its process); the others try to take it every
+    ``STANDBY_POLL`` s. Each notification is taken with a conditional UPDATE (``pending`` ->
+    ``sending``), so it is sent once; the outcome (``sent``/``failed``) is recorded after the
+    attempt. Whoever takes the lock first turns ``sending`` back into ``pending``: only a
+    holder that died (or lost its database connection) can have left it (at-least-once for a
+    crash between the receiver's 2xx and that record). Each job is sent from its own task, at
+    most ``PARALLEL`` at a time.
     """
 
     POLL = 0.5
+    STANDBY_POLL = 1.0
     PARALLEL = 16
 
     def __init__(self, db: Database, settings: Settings, fetcher: Fetcher) -> None:
@@ -137,22 +142,35 @@ class Notifier:
         self._slots = asyncio.Semaphore(self.PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: set[str] = set()  # jobs a task of ours is sending
+        self.leading = False  # this process holds the notifier lock...
+        self._epoch = 0  # ...taken on this lock connection
 
     def wake(self) -> None:
         self._wake.set()
 
     async def recover(self) -> None:
-        """Before the loop: what a crash left ``sending`` is sent again (at-least-once)."""
+        """As the lock is taken: what a dead holder left ``sending`` is sent again."""
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.callback_state == "sending").values(callback_state="pending"))
             await s.execute(update(Job).where(Job.email_state == "sending").values(email_state="pending"))
+
+    async def _lead(self) -> bool:
+        locks = self.db.locks
+        if self.leading and locks.epoch != self._epoch:  # the lock went with a broken connection
+            log.warning("the notifier lock was lost with the database connection; taking it again")
+            self.leading = False
+        if not self.leading and await locks.try_take("notifier"):
+            self.leading, self._epoch = True, locks.epoch
+            await self.recover()
+        return self.leading
 
     async def run(self) -> None:
         try:
             while True:
                 self._wake.clear()
                 try:
-                    for job_id in await self._due():
+                    due = await self._due() if await self._lead() else []
+                    for job_id in due:
                         if job_id in self._busy:
                             continue
                         await self._slots.acquire()
@@ -165,11 +183,15 @@ class Notifier:
                 except Exception:  # the database busy, say: look again at the next poll
                     log.exception("looking for notifications to send failed")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.POLL)
+                    await asyncio.wait_for(self._wake.wait(), self.POLL if self.leading else self.STANDBY_POLL)
         finally:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.leading:
+                self.leading = False
+                with contextlib.suppress(Exception):
+                    await self.db.locks.release("notifier")
 
     async def _due(self) -> list[str]:
         async with self.db.read() as s:

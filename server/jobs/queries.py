@@ -11,8 +11,13 @@ Invariants:
 * A job ends exactly once (a conditional UPDATE on its running status), and only when no row is
   claimed: nobody still holds a row that could be published after the end. A cancelled job
   skips its pending rows at once, so no worker claims them.
-* Portable SQL (SQLite now, PostgreSQL next): no SQLite-only functions; the claim's
-  ``IN (SELECT ... LIMIT n)`` becomes ``... FOR UPDATE SKIP LOCKED`` there.
+* Portable SQL (SQLite and PostgreSQL): no engine-only functions. On PostgreSQL (READ
+  COMMITTED, several processes) every transaction that changes a job's rows locks the job row
+  first (``FOR NO KEY UPDATE``, jobs in id order), then its rows: one lock order, no deadlock.
+  A claim picks its rows with ``FOR UPDATE SKIP LOCKED``. SQLite ignores the locking clauses:
+  its single writer (``BEGIN IMMEDIATE``) already runs these transactions one at a time.
+* Text from a client or a template (errors, log lines) never holds NUL, which PostgreSQL's
+  text refuses: it is stored as ``\x00``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from server.jobs.states import ACTIVE, RUNNING, WAITING, row_label
 
 ROWS = JobRow.__table__
 BATCH = 500  # ids per IN (...) list
+JOBS_CHANNEL = "filedrop_jobs"  # PostgreSQL NOTIFY channel: a job was queued (workers LISTEN)
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,24 @@ class Counts:
     max_errors: int | None
 
 
+def storable(value: str) -> str:
+    """``value`` storable as text on both engines (PostgreSQL refuses NUL)."""
+    return value.replace("\x00", "\\x00") if "\x00" in value else value
+
+
+async def lock_jobs(s: AsyncSession, job_ids: Sequence[str]) -> list[str]:
+    """Lock the job rows (PostgreSQL; nothing on SQLite) before their rows are changed, in id
+    order; the ids that exist."""
+    if not job_ids:
+        return []
+    return list((await s.scalars(select(Job.job_id).where(Job.job_id.in_(sorted(set(job_ids))))
+                                 .order_by(Job.job_id).with_for_update(key_share=True))).all())
+
+
 async def add_log(s: AsyncSession, job_id: str, entries: Sequence[tuple[str, str]]) -> None:
     if entries:
         now = utcnow()
-        await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": lv, "message": m}
+        await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": lv, "message": storable(m)}
                                          for lv, m in entries])
 
 
@@ -113,12 +133,12 @@ async def claim_rows(db: Database, job_id: str, worker_id: str, n: int) -> list[
     ``worker_id``. The first claim moves the job to ``In progress``."""
     async with db.write() as s:
         job = (await s.execute(select(Job.status, Job.cancel_requested, Job.claim_from)
-                               .where(Job.job_id == job_id))).first()
+                               .where(Job.job_id == job_id).with_for_update(key_share=True))).first()
         if job is None or job.status not in RUNNING or job.cancel_requested:
             return []
         todo = (select(ROWS.c.idx).where(ROWS.c.job_id == job_id, ROWS.c.idx >= job.claim_from,
                                          ROWS.c.status == "pending")
-                .order_by(ROWS.c.idx).limit(n).scalar_subquery())
+                .order_by(ROWS.c.idx).limit(n).with_for_update(skip_locked=True).scalar_subquery())
         res = await s.execute(
             update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.idx.in_(todo), ROWS.c.status == "pending")
             .values(status="claimed", claimed_by=worker_id)
@@ -138,6 +158,7 @@ async def record(db: Database, job_id: str, worker_id: str, out: Outcome) -> Cou
     transaction. None if the job is gone (dropped)."""
     n_done = n_errors = 0
     async with db.write() as s:
+        await lock_jobs(s, [job_id])
         for ids in _chunks(out.done):
             res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), _among(ids))
                                   .values(status="done", claimed_by=None))
@@ -145,7 +166,7 @@ async def record(db: Database, job_id: str, worker_id: str, out: Outcome) -> Cou
         logged: list[tuple[str, str]] = []
         for idx, ref, message in out.errors:
             res = await s.execute(update(ROWS).where(_mine(job_id, worker_id), ROWS.c.idx == idx)
-                                  .values(status="error", error=message, claimed_by=None))
+                                  .values(status="error", error=storable(message), claimed_by=None))
             if res.rowcount:
                 n_errors += 1
                 logged.append(("error", f"{row_label(idx, ref)}: {message}"))
@@ -179,6 +200,7 @@ async def request_cancel(db: Database, job_ids: Sequence[str], reason: str, leve
     rows skipped (no worker claims them any more), one log line. Workers holding rows see the flag, stop (killing a render
     mid-row) and finish the job. Returns the jobs that were running and not cancelled yet."""
     async with db.write() as s:
+        await lock_jobs(s, job_ids)
         res = await s.execute(update(Job).where(Job.job_id.in_(job_ids), Job.status.in_(ACTIVE),
                                                 Job.cancel_requested.is_(False))
                               .values(cancel_requested=True, reason=reason).returning(Job.job_id))
@@ -204,7 +226,7 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
     claimed rows are skipped too. Rows not done become ``skipped``."""
     now = utcnow()
     async with db.write() as s:
-        job = await s.get(Job, job_id)
+        job = await s.get(Job, job_id, with_for_update={"key_share": True})
         if job is None or job.status not in ACTIVE:
             return None
         final = failed is not None or forced is not None
@@ -238,6 +260,16 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
                    f"{skipped} skipped of {job.total_count}" + (f" ({reason})" if reason else ""))
         await add_log(s, job_id, [("error" if failed else "info", summary)])
     return Finished(job_id, status, summary)
+
+
+async def holds(db: Database, job_id: str, worker_id: str, idxs: Sequence[int]) -> bool:
+    """True while ``worker_id`` holds every row ``idxs`` of ``job_id`` (none was handed back)."""
+    held = 0
+    async with db.read() as s:
+        for ids in _chunks(sorted(set(idxs))):
+            held += await s.scalar(select(func.count()).select_from(ROWS)
+                                   .where(_mine(job_id, worker_id), _among(ids))) or 0
+    return held == len(set(idxs))
 
 
 async def job_state(db: Database, job_id: str) -> tuple[str, bool] | None:
@@ -277,7 +309,11 @@ async def workers(db: Database) -> list[JobWorker]:
 async def _hand_back(s: AsyncSession, held_by: Any) -> list[tuple[str, str]]:
     """Claimed rows of running jobs matching ``held_by`` -> pending (no attempt counted: the
     holder may have died for reasons of its own); (job_id, batch_id) of the jobs concerned."""
-    running = select(Job.job_id).where(Job.status.in_(RUNNING)).scalar_subquery()
+    candidates = (await s.scalars(select(ROWS.c.job_id).distinct().where(ROWS.c.status == "claimed", held_by))).all()
+    if not candidates:
+        return []
+    locked = await lock_jobs(s, candidates)  # the jobs before their rows, as everywhere
+    running = select(Job.job_id).where(Job.job_id.in_(locked), Job.status.in_(RUNNING)).scalar_subquery()
     res = await s.execute(update(ROWS).where(ROWS.c.job_id.in_(running), ROWS.c.status == "claimed", held_by)
                           .values(status="pending", claimed_by=None).returning(ROWS.c.job_id))
     jobs = sorted(set(res.scalars().all()))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.jobs import control, queries
 from server.jobs.childproc import ChildGone, RenderProcess
-from server.jobs.publish import Item, publish_batch
+from server.jobs.publish import Item, stage
 from server.jobs.queries import Claimed, Outcome
 
 if TYPE_CHECKING:
@@ -238,10 +238,10 @@ class RowRunner:
         if buf.pages:
             try:
                 await self._check()
+                await self._publish(buf.pages, out)
             except Stop as e:
                 self.buf = buf  # _stopped settles them
                 raise e from None
-            await self._publish(buf.pages, out)
         if not out:
             return
         counts = await queries.record(self.w.db, self.job.job_id, self.w.id, out)
@@ -271,7 +271,22 @@ class RowRunner:
                    f"({settings.min_free_disk:,} bytes) free")
             out.errors += [(row.idx, row.reference_id, msg) for row, _h, _e in pages]
             return
-        errors = await asyncio.to_thread(publish_batch, self.job.out_dir, items, self.w.id)
+        staged = await asyncio.to_thread(stage, self.job.out_dir, items, self.w.id)
+        # The fence: written and synced, but renamed into place only if these rows are still
+        # this worker's and its lease runs (a worker declared dead while it stalled publishes
+        # nothing after its rows went back or the job ended).
+        until = self.w.lease()
+        try:
+            if until is None:
+                raise Stop("lost")
+            await self._check()
+            if not await queries.holds(self.w.db, self.job.job_id, self.w.id, [row.idx for row, _h, _e in pages]):
+                raise Stop("lost")
+        except Stop:
+            await asyncio.to_thread(staged.discard)
+            await self.w.drop_child()  # nothing of this claim renders on
+            raise
+        errors = await asyncio.to_thread(staged.commit, until)
         failed: dict[int, str] = {}
         for name, err in errors.items():
             failed.setdefault(owner[name].idx, err)
@@ -285,8 +300,10 @@ class RowRunner:
         """Settle every row of the claim that has no outcome yet."""
         settled = set(self.buf.out.retry) | set(self.buf.out.done) | {idx for idx, _ref, _m in self.buf.out.errors}
         open_rows = [r.idx for r in self.rows if r.idx not in settled]
-        if why in ("gone", "lost"):
-            return  # nothing of ours to record: the job or our claims are gone
+        if why == "gone":
+            return  # nothing of ours to record: the job is gone
+        # "lost": declared dead (our rows went back: recording changes nothing), or our lease ran
+        # out before the heartbeat was: then the rows are still ours and must go back now.
         out = Outcome(self.buf.out.done, self.buf.out.errors, self.buf.out.retry, [], [])
         if why == "cancel":
             out.skip = open_rows

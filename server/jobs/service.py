@@ -7,7 +7,9 @@ Invariants:
 * The API process never compiles or renders a template: the shape of the master smartlink is
   checked here, its Jinja2 in the template checker's render process (``server.jobs.checker``).
 * One running job per ``batch_id``: the same inputs again return that job (``created`` False),
-  other inputs are a 409; the check and the insert share one ``BEGIN IMMEDIATE`` transaction.
+  other inputs are a 409; the check and the insert share one write transaction that is the
+  only one about that batch id (``BEGIN IMMEDIATE``; on PostgreSQL an advisory transaction
+  lock on it), so two app processes cannot both start one.
 * A ``batch_id`` belongs to the key that first used it: another key gets 409 (it is a folder
   that NGINX serves, so sharing it would let one customer overwrite another's links).
 * Jobs are visible only to their owner (others get 404). Everything is read from the database:
@@ -47,6 +49,7 @@ from server.jobs.checker import TemplateChecker
 from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from server.jobs.pool import WorkerPool
+from server.jobs.queries import JOBS_CHANNEL, storable
 from server.jobs.states import ACTIVE, FINISHED, ROW_STATUS, WAITING, iso, job_json, row_label
 from server.jsondoc import JsonRefused, loads, parse_json
 from server.signing import parse_expires_in
@@ -272,6 +275,7 @@ class JobService:
             + ([method] if method != "POST" else [])).encode()).hexdigest()  # (a POST start hashes as before)
         errored = len(problems)
         async with self.db.write() as s:
+            await self.db.serialize(s, "job-start", inp.batch_id)
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
             if other is not None:
                 raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
@@ -297,7 +301,7 @@ class JobService:
                        if wait is None else [f"waiting for data: strategy {strategy}, the upload URL expires at "
                                              f"{iso(expires)}"]) + problems
             await s.execute(insert(JobLog), [{"job_id": job_id, "at": accepted, "level": "error" if i else "info",
-                                              "message": m} for i, m in enumerate(entries)])
+                                              "message": storable(m)} for i, m in enumerate(entries)])
         if wait is not None:
             return Started(job_json(job), created=True, data_expires=expires)
         return Started(await self._launch(owner, inp.batch_id, job_id, errored, max_errors) or job_json(job),
@@ -321,6 +325,7 @@ class JobService:
             await control.cancel(self.db, self.settings, [job_id],
                                  f"max_errors ({max_errors}) exceeded: {errored} rows errored", level="error")
             return job_json(await self._job(owner, batch_id, job_id))
+        await self.db.notify_now(JOBS_CHANNEL, job_id)  # idle workers anywhere look now
         self.pool.ensure_started()
         await self.pool.wake()
         return None

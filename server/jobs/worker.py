@@ -16,6 +16,12 @@ Invariants:
   dead: the first live worker to see it hands its claimed rows back to the queue (no attempt
   counted) and removes the temp files it left. A worker that finds itself declared dead drops
   what it holds (its rows already went back) and registers again.
+* Its claims are a lease: it publishes a group only while its last heartbeat is younger than
+  ``FENCE`` and its rows are still its own (checked after the group is written and synced,
+  before it is renamed into place), and renames nothing after ``PUBLISH_BY`` s past that
+  heartbeat. Others declare it dead only ``LOST_AFTER`` s after it, so a worker that stalled
+  (alive, silent for 20 s) never publishes after another process handed its rows back or
+  ended the job, as long as the hosts' clocks agree within ``MAX_SKEW``.
 * On SIGTERM it kills its render process, hands back the rows it had not published, and exits
   within ``STOP_GRACE`` s whatever the templates do.
 """
@@ -52,8 +58,12 @@ log = logging.getLogger("filedrop.jobs.worker")
 HEARTBEAT = 1.0  # s between heartbeats
 REAP_EVERY = 2.0  # s between looks for dead workers
 LOST_AFTER = 20.0  # a worker silent this long is dead (it may be on another host)
+MAX_SKEW = 5.0  # hosts' clocks agree within this (NTP): seen_at is written by one, read by others
+FENCE = LOST_AFTER / 2  # a worker publishes only while its last heartbeat is this recent...
+PUBLISH_BY = LOST_AFTER - MAX_SKEW - 1.0  # ...and renames nothing later than this after it
 IDLE_POLL = 1.0  # an idle worker looks for work this often (SIGUSR1 wakes it at once)
 STOP_GRACE = 3.0  # after SIGTERM, the loop gets this long to hand rows back before it is cancelled
+WORKER_POOL = 3  # database connections of a worker: its loop, its heartbeat, a reap
 CLAIM_FIRST = 16  # rows of a job's first claim; then what this worker renders in CLAIM_SECONDS
 CLAIM_SECONDS = 1.0  # small enough that the last claims of a job spread over the workers
 CLAIM_MAX = 500
@@ -115,6 +125,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
         self.lost = False
+        self.beat_ok = time.monotonic()  # when the last heartbeat (or the registration) landed
         self.child: RenderProcess | None = None
         self.jobs: dict[str, LoadedJob] = {}
         self.assets = Assets(settings, fetcher, files, self._note)
@@ -132,9 +143,17 @@ class Worker:
     def stop_reason(self) -> str | None:
         return "stopping" if self.stopping.is_set() else "lost" if self.lost else None
 
+    def lease(self) -> float | None:
+        """Until when (``time.monotonic()``) this worker may still rename pages into place, or
+        None when its heartbeat is too old to start (see the module docstring)."""
+        if time.monotonic() - self.beat_ok >= FENCE:
+            return None
+        return self.beat_ok + PUBLISH_BY
+
     async def run(self) -> None:
         """Work until ``stop()``; then hand back what is held and deregister."""
         await queries.register_worker(self.db, self.id, self.host, os.getpid())
+        self.beat_ok = time.monotonic()
         log.info("worker %s (pid %d) started", self.id, os.getpid())
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
         try:
@@ -170,6 +189,7 @@ class Worker:
         self.jobs.clear()
         await queries.release_worker(self.db, self.id)
         await queries.register_worker(self.db, self.id, self.host, os.getpid())
+        self.beat_ok = time.monotonic()
         self.lost = False
 
     async def _beats(self) -> None:
@@ -177,7 +197,10 @@ class Worker:
         while True:
             await asyncio.sleep(HEARTBEAT)  # the heartbeat's period
             try:
-                if not await queries.heartbeat(self.db, self.id):
+                sent = time.monotonic()
+                if await queries.heartbeat(self.db, self.id):
+                    self.beat_ok = sent  # seen_at is no older than this
+                else:
                     self.lost = True
                 if time.monotonic() - last_reap >= REAP_EVERY:
                     last_reap = time.monotonic()
@@ -342,9 +365,10 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
-    db = Database(settings.db_path)
+    db = Database(settings.database, min(settings.database_pool, WORKER_POOL))
     fetcher = Fetcher(settings.fetch_allow, settings.fetch_timeout, settings.fetch_max_bytes)
     worker = Worker(db, settings, fetcher, UploadService(db, settings, OperationRegistry()), worker_id)
+    await db.listen(queries.JOBS_CHANNEL, worker.poke)  # PostgreSQL: a job queued anywhere wakes it
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     loop.add_signal_handler(signal.SIGINT, worker.stop)

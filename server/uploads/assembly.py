@@ -14,7 +14,11 @@
   one recorded last claims the file: ``receiving -> assembling`` in its transaction), an
   assembly failed (the file went back to ``receiving`` with every chunk: the next request for
   it, or the next start, assembles it again), or a crash left one ``assembling``. Exactly once:
-  the claim is one conditional ``UPDATE``; completion is another (``assembling -> complete``).
+  the claim is one conditional ``UPDATE``; completion is another (``assembling -> complete``);
+  and across processes an assembly runs only under the file's ``assemble`` lock (an advisory
+  lock on PostgreSQL, held by the process while it lives): a file left ``assembling`` by a
+  process that died is taken over by the next request for it (or the next start) anywhere, one
+  that a live process assembles is waited for.
 """
 
 from __future__ import annotations
@@ -197,16 +201,18 @@ class Assembler:
         self.hashes = hashes
         self.stats = stats
         self.settings = settings
-        self._running: dict[int, asyncio.Task[None]] = {}  # file id -> its assembly
-        self._by_batch: dict[str, set[asyncio.Task[None]]] = {}
+        self._running: dict[int, asyncio.Task[bool]] = {}  # file id -> its assembly
+        self._by_batch: dict[str, set[asyncio.Task[bool]]] = {}
 
-    def running(self, file_id: int) -> asyncio.Task[None] | None:
+    def running(self, file_id: int) -> asyncio.Task[bool] | None:
         return self._running.get(file_id)
 
-    def ensure(self, batch_id: str, file_id: int, *, claimed: bool) -> asyncio.Task[None]:
-        """The assembly of ``file_id`` (started unless it runs already). ``claimed``: the caller's
-        transaction flipped the file to ``assembling``; else it is claimed here, if it still
-        waits (``receiving`` with every chunk), and nothing happens if it does not."""
+    def ensure(self, batch_id: str, file_id: int, *, claimed: bool) -> asyncio.Task[bool]:
+        """The assembly of ``file_id`` (started unless it runs already); its result says whether
+        the file is complete after it. ``claimed``: the file is ``assembling`` (the caller's
+        transaction flipped it, or it was found so: another process's assembly is waited for,
+        a dead one's taken over); else it is claimed here, if it still waits (``receiving``
+        with every chunk), and nothing happens if it does not."""
         task = self._running.get(file_id)
         if task is not None:
             return task
@@ -215,7 +221,7 @@ class Assembler:
         batch = self._by_batch.setdefault(batch_id, set())
         batch.add(task)
 
-        def done(t: asyncio.Task[None]) -> None:
+        def done(t: asyncio.Task[bool]) -> None:
             self._running.pop(file_id, None)
             batch.discard(t)
             if not batch and self._by_batch.get(batch_id) is batch:
@@ -245,20 +251,33 @@ class Assembler:
                 .join(Batch, Batch.id == BatchFile.batch_pk)
                 .where(BatchFile.state.in_(("assembling", "receiving")), Batch.state == "open"))).all()
         todo = [r for r in rows if r.state == "assembling" or ChunkSet(r.chunk_ids).covers(r.chunk_count)]
-        for r in todo:
+        for r in todo:  # (one another live process assembles is waited for, not done twice)
             log.info("assembling file %s of batch %s, left %s", r.id, r.batch_id, r.state)
             self.ensure(r.batch_id, r.id, claimed=r.state == "assembling")
         self.stats.recovered += len(todo)
         return len(todo)
 
-    async def _assemble(self, batch_id: str, file_id: int, claimed: bool) -> None:
-        if not claimed and not await self._claim(file_id):
-            return
+    async def _assemble(self, batch_id: str, file_id: int, claimed: bool) -> bool:
+        # Taken before the claim, so that from the claim on the claimant holds it; waited for
+        # as long as another process assembles the file (it lives: the lock goes with it).
+        async with self.db.locks.held("assemble", file_id, wait=None):
+            if not claimed and not await self._claim(file_id):
+                return await self._complete(file_id)
+            async with self.db.read() as s:
+                row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id))).scalar_one_or_none()
+                if row is not None and row.state == "complete":
+                    return True  # another process assembled it while we waited for the lock
+                snap = Snapshot.of(row) if row is not None and row.state == "assembling" else None
+            if snap is None:
+                return False
+            log.debug("assembling file %s of batch %s", file_id, batch_id)
+            return await self._assemble_claimed(batch_id, file_id, snap)
+
+    async def _complete(self, file_id: int) -> bool:
         async with self.db.read() as s:
-            row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id))).scalar_one_or_none()
-            snap = Snapshot.of(row) if row is not None and row.state == "assembling" else None
-        if snap is None:
-            return
+            return await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id)) == "complete"
+
+    async def _assemble_claimed(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
         try:
             running = await self.hashes.take(file_id)
             completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, running)
@@ -282,15 +301,17 @@ class Assembler:
                 await asyncio.to_thread(os.replace, completion, data)
         if state is None:  # replaced meanwhile (the replacing upload left its directory to us)
             await asyncio.to_thread(self.store.remove_file, snap.batch_pk, file_id)
-            return
+            return False
         if state != "assembling":
             if completion.name != "partial":
                 await asyncio.to_thread(remove, completion)
-            return
+            return state == "complete"
         await self.durability.synced()  # the record before anyone is told
         await asyncio.to_thread(self.store.remove_file_dir, snap.batch_pk, file_id)
         self.hashes.forget(file_id)
         self.stats.assembled += 1
+        log.debug("file %s of batch %s complete (assembled)", file_id, batch_id)
+        return True
 
     async def _claim(self, file_id: int) -> bool:
         async with self.db.write() as s:

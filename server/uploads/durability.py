@@ -2,23 +2,32 @@
 
 * **Group syncs.** ``Durability.synced()`` returns once a sync that *started after the call*
   has finished: one ``syncfs`` of the uploads' file system (which holds the database's WAL too,
-  unless the database lives elsewhere: then its WAL is fsynced as well). Callers arriving while a
-  sync runs share the next one (leader/follower, as PostgreSQL flushes its WAL for a group of
-  commits), so N requests completing together cost two syncs, not 5 N fsyncs.
+  unless the database lives elsewhere: then its WAL is fsynced as well; PostgreSQL flushes its
+  own before a commit returns). Callers arriving while a sync runs share the next one
+  (leader/follower, as PostgreSQL flushes its WAL for a group of commits), so N requests
+  completing together cost two syncs, not 5 N fsyncs.
 * **A file answered complete is durable**: its bytes are synced before the transaction that
   records it complete (so the record can never outlive its bytes), and that commit, with the
   renames done inside it, is synced before the answer (``server.uploads.recorder``).
 * **Chunks of a bigger file** are recorded as soon as their bytes are written (a ``kill -9``
   cannot lose them: the page cache outlives the process) and become power-loss durable at chunk
-  points: at most every second while chunks arrive, and at every clean stop, the chunk ids of
-  the files this process recorded chunks of are read, a sync runs, then those ids are written
-  to ``synced_ids``. Each process covers the files it wrote, and ``syncfs`` covers every
-  process's bytes, so several processes sharing a data dir stay correct.
-* **After a reboot** (the boot id in ``uploads/.synced`` is not this boot's), a file recorded
-  complete whose rename was lost gets its synced bytes back (see ``_restore_complete``), and
-  every file still receiving forgets the chunks not in ``synced_ids`` (loose chunk files removed, ``received``
-  recomputed) and its client sends them again: it asks which ids the server has. A process
-  restart in the same boot forgets nothing: the start syncs every recorded chunk.
+  points: at most every second while chunks arrive, and at every clean stop, a sync runs, then
+  the chunk ids *this process* recorded before it are added to their files' ``synced_ids`` (the
+  rows locked, in id order). A process vouches only for the bytes it wrote: with several app
+  processes, on one host or several sharing the data dir, one host's sync never marks another
+  host's unsynced chunks.
+* **After a reboot** (the boot id this host last recorded in ``uploads/.synced`` is not this
+  boot's), a file recorded complete whose rename was lost gets its synced bytes back (see
+  ``_restore_complete``), and every file still receiving forgets the chunks not in
+  ``synced_ids`` (loose chunk files removed, ``received`` recomputed) and its client sends them
+  again: it asks which ids the server has. The start runs under the ``uploads-start`` lock, so of
+  the processes starting after a reboot only the first forgets (before any of them records a
+  chunk of this boot). ``.synced`` keeps one boot id per host: another host's start is not a
+  reboot of this one.
+* **A restart in the same boot** loses nothing: on SQLite (one host) the start syncs and marks
+  every recorded chunk. On PostgreSQL it marks none (another host's unsynced chunks may be
+  recorded): what a crashed process recorded stays unmarked, which costs at most a resend after
+  a later reboot.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,9 +104,9 @@ class Durability:
     def __init__(self, db: Database, store: UploadStore) -> None:
         self.db = db
         self.store = store
-        self._db_elsewhere = _device(Path(db.path).parent) != _device(store.root)
+        self._db_elsewhere = db.path is not None and _device(Path(db.path).parent) != _device(store.root)
         self.barrier = SyncBarrier(lambda: self.sync_now())  # looked up each time: tests wrap it
-        self._touched: set[int] = set()
+        self._touched: dict[int, ChunkSet] = {}  # file id -> chunk ids this process recorded, unsynced
         self._pending = asyncio.Event()  # chunks were recorded since the last chunk point
 
     def sync_now(self) -> None:
@@ -114,47 +124,63 @@ class Durability:
     def unsynced(self) -> bool:
         return self._pending.is_set()
 
-    def touch(self, file_ids: set[int]) -> None:
-        """Chunks of these files were recorded (not yet power-loss durable)."""
-        if file_ids:
-            self._touched |= file_ids
+    def touch(self, recorded: dict[int, ChunkSet]) -> None:
+        """This process recorded these chunks (file id -> ids), not yet power-loss durable."""
+        for file_id, ids in recorded.items():
+            mine = self._touched.setdefault(file_id, ChunkSet())
+            for i in ids.ids():
+                mine.add(i)
+        if recorded:
             self._pending.set()
 
     # -- chunk points ---------------------------------------------------------------------------
     async def chunk_point(self) -> None:
         """Make every chunk this process recorded so far power-loss durable, and say so in
         their files' ``synced_ids``."""
-        ids, self._touched = self._touched, set()
+        mine, self._touched = self._touched, {}
         self._pending.clear()
         try:
-            await self._sync_chunks(ids)
+            await self.synced()  # every chunk in ``mine`` was written before it was recorded
+            await self._mark_synced(mine)
         except BaseException:
             # Cancelled (shutdown stops the periodic task) or failed: these chunks are still
             # unsynced, so the next point, or the one the stop runs, must not skip them.
-            self.touch(ids)
+            self.touch(mine)
             raise
 
-    async def _sync_chunks(self, ids: set[int] | None) -> None:
-        """Read the chunk ids of the files ``ids`` (None: of every unsettled file), sync, then
-        record them as synced. Reading first is what makes it right: a chunk is recorded only
-        after its bytes are written, so the sync that follows the read covers them."""
-        query = select(BatchFile.id, BatchFile.chunk_ids).where(
-            BatchFile.state.in_(_UNSETTLED), BatchFile.chunk_ids != BatchFile.synced_ids)
-        snapshot: list[dict[str, object]] = []
-        async with self.db.read() as s:
-            if ids is None:
-                snapshot = [{"b_id": r.id, "b_ids": r.chunk_ids} for r in await s.execute(query)]
-            else:
-                todo = sorted(ids)
-                for n in range(0, len(todo), _IN_BATCH):
-                    rows = await s.execute(query.where(BatchFile.id.in_(todo[n:n + _IN_BATCH])))
-                    snapshot += [{"b_id": r.id, "b_ids": r.chunk_ids} for r in rows]
-        await self.synced()
-        if snapshot:
+    async def _mark_synced(self, mine: dict[int, ChunkSet]) -> None:
+        """Add ``mine`` to the files' ``synced_ids`` (only ids still recorded): the rows are
+        locked in id order and merged, so points of several processes never undo each other."""
+        todo = sorted(mine)
+        files = BatchFile.__table__
+        for n in range(0, len(todo), _IN_BATCH):
+            part = todo[n:n + _IN_BATCH]
             async with self.db.write() as s:
-                files = BatchFile.__table__
-                await s.execute(update(files).where(files.c.id == bindparam("b_id"))
-                                .values(synced_ids=bindparam("b_ids")), snapshot)
+                rows = (await s.execute(select(files.c.id, files.c.chunk_ids, files.c.synced_ids)
+                                        .where(files.c.id.in_(part), files.c.state.in_(_UNSETTLED))
+                                        .order_by(files.c.id).with_for_update())).all()
+                changes = []
+                for r in rows:
+                    recorded, synced = ChunkSet(r.chunk_ids), ChunkSet(r.synced_ids)
+                    merged = synced.copy()
+                    for i in mine[r.id].ids():
+                        if i in recorded:
+                            merged.add(i)
+                    if merged != synced:
+                        changes.append({"b_id": r.id, "b_ids": bytes(merged)})
+                if changes:
+                    await s.execute(update(files).where(files.c.id == bindparam("b_id"))
+                                    .values(synced_ids=bindparam("b_ids")), changes)
+
+    async def _sync_all_recorded(self) -> None:
+        """Read every recorded chunk id, sync, then record them as synced (SQLite's start: one
+        host, so the sync covers every process that wrote them). Reading first is what makes it
+        right: a chunk is recorded only after its bytes are written."""
+        async with self.db.read() as s:
+            rows = (await s.execute(select(BatchFile.id, BatchFile.chunk_ids).where(
+                BatchFile.state.in_(_UNSETTLED), BatchFile.chunk_ids != BatchFile.synced_ids))).all()
+        await self.synced()
+        await self._mark_synced({r.id: ChunkSet(r.chunk_ids) for r in rows})
 
     async def chunk_points(self, every: float) -> None:
         """Owned task: a chunk point at most every ``every`` seconds while chunks arrive."""
@@ -168,28 +194,48 @@ class Durability:
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> int:
-        """At start: after a reboot, forget the chunks no sync covered (returns how many); then
-        sync every recorded chunk (a restart in the same boot lost none) and record this boot."""
+        """At start (under the ``uploads-start`` lock): after a reboot of this host, forget the
+        chunks no sync covered (returns how many); on SQLite sync every recorded chunk (a
+        restart in the same boot lost none); then record this boot."""
         forgotten = 0
         last = await asyncio.to_thread(self._last_boot)
         if last is not None and last != boot_id():
             await self._restore_complete()
             forgotten = await self._forget_unsynced()
-        await self._sync_chunks(None)
+        if not self.db.shared:
+            await self._sync_all_recorded()
         await asyncio.to_thread(self._write_boot)
         return forgotten
 
-    def _last_boot(self) -> str | None:
+    def _marker(self) -> dict[str, object]:
         try:
-            return str(json.loads(self.store.sync_marker.read_text())["boot_id"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            found = json.loads(self.store.sync_marker.read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def _last_boot(self) -> str | None:
+        """The boot id this host last started in: ``boot_id`` when the marker is this host's
+        (or names none: written before hosts were told apart), else its entry in ``others``."""
+        marker, host = self._marker(), socket.gethostname()
+        if marker.get("host", host) == host:
+            found = marker.get("boot_id")
+        else:
+            others = marker.get("others")
+            found = others.get(host) if isinstance(others, dict) else None
+        return None if found is None else str(found)
 
     def _write_boot(self) -> None:
         marker = self.store.sync_marker
         make_dirs(marker.parent)
+        old, host = self._marker(), socket.gethostname()
+        others = dict(old["others"]) if isinstance(old.get("others"), dict) else {}  # type: ignore[call-overload]
+        if old.get("boot_id") is not None and old.get("host", host) != host:
+            others[str(old["host"])] = old["boot_id"]
+        others.pop(host, None)
         temp = marker.with_name(f"{marker.name}.{os.getpid()}.part")
-        temp.write_text(json.dumps({"boot_id": boot_id(), "at": utcnow().isoformat()}))
+        temp.write_text(json.dumps({"boot_id": boot_id(), "host": host, "at": utcnow().isoformat(),
+                                    "others": others}))
         fd = os.open(temp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -241,7 +287,7 @@ class Durability:
         plans = await asyncio.to_thread(lambda: [self._forget_plan(r) for r in rows])
         forgotten = 0
         async with self.db.write() as s:
-            for r, (ids, loose, received, gone) in zip(rows, plans, strict=True):
+            for r, (ids, loose, received, gone) in sorted(zip(rows, plans, strict=True), key=lambda x: x[0].id):
                 res = await s.execute(update(BatchFile).where(BatchFile.id == r.id, BatchFile.chunk_ids == r.chunk_ids)
                                       .values(chunk_ids=bytes(ids), loose_ids=bytes(loose), received=received,
                                               state="receiving", updated_at=utcnow())

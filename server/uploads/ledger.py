@@ -162,7 +162,7 @@ class Plan:
     discard: list[Path] = field(default_factory=list)  # temps not needed (after the commit)
     removed: list[tuple[int, int]] = field(default_factory=list)  # (batch pk, file id) of removed rows
     completed: list[Row] = field(default_factory=list)  # their chunks go (once that is durable)
-    touched: set[int] = field(default_factory=set)
+    touched: dict[int, ChunkSet] = field(default_factory=dict)  # file id -> chunks recorded, not yet synced
 
     def mark(self, row: Row) -> None:
         if row.id is not None and row not in self.dirty:
@@ -185,12 +185,20 @@ class MoveFailed(Exception):
 
 
 # The group's statements, built once (building them per group costs as much as running them).
+# SQLite: one query reads the group's batches and files (BEGIN IMMEDIATE already excludes every
+# other writer). PostgreSQL: the batch rows are locked first, in id order (writers of a batch's
+# files queue on its row), then the file rows, in id order, so what is read is what others
+# committed last and nobody changes it before this commit (a chunk point, an assembler).
 _ROWS = (select(_B.c.id.label("b_pk"), _B.c.batch_id.label("b_batch_id"), _B.c.owner.label("b_owner"),
                 _B.c.state.label("b_state"), *_F.c)
          .select_from(_B.outerjoin(_F, and_(_F.c.batch_pk == _B.c.id,
                                             _F.c.file_idx.in_(bindparam("idxs", expanding=True)))))
-         .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
-         .with_for_update(of=_B))  # PostgreSQL: writers of a batch's files queue on its row
+         .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True))))
+_LOCK_BATCHES = (select(_B.c.id).where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
+                 .order_by(_B.c.id).with_for_update(key_share=True))
+_LOCK_FILES = (select(_F.c.id).where(_F.c.batch_pk.in_(select(_B.c.id).where(
+    _B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))), _F.c.file_idx.in_(bindparam("idxs", expanding=True)))
+    .order_by(_F.c.id).with_for_update(key_share=True))
 _TOTALS = (select(_F.c.batch_pk, func.count(), func.coalesce(func.sum(_F.c.size), 0))
            .where(_F.c.batch_pk.in_(bindparam("pks", expanding=True))).group_by(_F.c.batch_pk))
 _DELETE = delete(_F).where(_F.c.id.in_(bindparam("ids", expanding=True)))
@@ -208,8 +216,12 @@ class Ledger:
     def apply(self, conn: Connection, live: list[Pending], plan: Plan) -> None:
         batches: dict[str, Any] = {}
         files: dict[tuple[int, int], Row] = {}
-        for r in conn.execute(_ROWS, {"batch_ids": sorted({p.arrival.batch_id for p in live}),
-                                      "idxs": sorted({p.arrival.req.file_idx for p in live})}):
+        keys = {"batch_ids": sorted({p.arrival.batch_id for p in live}),
+                "idxs": sorted({p.arrival.req.file_idx for p in live})}
+        if conn.dialect.name != "sqlite":
+            conn.execute(_LOCK_BATCHES, {"batch_ids": keys["batch_ids"]})
+            conn.execute(_LOCK_FILES, keys)
+        for r in conn.execute(_ROWS, keys):
             batches[r.b_batch_id] = _Batch(r.b_pk, r.b_owner, r.b_state)
             if r.id is not None:
                 files[(r.batch_pk, r.file_idx)] = Row.of(r)
@@ -236,12 +248,15 @@ class Ledger:
                 r.id = new_id
         if plan.moves:
             self._move_all(plan)
-        dirty = [r for r in plan.dirty if r not in plan.deleted]
+        dirty = sorted((r for r in plan.dirty if r not in plan.deleted), key=lambda r: r.id or 0)
         if dirty:
             conn.execute(_UPDATE, [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
                                    for r in dirty])
-        plan.touched |= {r.id for r in (*plan.new, *dirty)
-                         if r.id is not None and r.state != "complete" and r not in plan.deleted}
+        for p in live:  # what this process now vouches for at its next chunk point
+            res = p.result
+            if res is not None and res.new and res.row.id is not None and res.row.state != "complete" \
+                    and res.row not in plan.deleted:
+                plan.touched.setdefault(res.row.id, ChunkSet()).add(p.arrival.req.chunk_idx)
 
     def _move_all(self, plan: Plan) -> None:
         for m in plan.moves:

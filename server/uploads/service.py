@@ -18,18 +18,24 @@ Invariants:
 * Chunks of a bigger file are durable against a crash once answered and against a power loss
   at the next chunk point (``server.uploads.durability``).
 * Client-supplied names are data in rows; every path comes from row ids (``UploadStore``).
+* Several app processes may serve one database and data dir (PostgreSQL): what this process
+  remembers (open batches, files as last recorded) only saves reads; the recording transaction
+  decides on the rows. Its upload temps carry its tag and are its own while it lives (the
+  ``process`` lock); a start removes only those of processes that are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.config import Settings
@@ -79,7 +85,8 @@ class UploadService:
         self.db = db
         self.settings = settings
         self.operations = operations
-        self.store = UploadStore(settings.uploads_dir, settings.min_free_disk)
+        self.tag = secrets.token_hex(4)  # this process, in its temps' names (see recover)
+        self.store = UploadStore(settings.uploads_dir, settings.min_free_disk, self.tag)
         self.stats = Stats()
         self.durability = Durability(db, self.store)
         self.hashes = Hashes()
@@ -94,12 +101,32 @@ class UploadService:
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
         """At start: forget what a reboot lost, sync what a crash left, remove the temps of
-        requests cut off, assemble what was left to assemble (returns how many)."""
-        await self.durability.start()
-        removed = await asyncio.to_thread(self.store.remove_arrival_temps)
-        if removed:  # single-process assumption: before the first request, all are leftovers
-            log.info("removed %d upload temp(s) left by a previous run", removed)
+        requests cut off, assemble what was left to assemble (returns how many). One process
+        at a time (the ``uploads-start`` lock): of several starting after a reboot, the first
+        forgets what the reboot lost before any records a chunk."""
+        locks = self.db.locks
+        await locks.try_take("process", int(self.tag, 16))  # held while this process lives
+        async with locks.held("uploads-start", wait=None):
+            await self.durability.start()
+            removed = await self._remove_arrival_temps()
+        if removed:
+            log.info("removed %d upload temp(s) left by processes that are gone", removed)
         return await self.assembler.recover()
+
+    async def _remove_arrival_temps(self) -> int:
+        """The temps of requests cut off: on SQLite (one app process) every one there is before
+        the first request; on PostgreSQL those of processes that are gone (their ``process``
+        lock is free) or untagged."""
+        found = await asyncio.to_thread(self.store.arrival_temps)
+        dead: dict[str | None, bool] = {None: True}
+        for _path, tag in found:
+            if tag not in dead:
+                dead[tag] = not self.db.shared or (tag != self.tag and (
+                    not _is_tag(tag) or not await self.db.locks.alive("process", int(tag, 16))))
+        gone = [path for path, tag in found if dead[tag]]
+        for path in gone:
+            await asyncio.to_thread(remove, path)
+        return len(gone)
 
     async def sync_points(self, every: float) -> None:
         """Owned task: chunks become power-loss durable at most every ``every`` seconds."""
@@ -131,8 +158,11 @@ class UploadService:
             s.add(Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now))
         return batch_id
 
-    async def _open_batch(self, s: AsyncSession, owner: str, batch_id: str) -> Batch:
-        batch = await s.scalar(select(Batch).where(Batch.batch_id == batch_id))
+    async def _open_batch(self, s: AsyncSession, owner: str, batch_id: str, *, lock: bool = False) -> Batch:
+        """``lock``: in a write, the batch row is locked first (PostgreSQL), as the group commit
+        locks it before its files: one order, no deadlock."""
+        query = select(Batch).where(Batch.batch_id == batch_id)
+        batch = await s.scalar(query.with_for_update(key_share=True) if lock else query)
         if batch is None or batch.owner != owner:
             raise BatchNotFound(f"batch {batch_id} not found")
         if batch.state != "open":
@@ -149,15 +179,7 @@ class UploadService:
             row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
                                    .where(Batch.batch_id == batch_id))).one_or_none()
         if row is None and create:
-            now = utcnow()
-            async with self.db.write() as s:
-                row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
-                                       .where(Batch.batch_id == batch_id))).one_or_none()
-                if row is None:
-                    s.add(Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now))
-                    await s.flush()
-                    row = (await s.execute(select(Batch.owner, Batch.id, Batch.state)
-                                           .where(Batch.batch_id == batch_id))).one()
+            row = await self._make_batch(owner, batch_id)
         if row is None or row.owner != owner:
             raise BatchNotFound(f"batch {batch_id} not found")
         if row.state != "open":
@@ -167,11 +189,27 @@ class UploadService:
         self._open_batches[batch_id] = (owner, row.id)
         return int(row.id)
 
+    async def _make_batch(self, owner: str, batch_id: str) -> Any:
+        """A legacy batch made on first use; if another process made it meanwhile, that one."""
+        find = select(Batch.owner, Batch.id, Batch.state).where(Batch.batch_id == batch_id)
+        try:
+            async with self.db.write() as s:
+                row = (await s.execute(find)).one_or_none()
+                if row is None:
+                    now = utcnow()
+                    s.add(Batch(batch_id=batch_id, owner=owner, state="open", created_at=now, updated_at=now))
+                    await s.flush()
+                    row = (await s.execute(find)).one()
+                return row
+        except IntegrityError:  # made by another process since our read (the id is unique)
+            async with self.db.read() as s:
+                return (await s.execute(find)).one()
+
     async def drop_batch(self, owner: str, batch_id: str) -> None:
         """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone."""
         await self.settle(batch_id)
         async with self.db.write() as s:
-            batch = await self._open_batch(s, owner, batch_id)
+            batch = await self._open_batch(s, owner, batch_id, lock=True)
             await self._close(s, batch, "dropped")
         await self._remove_after_commit(self.store.batch_dir(batch.id))
 
@@ -212,7 +250,7 @@ class UploadService:
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
         await self.settle(batch_id)
         async with self.db.write() as s:
-            batch = await self._open_batch(s, owner, batch_id)
+            batch = await self._open_batch(s, owner, batch_id, lock=True)
             f = await self._file(s, batch, file_idx)
             await s.execute(delete(BatchFile).where(BatchFile.id == f.id))
             batch.updated_at = utcnow()
@@ -245,6 +283,10 @@ class UploadService:
             # "the next request for it": assemble it again (in the background).
             self.assembler.ensure(batch_id, f.id, claimed=False)
             state = "assembling"
+        elif state == "assembling" and self.assembler.running(f.id) is None:
+            # Another process assembles it (waited for in the background), or one that died did
+            # (taken over).
+            self.assembler.ensure(batch_id, f.id, claimed=True)
         return FileState(batch_id, f.file_idx, f.name, f.size, f.mimetype, f.upload_type == "chunked",
                          f.chunk_count, ids.ids(), f.received, state, f.sha256)
 
@@ -332,11 +374,9 @@ class UploadService:
             return None
         complete = state == "complete"
         if state == "assembling" or waiting:
-            task = self.assembler.running(f.id) if state == "assembling" else \
-                self.assembler.ensure(batch_id, f.id, claimed=False)
-            if task is not None:
-                await asyncio.shield(task)  # raises what the assembly met (507, 503, 500)
-                complete = True
+            # Assembling here, elsewhere (waited for) or nowhere any more (taken over).
+            task = self.assembler.ensure(batch_id, f.id, claimed=state == "assembling")
+            complete = await asyncio.shield(task)  # raises what the assembly met (507, 503, 500)
         size = req.content_length or 0
         return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids.ids(), complete)
 
@@ -355,7 +395,7 @@ class UploadService:
         result = await op(ExecuteContext(owner, batch_id, file_idx, params, context))
         if result.drop_batch and not keep:
             async with self.db.write() as s:
-                closing = await s.get(Batch, batch_pk)
+                closing = await s.get(Batch, batch_pk, with_for_update={"key_share": True})
                 if closing is None or closing.state != "open":
                     return result
                 await self._close(s, closing, "executed")
@@ -377,6 +417,10 @@ class UploadService:
                 entry["complete"] = False
             out.append(entry)
         return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
+
+
+def _is_tag(tag: str | None) -> bool:
+    return tag is not None and 0 < len(tag) <= 8 and all(c in "0123456789abcdef" for c in tag)
 
 
 class _Receipt:
@@ -456,11 +500,12 @@ class _Receipt:
                                  bytes(row.chunk_ids), bytes(row.loose_ids), row.received), row.state, req.file_idx)
         if recorded.assemble and recorded.file_id is not None:
             # Claimed by its own record, or (a repeat) a failed assembly to claim and run again.
-            await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
+            done = await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
             o = recorded.outcome
-            return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, True)
+            return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, done)
         if recorded.completed:
             s.stats.assembled += 1
+            log.debug("file %s of batch %s complete (its last chunk)", recorded.file_id, self.batch_id)
             if recorded.file_id is not None:
                 s.hashes.forget(recorded.file_id)
         return recorded.outcome
@@ -480,6 +525,7 @@ class _Receipt:
             self.owner, self.batch_id, self.batch_pk, req, size, self.target.path, None, body=b"".join(pieces)))
         if recorded.completed:
             self.s.stats.assembled += 1
+            log.debug("file %s of batch %s complete (whole)", recorded.file_id, self.batch_id)
         return recorded.outcome
 
     async def _receive(self, body: AsyncIterable[bytes]) -> int:

@@ -5,8 +5,9 @@ client-supplied name):
 
     <data_dir>/uploads/<batches.id>/                      batch dir
     <batch dir>/<batch_files.id>.data                     a complete file
-    <batch dir>/.<file_idx>.<random>.part                 a request's body before its file row exists
-                                                          (a whole file, or a file's first chunk)
+    <batch dir>/.<file_idx>.<tag>-<random>.part           a request's body before its file row exists
+                                                          (a whole file, or a file's first chunk);
+                                                          <tag>: the app process writing it
     <batch dir>/<batch_files.id>/                         file dir, while the file is received
     <file dir>/partial                                    the file being received: every chunk of the
                                                           uniform layout at chunk_idx * chunk_size
@@ -103,9 +104,10 @@ def make_dirs(path: Path) -> None:
 class UploadStore:
     """Paths under ``<data_dir>/uploads`` and the disk steps of receiving and completing."""
 
-    def __init__(self, root: Path, min_free: int = 0) -> None:
+    def __init__(self, root: Path, min_free: int = 0, tag: str = "0") -> None:
         self.root = root
         self.min_free = min_free
+        self.tag = tag  # this process's, in the names of its arrival temps
         self._free = (0, -1e9)  # (free bytes, when read)
 
     # -- paths (row ids only) ------------------------------------------------------------
@@ -126,7 +128,7 @@ class UploadStore:
 
     def arrival_temp(self, batch_pk: int, file_idx: int) -> Path:
         """A body received before its file row exists (a whole file, a file's first chunk)."""
-        return self.batch_dir(batch_pk) / f".{int(file_idx)}.{secrets.token_hex(8)}.part"
+        return self.batch_dir(batch_pk) / f".{int(file_idx)}.{self.tag}-{secrets.token_hex(8)}.part"
 
     def partial_path(self, batch_pk: int, file_id: int) -> Path:
         return self.file_dir(batch_pk, file_id) / "partial"
@@ -308,19 +310,20 @@ class UploadStore:
         remove(self.data_path(batch_pk, file_id))
         remove_tree(self.file_dir(batch_pk, file_id))
 
-    def remove_arrival_temps(self) -> int:
-        """Remove every ``<batch dir>/.<file_idx>.<random>.part``; how many (start-up only)."""
-        removed = 0
+    def arrival_temps(self) -> list[tuple[Path, str | None]]:
+        """Every ``<batch dir>/.<file_idx>.<tag>-<random>.part`` with its tag (None: named before
+        temps carried one)."""
+        found: list[tuple[Path, str | None]] = []
         if not self.root.is_dir():
-            return 0
+            return found
         for batch in os.scandir(self.root):
             if not (batch.is_dir(follow_symlinks=False) and batch.name.isdigit()):
                 continue
             for entry in os.scandir(batch.path):
                 if entry.name.startswith(".") and entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
-                    remove(Path(entry.path))
-                    removed += 1
-        return removed
+                    middle = entry.name[1:-len(".part")].partition(".")[2]
+                    found.append((Path(entry.path), middle.partition("-")[0] if "-" in middle else None))
+        return found
 
 
 BEHIND = 2  # WRITE_BUFFER blocks of one request read and written but not yet hashed

@@ -1,6 +1,6 @@
 """Real rows and real files in the disk layout the server uses, for the admin tests.
 
-Rows go through the ORM into the migrated SQLite file; bytes are written where the upload
+Rows go through the ORM into the test's migrated database (SQLite file or PostgreSQL); bytes are written where the upload
 store and the smartlink publisher put them. Ages are made by moving clocks back (``updated_at``,
 ``finished``, file mtimes), never by waiting.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from server.config import Settings
 from server.db import utcnow
@@ -42,7 +43,8 @@ class FileSpec:
 
 
 def session(settings: Settings) -> Session:
-    return Session(create_engine(settings.sync_db_url), expire_on_commit=False)
+    # NullPool: a connection closes with its session (no pool left holding a PostgreSQL backend).
+    return Session(create_engine(settings.sync_db_url, poolclass=NullPool), expire_on_commit=False)
 
 
 def age(path: Path, seconds: float) -> None:
@@ -157,6 +159,8 @@ def batch_state(settings: Settings, batch_id: str) -> str | None:
 
 def admin_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = server_env(settings.data_dir, "unused-key")
+    if settings.database_url:
+        env["FILEDROP_DATABASE_URL"] = settings.database_url
     env.update({f"FILEDROP_{k.upper()}": v for k, v in extra.items()})
     return env
 

@@ -93,10 +93,11 @@ class PostgresCluster:
         parts = urlsplit(self.url)
         return urlunsplit((driver, parts.netloc, "/" + dbname, parts.query, ""))
 
-    def create_database(self) -> str:
-        """A fresh, empty database; returns its name."""
+    def create_database(self, template: str | None = None) -> str:
+        """A fresh database, empty or a copy of ``template`` (which nothing may be connected to);
+        returns its name."""
         name = "filedrop_t_" + uuid.uuid4().hex[:12]
-        self.psql(f'CREATE DATABASE "{name}"')
+        self.psql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return name
 
     def drop_database(self, name: str) -> None:

@@ -1,0 +1,86 @@
+"""PostgreSQL as the database (``FILEDROP_DATABASE_URL``): ``filedrop migrate`` and the at-head
+check on it, an unreachable server named without its password, the settings of several app
+processes, and NGINX's upstream over them. (The contract suites run on both engines: the
+``engines`` marker; several real processes: ``tests/test_scale_out.py``.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server import nginx as ngx
+from server.config import Settings
+from server.db.migrate import current_revisions, head_revisions
+from tests.conftest import API_KEY
+from tests.support.server import REPO, server_env
+from tests.support.waiting import free_port
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_serve_refuses_an_unmigrated_postgres_database_and_two_migrates_at_once_agree(
+        tmp_path: Path, empty_database: str) -> None:
+    database = empty_database
+    env = server_env(tmp_path / "d", API_KEY, database_url=database)
+    serve = _run(env, "serve")
+    out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 2, (out, err)
+    assert "filedrop migrate" in err and "is at revision none" in err, err
+    assert "Traceback" not in err
+
+    # Two hosts running `filedrop migrate` together: one migrates, the other finds it at head.
+    procs = [_run(env, "migrate") for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert current_revisions(database) == head_revisions(database)
+    assert all("Traceback" not in e for _o, e in outs), outs
+
+
+def test_an_unreachable_postgres_server_is_named_without_its_password(tmp_path: Path) -> None:
+    url = f"postgresql+asyncpg://filedrop:s3cret-pw@127.0.0.1:{free_port()}/filedrop"
+    env = server_env(tmp_path / "d", API_KEY, database_url=url)
+    for args in (("serve",), ("migrate",)):
+        proc = _run(env, *args)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, (args, out, err)
+        assert "s3cret-pw" not in out + err, (args, err)
+        assert "127.0.0.1" in err and "Traceback" not in err, (args, err)
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"FILEDROP_APP_PROCESSES": "2"}, "FILEDROP_APP_PROCESSES=2 needs PostgreSQL"),
+    ({"FILEDROP_APP_PROCESSES": "0"}, "FILEDROP_APP_PROCESSES"),
+    ({"FILEDROP_DATABASE_URL": "mysql://u:pw@h/db"}, "is not PostgreSQL"),
+    ({"FILEDROP_DATABASE_URL": "postgresql+asyncpg://u:pw@h:5432/"}, "names no database"),
+    ({"FILEDROP_DATABASE_URL": "postgresql://h/db", "FILEDROP_DATABASE_POOL": "1"}, "FILEDROP_DATABASE_POOL"),
+    ({"FILEDROP_DATABASE_URL": "postgresql://h/db", "FILEDROP_APP_PROCESSES": "3",
+      "FILEDROP_APP_PORT": "65534"}, "go past port 65535"),
+])
+def test_scale_out_settings_are_refused_naming_them(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named) as e:
+        Settings.from_env(env)
+    assert "pw@" not in str(e.value)
+
+
+def test_nothing_changes_without_the_new_settings(tmp_path: Path) -> None:
+    s = Settings.from_env({"FILEDROP_DATA_DIR": str(tmp_path)})
+    assert s.database == tmp_path / "filedrop.sqlite3" and s.app_processes == 1
+    assert s.app_ports == (s.app_port,)
+    servers = ngx.values(s)["APP_SERVERS"]
+    assert servers == f"server 127.0.0.1:{s.app_port};"
+
+
+def test_nginx_upstream_lists_every_app_process(tmp_path: Path) -> None:
+    s = Settings.from_env({"FILEDROP_DATA_DIR": str(tmp_path), "FILEDROP_APP_PORT": "9101",
+                           "FILEDROP_APP_PROCESSES": "3", "FILEDROP_DATABASE_URL": "postgresql://u@h/db"})
+    conf = ngx.render(s, tmp_path / "p", listen=f"127.0.0.1:{free_port()}").read_text()
+    upstream = conf.split("upstream filedrop_app {", 1)[1].split("}", 1)[0]
+    assert [line.strip() for line in upstream.splitlines() if line.strip().startswith("server ")] == [
+        "server 127.0.0.1:9101;", "server 127.0.0.1:9102;", "server 127.0.0.1:9103;"]
+    assert "least_conn" not in upstream and "ip_hash" not in upstream and "hash " not in upstream  # round-robin
