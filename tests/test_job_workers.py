@@ -28,7 +28,7 @@ from tests.support.live import (
     wait_end,
 )
 from tests.support.server import ServerProcess
-from tests.support.waiting import wait_until
+from tests.support.waiting import sample_for, wait_until
 from tests.test_job_resume import alive, descendants
 
 NEVER = {"body": "{% if data.spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
@@ -183,14 +183,11 @@ def test_counts_move_per_row_and_the_last_log_line_counts_skipped_rows(server_fa
     # sample the count for a while: it moves at least once a second while rows complete.
     wait_until(lambda: get(srv, f"/api/batch/progress/{jid}/status")["succeededCount"] > 0, timeout=60,
                what="the first row done")
-    seen: list[tuple[float, int]] = []
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
+    def count() -> int | None:
         s = get(srv, f"/api/batch/progress/{jid}/status")
-        if s["status"] not in ("Queued", "In progress"):
-            break
-        seen.append((time.monotonic(), s["succeededCount"]))
-        time.sleep(0.05)  # the sampling pace
+        return s["succeededCount"] if s["status"] in ("Queued", "In progress") else None
+
+    seen = sample_for(count, seconds=4, interval=0.05)
     changes = [t for (t, c), (_t0, c0) in zip(seen[1:], seen, strict=False) if c != c0]
     assert len(changes) >= 3, seen[-5:]
     gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
