@@ -111,8 +111,11 @@ class Durability:
 
     def sync_now(self) -> None:
         """One sync, now (blocking: in a thread). ``synced()`` shares them between callers."""
-        make_dirs(self.store.root)
-        syncfs(self.store.root)
+        try:
+            syncfs(self.store.root)
+        except FileNotFoundError:  # nothing uploaded yet: the folder is made, then synced
+            make_dirs(self.store.root)
+            syncfs(self.store.root)
         if self._db_elsewhere:
             self.db.sync_commits()
 

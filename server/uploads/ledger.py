@@ -44,7 +44,7 @@ from server.errors import (
 )
 from server.uploads.chunkset import ChunkSet
 from server.uploads.model import UploadOutcome, UploadRequest, stride_of
-from server.uploads.store import UploadStore, make_dirs, remove
+from server.uploads.store import UploadStore, remove, replace_making_dirs
 
 _B = Batch.__table__
 _F = BatchFile.__table__
@@ -262,8 +262,7 @@ class Ledger:
         for m in plan.moves:
             dst = m.dst()
             try:
-                make_dirs(dst.parent)
-                os.replace(m.src, dst)
+                replace_making_dirs(m.src, dst)
             except OSError as e:
                 raise MoveFailed(m.pending, e) from e
             plan.moved.append((dst, m.src))

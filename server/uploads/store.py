@@ -101,6 +101,27 @@ def make_dirs(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
+def open_making_dirs(path: Path, flags: int) -> int:
+    """``os.open(path, flags, FILE_MODE)``, its folders made only when they are missing (a
+    ``mkdir`` per request cost a failed system call each on the hot path)."""
+    try:
+        return os.open(path, flags, FILE_MODE)
+    except FileNotFoundError:
+        make_dirs(path.parent)
+        return os.open(path, flags, FILE_MODE)
+
+
+def replace_making_dirs(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)``, the folders of ``dst`` made only when they are missing."""
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        if not os.path.lexists(src):
+            raise
+        make_dirs(dst.parent)
+        os.replace(src, dst)
+
+
 class UploadStore:
     """Paths under ``<data_dir>/uploads`` and the disk steps of receiving and completing."""
 
@@ -168,9 +189,8 @@ class UploadStore:
             raise BelowFloor(free.f_bavail * free.f_frsize)
 
     def _open(self, target: Target, reserve_bytes: int) -> int:
-        make_dirs(target.path.parent)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if target.fresh else 0)
-        fd = os.open(target.path, flags, FILE_MODE)
+        fd = open_making_dirs(target.path, flags)
         try:
             self._reserve(fd, target.offset, reserve_bytes)
         except BaseException:
@@ -186,15 +206,11 @@ class UploadStore:
         theirs first (``fallocate``)."""
         results: list[BaseException | None] = []
         room = self.free_bytes() - self.min_free if files else 0
-        made: set[Path] = set()
         for path, data in files:
             try:
                 if room - len(data) < 0:
                     raise BelowFloor(room + self.min_free)
-                if path.parent not in made:
-                    make_dirs(path.parent)
-                    made.add(path.parent)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                fd = open_making_dirs(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 try:
                     _pwrite(fd, data, 0)
                 finally:
