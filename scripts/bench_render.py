@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,52 +81,15 @@ def bare_loop(rows: list[dict[str, Any]], out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(data_dir: Path, workers: int | None) -> Any:
+    """A migrated ``python -m server serve`` on ``data_dir``, answering (the tests' own
+    ``ServerProcess``; blocking: call it in a thread)."""
+    from tests.support.server import ServerProcess, server_env
 
-
-class Server:
-    def __init__(self, data_dir: Path, workers: int | None) -> None:
-        self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-        self.env.update({"FILEDROP_DATA_DIR": str(data_dir), "FILEDROP_APP_PORT": str(self.port),
-                         "FILEDROP_API_KEYS": KEY, "FILEDROP_MIN_FREE_DISK": "1M",
-                         "FILEDROP_JANITOR_INTERVAL": "0", "FILEDROP_FETCH_ALLOW": "127.0.0.1",
-                         "FILEDROP_LOG_LEVEL": "WARNING"})
-        if workers:
-            self.env["FILEDROP_WORKERS"] = str(workers)
-        self.log = data_dir.parent / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=REPO, env=self.env, check=True,
-                       capture_output=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=REPO, env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as s:
-            while True:
-                try:
-                    async with s.get(self.url + "/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start: {self.log.read_text()[-2000:]}")
-                await asyncio.sleep(0.05)  # poll interval under a deadline
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
+    settings = {"log_level": "WARNING"} | ({"workers": str(workers)} if workers else {})
+    env = server_env(data_dir, KEY, **settings)
+    subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=REPO, env=env, check=True, capture_output=True)
+    return ServerProcess(env, data_dir.parent / "server.log").start(timeout=30)
 
 
 async def run_job(session: aiohttp.ClientSession, url: str, batch_id: str, template: dict[str, Any],
@@ -164,8 +126,9 @@ def pct(values: list[float], p: float) -> float:
 
 async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``reps`` times: bare loop, the server's 10k job, bare loop; then the `original` job."""
-    srv = Server(work / "var", args.workers)
-    await srv.start()
+    from tests.support.waiting import free_port
+
+    srv = await asyncio.to_thread(start_server, work / "var", args.workers)
     pdf = b"%PDF-1.4\n" + os.urandom(200 * 1024)
     assets = {"/doc.pdf": pdf, "/viewer.js": b"window.viewer = {};" * 200, "/s.css": b"body{margin:0}" * 100}
     hits: dict[str, int] = {}

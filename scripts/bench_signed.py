@@ -23,12 +23,12 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,6 @@ TEMPLATE = {"title": "Invoice {{ data.num_client }}", "lang": "fr",
             "body": "<h1>Client {{ data.num_client }}</h1><p>Montant : {{ data.montant }} €</p>"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_rows(n: int) -> bytes:
     return "\n".join(json.dumps({"reference_id": f"5ef3501829bf41003d{i:06d}", "suffix": f"5f1ea1e9b982f9004{i:07d}",
                                  "data": {"num_client": f"240 000 {i:06d}", "montant": f"{i % 997},{i % 100:02d}"}})
@@ -54,21 +48,21 @@ def make_rows(n: int) -> bytes:
 
 
 class Front:
-    """``python -m server serve`` and NGINX over the project's nginx.conf, on a fresh data dir."""
+    """``python -m server serve`` (the tests' ``ServerProcess``) and NGINX over the project's
+    nginx.conf, on a fresh data dir. ``start`` blocks: call it in a thread."""
 
     def __init__(self, work: Path, max_data_size: int) -> None:
         from server.config import Settings
+        from tests.support.server import ServerProcess, server_env
+        from tests.support.waiting import free_port
 
-        self.app_port, self.http_port = free_port(), free_port()
-        data = work / "var"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-        self.env.update({"FILEDROP_DATA_DIR": str(data), "FILEDROP_APP_PORT": str(self.app_port),
-                         "FILEDROP_API_KEYS": KEY, "FILEDROP_MIN_FREE_DISK": "1M", "FILEDROP_JANITOR_INTERVAL": "0",
-                         "FILEDROP_LOG_LEVEL": "WARNING", "FILEDROP_MAX_DATA_SIZE": str(max_data_size),
-                         "FILEDROP_PUBLIC_URL": f"http://127.0.0.1:{self.http_port}"})
+        self.http_port = free_port()
+        self.env = server_env(work / "var", KEY, log_level="WARNING", max_data_size=str(max_data_size),
+                              public_url=f"http://127.0.0.1:{self.http_port}")
         self.settings = Settings.from_env(self.env)
         self.work = work
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.server = ServerProcess(self.env, work / "server.log")
+        self.nginx_proc: subprocess.Popen[bytes] | None = None
 
     @property
     def nginx(self) -> str:
@@ -76,38 +70,36 @@ class Front:
 
     @property
     def app(self) -> str:
-        return f"http://127.0.0.1:{self.app_port}"
+        return self.server.url
 
-    async def start(self) -> None:
+    def start(self) -> None:
         from server.nginx import render
+        from tests.support.waiting import wait_until
 
         subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=REPO, env=self.env, check=True,
                        capture_output=True)
-        with open(self.work / "server.log", "ab") as log:
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=REPO, env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))
+        self.server.start(timeout=30)
         conf = render(self.settings, self.work / "nginx", listen=f"127.0.0.1:{self.http_port}")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.procs.append(subprocess.Popen([nginx, "-p", str(self.work / "nginx"), "-c", str(conf),
-                                            "-g", "daemon off;"], stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as s:
-            while True:
-                try:
-                    async with s.get(self.nginx + "/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                    raise SystemExit(f"server or NGINX did not start: {(self.work / 'server.log').read_text()[-2000:]}")
-                await asyncio.sleep(0.05)  # poll interval under a deadline
+        self.nginx_proc = proc = subprocess.Popen([nginx, "-p", str(self.work / "nginx"), "-c", str(conf),
+                                                   "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise SystemExit(f"NGINX exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.nginx + "/healthz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=30, what=f"NGINX on {self.nginx}")
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=20)
+        if self.nginx_proc is not None and self.nginx_proc.poll() is None:
+            self.nginx_proc.terminate()
+            self.nginx_proc.wait(timeout=20)
+        self.server.stop()
 
 
 async def put_rows(s: aiohttp.ClientSession, base: str, batch: str, rows: bytes) -> tuple[float, float, str]:
@@ -185,7 +177,7 @@ async def hammer(url: str, seconds: float, concurrency: int, app_pid: int) -> di
 async def run(args: argparse.Namespace, work: Path) -> int:
     rows = make_rows(args.rows)
     front = Front(work, max(len(rows), 50 << 20))
-    await front.start()
+    await asyncio.to_thread(front.start)
     try:
         timeout = aiohttp.ClientTimeout(total=900)
         async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -208,7 +200,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             async with s.get(f"{last}/result?format=url&expires_in=3600", headers=AUTH) as r:
                 link = (await r.json())["download_url"]
             csv_size = len(await (await s.get(link)).read())
-        app_pid = front.procs[0].pid
+        assert front.server.proc is not None
+        app_pid = front.server.proc.pid
         via_nginx = await hammer(link, args.seconds, args.concurrency, app_pid)
         direct = await hammer(link.replace(front.nginx, front.app), args.seconds, args.concurrency, app_pid)
     finally:
