@@ -84,3 +84,64 @@ def test_nginx_upstream_lists_every_app_process(tmp_path: Path) -> None:
     assert [line.strip() for line in upstream.splitlines() if line.strip().startswith("server ")] == [
         "server 127.0.0.1:9101;", "server 127.0.0.1:9102;", "server 127.0.0.1:9103;"]
     assert "least_conn" not in upstream and "ip_hash" not in upstream and "hash " not in upstream  # round-robin
+
+
+_HOLD_A_LOCK = """
+import asyncio, sys
+from sqlalchemy import text, update
+from server.db import Database
+from server.db.job_models import JobWorker
+
+async def main(url, how):
+    db = Database(url)
+    stmt = update(JobWorker).where(JobWorker.worker_id == "w").values(pid=2)
+    if how == "sync":  # the upload recorder's psycopg connection
+        with db.sync_writer.connect() as c:
+            c.execute(stmt)
+            print("locked", flush=True)
+            sys.stdin.read()  # frozen mid-transaction until the test closes our stdin
+            c.commit()
+    else:
+        async with db.write() as s:
+            await s.execute(stmt)
+            print("locked", flush=True)
+            sys.stdin.read()
+    await db.writer.dispose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["async", "sync"])
+async def test_a_process_frozen_inside_a_transaction_does_not_hold_its_locks_for_ever(
+        database: str, how: str) -> None:
+    """A process stopped between two statements of a transaction (SIGSTOP, swapped out, a host
+    that hangs) keeps its row locks until PostgreSQL ends its session: after IDLE_IN_TRANSACTION
+    s, not never. Without that, a worker frozen while holding a job's row lock stops every other
+    worker and the reaper that should hand its rows back (seen in CI as a job that never ended)."""
+    import asyncio
+    import time
+
+    from server.db import Database
+    from server.db.engine import IDLE_IN_TRANSACTION
+    from server.jobs import queries
+
+    db = Database(database)
+    try:
+        await queries.register_worker(db, "w", "h", 1)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_LOCK, database, how], cwd=REPO, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked", holder.stderr
+            began = time.monotonic()
+            assert await asyncio.wait_for(queries.heartbeat(db, "w"), IDLE_IN_TRANSACTION + 20)
+            waited = time.monotonic() - began
+            assert IDLE_IN_TRANSACTION - 1 < waited, f"the lock was free after {waited:.1f} s: the test held nothing"
+            out, err = holder.communicate(input="", timeout=60)
+        finally:
+            holder.kill()
+        assert holder.returncode != 0 and "idle-in-transaction timeout" in err, err[-2000:]
+    finally:
+        await db.writer.dispose()
+        db.sync_writer.dispose()

@@ -17,7 +17,11 @@ SQLite:
 PostgreSQL (several app processes and workers, on one host or several):
 
 * One asyncpg pool (``FILEDROP_DATABASE_POOL`` connections) serves ``read()`` and ``write()``;
-  transactions are READ COMMITTED. Every "exactly once" decision is a conditional ``UPDATE``
+  transactions are READ COMMITTED. A session idle inside a transaction for
+  ``IDLE_IN_TRANSACTION`` s is ended by the server (``idle_in_transaction_session_timeout``), and
+  with it the locks it held: a process frozen mid-transaction (SIGSTOP, swapped out, a host
+  that hangs) holding a job's row lock would otherwise stop every other worker and the one
+  that should hand its rows back. Every "exactly once" decision is a conditional ``UPDATE``
   (row count checked), a ``SELECT ... FOR UPDATE`` taken in a fixed order (the job row before
   its rows, a batch before its files, files by id), ``FOR UPDATE SKIP LOCKED`` for claims, or an
   advisory lock (``locks``).
@@ -51,6 +55,10 @@ from server.db.urls import async_url, is_postgres, libpq_url, sync_url
 
 log = logging.getLogger("filedrop.db")
 POOL_TIMEOUT = 30.0  # s a request waits for a free PostgreSQL connection (FILEDROP_DATABASE_POOL)
+# s a PostgreSQL session may sit idle inside a transaction. Ours never await anything but the
+# database inside one; well under the workers' LOST_AFTER (20 s), so the rows of a worker frozen
+# mid-transaction go back to the queue on time.
+IDLE_IN_TRANSACTION = 10.0
 
 
 def utcnow() -> datetime:
@@ -90,11 +98,14 @@ class Database:
         self.locks: Locks
         if self.shared:
             url = async_url(target)
+            idle_ms = str(int(IDLE_IN_TRANSACTION * 1000))
             engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=POOL_TIMEOUT,
-                                         pool_pre_ping=True)
+                                         pool_pre_ping=True,
+                                         connect_args={"server_settings": {"idle_in_transaction_session_timeout": idle_ms}})
             self.writer = self.reader = engine
             self.sync_writer = create_engine(sync_url(target), pool_size=1, max_overflow=0, pool_timeout=60,
-                                             pool_pre_ping=True)  # one thread at a time: the recorder's
+                                             pool_pre_ping=True,  # one thread at a time: the recorder's
+                                             connect_args={"options": f"-c idle_in_transaction_session_timeout={idle_ms}"})
             self.locks = AdvisoryLocks(url)
         else:
             db_path = Path(target)
