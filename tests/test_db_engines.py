@@ -145,3 +145,49 @@ async def test_a_process_frozen_inside_a_transaction_does_not_hold_its_locks_for
     finally:
         await db.writer.dispose()
         db.sync_writer.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_job_survives_the_database_ending_every_session_of_its_processes(server_factory, database: str) -> None:
+    """PostgreSQL restarted, or sessions ended by an operator or a timeout, while a job runs:
+    the server and its workers make new connections and the job completes, each lost
+    connection logged in one line, no traceback."""
+    import json
+
+    import requests
+    from sqlalchemy import create_engine, text
+
+    from server.db.urls import sync_url
+    from tests.support.jobs import rows
+    from tests.support.waiting import wait_until
+
+    srv = server_factory(workers="2")
+    auth = {"X-API-Key": API_KEY}
+    n = 3000
+    files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
+             "data": (None, json.dumps(rows(n)))}
+    r = requests.post(f"{srv.url}/api/batch/lost/start", headers=auth, files=files, timeout=60)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+
+    def status() -> dict:
+        r = requests.get(f"{srv.url}/api/batch/lost/{job_id}/status", headers=auth, timeout=30)
+        return r.json() if r.status_code == 200 else {}
+
+    admin = create_engine(sync_url(database))
+    ended = 0
+    try:
+        with admin.connect() as c:
+            for _ in range(3):  # three times while the job runs
+                wait_until(lambda: status().get("status") in ("In progress", "Completed"), timeout=60,
+                           what="the job to run")
+                ended += c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                        "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    finally:
+        admin.dispose()
+    assert ended >= 3, ended  # the server, its workers: each had sessions to lose
+    end = wait_until(lambda: (st := status()).get("status") in ("Completed", "Error", "Cancelled") and st,
+                     timeout=180, interval=0.2, what="the job to end")
+    assert end["status"] == "Completed" and end["succeededCount"] == n, end
+    log = srv.log_path.read_text()
+    assert "Traceback" not in log, log[-4000:]

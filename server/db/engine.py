@@ -148,8 +148,13 @@ class Database:
         async with self._read_sessions() as session:
             try:
                 yield session
-            finally:
-                await session.rollback()
+            except BaseException:
+                # The connection may be what failed: the block's error is the one to raise, not
+                # the rollback's (asyncpg: "another operation is in progress").
+                with contextlib.suppress(Exception):
+                    await session.rollback()
+                raise
+            await session.rollback()
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in

@@ -40,6 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from server.config import Settings
 from server.db import Database, utcnow
 from server.db.job_models import Job
@@ -70,6 +72,17 @@ CLAIM_MAX = 500
 # Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
 # calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
 NICE = 5
+
+
+def _connection_lost(e: BaseException) -> bool:
+    """The database ended the connection (a restart, or a session it ended because it sat idle
+    in a transaction while this process was frozen): the pool makes a new one; one line, not a
+    traceback."""
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(getattr(e, "orig", None) or e).splitlines()[0][:200]
 
 
 class JobUnrenderable(Exception):
@@ -156,20 +169,27 @@ class Worker:
         self.beat_ok = time.monotonic()
         log.info("worker %s (pid %d) started", self.id, os.getpid())
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
+        orphans = True  # the first round hands back rows claimed by no registered worker
         try:
-            await self._reap(orphans=True)
             with contextlib.suppress(ChildGone, OSError):  # else it starts with the first rows
                 # Warm before the first rows: a render process takes 0.1-0.3 s to start.
                 self.child = await RenderProcess.start(self.settings)
             while not self.stopping.is_set():
                 try:
+                    if orphans:
+                        await self._reap(orphans=True)
+                        orphans = False
                     if self.lost:
                         await self._rejoin()
                     busy = await self._round()
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
-                except Exception:  # the database busy past its timeout, say: not a reason to die
-                    log.exception("worker %s: round failed; trying again", self.id)
+                except Exception as e:  # the database busy past its timeout, say: not a reason to die
+                    if _connection_lost(e):
+                        log.warning("worker %s: its database connection was lost (%s); trying again",
+                                    self.id, _first_line(e))
+                    else:
+                        log.exception("worker %s: round failed; trying again", self.id)
                     busy = False
                 if not busy:
                     self.wake.clear()
@@ -207,8 +227,11 @@ class Worker:
                     await self._reap()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # e.g. the writer busy past its timeout: try again next beat
-                log.exception("worker %s: heartbeat failed", self.id)
+            except Exception as e:  # e.g. the writer busy past its timeout: try again next beat
+                if _connection_lost(e):
+                    log.warning("worker %s: heartbeat: its database connection was lost (%s)", self.id, _first_line(e))
+                else:
+                    log.exception("worker %s: heartbeat failed", self.id)
 
     async def _reap(self, orphans: bool = False) -> None:
         """Hand back the rows of dead workers (and, with ``orphans``, of rows claimed by no
@@ -259,8 +282,12 @@ class Worker:
             return True
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
-        except Exception:
-            log.exception("worker %s: job %s: %d claimed rows handed back", self.id, job_id, len(runner.rows))
+        except Exception as e:
+            if _connection_lost(e):
+                log.warning("worker %s: job %s: its database connection was lost (%s); %d claimed rows handed back",
+                            self.id, job_id, _first_line(e), len(runner.rows))
+            else:
+                log.exception("worker %s: job %s: %d claimed rows handed back", self.id, job_id, len(runner.rows))
             await self.drop_child()
             out = queries.Outcome.empty()
             out.release = [r.idx for r in runner.rows]
