@@ -332,6 +332,13 @@ async def release_worker(db: Database, worker_id: str) -> list[tuple[str, str]]:
     return held
 
 
+async def hand_back_own(db: Database, worker_id: str) -> list[tuple[str, str]]:
+    """A live worker lost track of its claim (a round failed before its rows were recorded or
+    handed back): every row it holds goes back to the queue; it stays registered."""
+    async with db.write() as s:
+        return await _hand_back(s, ROWS.c.claimed_by == worker_id)
+
+
 async def release_orphans(db: Database) -> list[tuple[str, str]]:
     """Claimed rows no registered worker holds (a crash of every process) go back to the queue."""
     async with db.write() as s:

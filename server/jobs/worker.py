@@ -170,6 +170,7 @@ class Worker:
         log.info("worker %s (pid %d) started", self.id, os.getpid())
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
         orphans = True  # the first round hands back rows claimed by no registered worker
+        stale = False  # a round failed: rows it claimed may still be marked ours
         try:
             with contextlib.suppress(ChildGone, OSError):  # else it starts with the first rows
                 # Warm before the first rows: a render process takes 0.1-0.3 s to start.
@@ -179,6 +180,9 @@ class Worker:
                     if orphans:
                         await self._reap(orphans=True)
                         orphans = False
+                    if stale:  # no claim is open between rounds: whatever it holds is lost track of
+                        await queries.hand_back_own(self.db, self.id)
+                        stale = False
                     if self.lost:
                         await self._rejoin()
                     busy = await self._round()
@@ -190,7 +194,7 @@ class Worker:
                                     self.id, _first_line(e))
                     else:
                         log.exception("worker %s: round failed; trying again", self.id)
-                    busy = False
+                    stale, busy = True, False
                 if not busy:
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
