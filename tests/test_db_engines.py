@@ -191,3 +191,45 @@ def test_a_job_survives_the_database_ending_every_session_of_its_processes(serve
     assert end["status"] == "Completed" and end["succeededCount"] == n, end
     log = srv.log_path.read_text()
     assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+async def test_claims_take_at_most_n_rows_and_a_live_worker_hands_back_what_it_lost_track_of(
+        settings: Settings) -> None:
+    """A claim of n rows takes n rows (on PostgreSQL it once took every pending row: its
+    ``IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`` ran again per row). After a failed round a worker hands back every row still claimed in its name (it has no
+    claim open between rounds); nobody else would, since it is alive. It stays registered, and
+    another worker's rows stay where they are."""
+    from sqlalchemy import insert, select
+
+    from server.db import Database, utcnow
+    from server.db.job_models import Job, JobRow, JobWorker
+    from server.jobs import queries
+
+    db = Database(settings.database)
+    try:
+        async with db.write() as s:
+            await s.execute(insert(Job).values(job_id="j1", batch_id="b", owner="o", status="In progress",
+                                               strategy="smallest", inputs_hash="h", template="{}",
+                                               created_at=utcnow(), total_count=6))
+            await s.execute(insert(JobRow), [{"job_id": "j1", "idx": i, "reference_id": f"r{i}", "suffix": "s",
+                                              "data": "{}"} for i in range(6)])
+        for w in ("w1", "w2"):
+            await queries.register_worker(db, w, "h", 1)
+        mine = await queries.claim_rows(db, "j1", "w1", 4)
+        theirs = await queries.claim_rows(db, "j1", "w2", 2)
+        assert len(mine) == 4 and len(theirs) == 2
+
+        assert await queries.hand_back_own(db, "w1") == [("j1", "b")]
+        async with db.read() as s:
+            rows = dict((await s.execute(select(JobRow.idx, JobRow.claimed_by))).all())
+            workers = set((await s.scalars(select(JobWorker.worker_id))).all())
+        assert sorted(i for i, w in rows.items() if w is None) == sorted(r.idx for r in mine)
+        assert sorted(i for i, w in rows.items() if w == "w2") == sorted(r.idx for r in theirs)
+        assert workers == {"w1", "w2"}
+        assert [r.idx for r in await queries.claim_rows(db, "j1", "w1", 10)] == sorted(r.idx for r in mine)
+    finally:
+        await db.writer.dispose()
+        if db.reader is not db.writer:
+            await db.reader.dispose()
+        db.sync_writer.dispose()

@@ -136,11 +136,14 @@ async def claim_rows(db: Database, job_id: str, worker_id: str, n: int) -> list[
                                .where(Job.job_id == job_id).with_for_update(key_share=True))).first()
         if job is None or job.status not in RUNNING or job.cancel_requested:
             return []
+        # A CTE, evaluated once. As an ``IN (subquery)`` PostgreSQL may run the subquery again
+        # for each row of a nested-loop semi-join, each run skipping the rows this statement
+        # just updated (SKIP LOCKED): the claim took every pending row of the job, not ``n``.
         todo = (select(ROWS.c.idx).where(ROWS.c.job_id == job_id, ROWS.c.idx >= job.claim_from,
                                          ROWS.c.status == "pending")
-                .order_by(ROWS.c.idx).limit(n).with_for_update(skip_locked=True).scalar_subquery())
+                .order_by(ROWS.c.idx).limit(n).with_for_update(skip_locked=True).cte("todo"))
         res = await s.execute(
-            update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.idx.in_(todo), ROWS.c.status == "pending")
+            update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.idx.in_(select(todo.c.idx)), ROWS.c.status == "pending")
             .values(status="claimed", claimed_by=worker_id)
             .returning(ROWS.c.idx, ROWS.c.reference_id, ROWS.c.suffix, ROWS.c.pdf, ROWS.c.data, ROWS.c.attempts))
         rows = sorted((Claimed(*r) for r in res.all()), key=lambda r: r.idx)
