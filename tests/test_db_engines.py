@@ -175,17 +175,22 @@ def test_a_job_survives_the_database_ending_every_session_of_its_processes(serve
         return r.json() if r.status_code == 200 else {}
 
     admin = create_engine(sync_url(database))
-    ended = 0
+    ended = mid_job = 0
+    done = -1
     try:
         with admin.connect() as c:
-            for _ in range(3):  # three times while the job runs
-                wait_until(lambda: status().get("status") in ("In progress", "Completed"), timeout=60,
-                           what="the job to run")
+            for _ in range(3):  # three times, each once the job has moved on since the last
+                st = wait_until(lambda done=done: (x := status()).get("status") in ("In progress", "Completed")
+                                and x.get("succeededCount", 0) > done and x, timeout=60, interval=0.01,
+                                what="the job to move on")
+                mid_job += st["status"] == "In progress"
+                done = st["succeededCount"]
                 ended += c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
     finally:
         admin.dispose()
     assert ended >= 3, ended  # the server, its workers: each had sessions to lose
+    assert mid_job >= 1, "the job ended before the first kill: make it longer"
     end = wait_until(lambda: (st := status()).get("status") in ("Completed", "Error", "Cancelled") and st,
                      timeout=180, interval=0.2, what="the job to end")
     assert end["status"] == "Completed" and end["succeededCount"] == n, end
