@@ -43,6 +43,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from server.db.engine import connection_lost
+
 log = logging.getLogger("filedrop.errors")
 
 
@@ -369,7 +371,12 @@ async def error_middleware(
         log.warning("no free database connection for %s %s (FILEDROP_DATABASE_POOL)", request.method, request.path)
         return answer(ServerBusy("every database connection of this process is busy (FILEDROP_DATABASE_POOL); "
                                  "retry shortly"))
-    except Exception:
+    except Exception as e:
+        lost = connection_lost(e)
+        if lost is not None:
+            # PostgreSQL restarted, or ended this session: the request can simply be sent again.
+            log.warning("%s %s: the database connection was lost (%s)", request.method, request.path, lost)
+            return answer(ServerBusy("the connection to the database was lost; retry shortly"))
         return _internal_error(request)
 
 

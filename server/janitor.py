@@ -55,7 +55,7 @@ from aiohttp import web
 from sqlalchemy import delete, exists, func, select, update
 
 from server.config import Settings
-from server.db import Database, utcnow
+from server.db import Database, log_failure, utcnow
 from server.db.job_models import Job, JobRow
 from server.db.models import Batch, BatchFile
 from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNotFound
@@ -782,8 +782,8 @@ class Janitor:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bad pass (e.g. the disk went away) must not end the janitor
-                log.exception("janitor pass failed")
+            except Exception as e:  # a bad pass (e.g. the disk went away) must not end the janitor
+                log_failure(log, "janitor pass failed", e)
             await asyncio.sleep(interval)
 
 

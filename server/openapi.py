@@ -556,8 +556,9 @@ def _common(settings: Settings, public: bool) -> dict[int, Answer]:
                    f"(FILEDROP_MAX_CHUNK_SIZE), {job_body_limit(settings)} for other /api/ paths.", "ERR_TOO_LARGE"),
         414: error("The request URI is too long.", "ERR_URI_TOO_LONG"),
         431: error("The request headers are too large.", "ERR_HEADERS_TOO_LARGE"),
-        503: Answer("The app is stopping, or down (then NGINX answers, with Retry-After): retry. Codes: "
-                    "ERR_SERVER_SHUTTING_DOWN, ERR_APP_UNAVAILABLE.", ref("Error"),
+        503: Answer("The app is stopping, or down (then NGINX answers, with Retry-After), or its connection to "
+                    "the database was lost: retry. Codes: ERR_SERVER_SHUTTING_DOWN, ERR_APP_UNAVAILABLE, "
+                    "ERR_SERVER_BUSY.", ref("Error"),
                     headers={"Retry-After": "seconds (from NGINX)"}),
         504: error("The app did not answer in time (NGINX).", "ERR_APP_TIMEOUT"),
     }

@@ -238,3 +238,41 @@ async def test_claims_take_at_most_n_rows_and_a_live_worker_hands_back_what_it_l
         if db.reader is not db.writer:
             await db.reader.dispose()
         db.sync_writer.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_request_whose_database_connection_is_lost_answers_503_and_logs_one_line(
+        client, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A request whose session PostgreSQL ends under it (here: the session ends itself, a real
+    loss) answers 503 ERR_SERVER_BUSY ("retry shortly") and logs one WARNING line, no traceback;
+    the retry works on a new connection, and nothing of the batch is lost."""
+    import logging
+
+    from sqlalchemy import text
+
+    from server.uploads.service import UploadService
+    from tests.support.uploads import Uploads, assert_error
+
+    up = Uploads(client)
+    batch = await up.create()
+    assert (await up.post(batch, 0, b"kept")).status == 201
+    real = UploadService.list_files
+    fired: list[bool] = []
+
+    async def loses_its_connection_once(self, owner, batch_id):  # type: ignore[no-untyped-def]
+        if not fired:
+            fired.append(True)
+            async with self.db.read() as s:
+                await s.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return await real(self, owner, batch_id)
+
+    monkeypatch.setattr(UploadService, "list_files", loses_its_connection_once)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        body = await assert_error(await up.info(batch), 503, "ERR_SERVER_BUSY")
+    assert "connection to the database was lost" in body["message"], body
+    lost = [r for r in caplog.records if "database connection was lost" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING and lost[0].exc_info is None, lost
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    r = await up.info(batch)
+    assert r.status == 200 and [f["name"] for f in await r.json()] == ["f.bin"], await r.text()

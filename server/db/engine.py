@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -59,6 +60,25 @@ POOL_TIMEOUT = 30.0  # s a request waits for a free PostgreSQL connection (FILED
 # database inside one; well under the workers' LOST_AFTER (20 s), so the rows of a worker frozen
 # mid-transaction go back to the queue on time.
 IDLE_IN_TRANSACTION = 10.0
+
+
+def connection_lost(e: BaseException) -> str | None:
+    """Why the database ended the connection under us (PostgreSQL restarted, a session ended by
+    an operator or by ``IDLE_IN_TRANSACTION``), in one line; None if ``e`` is something else.
+    Not a fault of ours: the pool makes a new connection."""
+    if not (isinstance(e, DBAPIError) and e.connection_invalidated):
+        return None
+    return (str(e.orig or e).strip().splitlines() or ["connection closed"])[0][:200]
+
+
+def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: object) -> None:
+    """Log that ``what`` (a %-format of ``args``) failed with ``e``: one WARNING line when the
+    database connection was lost, else the traceback (a fault of ours)."""
+    reason = connection_lost(e)
+    if reason is not None:
+        logger.warning(what + ": the database connection was lost (%s)", *args, reason)
+    else:
+        logger.error(what, *args, exc_info=e)
 
 
 def utcnow() -> datetime:
@@ -148,13 +168,13 @@ class Database:
         async with self._read_sessions() as session:
             try:
                 yield session
-            except BaseException:
-                # The connection may be what failed: the block's error is the one to raise, not
-                # the rollback's (asyncpg: "another operation is in progress").
+            finally:
+                # Nothing was written: a rollback that fails (the connection was lost, maybe by
+                # the block's own error) changes nothing the block read, and must not replace
+                # the block's error (asyncpg: "another operation is in progress"). The pool
+                # drops such a connection when the session closes.
                 with contextlib.suppress(Exception):
                     await session.rollback()
-                raise
-            await session.rollback()
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in

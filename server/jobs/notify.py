@@ -27,7 +27,7 @@ import aiosmtplib
 from sqlalchemy import select, update
 
 from server.config import Settings
-from server.db import Database
+from server.db import Database, log_failure
 from server.db.job_models import Job
 from server.jobs import queries
 from server.jobs.fetch import Fetcher, FetchError
@@ -180,8 +180,8 @@ class Notifier:
                         t.add_done_callback(self._tasks.discard)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # the database busy, say: look again at the next poll
-                    log.exception("looking for notifications to send failed")
+                except Exception as e:  # the database busy, say: look again at the next poll
+                    log_failure(log, "looking for notifications to send failed", e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.POLL if self.leading else self.STANDBY_POLL)
         finally:
@@ -238,8 +238,8 @@ class Notifier:
                     await self._set(job_id, email_state="failed")
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("job %s: notification failed", job_id)
+        except Exception as e:
+            log_failure(log, "job %s: notification failed", e, job_id)
         finally:
             self._busy.discard(job_id)
             self._slots.release()

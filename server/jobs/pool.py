@@ -23,7 +23,7 @@ import sys
 import time
 
 from server.config import Settings
-from server.db import Database
+from server.db import Database, log_failure
 from server.jobs import control, queries
 from server.jobs.childproc import ROOT
 
@@ -86,8 +86,8 @@ class WorkerPool:
                     del self.procs[worker_id]
                 try:
                     await control.forget_worker(self.db, self.settings, worker_id)
-                except Exception:  # its heartbeat will go stale: the other workers hand them back
-                    log.exception("could not hand back the rows of worker %s", worker_id)
+                except Exception as e:  # its heartbeat will go stale: the other workers hand them back
+                    log_failure(log, "could not hand back the rows of worker %s", e, worker_id)
                 if self._stopping:
                     return
                 log.warning("worker %s (slot %d, pid %d) exited with status %s; starting another", worker_id, slot,

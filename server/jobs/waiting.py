@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import case, insert, select, update
 
-from server.db import Database, utcnow
+from server.db import Database, log_failure, utcnow
 from server.db.job_models import Job, JobLog, JobRow
 from server.errors import DataReceived, JobNotFound, JobNotWaiting, UrlExpired
 from server.jobs.queries import add_log
@@ -140,6 +140,6 @@ async def expire_loop(db: Database, woken: Callable[[], None]) -> None:
                 woken()
         except asyncio.CancelledError:
             raise
-        except Exception:  # the database busy, say: look again next round
-            log.exception("expiring jobs that wait for data failed")
+        except Exception as e:  # the database busy, say: look again next round
+            log_failure(log, "expiring jobs that wait for data failed", e)
         await asyncio.sleep(EXPIRE_POLL)  # the period of the sweep (production pace, not a test wait)

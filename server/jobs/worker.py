@@ -40,10 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy.exc import DBAPIError
-
 from server.config import Settings
-from server.db import Database, utcnow
+from server.db import Database, log_failure, utcnow
 from server.db.job_models import Job
 from server.durable import boot_id
 from server.jobs import control, queries
@@ -72,17 +70,6 @@ CLAIM_MAX = 500
 # Workers run at a lower CPU priority than the API (their render processes lower still: 10): status
 # calls and uploads stay fast while every core renders (bench: status p99 during a 10k job).
 NICE = 5
-
-
-def _connection_lost(e: BaseException) -> bool:
-    """The database ended the connection (a restart, or a session it ended because it sat idle
-    in a transaction while this process was frozen): the pool makes a new one; one line, not a
-    traceback."""
-    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(getattr(e, "orig", None) or e).splitlines()[0][:200]
 
 
 class JobUnrenderable(Exception):
@@ -189,11 +176,7 @@ class Worker:
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as e:  # the database busy past its timeout, say: not a reason to die
-                    if _connection_lost(e):
-                        log.warning("worker %s: its database connection was lost (%s); trying again",
-                                    self.id, _first_line(e))
-                    else:
-                        log.exception("worker %s: round failed; trying again", self.id)
+                    log_failure(log, "worker %s: round failed; trying again", e, self.id)
                     stale, busy = True, False
                 if not busy:
                     self.wake.clear()
@@ -232,10 +215,7 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # e.g. the writer busy past its timeout: try again next beat
-                if _connection_lost(e):
-                    log.warning("worker %s: heartbeat: its database connection was lost (%s)", self.id, _first_line(e))
-                else:
-                    log.exception("worker %s: heartbeat failed", self.id)
+                log_failure(log, "worker %s: heartbeat failed", e, self.id)
 
     async def _reap(self, orphans: bool = False) -> None:
         """Hand back the rows of dead workers (and, with ``orphans``, of rows claimed by no
@@ -287,11 +267,7 @@ class Worker:
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as e:
-            if _connection_lost(e):
-                log.warning("worker %s: job %s: its database connection was lost (%s); %d claimed rows handed back",
-                            self.id, job_id, _first_line(e), len(runner.rows))
-            else:
-                log.exception("worker %s: job %s: %d claimed rows handed back", self.id, job_id, len(runner.rows))
+            log_failure(log, "worker %s: job %s: %d claimed rows handed back", e, self.id, job_id, len(runner.rows))
             await self.drop_child()
             out = queries.Outcome.empty()
             out.release = [r.idx for r in runner.rows]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from sqlalchemy import bindparam, delete, select, update
 
-from server.db import Database, utcnow
+from server.db import Database, log_failure, utcnow
 from server.db.models import BatchFile
 from server.durable import boot_id, fsync_dir, syncfs
 from server.uploads.chunkset import ChunkSet
@@ -192,8 +192,8 @@ class Durability:
             await asyncio.sleep(every)  # group the chunks of this interval into one sync
             try:
                 await self.chunk_point()
-            except Exception:  # e.g. the writer busy past its pool timeout: try again next time
-                log.exception("chunk sync point failed; the chunks stay unsynced until the next one")
+            except Exception as e:  # e.g. the writer busy past its pool timeout: try again next time
+                log_failure(log, "chunk sync point failed; the chunks stay unsynced until the next one", e)
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> int:
