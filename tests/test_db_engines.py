@@ -152,23 +152,18 @@ def test_a_job_survives_the_database_ending_every_session_of_its_processes(serve
     """PostgreSQL restarted, or sessions ended by an operator or a timeout, while a job runs:
     the server and its workers make new connections and the job completes, each lost
     connection logged in one line, no traceback."""
-    import json
 
     import requests
     from sqlalchemy import create_engine, text
 
     from server.db.urls import sync_url
-    from tests.support.jobs import rows
+    from tests.support.jobs import start_rows_job
     from tests.support.waiting import wait_until
 
     srv = server_factory(workers="2")
     auth = {"X-API-Key": API_KEY}
     n = 3000
-    files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
-             "data": (None, json.dumps(rows(n)))}
-    r = requests.post(f"{srv.url}/api/batch/lost/start", headers=auth, files=files, timeout=60)
-    assert r.status_code == 202, r.text
-    job_id = r.json()["job_id"]
+    job_id = start_rows_job(srv.url, "lost", n)
 
     def status() -> dict:
         r = requests.get(f"{srv.url}/api/batch/lost/{job_id}/status", headers=auth, timeout=30)

@@ -38,7 +38,7 @@ from server.db.job_models import JobRow, JobWorker
 from server.db.locks import KINDS
 from server.db.urls import sync_url
 from tests.conftest import API_KEY
-from tests.support.jobs import rows
+from tests.support.jobs import start_rows_job
 from tests.support.server import REPO
 from tests.support.uploads import upload_headers
 from tests.support.waiting import free_port, free_ports_in_a_row, wait_until
@@ -258,11 +258,7 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
     receiver = _Receiver()
     try:
         n = 5000
-        files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
-                 "data": (None, json.dumps(rows(n))), "callback_url": (None, receiver.url)}
-        r = requests.post(f"{s.url}/api/batch/big/start", headers=AUTH, files=files, timeout=60)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["job_id"]
+        job_id = start_rows_job(s.url, "big", n, callback_url=receiver.url)
         out_dir = s.data / "smartlinks" / "big"
 
         def pages() -> int:
@@ -347,11 +343,7 @@ def test_a_stalled_worker_declared_dead_publishes_nothing_after_the_job_ended(st
     renames, a window this test cannot aim at.)"""
     s = stack()
     n = 3000
-    files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
-             "data": (None, json.dumps(rows(n)))}
-    r = requests.post(f"{s.url}/api/batch/stall/start", headers=AUTH, files=files, timeout=60)
-    assert r.status_code == 202, r.text
-    job_id = r.json()["job_id"]
+    job_id = start_rows_job(s.url, "stall", n)
     out_dir = s.data / "smartlinks" / "stall"
     wait_until(lambda: out_dir.exists() and sum(1 for _ in out_dir.iterdir()) >= 200, timeout=120, interval=0.02,
                what="the first 200 pages")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import requests
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
@@ -37,6 +38,16 @@ SEED_ROWS: list[dict[str, Any]] = [
 
 def rows(n: int, prefix: str = "ref") -> list[dict[str, Any]]:
     return [{"reference_id": f"{prefix}{i:06d}", "suffix": f"s{i:020d}", "data": {"n": i}} for i in range(n)]
+
+
+def start_rows_job(base_url: str, batch_id: str, n: int, **fields: str) -> str:
+    """Start a job of ``rows(n)`` with a one-line template through the real API, over plain
+    blocking HTTP (tests that drive whole server processes); its job id."""
+    files = {"document_file": ("t.json", json.dumps({"body": "<p>{{ data.n }}</p>"}), "application/json"),
+             "data": (None, json.dumps(rows(n))), **{name: (None, value) for name, value in fields.items()}}
+    r = requests.post(f"{base_url}/api/batch/{batch_id}/start", headers=AUTH, files=files, timeout=60)
+    assert r.status_code == 202, r.text
+    return str(r.json()["job_id"])
 
 
 def start_form(template: dict[str, Any] | bytes | None, data: list[Any] | bytes | None, *,
