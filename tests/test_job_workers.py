@@ -28,7 +28,7 @@ from tests.support.live import (
     wait_end,
 )
 from tests.support.server import ServerProcess
-from tests.support.waiting import sample_for, wait_until
+from tests.support.waiting import wait_until
 from tests.test_job_resume import alive, descendants
 
 NEVER = {"body": "{% if data.spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
@@ -180,20 +180,31 @@ def test_counts_move_per_row_and_the_last_log_line_counts_skipped_rows(server_fa
     started = datetime.strptime(job["started"], "%Y-%m-%dT%H:%M:%S.%fZ")
     assert abs((started - accepted).total_seconds()) < 5
     # Once rows complete (a worker is spawned with the first job: seconds on a loaded machine),
-    # sample the count for a while: it moves at least once a second while rows complete.
+    # the count moves at least once a second while rows complete: each move is waited for with
+    # a 1 s deadline, four times (or until the job ends).
     wait_until(lambda: get(srv, f"/api/batch/progress/{jid}/status")["succeededCount"] > 0, timeout=60,
                what="the first row done")
+
     def count() -> int | None:
         s = get(srv, f"/api/batch/progress/{jid}/status")
         return s["succeededCount"] if s["status"] in ("Queued", "In progress") else None
 
-    seen = sample_for(count, seconds=4, interval=0.05)
-    changes = [t for (t, c), (_t0, c0) in zip(seen[1:], seen, strict=False) if c != c0]
-    assert len(changes) >= 3, seen[-5:]
-    gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
-    assert max(gaps) < 1.0, f"the count stood still for {max(gaps):.2f} s"
-    first = changes[0]
-    assert any(c < 50 for t, c in seen if t >= first), "counts moved only in big steps"
+    def moved(last: int) -> tuple[str, int | None] | None:
+        c = count()
+        return ("ended", None) if c is None else (("moved", c) if c != last else None)
+
+    last = count()
+    assert last is not None
+    moves: list[int] = []
+    while len(moves) < 4:
+        kind, value = wait_until(lambda last=last: moved(last), timeout=1.0, interval=0.02,
+                                 what=f"the count to move from {last} (at least once a second)")
+        if kind == "ended" or value is None:
+            break
+        moves.append(value)
+        last = value
+    assert len(moves) >= 3, moves
+    assert any(c < 50 for c in moves), f"counts moved only in big steps: {moves}"
     r = requests.post(f"{srv.url}/api/batch/progress/{jid}/cancel", headers=AUTH, timeout=30)
     body = r.json()
     assert body["status"] == "Cancelled", body

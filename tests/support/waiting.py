@@ -58,21 +58,6 @@ def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0
         time.sleep(interval)  # poll interval under a deadline
 
 
-def sample_for(fn: Callable[[], T | None], seconds: float, interval: float) -> list[tuple[float, T]]:
-    """Call ``fn`` every ``interval`` s for ``seconds`` s, or until it returns None: its values
-    with the ``time.monotonic()`` of each. For watching how something moves over a window (a
-    count while rows complete); to wait for work, ``wait_until``."""
-    seen: list[tuple[float, T]] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = fn()
-        if value is None:
-            break
-        seen.append((time.monotonic(), value))
-        time.sleep(interval)  # the sampling pace, bounded by the window
-    return seen
-
-
 async def async_wait_until(pred: Callable[[], Awaitable[T]], timeout: float = 10.0, interval: float = 0.02,
                            what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
