@@ -39,7 +39,7 @@ log = logging.getLogger("filedrop.jobs.worker")
 
 CHECK = 0.2  # s between looks at the job's state while rendering: bounds the cancel latency
 FLUSH_SECONDS = 0.5  # publish + record at least this often while rows complete (counts move)...
-FLUSH_ROWS = 500  # ...or after this many rows (one syncfs and one transaction for them all)...
+FLUSH_ROWS = 2000  # ...or after this many rows (one syncfs and one transaction for them all)...
 FLUSH_BYTES = 8 << 20  # ...or this many bytes of pages (bounds the worker's memory)
 ASSET_ROUNDS = 4  # rows needing assets are sent again after each fetch round
 STREAM_SECONDS = 5.0  # a worker keeps claiming more of one job this long, then looks at the others
@@ -61,7 +61,10 @@ class _Buffer:
     size: int = 0
     since: float = field(default_factory=time.monotonic)
 
-    def due(self) -> bool:
+    def due(self, errors_count: bool) -> bool:
+        """``errors_count``: the job has a ``max_errors``: errors are recorded (and counted) at once."""
+        if errors_count and self.out.errors:
+            return True
         return bool(self.pages or self.out) and (len(self.pages) + len(self.out.errors) >= FLUSH_ROWS
                                                   or self.size >= FLUSH_BYTES
                                                   or time.monotonic() - self.since >= FLUSH_SECONDS)
@@ -137,7 +140,7 @@ class RowRunner:
                                        f"(exit status {e.returncode})")
             else:
                 died = self._answers(queue, header, blobs[0] if blobs else b"", needs)
-                if self.buf.due():
+                if self.buf.due(self.job.max_errors is not None):
                     await self._flush()
                 if not died and len(queue) < self.job.claim_size // 2:
                     await self._more(child, queue)
