@@ -61,10 +61,7 @@ class _Buffer:
     size: int = 0
     since: float = field(default_factory=time.monotonic)
 
-    def due(self, errors_count: bool) -> bool:
-        """``errors_count``: the job has a ``max_errors``: errors are recorded (and counted) at once."""
-        if errors_count and self.out.errors:
-            return True
+    def due(self) -> bool:
         return bool(self.pages or self.out) and (len(self.pages) + len(self.out.errors) >= FLUSH_ROWS
                                                   or self.size >= FLUSH_BYTES
                                                   or time.monotonic() - self.since >= FLUSH_SECONDS)
@@ -140,7 +137,8 @@ class RowRunner:
                                        f"(exit status {e.returncode})")
             else:
                 died = self._answers(queue, header, blobs[0] if blobs else b"", needs)
-                if self.buf.due(self.job.max_errors is not None):
+                # A job with max_errors has its errored rows counted at once: it stops early.
+                if self.buf.due() or (self.buf.out.errors and self.job.max_errors is not None):
                     await self._flush()
                 if not died and len(queue) < self.job.claim_size // 2:
                     await self._more(child, queue)
