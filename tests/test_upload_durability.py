@@ -223,3 +223,39 @@ async def test_after_a_reboot_a_complete_file_whose_rename_was_lost_is_put_back(
     files = {f["fileIdx"]: f.get("sha256") for f in (await Uploads(client).manifest(batch))["files"]}
     assert files == {"0": sha256(whole), "1": sha256(in_place), "2": sha256(uneven)}
     assert sorted(upload_tree(settings.data_dir)) == sorted(f"{pk}/{i}.data" for i in ids[:3])
+
+
+async def test_the_upload_threads_end_when_idle_and_start_again(client) -> None:
+    """The writer and recorder threads end once idle for their linger; a request after that
+    starts them again, and the service's close ends them at once."""
+    service = client.app[UPLOADS]
+    lanes = (service.recorder.writes, service.recorder.records)
+    for lane in lanes:
+        lane.linger = 0.05
+    up = Uploads(client)
+    batch = await up.create()
+    whole = os.urandom(5000)
+    r = await up.post(batch, 0, whole)  # a small whole file: the writer, then the recorder
+    assert r.status == 201, await r.text()
+    first = [lane.thread for lane in lanes]
+    assert all(t is not None for t in first)
+
+    async def ended() -> bool:
+        return all(lane.thread is None for lane in lanes) and not any(t.is_alive() for t in first)
+    await async_wait_until(ended, timeout=10, what="the idle threads to end")
+
+    for lane in lanes:
+        lane.linger = 60.0
+    r = await up.post(batch, 1, PARTS[0], chunk=(0, 3), size=len(DATA))  # a chunk: the recorder only
+    assert r.status == 202, await r.text()
+    r = await up.post(batch, 2, DATA)
+    assert r.status == 201, await r.text()
+    again = [lane.thread for lane in lanes]
+    assert all(t is not None and t.is_alive() and t not in first for t in again)
+    files = {f["fileIdx"]: f for f in (await up.manifest(batch))["files"]}
+    assert files["0"]["sha256"] == sha256(whole) and files["2"]["sha256"] == sha256(DATA)
+    assert files["1"]["complete"] is False
+
+    await service.recorder.close()  # what the clean stop runs: no wait for the linger
+    assert not any(t.is_alive() for t in again)
+

@@ -1,7 +1,13 @@
 """Group commit of upload records: requests whose bodies arrive at about the same moment are
 recorded in one write transaction, and those that complete a file share its two syncs.
 
-One owned task takes every request queued so far (a group, at most ``MAX_GROUP``) and:
+Two threads do it, each going from one group to the next without a trip through the event
+loop (which is busy with requests: waiting for it between groups cost as much as a group's
+transaction), and posting their answers to it:
+
+* the writer (small whole files only) creates and writes each body to its temp and hashes it, a
+  batch at a time, then hands them to the recorder;
+* the recorder takes every request queued so far (a group, at most ``MAX_GROUP``) and:
 
 1. runs one sync (``Durability.sync_now``) if the group before it completed a file or removed a
    row, or if one of this group's requests completes a file: that one sync makes the last
@@ -16,8 +22,9 @@ One owned task takes every request queued so far (a group, at most ``MAX_GROUP``
    every other writer: a duplicate chunk never replaces a recorded one. Requests that only
    recorded a chunk are answered at once; those that completed a file wait for the next sync.
 
-All of that runs in one thread hop per group (``Database.write_sync``), so a group costs one
-sync, one transaction and a couple of trips through the event loop, whatever its size.
+So a group costs one sync, one transaction (``Database.write_sync``) and one trip to the
+event loop for its answers, whatever its size. A thread starts when something is queued for it
+and ends after ``LINGER`` seconds without work (at once when the service closes).
 
 A request that breaks a rule (404, 400, 413) gets its error and its temp is removed; the others
 of its group go on. A rename that fails rolls the transaction back and the group is tried again
@@ -30,11 +37,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
+from collections.abc import Callable
 
 from sqlalchemy.exc import IntegrityError
 
 from server.config import Settings
 from server.db import Database
+from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.ledger import Arrival, Ledger, MoveFailed, Pending, Plan, Recorded
@@ -42,8 +52,61 @@ from server.uploads.store import UploadStore, remove
 
 log = logging.getLogger("filedrop.uploads")
 MAX_GROUP = 64
+LINGER = 1.0  # seconds a thread waits for more work before it ends
 
 __all__ = ["Arrival", "Recorded", "Recorder"]
+
+
+class _Lane:
+    """Requests queued for one thread, which takes them at most ``MAX_GROUP`` at a time. The
+    thread starts when something is queued and none runs, and ends once nothing has been queued
+    for ``linger`` seconds (at once when closing)."""
+
+    def __init__(self, name: str, run: Callable[[], None]) -> None:
+        self.name = name
+        self.run = run
+        self.queue: list[Pending] = []
+        self.cv = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closing = False
+        self.linger = LINGER
+
+    def submit(self, pending: list[Pending]) -> None:
+        if not pending:
+            return
+        with self.cv:
+            self.queue += pending
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+                self.thread.start()
+            else:
+                self.cv.notify()
+
+    def take(self, more: bool = False) -> list[Pending] | None:
+        """In the thread: the next requests; ``[]`` when none is queued but ``more`` work is
+        left; None when the thread is to end."""
+        with self.cv:
+            if not self.queue and not more:
+                if not self.closing:
+                    self.cv.wait(self.linger)
+                if not self.queue:
+                    self.thread = None
+                    return None
+            group, self.queue = self.queue[:MAX_GROUP], self.queue[MAX_GROUP:]
+            return group
+
+    async def close(self) -> None:
+        """Let the thread work through what is queued, and wait for it to end."""
+        with self.cv:
+            self.closing = True
+            thread = self.thread
+            self.cv.notify()
+        try:
+            if thread is not None:
+                await asyncio.to_thread(thread.join)
+                await asyncio.sleep(0)  # the answers it posted before it ended run first
+        finally:
+            self.closing = False
 
 
 class Recorder:
@@ -53,97 +116,82 @@ class Recorder:
         self.durability = durability
         self.settings = settings
         self.ledger = Ledger(store, settings)
-        self._queue: list[Pending] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._bodies: list[Pending] = []  # small whole files to write before they are recorded
-        self._bodies_wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        # Two threads, each going from one group to the next without a trip through the event
+        # loop (busy with requests): small whole files are written, then groups are recorded;
+        # answers are posted to the loop.
+        self.writes = _Lane("filedrop-upload-writer", self._write_loop)
+        self.records = _Lane("filedrop-recorder", self._record_loop)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.groups = 0  # transactions run (tests read it)
 
     async def record(self, arrival: Arrival) -> Recorded:
         """Record ``arrival`` with whatever else is waiting; its answer once it is (and, if it
         completed its file, once that is durable)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-        fut: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        if arrival.body is not None:
-            if self._writer is None or self._writer.done():
-                self._writer = asyncio.ensure_future(self._write_loop())
-            self._bodies.append(Pending(arrival, fut))
-            self._bodies_wake.set()
-        else:
-            self._queue.append(Pending(arrival, fut))
-            self._wake.set()
+        self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Recorded] = self._loop.create_future()
+        (self.writes if arrival.body is not None else self.records).submit([Pending(arrival, fut)])
         return await asyncio.shield(fut)  # a caller that goes away does not stop its group
 
     async def close(self) -> None:
-        """Write and record what is queued, then end the tasks."""
-        self._closing = True
-        self._bodies_wake.set()
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
-        self._wake.set()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._closing = False
+        """Write, record and answer what is queued, then end the threads."""
+        await self.writes.close()
+        await self.records.close()
 
-    async def _write_loop(self) -> None:
-        """Small whole files are written to their temps here, one batch per thread hop, while
-        the recorder syncs and commits the ones before them: creating a file is the dearest
-        step of a small upload, and one writer at a time does not contend for the directory."""
-        while True:
-            if not self._bodies:
-                if self._closing:
-                    return
-                await self._bodies_wake.wait()
-                self._bodies_wake.clear()
-                continue
-            batch, self._bodies = self._bodies[:MAX_GROUP], self._bodies[MAX_GROUP:]
+    def _write_loop(self) -> None:
+        """The writer thread: small whole files are written to their temps, a batch at a time,
+        while the recorder syncs and commits the ones before them (creating a file is the
+        dearest step of a small upload, and one writer at a time does not contend for the
+        directory)."""
+        while (batch := self.writes.take()) is not None:
             try:
-                written = await asyncio.to_thread(self._write_bodies, batch)
+                written = self._write_bodies(batch)
             except Exception as e:  # a bug: answer everyone rather than hang them
                 log.exception("writing %d upload(s) failed", len(batch))
                 for p in batch:
                     p.error = p.error or e
                 written = []
-            self._finish([p for p in batch if p not in written])
-            self._queue += written
-            self._wake.set()
+            self._post([p for p in batch if p not in written], {})
+            self.records.submit(written)
 
-    async def _run(self) -> None:
+    def _record_loop(self) -> None:
+        """The recorder thread: one step per group, back to back."""
         # The group committed last and waiting for the sync that makes it durable (files it
         # completed, rows it removed), with its plan.
         waiting: tuple[list[Pending], Plan] | None = None
-        while True:
-            if not self._queue and waiting is None:
-                if self._closing:
-                    return
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+        while (group := self.records.take(more=waiting is not None)) is not None:
             try:
-                # One thread hop a group: the sync (the last group's records, this group's
-                # bytes), the last group's clean-up, this group's transaction and renames.
-                plan = await asyncio.to_thread(self._step, waiting, group)
+                # The sync (the last group's records, this group's bytes), the last group's
+                # clean-up, this group's transaction and renames.
+                plan = self._step(waiting, group)
             except Exception as e:  # a bug: answer everyone rather than hang them
                 log.exception("recording a group of %d upload(s) failed", len(group))
                 for p in (*group, *(waiting[0] if waiting else ())):
                     p.error = p.error or e
                 plan = None
-            if waiting is not None:
-                self._finish(waiting[0])
+            answered = list(waiting[0]) if waiting is not None else []
             waiting = None
             if plan is not None:
-                self.durability.touch(plan.touched)
                 later = [p for p in group if p.error is None and p.result is not None and p.result.completed]
-                self._finish([p for p in group if p not in later])
+                answered += [p for p in group if p not in later]
                 if later or plan.removed:
                     waiting = (later, plan)
             else:
-                self._finish(group)
+                answered += group
+            self._post(answered, plan.touched if plan is not None else {})
+
+    def _post(self, answered: list[Pending], touched: dict[int, ChunkSet]) -> None:
+        """From a thread: answer these (and note the chunks recorded) on the event loop."""
+        if not answered and not touched:
+            return
+
+        def answer() -> None:
+            self.durability.touch(touched)
+            self._finish(answered)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(answer)
+        except RuntimeError:  # the loop is closed: nobody waits for these any more
+            pass
 
     @staticmethod
     def _finish(group: list[Pending]) -> None:
