@@ -107,6 +107,7 @@ class UploadService:
         locks = self.db.locks
         await locks.try_take("process", int(self.tag, 16))  # held while this process lives
         async with locks.held("uploads-start", wait=None):
+            await asyncio.to_thread(self.store.prepare)
             await self.durability.start()
             removed = await self._remove_arrival_temps()
         if removed:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from server.durable import reserve, start_writeback
+from server.durable import reserve, spread_subdirs, start_writeback
 
 # Bytes hashed per thread hop: large enough that the hop is noise, small enough that a few hundred
 # parallel uploads stay far below the RSS budget. A body no larger than this is written in one
@@ -130,6 +130,14 @@ class UploadStore:
         self.min_free = min_free
         self.tag = tag  # this process's, in the names of its arrival temps
         self._free = (0, -1e9)  # (free bytes, when read)
+
+    def prepare(self) -> None:
+        """At start: the uploads folder, whose batch dirs are spread over the disk's block groups
+        (``spread_subdirs``): a new batch's files are not made where the inodes of the batches
+        just removed are (ext4 without a journal skips recently freed inodes one by one, so that
+        each new file costs a scan past all of them)."""
+        make_dirs(self.root)
+        spread_subdirs(self.root)
 
     # -- paths (row ids only) ------------------------------------------------------------
     def batch_dir(self, batch_pk: int) -> Path:
