@@ -191,6 +191,14 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".part") or name.endswith(".tmp"))
 
 
+def _quiet_since(path: Path, wall_cutoff: float) -> bool:
+    """Nothing under ``path`` was written since ``wall_cutoff``, and it is still there: a path
+    that vanished while the plan was made was in use (a completed file's dir, removed just after
+    the listing that found it), not a leftover."""
+    newest = _newest_mtime(path)
+    return 0.0 < newest < wall_cutoff
+
+
 def _older(path: Path, wall_cutoff: float) -> bool:
     try:
         return path.lstat().st_mtime < wall_cutoff
@@ -352,7 +360,7 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
             continue
         pk = int(e.name) if e.name.isdigit() else None
         if pk is None or pk not in by_pk:
-            if _newest_mtime(p) < ages.wall_grace:
+            if _quiet_since(p, ages.wall_grace):
                 out.items.append(Item("orphan-dir", _rel(settings, p), _du(p), "no batch row", path=p))
             continue
         b = by_pk[pk]
@@ -366,7 +374,7 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                     out.items.append(Item("temp-file", _rel(settings, fp), _du(fp), f"batch {b.batch_id}", path=fp))
                 continue
             fid = _file_id(fe.name)  # <file id>/ (a file dir) or <file id>.data (a complete file)
-            if (fid is None or fid not in known) and _newest_mtime(fp) < ages.wall_grace:
+            if (fid is None or fid not in known) and _quiet_since(fp, ages.wall_grace):
                 out.items.append(Item("orphan-dir", _rel(settings, fp), _du(fp),
                                       f"no file row in batch {b.batch_id}", path=fp))
 
@@ -396,7 +404,7 @@ def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: I
                               + (", with its smartlinks" if smartlinks else ""),
                               path=d, key=(j.job_id, j.batch_id, smartlinks)))
     for e in _listdir(root):
-        if _is_temp(e.name) and _newest_mtime(Path(e.path)) < ages.wall_grace:  # a drop cut short
+        if _is_temp(e.name) and _quiet_since(Path(e.path), ages.wall_grace):  # a drop cut short
             out.items.append(Item("temp-file", _rel(settings, Path(e.path)), _du(Path(e.path)),
                                   "a dropped smartlink folder", path=Path(e.path)))
             continue
@@ -407,7 +415,7 @@ def _plan_smartlinks(settings: Settings, ages: _Ages, out: Plan, expired_jobs: I
             p = Path(f.path)
             if _is_temp(f.name) and _older(p, ages.wall_grace):
                 out.items.append(Item("temp-file", _rel(settings, p), _du(p), f"batch {e.name}", path=p))
-        if smartlinks and e.name not in job_batches and _newest_mtime(d) < ages.wall - ages.retention:
+        if smartlinks and e.name not in job_batches and _quiet_since(d, ages.wall - ages.retention):
             out.items.append(Item("orphan-smartlinks", _rel(settings, d), _du(d), "no job row",
                                   path=d, key=e.name))
 
@@ -417,7 +425,7 @@ def _plan_job_assets(settings: Settings, ages: _Ages, out: Plan, running: set[st
     between the two leaves them)."""
     for e in _listdir(settings.assets_dir):
         p = Path(e.path)
-        if e.name not in running and _newest_mtime(p) < ages.wall_grace:
+        if e.name not in running and _quiet_since(p, ages.wall_grace):
             out.items.append(Item("temp-file", _rel(settings, p), _du(p), f"assets of job {e.name}", path=p))
 
 

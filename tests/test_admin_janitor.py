@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 
 import pytest
 from aiohttp import web
@@ -176,3 +177,19 @@ async def _cleanup_while_busy(client: TestClient, settings: Settings, stack: con
     assert len(list((root / "live-links").glob("ref*.html"))) == 300
     assert all(p.exists() for p in published) and leftover_like.exists()
     assert count(settings, Job) == 2
+
+
+def test_a_folder_that_vanished_during_the_plan_is_not_old(tmp_path) -> None:
+    """A folder listed by the plan and gone when its age is read (a completed file's dir,
+    removed right after the listing) was in use: its missing mtime must not read as "older
+    than the grace" (the full suite once planned such a dir as an orphan)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "f").write_bytes(b"x")
+    past = time.time() - 3600
+    for p in (old / "f", old):
+        os.utime(p, (past, past))
+    cutoff = time.time() - 600
+    assert janitor._quiet_since(old, cutoff)
+    assert not janitor._quiet_since(tmp_path / "gone", cutoff)
+    assert not janitor._quiet_since(tmp_path, cutoff)  # written just now
