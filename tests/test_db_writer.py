@@ -28,3 +28,30 @@ async def test_a_write_block_holds_the_writer_before_its_first_statement(setting
         assert entered.is_set()
     finally:
         await db.dispose()
+
+
+async def test_write_sync_keeps_its_sqlite_connection_and_replaces_an_invalidated_one(settings: Settings) -> None:
+    """The group commit's connection stays checked out between groups (a checkout per group cost
+    as much as its statements); one the driver invalidated is replaced, and a transaction that
+    failed is rolled back, not carried into the next."""
+    from sqlalchemy import text
+
+    db = Database(settings.db_path)
+    try:
+        with db.write_sync() as first:
+            first.execute(text("CREATE TABLE t (n INTEGER)"))
+        with db.write_sync() as second:
+            second.execute(text("INSERT INTO t VALUES (1)"))
+        assert second is first
+        with pytest.raises(RuntimeError), db.write_sync() as conn:
+            conn.execute(text("INSERT INTO t VALUES (2)"))
+            raise RuntimeError("a failed group")
+        first.invalidate()
+        with db.write_sync() as third:
+            third.execute(text("INSERT INTO t VALUES (3)"))
+        assert third is not first
+        async with db.read() as s:
+            assert (await s.execute(text("SELECT n FROM t ORDER BY n"))).scalars().all() == [1, 3]
+    finally:
+        await db.dispose()
+    assert db._sync_conn is None
