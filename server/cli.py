@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -70,8 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or settings.app_host
     port = args.port or settings.app_port
+    app = create_app(settings)
+    # What start-up loaded (modules, the app) lives as long as the process: frozen, the garbage
+    # collector's full passes no longer walk it. A 10,000-row start spent 20-100 ms in them.
+    gc.freeze()
     try:
-        serve(create_app(settings), host, port, shutdown_timeout=10,
+        serve(app, host, port, shutdown_timeout=10,
               on_listening=lambda: print(f"filedrop: app listening on http://{host}:{port}", flush=True))
     except BindError as e:
         from server.supervisor import port_holder

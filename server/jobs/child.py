@@ -17,6 +17,7 @@ complete; the row at hand is always in shared memory, see ``Child.progress``).
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -171,6 +172,7 @@ def main() -> int:
     _limit(first[0])
     child = Child(first[0], out)
     child.send({"ready": True, "pid": os.getpid()})
+    gc.freeze()  # the modules loaded so far stay: full collections no longer walk them
     while True:
         try:
             msg = read_sync(inp, MAX_MESSAGE, MAX_MESSAGE)

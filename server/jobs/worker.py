@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -406,6 +407,7 @@ def main(settings: Settings, worker_id: str | None = None, parent: int | None = 
         die_with_parent(parent, signal.SIGTERM)
     with contextlib.suppress(OSError):
         os.nice(NICE)
+    gc.freeze()  # the modules loaded so far stay: full collections no longer walk them
     asyncio.run(serve(settings, worker_id))
     return 0
 
