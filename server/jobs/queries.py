@@ -26,7 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db import Database, utcnow
@@ -36,6 +37,34 @@ from server.jobs.states import ACTIVE, RUNNING, WAITING, row_label
 ROWS = JobRow.__table__
 BATCH = 500  # ids per IN (...) list
 JOBS_CHANNEL = "filedrop_jobs"  # PostgreSQL NOTIFY channel: a job was queued (workers LISTEN)
+
+
+# A new row as ``insert_rows`` takes it: a tuple in this order (claimed_by: NULL).
+NEW_ROW = ("job_id", "idx", "reference_id", "suffix", "pdf", "data", "status", "error", "attempts")
+INSERT_CHUNK = 5000  # rows per executemany
+_insert_sql: dict[str, str] = {}
+
+
+def _row_insert(dialect: Dialect) -> str:
+    """``INSERT INTO job_rows (NEW_ROW...) VALUES (...)`` compiled from the model for
+    ``dialect``, with positional placeholders in NEW_ROW's order."""
+    sql = _insert_sql.get(dialect.name)
+    if sql is None:
+        compiled = insert(ROWS).values({c: bindparam(c) for c in NEW_ROW}).compile(dialect=dialect)
+        if tuple(compiled.positiontup or ()) != NEW_ROW:
+            raise RuntimeError(f"{dialect.name}: the row insert is not positional in NEW_ROW's order")
+        sql = _insert_sql[dialect.name] = compiled.string
+    return sql
+
+
+async def insert_rows(s: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert a job's new rows (tuples in NEW_ROW's order) in ``s``'s transaction. Parameters
+    go to the driver's executemany as they are: SQLAlchemy's per-row processing of 10,000 rows
+    took 40 ms of the start's 60 (the columns are plain text and integers: nothing to convert)."""
+    conn = await s.connection()
+    sql = _row_insert(conn.dialect)
+    for i in range(0, len(rows), INSERT_CHUNK):
+        await conn.exec_driver_sql(sql, list(rows[i:i + INSERT_CHUNK]))
 
 
 @dataclass(frozen=True)

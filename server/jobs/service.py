@@ -49,7 +49,7 @@ from server.jobs.checker import TemplateChecker
 from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from server.jobs.pool import WorkerPool
-from server.jobs.queries import JOBS_CHANNEL, storable
+from server.jobs.queries import JOBS_CHANNEL, insert_rows, storable
 from server.jobs.states import ACTIVE, FINISHED, ROW_STATUS, WAITING, iso, job_json, row_label
 from server.jsondoc import JsonRefused, loads, parse_json
 from server.signing import parse_expires_in
@@ -130,11 +130,16 @@ def _parse_lines(raw: bytes, where: str) -> list[Any]:
     return rows
 
 
-def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """Row records for ``job_rows`` (generated suffixes included) and the log lines of bad rows."""
-    records: list[dict[str, Any]] = []
+_ROW_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """Rows for ``job_rows`` (``queries.NEW_ROW`` tuples, generated suffixes included) and the
+    log lines of bad rows."""
+    records: list[tuple[Any, ...]] = []
     problems: list[str] = []
     seen: dict[tuple[str, str], int] = {}
+    encode = _ROW_JSON.encode
     for idx, row in enumerate(rows):
         error = check_row(row, min_suffix)
         raw_ref = row.get("reference_id") if isinstance(row, dict) else None
@@ -147,12 +152,9 @@ def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[di
                 error = f"duplicate reference_id and suffix (same as row {first})"
         data = row.get("data", {}) if isinstance(row, dict) else {}
         pdf = row.get("pdf") if isinstance(row, dict) else None
-        records.append({
-            "job_id": job_id, "idx": idx, "reference_id": ref[:256], "suffix": suffix[:256],
-            "pdf": pdf if isinstance(pdf, str) and pdf else None,
-            "data": json.dumps(data, ensure_ascii=False, separators=(",", ":")) if error is None else "{}",
-            "status": "error" if error else "pending", "error": error,
-        })
+        # NEW_ROW: job_id, idx, reference_id, suffix, pdf, data, status, error, attempts
+        records.append((job_id, idx, ref[:256], suffix[:256], pdf if isinstance(pdf, str) and pdf else None,
+                        encode(data) if error is None else "{}", "error" if error else "pending", error, 0))
         if error:
             problems.append(f"{row_label(idx, raw_ref)}: {error}")
     return records, problems
@@ -295,8 +297,7 @@ class JobService:
                       notification_method=method)
             s.add(job)
             await s.flush()
-            for i in range(0, len(records), 5000):
-                await s.execute(insert(JobRow.__table__), records[i:i + 5000])  # Core: 2x the ORM bulk path
+            await insert_rows(s, records)
             entries = ([f"queued: {len(records)} rows, strategy {strategy}" + (f", {errored} invalid" if errored else "")]
                        if wait is None else [f"waiting for data: strategy {strategy}, the upload URL expires at "
                                              f"{iso(expires)}"]) + problems

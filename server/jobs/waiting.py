@@ -29,7 +29,7 @@ from sqlalchemy import case, insert, select, update
 from server.db import Database, log_failure, utcnow
 from server.db.job_models import Job, JobLog, JobRow
 from server.errors import DataReceived, JobNotFound, JobNotWaiting, UrlExpired
-from server.jobs.queries import add_log
+from server.jobs.queries import add_log, insert_rows
 from server.jobs.states import EXPIRED, WAITING, iso
 
 log = logging.getLogger("filedrop.jobs.waiting")
@@ -68,7 +68,7 @@ def _refusal(job: Job) -> Exception:
     return JobNotWaiting(f"job {job.job_id} ended ({job.status}) before its data arrived")
 
 
-async def receive(db: Database, owner: str, batch_id: str, job_id: str, records: list[dict[str, object]],
+async def receive(db: Database, owner: str, batch_id: str, job_id: str, records: list[tuple[object, ...]],
                   problems: list[str]) -> Received:
     """Insert the rows of a waiting job (prepared by ``service.prepare_rows``: ``problems`` are
     the log lines of bad rows) and make it ``Queued``, all in one transaction. JobNotFound;
@@ -83,8 +83,7 @@ async def receive(db: Database, owner: str, batch_id: str, job_id: str, records:
                                 .values(status="Queued", total_count=len(records), errored_count=errored))
         if not moved.rowcount:
             raise _refusal(job)
-        for i in range(0, len(records), 5000):
-            await s.execute(insert(ROWS), records[i:i + 5000])  # Core: 2x the ORM bulk path
+        await insert_rows(s, records)
         entries = [f"data received: {len(records)} rows" + (f", {errored} invalid" if errored else "")
                    + "; queued"] + problems
         await s.execute(insert(JobLog), [{"job_id": job_id, "at": now, "level": "error" if i else "info",
