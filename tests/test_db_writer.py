@@ -55,3 +55,30 @@ async def test_write_sync_keeps_its_sqlite_connection_and_replaces_an_invalidate
     finally:
         await db.dispose()
     assert db._sync_conn is None
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+async def test_query_runs_a_read_in_one_call_and_undoes_any_write(settings: Settings) -> None:
+    """``Database.query``: ``fn`` gets a synchronous connection in a transaction that sees what
+    was committed, its result comes back, its error too, and what it wrote is rolled back."""
+    from sqlalchemy import text
+
+    db = Database(settings.database)
+    try:
+        async with db.write() as s:
+            await s.execute(text("CREATE TABLE q (n INTEGER)"))
+            await s.execute(text("INSERT INTO q VALUES (1), (2)"))
+
+        def read_and_try_to_write(conn) -> list[int]:  # type: ignore[no-untyped-def]
+            seen = list(conn.execute(text("SELECT n FROM q ORDER BY n")).scalars())
+            conn.execute(text("INSERT INTO q VALUES (3)"))
+            return seen
+
+        assert await db.query(read_and_try_to_write) == [1, 2]
+        with pytest.raises(ZeroDivisionError):
+            await db.query(lambda conn: conn.execute(text("SELECT 1")).scalar() / 0)
+        assert await db.query(lambda conn: list(conn.execute(text("SELECT n FROM q ORDER BY n")).scalars())) == [1, 2]
+        async with db.read() as s:
+            assert (await s.execute(text("SELECT count(*) FROM q"))).scalar() == 2
+    finally:
+        await db.dispose()

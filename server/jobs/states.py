@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from server.db.job_models import Job
 
 RUNNING = ("Queued", "In progress")  # a job with rows for workers to claim
@@ -29,8 +31,14 @@ def iso(dt: datetime | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """The seed's keys + totalCount, strategy (and reason once cancelled or failed)."""
+# What job_json reads: it takes a row of these as it takes a Job (a status poll reads them alone).
+JOB_JSON_COLUMNS = (Job.batch_id, Job.job_id, Job.status, Job.started, Job.finished, Job.succeeded_count,
+                    Job.errored_count, Job.total_count, Job.strategy, Job.reason)
+
+
+def job_json(job: Job | Row[Any]) -> dict[str, Any]:
+    """The seed's keys + totalCount, strategy (and reason once cancelled or failed), of a Job
+    or of a row of JOB_JSON_COLUMNS."""
     out: dict[str, Any] = {
         "batch_id": job.batch_id,
         "job_id": job.job_id,
