@@ -68,6 +68,18 @@ async def test_seed_example_end_to_end(client, settings) -> None:
     assert any("Completed" in e["message"] for e in log["log"])
 
 
+async def test_smartlink_batch_folders_are_spread_over_the_disk(client, settings) -> None:
+    """The smartlinks root carries ext4's top-of-hierarchy hint (``chattr +T``) once a job has
+    made its batch folder: each batch's pages are made in a block group ext4 picks for it, not
+    where the batches removed last left their freed inodes."""
+    from tests.support.fs import spread
+
+    job = await start_ok(client, "spread-batch", SEED_TEMPLATE, SEED_ROWS)
+    assert (await wait_job(client, "spread-batch", job["job_id"]))["status"] == "Completed"
+    assert len(list((settings.smartlink_root / "spread-batch").iterdir())) == 2
+    assert spread(settings.smartlink_root)
+
+
 async def test_data_is_html_escaped_and_sandboxed(client, settings) -> None:
     template = {"body": "<p>{{ data.name }}</p><i>{{ data.name.__class__ }}</i>", "title": "{{ data.name }}"}
     data = [{"reference_id": "x1", "suffix": "abcdefghijklmnop1", "data": {"name": "<script>alert('x')</script>&"}}]

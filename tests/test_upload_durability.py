@@ -264,18 +264,8 @@ async def test_batch_dirs_are_spread_over_the_disk(client, settings) -> None:
     """The uploads folder carries ext4's top-of-hierarchy hint (``chattr +T``), so that each
     batch's files are made in a block group of their own, not where the batches just removed
     left their freed inodes."""
-    import fcntl
-    import struct
-
-    from server.durable import _FS_IOC_GETFLAGS, _FS_TOPDIR_FL
+    from tests.support.fs import spread
 
     r = await client.get("/healthz")
     assert r.status == 200
-    fd = os.open(settings.uploads_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("i", 0)))[0]
-    except OSError as e:
-        pytest.skip(f"this file system keeps no inode flags ({e.strerror})")
-    finally:
-        os.close(fd)
-    assert flags & _FS_TOPDIR_FL
+    assert spread(settings.uploads_dir)

@@ -44,7 +44,7 @@ from pathlib import Path
 from server.config import Settings
 from server.db import Database, log_failure, utcnow
 from server.db.job_models import Job
-from server.durable import boot_id
+from server.durable import boot_id, spread_subdirs
 from server.jobs import control, queries
 from server.jobs.assets import Assets, JobRef, UploadFiles
 from server.jobs.childproc import ChildGone, RenderProcess
@@ -355,9 +355,14 @@ class Worker:
 
 
 def _make_dir(root: Path, out_dir: Path) -> tuple[bool, str | None]:
-    """(made it now, problem): the job's folder is made by its load, never by a publish."""
+    """(made it now, problem): the job's folder is made by its load, never by a publish. The
+    root carries ext4's top-of-hierarchy hint (``spread_subdirs``, as the uploads folder): a
+    batch's pages are then made in a block group ext4 picks for its folder, not where the
+    batches dropped or expired last left their freed inodes (on this machine's disk, 2,000
+    pages took 630-810 µs of CPU each there, 30-40 µs in a folder under the hint)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
+        spread_subdirs(root)
         out_dir.mkdir()
         return True, None
     except FileExistsError:
