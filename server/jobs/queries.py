@@ -59,8 +59,9 @@ def _row_insert(dialect: Dialect) -> str:
 
 async def insert_rows(s: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert a job's new rows (tuples in NEW_ROW's order) in ``s``'s transaction. Parameters
-    go to the driver's executemany as they are: SQLAlchemy's per-row processing of 10,000 rows
-    took 40 ms of the start's 60 (the columns are plain text and integers: nothing to convert)."""
+    go to the driver's executemany as they are (the columns are plain text and integers: nothing
+    to convert): 10,000 rows took 58-96 ms through SQLAlchemy's per-row processing of a dict a
+    row, 30-48 ms as tuples."""
     conn = await s.connection()
     sql = _row_insert(conn.dialect)
     for i in range(0, len(rows), INSERT_CHUNK):
