@@ -137,9 +137,12 @@ class RowRunner:
                                        f"(exit status {e.returncode})")
             else:
                 died = self._answers(queue, header, blobs[0] if blobs else b"", needs)
-                # A job with max_errors has its errored rows counted at once: it stops early.
-                if self.buf.due() or (self.buf.out.errors and self.job.max_errors is not None):
+                if self.buf.due():
                     await self._flush()
+                elif self.buf.out.errors and self.job.max_errors is not None:
+                    # A job with max_errors has its errored rows counted at once (it stops
+                    # early); its pages wait for their group, one syncfs for all of them.
+                    await self._record_errors()
                 if not died and len(queue) < self.job.claim_size // 2:
                     await self._more(child, queue)
                 seen, deadline = child.progress(), time.monotonic() + self.timeout
@@ -243,8 +246,16 @@ class RowRunner:
             except Stop as e:
                 self.buf = buf  # _stopped settles them
                 raise e from None
-        if not out:
-            return
+        if out:
+            await self._record(out)
+
+    async def _record_errors(self) -> None:
+        """Record the errored rows of the buffer now, alone (no publish)."""
+        errors, self.buf.out.errors = self.buf.out.errors, []
+        await self._record(Outcome([], errors, [], [], []))
+
+    async def _record(self, out: Outcome) -> None:
+        """Record ``out``; cancel the job when its errors went over ``max_errors``."""
         counts = await queries.record(self.w.db, self.job.job_id, self.w.id, out)
         if counts is None:
             raise Stop("gone")
