@@ -186,6 +186,9 @@ class Renderer:
     max_page_size: int
     assets: dict[str, Asset] = field(default_factory=dict)
     _inlined: dict[int, str] = field(default_factory=dict)  # static inline code, escaped once
+    _fixed: tuple[str, str] | None = None  # style and script lines, when the same on every row
+    _opening: str | None = None  # <html lang> and the head's first lines, when lang is static
+    _last_pdf: tuple[str, str] = ("", "")  # (pdf, its element)
 
     def _inline(self, t: Any, ctx: Mapping[str, Any], tag: str) -> str:
         escape = _inline_js if tag == "script" else _inline_css
@@ -208,6 +211,65 @@ class Renderer:
     def _text(self, a: Asset) -> str:
         assert a.path is not None
         return self.reader.read(a.path).decode("utf-8", "replace")
+
+    def _styles_scripts(self, ctx: Mapping[str, Any], needs: list[str]) -> tuple[str, str]:
+        """The page's style and script elements, each one a line. With ``smallest`` and no
+        template syntax in any of them (the usual case) they are the same on every row: made
+        once per job."""
+        if self._fixed is not None:
+            return self._fixed
+        c = self.compiled
+        styles: list[str] = []
+        for kind, t in c.styles:
+            if kind == "content":
+                styles.append(self._inline(t, ctx, "style"))
+                continue
+            url = _url_text(t, ctx)
+            if self.strategy == "original":
+                a = self._asset(asset_key(url), needs)
+                if a is not None:
+                    styles.append(f"<style>{_inline_css(self._text(a))}</style>")
+            else:
+                styles.append(f'<link rel="stylesheet" href="{_href(t, url)}">')
+        scripts: list[str] = []
+        for kind, t, inline in c.scripts:
+            if kind == "content":
+                scripts.append(self._inline(t, ctx, "script"))
+                continue
+            url = _url_text(t, ctx)
+            if self.strategy == "smallest":
+                scripts.append(f'<script src="{_href(t, url)}"></script>')
+                continue
+            a = self._asset(asset_key(url), needs)
+            if a is None:
+                continue
+            if self.strategy == "original" or inline or a.size <= INLINE_LIMIT:
+                scripts.append(f"<script>{_inline_js(self._text(a))}</script>")
+            else:
+                scripts.append(f'<script src="{_attr(url)}"></script>')
+        out = "".join(x + "\n" for x in styles), "".join(x + "\n" for x in scripts)
+        if self.strategy == "smallest" and all(isinstance(t, _Static) for _k, t in c.styles) \
+                and all(isinstance(t, _Static) for _k, t, _i in c.scripts):
+            self._fixed = out
+        return out
+
+    def _html_open(self, ctx: Mapping[str, Any]) -> str:
+        """``<html lang=..>`` and the head's first lines (made once when ``lang`` is static)."""
+        if self._opening is not None:
+            return self._opening
+        lang_t = self.compiled.lang
+        lang = html.unescape(lang_t.render(ctx)) if lang_t is not None else ""
+        text = (f'<html{f" lang={chr(34)}{_attr(lang)}{chr(34)}" if lang else ""}>\n<head>\n<meta charset="utf-8">\n'
+                '<meta name="viewport" content="width=device-width, initial-scale=1">\n')
+        if lang_t is None or isinstance(lang_t, _Static):
+            self._opening = text
+        return text
+
+    def _pdf_tag(self, pdf: str) -> str:
+        """The PDF's element; the last one is kept (a master's one PDF URL, on every row)."""
+        if self._last_pdf[0] != pdf:
+            self._last_pdf = (pdf, f'<object id="smartlink-pdf" data="{_attr(pdf)}" type="application/pdf"></object>\n')
+        return self._last_pdf[1]
 
     def render(self, idx: int, reference_id: str, suffix: str, pdf_ref: str | None,
                data_json: str) -> Page | list[str]:
@@ -238,47 +300,15 @@ class Renderer:
             else:
                 raise RowFailed(f"pdf {pdf_src!r} is not an http(s) URL or batch:<fileIdx>")
         ctx["pdf"] = pdf
-        styles: list[str] = []
-        for kind, t in c.styles:
-            if kind == "content":
-                styles.append(self._inline(t, ctx, "style"))
-                continue
-            url = _url_text(t, ctx)
-            if self.strategy == "original":
-                a = self._asset(asset_key(url), needs)
-                if a is not None:
-                    styles.append(f"<style>{_inline_css(self._text(a))}</style>")
-            else:
-                styles.append(f'<link rel="stylesheet" href="{_href(t, url)}">')
-        scripts: list[str] = []
-        for kind, t, inline in c.scripts:
-            if kind == "content":
-                scripts.append(self._inline(t, ctx, "script"))
-                continue
-            url = _url_text(t, ctx)
-            if self.strategy == "smallest":
-                scripts.append(f'<script src="{_href(t, url)}"></script>')
-                continue
-            a = self._asset(asset_key(url), needs)
-            if a is None:
-                continue
-            if self.strategy == "original" or inline or a.size <= INLINE_LIMIT:
-                scripts.append(f"<script>{_inline_js(self._text(a))}</script>")
-            else:
-                scripts.append(f'<script src="{_attr(url)}"></script>')
+        styles, scripts = self._styles_scripts(ctx, needs)
         if needs:
             return list(dict.fromkeys(needs))
         title = c.title.render(ctx) if c.title is not None else ""
-        lang = html.unescape(c.lang.render(ctx)) if c.lang is not None else ""
+        opening = self._html_open(ctx)
         body = c.body.render(ctx)
-        pdf_tag = f'<object id="smartlink-pdf" data="{_attr(pdf)}" type="application/pdf"></object>\n' if pdf else ""
-        parts = [
-            "<!DOCTYPE html>\n",
-            f'<html{f" lang={chr(34)}{_attr(lang)}{chr(34)}" if lang else ""}>\n<head>\n<meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
-            f"<title>{title}</title>\n", *(s + "\n" for s in styles), "</head>\n<body>\n", body, "\n", pdf_tag,
-            *(s + "\n" for s in scripts), "</body>\n</html>\n",
-        ]
+        pdf_tag = self._pdf_tag(pdf) if pdf else ""
+        parts = ["<!DOCTYPE html>\n", opening, f"<title>{title}</title>\n", styles, "</head>\n<body>\n", body,
+                 "\n", pdf_tag, scripts, "</body>\n</html>\n"]
         # Characters first (a page of more characters has more bytes): a huge body is refused
         # before it is copied into a page and encoded.
         size = sum(map(len, parts))
