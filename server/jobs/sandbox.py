@@ -13,7 +13,7 @@ its memory limit and the time limit its parent enforces by killing it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sized
+from collections.abc import MutableMapping, Sized
 from typing import Any
 
 from jinja2.runtime import Context
@@ -42,6 +42,14 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(autoescape=True, auto_reload=False, cache_size=0)
         self.max_digits = max_digits
         self.max_chars = max_chars
+
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        """A template's globals as a plain dict, not Jinja2's ChainMap over the environment's:
+        every render merges them into the row's context and iterates them twice, and a
+        ChainMap made that 35% of a row's render (28 against 19 µs, the seed's invoice page).
+        This environment's globals never change once it is made, which is what the ChainMap
+        would have followed."""
+        return {**self.globals, **(d or {})}
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
