@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import Row, bindparam, insert, select
 
 from server.config import Settings
 from server.db import Database, utcnow
@@ -65,7 +65,7 @@ from server.signing import parse_expires_in
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 # Built once (building the comparisons and their cache key cost 20% of a status call's CPU).
-_STATUS = select(*JOB_JSON_COLUMNS).where(Job.job_id == bindparam("job_id"), Job.batch_id == bindparam("batch_id"),
+_JOB = select(*JOB_JSON_COLUMNS).where(Job.job_id == bindparam("job_id"), Job.batch_id == bindparam("batch_id"),
                                           Job.owner == bindparam("owner"))
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
@@ -364,26 +364,18 @@ class JobService:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    async def _job(self, owner: str, batch_id: str, job_id: str) -> Job:
+    async def _job(self, owner: str, batch_id: str, job_id: str) -> Row[Any]:
+        """The job as its endpoints show it (``JOB_JSON_COLUMNS``): a primary-key read in one
+        ``query`` (clients poll the status back to back while workers record progress)."""
         if JOB_ID_RE.match(job_id):
-            async with self.db.read() as s:
-                job = await s.scalar(select(Job).where(Job.job_id == job_id, Job.batch_id == batch_id,
-                                                       Job.owner == owner))
-                if job is not None:
-                    s.expunge(job)  # keep its loaded values past the read's rollback
-            if job is not None:
-                return job
+            params = {"job_id": job_id, "batch_id": batch_id, "owner": owner}
+            row = await self.db.query(lambda conn: conn.execute(_JOB, params).first())
+            if row is not None:
+                return row
         raise JobNotFound(f"no job {job_id!r} in batch {batch_id!r}")
 
     async def status(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any]:
-        """A primary-key read of what it shows, in one ``query`` (clients poll it back to back
-        while workers record progress as rows complete)."""
-        if JOB_ID_RE.match(job_id):
-            params = {"job_id": job_id, "batch_id": batch_id, "owner": owner}
-            row = await self.db.query(lambda conn: conn.execute(_STATUS, params).first())
-            if row is not None:
-                return job_json(row)
-        raise JobNotFound(f"no job {job_id!r} in batch {batch_id!r}")
+        return job_json(await self._job(owner, batch_id, job_id))
 
     async def log(self, owner: str, batch_id: str, job_id: str) -> dict[str, Any]:
         job = await self._job(owner, batch_id, job_id)
