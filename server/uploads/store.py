@@ -350,7 +350,11 @@ class UploadStore:
         return found
 
 
-BEHIND = 2  # WRITE_BUFFER blocks of one request read and written but not yet hashed
+HASH_BLOCK = 2 << 20  # bytes of a streamed body handed to the hashing thread in one hop
+# HASH_BLOCK blocks of one file (of its lane, whichever request wrote them; of one body without a
+# lane) written but not yet hashed: with the block being filled, at most 8 MiB of a file's bytes
+# wait in memory for the hash.
+BEHIND = 3
 
 
 class HashLane:
@@ -361,6 +365,7 @@ class HashLane:
     def __init__(self) -> None:
         self.hasher = hashlib.sha256()
         self.tail: asyncio.Future[None] | None = None
+        self.window: list[asyncio.Future[None]] = []  # blocks handed over, not known to be hashed
         self.broken = False
 
     async def settle(self) -> None:
@@ -372,10 +377,11 @@ class HashLane:
 class _Stream:
     """A body written as it arrives, each piece with one ``pwrite`` on the event loop (a copy
     into the page cache, like a bare handler's: profiling showed writes handed to threads cost
-    twice the CPU, the pieces going cold between cores); every WRITE_BUFFER bytes are then
+    twice the CPU, the pieces going cold between cores); every HASH_BLOCK bytes are then
     hashed (in order, on the lane) and their writeback started, in one thread hop of the
-    default executor, while the loop reads on. ``write`` waits only when BEHIND of this body's
-    blocks are still waiting for that."""
+    default executor, while the loop reads on. ``write`` waits only when BEHIND blocks of the
+    file are still waiting for that: counted on the lane, so a file's requests following each
+    other faster than its hash cannot pile up its bytes in memory."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, offset: int, lane: HashLane | None) -> None:
         self.loop = loop
@@ -385,16 +391,18 @@ class _Stream:
         self._pieces: list[bytes] = []
         self._start = offset  # of the pieces not yet handed to a thread
         self._jobs: list[asyncio.Future[None]] = []  # this body's, in order
+        self._window = lane.window if lane is not None else []
 
     async def write(self, data: bytes) -> None:
         _pwrite(self.fd, data, self.offset)
         self.offset += len(data)
         self._pieces.append(data)
-        if self.offset - self._start >= WRITE_BUFFER:
+        if self.offset - self._start >= HASH_BLOCK:
             self._hand_off()
-            while len(self._jobs) > BEHIND:
-                await asyncio.wait([self._jobs[0]])
-                self._jobs = [j for j in self._jobs if not j.done()]
+            window = self._window
+            while len(window) > BEHIND:
+                await asyncio.wait([window[0]])
+                window[:] = [j for j in window if not j.done()]
 
     def _hand_off(self) -> None:
         pieces, start, length = self._pieces, self._start, self.offset - self._start
@@ -404,6 +412,10 @@ class _Stream:
         if self.lane is not None:
             self.lane.tail = job
         self._jobs.append(job)
+        window = self._window
+        while window and window[0].done():
+            del window[0]
+        window.append(job)
 
     async def _job(self, previous: asyncio.Future[None] | None, pieces: list[bytes], start: int, length: int) -> None:
         if previous is not None:  # in order: the hash is one stream
