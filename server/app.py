@@ -15,7 +15,7 @@ from server.api import uploads as uploads_api
 from server.auth import KeyStore, auth_middleware
 from server.config import Settings
 from server.db import Database
-from server.db.migrate import check_at_head
+from server.db.revision import check_at_head
 from server.errors import ServiceUnavailable, error_middleware
 from server.janitor import janitor_context
 from server.jobs import queries as job_queries

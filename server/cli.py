@@ -25,7 +25,7 @@ def _settings() -> Settings:
 
 def _migrated_settings() -> Settings | None:
     """The settings, or None (having said why on stderr) when the database is not at head."""
-    from server.db.migrate import NotMigrated, check_at_head
+    from server.db.revision import NotMigrated, check_at_head
 
     settings = _settings()
     assert settings.db_path is not None
@@ -91,9 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from server.jobs.worker import main as run_worker
 
-    if args.parent is not None:  # started by `filedrop serve`, which checked the schema (0.6 s saved)
+    if args.parent is not None:  # started by `filedrop serve`, which checked the schema
         return run_worker(_settings(), args.id, args.parent)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = _migrated_settings()
     if settings is None:
         return 2
@@ -101,7 +100,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from server.db.migrate import NotMigrated, current_revisions, upgrade
+    from server.db.migrate import upgrade
+    from server.db.revision import NotMigrated, current_revisions
     from server.db.urls import shown
 
     settings = _settings()
@@ -438,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def quiet_alembic(level: str) -> None:
-    """Alembic's INFO lines (plugins, "Context impl SQLiteImpl", each revision run) are noise on
-    every command: shown only with FILEDROP_LOG_LEVEL=DEBUG. ``migrate`` says what it did."""
+    """Alembic's INFO lines (plugins, "Context impl SQLiteImpl", each revision run) are noise
+    (``migrate`` and the tests load Alembic): shown only with FILEDROP_LOG_LEVEL=DEBUG. ``migrate``
+    says what it did."""
     if logging.getLevelName(level.upper()) != logging.DEBUG:
         logging.getLogger("alembic").setLevel(logging.WARNING)

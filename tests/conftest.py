@@ -17,7 +17,8 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.db.migrate import current_revisions, upgrade
+from server.db.migrate import upgrade
+from server.db.revision import current_revisions
 from tests.support.postgres import PostgresCluster
 from tests.support.server import ServerProcess, server_env
 

@@ -65,7 +65,7 @@ def test_commands_print_no_alembic_lines_unless_asked(env: dict[str, str]) -> No
         assert r.stderr == "", (args, r.stderr)  # not one Alembic INFO line (nine were printed)
     migrated = cli(env, "migrate")
     assert migrated.stdout.strip().endswith(f"at revision {HEAD} (unchanged)")
-    debug = cli({**env, "FILEDROP_LOG_LEVEL": "DEBUG"}, "keys", "list")
+    debug = cli({**env, "FILEDROP_LOG_LEVEL": "DEBUG"}, "migrate")
     assert "alembic.runtime.migration" in debug.stderr
 
 

@@ -107,6 +107,26 @@ def test_domain_packages_do_not_import_aiohttp_web() -> None:
     assert not offenders
 
 
+def test_the_long_running_processes_check_the_schema_without_alembic(tmp_path: Path) -> None:
+    """The server and its workers check the schema's revision without loading Alembic (10.5 MB
+    of RSS each); the revision they expect is the one Alembic computes from the migrations, and
+    it is what a migrated database is at."""
+    from server.db.migrate import head_revisions, upgrade
+    from server.db.revision import SCHEMA_HEADS, check_at_head, current_revisions
+
+    assert SCHEMA_HEADS == head_revisions(tmp_path / "unused"), "name the new migration in SCHEMA_HEADS"
+    db = tmp_path / "filedrop.sqlite3"
+    upgrade(db)
+    assert current_revisions(db) == SCHEMA_HEADS
+    check_at_head(db)
+    code = ("import sys, pathlib, server.app, server.cli, server.jobs.worker, server.jobs.child; "
+            "from server.db.revision import check_at_head; check_at_head(pathlib.Path(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako', 'pygments')))")
+    r = subprocess.run([sys.executable, "-c", code, str(db)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 @pytest.mark.parametrize("name,value", [("WORKERS", "-1"), ("APP_PORT", "70000"),
                                         ("MAX_FILES_PER_BATCH", "-5"), ("MAX_NUMBER_DIGITS", "639"), ("RENDER_MEMORY", "1M"), ("RENDER_TIMEOUT", "0"),
                                         ("MAX_CHUNK_SIZE", "-1"), ("BATCH_TTL", "soon")])

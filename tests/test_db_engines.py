@@ -13,7 +13,8 @@ import pytest
 
 from server import nginx as ngx
 from server.config import Settings
-from server.db.migrate import current_revisions, head_revisions
+from server.db.migrate import head_revisions
+from server.db.revision import current_revisions
 from tests.conftest import API_KEY
 from tests.support.server import REPO, server_env
 from tests.support.waiting import free_port
