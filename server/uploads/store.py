@@ -396,7 +396,8 @@ class _Stream:
     async def write(self, data: bytes) -> None:
         _pwrite(self.fd, data, self.offset)
         self.offset += len(data)
-        self._pieces.append(data)
+        if self.lane is not None:  # kept for the hash; a body without a lane is hashed at the end
+            self._pieces.append(data)
         if self.offset - self._start >= HASH_BLOCK:
             self._hand_off()
             window = self._window
@@ -431,7 +432,7 @@ class _Stream:
     def finish(self, then: Callable[[], None]) -> None:
         """Hand the rest to the lane; run ``then`` (close the file, or discard a temp) once no
         thread uses the file any more. Does not wait."""
-        if self._pieces:
+        if self.offset > self._start:
             self._hand_off()
         running = [j for j in self._jobs if not j.done()]
         if not running:
