@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from server.uploads.store import BEHIND, HASH_BLOCK, HashLane, _Stream
+from tests.support.waiting import async_wait_until
 
 PIECE = 256 << 10  # what one socket read hands over
 
@@ -45,9 +46,14 @@ async def test_a_files_bytes_waiting_for_their_hash_are_bounded_across_its_reque
                 await second.write(piece)
 
         writing = asyncio.ensure_future(next_block())
-        done, _ = await asyncio.wait([writing], timeout=0.5)
-        assert not done, "a second request must wait while the file's window is full"
+
+        async def handed_over() -> bool:  # its block is written and handed to the lane
+            return len(lane.window) > BEHIND or writing.done()
+
+        await async_wait_until(handed_over, what="the second request's block on the lane")
         assert len(lane.window) == BEHIND + 1
+        done, _ = await asyncio.wait([writing], timeout=0.2)
+        assert not done, "a second request must wait while the file's window is full"
 
         gate.set()
         await asyncio.wait_for(writing, 30)
