@@ -66,7 +66,7 @@ from server.signing import parse_expires_in
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 # Built once (building the comparisons and their cache key cost 20% of a status call's CPU).
 _JOB = select(*JOB_JSON_COLUMNS).where(Job.job_id == bindparam("job_id"), Job.batch_id == bindparam("batch_id"),
-                                          Job.owner == bindparam("owner"))
+                                       Job.owner == bindparam("owner"))
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
