@@ -1,18 +1,24 @@
 """What aiohttp refuses before any middleware (a control character in a header value, broken
 chunk framing) is answered in the JSON error shape, straight and through NGINX; a client that
-disconnects mid-body is one INFO line; nothing of either is an ERROR or a traceback."""
+disconnects mid-body is one INFO line; nothing of either is an ERROR or a traceback. The same
+connection class reads its socket in ``RECV_SIZE`` pieces."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from server.api.uploads import HEAP_MMAP_THRESHOLD
+from server.protocol import RECV_SIZE, Runner
 from tests.conftest import API_KEY
 from tests.support.nginx import app_behind_nginx
-from tests.support.waiting import wait_until
+from tests.support.waiting import free_port, wait_until
 
 
 def exchange(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
@@ -131,3 +137,28 @@ def test_a_client_that_disconnects_mid_body_is_one_info_line(app_and_nginx, via:
     status, _h, body = exchange(srv.port, b"GET /api/v1/upload/" + batch + b" HTTP/1.1\r\nHost: x\r\nX-API-Key: "
                                 + API_KEY.encode() + b"\r\nConnection: close\r\n\r\n")
     assert status == 204, body
+
+
+async def test_connections_read_the_socket_in_recv_size_pieces() -> None:
+    """Large bodies arrive in pieces of up to RECV_SIZE (asyncio reads 256 KiB by default), and
+    those pieces stay under the heap's mmap threshold (else every read maps fresh pages)."""
+    assert 256 << 10 < RECV_SIZE < HEAP_MMAP_THRESHOLD
+    seen: dict[str, int] = {}
+
+    async def sink(request: web.Request) -> web.Response:
+        seen["max_size"] = request.transport.max_size  # type: ignore[union-attr]
+        seen["bytes"] = sum([len(piece) async for piece in request.content.iter_any()])
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/", sink)
+    runner = Runner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{port}/", data=io.BytesIO(b"x" * (4 << 20))) as r:
+            assert r.status == 200
+    finally:
+        await runner.cleanup()
+    assert seen == {"max_size": RECV_SIZE, "bytes": 4 << 20}
