@@ -63,8 +63,10 @@ def private_state(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from server.protocol import BindError, serve, tune_allocator
+
+    tune_allocator()  # before any thread allocates
     from server.app import create_app
-    from server.protocol import BindError, serve
 
     settings = _migrated_settings()
     if settings is None:

@@ -12,7 +12,8 @@ place, so :class:`Runner` serves the app with :class:`ProtocolHandler` connectio
 * a client that went away -> one INFO line (nothing can be answered);
 * anything else -> aiohttp's own handling (an ERROR traceback: our fault), with a JSON 500 body.
 
-The same class sets how much a connection reads from its socket at a time (:data:`RECV_SIZE`).
+The same class sets how much a connection reads from its socket at a time (:data:`RECV_SIZE`);
+:func:`tune_allocator` sets the serving process's allocator up for pieces of that size.
 
 :func:`serve` is ``web.run_app`` with that runner: the same start-up, signal handling (SIGINT and
 SIGTERM stop it gracefully) and shutdown order. It reports a port it cannot bind as
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from server.durable import keep_heap
 from server.errors import (
     BadRequest,
     FiledropError,
@@ -46,9 +48,19 @@ log = logging.getLogger("filedrop.protocol")
 # upload's body then arrives in 1 MiB pieces, not 256 KiB: a quarter of the per-piece work on the
 # event loop (aiohttp's parser, the body's reader, our write and hash hand-off). Measured on 1 GiB
 # in 8 MiB chunks, alternated: 685 -> 708-733 MB/s (medians); 4 MiB: 529. Keep it under the
-# allocator's mmap threshold (server.api.uploads.HEAP_MMAP_THRESHOLD), or every read maps and
-# unmaps fresh pages.
+# allocator's mmap threshold (HEAP_MMAP_THRESHOLD), or every read maps and unmaps fresh pages.
 RECV_SIZE = 1 << 20
+
+# The serving process's allocator (glibc; see server.durable.keep_heap): body pieces and the
+# blocks a file keeps for its hash come from the heap, which keeps what is freed, in one arena.
+HEAP_MMAP_THRESHOLD = 2 << 20
+HEAP_TRIM_THRESHOLD = 32 << 20
+HEAP_ARENAS = 1
+
+
+def tune_allocator() -> bool:
+    """Set the allocator up for serving (first thing in the process: before any thread starts)."""
+    return keep_heap(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD, HEAP_ARENAS)
 
 
 class ProtocolHandler(web.RequestHandler):

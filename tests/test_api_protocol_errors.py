@@ -1,21 +1,23 @@
 """What aiohttp refuses before any middleware (a control character in a header value, broken
 chunk framing) is answered in the JSON error shape, straight and through NGINX; a client that
 disconnects mid-body is one INFO line; nothing of either is an ERROR or a traceback. The same
-connection class reads its socket in ``RECV_SIZE`` pieces."""
+connection class reads its socket in ``RECV_SIZE`` pieces, and glibc takes the serving process's
+allocator settings (one arena)."""
 
 from __future__ import annotations
 
 import io
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from server.api.uploads import HEAP_MMAP_THRESHOLD
-from server.protocol import RECV_SIZE, Runner
+from server.protocol import HEAP_ARENAS, HEAP_MMAP_THRESHOLD, RECV_SIZE, Runner
 from tests.conftest import API_KEY
 from tests.support.nginx import app_behind_nginx
 from tests.support.waiting import free_port, wait_until
@@ -162,3 +164,31 @@ async def test_connections_read_the_socket_in_recv_size_pieces() -> None:
     finally:
         await runner.cleanup()
     assert seen == {"max_size": RECV_SIZE, "bytes": 4 << 20}
+
+
+ARENAS = """
+import ctypes, sys, threading
+from server.protocol import tune_allocator
+if sys.argv[1] == "tuned":
+    assert tune_allocator()
+def allocate():
+    kept = [bytes(100_000) for _ in range(50)]
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" section per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "tuned"])
+def test_the_serving_allocator_keeps_one_arena(mode: str) -> None:
+    """glibc gives threads arenas of their own unless ``tune_allocator`` (called first thing by
+    ``filedrop serve``) limits them to HEAP_ARENAS: four threads allocating, then glibc's own
+    count of its arenas."""
+    out = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    arenas = out.stderr.count("Arena ")
+    assert arenas == HEAP_ARENAS if mode == "tuned" else arenas > HEAP_ARENAS, out.stderr

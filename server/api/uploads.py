@@ -19,7 +19,6 @@ from typing import Any
 
 from aiohttp import web
 
-from server.durable import keep_heap
 from server.errors import (
     BatchIdInvalid,
     ChunkCountInvalid,
@@ -334,16 +333,10 @@ ROUTES: list[web.RouteDef] = [
 ]
 
 
-# Blocks under this come from glibc's heap (``keep_heap``): body pieces (server.protocol.RECV_SIZE)
-# and the blocks a file keeps for its hash.
-HEAP_MMAP_THRESHOLD = 2 << 20
-
-
 async def uploads_context(app: web.Application) -> AsyncIterator[None]:
     """The upload service on ``app[UPLOADS]``, ``Batch.Manifest`` registered, and its start
     (what a reboot lost forgotten, what a crash left synced and assembled) before the first
     request."""
-    keep_heap(mmap_threshold=HEAP_MMAP_THRESHOLD, trim_threshold=32 << 20)  # see server.durable.keep_heap
     service = UploadService(app[DATABASE], app[SETTINGS], app[OPERATIONS])
     app[OPERATIONS].register("Batch.Manifest", service.manifest)
     app[UPLOADS] = service
