@@ -9,15 +9,40 @@ import re
 import threading
 
 import pytest
+from aiohttp import web
 from sqlalchemy import delete, select, update
 
+from server.app import create_app
 from server.db.models import Batch, BatchFile
 from server.keys import UPLOADS
+from server.protocol import RECV_SIZE
 from tests.conftest import AUTH, OTHER_KEY
 from tests.support.database import connect
 from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.engines]
+
+
+async def test_an_upload_body_is_buffered_up_to_two_socket_reads(aiohttp_client, settings) -> None:
+    """The body's reader pauses the socket only past two reads of RECV_SIZE (aiohttp's own
+    default, 512 KiB, is under one read), and the file arrives whole."""
+    seen: list[tuple[int, int]] = []
+
+    @web.middleware
+    async def limits(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        response = await handler(request)
+        if request.method == "POST" and request.path.count("/") == 5:  # /api/v1/upload/<batch>/<idx>
+            seen.append(request.content.get_read_buffer_limits())
+        return response
+
+    app = create_app(settings)
+    app.middlewares.append(limits)
+    up = Uploads(await aiohttp_client(app))
+    batch = await up.create()
+    data = os.urandom(3 << 20)
+    assert (await up.post(batch, 0, data, "big.bin")).status == 201
+    assert seen == [(RECV_SIZE, 2 * RECV_SIZE)]
+    assert (await (await up.info(batch, 0)).json())["sha256"] == sha256(data)
 
 
 @pytest.mark.parametrize("prefix", ["", "/nuxeo"])
