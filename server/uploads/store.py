@@ -351,9 +351,11 @@ class UploadStore:
 
 
 HASH_BLOCK = 2 << 20  # bytes of a streamed body handed to the hashing thread in one hop
-# HASH_BLOCK blocks of one file (of its lane, whichever request wrote them; of one body without a
-# lane) written but not yet hashed: with the block being filled, at most 8 MiB of a file's bytes
-# wait in memory for the hash.
+# Blocks of one file (of its lane, whichever request wrote them; of one body without a lane)
+# written but not yet hashed. A block is handed over by the read that takes it to HASH_BLOCK bytes,
+# so it holds less than HASH_BLOCK plus one read (server.protocol.RECV_SIZE, 1 MiB): with the block
+# being filled, a file's bytes waiting in memory for the hash stay under 4 x 3 = 12 MiB (8 MiB
+# when reads come in whole mebibytes).
 BEHIND = 3
 
 
