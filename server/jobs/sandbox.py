@@ -20,6 +20,9 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _LOG10_2 = math.log10(2)
+# Every attribute a dict has: those of its type and the type's bases (a dict has no instance
+# attributes). A name outside this set is no attribute of any plain dict.
+_DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
 class LimitHit(Exception):
@@ -50,6 +53,19 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
         This environment's globals never change once it is made, which is what the ChainMap
         would have followed."""
         return {**self.globals, **(d or {})}
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """``data.num_client``: the sandbox's answer, without its exception. Jinja2 tries the
+        attribute first (``getattr`` raising AttributeError for a dict's key), then the item;
+        for a plain dict and a name no dict has as an attribute, only the item can answer.
+        That exception was a fifth of a row's render (the seed's invoice page, four such
+        lookups: 16.0 against 12.8 us a row)."""
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
