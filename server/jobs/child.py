@@ -118,13 +118,13 @@ class Child:
                     r.assets[key] = Asset(a.get("path"), int(a.get("size") or 0), a.get("error"))
         elif op == "rows":
             r = self.jobs[msg["job_id"]]
-            for idx, ref, suffix, pdf, data in msg["rows"]:
+            for (idx, ref, suffix, pdf), data in zip(msg["rows"], msg["data"], strict=True):
                 self.row(r, idx, ref, suffix, pdf, data)
             self.flush()
         else:
             raise SystemExit(f"render process: unknown message {op!r}")
 
-    def row(self, r: Renderer, idx: int, ref: str, suffix: str, pdf: str | None, data: str) -> None:
+    def row(self, r: Renderer, idx: int, ref: str, suffix: str, pdf: str | None, data: Any) -> None:
         self.seq += 1
         PROGRESS.pack_into(self.progress, 0, self.seq, idx)  # before the row: whom a kill was for
         try:

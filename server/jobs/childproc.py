@@ -13,11 +13,15 @@ import os
 import struct
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
-from server.jobs.wire import WireError, encode, read_async
+from server.jobs.wire import WireError, encode, encode_rows, read_async
+
+if TYPE_CHECKING:
+    from server.jobs.queries import Claimed
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: `python -m server.jobs.child` runs from it
 READ_AHEAD = 8 << 20  # bytes of answers buffered while the parent publishes: the child keeps rendering
@@ -117,9 +121,17 @@ class RenderProcess:
         return self.proc.returncode is None
 
     async def send(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> None:
+        await self.write(encode(header, blobs))
+
+    async def send_rows(self, job_id: str, rows: Sequence[Claimed]) -> None:
+        await self.write(encode_rows(job_id, [[r.idx, r.reference_id, r.suffix, r.pdf] for r in rows],
+                                     [r.data for r in rows]))
+
+    async def write(self, message: bytes) -> None:
+        """Send an encoded message (``wire.encode``)."""
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(encode(header, blobs))
+            self.proc.stdin.write(message)
             await self.proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             raise ChildGone(await self._reap()) from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import re
 from collections import OrderedDict
@@ -259,10 +258,10 @@ class Renderer:
         return self._last_pdf[1]
 
     def render(self, idx: int, reference_id: str, suffix: str, pdf_ref: str | None,
-               data_json: str) -> Page | list[str]:
+               data: Any) -> Page | list[str]:
         """The page, or the asset keys it still needs (the worker fetches them, then asks again).
         Raises ``RowFailed``, ``LimitHit`` or whatever the template raises on this row."""
-        ctx: dict[str, Any] = {"data": json.loads(data_json), "params": self.params, "reference_id": reference_id,
+        ctx: dict[str, Any] = {"data": data, "params": self.params, "reference_id": reference_id,
                                "suffix": suffix, "batch_id": self.batch_id, "pdf": ""}
         needs: list[str] = []
         extra: list[tuple[str, str]] = []

@@ -203,13 +203,11 @@ class RowRunner:
             return
         self.rows += more
         queue.extend(more)
-        await child.send({"op": "rows", "job_id": self.job.job_id,
-                          "rows": [[r.idx, r.reference_id, r.suffix, r.pdf, r.data] for r in more]})
+        await child.send_rows(self.job.job_id, more)
 
     async def _send(self, queue: deque[Claimed]) -> RenderProcess:
         child = await self.w.child_for(self.job)
-        await child.send({"op": "rows", "job_id": self.job.job_id,
-                          "rows": [[r.idx, r.reference_id, r.suffix, r.pdf, r.data] for r in queue]})
+        await child.send_rows(self.job.job_id, queue)
         return child
 
     def _killed(self, row: Claimed, why: str) -> None:

@@ -23,6 +23,17 @@ def encode(header: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) 
     return b"".join([_LEN.pack(len(head)), head, *blobs])
 
 
+def encode_rows(job_id: str, meta: list[list[Any]], data: list[str]) -> bytes:
+    """A ``rows`` message: ``rows`` (each row's index, reference id, suffix and PDF) and
+    ``data``, the rows' data objects, spliced in as the JSON texts they are stored as (written
+    by the start, so valid JSON): the render process then parses them with the header in one
+    call, instead of a JSON string per row to unescape and parse again (2,000 rows: 4.0 ms
+    against 1.1 to decode)."""
+    text = json.dumps({"op": "rows", "job_id": job_id, "rows": meta, "blobs": []}, separators=(",", ":"))
+    head = f'{text[:-1]},"data":[{",".join(data)}]}}'.encode()
+    return b"".join([_LEN.pack(len(head)), head])
+
+
 def _header(raw: bytes, max_blob: int) -> dict[str, Any]:
     try:
         header = json.loads(raw)

@@ -1,0 +1,42 @@
+"""Messages to the render process: a ``rows`` message carries each row's stored data text as
+JSON inside the header, parsed once by the render process."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from server.jobs.service import prepare_rows
+from server.jobs.wire import WireError, encode, encode_rows, read_sync
+
+ROWS = [
+    {"reference_id": "a-1", "suffix": "s" * 12, "data": {"name": "Zoë \u2028 \"quoted\" \\ </script>", "n": 10 ** 30}},
+    {"reference_id": "b_2", "suffix": "t" * 12, "pdf": "https://x.test/a.pdf?q=\"1\"", "data": {}},
+    {"reference_id": "c", "suffix": "u" * 12, "data": {"nested": {"list": [1, 2.5, None, True, {"k": "€"}]}}},
+]
+
+
+def test_a_rows_message_gives_back_each_rows_data_as_the_start_stored_it() -> None:
+    records, problems = prepare_rows("j" * 32, ROWS, 8)
+    assert not problems
+    # NEW_ROW: job_id, idx, reference_id, suffix, pdf, data, ...
+    meta = [[r[1], r[2], r[3], r[4]] for r in records]
+    message = encode_rows("j" * 32, meta, [r[5] for r in records]) + encode({"op": "next"})
+    stream = io.BytesIO(message)
+    got = read_sync(stream, 1 << 20, 1 << 20)
+    assert got is not None
+    header, blobs = got
+    assert blobs == [] and header["op"] == "rows" and header["job_id"] == "j" * 32
+    assert header["rows"] == [[0, "a-1", "s" * 12, None], [1, "b_2", "t" * 12, "https://x.test/a.pdf?q=\"1\""],
+                              [2, "c", "u" * 12, None]]
+    assert header["data"] == [r["data"] for r in ROWS]
+    nxt = read_sync(stream, 1 << 20, 1 << 20)  # the length prefix covered exactly the header
+    assert nxt is not None and nxt[0]["op"] == "next"
+
+
+def test_a_header_over_the_limit_is_refused() -> None:
+    message = encode_rows("j" * 32, [[0, "a", "b", None]], [json.dumps({"x": "y" * 100})])
+    with pytest.raises(WireError, match="over the 64-byte limit"):
+        read_sync(io.BytesIO(message), 64, 64)
