@@ -40,3 +40,28 @@ def test_parse_json_names_the_field() -> None:
     with pytest.raises(BadRequest) as e2:
         parse_json(b"\xff", "execute body", error=BadRequest, code="ERR_REQUEST_MALFORMED")
     assert e2.value.code == "ERR_REQUEST_MALFORMED" and "not UTF-8" in e2.value.message
+
+
+def _nest(depth: int) -> str:
+    """Objects and arrays alternating, ``depth`` deep, with siblings of every depth beside them."""
+    text = '["y", 1]'
+    for d in range(1, depth):
+        text = f'{{"k{d}": {text}, "s": "x", "e": []}}' if d % 2 else f'[{text}, "y", {{}}, [2]]'
+    return text
+
+
+@pytest.mark.parametrize("as_bytes", [True, False], ids=["bytes", "str"])
+def test_depth_and_surrogates_give_the_same_answers_from_bytes_and_text(as_bytes: bool) -> None:
+    """Bytes without a surrogate escape take the one-level-at-a-time depth check; text and
+    bytes with such an escape are walked value by value. Both answer alike."""
+    def load(text: str) -> object:
+        return loads(text.encode() if as_bytes else text)
+
+    assert load(_nest(MAX_DEPTH)) is not None
+    with pytest.raises(JsonRefused, match="nested more than"):
+        load(_nest(MAX_DEPTH + 1))
+    with pytest.raises(JsonRefused, match="nested more than"):
+        load(f'[{_nest(MAX_DEPTH)}, "\\ud83d\\ude00"]')  # an escape elsewhere: the walk finds it too
+    with pytest.raises(JsonRefused, match="lone surrogate"):
+        load(f'[{_nest(3)}, {{"deep": {{"\\udc00x": 1}}}}]')
+    assert load('["\\\\ud800"]') == ["\\ud800"]  # an escaped backslash, then text: no surrogate
