@@ -40,3 +40,11 @@ def test_a_header_over_the_limit_is_refused() -> None:
     message = encode_rows("j" * 32, [[0, "a", "b", None]], [json.dumps({"x": "y" * 100})])
     with pytest.raises(WireError, match="over the 64-byte limit"):
         read_sync(io.BytesIO(message), 64, 64)
+
+
+def test_the_start_stores_each_rows_data_as_json_dumps_writes_it() -> None:
+    data = [{"f": 1.5, "e": 1e300, "neg": -0.0, "nan": float("nan"), "big": 10 ** 40, "t": True, "z": None,
+             "s": "é \u2028 \"q\" \\ \t </script>", "nested": {"l": [[], {}, [1, "2"]]}, "": ""}, {}]
+    rows = [{"reference_id": f"r{i}", "suffix": "s" * 12, "data": d} for i, d in enumerate(data)]
+    records, _problems = prepare_rows("j" * 32, rows, 8)
+    assert [r[5] for r in records] == [json.dumps(d, ensure_ascii=False, separators=(",", ":")) for d in data]
