@@ -158,13 +158,16 @@ def _row_encoder() -> Callable[[Any], str]:
     return lambda data: "".join(c(data, 0))
 
 
+_encode_row_data = _row_encoder()  # stateless once made: one for every start
+
+
 def prepare_rows(job_id: str, rows: list[Any], min_suffix: int) -> tuple[list[tuple[Any, ...]], list[str]]:
     """Rows for ``job_rows`` (``queries.NEW_ROW`` tuples, generated suffixes included) and the
     log lines of bad rows."""
     records: list[tuple[Any, ...]] = []
     problems: list[str] = []
     seen: dict[tuple[str, str], int] = {}
-    encode = _row_encoder()
+    encode = _encode_row_data
     for idx, row in enumerate(rows):
         error = check_row(row, min_suffix)
         raw_ref = row.get("reference_id") if isinstance(row, dict) else None
