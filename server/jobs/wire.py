@@ -20,6 +20,11 @@ class WireError(Exception):
 
 def encode(header: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
     head = json.dumps({**header, "blobs": [len(b) for b in blobs]}, separators=(",", ":")).encode("utf-8")
+    return _frame(head, blobs)
+
+
+def _frame(head: bytes, blobs: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
+    """The framing every message shares: the header's length, the header, the blobs."""
     return b"".join([_LEN.pack(len(head)), head, *blobs])
 
 
@@ -30,8 +35,7 @@ def encode_rows(job_id: str, meta: list[list[Any]], data: list[str]) -> bytes:
     call, instead of a JSON string per row to unescape and parse again (2,000 rows: 4.0 ms
     against 1.1 to decode)."""
     text = json.dumps({"op": "rows", "job_id": job_id, "rows": meta, "blobs": []}, separators=(",", ":"))
-    head = f'{text[:-1]},"data":[{",".join(data)}]}}'.encode()
-    return b"".join([_LEN.pack(len(head)), head])
+    return _frame(f'{text[:-1]},"data":[{",".join(data)}]}}'.encode())
 
 
 def _header(raw: bytes, max_blob: int) -> dict[str, Any]:
