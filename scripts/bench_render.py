@@ -11,10 +11,18 @@ while a big job runs.
 
 The machine is shared and its disk's speed swings several-fold within minutes, so the 10k job
 runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is against the
-mean of the two around it, and the floor applies to the median ratio. Every part starts from a
-clean disk (``os.sync()``, not timed): the job's own ``syncfs`` would otherwise flush the files
-the bare loop just left dirty. Floors: filedrop/bare
-ratio >= 0.8, status p99 <= 50 ms (over every status call). Exit status 1 if a floor is missed.
+mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
+job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
+
+The bare loop is CPU-bound when the disk keeps up: its CPU time is then its wall time. When the
+disk stalls it (creating a file waits for the disk), its wall time grows and a ratio against it
+flatters filedrop. So a rep whose bare loops spent less than ``BARE_CPU_SHARE`` of their wall
+time on the CPU is shown as stalled and left out of the floor's median; with no rep left, the
+verdict is INCONCLUSIVE (exit status 1). ``--dir`` puts the data dir and the bare loop's files
+elsewhere (``--dir /dev/shm``: tmpfs, the CPU-bound case without the disk).
+
+Floors: filedrop/bare ratio >= 0.8 (median over the reps not stalled), status p99 <= 50 ms (over
+every status call). Exit status 1 if a floor is missed.
 """
 
 from __future__ import annotations
@@ -70,15 +78,34 @@ def make_rows(n: int) -> list[dict[str, Any]]:
                       "date": "2021-01-12"}} for i in range(n)]
 
 
-def bare_loop(rows: list[dict[str, Any]], out: Path) -> float:
+BARE_CPU_SHARE = 0.75  # a bare loop on the CPU less than this share of its wall time was stalled by the disk
+
+
+def bare_loop(rows: list[dict[str, Any]], out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) to render and write every row."""
     out.mkdir(parents=True)
     t = jinja2.Environment(autoescape=True).from_string(BARE_PAGE)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for r in rows:
         page = t.render(data=r["data"], reference_id=r["reference_id"])
         with open(out / f"{r['reference_id']}.{r['suffix']}.html", "w", encoding="utf-8") as f:
             f.write(page)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def filesystem(path: Path) -> str:
+    """``<mount point> (<type>)`` of the filesystem holding ``path`` (Linux; else "?")."""
+    best = ("?", "?")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                _dev, mnt, fstype, *_ = line.split()
+                mnt = mnt.replace("\\040", " ")
+                if (str(path.resolve()) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype)
+    except OSError:
+        pass
+    return f"{best[0]} ({best[1]})"
 
 
 def start_server(data_dir: Path, workers: int | None) -> Any:
@@ -158,17 +185,18 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
                 # durable (syncfs), so it would otherwise also flush the 10,000 files the bare
                 # loop just left dirty, and the bare loop never pays for its own.
                 os.sync()
-                before = bare_loop(rows, work / f"bare-{rep}-1")
+                before, before_cpu = bare_loop(rows, work / f"bare-{rep}-1")
                 os.sync()
                 secs, final, lat = await run_job(s, srv.url, f"bench-smallest-{rep}", TEMPLATE, rows, "smallest")
                 if final["status"] != "Completed" or final["succeededCount"] != args.rows:
                     raise SystemExit(f"10k job ended {final}")
                 os.sync()
-                after = bare_loop(rows, work / f"bare-{rep}-2")
+                after, after_cpu = bare_loop(rows, work / f"bare-{rep}-2")
                 for d in (work / f"bare-{rep}-1", work / f"bare-{rep}-2"):
                     shutil.rmtree(d)
                 bare_rps = args.rows / ((before + after) / 2)
-                reps.append({"bare_rps": bare_rps, "rps": args.rows / secs, "secs": secs, "lat": lat,
+                reps.append({"bare_rps": bare_rps, "bare_cpu_share": (before_cpu + after_cpu) / (before + after),
+                             "rps": args.rows / secs, "secs": secs, "lat": lat,
                              "accepted": final["_accepted_s"], "ratio": args.rows / secs / bare_rps})
             local = f"http://127.0.0.1:{asset_port}"
             orig_t = {**TEMPLATE, "pdf": f"{local}/doc.pdf", "styles": [{"href": f"{local}/s.css"}],
@@ -183,11 +211,11 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
         srv.stop()
     sample = next((work / "var" / "smartlinks" / "bench-original").iterdir()).stat().st_size
     return {"reps": reps, "orps": args.original_rows / osecs, "osecs": osecs, "page_kb": sample / 1024,
-            "hits": hits, "warm": wsecs}
+            "hits": hits, "warm": wsecs, "fs": filesystem(work)}
 
 
 async def bench(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="bench-render-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-render-", dir=args.dir))
     try:
         r = await run(args, work, make_rows(args.rows))
     finally:
@@ -196,21 +224,29 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"render bench: {os.cpu_count()} cores, FILEDROP_WORKERS={args.workers or f'default ({os.cpu_count()})'}, "
           f"python {sys.version.split()[0]}; {len(reps)} reps of bare loop, job, bare loop, each job's ratio "
           f"against the mean of the bare loops around it; workers warmed up by a 20-row job first "
-          f"({r['warm']:.2f} s, their start included)\n")
+          f"({r['warm']:.2f} s, their start included); files on {r['fs']}\n")
     print("| measurement | value | floor |")
     print("| --- | --- | --- |")
     for i, rep in enumerate(reps, 1):
         lat = rep["lat"]
+        stalled = rep["bare_cpu_share"] < BARE_CPU_SHARE
         print(f"| rep {i}: bare loop (plain Jinja2 + open(), one process), mean of the 2 around the job | "
-              f"{rep['bare_rps']:,.0f} rows/s | |")
+              f"{rep['bare_rps']:,.0f} rows/s (on the CPU {rep['bare_cpu_share']:.0%} of the time"
+              f"{'; stalled by the disk: left out of the floor' if stalled else ''}) | |")
         print(f"| rep {i}: filedrop {args.rows:,} rows `smallest`, start -> Completed | {rep['rps']:,.0f} rows/s "
               f"({rep['secs']:.2f} s; start answered in {rep['accepted']:.2f} s; ratio {rep['ratio']:.2f}; status "
               f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms) | |")
-    ratio = statistics.median(rep["ratio"] for rep in reps)
+    steady = [rep["ratio"] for rep in reps if rep["bare_cpu_share"] >= BARE_CPU_SHARE]
     lat = [x for rep in reps for x in rep["lat"]]
     p99 = pct(lat, 99)
-    ok_ratio, ok_p99 = ratio >= 0.8, p99 <= 0.050
-    print(f"| ratio filedrop / bare loop, median of {len(reps)} | {ratio:.2f} | >= 0.8 {'ok' if ok_ratio else 'MISSED'} |")
+    ok_ratio, ok_p99 = bool(steady) and statistics.median(steady) >= 0.8, p99 <= 0.050
+    print(f"| ratio filedrop / bare loop, median of all {len(reps)} reps | "
+          f"{statistics.median(rep['ratio'] for rep in reps):.2f} | |")
+    if steady:
+        print(f"| ratio filedrop / bare loop, median of the {len(steady)} reps whose bare loops the disk did not "
+              f"stall | {statistics.median(steady):.2f} | >= 0.8 {'ok' if ok_ratio else 'MISSED'} |")
+    else:
+        print("| ratio filedrop / bare loop | the disk stalled the bare loops of every rep | >= 0.8 INCONCLUSIVE |")
     print(f"| status calls during the {args.rows:,}-row jobs ({len(lat)} calls) | "
           f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms "
           f"| p99 <= 50 ms {'ok' if ok_p99 else 'MISSED'} |")
@@ -227,4 +263,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--original-rows", type=int, default=1_000)
     p.add_argument("--workers", type=int, default=None, help="FILEDROP_WORKERS for the server (default: its default, one per core)")
     p.add_argument("--reps", type=int, default=5, help="bare loop / job / bare loop alternations (median ratio)")
+    p.add_argument("--dir", default=None, help="where the data dir and the bare loop's files go (default: the "
+                   "system's temp dir; /dev/shm for tmpfs)")
     return asyncio.run(bench(p.parse_args(argv)))
