@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
         print(f"bench {argv[0]!r} is not written yet", file=sys.stderr)
         return 2
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return int(mod.main(argv[1:]) or 0)
 
