@@ -14,10 +14,13 @@ runs ``--reps`` times (default 5), each between two bare loops; each job's ratio
 mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
 job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
 
-The bare loop is a test of the filesystem as much as of the CPU: creating a file on this shared
-machine's ext4 costs 20-30 us of kernel time in a good minute and 100-500 us in a bad one, and a
-ratio against a bare loop that paid that flatters filedrop. So each bare loop's kernel time per
-row and its share of wall time on the CPU are shown, and a rep where either bare loop spent
+The bare loop is a test of the filesystem as much as of the CPU. On an ext4 without a journal
+(this machine's) creating a file skips every free inode of its group that was deleted in the
+last 1-5 minutes, each skip a buffer-cache lookup: after a mass delete a create costs 100-500 us
+of kernel time instead of 20-30, and a ratio against a bare loop that paid that flatters
+filedrop. So the bench first waits until creating a file is cheap (``scripts/benchfs.py``), nothing
+is deleted until the end (the bare loops' files stay), and each bare loop's kernel time per row
+and its share of wall time on the CPU are shown; a rep where either bare loop spent
 more than ``BARE_KERNEL_US`` us of kernel time a row, or was on the CPU less than
 ``BARE_CPU_SHARE`` of its wall time (waiting for the disk), is marked and left out of the
 floor's median (the job's own CPU, server and workers together, is shown beside it); with no
@@ -49,6 +52,9 @@ import jinja2
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts.benchfs import wait_quiet  # noqa: E402
+
 KEY = "bench-key-0123456789"
 AUTH = {"X-API-Key": KEY}
 
@@ -239,8 +245,6 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
                     raise SystemExit(f"10k job ended {final}")
                 os.sync()
                 after = bare_loop(rows, work / f"bare-{rep}-2")
-                for d in (work / f"bare-{rep}-1", work / f"bare-{rep}-2"):
-                    shutil.rmtree(d)
                 bare_rps = args.rows / ((before.wall + after.wall) / 2)
                 reps.append({"bare_rps": bare_rps,
                              "bare_cpu_share": min(b.cpu / b.wall for b in (before, after)),
@@ -267,6 +271,7 @@ async def run(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) 
 async def bench(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-render-", dir=args.dir))
     try:
+        fs_line = await asyncio.to_thread(wait_quiet, work)
         r = await run(args, work, make_rows(args.rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -274,7 +279,7 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"render bench: {os.cpu_count()} cores, FILEDROP_WORKERS={args.workers or f'default ({os.cpu_count()})'}, "
           f"python {sys.version.split()[0]}; {len(reps)} reps of bare loop, job, bare loop, each job's ratio "
           f"against the mean of the bare loops around it; workers warmed up by a 20-row job first "
-          f"({r['warm']:.2f} s, their start included); files on {r['fs']}\n")
+          f"({r['warm']:.2f} s, their start included); files on {r['fs']}; before the first rep, {fs_line}\n")
     print("| measurement | value | floor |")
     print("| --- | --- | --- |")
     for i, rep in enumerate(reps, 1):

@@ -15,8 +15,16 @@ Workloads: one 1 GiB file in 8 MiB chunks sent in order over one connection (the
 client's way; timed until the last chunk's answer, which for filedrop means the file is complete
 and durable); 2,000 files of 16 KiB, 8 requests in flight (filedrop: whole-file uploads into one
 batch; tus: creation-with-upload, one request a file; bare: one POST a file). Then the filedrop
-server's peak RSS (VmHWM). Every rep runs every target back to back, each rep starting with the
-next target; each ratio is taken within its rep and the table shows medians.
+server's peak RSS (VmHWM). The small files' reps run first, then the large file's. Every rep
+runs every target back to back, each rep starting with the next target; each ratio is taken
+within its rep and the table shows medians.
+
+What one target leaves behind must not fall on the next: each timed run starts from a synced
+disk (``os.sync()``, untimed; else filedrop's own syncs would write the other targets' dirty
+pages, and the bare sink would run while gigabytes are written back), nothing is deleted until
+the end but the large file of each run (see ``clear``), and before the first rep the bench waits
+until creating a file is cheap (``scripts/benchfs.py``: a filesystem still paying for a mass
+delete).
 
 Floors (exit status 1 when one is missed): large >= 0.5 x bare and >= 2 x tus-node; small >=
 0.5 x bare and >= 1.5 x tus-node; peak RSS <= 100 MB.
@@ -57,6 +65,9 @@ from statistics import median
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # also when run as a script (the bare sink's process)
+from scripts.benchfs import wait_quiet  # noqa: E402
+
 KEY = "bench-key-0123456789"
 MiB = 1 << 20
 TUS_VERSION = "2.4.5"
@@ -230,8 +241,9 @@ async def small_spread(urls: list[str], blob: bytes, count: int) -> float:
             async with s.post(f"{urls[i % len(urls)]}/api/v1/upload/{batch}/{i}", data=blob, headers=hh) as r:
                 assert r.status == 201, await r.text()
         elapsed = await in_flight(one, count)
-        async with s.post(f"{urls[-1]}/api/v1/upload/{batch}/execute/Batch.Manifest", headers=h) as r:
-            files = (await r.json())["files"]
+        # The batch's file list (not executing it, which would delete the files: see ``clear``).
+        async with s.get(f"{urls[-1]}/api/v1/upload/{batch}", headers=h) as r:
+            files = await r.json()
         assert len(files) == count and all(f["sha256"] == hashlib.sha256(blob).hexdigest() for f in files)
     return elapsed
 
@@ -245,6 +257,7 @@ def scale_main(args: argparse.Namespace) -> int:
                if args.database_url else PostgresCluster().start())
     blob = os.urandom(args.file_kib * 1024)
     tmp = Path(tempfile.mkdtemp(prefix=".bench-upload-", dir=REPO))
+    print(f"before the first rep, {wait_quiet(tmp)}", file=sys.stderr)
     made: list[str] = []
     procs: list[Proc] = []
     times: dict[str, list[float]] = {}
@@ -347,9 +360,10 @@ async def in_flight(post_one: Callable[[int], Awaitable[None]], count: int) -> f
 
 
 async def small_bare(url: str, blob: bytes, count: int) -> float:
+    run = os.urandom(4).hex()  # new files every rep, as the others make (the small files are kept)
     async with aiohttp.ClientSession() as s:
         async def one(i: int) -> None:
-            async with s.post(f"{url}/upload/small-{i}.bin", data=blob) as r:
+            async with s.post(f"{url}/upload/small-{run}-{i}.bin", data=blob) as r:
                 assert r.status == 201
         return await in_flight(one, count)
 
@@ -369,6 +383,10 @@ async def small_filedrop(url: str, blob: bytes, count: int) -> float:
 
 
 def clear(root: Path) -> None:
+    """Remove a target's files after the large workload (one big file each). The small files
+    stay until the end: on an ext4 without a journal, creating a file skips every free inode of
+    its group deleted in the last 1-5 minutes (``recently_deleted`` in the kernel), so 2,000 just
+    deleted would make the next target's creates several times dearer."""
     for p in root.iterdir():
         if p.is_dir():
             shutil.rmtree(p)
@@ -400,12 +418,15 @@ def main(argv: list[str]) -> int:
     block = os.urandom(args.chunk_mib * MiB)
     chunks = args.size_mib // args.chunk_mib
     blob = os.urandom(args.file_kib * 1024)
-    workloads = [args.only] if args.only else ["large", "small"]
+    # Every rep of the small files first: after a big file is deleted, creating small ones in the
+    # same directory is slower for a while (the bare sink: 3,700-4,000 -> 1,650-2,700 files/s).
+    workloads = [args.only] if args.only else ["small", "large"]
     tus_dir = None if args.no_tus else install_tus()
     tmp = Path(tempfile.mkdtemp(prefix=".bench-upload-", dir=REPO))
     times: dict[tuple[str, str], list[float]] = {}
     procs: list[Proc] = []
     try:
+        fs_line = wait_quiet(tmp)
         fd_proc, fd_url, _ = start_filedrop(tmp)
         procs.append(fd_proc)
         bare_proc, bare_url, bare_root = start_bare(tmp)
@@ -419,22 +440,22 @@ def main(argv: list[str]) -> int:
         clients = {"large": {"bare": large_bare, "tus-node": large_tus, "filedrop": large_filedrop},
                    "small": {"bare": small_bare, "tus-node": small_tus, "filedrop": small_filedrop}}
         names = list(targets)
-        for rep in range(args.reps):
-            # Each rep starts with another target: what one leaves behind (files just deleted make
-            # creating the next ones dearer on ext4; dirty pages being written back) falls on
-            # each in turn, not always on the one after it.
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for w in workloads:
+        for w in workloads:
+            for rep in range(args.reps):
+                # Each rep starts with another target: what one leaves behind (a big file just
+                # deleted) falls on each in turn, not always on the one after it.
+                order = names[rep % len(names):] + names[:rep % len(names)]
                 for name in order:
                     url, root = targets[name]
+                    os.sync()  # untimed: start from a clean page cache (see the docstring)
                     if w == "large":
                         t = asyncio.run(clients[w][name](url, block, chunks))  # type: ignore[operator]
                     else:
                         t = asyncio.run(clients[w][name](url, blob, args.files))  # type: ignore[operator]
                     times.setdefault((w, name), []).append(t)
-                    if root is not None:
+                    if root is not None and w == "large":
                         clear(root)
-            print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+                print(f"{w}: rep {rep + 1}/{args.reps} done", file=sys.stderr)
         rss = peak_rss_mb(fd_proc.proc.pid)
     finally:
         for p in procs:
@@ -447,7 +468,7 @@ def main(argv: list[str]) -> int:
               "small": f"{args.files:,} files of {args.file_kib} KiB, {PARALLEL} in flight"}
     has_tus = tus_dir is not None
     print(f"Upload benchmark: medians of {args.reps} reps; {os.cpu_count()} cores; load average before the "
-          f"table {os.getloadavg()[0]:.1f}.\n")
+          f"table {os.getloadavg()[0]:.1f}; before the first rep, {fs_line}.\n")
     print("| workload | bare sink | tus-node | filedrop | filedrop / bare | filedrop / tus-node |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     verdicts: list[str] = []
