@@ -3,7 +3,7 @@
 On an ext4 without a journal, creating a file skips every free inode of its block group that
 was deleted in the last 60 s (300 s while the inode table block is not yet written back): the
 kernel's ``recently_deleted``, a buffer-cache lookup per skipped inode. Right after a big
-``rm -r`` (a test run, the last benchmark's clean-up) a create then costs 100-500 us of kernel
+``rm -r`` (a test run, the last benchmark's clean-up) a create then costs 100-800 us of kernel
 time instead of 20-30, and a benchmark run then measures that more than the code. Before
 measuring, the benchmarks wait (bounded) until creating a file in their work dir is cheap again,
 and print how long they waited. Journaled filesystems and tmpfs do not do this: the first probe
