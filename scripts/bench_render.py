@@ -9,7 +9,7 @@ while a big job runs.
    from the start request to the status that says Completed, and the status calls' latencies.
 3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
 
-The machine is shared and its disk's speed swings several-fold within minutes, so the 10k job
+The machine is shared (its cores with other machines, its filesystem with what ran before), so the 10k job
 runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is against the
 mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
 job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
