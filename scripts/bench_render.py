@@ -9,9 +9,9 @@ while a big job runs.
    from the start request to the status that says Completed, and the status calls' latencies.
 3. 1,000 rows ``original`` embedding a 200 KB PDF served by a local aiohttp server (fetched once).
 
-The machine is shared (its cores with other machines, its filesystem with what ran before), so the 10k job
-runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is against the
-mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
+The machine is shared (its cores with other machines, its filesystem with what ran before), so
+the 10k job runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is
+against the mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
 job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
 
 The bare loop is a test of the filesystem as much as of the CPU. On an ext4 without a journal
@@ -27,8 +27,8 @@ floor's median (the job's own CPU, server and workers together, is shown beside 
 rep left, the verdict is INCONCLUSIVE (exit status 1). ``--dir`` puts the data dir and the bare
 loop's files elsewhere (``--dir /dev/shm``: tmpfs, the CPU-bound case without the filesystem).
 
-Floors: filedrop/bare ratio >= 0.8 (median over the reps the filesystem did not slow), status p99 <= 50 ms (over
-every status call). Exit status 1 if a floor is missed.
+Floors: filedrop/bare ratio >= 0.8 (median over the reps the filesystem did not slow), status
+p99 <= 50 ms (over every status call). Exit status 1 if a floor is missed.
 """
 
 from __future__ import annotations
