@@ -194,6 +194,69 @@ def test_a_job_survives_the_database_ending_every_session_of_its_processes(serve
     assert "Traceback" not in log, log[-4000:]
 
 
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_worker_whose_registration_loses_its_session_registers_again(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker starting while PostgreSQL ends sessions (a restart, an operator): its
+    registration's connection is lost mid-statement. It tries again and starts, the loss logged
+    in one line (seen in CI as a worker dead of a traceback right after its start). Made
+    deterministic: the registration waits on a table lock while its session is ended."""
+    import asyncio
+    import logging
+
+    from sqlalchemy import create_engine, text
+
+    from server.db import Database
+    from server.db.urls import sync_url
+    from server.jobs import queries
+    from server.jobs.fetch import Fetcher
+    from server.jobs.worker import Worker
+    from tests.support.waiting import wait_until
+
+    db = Database(settings.database)
+    admin = create_engine(sync_url(settings.database), isolation_level="AUTOCOMMIT")
+    fetcher = Fetcher(("127.0.0.1",), 5, 1 << 20)
+    worker = Worker(db, settings, fetcher, None, "w-register-test")
+    task: asyncio.Task[None] | None = None
+    try:
+        with admin.connect() as probe, admin.connect() as locker:
+            locker.execute(text("BEGIN"))
+            locker.execute(text("LOCK TABLE job_workers IN ACCESS EXCLUSIVE MODE"))
+            caplog.set_level(logging.INFO, logger="filedrop.jobs.worker")
+            task = asyncio.create_task(worker.run())
+
+            def waiting() -> list[int]:
+                return list(probe.execute(text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")).scalars())
+            blocked = await asyncio.to_thread(wait_until, waiting, timeout=30, interval=0.02,
+                                              what="the registration to wait on the lock")
+            ended = probe.execute(text("SELECT count(pg_terminate_backend(pid)) FROM unnest(CAST(:p AS int[])) "
+                                       "AS pid"), {"p": blocked}).scalar()
+            assert ended == len(blocked) >= 1
+            locker.execute(text("ROLLBACK"))
+
+        async def registered() -> bool:
+            return any(w.worker_id == worker.id for w in await queries.workers(db))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await registered():
+            assert not task.done(), task.exception() if not task.cancelled() else "cancelled"
+            assert asyncio.get_running_loop().time() < deadline, "the worker never registered"
+            await asyncio.sleep(0.05)  # polling the database with a deadline
+        worker.stop()
+        await asyncio.wait_for(task, 30)  # raises if run() died of the lost connection
+    finally:
+        if task is not None and not task.done():
+            worker.stop()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        admin.dispose()
+        await fetcher.close()
+        await db.dispose()
+    lost = [r for r in caplog.records if "registering failed" in r.getMessage()]
+    assert lost and all(r.exc_info is None and "connection was lost" in r.getMessage() for r in lost), \
+        [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
 async def test_claims_take_at_most_n_rows_and_a_live_worker_hands_back_what_it_lost_track_of(
         settings: Settings) -> None:

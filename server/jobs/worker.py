@@ -154,7 +154,8 @@ class Worker:
 
     async def run(self) -> None:
         """Work until ``stop()``; then hand back what is held and deregister."""
-        await queries.register_worker(self.db, self.id, self.host, os.getpid())
+        if not await self._register():
+            return
         self.beat_ok = time.monotonic()
         log.info("worker %s (pid %d) started", self.id, os.getpid())
         beats = asyncio.create_task(self._beats(), name=f"worker-{self.id}-heartbeat")
@@ -191,6 +192,23 @@ class Worker:
             with contextlib.suppress(Exception):  # the database may be what failed
                 await queries.release_worker(self.db, self.id)
             log.info("worker %s stopped", self.id)
+
+    async def _register(self) -> bool:
+        """Register, trying again while the database refuses (PostgreSQL restarting, sessions
+        ended): a start that meets that is no reason to die with a traceback. False if told to
+        stop first."""
+        delay = 0.1
+        while True:
+            try:
+                await queries.register_worker(self.db, self.id, self.host, os.getpid())
+                return True
+            except Exception as e:
+                log_failure(log, "worker %s: registering failed; trying again", e, self.id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)  # the pause between tries, or stop
+            if self.stopping.is_set():
+                return False
+            delay = min(delay * 2, IDLE_POLL)
 
     async def _rejoin(self) -> None:
         log.warning("worker %s was declared dead (no heartbeat for %.0f s): its rows went back to the "
