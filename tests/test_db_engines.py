@@ -199,7 +199,7 @@ async def test_a_worker_whose_registration_loses_its_session_registers_again(
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """A worker starting while PostgreSQL ends sessions (a restart, an operator): its
     registration's connection is lost mid-statement. It tries again and starts, the loss logged
-    in one line (seen in CI as a worker dead of a traceback right after its start). Made
+    in one line (seen in a full run as a worker dead of a traceback right after its start). Made
     deterministic: the registration waits on a table lock while its session is ended."""
     import asyncio
     import logging
