@@ -16,7 +16,7 @@ job's own ``syncfs`` would otherwise flush the files the bare loop just left dir
 
 The bare loop is a test of the filesystem as much as of the CPU. On an ext4 without a journal
 (this machine's) creating a file skips every free inode of its group that was deleted in the
-last 1-5 minutes, each skip a buffer-cache lookup: after a mass delete a create costs 100-800 us
+last 1-6 minutes, each skip a buffer-cache lookup: after a mass delete a create costs 100-800 us
 of kernel time instead of 20-30, and a ratio against a bare loop that paid that flatters
 filedrop. So the bench first waits until creating a file is cheap (``scripts/benchfs.py``), nothing
 is deleted until the end (the bare loops' files stay), and each bare loop's kernel time per row
