@@ -11,8 +11,8 @@ while a big job runs.
 
 The machine is shared (its cores with other machines, its filesystem with what ran before), so
 the 10k job runs ``--reps`` times (default 5), each between two bare loops; each job's ratio is
-against the mean of the two around it. Every part starts from a clean disk (``os.sync()``, not timed): the
-job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
+against the mean of the two around it. Every part starts from a clean disk (``os.sync()``, not
+timed): the job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
 
 The bare loop is a test of the filesystem as much as of the CPU. On an ext4 without a journal
 (this machine's) creating a file skips every free inode of its group that was deleted in the
@@ -54,6 +54,7 @@ from aiohttp import web
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from scripts.benchfs import wait_quiet  # noqa: E402
+from scripts.benchproc import tree_cpu  # noqa: E402
 
 KEY = "bench-key-0123456789"
 AUTH = {"X-API-Key": KEY}
@@ -163,33 +164,6 @@ async def run_job(session: aiohttp.ClientSession, url: str, batch_id: str, templ
             return time.perf_counter() - t0, status, latencies
         await asyncio.sleep(0.005)  # spacing between status calls (the measured load), not a wait for work
     raise SystemExit("job did not finish within 600 s")
-
-
-def tree_cpu(pid: int) -> tuple[float, float]:
-    """(user + system, system) CPU seconds used so far by ``pid`` and its live descendants
-    (``/proc``; the server, its workers and their render processes). (0, 0) where there is no
-    ``/proc``."""
-    procs: dict[int, tuple[int, int, int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        procs[int(entry)] = (int(fields[1]), int(fields[11]), int(fields[12]))  # ppid, utime, stime
-    keep, grew = {pid}, True
-    while grew:
-        grew = False
-        for p, (ppid, _u, _s) in procs.items():
-            if ppid in keep and p not in keep:
-                keep.add(p)
-                grew = True
-    tick = os.sysconf("SC_CLK_TCK")
-    user = sum(procs[p][1] for p in keep if p in procs) / tick
-    system = sum(procs[p][2] for p in keep if p in procs) / tick
-    return user + system, system
 
 
 def _steady(rep: dict[str, Any]) -> bool:

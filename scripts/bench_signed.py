@@ -35,6 +35,9 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts.benchproc import cpu_seconds  # noqa: E402
+
 KEY = "bench-key-0123456789"
 AUTH = {"X-API-Key": KEY}
 TEMPLATE = {"title": "Invoice {{ data.num_client }}", "lang": "fr",
@@ -138,12 +141,6 @@ async def wait_end(s: aiohttp.ClientSession, base: str, batch: str, job_id: str)
                 return
         await asyncio.sleep(0.2)  # poll interval under a deadline
     raise SystemExit(f"job {job_id} did not end within 900 s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def hammer(url: str, seconds: float, concurrency: int, app_pid: int) -> dict[str, Any]:
