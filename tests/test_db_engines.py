@@ -211,7 +211,7 @@ async def test_a_worker_whose_registration_loses_its_session_registers_again(
     from server.jobs import queries
     from server.jobs.fetch import Fetcher
     from server.jobs.worker import Worker
-    from tests.support.waiting import wait_until
+    from tests.support.waiting import async_wait_until, wait_until
 
     db = Database(settings.database)
     admin = create_engine(sync_url(settings.database), isolation_level="AUTOCOMMIT")
@@ -237,12 +237,9 @@ async def test_a_worker_whose_registration_loses_its_session_registers_again(
             locker.execute(text("ROLLBACK"))
 
         async def registered() -> bool:
-            return any(w.worker_id == worker.id for w in await queries.workers(db))
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await registered():
             assert not task.done(), task.exception() if not task.cancelled() else "cancelled"
-            assert asyncio.get_running_loop().time() < deadline, "the worker never registered"
-            await asyncio.sleep(0.05)  # polling the database with a deadline
+            return any(w.worker_id == worker.id for w in await queries.workers(db))
+        await async_wait_until(registered, timeout=30, interval=0.05, what="the worker to register")
         worker.stop()
         await asyncio.wait_for(task, 30)  # raises if run() died of the lost connection
     finally:
