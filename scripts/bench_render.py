@@ -14,17 +14,15 @@ the 10k job runs ``--reps`` times (default 5), each between two bare loops; each
 against the mean of the two around it. Every part starts from a clean disk (``os.sync()``, not
 timed): the job's own ``syncfs`` would otherwise flush the files the bare loop just left dirty.
 
-The bare loop is a test of the filesystem as much as of the CPU. On an ext4 without a journal
-(this machine's) creating a file skips every free inode of its group that was deleted in the
-last 1-6 minutes, each skip a buffer-cache lookup: after a mass delete a create costs 100-800 us
-of kernel time instead of 20-30, and a ratio against a bare loop that paid that flatters
-filedrop. So the bench first waits until creating a file is cheap (``scripts/benchfs.py``), nothing
-is deleted until the end (the bare loops' files stay), and each bare loop's kernel time per row
-and its share of wall time on the CPU are shown; a rep where either bare loop spent
-more than ``BARE_KERNEL_US`` us of kernel time a row, or was on the CPU less than
-``BARE_CPU_SHARE`` of its wall time (waiting for the disk), is marked and left out of the
-floor's median (the job's own CPU, server and workers together, is shown beside it); with no
-rep left, the verdict is INCONCLUSIVE (exit status 1). ``--dir`` puts the data dir and the bare
+The bare loop is a test of the filesystem as much as of the CPU: just after a mass delete a
+create can cost 100-800 us of kernel time instead of 20-30 (``scripts/benchfs.py`` says why),
+and a ratio against a bare loop that paid that flatters filedrop. So the bench first waits until
+creating a file is cheap (``wait_quiet``), nothing is deleted until the end (the bare loops'
+files stay), and each bare loop's kernel time per row and its share of wall time on the CPU are
+shown. A rep where either bare loop spent more than ``BARE_KERNEL_US`` us of kernel time a row,
+or was on the CPU less than ``BARE_CPU_SHARE`` of its wall time (waiting for the disk), is
+marked and left out of the floor's median (the job's own CPU, server and workers together, is
+shown beside it); with no rep left, the verdict is INCONCLUSIVE (exit status 1). ``--dir`` puts the data dir and the bare
 loop's files elsewhere (``--dir /dev/shm``: tmpfs, the CPU-bound case without the filesystem).
 
 Floors: filedrop/bare ratio >= 0.8 (median over the reps the filesystem did not slow), status

@@ -384,9 +384,8 @@ async def small_filedrop(url: str, blob: bytes, count: int) -> float:
 
 def clear(root: Path) -> None:
     """Remove a target's files after the large workload (one big file each). The small files
-    stay until the end: on an ext4 without a journal, creating a file skips every free inode of
-    its group deleted in the last 1-6 minutes (``recently_deleted`` in the kernel), so 2,000 just
-    deleted would make the next target's creates several times dearer."""
+    stay until the end: 2,000 just deleted would make the next target's creates several times
+    dearer (``scripts/benchfs.py`` says why)."""
     for p in root.iterdir():
         if p.is_dir():
             shutil.rmtree(p)
