@@ -55,7 +55,7 @@ from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.benchfs import wait_quiet  # noqa: E402
+from scripts.benchfs import QUIET_US, wait_quiet  # noqa: E402
 from scripts.benchproc import tree_cpu  # noqa: E402
 
 KEY = "bench-key-0123456789"
@@ -92,9 +92,7 @@ def make_rows(n: int) -> list[dict[str, Any]]:
 
 
 BARE_CPU_SHARE = 0.75  # a bare loop on the CPU less than this share of its wall time waited for the disk
-# ...or one that spent more kernel time a row than this met a slow filesystem (quiet: 17-28 us a
-# row here; at 50, reps whose bare loops paid 36-49 us counted, and gave filedrop 0.75-0.83),
-BARE_KERNEL_US = 35
+BARE_KERNEL_US = QUIET_US  # ...or one that spent more kernel time a row than a quiet create costs,
 BARE_KERNEL_SPREAD = 1.5  # ...as did one that spent more than this times the least of any rep's
 
 
