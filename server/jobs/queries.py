@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
@@ -142,34 +143,23 @@ def _among(ids: Iterable[int]) -> Iterable[Any]:
     rest go in ``IN`` lists. One statement per condition: for a group of 2,000 rows of one claim
     that is one statement, not four ``IN`` lists of 500 to compile and bind (each statement costs
     a worker about 1 ms of CPU through the async driver)."""
-    ordered = sorted(set(ids))
-    ranges: list[tuple[int, int]] = []
+    pieces: list[tuple[Any, int]] = []  # (condition, its parameters)
     loose: list[int] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        if j - i >= 2:
-            ranges.append((ordered[i], ordered[j]))
+    for _step, run in groupby(enumerate(sorted(set(ids))), lambda p: p[1] - p[0]):
+        idxs = [idx for _i, idx in run]
+        if len(idxs) >= 3:
+            pieces.append((ROWS.c.idx.between(idxs[0], idxs[-1]), 2))
         else:
-            loose += ordered[i:j + 1]
-        i = j + 1
+            loose += idxs
+    pieces += [(ROWS.c.idx.in_(loose[k:k + BATCH]), len(loose[k:k + BATCH])) for k in range(0, len(loose), BATCH)]
     parts: list[Any] = []
-    budget = BATCH
-    for lo, hi in ranges:
-        if budget < 2:
+    used = 0
+    for cond, cost in pieces:
+        if parts and used + cost > BATCH:
             yield or_(*parts)
-            parts, budget = [], BATCH
-        parts.append(ROWS.c.idx.between(lo, hi))
-        budget -= 2
-    for k in range(0, len(loose), BATCH):
-        part = loose[k:k + BATCH]
-        if budget < len(part):
-            yield or_(*parts)
-            parts, budget = [], BATCH
-        parts.append(ROWS.c.idx.in_(part))
-        budget -= len(part)
+            parts, used = [], 0
+        parts.append(cond)
+        used += cost
     if parts:
         yield or_(*parts)
 
