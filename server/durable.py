@@ -66,6 +66,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to drop a range of ``fd`` from the page cache (``POSIX_FADV_DONTNEED``): it
+    starts writeback of what is still dirty and frees the pages already on disk; pages still
+    being written stay cached. A hint: nothing where the platform has no ``posix_fadvise`` or
+    the file system refuses it."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 def reserve(fd: int, offset: int, length: int) -> bool:
     """Allocate the blocks of ``[offset, offset + length)`` of ``fd`` without changing its size.
     Raises OSError(ENOSPC) when the file system cannot hold them; False where the file system

@@ -1,5 +1,6 @@
 """The store's streamed writes: a body is written as it arrives and hashed in a thread behind
-it; what waits for the hash is bounded per file, across the file's requests."""
+it; what waits for the hash is bounded per file, across the file's requests; what was hashed
+leaves the page cache behind the writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from server.uploads.store import BEHIND, HASH_BLOCK, HashLane, _Stream
+import pytest
+
+from server.uploads.store import BEHIND, DROP_LAG, HASH_BLOCK, HashLane, _Stream
+from tests.support.fs import cached_bytes
 from tests.support.waiting import async_wait_until
 
 PIECE = 256 << 10  # what one socket read hands over
@@ -68,3 +72,40 @@ async def test_a_files_bytes_waiting_for_their_hash_are_bounded_across_its_reque
         held.result(10)
         os.close(fd)
         executor.shutdown(wait=True)
+
+
+async def test_a_hashed_body_leaves_the_page_cache_behind_its_writes(tmp_path) -> None:
+    """32 MiB streamed with a hash lane, on a disk-backed file system: the file is whole and its
+    hash right, and most of it is out of the page cache once the body ends (all but about the
+    last DROP_LAG bytes, and pages the disk was still writing when they were let go), so that a
+    server taking large uploads does not grow its cache by every byte. A body written through
+    the cache and kept would leave all 32 MiB there."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 16))
+    with open(probe, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if cached_bytes(probe):
+        pytest.skip("this file system keeps written pages cached whatever is asked (tmpfs)")
+    loop = asyncio.get_running_loop()
+    path = tmp_path / "partial"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    lane, sent = HashLane(), hashlib.sha256()
+    size = 32 << 20
+    try:
+        stream = _Stream(loop, fd, 0, lane)
+        for _ in range(size // PIECE):
+            piece = os.urandom(PIECE)
+            sent.update(piece)
+            await asyncio.wait_for(stream.write(piece), 10)
+        closed = asyncio.Event()
+        stream.finish(lambda: loop.call_soon_threadsafe(closed.set))
+        await asyncio.wait_for(closed.wait(), 30)
+        await asyncio.wait_for(lane.settle(), 30)
+    finally:
+        if not closed.is_set():
+            os.close(fd)
+    assert lane.hasher.hexdigest() == sent.hexdigest()
+    assert cached_bytes(path) <= size // 2, f"{cached_bytes(path)} of {size} bytes still cached (DROP_LAG {DROP_LAG})"
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == sent.hexdigest()

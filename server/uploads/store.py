@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from server.durable import reserve, spread_subdirs, start_writeback
+from server.durable import drop_cached, reserve, spread_subdirs, start_writeback
 
 # Bytes hashed per thread hop: large enough that the hop is noise, small enough that a few hundred
 # parallel uploads stay far below the RSS budget. A body no larger than this is written in one
@@ -357,6 +357,7 @@ HASH_BLOCK = 2 << 20  # bytes of a streamed body handed to the hashing thread in
 # being filled, a file's bytes waiting in memory for the hash stay under 4 x 3 = 12 MiB (8 MiB
 # when reads come in whole mebibytes).
 BEHIND = 3
+DROP_LAG = 2 * HASH_BLOCK  # how far behind the block just written a hashed block leaves the page cache
 
 
 class HashLane:
@@ -450,6 +451,12 @@ def _hash_and_write_back(fd: int, pieces: list[bytes], start: int, length: int, 
     # Start writeback of this block now, while the next ones arrive: the sync that must come
     # before the file is answered complete then finds little left to write.
     start_writeback(fd, start, length)
+    if hasher is not None and start >= DROP_LAG:
+        # The block DROP_LAG bytes back is hashed and (mostly) written back by now, and nothing
+        # here reads it again: drop it from the page cache, so that the cache recycles a few
+        # pages instead of growing by every byte uploaded (a growing cache cost 2-4 times the CPU
+        # a GiB on the machine measured; docs/benchmarks.md). Pages still being written stay.
+        drop_cached(fd, start - DROP_LAG, length)
 
 
 def hash_file(path: Path, start: int, end: int, hasher: hashlib._Hash) -> None:
