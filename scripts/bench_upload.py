@@ -393,6 +393,22 @@ def clear(root: Path) -> None:
             p.unlink()
 
 
+def warm_pages(tmp: Path, block: bytes, chunks: int) -> None:
+    """Write a file of the large workload's size and delete it (untimed), so that every target
+    starts with as many recently freed pages as it will fill. On a virtual machine, page-cache
+    pages the kernel takes from memory not touched lately cost 2-4 times the CPU to fill
+    (docs/benchmarks.md, "Growing the page cache"): without this, whichever target ran just
+    before (and how much of its file it kept cached) would set the next one's speed."""
+    path = tmp / "warm.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for i in range(chunks):
+            os.pwrite(fd, block, i * len(block))
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--serve-bare":
         serve_bare(int(argv[1]), Path(argv[2]))
@@ -446,6 +462,8 @@ def main(argv: list[str]) -> int:
                 order = names[rep % len(names):] + names[:rep % len(names)]
                 for name in order:
                     url, root = targets[name]
+                    if w == "large":
+                        warm_pages(tmp, block, chunks)
                     os.sync()  # untimed: start from a clean page cache (see the docstring)
                     if w == "large":
                         t = asyncio.run(clients[w][name](url, block, chunks))  # type: ignore[operator]
