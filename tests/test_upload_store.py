@@ -92,19 +92,24 @@ async def test_a_hashed_body_leaves_the_page_cache_behind_its_writes(tmp_path) -
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     lane, sent = HashLane(), hashlib.sha256()
     size = 32 << 20
+    closed = asyncio.Event()
+
+    def close() -> None:  # what the store does once no thread uses the file
+        os.close(fd)
+        closed.set()
+
+    stream = _Stream(loop, fd, 0, lane)
     try:
-        stream = _Stream(loop, fd, 0, lane)
         for _ in range(size // PIECE):
             piece = os.urandom(PIECE)
             sent.update(piece)
             await asyncio.wait_for(stream.write(piece), 10)
-        closed = asyncio.Event()
-        stream.finish(lambda: loop.call_soon_threadsafe(closed.set))
-        await asyncio.wait_for(closed.wait(), 30)
-        await asyncio.wait_for(lane.settle(), 30)
-    finally:
-        if not closed.is_set():
-            os.close(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    stream.finish(close)
+    await asyncio.wait_for(closed.wait(), 30)
+    await asyncio.wait_for(lane.settle(), 30)
     assert lane.hasher.hexdigest() == sent.hexdigest()
     assert cached_bytes(path) <= size // 2, f"{cached_bytes(path)} of {size} bytes still cached (DROP_LAG {DROP_LAG})"
     with open(path, "rb") as f:

@@ -37,11 +37,8 @@ def cached_bytes(path: Path) -> int:
     page = mmap.PAGESIZE
     pages = (size + page - 1) // page
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE) as m:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(ctypes.c_void_p(address), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-            return sum(v & 1 for v in vec) * page
-        finally:
-            del address
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the mapping's start
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(address), size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec) * page
