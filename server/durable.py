@@ -34,6 +34,7 @@ _SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_longlong, cty
 _SYNC_FILE_RANGE_WRITE = 2
 _FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
 _FALLOC_FL_KEEP_SIZE = 1
+_FADVISE = getattr(os, "posix_fadvise", None)  # not on every platform
 
 
 _MALLOPT = _libc("mallopt", ctypes.c_int, ctypes.c_int)
@@ -71,9 +72,9 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
     starts writeback of what is still dirty and frees the pages already on disk; pages still
     being written stay cached. A hint: nothing where the platform has no ``posix_fadvise`` or
     the file system refuses it."""
-    if hasattr(os, "posix_fadvise"):
+    if _FADVISE is not None:
         try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            _FADVISE(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
 
