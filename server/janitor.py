@@ -525,6 +525,10 @@ async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, it
     if item.path.exists():
         return False
     async with db.write() as s:
+        # Its batch row first (PostgreSQL), as the group commit locks it before its files: the
+        # delete's trigger updates the batch's counts, and one order means no deadlock.
+        await s.execute(select(Batch.id).where(Batch.id == select(BatchFile.batch_pk).where(
+            BatchFile.id == item.key).scalar_subquery()).with_for_update(key_share=True))
         res = await s.execute(delete(BatchFile).where(BatchFile.id == item.key,
                                                       BatchFile.state == "complete", settled))
     if res.rowcount == 0:

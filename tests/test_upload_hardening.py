@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
 
 from server.app import create_app
+from server.db.urls import sync_url
 from tests.conftest import AUTH
 from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
@@ -298,6 +300,47 @@ async def test_limits_answer_413_and_leave_nothing(limited, settings) -> None:
     files = (await up.manifest(batch))["files"]
     assert [f["fileIdx"] for f in files] == ["0", "1", "2"]
     assert not [p for p in upload_tree(settings.data_dir) if "/chunks/" in p or p.endswith(".part")]
+
+
+def batch_counts(settings) -> dict[str, tuple[int, int, int, int]]:  # type: ignore[no-untyped-def]
+    """{batch id: (file_count, declared_bytes on its row, its file rows, the sum of their sizes)}."""
+    engine = create_engine(sync_url(settings.database))
+    try:
+        with engine.connect() as conn:
+            return {r[0]: tuple(r[1:]) for r in conn.exec_driver_sql(
+                "SELECT b.batch_id, b.file_count, b.declared_bytes, "
+                "(SELECT count(*) FROM batch_files f WHERE f.batch_pk = b.id), "
+                "(SELECT coalesce(sum(f.size), 0) FROM batch_files f WHERE f.batch_pk = b.id) FROM batches b")}
+    finally:
+        engine.dispose()
+
+
+async def test_a_batch_counts_its_files_whatever_adds_or_removes_them(limited, settings) -> None:
+    """The batch limits read the counts on the batch row (kept by triggers): whole files, chunks,
+    a replaced file, a removed one, a dropped batch all keep them equal to the file rows, and a
+    slot freed by a removal can be used again."""
+    up = limited
+    batch = await up.create()
+    await up.upload(batch, 0, b"a" * 100)
+    await up.upload(batch, 1, b"b" * 3_000, chunk_size=1_000)
+    r = await up.post(batch, 2, b"c" * 1_000, chunk=(0, 3), size=3_000)  # a file under way
+    assert r.status == 202, await r.text()
+    await assert_error(await up.post(batch, 3, b"w"), 413, "ERR_BATCH_TOO_MANY_FILES")
+    await up.upload(batch, 0, b"A" * 500)  # a whole file replaces a complete one
+    counts = batch_counts(settings)
+    assert counts[batch] == (3, 6_500, 3, 6_500), counts
+    r = await up.client.delete(up.url(f"/{batch}/1"), headers=AUTH)
+    assert r.status == 204, await r.text()
+    assert batch_counts(settings)[batch] == (2, 3_500, 2, 3_500)
+    await up.upload(batch, 3, b"d" * 8_500, chunk_size=3_000)  # the freed slot, bytes up to the limit exactly
+    await assert_error(await up.post(batch, 4, b"e"), 413, "ERR_BATCH_TOO_MANY_FILES")
+    other = await up.create()
+    await up.upload(other, 0, b"f" * 10)
+    assert batch_counts(settings)[batch] == (3, 12_000, 3, 12_000)
+    r = await up.client.delete(up.url(f"/{batch}"), headers=AUTH)
+    assert r.status == 204, await r.text()
+    counts = batch_counts(settings)
+    assert counts[batch] == (0, 0, 0, 0) and counts[other] == (1, 10, 1, 10), counts
 
 
 async def test_low_disk_answers_507(aiohttp_client, settings) -> None:

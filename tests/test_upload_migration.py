@@ -93,3 +93,41 @@ def test_downgrade_gives_the_chunk_rows_back(tmp_path) -> None:
         assert db.execute("SELECT file_id, chunk_idx, size FROM chunks ORDER BY chunk_idx").fetchall() == \
             [(3, 0, 1000), (3, 2, 500)]
     upgrade(db_path)  # and up again
+
+
+def test_0005_counts_each_batch_once_then_its_triggers_keep_the_counts(tmp_path) -> None:
+    """Migration 0005: the batches that exist get their file count and declared bytes; from then
+    on the triggers keep them, whatever writes the file rows; downgrading removes both."""
+    db_path = tmp_path / "x.sqlite3"
+    upgrade(db_path, "0004")
+    insert = ("INSERT INTO batch_files (id, batch_pk, file_idx, name, mimetype, size, upload_type, chunk_count, "
+              "chunk_ids, loose_ids, synced_ids, received, state, created_at, updated_at) VALUES "
+              "(?, ?, ?, 'f', 'm', ?, 'normal', 1, X'01', X'', X'01', ?, 'complete', '2026-01-01', '2026-01-01')")
+    with sqlite3.connect(db_path) as db:
+        for pk, name in ((1, "full"), (2, "empty")):
+            db.execute("INSERT INTO batches (id, batch_id, owner, state, created_at, updated_at) "
+                       "VALUES (?, ?, 'o', 'open', '2026-01-01', '2026-01-01')", (pk, name))
+        db.executemany(insert, [(1, 1, 0, 100, 100), (2, 1, 1, 2000, 2000)])
+    upgrade(db_path)
+
+    def counts(db: sqlite3.Connection) -> list[tuple[str, int, int]]:
+        return db.execute("SELECT batch_id, file_count, declared_bytes FROM batches ORDER BY id").fetchall()
+
+    with sqlite3.connect(db_path) as db:
+        assert counts(db) == [("full", 2, 2100), ("empty", 0, 0)]
+        db.execute(insert, (3, 2, 0, 7, 7))
+        db.execute("UPDATE batch_files SET size = 50 WHERE id = 1")
+        db.execute("DELETE FROM batch_files WHERE id = 2")
+        assert counts(db) == [("full", 1, 50), ("empty", 1, 7)]
+    from alembic import command
+
+    from server.db.migrate import alembic_config
+    command.downgrade(alembic_config(db_path), "0004")
+    with sqlite3.connect(db_path) as db:
+        assert [r[1] for r in db.execute("PRAGMA table_info(batches)")] == \
+            ["id", "batch_id", "owner", "state", "created_at", "updated_at"]
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
+        assert db.execute("SELECT id, batch_pk, size FROM batch_files ORDER BY id").fetchall() == [(1, 1, 50), (3, 2, 7)]
+    upgrade(db_path)  # and up again: counted again
+    with sqlite3.connect(db_path) as db:
+        assert counts(db) == [("full", 1, 50), ("empty", 1, 7)]

@@ -50,7 +50,11 @@ class ApiKey(Base):
 
 class Batch(Base):
     """An upload batch. ``state``: open -> executed | dropped (rows of closed batches are kept
-    as tombstones so a late upload into them is refused instead of recreating them)."""
+    as tombstones so a late upload into them is refused instead of recreating them).
+
+    ``file_count`` and ``declared_bytes`` are the number of its file rows and the sum of their
+    sizes (the batch limits), kept by triggers on ``batch_files`` (migration 0005): whatever
+    adds or removes a file row keeps them right, and checking a limit reads one row."""
 
     __tablename__ = "batches"
     # Row ids name directories on disk: AUTOINCREMENT so an id is never handed out twice
@@ -63,6 +67,8 @@ class Batch(Base):
     state: Mapped[str] = mapped_column(String(16), default="open")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    file_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    declared_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     files: Mapped[list[BatchFile]] = relationship(back_populates="batch", cascade="all, delete-orphan")
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from server.db.urls import is_postgres, shown, sync_url
 
-SCHEMA_HEADS = frozenset({"0004"})
+SCHEMA_HEADS = frozenset({"0005"})
 VERSION_TABLE = "alembic_version"  # Alembic's default; migrations/env.py keeps it
 
 

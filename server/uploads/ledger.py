@@ -8,7 +8,8 @@ Decisions, per request (a whole file is the one-chunk case):
 * a file with nothing stored yet may be declared anew; a whole-file upload replaces a complete
   file (as in Nuxeo) or one being assembled; a changed chunk count or size is 400;
 * a chunk already recorded, or of a complete file, is a repeat: answered, nothing changes;
-* a new file is checked against the batch's limits (413), made with the chunk size its first
+* a new file is checked against the batch's limits (413: the counts on the batch row, which
+  triggers keep, as this group's decisions change them), made with the chunk size its first
   chunk implies (``model.stride_of``), and its bytes moved: a whole file to ``<id>.data``, a
   first chunk 0 of a uniform layout to ``partial``, any other chunk to ``chunks/<idx>``;
 * the chunks may not add up to more than the declared size, and the last to exactly it (400);
@@ -27,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
 
 from server.config import Settings
 from server.db import utcnow
@@ -190,7 +191,8 @@ class MoveFailed(Exception):
 # files queue on its row), then the file rows, in id order, so what is read is what others
 # committed last and nobody changes it before this commit (a chunk point, an assembler).
 _ROWS = (select(_B.c.id.label("b_pk"), _B.c.batch_id.label("b_batch_id"), _B.c.owner.label("b_owner"),
-                _B.c.state.label("b_state"), *_F.c)
+                _B.c.state.label("b_state"), _B.c.file_count.label("b_files"), _B.c.declared_bytes.label("b_bytes"),
+                *_F.c)
          .select_from(_B.outerjoin(_F, and_(_F.c.batch_pk == _B.c.id,
                                             _F.c.file_idx.in_(bindparam("idxs", expanding=True)))))
          .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True))))
@@ -199,8 +201,6 @@ _LOCK_BATCHES = (select(_B.c.id).where(_B.c.batch_id.in_(bindparam("batch_ids", 
 _LOCK_FILES = (select(_F.c.id).where(_F.c.batch_pk.in_(select(_B.c.id).where(
     _B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))), _F.c.file_idx.in_(bindparam("idxs", expanding=True)))
     .order_by(_F.c.id).with_for_update(key_share=True))
-_TOTALS = (select(_F.c.batch_pk, func.count(), func.coalesce(func.sum(_F.c.size), 0))
-           .where(_F.c.batch_pk.in_(bindparam("pks", expanding=True))).group_by(_F.c.batch_pk))
 _DELETE = delete(_F).where(_F.c.id.in_(bindparam("ids", expanding=True)))
 _INSERT = insert(_F).returning(_F.c.id, sort_by_parameter_order=True)
 _UPDATE = update(_F).where(_F.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _MUTABLE})
@@ -221,21 +221,17 @@ class Ledger:
         if conn.dialect.name != "sqlite":
             conn.execute(_LOCK_BATCHES, {"batch_ids": keys["batch_ids"]})
             conn.execute(_LOCK_FILES, keys)
+        totals: dict[int, list[int]] = {}  # batch pk -> [files, declared bytes], as the group changes them
         for r in conn.execute(_ROWS, keys):
             batches[r.b_batch_id] = _Batch(r.b_pk, r.b_owner, r.b_state)
+            totals[r.b_pk] = [r.b_files, r.b_bytes]
             if r.id is not None:
                 files[(r.batch_pk, r.file_idx)] = Row.of(r)
-        pks = sorted({b.id for b in batches.values()})
-        totals: dict[int, list[int]] = {}  # batch pk -> [files, declared bytes], read when needed
-        totals_read = False
         now = utcnow()
         for p in live:
             p.error, p.result = None, None
             a = p.arrival
             try:
-                if pks and not totals_read and _may_add_file(a, files, batches):
-                    totals.update({pk: [n, size] for pk, n, size in conn.execute(_TOTALS, {"pks": pks})})
-                    totals_read = True
                 p.result = self._decide(p, batches, files, totals, plan, now)
             except FiledropError as e:
                 p.error = e
@@ -390,10 +386,3 @@ class Ledger:
                                 f.chunk_ids.ids(), f.state == "complete")
         return Recorded(outcome, f, new=new, completed=completed, assemble=assemble)
 
-
-def _may_add_file(a: Arrival, files: dict[tuple[int, int], Row], batches: dict[str, Any]) -> bool:
-    b = batches.get(a.batch_id)
-    if b is None:
-        return False
-    f = files.get((b.id, a.req.file_idx))
-    return f is None or not f.chunk_ids or not a.req.chunked
