@@ -21,6 +21,7 @@ from tests.support.disk_state import (
     add_job,
     admin_env,
     age,
+    batch_counts,
     batch_state,
     chunk_ids,
     count,
@@ -119,6 +120,8 @@ def test_cleanup_removes_each_kind_reports_bytes_and_is_idempotent(settings: Set
         assert not Path(st[p]).exists(), p  # type: ignore[arg-type]
     assert Path(st["receiving"]).exists()  # type: ignore[arg-type]
     assert batch_state(settings, "live") == "open"
+    counts = batch_counts(settings)  # the removed rows left the batch's counts (kept by triggers)
+    assert set(counts) == {"live"} and counts["live"][:2] == counts["live"][2:] and counts["live"][0] > 0, counts
     # The job's rows go; its smartlinks stay without --smartlinks.
     assert count(settings, Job) == count(settings, JobRow) == count(settings, JobLog) == 0
     assert all(p.exists() for p in st["old_links"])  # type: ignore[attr-defined]

@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 
 from server.app import create_app
-from server.db.urls import sync_url
 from tests.conftest import AUTH
+from tests.support.disk_state import batch_counts
 from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
 from tests.support.waiting import async_wait_until
 
@@ -300,19 +299,6 @@ async def test_limits_answer_413_and_leave_nothing(limited, settings) -> None:
     files = (await up.manifest(batch))["files"]
     assert [f["fileIdx"] for f in files] == ["0", "1", "2"]
     assert not [p for p in upload_tree(settings.data_dir) if "/chunks/" in p or p.endswith(".part")]
-
-
-def batch_counts(settings) -> dict[str, tuple[int, int, int, int]]:  # type: ignore[no-untyped-def]
-    """{batch id: (file_count, declared_bytes on its row, its file rows, the sum of their sizes)}."""
-    engine = create_engine(sync_url(settings.database))
-    try:
-        with engine.connect() as conn:
-            return {r[0]: tuple(r[1:]) for r in conn.exec_driver_sql(
-                "SELECT b.batch_id, b.file_count, b.declared_bytes, "
-                "(SELECT count(*) FROM batch_files f WHERE f.batch_pk = b.id), "
-                "(SELECT coalesce(sum(f.size), 0) FROM batch_files f WHERE f.batch_pk = b.id) FROM batches b")}
-    finally:
-        engine.dispose()
 
 
 async def test_a_batch_counts_its_files_whatever_adds_or_removes_them(limited, settings) -> None:

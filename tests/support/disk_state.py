@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -45,6 +45,16 @@ class FileSpec:
 def session(settings: Settings) -> Session:
     # NullPool: a connection closes with its session (no pool left holding a PostgreSQL backend).
     return Session(create_engine(settings.sync_db_url, poolclass=NullPool), expire_on_commit=False)
+
+
+def batch_counts(settings: Settings) -> dict[str, tuple[int, int, int, int]]:
+    """{batch id: (file_count, declared_bytes on its row, its file rows, the sum of their sizes)}:
+    the counts the triggers keep, and what they count."""
+    with session(settings) as s:
+        return {r[0]: tuple(r[1:]) for r in s.execute(text(
+            "SELECT b.batch_id, b.file_count, b.declared_bytes, "
+            "(SELECT count(*) FROM batch_files f WHERE f.batch_pk = b.id), "
+            "(SELECT coalesce(sum(f.size), 0) FROM batch_files f WHERE f.batch_pk = b.id) FROM batches b"))}
 
 
 def age(path: Path, seconds: float) -> None:
