@@ -59,6 +59,14 @@ def test_consecutive_rows_are_one_range_and_loose_ones_an_in_list() -> None:
     assert selected([]) == ([], [])
 
 
+def _add_job(c, job_id: str, status: str, total: int, claim_from: int = 0) -> None:  # type: ignore[no-untyped-def]
+    c.exec_driver_sql(
+        "INSERT INTO jobs (job_id, batch_id, owner, status, strategy, inputs_hash, template, params, "
+        "total_count, succeeded_count, errored_count, cancel_requested, created_at, callback_state, "
+        "email_state, claim_from, notification_method) VALUES (?, 'b', 'o', ?, 'smallest', 'h', '{}', "
+        "'{}', ?, 0, 0, 0, '2026-01-01', 'none', 'none', ?, 'POST')", (job_id, status, total, claim_from))
+
+
 def test_handing_back_reads_only_the_rows_of_running_jobs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Which rows a worker's start, stop or death hands back is asked of the running jobs' rows
     only, through their primary key (job_id, idx): ``job_rows`` keeps every finished job's rows for the
@@ -70,11 +78,7 @@ def test_handing_back_reads_only_the_rows_of_running_jobs(tmp_path) -> None:  # 
     engine = create_engine(f"sqlite:///{db_path}")
     with engine.begin() as c:
         for job_id, status in (("running", "In progress"), ("done", "Completed"), ("queued", "Queued")):
-            c.exec_driver_sql(
-                "INSERT INTO jobs (job_id, batch_id, owner, status, strategy, inputs_hash, template, params, "
-                "total_count, succeeded_count, errored_count, cancel_requested, created_at, callback_state, "
-                "email_state, claim_from, notification_method) VALUES (?, 'b', 'o', ?, 'smallest', 'h', '{}', "
-                "'{}', 2, 0, 0, 0, '2026-01-01', 'none', 'none', 0, 'POST')", (job_id, status))
+            _add_job(c, job_id, status, 2)
             c.execute(insert(ROWS), [{"job_id": job_id, "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16,
                                       "data": "{}", "status": "claimed", "claimed_by": "w" if i else "v",
                                       "attempts": 0} for i in range(2)])
@@ -86,3 +90,41 @@ def test_handing_back_reads_only_the_rows_of_running_jobs(tmp_path) -> None:  # 
     assert not [step for step in plan if step.startswith("SCAN job_rows")], plan
     assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "(job_id=?)" in step], plan
     engine.dispose()
+
+
+async def test_a_job_mid_way_is_told_unfinished_from_its_claim_cursor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker ends each claim by asking whether the job is done. Mid-job the answer (not yet:
+    rows are pending) comes from the claim cursor on, through the primary key, not from a look
+    through every row done so far (0.35 s in the writer at 500,000 of a million). The job still
+    waits for its claimed rows once none is pending, and ends when none is left."""
+    from server.db import Database
+    from server.db.migrate import upgrade
+
+    db_path = tmp_path / "q.sqlite3"
+    upgrade(db_path)
+    engine = create_engine(f"sqlite:///{db_path}")
+    status = {**{i: "done" for i in range(90)}, **{i: "claimed" for i in range(90, 100)},
+              **{i: "pending" for i in range(100, 120)}}
+    with engine.begin() as c:
+        _add_job(c, "j", "In progress", len(status), claim_from=100)
+        c.execute(insert(ROWS), [{"job_id": "j", "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16, "data": "{}",
+                                  "status": st, "claimed_by": "w" if st == "claimed" else None, "attempts": 0}
+                                 for i, st in status.items()])
+    with engine.connect() as c:
+        sql = str(queries.pending_left("j", 100).compile(engine, compile_kwargs={"literal_binds": True}))
+        plan = [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "idx>?" in step], plan
+    db = Database(db_path)
+    try:
+        assert await queries.finish(db, "j") is None  # pending rows
+        with engine.begin() as c:
+            c.exec_driver_sql("UPDATE job_rows SET status = 'done' WHERE status = 'pending'")
+            c.exec_driver_sql("UPDATE jobs SET claim_from = 120")
+        assert await queries.finish(db, "j") is None  # none pending, ten still claimed
+        with engine.begin() as c:
+            c.exec_driver_sql("UPDATE job_rows SET status = 'done', claimed_by = NULL WHERE status = 'claimed'")
+        done = await queries.finish(db, "j")
+        assert done is not None and done.status == "Completed", done
+    finally:
+        await db.dispose()
+        engine.dispose()

@@ -269,6 +269,12 @@ class Finished:
     summary: str
 
 
+def pending_left(job_id: str, claim_from: int) -> Select[tuple[bool]]:
+    """Whether the job has a pending row, looked for from its claim cursor on (its primary key's
+    range): no pending row is below the cursor, since whatever goes back to pending resets it."""
+    return select(exists().where(ROWS.c.job_id == job_id, ROWS.c.idx >= claim_from, ROWS.c.status == "pending"))
+
+
 async def finish(db: Database, job_id: str, *, failed: str | None = None, forced: str | None = None) -> Finished | None:
     """End a running job, or do nothing (None) while it still has work: a claimed row, or
     (not cancelled) a pending one. ``failed``: it cannot go on (status Failed, that reason).
@@ -284,10 +290,15 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
             return None  # no rows yet is not done: it waits for its data (or ends Expired)
         open_ = ("pending", "claimed") if final or job.cancel_requested else ()
         if not final:
-            busy = await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed")))
-            left = not job.cancel_requested and await s.scalar(
-                select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "pending")))
-            if busy or left:
+            # Pending rows first, from the claim cursor (none is below it: whatever goes back to
+            # pending resets the cursor, as claims rely on): mid-job there are some, found at
+            # once. Only then the claimed rows, which no index finds (see ``JobRow``): a look
+            # through the job's rows, once its last ones are claimed. Asked the other way round,
+            # every worker's end of a claim paid that look mid-job (0.35 s in the writer at
+            # 500,000 done rows of a million).
+            if not job.cancel_requested and await s.scalar(pending_left(job_id, job.claim_from)):
+                return None
+            if await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed"))):
                 return None
         if open_:
             await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status.in_(open_))
