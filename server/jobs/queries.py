@@ -174,6 +174,13 @@ async def running_jobs(db: Database) -> list[str]:
                                      .order_by(Job.created_at))).all())
 
 
+def _pending_from(job_id: str, claim_from: int) -> Any:
+    """The job's pending rows, from its claim cursor on (its primary key's range): no pending row
+    is below the cursor, since whatever goes back to pending (a retry, a release, a hand-back)
+    resets it to 0."""
+    return (ROWS.c.job_id == job_id) & (ROWS.c.idx >= claim_from) & (ROWS.c.status == "pending")
+
+
 async def claim_rows(db: Database, job_id: str, worker_id: str, n: int) -> list[Claimed]:
     """Up to ``n`` pending rows of a running, not cancelled job, in index order, now held by
     ``worker_id``. The first claim moves the job to ``In progress``."""
@@ -185,8 +192,7 @@ async def claim_rows(db: Database, job_id: str, worker_id: str, n: int) -> list[
         # A CTE, evaluated once. As an ``IN (subquery)`` PostgreSQL may run the subquery again
         # for each row of a nested-loop semi-join, each run skipping the rows this statement
         # just updated (SKIP LOCKED): the claim took every pending row of the job, not ``n``.
-        todo = (select(ROWS.c.idx).where(ROWS.c.job_id == job_id, ROWS.c.idx >= job.claim_from,
-                                         ROWS.c.status == "pending")
+        todo = (select(ROWS.c.idx).where(_pending_from(job_id, job.claim_from))
                 .order_by(ROWS.c.idx).limit(n).with_for_update(skip_locked=True).cte("todo"))
         res = await s.execute(
             update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.idx.in_(select(todo.c.idx)), ROWS.c.status == "pending")
@@ -270,9 +276,8 @@ class Finished:
 
 
 def pending_left(job_id: str, claim_from: int) -> Select[tuple[bool]]:
-    """Whether the job has a pending row, looked for from its claim cursor on (its primary key's
-    range): no pending row is below the cursor, since whatever goes back to pending resets it."""
-    return select(exists().where(ROWS.c.job_id == job_id, ROWS.c.idx >= claim_from, ROWS.c.status == "pending"))
+    """Whether the job has a pending row, looked for as claims look (``_pending_from``)."""
+    return select(exists().where(_pending_from(job_id, claim_from)))
 
 
 async def finish(db: Database, job_id: str, *, failed: str | None = None, forced: str | None = None) -> Finished | None:
@@ -290,12 +295,11 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
             return None  # no rows yet is not done: it waits for its data (or ends Expired)
         open_ = ("pending", "claimed") if final or job.cancel_requested else ()
         if not final:
-            # Pending rows first, from the claim cursor (none is below it: whatever goes back to
-            # pending resets the cursor, as claims rely on): mid-job there are some, found at
-            # once. Only then the claimed rows, which no index finds (see ``JobRow``): a look
-            # through the job's rows, once its last ones are claimed. Asked the other way round,
-            # every worker's end of a claim paid that look mid-job (0.35 s in the writer at
-            # 500,000 done rows of a million).
+            # Pending rows first, from the claim cursor, as claims look for them: mid-job there
+            # are some, found at once. Only then the claimed rows, which no index finds (see
+            # ``JobRow``): a look through the job's rows, once its last ones are claimed. Asked
+            # the other way round, every worker's end of a claim paid that look mid-job (0.35 s
+            # in the writer at 500,000 done rows of a million).
             if not job.cancel_requested and await s.scalar(pending_left(job_id, job.claim_from)):
                 return None
             if await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed"))):
