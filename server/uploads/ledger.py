@@ -321,7 +321,8 @@ class Ledger:
     def _create(self, p: Pending, batch_pk: int, files: dict[tuple[int, int], Row], totals: dict[int, list[int]],
                 plan: Plan, now: datetime) -> Recorded:
         a, req, cfg = p.arrival, p.arrival.req, self.settings
-        n_files, n_bytes = totals.get(batch_pk, [0, 0])
+        t = totals[batch_pk]  # read with every batch of the group
+        n_files, n_bytes = t
         if n_files + 1 > cfg.max_files_per_batch:
             raise BatchTooManyFiles(f"a batch holds at most {cfg.max_files_per_batch} files "
                                     "(FILEDROP_MAX_FILES_PER_BATCH)")
@@ -349,7 +350,6 @@ class Ledger:
             plan.moves.append(_Move(p, f, a.temp, lambda: self.store.chunk_path(f.batch_pk, f.id or 0, idx)))
         files[(batch_pk, req.file_idx)] = f
         plan.new.append(f)
-        t = totals.setdefault(batch_pk, [0, 0])
         t[0], t[1] = n_files + 1, n_bytes + req.size
         if complete:
             plan.completed.append(f)
@@ -376,9 +376,8 @@ class Ledger:
             if f.state != "assembling":  # else its assembler removes it, finding the row gone
                 plan.removed.append((f.batch_pk, f.id))
         del files[(batch_pk, f.file_idx)]
-        t = totals.get(batch_pk)
-        if t is not None:
-            t[0], t[1] = t[0] - 1, t[1] - f.size
+        t = totals[batch_pk]
+        t[0], t[1] = t[0] - 1, t[1] - f.size
 
     @staticmethod
     def _recorded(a: Arrival, f: Row, *, new: bool, completed: bool = False, assemble: bool = False) -> Recorded:
