@@ -32,6 +32,7 @@ from sqlalchemy import Connection, and_, bindparam, delete, insert, select, upda
 
 from server.config import Settings
 from server.db import utcnow
+from server.db.direct import Direct
 from server.db.models import Batch, BatchFile
 from server.errors import (
     BatchNotFound,
@@ -185,25 +186,27 @@ class MoveFailed(Exception):
         self.error = error
 
 
-# The group's statements, built once (building them per group costs as much as running them).
+# The group's statements, built once (building them per group costs as much as running them),
+# and run on SQLite's own cursor (``server.db.direct``: SQLAlchemy's work around each execution
+# was most of a group's transaction).
 # SQLite: one query reads the group's batches and files (BEGIN IMMEDIATE already excludes every
 # other writer). PostgreSQL: the batch rows are locked first, in id order (writers of a batch's
 # files queue on its row), then the file rows, in id order, so what is read is what others
 # committed last and nobody changes it before this commit (a chunk point, an assembler).
-_ROWS = (select(_B.c.id.label("b_pk"), _B.c.batch_id.label("b_batch_id"), _B.c.owner.label("b_owner"),
-                _B.c.state.label("b_state"), _B.c.file_count.label("b_files"), _B.c.declared_bytes.label("b_bytes"),
-                *_F.c)
-         .select_from(_B.outerjoin(_F, and_(_F.c.batch_pk == _B.c.id,
-                                            _F.c.file_idx.in_(bindparam("idxs", expanding=True)))))
-         .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True))))
+_ROWS = Direct(select(_B.c.id.label("b_pk"), _B.c.batch_id.label("b_batch_id"), _B.c.owner.label("b_owner"),
+                      _B.c.state.label("b_state"), _B.c.file_count.label("b_files"),
+                      _B.c.declared_bytes.label("b_bytes"), *_F.c)
+               .select_from(_B.outerjoin(_F, and_(_F.c.batch_pk == _B.c.id,
+                                                  _F.c.file_idx.in_(bindparam("idxs", expanding=True)))))
+               .where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True))))
 _LOCK_BATCHES = (select(_B.c.id).where(_B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
                  .order_by(_B.c.id).with_for_update(key_share=True))
 _LOCK_FILES = (select(_F.c.id).where(_F.c.batch_pk.in_(select(_B.c.id).where(
     _B.c.batch_id.in_(bindparam("batch_ids", expanding=True)))), _F.c.file_idx.in_(bindparam("idxs", expanding=True)))
     .order_by(_F.c.id).with_for_update(key_share=True))
-_DELETE = delete(_F).where(_F.c.id.in_(bindparam("ids", expanding=True)))
-_INSERT = insert(_F).returning(_F.c.id, sort_by_parameter_order=True)
-_UPDATE = update(_F).where(_F.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _MUTABLE})
+_DELETE = Direct(delete(_F).where(_F.c.id.in_(bindparam("ids", expanding=True))))
+_INSERT = Direct(insert(_F).returning(_F.c.id, sort_by_parameter_order=True))
+_UPDATE = Direct(update(_F).where(_F.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _MUTABLE}))
 
 
 class Ledger:
@@ -222,7 +225,7 @@ class Ledger:
             conn.execute(_LOCK_BATCHES, {"batch_ids": keys["batch_ids"]})
             conn.execute(_LOCK_FILES, keys)
         totals: dict[int, list[int]] = {}  # batch pk -> [files, declared bytes], as the group changes them
-        for r in conn.execute(_ROWS, keys):
+        for r in _ROWS.all(conn, keys):
             batches[r.b_batch_id] = _Batch(r.b_pk, r.b_owner, r.b_state)
             totals[r.b_pk] = [r.b_files, r.b_bytes]
             if r.id is not None:
@@ -237,16 +240,16 @@ class Ledger:
                 p.error = e
                 plan.discard += [x for x in (a.temp, a.completion) if x is not None and x.name != "partial"]
         if plan.deleted:
-            conn.execute(_DELETE, {"ids": [r.id for r in plan.deleted]})
+            _DELETE.run(conn, {"ids": [r.id for r in plan.deleted]})
         if plan.new:
-            ids = conn.execute(_INSERT, [r.values() for r in plan.new]).scalars().all()
+            ids = _INSERT.one_each(conn, [r.values() for r in plan.new])
             for r, new_id in zip(plan.new, ids, strict=True):
                 r.id = new_id
         if plan.moves:
             self._move_all(plan)
         dirty = sorted((r for r in plan.dirty if r not in plan.deleted), key=lambda r: r.id or 0)
         if dirty:
-            conn.execute(_UPDATE, [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
+            _UPDATE.run(conn, [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
                                    for r in dirty])
         for p in live:  # what this process now vouches for at its next chunk point
             res = p.result
