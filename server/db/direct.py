@@ -51,6 +51,9 @@ class _Plan:
 
 
 class Direct:
+    """A Core statement and its compiled forms; ``all``, ``one_each`` and ``run`` take the
+    ``Connection`` of the caller's transaction and the statement's parameters by name."""
+
     def __init__(self, stmt: Select[Any] | Insert | Update | Delete) -> None:
         self.stmt = stmt
         self._plans: dict[tuple[Any, ...], _Plan] = {}
