@@ -16,8 +16,9 @@ transaction), and posting their answers to it:
 2. answers the last group's completions and removes the bytes its commit no longer needs;
 3. runs one ``BEGIN IMMEDIATE`` transaction: reads the group's batch and file rows in one
    query (``FOR UPDATE`` of the batch rows, a no-op on SQLite, for PostgreSQL), decides each
-   request in order against what the earlier ones changed, writes the rows (one ``INSERT ...
-   RETURNING``, one ``executemany`` ``UPDATE``, one ``DELETE``), and moves each request's bytes
+   request in order against what the earlier ones changed, writes the rows (``INSERT ...
+   RETURNING``: one a new row on SQLite's own cursor, ``server.db.direct``, one for all on
+   PostgreSQL; one ``executemany`` ``UPDATE``; one ``DELETE``), and moves each request's bytes
    into place (renames) before the commit, so that "recorded" and "in place" are one step for
    every other writer: a duplicate chunk never replaces a recorded one. Requests that only
    recorded a chunk are answered at once; those that completed a file wait for the next sync.
