@@ -5,13 +5,13 @@ SQLAlchemy's work around each execution (cache key, parameter and result objects
 about 120 us a statement on this machine against 15 us for the same SQL on the ``sqlite3``
 cursor (one batch row and three file rows), and the recorder runs three or four a group.
 
-``Direct(stmt)`` compiles the statement once per dialect and per length of each expanding ``IN``
-list (and, for an INSERT, per set of columns given), keeps the bind processors of its parameters
-and the result processors of its columns (SQLite stores a DateTime as text, for one), and runs it
-on the DBAPI connection under the SQLAlchemy ``Connection`` given, inside its transaction. A
-driver error is raised as SQLAlchemy raises it (``IntegrityError``, ``OperationalError`` with the
-driver's error as ``orig``). Any dialect but SQLite's ``pysqlite`` goes through
-``Connection.execute`` as before.
+``Direct(stmt)`` compiles the statement with SQLite's dialect once per length of each
+expanding ``IN`` list (and, for an INSERT, per set of columns given), keeps the bind processors
+of its parameters and the result processors of its columns (SQLite stores a DateTime as text,
+for one), and runs it on the DBAPI connection under the SQLAlchemy ``Connection`` given, inside
+its transaction. A driver error is raised as SQLAlchemy raises it (``IntegrityError``,
+``OperationalError`` with the driver's error as ``orig``). Any dialect but SQLite's ``pysqlite``
+goes through ``Connection.execute`` as before.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class Ledger:
         dirty = sorted((r for r in plan.dirty if r not in plan.deleted), key=lambda r: r.id or 0)
         if dirty:
             _UPDATE.run(conn, [{"b_id": r.id, **{f"b_{c}": v for c, v in r.values().items() if c in _MUTABLE}}
-                                   for r in dirty])
+                               for r in dirty])
         for p in live:  # what this process now vouches for at its next chunk point
             res = p.result
             if res is not None and res.new and res.row.id is not None and res.row.state != "complete" \
