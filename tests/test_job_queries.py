@@ -128,3 +128,40 @@ async def test_a_job_mid_way_is_told_unfinished_from_its_claim_cursor(tmp_path) 
     finally:
         await db.dispose()
         engine.dispose()
+
+
+async def test_a_cancel_skips_the_pending_rows_from_the_claim_cursor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cancel skips the job's pending rows as claims find them: from the claim cursor on,
+    through the primary key, not through every row done below it. Done and claimed rows stay
+    as they are (the claimed ones are their workers' to settle); another job's rows too."""
+    from server.db import Database
+    from server.db.migrate import upgrade
+
+    db_path = tmp_path / "q.sqlite3"
+    upgrade(db_path)
+    engine = create_engine(f"sqlite:///{db_path}")
+    status = {**{i: "done" for i in range(90)}, **{i: "claimed" for i in range(90, 100)},
+              **{i: "pending" for i in range(100, 120)}}
+    with engine.begin() as c:
+        for job_id in ("j", "other"):
+            _add_job(c, job_id, "In progress", len(status), claim_from=100)
+            c.execute(insert(ROWS), [{"job_id": job_id, "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16,
+                                      "data": "{}", "status": st, "claimed_by": "w" if st == "claimed" else None,
+                                      "attempts": 0} for i, st in status.items()])
+    with engine.connect() as c:
+        sql = str(queries.skip_pending("j", 100).compile(engine, compile_kwargs={"literal_binds": True}))
+        plan = [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "idx>?" in step], plan
+    db = Database(db_path)
+    try:
+        assert await queries.request_cancel(db, ["j", "nope"], "asked") == ["j"]
+        assert await queries.request_cancel(db, ["j"], "again") == []  # cancelled once
+    finally:
+        await db.dispose()
+    with engine.connect() as c:
+        rows = c.exec_driver_sql("SELECT job_id, status, count(*) FROM job_rows GROUP BY 1, 2 ORDER BY 1, 2").all()
+        cancelled = c.exec_driver_sql("SELECT job_id, cancel_requested, reason FROM jobs ORDER BY 1").all()
+    assert [tuple(r) for r in rows] == [("j", "claimed", 10), ("j", "done", 90), ("j", "skipped", 20),
+                                        ("other", "claimed", 10), ("other", "done", 90), ("other", "pending", 20)]
+    assert [tuple(r) for r in cancelled] == [("j", 1, "asked"), ("other", 0, None)]
+    engine.dispose()

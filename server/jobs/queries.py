@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Select, Update, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -259,13 +259,18 @@ async def request_cancel(db: Database, job_ids: Sequence[str], reason: str, leve
         await lock_jobs(s, job_ids)
         res = await s.execute(update(Job).where(Job.job_id.in_(job_ids), Job.status.in_(ACTIVE),
                                                 Job.cancel_requested.is_(False))
-                              .values(cancel_requested=True, reason=reason).returning(Job.job_id))
-        hit = list(res.scalars().all())
-        for job_id in hit:
-            await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status == "pending")
-                            .values(status="skipped"))
+                              .values(cancel_requested=True, reason=reason).returning(Job.job_id, Job.claim_from))
+        hit = list(res.all())
+        for job_id, claim_from in hit:
+            await s.execute(skip_pending(job_id, claim_from))
             await add_log(s, job_id, [(level, f"cancelling: {reason}")])
-    return hit
+    return [job_id for job_id, _ in hit]
+
+
+def skip_pending(job_id: str, claim_from: int) -> Update:
+    """A cancelled job's pending rows -> skipped, looked for as claims look (``_pending_from``):
+    the rows done below the claim cursor are not read."""
+    return update(ROWS).where(_pending_from(job_id, claim_from)).values(status="skipped")
 
 
 @dataclass(frozen=True)
