@@ -59,6 +59,33 @@ def test_consecutive_rows_are_one_range_and_loose_ones_an_in_list() -> None:
     assert selected([]) == ([], [])
 
 
+MID_JOB = {**{i: "done" for i in range(90)}, **{i: "claimed" for i in range(90, 100)},
+           **{i: "pending" for i in range(100, 120)}}  # a job mid-way: its claim cursor at 100
+
+
+def _mid_job(tmp_path, *job_ids: str):  # type: ignore[no-untyped-def]
+    """A migrated SQLite file with these jobs mid-way (``MID_JOB``); its path and an engine."""
+    from server.db.migrate import upgrade
+
+    db_path = tmp_path / "q.sqlite3"
+    upgrade(db_path)
+    engine = create_engine(f"sqlite:///{db_path}")
+    with engine.begin() as c:
+        for job_id in job_ids:
+            _add_job(c, job_id, "In progress", len(MID_JOB), claim_from=100)
+            c.execute(insert(ROWS), [{"job_id": job_id, "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16,
+                                      "data": "{}", "status": st, "claimed_by": "w" if st == "claimed" else None,
+                                      "attempts": 0} for i, st in MID_JOB.items()])
+    return db_path, engine
+
+
+def _plan(engine, stmt) -> list[str]:  # type: ignore[no-untyped-def]
+    """SQLite's query plan of ``stmt``, a step a line."""
+    with engine.connect() as c:
+        sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+        return [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+
+
 def _add_job(c, job_id: str, status: str, total: int, claim_from: int = 0) -> None:  # type: ignore[no-untyped-def]
     c.exec_driver_sql(
         "INSERT INTO jobs (job_id, batch_id, owner, status, strategy, inputs_hash, template, params, "
@@ -85,8 +112,7 @@ def test_handing_back_reads_only_the_rows_of_running_jobs(tmp_path) -> None:  # 
     stmt = queries.claimed_in_running_jobs(ROWS.c.claimed_by == "w")
     with engine.connect() as c:
         assert sorted(c.execute(stmt).scalars()) == ["queued", "running"]  # not the finished job's
-        sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
-        plan = [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    plan = _plan(engine, stmt)
     assert not [step for step in plan if step.startswith("SCAN job_rows")], plan
     assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "(job_id=?)" in step], plan
     engine.dispose()
@@ -98,21 +124,9 @@ async def test_a_job_mid_way_is_told_unfinished_from_its_claim_cursor(tmp_path) 
     through every row done so far (0.35 s in the writer at 500,000 of a million). The job still
     waits for its claimed rows once none is pending, and ends when none is left."""
     from server.db import Database
-    from server.db.migrate import upgrade
 
-    db_path = tmp_path / "q.sqlite3"
-    upgrade(db_path)
-    engine = create_engine(f"sqlite:///{db_path}")
-    status = {**{i: "done" for i in range(90)}, **{i: "claimed" for i in range(90, 100)},
-              **{i: "pending" for i in range(100, 120)}}
-    with engine.begin() as c:
-        _add_job(c, "j", "In progress", len(status), claim_from=100)
-        c.execute(insert(ROWS), [{"job_id": "j", "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16, "data": "{}",
-                                  "status": st, "claimed_by": "w" if st == "claimed" else None, "attempts": 0}
-                                 for i, st in status.items()])
-    with engine.connect() as c:
-        sql = str(queries.pending_left("j", 100).compile(engine, compile_kwargs={"literal_binds": True}))
-        plan = [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    db_path, engine = _mid_job(tmp_path, "j")
+    plan = _plan(engine, queries.pending_left("j", 100))
     assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "idx>?" in step], plan
     db = Database(db_path)
     try:
@@ -135,22 +149,9 @@ async def test_a_cancel_skips_the_pending_rows_from_the_claim_cursor(tmp_path) -
     through the primary key, not through every row done below it. Done and claimed rows stay
     as they are (the claimed ones are their workers' to settle); another job's rows too."""
     from server.db import Database
-    from server.db.migrate import upgrade
 
-    db_path = tmp_path / "q.sqlite3"
-    upgrade(db_path)
-    engine = create_engine(f"sqlite:///{db_path}")
-    status = {**{i: "done" for i in range(90)}, **{i: "claimed" for i in range(90, 100)},
-              **{i: "pending" for i in range(100, 120)}}
-    with engine.begin() as c:
-        for job_id in ("j", "other"):
-            _add_job(c, job_id, "In progress", len(status), claim_from=100)
-            c.execute(insert(ROWS), [{"job_id": job_id, "idx": i, "reference_id": f"r{i}", "suffix": "s" * 16,
-                                      "data": "{}", "status": st, "claimed_by": "w" if st == "claimed" else None,
-                                      "attempts": 0} for i, st in status.items()])
-    with engine.connect() as c:
-        sql = str(queries.skip_pending("j", 100).compile(engine, compile_kwargs={"literal_binds": True}))
-        plan = [r[-1] for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    db_path, engine = _mid_job(tmp_path, "j", "other")
+    plan = _plan(engine, queries.skip_pending("j", 100))
     assert [step for step in plan if step.startswith("SEARCH job_rows USING") and "idx>?" in step], plan
     db = Database(db_path)
     try:
