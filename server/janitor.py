@@ -67,6 +67,7 @@ from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or 
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.assembly import Snapshot, chunks_present
 from server.uploads.chunkset import ChunkSet
+from server.uploads.rows import delete_files
 from server.uploads.store import UploadStore
 
 log = logging.getLogger("filedrop.janitor")
@@ -525,13 +526,8 @@ async def _apply_missing_bytes(db: Database, settings: Settings, ages: _Ages, it
     if item.path.exists():
         return False
     async with db.write() as s:
-        # Its batch row first (PostgreSQL), as the group commit locks it before its files: the
-        # delete's trigger updates the batch's counts, and one order means no deadlock.
-        await s.execute(select(Batch.id).where(Batch.id == select(BatchFile.batch_pk).where(
-            BatchFile.id == item.key).scalar_subquery()).with_for_update(key_share=True))
-        res = await s.execute(delete(BatchFile).where(BatchFile.id == item.key,
-                                                      BatchFile.state == "complete", settled))
-    if res.rowcount == 0:
+        deleted = await delete_files(s, BatchFile.id == item.key, BatchFile.state == "complete", settled)
+    if not deleted:
         return False
     await asyncio.to_thread(_remove, item.path.with_suffix(""))  # what is left of its file dir
     return True

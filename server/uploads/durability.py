@@ -41,13 +41,14 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, select, update
 
 from server.db import Database, log_failure, utcnow
 from server.db.models import BatchFile
 from server.durable import boot_id, fsync_dir, syncfs
 from server.uploads.chunkset import ChunkSet
 from server.uploads.model import chunk_length
+from server.uploads.rows import delete_files
 from server.uploads.store import UploadStore, make_dirs, remove
 
 log = logging.getLogger("filedrop.uploads")
@@ -259,7 +260,7 @@ class Durability:
         lost = await asyncio.to_thread(lambda: [r.id for r in rows if not self._put_back(r)])
         if lost:
             async with self.db.write() as s:
-                await s.execute(delete(BatchFile).where(BatchFile.id.in_(lost), BatchFile.state == "complete"))
+                await delete_files(s, BatchFile.id.in_(lost), BatchFile.state == "complete")
             log.warning("the machine rebooted: %d file(s) recorded complete had lost their bytes and were removed "
                         "(they had not been answered complete; their clients send them again)", len(lost))
 
