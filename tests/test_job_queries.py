@@ -166,3 +166,31 @@ async def test_a_cancel_skips_the_pending_rows_from_the_claim_cursor(tmp_path) -
                                         ("other", "claimed", 10), ("other", "done", 90), ("other", "pending", 20)]
     assert [tuple(r) for r in cancelled] == [("j", 1, "asked"), ("other", 0, None)]
     engine.dispose()
+
+
+async def test_a_cancelled_job_ends_with_its_open_rows_skipped_and_counted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The finish of a cancelled job skips what is still pending (rows handed back after the
+    cancel included: they reset the claim cursor) and its last log line counts every row once:
+    done, errored and skipped add up to the job's rows."""
+    from server.db import Database
+
+    db_path, engine = _mid_job(tmp_path, "j")
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE jobs SET succeeded_count = 90")  # its 90 done rows
+    db = Database(db_path)
+    try:
+        assert await queries.request_cancel(db, ["j"], "asked") == ["j"]  # rows 100-119 skipped
+        assert await queries.finish(db, "j") is None  # rows 90-99 still claimed
+        # The worker settles them: five done, one errored, four handed back (it is stopping).
+        out = queries.Outcome(done=list(range(90, 95)), errors=[(95, "r95", "boom")], retry=[],
+                              release=list(range(96, 100)), skip=[])
+        assert await queries.record(db, "j", "w", out) == queries.Counts(95, 1, None)
+        done = await queries.finish(db, "j")
+        assert done is not None and done.status == "Cancelled", done
+        assert done.summary == "Cancelled: 95 succeeded, 1 errored, 24 skipped of 120 (asked)"
+    finally:
+        await db.dispose()
+    with engine.connect() as c:
+        rows = c.exec_driver_sql("SELECT status, count(*) FROM job_rows GROUP BY 1 ORDER BY 1").all()
+    assert [tuple(r) for r in rows] == [("done", 95), ("error", 1), ("skipped", 24)]
+    engine.dispose()

@@ -298,7 +298,6 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
         final = failed is not None or forced is not None
         if job.status == WAITING and not (final or job.cancel_requested):
             return None  # no rows yet is not done: it waits for its data (or ends Expired)
-        open_ = ("pending", "claimed") if final or job.cancel_requested else ()
         if not final:
             # Pending rows first, from the claim cursor, as claims look for them: mid-job there
             # are some, found at once. Only then the claimed rows, which no index finds (see
@@ -309,9 +308,15 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
                 return None
             if await s.scalar(select(exists().where(ROWS.c.job_id == job_id, ROWS.c.status == "claimed"))):
                 return None
-        if open_:
-            await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status.in_(open_))
+        if final:
+            # Claimed rows too, which no index finds: a look through the job's rows (a job that
+            # failed, or a ``drop --force`` that waited in vain).
+            await s.execute(update(ROWS).where(ROWS.c.job_id == job_id, ROWS.c.status.in_(("pending", "claimed")))
                             .values(status="skipped", claimed_by=None))
+        elif job.cancel_requested:
+            # Cancelled, and no row claimed (asked above): what is open is pending, found from
+            # the claim cursor as claims find it.
+            await s.execute(skip_pending(job_id, job.claim_from))
         if failed is not None:
             status, reason = "Failed", failed
         elif forced is not None or job.cancel_requested:
@@ -324,8 +329,9 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
             status=status, finished=now, reason=reason, started=func.coalesce(Job.started, now),
             callback_state="pending" if job.callback_url else "none",
             email_state="pending" if job.callback_emails else "none"))
-        skipped = await s.scalar(select(func.count()).select_from(ROWS)
-                                 .where(ROWS.c.job_id == job_id, ROWS.c.status == "skipped"))
+        # Every row is done, errored or skipped now, and the counts count the first two (each is
+        # moved with the rows, under this lock), so the rest were skipped: no count of the rows.
+        skipped = job.total_count - job.succeeded_count - job.errored_count
         summary = (f"{status}: {job.succeeded_count} succeeded, {job.errored_count} errored, "
                    f"{skipped} skipped of {job.total_count}" + (f" ({reason})" if reason else ""))
         await add_log(s, job_id, [("error" if failed else "info", summary)])
