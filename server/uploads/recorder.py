@@ -15,7 +15,7 @@ transaction), and posting their answers to it:
    durable before the record that says it is complete (PostgreSQL pipelines its WAL flushes so);
 2. answers the last group's completions and removes the bytes its commit no longer needs;
 3. runs one ``BEGIN IMMEDIATE`` transaction: reads the group's batch and file rows in one
-   query (``FOR UPDATE`` of the batch rows, a no-op on SQLite, for PostgreSQL), decides each
+   query (``FOR NO KEY UPDATE`` of the batch rows, a no-op on SQLite, for PostgreSQL), decides each
    request in order against what the earlier ones changed, writes the rows (``INSERT ...
    RETURNING``: one a new row on SQLite's own cursor, ``server.db.direct``, one for all on
    PostgreSQL; one ``executemany`` ``UPDATE``; one ``DELETE``), and moves each request's bytes
