@@ -329,6 +329,29 @@ async def test_a_batch_counts_its_files_whatever_adds_or_removes_them(limited, s
     assert counts[batch] == (0, 0, 0, 0) and counts[other] == (1, 10, 1, 10), counts
 
 
+async def test_a_refused_replacement_leaves_the_file_it_would_replace(limited, settings) -> None:
+    """A whole file sent onto a complete one replaces it, as in Nuxeo; when the new one breaks a
+    limit the answer is 413 and the old file stays, bytes, row and the batch's counts."""
+    up = limited
+    batch = await up.create()
+    r = await up.post(batch, 0, b"a" * 4_000, chunk=(0, 3), size=10_000)  # 10,000 declared
+    assert r.status == 202, await r.text()
+    precious = os.urandom(1_500)
+    await up.upload(batch, 1, precious, "precious.txt")  # 11,500 of 12,000
+    before = batch_counts(settings)[batch]
+    r = await up.post(batch, 1, b"r" * 2_001, "replacement.txt")  # 12,001 once it replaced the 1,500
+    body = await assert_error(r, 413, "ERR_BATCH_TOO_LARGE")
+    assert "FILEDROP_MAX_BATCH_BYTES" in body["message"]
+    info = await (await up.info(batch, 1)).json()
+    assert info["name"] == "precious.txt" and info["size"] == 1_500
+    assert (await up.manifest(batch, 1))["files"][0]["sha256"] == sha256(precious)
+    assert batch_counts(settings)[batch] == before
+    await up.upload(batch, 1, b"r" * 2_000, "replacement.txt")  # at the limit exactly: replaced
+    assert (await up.manifest(batch, 1))["files"][0] == {"fileIdx": "1", "name": "replacement.txt", "size": 2_000,
+                                                           "sha256": sha256(b"r" * 2_000)}
+    assert batch_counts(settings)[batch] == (2, 12_000, 2, 12_000)
+
+
 async def test_low_disk_answers_507(aiohttp_client, settings) -> None:
     up = Uploads(await aiohttp_client(create_app(settings)))
     batch = await batch_with_good_file(up)

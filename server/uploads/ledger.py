@@ -280,13 +280,12 @@ class Ledger:
             raise FileNotFound(f"file {req.file_idx} of batch {a.batch_id} was removed or replaced meanwhile; "
                                "send it again")
         if f is not None and not f.chunk_ids and f.state == "receiving":
-            self._remove(f, b.id, files, totals, plan)  # nothing stored yet: declared anew
-            f = None
+            return self._create(p, b.id, files, totals, plan, now, replacing=f)  # nothing stored yet: declared anew
         if f is not None and not req.chunked and req.chunk_count == 1 and (f.state == "complete" or f.chunk_count != 1):
             if f.state == "receiving" and f.chunk_count != 1:
                 raise ChunkCountChanged(f"file {req.file_idx} was declared with {f.chunk_count} chunks, not 1")
-            self._remove(f, b.id, files, totals, plan)  # a whole file replaces a complete one, as in Nuxeo
-            f = None
+            # A whole file replaces a complete one, as in Nuxeo.
+            return self._create(p, b.id, files, totals, plan, now, replacing=f)
         if f is None:
             return self._create(p, b.id, files, totals, plan, now)
         if f.chunk_count != req.chunk_count:
@@ -322,10 +321,14 @@ class Ledger:
         return self._recorded(a, f, new=True, completed=prepared, assemble=last and not prepared)
 
     def _create(self, p: Pending, batch_pk: int, files: dict[tuple[int, int], Row], totals: dict[int, list[int]],
-                plan: Plan, now: datetime) -> Recorded:
+                plan: Plan, now: datetime, replacing: Row | None = None) -> Recorded:
+        """A new row for this request; ``replacing``: the row it takes the place of, removed only
+        once the new one passed every check (a refused replacement leaves the old file as it was)."""
         a, req, cfg = p.arrival, p.arrival.req, self.settings
         t = totals[batch_pk]  # read with every batch of the group
         n_files, n_bytes = t
+        if replacing is not None:
+            n_files, n_bytes = n_files - 1, n_bytes - replacing.size
         if n_files + 1 > cfg.max_files_per_batch:
             raise BatchTooManyFiles(f"a batch holds at most {cfg.max_files_per_batch} files "
                                     "(FILEDROP_MAX_FILES_PER_BATCH)")
@@ -337,6 +340,8 @@ class Ledger:
         if a.length > req.size or (req.chunk_count == 1 and a.length != req.size):
             raise FileSizeMismatch(f"the chunks of file {req.file_idx} add up to {a.length} bytes, "
                                    f"X-File-Size is {req.size}")
+        if replacing is not None:
+            self._remove(replacing, batch_pk, files, totals, plan)
         idx = req.chunk_idx
         stride = stride_of(req.size, req.chunk_count, idx, a.length)
         complete = req.chunk_count == 1
