@@ -14,7 +14,6 @@ one INFO line), and acts for the owner of the resource the path names.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -43,7 +42,9 @@ _CACHE_TTL = 5.0  # seconds a database key lookup is trusted (revocation takes e
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    # surrogateescape: a header's bytes that are not UTF-8 reach us as lone surrogates (aiohttp);
+    # such a key is hashed as the bytes it was, and matches no key.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_key() -> str:
@@ -102,7 +103,7 @@ def credential_from(request: web.Request) -> str:
     if auth[:6].lower() == "basic ":
         try:
             decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 (UnicodeDecodeError)
             return ""
         _user, _, password = decoded.partition(":")
         return password

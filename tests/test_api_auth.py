@@ -3,6 +3,7 @@ empty body and ``WWW-Authenticate: Basic realm="filedrop"``, from the app and th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -31,12 +32,27 @@ async def test_each_documented_credential_form_is_accepted(client, form: str) ->
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": "Basic !!!"}, {"Authorization": "Digest x"}])
+                                     {"Authorization": "Basic !!!"}, {"Authorization": "Digest x"},
+                                     {"Authorization": "Basic é"}])
 async def test_no_valid_key_is_401_with_an_empty_body_and_a_basic_challenge(client, headers) -> None:
     r = await client.post("/api/v1/upload", headers=headers)
     assert r.status == 401
     assert await r.read() == b""
     assert r.headers["WWW-Authenticate"] == 'Basic realm="filedrop"'
+
+
+@pytest.mark.parametrize("header", [b"X-API-Key: k\xe9", b"X-Authentication-Token: \xff",
+                                    b"Authorization: Bearer \xe9", b"Authorization: Basic \xe9\xe9"])
+async def test_a_credential_that_is_not_utf8_is_401_not_500(client, header: bytes) -> None:
+    """A browser sends a Latin-1 character of a typed key as one raw byte (the drop page's field)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(b"GET /api/limits HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'WWW-Authenticate: Basic realm="filedrop"' in answer
 
 
 def test_401_passes_nginx_unchanged(server_factory, nginx_factory, tmp_path: Path) -> None:
