@@ -190,6 +190,8 @@ NOT_SERVED = [
     f"/b1/ref1.{SUFFIX}.html%00",
     f"/b1/ref1.{SUFFIX}%2ehtml",
     f"/%62%31/ref1.{SUFFIX}.html",             # percent-encoded "b1"
+    # the API's prefixes alone: no HTML 301 to the prefix with a slash
+    "/api", "/api/v1", "/site/automation", "/nuxeo",
 ]
 
 
