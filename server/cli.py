@@ -171,6 +171,14 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     def when(dt: Any) -> str:
         return f"{dt:%Y-%m-%dT%H:%M:%S}Z"
 
+    if args.secrets_cmd == "rotate":
+        ceiling = _settings().max_url_ttl
+        if args.grace > ceiling:
+            # Every URL an old key signed expires within FILEDROP_MAX_URL_TTL of its signing.
+            print(f"filedrop: --grace {_say_duration(args.grace)} is over FILEDROP_MAX_URL_TTL "
+                  f"({_say_duration(ceiling)}): no URL the old keys signed lives longer", file=sys.stderr)
+            return 2
+
     async def run(db: Any, settings: Settings) -> int:
         from server.db import utcnow
 

@@ -113,6 +113,14 @@ async def test_rotation_keeps_old_urls_for_the_grace_then_stops_them(client, set
     await assert_error(r, 403, "ERR_URL_EXPIRED")
 
 
+@pytest.mark.parametrize("grace", ["8d", "999999999d", "9999999999999999999999s"])
+def test_a_grace_over_the_longest_url_life_is_refused_naming_the_setting(settings, grace: str) -> None:
+    r = secrets_cli(settings, "rotate", "--grace", grace)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and "FILEDROP_MAX_URL_TTL (7d)" in r.stderr, r.stderr
+    assert secrets_cli(settings, "rotate", "--grace", "7d").returncode == 0
+
+
 async def test_keys_retired_long_ago_are_forgotten(settings) -> None:
     db = Database(settings.db_path)
     try:
