@@ -8,7 +8,9 @@ answers). ``Authorization: Bearer KEY`` is accepted too.
 A signed URL (``server.signing``) takes the place of a key on the routes of ``SIGNED_ROUTES``
 only, and for exactly the method, path and query it was signed for: a request there with a
 ``signature`` parameter is judged by it alone (403 ``ERR_URL_INVALID`` / ``ERR_URL_EXPIRED``,
-one INFO line), and acts for the owner of the resource the path names.
+one INFO line), and acts for the owner of the resource the path names, while that owner's key
+is accepted: a revoked key's URLs stop with it (``ERR_URL_INVALID``, within the 5 s a lookup is
+trusted).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from server.db import Database, utcnow
 from server.db.models import ApiKey
-from server.errors import Forbidden, KeyNameInvalid, KeyNameTaken
+from server.errors import Forbidden, KeyNameInvalid, KeyNameTaken, UrlInvalid
 from server.keys import KEYSTORE, OWNER, SIGNED, SIGNED_ROUTES, SIGNER, OwnerLookup
 from server.signing import SIGNATURE
 
@@ -62,8 +64,12 @@ class KeyStore:
         if not key:
             return None
         h = hash_key(key)
+        return h if await self.live(h) else None
+
+    async def live(self, h: str) -> bool:
+        """Whether the key of owner id ``h`` is accepted now (configured, or made and not revoked)."""
         if any(hmac.compare_digest(h, e) for e in self.env_hashes):
-            return h
+            return True
         hit = self._cache.get(h)
         now = time.monotonic()
         if hit is None or hit[1] < now:
@@ -73,7 +79,7 @@ class KeyStore:
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[h] = hit
-        return h if hit[0] else None
+        return hit[0]
 
     async def create(self, name: str) -> str:
         """Make a key, store its hash, return the key (shown once). Names are unique for good,
@@ -141,6 +147,9 @@ async def auth_middleware(
             log.info("signed URL refused: %s %s: %s", request.method, request.path, e.message)
             raise
         assert owner is not None  # verify refuses a URL whose resource has no owner
+        if not await request.app[KEYSTORE].live(owner):  # revoked (or unconfigured) since it signed
+            log.info("signed URL refused: %s %s: its key was revoked", request.method, request.path)
+            raise UrlInvalid("the API key this URL was made with was revoked; ask its holder for a new URL")
         request[OWNER] = owner
         request[SIGNED] = True
         return await handler(request)

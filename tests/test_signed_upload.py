@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import requests
+from sqlalchemy import select
 
+from server.db.models import Batch, BatchFile
+from server.keys import DATABASE, KEYSTORE
 from tests.conftest import API_KEY, AUTH, OTHER_KEY
+from tests.support.server import REPO
 from tests.support.signed import app_and_front, path_of
 from tests.support.uploads import assert_error
+from tests.support.waiting import async_wait_until
 
 
 def presign(base: str, batch: str, idx: int, query: str = "", key: dict[str, str] = AUTH) -> requests.Response:
@@ -109,3 +117,32 @@ async def test_presign_refusals(client, settings) -> None:
     r = await client.put(f"/api/v1/upload/{batch}/3", data=json.dumps([1]).encode(),
                          headers={**AUTH, "X-File-Name": "k.json"})
     assert r.status == 201, await r.text()
+
+
+async def test_a_revoked_keys_urls_stop_with_it(client, settings) -> None:
+    """A signed URL acts for the key that asked for it: revoked (`filedrop keys revoke`, another
+    process), its URLs are refused as its own requests are, within the 5 s a lookup is trusted."""
+    key = await client.app[KEYSTORE].create("carol")
+    h = {"X-API-Key": key}
+    batch = (await (await client.post("/api/v1/upload", headers=h)).json())["batchId"]
+    links = [path_of((await (await client.post(f"/api/v1/upload/{batch}/{i}/presign", headers=h)).json())["upload_URL"])
+             for i in (0, 1)]
+    r = await client.put(links[0], data=b"before", headers={"X-File-Name": "a.txt"})
+    assert r.status == 201, await r.text()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env["FILEDROP_DATA_DIR"] = str(settings.data_dir)
+    revoked = subprocess.run([sys.executable, "-m", "server", "keys", "revoke", "carol"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+
+    async def key_refused() -> bool:
+        return (await client.get("/api/limits", headers=h)).status == 401
+
+    await async_wait_until(key_refused, timeout=15, interval=0.2, what="the revoked key refused")
+    r = await client.put(links[1], data=b"after", headers={"X-File-Name": "b.txt"})
+    body = await assert_error(r, 403, "ERR_URL_INVALID")
+    assert "revoked" in body["message"]
+    # Nothing landed: the batch holds the file sent before the revocation only.
+    async with client.app[DATABASE].read() as s:
+        idxs = (await s.scalars(select(BatchFile.file_idx).join(Batch).where(Batch.batch_id == batch))).all()
+    assert idxs == [0]
