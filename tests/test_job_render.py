@@ -151,6 +151,26 @@ async def test_param_parts_and_parametrised_assets(client, settings) -> None:
     assert "<b>Ma &lt;Société&gt;</b> 1.5" in page and "<script>window.brand='acme';</script>" in page
 
 
+async def test_asset_urls_keep_their_queries_as_written(client, settings) -> None:
+    """`&region=`, `&times=`, `&not=`, `&copy=` are HTML's legacy entity names without their `;`:
+    a URL is fetched and linked with them as written, never as `®ion=`, `×=`."""
+    query = "a=1&region=eu&times=5&section=2&not=3&copy=4"
+    async with asset_server({"/acme/v.js": b"window.x=1;", "/s.css": b"b{}"}) as srv:
+        template = {"body": "x", "styles": [{"href": srv.url(f"/s.css?{query}")}],
+                    "scripts": [{"src": srv.url(f"/{{{{ params.brand }}}}/v.js?{query}&amp;amp=1")}]}
+        job = await start_ok(client, "queries", template, rows(1), strategy="original", params={"brand": "acme"})
+        assert (await wait_job(client, "queries", job["job_id"]))["status"] == "Completed"
+        assert sorted(srv.queries) == sorted([query, query + "&amp=1"])  # `&amp;` is the one `&` escaped
+        template["pdf"] = f"https://files.example.com/doc.pdf?{query}"  # linked, not fetched, by `smallest`
+        job = await start_ok(client, "querylinks", template, rows(1), strategy="smallest", params={"brand": "acme"})
+        assert (await wait_job(client, "querylinks", job["job_id"]))["status"] == "Completed"
+    page = (settings.smartlink_root / "querylinks" / "ref000000.s00000000000000000000.html").read_text()
+    escaped = query.replace("&", "&amp;")
+    assert f'href="{srv.url("/s.css?" + escaped)}"' in page
+    assert f'src="{srv.url("/acme/v.js?" + escaped)}&amp;amp=1"' in page
+    assert f'data="https://files.example.com/doc.pdf?{escaped}"' in page
+
+
 async def test_generated_suffixes_and_json_lines(client, settings) -> None:
     lines = b"\n".join(b'{"reference_id": "gen%d", "data": {"i": %d}}' % (i, i) for i in range(4)) + b"\n"
     job = await start_ok(client, "gen", {"body": "{{ suffix }}"}, lines, data_field="data_file")

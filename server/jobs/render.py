@@ -22,6 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from html.entities import html5 as html5_entities
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
@@ -47,6 +48,25 @@ class Asset:
     error: str | None = None
 
 
+# A character reference as markupsafe writes them and as a person writes one on purpose: with its
+# ``;``. ``html.unescape`` also reads HTML's legacy names without one, which turned a URL's
+# ``?a=1&region=eu`` into ``?a=1®ion=eu`` (``&reg``), ``&times=`` into ``×=``, and so on.
+_CHAR_REF = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def _unescape(text: str) -> str:
+    """The text of autoescaped output: each complete character reference decoded, every other
+    ``&`` kept as written."""
+    return _CHAR_REF.sub(_char_ref, text) if "&" in text else text
+
+
+def _char_ref(m: re.Match[str]) -> str:
+    ref = m.group(0)
+    if ref[1] == "#":
+        return html.unescape(ref)
+    return html5_entities.get(ref[1:], ref)  # an unknown name stays as written
+
+
 class _Static:
     """A field without Jinja2 syntax: rendered once at compile time (most asset URLs are), and
     read as a URL once (``url``)."""
@@ -55,7 +75,7 @@ class _Static:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.url = html.unescape(text).strip()
+        self.url = _unescape(text).strip()
 
     def render(self, _ctx: Any = None) -> str:
         return self.text
@@ -133,7 +153,7 @@ def _size(path: str) -> int:
 
 def _url_text(t: Any, ctx: Mapping[str, Any]) -> str:
     # Autoescaped output is HTML; the URL itself is its unescaped text.
-    return t.url if isinstance(t, _Static) else html.unescape(t.render(ctx)).strip()
+    return t.url if isinstance(t, _Static) else _unescape(t.render(ctx)).strip()
 
 
 def _inline_js(code: str) -> str:
@@ -244,7 +264,7 @@ class Renderer:
         if self._opening is not None:
             return self._opening
         lang_t = self.compiled.lang
-        lang = html.unescape(lang_t.render(ctx)) if lang_t is not None else ""
+        lang = _unescape(lang_t.render(ctx)) if lang_t is not None else ""
         text = (f'<html{f" lang={chr(34)}{_attr(lang)}{chr(34)}" if lang else ""}>\n<head>\n<meta charset="utf-8">\n'
                 '<meta name="viewport" content="width=device-width, initial-scale=1">\n')
         if lang_t is None or isinstance(lang_t, _Static):

@@ -104,6 +104,7 @@ class AssetServer:
 
     files: dict[str, bytes]
     hits: dict[str, int] = field(default_factory=dict)
+    queries: list[str] = field(default_factory=list)  # each request's raw query string
     port: int = 0
 
     def url(self, path: str) -> str:
@@ -111,6 +112,7 @@ class AssetServer:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        self.queries.append(request.rel_url.raw_query_string)
         if request.path not in self.files:
             return web.Response(status=404)
         return web.Response(body=self.files[request.path])
