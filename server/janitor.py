@@ -62,7 +62,7 @@ from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNot
 from server.jobs import assets as job_assets
 from server.jobs import control as job_control
 from server.jobs import results as job_results
-from server.jobs.contract import BATCH_ID_RE, NAME_RE  # the contract's names, as jobs check them
+from server.jobs.contract import BATCH_ID_RE, MAX_NAME_PAIR, NAME_RE  # the names jobs check
 from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or waiting for data
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.assembly import Snapshot, chunks_present
@@ -582,10 +582,11 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
 
 
 def _stems(rows: Iterable[Any]) -> set[str]:
-    """``<reference_id>.<suffix>`` of job rows, only where both are valid names: an errored row
-    may carry anything (``../x``), and it published nothing."""
+    """``<reference_id>.<suffix>`` of job rows, only where both are valid names that fit one file
+    name: an errored row may carry anything (``../x``, 257 characters), and it published nothing."""
     return {f"{r.reference_id}.{r.suffix}" for r in rows
-            if NAME_RE.fullmatch(r.reference_id) and NAME_RE.fullmatch(r.suffix)}
+            if NAME_RE.fullmatch(r.reference_id) and NAME_RE.fullmatch(r.suffix)
+            and len(r.reference_id) + len(r.suffix) <= MAX_NAME_PAIR}
 
 
 def _remove_smartlinks(d: Path, stems: set[str]) -> int:

@@ -239,6 +239,19 @@ def test_smartlinks_go_only_with_the_flag_and_shared_names_stay(settings: Settin
     assert freed(r.stdout) == len(b"<p>a</p>") + 100 + 11
 
 
+def test_a_row_name_no_file_can_have_is_no_path_to_look_at(settings: Settings) -> None:
+    """A row of 128 + 128 characters (the contract allowed it before the 249 rule) never had a
+    page: its 262-byte name is skipped, not an ENAMETOOLONG traceback that stops the cleanup."""
+    assert settings.smartlink_root is not None
+    add_job(settings, "e" * 32, "longnames", finished_ago=40 * DAY, rows=[("r" * 128, "s" * 128)], publish=False)
+    kept = add_job(settings, "f" * 32, "longnames", finished_ago=40 * DAY, rows=[("r" * 128, "s" * 121)])
+    for args in (("--dry-run",), ()):
+        r = run_cli(settings, "cleanup", "--smartlinks", *args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(row[0] for row in table(r.stdout)["expired-job"]) == ["e" * 32, "f" * 32]
+    assert not kept[0].exists() and count(settings, Job) == 0
+
+
 def test_errors_are_reported_per_item_with_a_non_zero_exit(settings: Settings) -> None:
     add_batch(settings, "stuck", [FileSpec(data=b"s" * 10)], idle=25 * HOUR)
     add_batch(settings, "expired", [FileSpec(data=b"e" * 10)], idle=25 * HOUR)

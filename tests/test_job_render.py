@@ -171,6 +171,19 @@ async def test_asset_urls_keep_their_queries_as_written(client, settings) -> Non
     assert f'data="https://files.example.com/doc.pdf?{escaped}"' in page
 
 
+async def test_a_page_name_fits_one_file_name(client, settings) -> None:
+    """`<reference_id>.<suffix>.html` is one name of at most 255 bytes: 249 characters of
+    reference_id and suffix publish; 250 are an errored row that says why."""
+    fits = {"reference_id": "r" * 128, "suffix": "s" * 121}
+    over = {"reference_id": "q" * 128, "suffix": "s" * 122}
+    job = await start_ok(client, "longnames", {"body": "x"}, [fits, over])
+    done = await wait_job(client, "longnames", job["job_id"])
+    assert (done["succeededCount"], done["erroredCount"]) == (1, 1), done
+    result = (await get_json(client, f"/api/batch/longnames/{job['job_id']}/result"))["rows"]
+    assert "at most 249 characters" in result[1]["error"] and "255 bytes" in result[1]["error"], result[1]
+    assert [p.name for p in (settings.smartlink_root / "longnames").iterdir()] == ["r" * 128 + "." + "s" * 121 + ".html"]
+
+
 async def test_generated_suffixes_and_json_lines(client, settings) -> None:
     lines = b"\n".join(b'{"reference_id": "gen%d", "data": {"i": %d}}' % (i, i) for i in range(4)) + b"\n"
     job = await start_ok(client, "gen", {"body": "{{ suffix }}"}, lines, data_field="data_file")

@@ -13,6 +13,8 @@ STRATEGIES = ("smallest", "mixed", "original")
 # \Z, not $: `$` also matches before a trailing newline, which would let "ref\n" through into a
 # file name.
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
+# A page is <reference_id>.<suffix>.html: one name of at most 255 bytes (ext4, xfs, tmpfs).
+MAX_NAME_PAIR = 255 - len("..html")
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 BATCH_PDF_RE = re.compile(r"^batch:(\d{1,9})\Z")
 # Keys of the master smartlink with a meaning of their own; every other string is checked as a
@@ -90,9 +92,12 @@ def check_row(row: Any, min_suffix: int) -> str | None:
     suffix = row.get("suffix")
     if suffix not in (None, ""):
         if not isinstance(suffix, str) or not NAME_RE.match(suffix):
-            return "suffix must be of A-Z a-z 0-9 _ -"
+            return "suffix must be 1-128 of A-Z a-z 0-9 _ -"
         if len(suffix) < min_suffix:
             return f"suffix must be at least {min_suffix} characters long"
+        if len(ref) + len(suffix) > MAX_NAME_PAIR:
+            return (f"reference_id and suffix together must be at most {MAX_NAME_PAIR} characters (the page's "
+                    "file name <reference_id>.<suffix>.html is at most 255 bytes)")
     pdf = row.get("pdf")
     if pdf not in (None, ""):
         if not isinstance(pdf, str) or not (pdf.startswith(("https://", "http://")) or BATCH_PDF_RE.match(pdf)):

@@ -1,7 +1,7 @@
 """Atomic publishing into NGINX's tree.
 
 A file reaches ``<smartlink_root>/<batch_id>/`` only as: a dot-named temp file in the same
-directory (``.<name>.<worker id>.<random>.tmp``: nginx.conf refuses dotfiles; the workers remove
+directory (``.<worker id>.<serial>.tmp``: nginx.conf refuses dotfiles; the workers remove
 a dead worker's leftovers, the janitor any old ones) -> data made durable -> ``os.replace`` onto
 the final name -> the directory fsynced. A reader (NGINX) therefore sees either the previous
 complete file or the new complete file, never a partial one, also after a crash or power loss.
@@ -44,10 +44,11 @@ class Item:
 _serial = itertools.count()
 
 
-def temp_name(name: str, tag: str) -> str:
+def temp_name(tag: str) -> str:
     """Unique without a random draw per file: ``tag`` is unique per worker, the serial per
-    process (a worker has one publishing thread at a time, and ``next`` is atomic anyway)."""
-    return f".{name}.{tag}.{next(_serial)}{TMP_SUFFIX}"
+    process (a worker has one publishing thread at a time, and ``next`` is atomic anyway). Not
+    made from the final name: a name of up to 255 bytes must have a temp that fits as well."""
+    return f".{tag}.{next(_serial)}{TMP_SUFFIX}"
 
 
 @dataclass
@@ -103,7 +104,7 @@ def stage(directory: Path, items: Sequence[Item], tag: str = "w") -> Staged:
     per_file_sync = SYNCFS is None
     base = os.fspath(directory) + os.sep
     for it in items:
-        tmp = base + temp_name(it.name, tag)
+        tmp = base + temp_name(tag)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
