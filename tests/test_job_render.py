@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import OTHER_KEY
 from tests.support.jobs import (
     AUTH,
     SEED_ROWS,
@@ -22,7 +23,7 @@ from tests.support.jobs import (
     start_ok,
     wait_job,
 )
-from tests.support.uploads import Uploads
+from tests.support.uploads import Uploads, assert_error
 
 ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -298,3 +299,31 @@ async def test_execute_smartlinks_generate_publishes_batch_pdf(client, settings)
     # the upload batch was kept for the job (not dropped by execute)
     r = await client.get(f"/api/v1/upload/{batch}", headers=AUTH)
     assert r.status == 200
+
+
+async def test_an_upload_batch_is_not_deleted_under_the_job_started_from_it(client, settings) -> None:
+    """Its rows may publish the batch's files (`batch:<fileIdx>`) until the job ends: the API's
+    deletes answer 409 ERR_JOB_RUNNING meanwhile (as `filedrop drop` refuses), and work after."""
+    import json
+    up = Uploads(client)
+    batch = await up.create()
+    forever = "{% for i in range(10**6) %}{% for j in range(10**6) %}{% endfor %}{% endfor %}x"
+    await up.upload(batch, 0, json.dumps({"body": forever}).encode(), "t.json")
+    await up.upload(batch, 1, json.dumps([{"reference_id": "r", "pdf": "batch:2"}]).encode(), "d.json")
+    await up.upload(batch, 2, PDF, "doc.pdf")
+    r = await client.post(f"/api/v1/upload/{batch}/execute/SmartLinks.Generate", headers=AUTH,
+                          json={"params": {"template": 0, "data": 1}})
+    job = await r.json()
+    assert r.status == 202, job
+    for method, path in (("DELETE", f"/api/v1/upload/{batch}/2"), ("DELETE", f"/api/v1/upload/{batch}"),
+                         ("POST", f"/site/automation/batch/drop/{batch}")):
+        body = await assert_error(await client.request(method, path, headers=AUTH), 409, "ERR_JOB_RUNNING")
+        assert job["job_id"] in body["message"], body
+        other = await client.request(method, path, headers={"X-API-Key": OTHER_KEY})
+        assert other.status == 404  # another key learns nothing of the batch
+    assert [f["fileIdx"] for f in (await up.manifest(batch))["files"]] == ["0", "1", "2"]
+    r = await client.post(f"/api/batch/{batch}/{job['job_id']}/cancel", headers=AUTH)
+    assert r.status == 200, await r.text()
+    assert (await wait_job(client, batch, job["job_id"]))["status"] == "Cancelled"
+    assert (await client.delete(f"/api/v1/upload/{batch}/2", headers=AUTH)).status == 204
+    assert (await client.delete(f"/api/v1/upload/{batch}", headers=AUTH)).status == 204

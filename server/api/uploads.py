@@ -266,7 +266,7 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 async def drop_batch(request: web.Request) -> web.Response:
-    await _service(request).drop_batch(request[OWNER], _batch_id(request))
+    await _service(request).drop_batch(request[OWNER], _batch_id(request), refuse_if_read=True)
     return web.Response(status=204)
 
 
@@ -299,7 +299,7 @@ async def legacy_list_files(request: web.Request) -> web.Response:
 
 async def legacy_drop(request: web.Request) -> web.Response:
     batch_id = _batch_id(request)
-    await _service(request).drop_batch(request[OWNER], batch_id)
+    await _service(request).drop_batch(request[OWNER], batch_id, refuse_if_read=True)
     return _json({"batchId": batch_id, "dropped": "true"})
 
 

@@ -11,12 +11,25 @@ import asyncio
 import json
 from typing import Any
 
+from sqlalchemy import select
+
 from server.config import Settings
+from server.db import Database
+from server.db.job_models import Job
 from server.errors import DataTooLarge, Unprocessable
 from server.jobs.assets import UploadFiles
 from server.jobs.service import JobService, StartInput
+from server.jobs.states import ACTIVE
 from server.jsondoc import parse_json
 from server.uploads.operations import ExecuteContext, Operation, OperationResult
+
+
+async def reading_job(db: Database, batch_id: str) -> str | None:
+    """A job started from upload batch ``batch_id`` that has not ended (it reads the batch's
+    files), if any: the upload API refuses to delete them under it (409 ``ERR_JOB_RUNNING``)."""
+    async with db.read() as s:
+        return await s.scalar(select(Job.job_id).where(Job.upload_batch_id == batch_id, Job.status.in_(ACTIVE))
+                              .order_by(Job.created_at).limit(1))
 
 
 def _file_index(params: dict[str, Any], name: str) -> int:

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from server.errors import (
     FileSizeMismatch,
     FileTooLarge,
     FileTooManyChunks,
+    JobRunning,
 )
 from server.uploads.assembly import Assembler, Hashes, Snapshot, Stats, prepare
 from server.uploads.chunkset import ChunkSet
@@ -97,6 +98,8 @@ class UploadService:
         # goes without a read. The recording transaction checks everything again; a chunk the
         # copy says is recorded, or a declaration it disagrees with, is checked with a read.
         self._files: dict[tuple[int, int], tuple[Snapshot, str]] = {}
+        # Set by the app (jobs): the job that reads a batch's files, if any (None: nothing checks).
+        self.readers: Callable[[str], Awaitable[str | None]] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
@@ -206,9 +209,12 @@ class UploadService:
             async with self.db.read() as s:
                 return (await s.execute(find)).one()
 
-    async def drop_batch(self, owner: str, batch_id: str) -> None:
-        """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone."""
+    async def drop_batch(self, owner: str, batch_id: str, *, refuse_if_read: bool = False) -> None:
+        """Remove a batch's files (rows and bytes); its row stays as a ``dropped`` tombstone.
+        ``refuse_if_read`` (the API): JobRunning while a job started from the batch reads it."""
         await self.settle(batch_id)
+        if refuse_if_read:
+            await self._refuse_if_read(owner, batch_id)
         async with self.db.write() as s:
             batch = await self._open_batch(s, owner, batch_id, lock=True)
             await self._close(s, batch, "dropped")
@@ -248,8 +254,20 @@ class UploadService:
                 raise FileNotFound(f"file {file_idx} of batch {batch_id} not found")
             return self._state(batch_id, f)
 
+    async def _refuse_if_read(self, owner: str, batch_id: str) -> None:
+        if self.readers is None:
+            return
+        async with self.db.read() as s:
+            await self._open_batch(s, owner, batch_id)  # 404 first: another key learns nothing
+        job_id = await self.readers(batch_id)
+        if job_id is not None:
+            raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: cancel the job or "
+                             "wait for it to end")
+
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
+        """Remove one file (row and bytes); JobRunning while a job started from the batch reads it."""
         await self.settle(batch_id)
+        await self._refuse_if_read(owner, batch_id)
         async with self.db.write() as s:
             batch = await self._open_batch(s, owner, batch_id, lock=True)
             f = await self._file(s, batch, file_idx)
