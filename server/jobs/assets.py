@@ -10,6 +10,8 @@ Invariants:
   takes an exclusive ``flock`` on ``<sha>.lock``, fetches, renames the file into place (or
   writes ``<sha>.error`` with the reason, so a failed fetch errors the rows that need it and
   is not retried per row); the others wait for the lock and find the result.
+* A fetch abandoned (the runner cancels it when the job is cancelled or the worker stops)
+  leaves no asset file and no ``.error``: whoever needs the asset next fetches it.
 * The job's directory goes when the job ends (``release``), and with it every asset.
 """
 
@@ -127,6 +129,10 @@ class Assets:
             _write_atomic(err, str(e).encode("utf-8"))
             await self.note(job.job_id, "error", f"asset {url}: {e}")
             return Asset(error=str(e))
+        except BaseException:  # cancelled (its job was, or the worker stops): no result, no temp
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
         await self.note(job.job_id, "info", f"asset {url}: {size} bytes fetched")
         return Asset(path=str(base), size=size)
 

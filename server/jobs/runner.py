@@ -6,10 +6,12 @@ The render process answers row by row. Between answers the worker enforces, from
   either way the row was killed by a limit: the first time it goes back to the queue with one
   more ``attempt``, the second time it errors naming the limit. The rows after it in the claim
   go to a fresh process;
-* cancel: every ``CHECK`` s it reads the job's state (a primary-key read); cancelled, dropped or
-  ended elsewhere, the process is killed at once, mid-row if need be, and rows not yet
-  published are skipped (cancel) or forgotten (the job is gone);
-* stop (SIGTERM): the process is killed, rows not yet published go back to the queue.
+* cancel: every ``CHECK`` s it reads the job's state (a primary-key read), also while it
+  fetches the rows' remote assets; cancelled, dropped or ended elsewhere, the process is killed
+  at once, mid-row if need be, a fetch in flight is abandoned, and rows not yet published are
+  skipped (cancel) or forgotten (the job is gone);
+* stop (SIGTERM): the process is killed (a fetch abandoned), rows not yet published go back
+  to the queue.
 
 Rendered pages are published and recorded in groups (``FLUSH_*``): counts move at least every
 ``FLUSH_SECONDS`` while rows complete, and the render process keeps rendering meanwhile (its
@@ -93,8 +95,7 @@ class RowRunner:
                 needs = await self._pass(todo)
                 if not needs:
                     break
-                keys = {k for _r, ks in needs for k in ks}
-                await self.w.resolve(self.job, keys)
+                await self._resolve({k for _r, ks in needs for k in ks})
                 todo = [r for r, _ks in needs]
             else:
                 for r, ks in needs:
@@ -155,6 +156,28 @@ class RowRunner:
                 seen = sent = child.progress()
                 deadline = time.monotonic() + self.timeout
         return needs
+
+    async def _resolve(self, keys: set[str]) -> None:
+        """Fetch the assets the rows need, looking at the job every ``CHECK`` s meanwhile, as
+        while rendering: a fetch may take ``FILEDROP_FETCH_TIMEOUT`` (20 s), ten times what a
+        cancel may. When the claim must end (cancel, ``max_errors``, the job ended or dropped,
+        SIGTERM) the fetch is cancelled at once (its connection closed, nothing of it stored)
+        and ``_check`` raises Stop. Only this job's fetch: a worker serves one job at a time."""
+        await self._check()  # cancelled meanwhile (by this pass's own errors, say): fetch nothing
+        fetch = asyncio.create_task(self.w.resolve(self.job, keys), name=f"assets-{self.job.job_id}")
+        try:
+            while True:
+                done, _ = await asyncio.wait({fetch}, timeout=CHECK)
+                if done:
+                    fetch.result()  # the fetch's own failure, if any, is the claim's
+                    return
+                await self._check()
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.wait({fetch})  # its connection is closed, its temp file gone
+            elif not fetch.cancelled():
+                fetch.exception()  # retrieved: a Stop that raced the fetch's end wins
 
     def _answers(self, queue: deque[Claimed], header: dict[str, Any], blob: bytes,
                  needs: list[tuple[Claimed, list[str]]]) -> bool:

@@ -1,9 +1,11 @@
 """Helpers for smartlink job tests: start/wait through the real API, and real peers on
-127.0.0.1 (an asset server, a callback receiver that can fail, an aiosmtpd SMTP server)."""
+127.0.0.1 (an asset server, a slow one that sees a fetch abandoned, a callback receiver that can fail, an
+aiosmtpd SMTP server)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -253,3 +255,55 @@ class Probe:
         assert len(self.latencies) >= calls, f"only {len(self.latencies)} probe calls"
         assert self.p99() < limit, (f"p99 {self.p99() * 1000:.0f} ms over {len(self.latencies)} calls "
                                     f"(max {max(self.latencies) * 1000:.0f} ms)")
+
+
+@dataclass
+class SlowAssetServer:
+    """A remote asset that answers late: every request is held until ``release()`` (or ``hold``
+    s: bounded), then answered ``body``. Records each request (path and query) as it arrives,
+    as it is answered, and when its client went away first: the server cancels a handler whose
+    peer closed the connection (aiohttp's ``handler_cancellation``), which is how a fetch that
+    was abandoned shows here."""
+
+    body: bytes
+    hold: float = 30.0
+    arrived: list[str] = field(default_factory=list)
+    answered: list[str] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        what = request.path_qs
+        self.arrived.append(what)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), self.hold)  # the asset's lateness, bounded
+        except asyncio.CancelledError:
+            self.abandoned.append(what)
+            raise
+        self.answered.append(what)
+        return web.Response(body=self.body, content_type="application/javascript")
+
+
+@asynccontextmanager
+async def slow_asset_server(body: bytes, hold: float = 30.0) -> AsyncIterator[SlowAssetServer]:
+    """A ``SlowAssetServer`` on 127.0.0.1:<free port>; held requests are released on exit."""
+    srv = SlowAssetServer(body, hold)
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", srv.handle)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    srv.port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", srv.port).start()
+    try:
+        yield srv
+    finally:
+        srv.release()
+        await runner.cleanup()
