@@ -92,6 +92,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "workers": ("<cores>", "`filedrop worker` processes `filedrop serve` runs (from its first job on); each renders in one limited child process. Default: the number of CPU cores (more contend for the disk: bench). 0: serve starts none (workers run elsewhere: `filedrop worker`, or `scripts/run` with `FILEDROP_APP_PROCESSES` over 1)."),
     "render_timeout": ("10s", "Wall time one row may take to render (and a template to compile at start). Over: the render process is killed; the row is tried once more, then errors."),
     "render_memory": ("512M", "Address space of each render process (RLIMIT_AS; at least 64M). Over: as for the time limit."),
+    "check_processes": ("2", "Render processes that check a job start's template (compile it within `FILEDROP_RENDER_TIMEOUT` and `FILEDROP_RENDER_MEMORY`, each), started as needed and kept. An API key has one check running at a time, its other starts wait behind it (at most 8; more: 503 `ERR_SERVER_BUSY`), and a free process goes to the next key in turn: one key's slow templates do not hold up another key's starts."),
     "max_page_size": ("10M", "Largest page one row may publish. Over: the row errors."),
     "max_number_digits": ("4300", "Most decimal digits a number in a template may have (`**`, `*`, int/str conversion; at least 640). Over: the row errors."),
     "job_asset_memory": ("16M", "Bytes of fetched assets a render process keeps in memory per job; all are stored under <data_dir>/assets/<job_id>/ until the job ends."),
@@ -143,6 +144,7 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     render_timeout: float = 10.0
     render_memory: int = 512 << 20
+    check_processes: int = 2
     max_page_size: int = 10 << 20
     max_number_digits: int = 4300
     job_asset_memory: int = 16 << 20
@@ -301,12 +303,13 @@ _DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_int
               "callback_backoff", "cleanup_grace", "render_timeout", "upload_url_ttl", "download_url_ttl",
               "max_url_ttl"}
 _INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
-         "callback_retries", "smtp_port", "max_number_digits", "database_pool", "app_processes"}
+         "callback_retries", "smtp_port", "max_number_digits", "database_pool", "app_processes",
+         "check_processes"}
 _INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
             "max_chunks_per_file": 1, "callback_retries": 1, "database_pool": 2, "app_processes": 1,
-            "max_number_digits": 640}  # 640: Python's own floor for int/str digits
+            "max_number_digits": 640, "check_processes": 1}  # 640: Python's own floor for int/str digits
 # Upper bounds where one is needed: ports; processes behind one NGINX on consecutive ports.
-_INT_MAX = {"app_port": 65535, "http_port": 65535, "smtp_port": 65535, "app_processes": 64}
+_INT_MAX = {"app_port": 65535, "http_port": 65535, "smtp_port": 65535, "app_processes": 64, "check_processes": 64}
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}

@@ -262,7 +262,7 @@ class JobService:
             except FetchError:
                 pass  # a name that does not resolve now may later: the delivery attempts tell
 
-    async def _template(self, inp: StartInput) -> str:
+    async def _template(self, owner: str, inp: StartInput) -> str:
         if inp.document_file is not None:
             raw, where = inp.document_file, "document_file"
         elif inp.document_id:
@@ -280,7 +280,7 @@ class JobService:
             raise Unprocessable("document_file, or document_id with api_url, is required", field="document_file")
         try:
             _doc, template = await asyncio.to_thread(parse_master, raw)  # JSON of up to 20 MB: off the loop
-            await self.checker.check(template)
+            await self.checker.check(template, owner)  # in the key's turn: keys wait for their own checks only
         except TemplateInvalid as e:
             raise Unprocessable(f"{where}: {e}", field=where) from None
         return template
@@ -290,7 +290,7 @@ class JobService:
         strategy, max_errors, callback_url, emails, params, method = self._check_options(inp)
         wait = self._data_upload(inp)
         await self._check_callback(callback_url)
-        template = await self._template(inp)
+        template = await self._template(owner, inp)
         job_id = secrets.token_hex(16)
         if wait is None:
             records, problems = await self._rows(job_id, inp.data, inp.data_field)
