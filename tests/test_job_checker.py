@@ -1,13 +1,18 @@
 """The start's template check (``server.jobs.checker``) in real render processes: fair between
-API keys (one key's slow templates do not hold up another key's start), and bounded per key."""
+API keys (one key's slow templates do not hold up another key's start), bounded per key, and a
+template nested too deeply for Python's compiler is the client's 422, not a dead process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+
+import pytest
 
 from server.app import create_app
 from server.jobs.checker import CHECKS_WAITING
+from server.jobs.childproc import RenderProcess
 from server.keys import JOBS
 from tests.conftest import OTHER_KEY
 from tests.support.jobs import SEED_ROWS, start
@@ -17,6 +22,15 @@ from tests.support.waiting import async_wait_until
 SLOW = {"body": '{{ "ab "|center(600000)|wordwrap(2) }}'}
 TRIVIAL = {"body": "<p>{{ data.n }}</p>"}
 OTHER = {"X-API-Key": OTHER_KEY}
+
+NESTED = {
+    "21 for loops": "{% for a in [1] %}" * 21 + "x" + "{% endfor %}" * 21,  # SyntaxError: statically nested blocks
+    "100 ifs": "{% if 1 %}" * 100 + "x" + "{% endif %}" * 100,  # IndentationError
+    "100 parentheses": "{{ " + "(" * 100 + "1" + ")" * 100 + " }}",  # RecursionError in Jinja2's parser
+    "100 lists": "{{ " + "[" * 100 + "1" + "]" * 100 + " }}",
+    "100 dicts": "{{ " + "{'a': " * 100 + "1" + "}" * 100 + " }}",
+    "1000 additions": "{{ a" + " + a" * 1000 + " }}",  # RecursionError in the code generator
+}
 
 
 async def checks_queued(client, n: int) -> None:  # type: ignore[no-untyped-def]
@@ -61,3 +75,36 @@ async def test_a_key_with_too_many_checks_waiting_is_told_the_limit(aiohttp_clie
     assert r.status == 202, await r.text()
     statuses = [resp.status for resp in await asyncio.gather(*slow)]
     assert statuses == [422] * (1 + CHECKS_WAITING)
+
+
+@pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
+async def test_a_template_nested_too_deeply_is_422_and_the_checker_survives(client, body, capfd) -> None:
+    r = await start(client, "warm", TRIVIAL, SEED_ROWS)
+    assert r.status == 202, await r.text()
+    checker = client.app[JOBS].checker
+    pids = checker.pids
+    r = await start(client, "nested", {"body": body}, SEED_ROWS)
+    answer = await r.json()
+    assert (r.status, answer["code"], answer["field"]) == (422, "ERR_FIELD_INVALID", "document_file"), answer
+    assert answer["message"].startswith("document_file: `body` is nested too deeply or is too complex to compile ("), \
+        answer
+    assert checker.pids == pids  # the same process, still warm
+    r = await start(client, "after", TRIVIAL, SEED_ROWS)
+    assert r.status == 202, await r.text()
+    assert "Traceback" not in capfd.readouterr().err  # the render process's stderr is the server's log
+
+
+@pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
+async def test_a_workers_render_process_answers_a_nested_template_with_an_error(settings, body) -> None:
+    child = await RenderProcess.start(settings)
+    try:
+        await child.send({"op": "job", "job_id": "j1", "template": json.dumps({"body": body}), "strategy": "smallest",
+                          "batch_id": "b1", "params": "{}"})
+        header, _ = await child.recv(30)
+        assert header["ok"] is False, header
+        assert header["error"].startswith("`body` is nested too deeply or is too complex to compile ("), header
+        await child.send({"op": "check", "template": json.dumps(TRIVIAL)})
+        assert (await child.recv(30))[0]["ok"] is True
+        assert child.alive
+    finally:
+        await child.close()

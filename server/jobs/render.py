@@ -103,6 +103,13 @@ def compile_master(doc: dict[str, Any], env: LimitedEnvironment) -> Compiled:
             raise TemplateInvalid(f"Jinja2 syntax error in `{where}` line {e.lineno}: {e.message}") from None
         except LimitHit as e:
             raise TemplateInvalid(f"`{where}`: {e}") from None
+        except (SyntaxError, RecursionError) as e:
+            # Jinja2's parser and code generator recurse once per level of nesting, and Python
+            # compiles at most 20 nested loops and ~100 levels of indentation: a template nested
+            # that deeply is the client's to simplify (raw, this was a 3,000-line traceback).
+            why = e.msg if isinstance(e, SyntaxError) else "too deeply nested"
+            raise TemplateInvalid(f"`{where}` is nested too deeply or is too complex to compile "
+                                  f"({why})") from None
     styles = [("href" if f"styles[{i}].href" in compiled else "content",
                compiled.get(f"styles[{i}].href") or compiled[f"styles[{i}].content"])
               for i in range(len(doc.get("styles") or []))]
