@@ -1,7 +1,8 @@
 """Workers as real processes beside a real server: a cancel stops a row mid-render, a worker
 killed with SIGKILL is replaced and its rows done exactly once, SIGTERM stops everything within
-10 s whatever the templates do, counts move as rows complete, the final log line counts skipped
-rows, ``started`` is when the start was accepted."""
+10 s whatever the templates do (a worker also while the database's writer is held elsewhere),
+counts move as rows complete, the final log line counts skipped rows, ``started`` is when the
+start was accepted."""
 
 from __future__ import annotations
 
@@ -251,3 +252,27 @@ def test_a_worker_started_on_its_own_shares_the_work(server_factory) -> None:
     done = wait_end(srv, "shared", jid, timeout=120)
     assert (done["status"], done["succeededCount"]) == ("Completed", n)
     assert published(srv, "shared") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_while_the_database_is_locked_exits_within_10s(server_factory) -> None:
+    """SIGTERM while another process holds SQLite's writer (busy_timeout 10 s, and every write
+    the worker still has to make waits for it): the worker exits within the 10 s promise
+    anyway, and what it held is done exactly once after it is gone."""
+    srv = server_factory(workers="1")
+    n = 300
+    jid = start(srv, "locked", SLOW, rows(n)).json()["job_id"]
+    wait_until(lambda: row_states(srv, jid).get("claimed", 0) > 0 and len(workers(srv)) == 1, timeout=60,
+               what="the worker to hold rows")
+    (pid,) = workers(srv).values()
+    with db(srv) as c:
+        c.execute("BEGIN IMMEDIATE")  # the writer, held until the worker has exited
+        os.kill(pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        wait_until(lambda: not alive(pid), timeout=30, interval=0.05, what="the worker to exit")
+        took = time.monotonic() - t0
+        c.rollback()
+    assert took < 10, f"the worker exited {took:.1f} s after SIGTERM"
+    done = wait_end(srv, "locked", jid, timeout=120)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed", n, 0), done
+    assert published(srv, "locked") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]  # no temps either

@@ -22,8 +22,10 @@ Invariants:
   heartbeat. Others declare it dead only ``LOST_AFTER`` s after it, so a worker that stalled
   (alive, silent for 20 s) never publishes after another process handed its rows back or
   ended the job, as long as the hosts' clocks agree within ``MAX_SKEW``.
-* On SIGTERM it kills its render process, hands back the rows it had not published, and exits
-  within ``STOP_GRACE`` s whatever the templates do.
+* On SIGTERM it kills its render process (and abandons a fetch), hands back the rows it had not
+  published, and exits within ``STOP_GRACE`` s whatever the templates do; within ``STOP_DEADLINE``
+  s whatever it waits for (a database that does not answer, a disk): past that it exits at once
+  and its rows go back as a dead worker's do.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,6 +67,9 @@ FENCE = LOST_AFTER / 2  # a worker publishes only while its last heartbeat is th
 PUBLISH_BY = LOST_AFTER - MAX_SKEW - 1.0  # ...and renames nothing later than this after it
 IDLE_POLL = 1.0  # an idle worker looks for work this often (SIGUSR1 wakes it at once)
 STOP_GRACE = 3.0  # after SIGTERM, the loop gets this long to hand rows back before it is cancelled
+# ...and the process this long to exit, whatever it waits for (SQLite's busy_timeout is 10 s, and
+# a write may wait it out twice): under the 10 s that `filedrop serve` promises for its SIGTERM.
+STOP_DEADLINE = 8.0
 WORKER_POOL = 3  # database connections of a worker: its loop, its heartbeat, a reap
 CLAIM_FIRST = 16  # rows of a job's first claim; then what this worker renders in CLAIM_SECONDS
 CLAIM_SECONDS = 1.0  # small enough that the last claims of a job spread over the workers
@@ -402,8 +408,16 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
     worker = Worker(db, settings, fetcher, UploadService(db, settings, OperationRegistry()), worker_id)
     await db.listen(queries.JOBS_CHANNEL, worker.poke)  # PostgreSQL: a job queued anywhere wakes it
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, worker.stop)
-    loop.add_signal_handler(signal.SIGINT, worker.stop)
+    deadline = threading.Timer(STOP_DEADLINE, _exit_late, (worker.id,))
+    deadline.daemon = True
+
+    def stop() -> None:
+        worker.stop()
+        if not deadline.is_alive():
+            deadline.start()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
     loop.add_signal_handler(signal.SIGUSR1, worker.poke)
     task = asyncio.create_task(worker.run(), name=f"worker-{worker.id}")
     try:
@@ -413,8 +427,8 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
         if not task.done():
             _done, pending = await asyncio.wait({task}, timeout=STOP_GRACE)
             if pending:
-                log.warning("worker %s: still busy %.0f s after SIGTERM (a fetch?): cancelling it", worker.id,
-                            STOP_GRACE)
+                log.warning("worker %s: still busy %.0f s after SIGTERM (waiting for the database or the disk?): "
+                            "cancelling it", worker.id, STOP_GRACE)
                 task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if task.done() and not task.cancelled() and task.exception() is not None:
@@ -423,6 +437,16 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
         await worker.drop_child()
         await fetcher.close()
         await db.dispose()
+
+
+def _exit_late(worker_id: str) -> None:
+    """The deadline thread: the worker is still there ``STOP_DEADLINE`` s after SIGTERM (a
+    write waiting out busy_timeout, a thread in a disk sync, which cancelling cannot stop).
+    Exit now: the render process dies with it (PR_SET_PDEATHSIG), and its rows and temp files
+    go as a dead worker's (``filedrop serve`` at once; other workers within 2 s on this host)."""
+    log.error("worker %s: still running %.0f s after SIGTERM: exiting now; its rows go back as a dead worker's",
+              worker_id, STOP_DEADLINE)
+    os._exit(1)
 
 
 def main(settings: Settings, worker_id: str | None = None, parent: int | None = None) -> int:
