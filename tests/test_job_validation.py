@@ -99,6 +99,17 @@ async def test_bad_callback_url(client, settings, url) -> None:
     await refused(client, settings, 422, "callback_url", callback_url=url)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/", "http://127.0.0.1:abc/", "http://127.0.0.1:0/hook",
+                                 "http://[::1/hook", "https://example.com:-1/"])
+async def test_callback_url_that_cannot_be_called_is_refused_at_start(client, settings, url) -> None:
+    """A port out of range or not a number was taken, then failed every attempt at the end
+    (InvalidUrlClientError)."""
+    r = await start(client, "b1", SEED_TEMPLATE, SEED_ROWS, callback_url=url)
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "callback_url" and body["message"].startswith("callback_url"), body
+    assert_nothing_created(settings)
+
+
 async def test_http_callback_refused_unless_configured(aiohttp_client, settings) -> None:
     strict = await aiohttp_client(create_app(settings.replace(allow_http_callbacks=False)))
     body = await refused(strict, settings, 422, "callback_url", callback_url="http://example.com/hook")

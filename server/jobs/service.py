@@ -213,10 +213,16 @@ class JobService:
             max_errors = int(inp.max_errors)
         callback_url = (inp.callback_url or "").strip() or None
         if callback_url:
-            parts = urlsplit(callback_url)
             allowed = ("https", "http") if self.settings.allow_http_callbacks else ("https",)
+            try:
+                parts = urlsplit(callback_url)
+                port = parts.port  # ValueError for one that is not a number 0-65535
+            except ValueError as e:  # (also a bracketed host that is not an IPv6 address)
+                raise Unprocessable(f"callback_url is not a valid URL: {e}", field="callback_url") from None
             if parts.scheme not in allowed or not parts.hostname:
                 raise Unprocessable("callback_url must be an https:// URL", field="callback_url")
+            if port == 0:
+                raise Unprocessable("callback_url: port 0 cannot be called", field="callback_url")
         emails = [e.strip() for e in (inp.callback_emails or "").split(",") if e.strip()]
         for e in emails:
             if not EMAIL_RE.match(e):
