@@ -98,3 +98,17 @@ async def test_email_is_sent_with_status_and_result_link(aiohttp_client, setting
     assert f"Job:       {job['job_id']}" in text and "Succeeded: 2 of 2" in text
     assert f"{settings.public_url}/api/batch/mail/{job['job_id']}/result" in text
     assert job_row(settings, job["job_id"])[1] == "sent"
+
+
+async def test_email_goes_once_to_each_mailbox_however_spelled(aiohttp_client, settings) -> None:
+    async with smtp_server() as (port, smtp):
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=port)))
+        job = await start_ok(client, "maildup", SEED_TEMPLATE, SEED_ROWS,
+                             callback_emails="dup@example.com, dup@example.com,DUP@example.com,ops@example.com")
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    assert len(smtp.messages) == 1
+    _from, rcpts, content = smtp.messages[0]
+    assert rcpts == ["dup@example.com", "ops@example.com"]  # the first spelling kept, in order
+    assert message_from_bytes(content)["To"] == "dup@example.com, ops@example.com"
+    assert job_row(settings, job["job_id"])[1] == "sent"
+

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -90,6 +90,19 @@ async def deliver_callback(fetcher: Fetcher, settings: Settings, url: str, job: 
             await asyncio.sleep(delay)  # backoff between delivery attempts (production, not a test wait)
             delay *= 2
     return False
+
+
+def distinct_addresses(addresses: Iterable[str]) -> list[str]:
+    """``addresses`` without blanks and repeats, compared case-insensitively (the first spelling
+    kept): one mailbox is one RCPT."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for a in addresses:
+        a = a.strip()
+        if a and a.casefold() not in seen:
+            seen.add(a.casefold())
+            out.append(a)
+    return out
 
 
 async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str) -> None:
@@ -227,7 +240,7 @@ class Notifier:
                                             job.notification_method)
                 await self._set(job_id, callback_state="sent" if ok else "failed")
             if job.callback_emails and await self._take(job_id, Job.email_state):
-                to = [a for a in job.callback_emails.split(",") if a]
+                to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
                 url = f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
                 try:
                     await send_emails(self.settings, to, body, url)

@@ -49,6 +49,7 @@ from server.jobs import control, results, waiting
 from server.jobs.checker import TemplateChecker
 from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check_row, parse_master
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
+from server.jobs.notify import distinct_addresses
 from server.jobs.pool import WorkerPool
 from server.jobs.queries import JOBS_CHANNEL, insert_rows, storable
 from server.jobs.states import (
@@ -223,7 +224,8 @@ class JobService:
                 raise Unprocessable("callback_url must be an https:// URL", field="callback_url")
             if port == 0:
                 raise Unprocessable("callback_url: port 0 cannot be called", field="callback_url")
-        emails = [e.strip() for e in (inp.callback_emails or "").split(",") if e.strip()]
+        # One mailbox is one RCPT: repeats go, however they are spelled (the first spelling kept).
+        emails = distinct_addresses((inp.callback_emails or "").split(","))
         for e in emails:
             if not EMAIL_RE.match(e):
                 raise Unprocessable(f"callback_emails: {e!r} is not an e-mail address", field="callback_emails")
