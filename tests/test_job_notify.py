@@ -112,3 +112,59 @@ async def test_email_goes_once_to_each_mailbox_however_spelled(aiohttp_client, s
     assert message_from_bytes(content)["To"] == "dup@example.com, ops@example.com"
     assert job_row(settings, job["job_id"])[1] == "sent"
 
+
+class _RefusingFirst:
+    """An aiosmtpd handler that answers 451 (try again later) to the first ``fail_first``
+    messages, then accepts."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fail_first: int) -> None:
+        self.loop, self.fail_first = loop, fail_first
+        self.tries = 0
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.received = asyncio.Event()
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd API)
+        self.tries += 1
+        if self.tries <= self.fail_first:
+            return "451 Requested action aborted: try again later"
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        self.loop.call_soon_threadsafe(self.received.set)
+        return "250 Message accepted for delivery"
+
+
+async def test_email_is_retried_as_callbacks_are(aiohttp_client, settings) -> None:
+    from aiosmtpd.controller import Controller
+
+    from tests.support.waiting import free_port
+
+    handler = _RefusingFirst(asyncio.get_running_loop(), fail_first=2)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    await asyncio.to_thread(controller.start)
+    try:
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=port, callback_retries=3)))
+        job = await start_ok(client, "mailretry", SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    finally:
+        await asyncio.to_thread(controller.stop)
+    assert handler.tries == 3 and len(handler.messages) == 1
+    assert job_row(settings, job["job_id"])[1] == "sent"
+    log = (await get_json(client, f"/api/batch/mailretry/{job['job_id']}/log"))["log"]
+    failed = [e for e in log if "e-mail attempt" in e["message"]]
+    assert [e["message"].split(" to ")[0] for e in failed] == ["e-mail attempt 1/3", "e-mail attempt 2/3"]
+    assert all("451" in e["message"] and e["level"] == "warning" for e in failed)
+    assert any(e["message"] == "e-mail sent to ops@example.com (attempt 3)" for e in log)
+
+
+async def test_email_gives_up_after_retries_when_smtp_is_down(aiohttp_client, settings) -> None:
+    from tests.support.waiting import free_port
+
+    port = free_port()  # nothing listens there
+    client = await aiohttp_client(create_app(settings.replace(smtp_port=port, callback_retries=3)))
+    job = await start_ok(client, "maildown", SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
+    await client.app[JOBS].notified(job["job_id"], timeout=30)
+    assert job_row(settings, job["job_id"])[1] == "failed"
+    log = (await get_json(client, f"/api/batch/maildown/{job['job_id']}/log"))["log"]
+    failed = [(e["level"], e["message"].split(" to ")[0]) for e in log if "e-mail attempt" in e["message"]]
+    assert failed == [("warning", "e-mail attempt 1/3"), ("warning", "e-mail attempt 2/3"),
+                      ("error", "e-mail attempt 3/3")]

@@ -128,6 +128,27 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
                           timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
 
 
+async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str,
+                         note: Callable[[str, str], Awaitable[None]]) -> bool:
+    """``send_emails`` with the callbacks' retry policy: up to ``callback_retries`` attempts, the
+    delay doubling from ``callback_backoff``. True once the server took the message.
+    ``note(level, message)`` records each attempt (the last failed one as an error)."""
+    attempts = max(1, settings.callback_retries)
+    delay = settings.callback_backoff
+    for attempt in range(1, attempts + 1):
+        try:
+            await send_emails(settings, to, job, result_url)
+            await note("info", f"e-mail sent to {', '.join(to)}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            return True
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            await note("warning" if attempt < attempts else "error",
+                       f"e-mail attempt {attempt}/{attempts} to {', '.join(to)} failed: {e}")
+        if attempt < attempts:
+            await asyncio.sleep(delay)  # backoff between delivery attempts (production, not a test wait)
+            delay *= 2
+    return False
+
+
 class Notifier:
     """Sends the callback and e-mails of every ended job, whichever process ended it (a worker,
     an API cancel, ``drop --force``): an owned loop in the API process that looks for jobs with
@@ -242,13 +263,8 @@ class Notifier:
             if job.callback_emails and await self._take(job_id, Job.email_state):
                 to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
                 url = f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
-                try:
-                    await send_emails(self.settings, to, body, url)
-                    await note("info", f"e-mail sent to {', '.join(to)}")
-                    await self._set(job_id, email_state="sent")
-                except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-                    await note("error", f"e-mail to {', '.join(to)} failed: {e}")
-                    await self._set(job_id, email_state="failed")
+                ok = await deliver_emails(self.settings, to, body, url, note)
+                await self._set(job_id, email_state="sent" if ok else "failed")
         except asyncio.CancelledError:
             raise
         except Exception as e:
