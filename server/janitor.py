@@ -61,6 +61,7 @@ from server.db.models import Batch, BatchFile
 from server.errors import BatchNotFound, JobRunning, NotFound, SmartlinkBatchNotFound
 from server.jobs import assets as job_assets
 from server.jobs import control as job_control
+from server.jobs import queries as job_queries
 from server.jobs import results as job_results
 from server.jobs.contract import BATCH_ID_RE, MAX_NAME_PAIR, NAME_RE  # the names jobs check
 from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or waiting for data
@@ -716,8 +717,9 @@ def _rename_away(root: Path, batch_id: str) -> Path | None:
 async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
                                cancel_wait: float = CANCEL_WAIT, progress: Progress | None = None) -> Item:
     """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs), rows
-    first. Raises NotFound when there is neither, Conflict while one of its jobs runs unless
-    ``force``. ``progress`` hears (files removed, files) while the files go. Once it returns the
+    first. A job whose callback or e-mails are still to be sent keeps its job row, hidden from
+    every API (404), until the server's notifier has sent them (``queries.drop_batch``). Raises
+    NotFound when there is neither, Conflict while one of its jobs runs unless ``force``. ``progress`` hears (files removed, files) while the files go. Once it returns the
     folder is gone and stays gone: it is renamed away first (``_rename_away``)."""
     if not BATCH_ID_RE.fullmatch(batch_id):
         raise SmartlinkBatchNotFound(f"{batch_id!r} is not a smartlink batch id")
@@ -730,8 +732,12 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
         raise SmartlinkBatchNotFound(f"no smartlink batch {batch_id!r} (no job and no {d})")
     cancelled = await _cancel_running(db, settings, Job.batch_id == batch_id, f"smartlink batch {batch_id!r}",
                                       force, cancel_wait)
-    async with db.write() as s:
-        await s.execute(delete(Job).where(Job.batch_id == batch_id))
+    # A job whose callback or e-mails are still to be sent (one --force just ended, say) keeps a
+    # tombstone no API can see until the server's notifier has sent them (queries.drop_batch).
+    job_ids, kept = await job_queries.drop_batch(db, batch_id)
+    if kept:
+        log.info("job(s) %s: their notifications are left to the server's notifier (sent by a running "
+                 "or the next server)", ", ".join(kept))
     for job_id in job_ids:
         await asyncio.to_thread(job_assets.release, settings, job_id)
     size = await asyncio.to_thread(_du, d)

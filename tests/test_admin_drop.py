@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from email import message_from_bytes
 
 import pytest
 from sqlalchemy import update
@@ -30,7 +31,7 @@ from tests.support.disk_state import (
     session,
     table,
 )
-from tests.support.jobs import AUTH, callback_receiver, get_json, start_ok
+from tests.support.jobs import AUTH, callback_receiver, get_json, smtp_server, start_ok
 from tests.support.jobs import rows as job_rows
 from tests.support.waiting import async_wait_until
 
@@ -188,6 +189,71 @@ async def test_drop_force_beside_a_live_server_lets_its_engine_cancel_the_job(cl
     r = await client.get(f"/api/batch/live/{jid}/status", headers=AUTH)
     assert r.status == 404
 
+
+async def test_drop_force_of_a_job_with_callback_and_emails_still_notifies_once(aiohttp_client,
+                                                                                 settings: Settings) -> None:
+    """The job ended by --force is gone from the API at once, yet its callback and its e-mail
+    are sent, once each, by the server's notifier; then nothing of the job is left."""
+    async with callback_receiver() as rcv, smtp_server() as (smtp_port, smtp):
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=smtp_port)))
+        job = await start_ok(client, "noisy", SLOW, job_rows(10_000), callback_url=rcv.url,
+                             callback_emails="ops@example.com")
+        jid = job["job_id"]
+
+        async def rendering() -> bool:
+            return (await get_json(client, f"/api/batch/noisy/{jid}/status"))["succeededCount"] > 0
+        await async_wait_until(rendering, timeout=30, what="first rows rendered")
+
+        rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "noisy", "--force", "--cancel-wait", "20")
+        assert rc == 0, out + err
+        assert f"cancelled {jid}" in out and "Traceback" not in err
+        for what in ("status", "log", "result", "cancel"):  # at once, whatever the notifier is doing
+            r = await client.get(f"/api/batch/noisy/{jid}/{what}", headers=AUTH)
+            assert r.status == 404, (what, await r.text())
+        assert (await get_json(client, "/api/batch/noisy/jobs"))["jobs"] == []
+        await asyncio.wait_for(rcv.delivered.wait(), timeout=30)
+        await asyncio.wait_for(smtp.received.wait(), timeout=30)
+        await client.app[JOBS].notified(jid, timeout=30)  # sent, and the job's last row deleted
+        assert await asyncio.to_thread(count, settings, Job) == 0
+        assert await asyncio.to_thread(count, settings, JobRow) == 0
+        assert await asyncio.to_thread(count, settings, JobLog) == 0
+    assert len(rcv.attempts) == 1 and len(smtp.messages) == 1
+    sent = json.loads(rcv.attempts[0][1])
+    assert (sent["batch_id"], sent["job_id"], sent["status"]) == ("noisy", jid, "Cancelled")
+    assert "filedrop drop --force" in sent["reason"] and sent["finished"] is not None
+    msg = message_from_bytes(smtp.messages[0][2])
+    assert msg["Subject"] == "filedrop batch noisy: Cancelled"
+    text = msg.get_payload(decode=True).decode()
+    assert f"Job:       {jid}" in text and "the batch was dropped" in text and "/result" not in text
+
+
+async def test_drop_with_no_server_running_leaves_the_notifications_to_the_next_one(aiohttp_client,
+                                                                                    settings: Settings) -> None:
+    """Nothing is lost across processes: a job --force ends with no server up, and one that had
+    just completed with its callback not sent yet, are both announced by the next server (which
+    never shows them: 404)."""
+    forced, done = "a1" * 16, "b2" * 16
+    add_job(settings, forced, "quiet", status="Queued", rows=[("r1", "s" * 16)], publish=False)
+    add_job(settings, done, "quiet", finished_ago=5, rows=[("r2", "s" * 16)])
+    async with callback_receiver() as rcv:
+        with session(settings) as s:
+            s.execute(update(Job).where(Job.job_id == forced).values(callback_url=rcv.url))
+            s.execute(update(Job).where(Job.job_id == done).values(callback_url=rcv.url, callback_state="pending"))
+            s.commit()
+        rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "quiet", "--force", "--cancel-wait", "0.2")
+        assert rc == 0, out + err
+        assert table(out)["drop-smartlinks"][0][:1] == ["quiet"] and f"cancelled {forced}" in out
+        assert await asyncio.to_thread(count, settings, Job, Job.batch_id == "quiet") == 0
+        assert await asyncio.to_thread(count, settings, JobRow) == 0
+        client = await aiohttp_client(create_app(settings))
+        for jid in (forced, done):
+            r = await client.get(f"/api/batch/quiet/{jid}/status", headers=AUTH)
+            assert r.status == 404
+        for jid in (forced, done):
+            await client.app[JOBS].notified(jid, timeout=30)
+        assert await asyncio.to_thread(count, settings, Job) == 0
+    sent = sorted((b["job_id"], b["batch_id"], b["status"]) for b in (json.loads(a[1]) for a in rcv.attempts))
+    assert sent == sorted([(forced, "quiet", "Cancelled"), (done, "quiet", "Completed")])
 
 
 def test_drop_smartlinks_that_cannot_be_removed_says_so_and_exits_1(settings: Settings) -> None:

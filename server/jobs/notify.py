@@ -105,8 +105,9 @@ def distinct_addresses(addresses: Iterable[str]) -> list[str]:
     return out
 
 
-async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str) -> None:
-    """One message to all ``to`` addresses through ``smtp_host:smtp_port``; raises on failure."""
+async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str | None) -> None:
+    """One message to all ``to`` addresses through ``smtp_host:smtp_port``; raises on failure.
+    ``result_url`` None: the job was dropped, its result is gone."""
     msg = EmailMessage()
     msg["From"] = settings.smtp_from
     msg["To"] = ", ".join(to)
@@ -122,13 +123,14 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
     ]
     if job.get("reason"):
         lines.append(f"Reason:    {job['reason']}")
-    lines += ["", f"Result (every row's link): {result_url}", ""]
+    lines += ["", f"Result (every row's link): {result_url}" if result_url else
+              "Result: none, the batch was dropped (`filedrop drop`): its pages and rows are gone", ""]
     msg.set_content("\n".join(lines))
     await aiosmtplib.send(msg, hostname=settings.smtp_host, port=settings.smtp_port,
                           timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
 
 
-async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str,
+async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str | None,
                          note: Callable[[str, str], Awaitable[None]]) -> bool:
     """``send_emails`` with the callbacks' retry policy: up to ``callback_retries`` attempts, the
     delay doubling from ``callback_backoff``. True once the server took the message.
@@ -162,6 +164,11 @@ class Notifier:
     holder that died (or lost its database connection) can have left it (at-least-once for a
     crash between the receiver's 2xx and that record). Each job is sent from its own task, at
     most ``PARALLEL`` at a time.
+
+    A job ``filedrop drop`` removed before its notification was sent is a tombstone
+    (``queries.DROPPED``, hidden from the API): sent like any job, with the job JSON frozen at the
+    drop (and no result link, which is gone), its attempts logged by the server (its job log is
+    gone), and deleted in the transaction that records its last outcome.
     """
 
     POLL = 0.5
@@ -240,8 +247,11 @@ class Notifier:
         return bool(res.rowcount)
 
     async def _set(self, job_id: str, **values: str) -> None:
+        """Record an outcome; a tombstone (dropped meanwhile, too) whose notifications are now all
+        settled goes in the same transaction."""
         async with self.db.write() as s:
             await s.execute(update(Job).where(Job.job_id == job_id).values(**values))
+            await s.execute(queries.forget_dropped_stmt(job_id))
 
     async def _send(self, job_id: str) -> None:
         try:
@@ -251,10 +261,15 @@ class Notifier:
                     s.expunge(job)
             if job is None:
                 return
-            body = job_json(job)
+            dropped = job.batch_id == queries.DROPPED
+            body = json.loads(job.template) if dropped else job_json(job)
 
             async def note(level: str, message: str) -> None:
-                await queries.note(self.db, job_id, level, message)
+                if dropped:  # nobody can read its job log any more: the server's log says it
+                    log.log(logging.getLevelName(level.upper()), "dropped job %s (batch %s): %s",
+                            job_id, body["batch_id"], message)
+                else:
+                    await queries.note(self.db, job_id, level, message)
 
             if job.callback_url and await self._take(job_id, Job.callback_state):
                 ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note,
@@ -262,7 +277,8 @@ class Notifier:
                 await self._set(job_id, callback_state="sent" if ok else "failed")
             if job.callback_emails and await self._take(job_id, Job.email_state):
                 to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
-                url = f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
+                url = None if dropped else \
+                    f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
                 ok = await deliver_emails(self.settings, to, body, url, note)
                 await self._set(job_id, email_state="sent" if ok else "failed")
         except asyncio.CancelledError:

@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -33,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow, JobWorker
-from server.jobs.states import ACTIVE, RUNNING, WAITING, row_label
+from server.jobs.states import ACTIVE, JOB_JSON_COLUMNS, RUNNING, WAITING, job_json, row_label
 
 ROWS = JobRow.__table__
 BATCH = 500  # ids per IN (...) list
@@ -337,6 +338,55 @@ async def finish(db: Database, job_id: str, *, failed: str | None = None, forced
         await add_log(s, job_id, [("error" if failed else "info", summary)])
     return Finished(job_id, status, summary)
 
+
+# ---- drop ----------------------------------------------------------------------------------------
+
+# A dropped job whose notification is still to be sent: ``filedrop drop`` keeps its job row with
+# this as ``batch_id`` and ``owner`` (a dot is in no batch id, and an owner is a SHA-256 in hex),
+# so no API path, list, start check or cleanup of a batch ever sees it: every one of them asks
+# for a batch id, or an owner, or both. ``template`` holds the job JSON it ended with (its batch
+# id included); the notifier sends that and then deletes the row.
+DROPPED = ".dropped"
+OPEN = ("pending", "sending")  # a notification still to be sent (or being sent)
+
+
+def unsent() -> Any:
+    """Jobs with a notification still to be sent."""
+    return or_(Job.callback_state.in_(OPEN), Job.email_state.in_(OPEN))
+
+
+async def drop_batch(db: Database, batch_id: str) -> tuple[list[str], list[str]]:
+    """Remove the jobs of ``batch_id`` (job, rows, log) in one transaction, except what a
+    notification still needs: a job whose callback or e-mails are still to be sent becomes a
+    tombstone (``DROPPED``: unreachable by every API; its rows and log go, its end-state JSON is
+    frozen in ``template``), which the notifier deletes once it has sent them. So a drop loses
+    no notification, even with no server running (the next one sends it), and the callback of a
+    job is taken and sent by the notifier alone, as for any other job. Returns (the batch's job
+    ids, those kept as tombstones)."""
+    async with db.write() as s:
+        ids = list((await s.scalars(select(Job.job_id).where(Job.batch_id == batch_id))).all())
+        await lock_jobs(s, ids)
+        kept = (await s.execute(select(*JOB_JSON_COLUMNS).where(Job.batch_id == batch_id, unsent()))).all()
+        for job in kept:
+            await s.execute(update(Job).where(Job.job_id == job.job_id).values(
+                batch_id=DROPPED, owner=DROPPED, upload_batch_id=None, params="{}",
+                template=json.dumps(job_json(job), ensure_ascii=False, separators=(",", ":"))))
+        kept_ids = [j.job_id for j in kept]
+        for among in _chunks(kept_ids):
+            await s.execute(delete(ROWS).where(ROWS.c.job_id.in_(among)))
+            await s.execute(delete(JobLog).where(JobLog.job_id.in_(among)))
+        await s.execute(delete(Job).where(Job.batch_id == batch_id))
+    return ids, kept_ids
+
+
+def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
+    return (ids[i:i + BATCH] for i in range(0, len(ids), BATCH))
+
+
+def forget_dropped_stmt(job_id: str) -> Any:
+    """Delete the tombstone (``DROPPED``) of ``job_id`` once its notifications are settled (sent,
+    failed, none); nothing for any other job."""
+    return delete(Job).where(Job.job_id == job_id, Job.batch_id == DROPPED, ~unsent())
 
 async def holds(db: Database, job_id: str, worker_id: str, idxs: Sequence[int]) -> bool:
     """True while ``worker_id`` holds every row ``idxs`` of ``job_id`` (none was handed back)."""
