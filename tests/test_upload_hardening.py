@@ -4,6 +4,7 @@ batch intact afterwards (its good file still there, nothing half-written on disk
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from server.app import create_app
+from server.auth import hash_key
+from server.keys import UPLOADS
 from tests.conftest import AUTH
 from tests.support.disk_state import batch_counts
 from tests.support.uploads import Uploads, assert_error, holds, sha256, upload_headers, upload_tree
@@ -384,3 +387,71 @@ async def test_client_disconnect_mid_whole_file_records_nothing(client, up, sett
     await assert_error(await up.info(batch, 1), 404, "ERR_FILE_NOT_FOUND")
     await up.upload(batch, 1, b"w" * size, "w.bin")
     await assert_intact(up, batch, settings.data_dir, extra=1)
+
+
+# -- one chunk sent twice at once, with different bytes -----------------------------------------
+class _HeldUpload:
+    """One chunk's request over a raw socket: the headers and the body's first ``head`` bytes
+    at once, the rest only when ``release`` is set (a client stalled mid-body)."""
+
+    def __init__(self, client, batch: str, idx: int, count: int, size: int, body: bytes, head: int) -> None:  # type: ignore[no-untyped-def]
+        self.client, self.body, self.head = client, body, head
+        h = {**upload_headers("dup.bin", size, chunk=(idx, count)), "Content-Length": str(len(body))}
+        self.request = (f"POST /api/v1/upload/{batch}/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode()
+        self.release = asyncio.Event()
+
+    async def send(self) -> int:
+        reader, writer = await asyncio.open_connection(self.client.server.host, self.client.server.port)
+        try:
+            writer.write(self.request + self.body[:self.head])
+            await writer.drain()
+            await asyncio.wait_for(self.release.wait(), timeout=30)
+            writer.write(self.body[self.head:])
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=30)
+        finally:
+            writer.close()
+        return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("stalled_first", [True, False])
+async def test_a_chunk_sent_twice_at_once_with_other_bytes_leaves_a_file_that_matches_its_hash(
+        client, settings, stalled_first: bool) -> None:
+    """A buggy client sends chunk 1 twice at once, each copy with other bytes, one copy stalled
+    mid-body while the other and the last chunk complete the file. One copy is kept whole: the
+    complete file's bytes are what its SHA-256 says, and nothing writes into it afterwards."""
+    up = Uploads(client)
+    batch = await up.create()
+    stride, count = 4 * MIB, 3  # bodies are read 1 MiB at a time: a stalled copy has 2 MiB written
+    first, last = os.urandom(stride), os.urandom(stride // 2)
+    a, b = b"A" * stride, b"B" * stride
+    size = 2 * stride + len(last)
+    assert (await up.post(batch, 0, first, chunk=(0, count), size=size)).status == 202
+    stalled = _HeldUpload(client, batch, 1, count, size, b, head=2 * MIB)
+    other = _HeldUpload(client, batch, 1, count, size, a, head=2 * MIB)
+    order = (stalled, other) if stalled_first else (other, stalled)
+    tasks = []
+    for held in order:
+        tasks.append(asyncio.create_task(held.send()))
+        head = held.body[:MIB]
+
+        async def written(head: bytes = head) -> bool:  # its first bytes are on disk, in place or on their own
+            return any(holds(settings.uploads_dir / p, 0, head) or holds(settings.uploads_dir / p, stride, head)
+                       for p in upload_tree(settings.data_dir))
+
+        await async_wait_until(written, timeout=10, what="the copy's first bytes written")
+    other.release.set()
+    assert await tasks[order.index(other)] == 202
+    # The last chunk, then the stalled copy goes on: a copy written in place is waited for by the
+    # file's completion; one stored on its own is a repeat once the file is complete.
+    completing = asyncio.create_task(up.post(batch, 0, last, chunk=(2, count), size=size))
+    stalled.release.set()
+    r = await completing
+    assert r.status == 201, await r.text()
+    assert await tasks[order.index(stalled)] in (201, 202)
+    await client.app[UPLOADS].settle(batch)
+    info = await client.app[UPLOADS].open_file(hash_key(AUTH["X-API-Key"]), batch, 0)
+    on_disk = info.path.read_bytes()
+    assert hashlib.sha256(on_disk).hexdigest() == info.sha256
+    assert on_disk in (first + a + last, first + b + last)

@@ -24,9 +24,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,57 @@ class Hashes:
         self._files.pop(file_id, None)
 
 
+class Placing:
+    """This process's requests writing a chunk in place (into ``partial``, the inode that becomes
+    ``data``): one at a time per chunk (a second copy arriving meanwhile is stored on its own,
+    and recorded or dropped like any chunk), and none while the file is being completed (its
+    completion first waits for those under way). So no byte lands in place after another copy
+    of its chunk was recorded, or after the file was made complete: a client sending one chunk
+    twice at once with different bytes cannot leave a complete file whose bytes differ from its
+    SHA-256. Requests of other app processes are not seen (README, More than one process)."""
+
+    def __init__(self) -> None:
+        self._writing: dict[int, dict[int, asyncio.Event]] = {}  # file id -> chunk idx -> set when done
+        self._completing: dict[int, int] = {}  # file id -> completions under way
+
+    def claim(self, file_id: int, idx: int) -> asyncio.Event | None:
+        """The right to write chunk ``idx`` in place (release it after the chunk's record), or
+        None: another request writes it in place, or the file is being completed."""
+        if file_id in self._completing:
+            return None
+        chunks = self._writing.setdefault(file_id, {})
+        if idx in chunks:
+            return None
+        done = chunks[idx] = asyncio.Event()
+        return done
+
+    def release(self, file_id: int, idx: int, done: asyncio.Event) -> None:
+        chunks = self._writing.get(file_id)
+        if chunks is not None and chunks.get(idx) is done:
+            del chunks[idx]
+            if not chunks:
+                del self._writing[file_id]
+        done.set()
+
+    @contextlib.asynccontextmanager
+    async def completing(self, file_id: int, mine: asyncio.Event | None = None) -> AsyncIterator[bool]:
+        """While a completion of the file runs (from ``prepare`` to its record): no new writer in
+        place; those under way (but the caller's own, ``mine``) are waited for first. Yields
+        whether it waited (then what the caller read of the file may be out of date)."""
+        self._completing[file_id] = self._completing.get(file_id, 0) + 1
+        waited = False
+        try:
+            while others := [e for e in self._writing.get(file_id, {}).values() if e is not mine]:
+                waited = True
+                await others[0].wait()
+            yield waited
+        finally:
+            if (n := self._completing[file_id] - 1) > 0:
+                self._completing[file_id] = n
+            else:
+                del self._completing[file_id]
+
+
 def prepare(store: UploadStore, f: Snapshot, mine: tuple[int, Path | None] | None = None,
             running: tuple[Any, int] | None = None) -> tuple[Path, str]:
     """Make the complete file from ``f``'s recorded chunks plus ``mine`` (its index and temp,
@@ -194,11 +247,12 @@ class Assembler:
     """Owns the assemblies of files nobody prepared (see the module docstring)."""
 
     def __init__(self, db: Database, store: UploadStore, durability: Durability, hashes: Hashes,
-                 stats: Stats, settings: Settings) -> None:
+                 stats: Stats, settings: Settings, placing: Placing) -> None:
         self.db = db
         self.store = store
         self.durability = durability
         self.hashes = hashes
+        self.placing = placing
         self.stats = stats
         self.settings = settings
         self._running: dict[int, asyncio.Task[bool]] = {}  # file id -> its assembly
@@ -278,6 +332,10 @@ class Assembler:
             return await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id)) == "complete"
 
     async def _assemble_claimed(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
+        async with self.placing.completing(file_id):
+            return await self._assemble_quiet(batch_id, file_id, snap)
+
+    async def _assemble_quiet(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
         try:
             running = await self.hashes.take(file_id)
             completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, running)

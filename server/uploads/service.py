@@ -9,6 +9,8 @@ Invariants:
   a file's first chunk, a whole file, or a chunk of another chunking in a temp), then recorded
   with the others arriving at the same moment in one transaction (``server.uploads.recorder``).
   Recording the same chunk twice is a no-op (idempotent: clients and urllib3 retry POSTs).
+  Writing in place is one request's at a time per chunk, and over before the file's completion
+  begins (``assembly.Placing``): bytes never land in place after their chunk or file is done.
 * A file is complete when it is answered complete: the request that sends its last missing
   chunk makes the complete file (a rename of ``partial`` with the uniform layout, else a
   concatenation), its bytes are synced, its record committed and synced, then it is answered
@@ -27,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import uuid
@@ -56,7 +59,7 @@ from server.errors import (
     FileTooManyChunks,
     JobRunning,
 )
-from server.uploads.assembly import Assembler, Hashes, Snapshot, Stats, prepare
+from server.uploads.assembly import Assembler, Hashes, Placing, Snapshot, Stats, prepare
 from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
@@ -91,7 +94,8 @@ class UploadService:
         self.stats = Stats()
         self.durability = Durability(db, self.store)
         self.hashes = Hashes()
-        self.assembler = Assembler(db, self.store, self.durability, self.hashes, self.stats, settings)
+        self.placing = Placing()
+        self.assembler = Assembler(db, self.store, self.durability, self.hashes, self.stats, settings, self.placing)
         self.recorder = Recorder(db, self.store, self.durability, settings)
         self._open_batches: dict[str, tuple[str, int]] = {}  # batch_id -> (owner, row id)
         # (batch pk, fileIdx) -> the file as this process last recorded it: where the next chunk
@@ -453,26 +457,42 @@ class _Receipt:
         self.limit = min(cfg.max_chunk_size, req.size)
         self.lane: HashLane | None = None
         self.offset = 0  # of this body in the complete file, when known
+        self.placing: asyncio.Event | None = None  # held while this request may write in place
         if f is None:  # no row yet (or nothing stored): the body waits in the batch dir
             self.target = Target(store.arrival_temp(batch_pk, req.file_idx))
             self.lane = service.hashes.begin(None, 0) if req.chunk_idx == 0 else None
         elif f.chunk_size is not None and req.content_length == chunk_length(f.size, f.chunk_count, f.chunk_size,
-                                                                                 req.chunk_idx):
+                                                                                 req.chunk_idx) \
+                and (placing := service.placing.claim(f.id, req.chunk_idx)) is not None:
+            self.placing = placing
             self.offset = req.chunk_idx * f.chunk_size  # the uniform layout: in place
             self.target = Target(store.partial_path(batch_pk, f.id), self.offset, fresh=False)
             self.limit = req.content_length
             self.lane = service.hashes.begin(f.id, self.offset)
-        else:  # another chunking, or no Content-Length: on its own
+        else:  # another chunking, no Content-Length, or a copy of a chunk being written in place: on its own
             self.target = Target(store.chunk_temp(batch_pk, f.id, req.chunk_idx))
         self.reserve = req.content_length if req.content_length is not None else self.limit
         self.last = f is not None and len(ChunkSet(f.chunk_ids)) + 1 == f.chunk_count
 
     async def run(self, body: AsyncIterable[bytes]) -> UploadOutcome:
+        try:
+            return await self._run(body)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Done with writing in place (at the record: an assembly it starts waits for that)."""
+        if self.placing is not None and self.f is not None:
+            self.s.placing.release(self.f.id, self.req.chunk_idx, self.placing)
+            self.placing = None
+
+    async def _run(self, body: AsyncIterable[bytes]) -> UploadOutcome:
         s, req = self.s, self.req
         completion: Path | None = None
         recorded = None
         if req.chunk_count == 1 and req.content_length is not None and req.content_length <= WRITE_BUFFER:
             return await self._small(body)
+        completing = contextlib.AsyncExitStack()
         try:
             length = await self._receive(body)
             digest = None
@@ -485,6 +505,10 @@ class _Receipt:
                 if total > req.size or (self.last and total != req.size):
                     raise FileSizeMismatch(f"the chunks of file {req.file_idx} add up to {total} bytes, "
                                            f"X-File-Size is {req.size}")
+            if self.last and self.f is not None:
+                # Until its record: no other request of ours writes into the file in place.
+                if await completing.enter_async_context(s.placing.completing(self.f.id, self.placing)):
+                    await self._look_again()  # others wrote meanwhile: the file as recorded now
             if self.last and self.f is not None:
                 mine = (req.chunk_idx, self.target.path if self.target.fresh else None)
                 if self.lane is not None:
@@ -510,6 +534,8 @@ class _Receipt:
                 raise mapped from None
             raise
         finally:
+            await completing.aclose()
+            self._release()
             file_id = recorded.file_id if recorded is not None else (self.f.id if self.f else None)
             s.hashes.end(file_id, self.offset, self.lane if req.chunk_count > 1 else None,
                          recorded.outcome.uploaded_size if recorded else 0, recorded is not None and recorded.new)
@@ -528,6 +554,18 @@ class _Receipt:
             if recorded.file_id is not None:
                 s.hashes.forget(recorded.file_id)
         return recorded.outcome
+
+    async def _look_again(self) -> None:
+        """The file's row read again after waiting for other copies of its chunks: when this
+        chunk is recorded by now (or the file complete, or gone), this request is no longer the
+        one to complete it, and its record is a repeat's (or an error)."""
+        assert self.f is not None
+        f, state = await self.s._read_file(self.batch_pk, self.req.file_idx)
+        if f is None or f.id != self.f.id or state != "receiving" or self.req.chunk_idx in ChunkSet(f.chunk_ids):
+            self.last = False
+            return
+        self.f = f
+        self.last = len(ChunkSet(f.chunk_ids)) + 1 == f.chunk_count
 
     async def _small(self, body: AsyncIterable[bytes]) -> UploadOutcome:
         """A whole file of at most WRITE_BUFFER bytes: read into memory, then written, hashed and
