@@ -448,3 +448,34 @@ def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, 
     assert "the key was refused" in (row["note"] or "")
     assert "The key was refused" in page.key_message()
     page.screenshot("revoked")
+
+
+def test_a_smartlink_cannot_reach_into_a_drop_page_it_opens(stack, page_for, browser) -> None:
+    """Smartlinks are tenants' HTML on the page's origin. One that opens the drop page (hoping to
+    read the key a user types there) gets no handle on it: the page is sent with
+    Cross-Origin-Opener-Policy: same-origin, so it opens in a browsing context group of its own."""
+    s = stack()
+    template = {"body": '<button id="open">open</button><script>document.getElementById("open").onclick = '
+                        '() => { window.dropPage = window.open("/", "drop"); };</script>'}
+    r = s.api("POST", "/api/batch/evil/start", files={
+        "document_file": (None, json.dumps(template)),
+        "data": (None, json.dumps([{"reference_id": "x", "suffix": "abcdefghijklmnopqrs"}]))})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    page = page_for(s)  # a window on the page's origin, for its helpers; the link opens in it
+
+    def ended() -> bool:
+        return s.api("GET", f"/api/batch/evil/{job_id}/status").json()["status"] in TERMINAL
+
+    page.wait(ended, "the smartlink published")
+    browser.get(f"{s.url}/evil/x.abcdefghijklmnopqrs.html")
+    opener = browser.current_window_handle
+    browser.find_element(page.By.ID, "open").click()  # a click: no popup blocker in the way
+    page.wait(lambda: len(browser.window_handles) == 2, "the drop page's window")
+    browser.switch_to.window([h for h in browser.window_handles if h != opener][0])
+    page.wait(lambda: browser.find_elements(page.By.ID, "api-key"), "the drop page loaded")
+    browser.switch_to.window(opener)
+    reach = browser.execute_script(
+        "try { return window.dropPage.closed ? 'closed' : 'open: ' + window.dropPage.document.title; }"
+        " catch (e) { return 'refused: ' + e.name; }")
+    assert reach == "closed" or reach.startswith("refused"), reach
