@@ -388,6 +388,7 @@ def forget_dropped_stmt(job_id: str) -> Any:
     failed, none); nothing for any other job."""
     return delete(Job).where(Job.job_id == job_id, Job.batch_id == DROPPED, ~unsent())
 
+
 async def holds(db: Database, job_id: str, worker_id: str, idxs: Sequence[int]) -> bool:
     """True while ``worker_id`` holds every row ``idxs`` of ``job_id`` (none was handed back)."""
     held = 0
