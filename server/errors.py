@@ -12,7 +12,7 @@
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
-    ├── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN, ERR_SERVER_BUSY (retryable)
+    ├── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN, ERR_SERVER_BUSY (retryable; Retry-After)
     └── StorageFailed         500  ERR_STORAGE_FAILED (the disk failed; retryable)
 
 The upload API's codes each have a class of their own below (``BatchNotFound``, ``DiskFull``...),
@@ -23,6 +23,10 @@ Codes NGINX answers itself, in the same shape (nginx.conf; the app never raises 
 431 ERR_HEADERS_TOO_LARGE, 503 ERR_APP_UNAVAILABLE (app down; Retry-After), 504 ERR_APP_TIMEOUT.
 ``server.protocol`` answers what aiohttp refuses before any middleware runs (a control character
 in a header value, broken chunk framing) as 400 ERR_REQUEST_INVALID in the same shape.
+
+An error's ``headers`` (a class default, or given when raised) are sent with its answer: every 503
+carries ``Retry-After`` (5 s shutting down, as NGINX says while the app is down; 1 s busy, or the
+wait the raiser knows).
 
 Handlers and services raise; only ``error_middleware`` builds error responses. The deliberate
 exception is 401, answered with an empty body (see ``server.auth``). The shape carries
@@ -36,7 +40,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -49,14 +54,20 @@ log = logging.getLogger("filedrop.errors")
 
 
 class FiledropError(Exception):
+    """``headers``: sent with the answer (a class's default, or the instance's own: ``Retry-After``)."""
+
     status = 500
     code = "ERR_INTERNAL"
+    headers: Mapping[str, str] = MappingProxyType({})
 
-    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+    def __init__(self, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
+        if headers is not None:
+            self.headers = MappingProxyType({**self.headers, **headers})
         self.extra = extra
 
 
@@ -110,8 +121,12 @@ class InsufficientStorage(FiledropError):
 
 
 class ServiceUnavailable(FiledropError):
+    """Every 503 says when to retry, as NGINX's own 503 does (``Retry-After: 5`` while the app is
+    down or restarting, which is what follows a shutdown)."""
+
     status = 503
     code = "ERR_SERVER_SHUTTING_DOWN"
+    headers = MappingProxyType({"Retry-After": "5"})
 
 
 # --- smartlink jobs (issue 8): raised by name -----------------------------------------------
@@ -247,9 +262,11 @@ class DiskFull(InsufficientStorage):
 
 
 class ServerBusy(ServiceUnavailable):
-    """Out of a resource for a moment (open files): retry shortly."""
+    """Out of a resource for a moment (open files, a database connection): retry shortly. A wait
+    that is known is given instead (the template checker's: ``server.jobs.checker``)."""
 
     code = "ERR_SERVER_BUSY"
+    headers = MappingProxyType({"Retry-After": "1"})
 
 
 class StorageFailed(FiledropError):
@@ -312,8 +329,10 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
 
 
 def answer(e: FiledropError) -> web.Response:
-    """The JSON answer of an error from the catalog."""
-    return error_response(e.status, e.code, e.message, **e.extra)
+    """The JSON answer of an error from the catalog, with its headers."""
+    resp = error_response(e.status, e.code, e.message, **e.extra)
+    resp.headers.update(e.headers)
+    return resp
 
 
 def first_line(e: HttpProcessingError) -> str:

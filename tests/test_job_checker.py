@@ -61,13 +61,15 @@ async def test_one_keys_slow_checks_do_not_hold_up_another_keys_start(aiohttp_cl
 
 
 async def test_a_key_with_too_many_checks_waiting_is_told_the_limit(aiohttp_client, settings) -> None:
-    client = await aiohttp_client(create_app(settings.replace(render_timeout=0.5)))
+    # 1.5 s: Retry-After rounds FILEDROP_RENDER_TIMEOUT up (2), not the 1 s other busy 503s say.
+    client = await aiohttp_client(create_app(settings.replace(render_timeout=1.5)))
     slow = [asyncio.create_task(start(client, f"slow{i}", SLOW, SEED_ROWS, headers=OTHER))
             for i in range(1 + CHECKS_WAITING)]
     await checks_queued(client, 1 + CHECKS_WAITING)
     r = await start(client, "one-more", SLOW, SEED_ROWS, headers=OTHER)
     body = await r.json()
     assert (r.status, body["code"]) == (503, "ERR_SERVER_BUSY"), body
+    assert r.headers["Retry-After"] == "2"  # the running check has answered by then
     assert f"at most {CHECKS_WAITING} may wait" in body["message"], body
     assert "FILEDROP_RENDER_TIMEOUT" in body["message"], body
     # Another key is not counted with it.

@@ -18,6 +18,7 @@ processes, one busy key leaves one free).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from server.config import Settings
@@ -86,9 +87,12 @@ class TemplateChecker:
         queue = self._waiting.setdefault(owner, deque())
         if len(queue) >= CHECKS_WAITING:
             t = self.settings.render_timeout
+            # Retry-After: the running check has answered within one FILEDROP_RENDER_TIMEOUT (it is
+            # killed then), letting the next one in; a retry after 1 s would most likely be refused again.
             raise ServerBusy(f"this API key has {len(queue)} job starts waiting for their template check behind "
                              f"the one running (at most {CHECKS_WAITING} may wait; each check takes up to "
-                             f"FILEDROP_RENDER_TIMEOUT, {t:g} s): retry when one has answered")
+                             f"FILEDROP_RENDER_TIMEOUT, {t:g} s): retry when one has answered",
+                             headers={"Retry-After": str(max(1, math.ceil(t)))})
         turn = asyncio.get_running_loop().create_future()
         queue.append(turn)
         try:
