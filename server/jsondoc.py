@@ -7,7 +7,10 @@ Invariants: a document that parses is one the rest of the server can store and w
   ``[`` x 100,000 would raise ``RecursionError`` in them, a 500);
 * every string is valid Unicode (JSON's ``"\\ud800"`` escape decodes to a lone surrogate that no
   UTF-8 column, file or response can hold);
-* a UTF-8 byte-order mark in front is ignored (editors on Windows write one).
+* a UTF-8 byte-order mark in front is ignored (editors on Windows write one);
+* no integer has more decimal digits than ``max_digits`` (``FILEDROP_MAX_NUMBER_DIGITS`` for job
+  input: the render processes parse what a job stores under that limit, see
+  ``server.jobs.child``); without ``max_digits``, more than the interpreter converts.
 
 Anything else raises the error the caller chose, naming ``where``. Blocking on big inputs: call it
 in a thread.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from server.errors import FiledropError, Unprocessable
@@ -92,15 +97,46 @@ def _check_str(s: str) -> None:
         raise JsonRefused("holds an invalid Unicode escape (a lone surrogate such as \\ud800)") from None
 
 
-def loads(raw: bytes | str) -> Any:
-    """Parse and check; raise JsonRefused with the reason (no field name)."""
+def _int_parser(max_digits: int) -> Callable[[str], int]:
+    """``parse_int`` for ``json.loads``: an integer of more than ``max_digits`` digits is a
+    JsonRefused naming FILEDROP_MAX_NUMBER_DIGITS (not Python's ValueError, whose advice is for
+    programmers)."""
+    def parse(s: str) -> int:
+        digits = len(s) - (s[0] == "-")
+        if digits > max_digits:
+            raise JsonRefused(f"holds a number of {digits:,} digits, more than FILEDROP_MAX_NUMBER_DIGITS "
+                              f"({max_digits}) allows")
+        interpreter = sys.get_int_max_str_digits()
+        if interpreter and digits > interpreter:
+            # The setting is above this process's limit (Python's default, 4300): what a job
+            # accepts must also be stored and parsed back (render processes run at the setting).
+            # Only ever raised, to what the operator chose.
+            sys.set_int_max_str_digits(max_digits)
+        return int(s)
+
+    return parse
+
+
+def _too_many_digits(e: ValueError) -> JsonRefused | None:
+    """The interpreter's refusal of a long integer (``int_max_str_digits``), said plainly."""
+    limit = sys.get_int_max_str_digits()
+    if limit and "integer string conversion" in str(e):
+        return JsonRefused(f"holds a number of more than {limit} digits, more than this server reads")
+    return None
+
+
+def loads(raw: bytes | str, max_digits: int | None = None) -> Any:
+    """Parse and check; raise JsonRefused with the reason (no field name). ``max_digits``: the
+    most digits an integer may have (job input: ``FILEDROP_MAX_NUMBER_DIGITS``)."""
     text = _text(raw)
     try:
-        doc = json.loads(text)
+        doc = json.loads(text) if max_digits is None else json.loads(text, parse_int=_int_parser(max_digits))
     except RecursionError:
         raise JsonRefused(f"is nested more than {MAX_DEPTH} levels deep") from None
+    except JsonRefused:
+        raise
     except ValueError as e:
-        raise JsonRefused(f"is not JSON ({e})") from None
+        raise _too_many_digits(e) or JsonRefused(f"is not JSON ({e})") from None
     if isinstance(raw, bytes) and not _SURROGATE_ESCAPE.search(text):
         check_depth(doc)  # strict UTF-8 holds no surrogate, and no escape made one
     else:
@@ -109,11 +145,11 @@ def loads(raw: bytes | str) -> Any:
 
 
 def parse_json(raw: bytes | str, where: str, *, error: type[FiledropError] = Unprocessable,
-               **error_args: Any) -> Any:
+               max_digits: int | None = None, **error_args: Any) -> Any:
     """``loads`` for a client's input named ``where``: refusals raise ``error`` (by default
     422 ``ERR_FIELD_INVALID`` with ``field=where``) whose message starts with ``where``."""
     try:
-        return loads(raw)
+        return loads(raw, max_digits)
     except JsonRefused as e:
         if error is Unprocessable:
             error_args.setdefault("field", where)

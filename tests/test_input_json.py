@@ -1,6 +1,9 @@
-"""server.jsondoc: the one parser for clients' JSON (depth, lone surrogates, BOM)."""
+"""server.jsondoc: the one parser for clients' JSON (depth, lone surrogates, BOM, long integers)."""
 
 from __future__ import annotations
+
+import json
+import sys
 
 import pytest
 
@@ -65,3 +68,35 @@ def test_depth_and_surrogates_give_the_same_answers_from_bytes_and_text(as_bytes
     with pytest.raises(JsonRefused, match="lone surrogate"):
         load(f'[{_nest(3)}, {{"deep": {{"\\udc00x": 1}}}}]')
     assert load('["\\\\ud800"]') == ["\\ud800"]  # an escaped backslash, then text: no surrogate
+
+
+BIG = b"9" * 5000
+
+
+def test_an_integer_over_max_digits_names_the_setting() -> None:
+    with pytest.raises(JsonRefused) as e:
+        loads(b'[{"n": ' + BIG + b"}]", max_digits=4300)
+    assert str(e.value) == "holds a number of 5,000 digits, more than FILEDROP_MAX_NUMBER_DIGITS (4300) allows"
+    with pytest.raises(Unprocessable) as e2:
+        parse_json(b"-" + b"1" * 641, "param.x", max_digits=640)
+    assert e2.value.extra["field"] == "param.x" and "641 digits" in e2.value.message
+    assert loads(b"-" + b"1" * 640, max_digits=640) == -int("1" * 640)  # the sign is no digit
+    assert loads(b'["' + BIG + b'", 1.' + BIG + b"]", max_digits=640)[0] == BIG.decode()  # strings, floats
+
+
+def test_without_max_digits_the_interpreters_limit_is_said_plainly() -> None:
+    with pytest.raises(JsonRefused) as e:
+        loads(b"[" + BIG + b"]")
+    assert str(e.value) == f"holds a number of more than {sys.get_int_max_str_digits()} digits, more than this server reads"
+
+
+def test_a_setting_above_the_interpreters_limit_is_honoured() -> None:
+    """FILEDROP_MAX_NUMBER_DIGITS over Python's default (4300): the number is read (and can be
+    written back: render processes parse it at the setting)."""
+    before = sys.get_int_max_str_digits()
+    try:
+        sys.set_int_max_str_digits(4300)
+        doc = loads(b"[" + BIG + b"]", max_digits=6000)
+        assert json.dumps(doc) == "[" + BIG.decode() + "]"
+    finally:
+        sys.set_int_max_str_digits(before)

@@ -4,11 +4,14 @@ nuxeo client, which never learns the job id of a void execute, reads instead).""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 
 import aiohttp
 import pytest
 
+from server.app import create_app
 from tests.conftest import OTHER_KEY
 from tests.support.jobs import (
     AUTH,
@@ -17,10 +20,11 @@ from tests.support.jobs import (
     get_json,
     rows,
     start,
+    start_form,
     start_ok,
     wait_job,
 )
-from tests.support.uploads import assert_error
+from tests.support.uploads import Uploads, assert_error
 from tests.test_job_validation import assert_nothing_created
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -124,3 +128,94 @@ async def test_a_batchs_jobs_newest_first_for_their_owner_only(client) -> None:
     r = await client.get("/api/batch/-bad/jobs", headers=AUTH)
     body = await assert_error(r, 404, "ERR_BATCH_NOT_FOUND")
     assert re.search("not a batch id", body["message"])
+
+
+BIG = "9" * 5000
+TOO_MANY_DIGITS = "holds a number of 5,000 digits, more than FILEDROP_MAX_NUMBER_DIGITS (4300) allows"
+
+
+@pytest.mark.parametrize("where", ["data", "data_file", "data lines", "template"])
+async def test_a_number_with_too_many_digits_is_a_422_naming_the_setting(client, settings, where: str) -> None:
+    """It was 'data_file is neither a JSON array nor JSON Lines (... use sys.set_int_max_str_digits() ...)'."""
+    row = '{"reference_id": "a", "data": {"n": ' + BIG + "}}"
+    if where == "template":
+        body = await refused(client, settings, "document_file", template=('{"body": "x", "n": ' + BIG + "}").encode())
+        assert body["message"] == f"document_file: {TOO_MANY_DIGITS}"
+        return
+    data = f'{{"reference_id": "b"}}\n{row}\n' if where == "data lines" else f"[{row}]"
+    field = "data" if where != "data_file" else "data_file"
+    body = await refused(client, settings, field, data=data.encode(), data_field=field)
+    assert body["message"] == (f"data line 2 {TOO_MANY_DIGITS}" if where == "data lines" else f"{field} {TOO_MANY_DIGITS}")
+
+
+async def test_a_param_with_too_many_digits_is_a_422_naming_the_setting(client, settings) -> None:
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("param.big", BIG, content_type="application/json")
+    r = await client.post("/api/batch/big/start", data=form, headers=AUTH)
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert (body["field"], body["message"]) == ("param.big", f"param.big {TOO_MANY_DIGITS}")
+    assert_nothing_created(settings)
+
+
+async def test_the_digits_of_input_numbers_follow_the_setting(aiohttp_client, settings) -> None:
+    """Below Python's 4300 the API refuses what its render processes could not read back; above
+    it, the number is taken, stored and rendered."""
+    small = await aiohttp_client(create_app(settings.replace(max_number_digits=640)))
+    r = await start(small, "digits", SEED_TEMPLATE, ('[{"reference_id": "a", "data": {"n": ' + "1" * 641 + "}}]").encode())
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert body["message"] == "data holds a number of 641 digits, more than FILEDROP_MAX_NUMBER_DIGITS (640) allows"
+    before = sys.get_int_max_str_digits()
+    try:
+        large = await aiohttp_client(create_app(settings.replace(max_number_digits=6000)))
+        data = ('[{"reference_id": "a", "suffix": "abcdefghijklmnop", "data": {"n": ' + BIG + "}}]").encode()
+        job = await start_ok(large, "digits", {"body": "<p>{{ data.n }}</p>"}, data)
+        assert (await wait_job(large, "digits", job["job_id"]))["succeededCount"] == 1
+        assert f"<p>{BIG}</p>" in (settings.smartlink_root / "digits" / "a.abcdefghijklmnop.html").read_text()
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+async def test_a_param_name_over_64_characters_says_so(client, settings) -> None:
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("param." + "p" * 65, "1", content_type="application/json")
+    r = await client.post("/api/batch/pname/start", data=form, headers=AUTH)
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "param." + "p" * 65
+    assert "letter or _ then letters, digits, _" in body["message"] and "at most 64 characters" in body["message"]
+    assert_nothing_created(settings)
+
+
+async def test_a_pdf_of_the_batch_is_named_in_ascii_digits(client) -> None:
+    """``\\d`` took "batch:٣" as file 3."""
+    data = [{"reference_id": "arabic", "suffix": "abcdefghijklmnop", "pdf": "batch:\u0663"}]
+    job = await start_ok(client, "digitpdf", {"body": "x"}, data)
+    await wait_job(client, "digitpdf", job["job_id"])
+    result = (await get_json(client, f"/api/batch/digitpdf/{job['job_id']}/result"))["rows"]
+    assert (result[0]["status"], result[0]["error"]) == ("errored", "pdf must be empty, an http(s) URL or batch:<fileIdx>")
+
+
+async def _generate(client, params: dict) -> aiohttp.ClientResponse:  # type: ignore[type-arg]
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, json.dumps({"body": "x"}).encode(), "t.json")
+    await up.upload(batch, 1, json.dumps(SEED_ROWS).encode(), "d.json")
+    return await client.post(f"/api/v1/upload/{batch}/execute/SmartLinks.Generate", headers=AUTH,
+                             json={"params": {"template": 0, "data": 1, **params}})
+
+
+async def test_generate_callback_emails_as_a_list_is_a_clear_422(client, settings) -> None:
+    """It answered "callback_emails: "['a@b.c']" is not an e-mail address" (a Python repr)."""
+    body = await assert_error(await _generate(client, {"callback_emails": ["a@example.com"]}), 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "callback_emails"
+    assert body["message"] == ('callback_emails must be a string of comma-separated addresses '
+                               '("a@example.com,b@example.com"), not a JSON list')
+    body = await assert_error(await _generate(client, {"strategy": {"x": 1}}), 422, "ERR_FIELD_INVALID")
+    assert body["message"] == "strategy must be a string, not a JSON object"
+    assert_nothing_created(settings)
+
+
+@pytest.mark.parametrize("idx", ["\u0661", "+1", " 1", "0_1"])
+async def test_generate_file_index_is_ascii_digits(client, settings, idx: str) -> None:
+    body = await assert_error(await _generate(client, {"data": idx}), 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "data" and body["message"] == "data must be a fileIdx of this batch"
+    assert_nothing_created(settings)

@@ -16,7 +16,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 # A page is <reference_id>.<suffix>.html: one name of at most 255 bytes (ext4, xfs, tmpfs).
 MAX_NAME_PAIR = 255 - len("..html")
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
-BATCH_PDF_RE = re.compile(r"^batch:(\d{1,9})\Z")
+BATCH_PDF_RE = re.compile(r"^batch:([0-9]{1,9})\Z")  # ASCII digits only: \d takes "٣" too
 # Keys of the master smartlink with a meaning of their own; every other string is checked as a
 # template too (rather than never).
 KNOWN_KEYS = ("title", "lang", "body", "pdf", "styles", "scripts")
@@ -26,17 +26,18 @@ class TemplateInvalid(ValueError):
     """The master smartlink is unusable; the message says where."""
 
 
-def parse_master(raw: str | bytes) -> tuple[dict[str, Any], str]:
+def parse_master(raw: str | bytes, max_digits: int | None = None) -> tuple[dict[str, Any], str]:
     """The master smartlink's JSON object, checked for shape (not for Jinja2 syntax), and its
-    canonical JSON (what the job stores). Raises ``TemplateInvalid``."""
+    canonical JSON (what the job stores). Raises ``TemplateInvalid`` (also for an integer of more
+    than ``max_digits`` digits, ``FILEDROP_MAX_NUMBER_DIGITS``)."""
     # Imported here: render processes import this module and stay small (jsondoc pulls in
     # server.errors, hence aiohttp: 0.15 s and 20 MB a process).
     from server.jsondoc import JsonRefused, loads
 
     try:
-        doc = loads(raw)
+        doc = loads(raw, max_digits)
     except JsonRefused as e:
-        raise TemplateInvalid(str(e)) from None  # "is not JSON (...)", "is nested more than ..."
+        raise TemplateInvalid(str(e)) from None  # "is not JSON (...)", "is nested more than ...", "holds a number ..."
     if not isinstance(doc, dict):
         raise TemplateInvalid("must be a JSON object")
     if not isinstance(doc.get("body"), str) or not doc["body"].strip():

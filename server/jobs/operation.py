@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -36,20 +37,43 @@ def _file_index(params: dict[str, Any], name: str) -> int:
     v = params.get(name)
     if v is None or v == "":
         raise Unprocessable(f"{name} (a fileIdx of this batch) is required", field=name)
-    try:
-        idx = int(str(v))
-    except ValueError:
-        idx = -1
-    if idx < 0:
+    # ASCII digits only: int() also reads "٣", "+3", " 3" and "1_0" (as 3, 3, 3 and 10)
+    if isinstance(v, bool) or not re.fullmatch(r"[0-9]{1,9}", str(v)):
         raise Unprocessable(f"{name} must be a fileIdx of this batch", field=name)
-    return idx
+    return int(v)
+
+
+def _option(params: dict[str, Any], name: str) -> str | None:
+    """An option as a start's form field would carry it: a string, or a number written as one."""
+    v = params.get(name)
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    kind = "a non-negative integer" if name == "max_errors" else "a string"
+    raise Unprocessable(f"{name} must be {kind}, not a JSON {_json_type(v)}", field=name)
+
+
+def _emails(params: dict[str, Any]) -> str | None:
+    """``callback_emails``: one string of comma-separated addresses, as a start's form field."""
+    v = params.get("callback_emails")
+    if v is None or isinstance(v, str):
+        return v
+    raise Unprocessable("callback_emails must be a string of comma-separated addresses "
+                        f"(\"a@example.com,b@example.com\"), not a JSON {_json_type(v)}", field="callback_emails")
+
+
+def _json_type(v: Any) -> str:
+    return ("list" if isinstance(v, list) else "object" if isinstance(v, dict) else
+            "boolean" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else "value")
 
 
 def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings) -> Operation:
     async def read(owner: str, batch_id: str, idx: int, limit: int, name: str) -> bytes:
         info = await files.open_file(owner, batch_id, idx)
         if info.size > limit:
-            raise DataTooLarge(f"{name} (file {idx}) is over the {limit}-byte limit")
+            setting = "FILEDROP_FETCH_MAX_BYTES" if name == "template" else "FILEDROP_MAX_DATA_SIZE"
+            raise DataTooLarge(f"{name} (file {idx}) is over the {limit}-byte limit ({setting})")
 
         def read_bytes() -> bytes:
             with open(info.path, "rb") as f:
@@ -62,21 +86,20 @@ def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings
         template_idx, data_idx = _file_index(p, "template"), _file_index(p, "data")
         extra = p.get("params") or {}
         if isinstance(extra, str):
-            extra = parse_json(extra, "params")
+            extra = parse_json(extra, "params", max_digits=settings.max_number_digits)
         if not isinstance(extra, dict):
             raise Unprocessable("params must be a JSON object", field="params")
 
         def opt(name: str) -> str | None:
-            v = p.get(name)
-            return None if v is None else str(v)
+            return _option(p, name)
 
         inp = StartInput(
-            batch_id=str(p.get("batch_id") or ctx.batch_id),
+            batch_id=opt("batch_id") or ctx.batch_id,
             document_file=await read(ctx.owner, ctx.batch_id, template_idx, settings.fetch_max_bytes, "template"),
             data=await read(ctx.owner, ctx.batch_id, data_idx, settings.max_data_size, "data"),
             data_field="data",
             strategy=opt("strategy"), max_errors=opt("max_errors"), callback_url=opt("callback_url"),
-            callback_emails=opt("callback_emails"), notification_method=opt("notification_method"),
+            callback_emails=_emails(p), notification_method=opt("notification_method"),
             params={k: json.dumps(v).encode() for k, v in extra.items()},
             upload_batch_id=ctx.batch_id,
         )

@@ -69,7 +69,8 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 # Built once (building the comparisons and their cache key cost 20% of a status call's CPU).
 _JOB = select(*JOB_JSON_COLUMNS).where(Job.job_id == bindparam("job_id"), Job.batch_id == bindparam("batch_id"),
                                        Job.owner == bindparam("owner"))
-PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+MAX_PARAM_NAME = 64
+PARAM_RE = re.compile(rf"^[A-Za-z_][A-Za-z0-9_]{{0,{MAX_PARAM_NAME - 1}}}\Z")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 MAX_EMAILS = 50
@@ -106,15 +107,16 @@ class Started:
     data_expires: datetime | None = None  # set while the job waits for its data (data_upload=url)
 
 
-def parse_rows(raw: bytes, where: str) -> list[Any]:
+def parse_rows(raw: bytes, where: str, max_digits: int | None = None) -> list[Any]:
     """A JSON array of rows, or JSON Lines (a BOM in front is fine either way). Raises
-    Unprocessable naming ``where`` (also for nesting too deep and lone surrogates)."""
+    Unprocessable naming ``where`` (also for nesting too deep, lone surrogates and integers of
+    more than ``max_digits`` digits)."""
     try:
-        doc = loads(raw)
+        doc = loads(raw, max_digits)
     except JsonRefused as e:
-        if not str(e).startswith("is not JSON"):  # deep, a lone surrogate, not UTF-8: no line helps
+        if not str(e).startswith("is not JSON"):  # deep, a lone surrogate, not UTF-8, long number: no line helps
             raise Unprocessable(f"{where} {e}", field=where) from None
-        return _parse_lines(raw, where)
+        return _parse_lines(raw, where, max_digits)
     if isinstance(doc, list):
         rows = doc
     elif isinstance(doc, dict):
@@ -126,7 +128,7 @@ def parse_rows(raw: bytes, where: str) -> list[Any]:
     return rows
 
 
-def _parse_lines(raw: bytes, where: str) -> list[Any]:
+def _parse_lines(raw: bytes, where: str, max_digits: int | None) -> list[Any]:
     rows: list[Any] = []
     try:
         text = raw.decode("utf-8")
@@ -135,8 +137,10 @@ def _parse_lines(raw: bytes, where: str) -> list[Any]:
     for n, line in enumerate(text.removeprefix(_BOM).splitlines(), 1):
         if line.strip():
             try:
-                rows.append(loads(line))
+                rows.append(loads(line, max_digits))
             except JsonRefused as e:
+                if not str(e).startswith("is not JSON"):  # JSON, but not acceptable: say that, not "neither"
+                    raise Unprocessable(f"{where} line {n} {e}", field=where) from None
                 raise Unprocessable(f"{where} is neither a JSON array nor JSON Lines (line {n} {e})",
                                     field=where) from None
     if not rows:
@@ -209,9 +213,9 @@ class JobService:
             raise Unprocessable(f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
         max_errors: int | None = None
         if inp.max_errors is not None and inp.max_errors.strip():
-            if not re.fullmatch(r"\d{1,9}", inp.max_errors.strip()):
+            if not re.fullmatch(r"[0-9]{1,9}", inp.max_errors.strip()):  # not \d: it takes "٣" (int() reads 3)
                 raise Unprocessable("max_errors must be a non-negative integer", field="max_errors")
-            max_errors = int(inp.max_errors)
+            max_errors = int(inp.max_errors.strip())
         callback_url = (inp.callback_url or "").strip() or None
         if callback_url:
             allowed = ("https", "http") if self.settings.allow_http_callbacks else ("https",)
@@ -240,9 +244,9 @@ class JobService:
         for name, raw in inp.params.items():
             where = f"param.{name}"
             if not PARAM_RE.match(name):
-                raise Unprocessable(f"{where}: the name must be a letter or _ then letters, digits, _",
-                                    field=where)
-            params[name] = parse_json(raw, where)
+                raise Unprocessable(f"{where}: the name must be a letter or _ then letters, digits, _ "
+                                    f"(ASCII), at most {MAX_PARAM_NAME} characters in all", field=where)
+            params[name] = parse_json(raw, where, max_digits=self.settings.max_number_digits)
         return strategy, max_errors, callback_url, emails, params, method
 
     def _data_upload(self, inp: StartInput) -> float | None:
@@ -287,7 +291,8 @@ class JobService:
         else:
             raise Unprocessable("document_file, or document_id with api_url, is required", field="document_file")
         try:
-            _doc, template = await asyncio.to_thread(parse_master, raw)  # JSON of up to 20 MB: off the loop
+            _doc, template = await asyncio.to_thread(parse_master, raw,  # JSON of up to 20 MB: off the loop
+                                                     self.settings.max_number_digits)
             await self.checker.check(template, owner)  # in the key's turn: keys wait for their own checks only
         except TemplateInvalid as e:
             raise Unprocessable(f"{where}: {e}", field=where) from None
@@ -351,7 +356,7 @@ class JobService:
             raise Unprocessable("data or data_file (or data_upload=url) is required", field="data")
         if len(data) > self.settings.max_data_size:
             raise DataTooLarge(f"{where} is over the {self.settings.max_data_size}-byte limit (FILEDROP_MAX_DATA_SIZE)")
-        rows = await asyncio.to_thread(parse_rows, data, where)
+        rows = await asyncio.to_thread(parse_rows, data, where, self.settings.max_number_digits)
         return await asyncio.to_thread(prepare_rows, job_id, rows, self.settings.min_suffix_length)
 
     async def _launch(self, owner: str, batch_id: str, job_id: str, errored: int,
