@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import socket
@@ -455,3 +456,58 @@ async def test_a_chunk_sent_twice_at_once_with_other_bytes_leaves_a_file_that_ma
     on_disk = info.path.read_bytes()
     assert hashlib.sha256(on_disk).hexdigest() == info.sha256
     assert on_disk in (first + a + last, first + b + last)
+
+
+# -- a repeat under low disk; a batch dropped under a streaming chunk ---------------------------
+async def test_a_stored_chunk_sent_again_under_low_disk_is_answered_as_a_repeat(aiohttp_client, settings) -> None:
+    """A retry of a chunk already stored writes nothing: it gets the repeat's answer (202 and
+    its ids), not 507, however little disk is left; a chunk not stored yet still gets 507
+    before a byte is written."""
+    up = Uploads(await aiohttp_client(create_app(settings)))
+    batch = await batch_with_good_file(up)
+    assert (await up.post(batch, 1, b"abc", chunk=(0, 2), size=6)).status == 202
+    full = Uploads(await aiohttp_client(create_app(settings.replace(min_free_disk=1 << 60))))
+    r = await full.post(batch, 1, b"abc", chunk=(0, 2), size=6)
+    assert r.status == 202, await r.text()
+    assert (await r.json())["uploadedChunkIds"] == [0]
+    await assert_error(await full.post(batch, 1, b"def", chunk=(1, 2), size=6), 507, "ERR_DISK_FULL")
+    assert (await (await up.info(batch, 1)).json())["uploadedChunkIds"] == [0]
+    assert (await up.post(batch, 1, b"def", chunk=(1, 2), size=6)).status == 201
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2])
+async def test_a_chunk_streaming_while_its_batch_is_dropped_gets_batch_not_found(client, settings, chunk) -> None:
+    """The batch, not the file, is gone: the chunk's answer says so at once (it said "the file
+    was removed ...; send it again" for the last chunk, whose send again then got 404 batch)."""
+    up = Uploads(client)
+    batch = await up.create()
+    stride, count = 4 * MIB, 3
+    size = count * stride
+    for idx in range(count):
+        if idx != chunk and (idx, chunk) != (2, 1):  # 0 and 2 stream as the last chunk, 1 as another
+            assert (await up.post(batch, 0, b"s" * stride, chunk=(idx, count), size=size)).status == 202
+    body = b"b" * stride
+    h = {**upload_headers("d.bin", size, chunk=(chunk, count)), "Content-Length": str(len(body))}
+    head = (f"POST /api/v1/upload/{batch}/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode()
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + body[:2 * MIB])
+        await writer.drain()
+
+        async def streaming() -> bool:  # its first bytes are on disk, in place or on their own
+            return any(holds(settings.uploads_dir / p, off, body[:MIB]) for p in upload_tree(settings.data_dir)
+                       for off in (0, chunk * stride))
+
+        await async_wait_until(streaming, timeout=10, what="the chunk's first bytes written")
+        assert (await client.delete(up.url(f"/{batch}"), headers=AUTH)).status == 204
+        writer.write(body[2 * MIB:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+    doc = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (int(answer.split(b" ", 2)[1]), doc["code"]) == (404, "ERR_BATCH_NOT_FOUND"), doc
+    assert doc["message"] == f"batch {batch} was dropped"
+    assert upload_tree(settings.data_dir) == []

@@ -315,7 +315,8 @@ class UploadService:
 
     # -- receiving -----------------------------------------------------------------------
     def _check(self, req: UploadRequest) -> None:
-        """Every limit and rule that needs no row, before a byte is read."""
+        """Every limit and rule that needs no row, before a byte is read (the free disk:
+        ``_check_disk``)."""
         s = self.settings
         if req.size > s.max_file_size:
             raise FileTooLarge(f"X-File-Size {req.size} is over the {s.max_file_size} byte file limit "
@@ -336,6 +337,11 @@ class UploadService:
                                 "(FILEDROP_MAX_CHUNK_SIZE)")
         if cl is not None and (cl != req.size if req.chunk_count == 1 else cl > req.size):
             raise FileSizeMismatch(f"Content-Length {cl} does not match X-File-Size {req.size}")
+
+    def _check_disk(self, req: UploadRequest) -> None:
+        """The free-disk floor, before a byte is written (after the early answer: a repeat is
+        answered as one, whatever the disk)."""
+        s, cl = self.settings, req.content_length
         incoming = cl if cl is not None else min(req.size, s.max_chunk_size)
         free = self.store.free_bytes(max_age=0.2)  # at most five statvfs a second on the event loop
         if free - incoming < s.min_free_disk:
@@ -362,6 +368,7 @@ class UploadService:
                 early = await self._early(batch_id, req, f, state)
                 if early is not None:
                     return early
+        self._check_disk(req)
         return await _Receipt(self, owner, batch_id, batch_pk, req, f).run(body)
 
     async def _read_file(self, batch_pk: int, file_idx: int) -> tuple[Snapshot | None, str | None]:
@@ -530,6 +537,12 @@ class _Receipt:
             if isinstance(e, ValueError):  # the chunks did not make the declared file
                 raise FileSizeMismatch(f"file {req.file_idx}: {e}") from None
             mapped = storage_error(e, s.settings.min_free_disk, f"receiving file {req.file_idx}")
+            if isinstance(mapped, FileNotFound):
+                # Its bytes went with the file, or with the whole batch (dropped, executed): the
+                # latter is said at once as every later request will say it, not "send it again".
+                # Read, not remembered: another process may have closed it.
+                async with s.db.read() as session:
+                    await s._open_batch(session, self.owner, self.batch_id)
             if mapped is not None:
                 raise mapped from None
             raise
