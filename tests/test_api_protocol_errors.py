@@ -192,3 +192,37 @@ def test_the_serving_allocator_keeps_one_arena(mode: str) -> None:
     assert out.returncode == 0, out.stderr
     arenas = out.stderr.count("Arena ")
     assert arenas == HEAP_ARENAS if mode == "tuned" else arenas > HEAP_ARENAS, out.stderr
+
+
+def _chunked_upload(batch: bytes, body: bytes, *headers: bytes) -> bytes:
+    """A whole file sent with Transfer-Encoding: chunked (no Content-Length), in 64 KiB chunks."""
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536))
+    return (b"POST /api/v1/upload/" + batch + b"/0 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode()
+            + b"\r\nX-File-Name: a.txt\r\n" + b"".join(h + b"\r\n" for h in headers)
+            + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + framed + b"0\r\n\r\n")
+
+
+def test_a_chunked_body_without_x_file_size_is_answered_alike_by_the_app_and_through_nginx(app_and_nginx) -> None:
+    """NGINX passes a small chunked body on with a Content-Length and a big one chunked; the
+    app reads a small one without either header first. Either way: up to 1 MiB its length is
+    its size (201), over it X-File-Size is required (400), and a wrong X-File-Size is said of
+    "the body's length" (no Content-Length was sent)."""
+    srv, ngx = app_and_nginx
+    for port in (srv.port, ngx.port):
+        status, _h, body = exchange(port, b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                                    + API_KEY.encode() + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        batch = json.loads(body)["batchId"].encode()
+        status, _h, body = exchange(port, _chunked_upload(batch, b"abcdef"))
+        assert (status, json.loads(body)["uploadedSize"]) == (201, "6"), (port, body)
+        status, _h, body = exchange(port, _chunked_upload(batch, b"x" * (2 << 20)))
+        doc = json.loads(body)
+        assert (status, doc["code"]) == (400, "ERR_FILE_SIZE_MISSING"), (port, doc)
+        assert "X-File-Size is required" in doc["message"] and "without Content-Length" in doc["message"], doc
+        status, _h, body = exchange(port, _chunked_upload(batch, b"abc", b"X-File-Size: 5"))
+        doc = json.loads(body)
+        assert (status, doc["code"]) == (400, "ERR_FILE_SIZE_MISMATCH"), (port, doc)
+        assert "Content-Length" not in doc["message"] and "X-File-Size 5" in doc["message"], (port, doc)
+        status, _h, body = exchange(port, b"GET /api/v1/upload/" + batch + b"/0 HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                                    + API_KEY.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert (status, json.loads(body)["size"]) == (200, 6), body

@@ -8,6 +8,7 @@ import os
 import urllib.parse
 
 import pytest
+from multidict import CIMultiDict
 
 from server.app import create_app
 from server.jsondoc import MAX_DEPTH
@@ -105,3 +106,151 @@ async def test_empty_uploads_one_after_another_are_each_answered(client) -> None
         assert r.status == 200, await r.text()
     files = (await up.manifest(batch))["files"]
     assert [f["sha256"] for f in files] == [sha256(b"")] * 3
+
+
+# -- a whole file without Content-Length nor X-File-Size ----------------------------------------
+async def _chunked(data: bytes):  # type: ignore[no-untyped-def]
+    """A body aiohttp sends with Transfer-Encoding: chunked (its length unknown beforehand)."""
+    for i in range(0, len(data), 64 << 10):
+        yield data[i:i + (64 << 10)]
+
+
+async def test_a_small_chunked_body_without_x_file_size_is_its_own_size(client) -> None:
+    """Its size is its length: read first (up to 1 MiB, as a whole file that small is anyway),
+    as NGINX does it for a small chunked body (it passes it on with a Content-Length)."""
+    up = Uploads(client)
+    batch = await up.create()
+    h = {**AUTH, "X-File-Name": "six.txt"}
+    for idx, data in enumerate([b"abcdef", b"", os.urandom(1 << 20)]):
+        r = await client.post(up.url(f"/{batch}/{idx}"), data=_chunked(data), headers=h)
+        assert r.status == 201, await r.text()
+        assert (await r.json())["uploadedSize"] == str(len(data))
+    files = (await up.manifest(batch))["files"]
+    assert [f["size"] for f in files] == [6, 0, 1 << 20]
+    assert files[2]["sha256"] == sha256(data)
+
+
+async def test_a_big_chunked_body_without_x_file_size_is_400_naming_it(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, b"kept")
+    r = await client.post(up.url(f"/{batch}/1"), data=_chunked(b"x" * (2 << 20)), headers={**AUTH, "X-File-Name": "b"})
+    body = await assert_error(r, 400, "ERR_FILE_SIZE_MISSING")
+    assert "X-File-Size is required" in body["message"] and "Content-Length" in body["message"], body
+    # A chunk's X-File-Size is the whole file's: never its own length.
+    h = {**AUTH, "X-File-Name": "c", "X-Upload-Type": "chunked", "X-Upload-Chunk-Index": "0",
+         "X-Upload-Chunk-Count": "2"}
+    body = await assert_error(await client.post(up.url(f"/{batch}/1"), data=b"abc", headers=h), 400,
+                              "ERR_FILE_SIZE_MISSING")
+    assert "X-File-Size" in body["message"]
+    files = (await up.manifest(batch))["files"]
+    assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"kept"))]
+
+
+# -- a header sent twice ------------------------------------------------------------------------
+@pytest.mark.parametrize(("header", "values", "code"), [
+    ("X-File-Size", ("3", "5"), "ERR_FILE_SIZE_INVALID"),
+    ("X-File-Name", ("a.txt", "b.txt"), "ERR_FILE_NAME_INVALID"),
+    ("X-File-Type", ("text/plain", "image/png"), "ERR_FILE_TYPE_INVALID"),
+    ("X-Upload-Type", ("chunked", "normal"), "ERR_UPLOAD_TYPE_INVALID"),
+    ("X-Upload-Chunk-Index", ("0", "1"), "ERR_CHUNK_INDEX_INVALID"),
+    ("X-Upload-Chunk-Count", ("2", "3"), "ERR_CHUNK_COUNT_INVALID"),
+])
+async def test_a_header_sent_twice_with_different_values_is_400_naming_it(client, header, values, code) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    base = {**AUTH, "X-File-Name": "a.txt", "X-File-Size": "3", "X-Upload-Type": "chunked",
+            "X-Upload-Chunk-Index": "0", "X-Upload-Chunk-Count": "2"}
+    h = CIMultiDict((k, v) for k, v in base.items() if k != header)
+    for v in values:
+        h.add(header, v)
+    body = await assert_error(await client.post(up.url(f"/{batch}/0"), data=b"abc", headers=h), 400, code)
+    assert header in body["message"] and "different values" in body["message"], body
+    await assert_error(await up.info(batch, 0), 404, "ERR_FILE_NOT_FOUND")  # nothing recorded
+    # The same value twice says one thing: accepted.
+    h = CIMultiDict((k, v) for k, v in base.items() if k != header)
+    h.add(header, values[0])
+    h.add(header, f" {values[0]}")
+    r = await client.post(up.url(f"/{batch}/0"), data=b"abc" if header != "X-Upload-Type" else b"ab", headers=h)
+    assert r.status in (201, 202), await r.text()
+
+
+async def test_legacy_headers_sent_twice_with_different_values_are_400(client) -> None:
+    base = [*AUTH.items(), ("X-File-Name", "a"), ("X-File-Size", "1")]
+    for header, values, code in [("X-Batch-Id", ("one", "two"), "ERR_BATCH_ID_INVALID"),
+                                 ("X-File-Idx", ("0", "1"), "ERR_FILE_IDX_INVALID")]:
+        h = CIMultiDict([*base, ("X-Batch-Id", "one"), ("X-File-Idx", "0")])
+        h.popall(header)
+        for v in values:
+            h.add(header, v)
+        r = await client.post("/site/automation/batch/upload", data=b"x", headers=h)
+        body = await assert_error(r, 400, code)
+        assert header in body["message"], body
+
+
+# -- file names shown back ----------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "says"), [
+    ("%20", "required"), ("%20%20%09", "control"), ("%E3%80%80", "required"),  # U+3000 IDEOGRAPHIC SPACE
+    ("invoice%E2%80%AEfdp.exe", "U+202E"),  # RIGHT-TO-LEFT OVERRIDE: shows as invoiceexe.pdf
+    ("a%E2%80%A8b", "U+2028"), ("a%E2%80%A9b", "U+2029"), ("a%E2%80%8Bb", "U+200B"), ("%EF%BB%BFa.txt", "U+FEFF"),
+    ("a%C2%ADb", "U+00AD"), ("a%F3%A0%80%81b", "U+E0001"),  # SOFT HYPHEN, LANGUAGE TAG
+    ("a%EF%BF%BEb", "U+FFFE"), ("a%EF%B7%90b", "U+FDD0"), ("a%F0%9F%BF%BFb", "U+1FFFF"),  # noncharacters
+    ("%F0%9F%98%80" * 64, "256 bytes"),  # 64 emoji: 256 bytes of UTF-8
+    ("%C3%A9" * 128, "256 bytes"),
+])
+async def test_names_that_show_back_wrongly_are_400_saying_why(client, name, says) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    r = await client.post(up.url(f"/{batch}/0"), data=b"x", headers={**AUTH, "X-File-Name": name})
+    body = await assert_error(r, 400, "ERR_FILE_NAME_INVALID")
+    assert says in body["message"], body
+    assert (await up.info(batch)).status == 204  # nothing recorded
+
+
+async def test_names_up_to_255_bytes_and_the_joiners_are_kept(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    names = ["\U0001F600" * 63 + "abc",  # 255 bytes
+             "é" * 127 + "x",  # 255 bytes
+             "می\u200cخواهم.txt",  # Persian: ZERO WIDTH NON-JOINER is part of the spelling
+             "\U0001F468\u200d\U0001F469\u200d\U0001F467.png",  # an emoji family: ZERO WIDTH JOINERs
+             "a b.txt"]
+    for idx, name in enumerate(names):
+        await up.upload(batch, idx, b"d", name)
+    assert [f["name"] for f in (await up.manifest(batch))["files"]] == names
+
+
+# -- media types ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["täxt/plain", "é/x", "not a type", "text", "text/", "/plain", "text/plain;;x",
+                                 "text/plain; charset", "text/pl ain", 'text/plain; a="b'])
+async def test_an_x_file_type_that_is_no_media_type_is_400(client, bad) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    h = {**AUTH, "X-File-Name": "a.txt", "X-File-Type": bad}
+    body = await assert_error(await client.post(up.url(f"/{batch}/0"), data=b"x", headers=h), 400,
+                              "ERR_FILE_TYPE_INVALID")
+    assert "media type" in body["message"]
+    assert (await up.info(batch)).status == 204
+
+
+@pytest.mark.parametrize(("name", "file_type", "content_type", "stored"), [
+    ("a.bin", "text/plain; charset=utf-8", None, "text/plain; charset=utf-8"),
+    ("a.bin", 'application/x-thing; a="b c"; d=e', None, 'application/x-thing; a="b c"; d=e'),
+    ("a.bin", "application/vnd.ms-excel", None, "application/vnd.ms-excel"),
+    ("noext", None, "not a type", "application/octet-stream"),  # passed over, as a form's type is
+    ("noext", None, "täxt/plain", "application/octet-stream"),
+    ("noext", None, "é/x", "application/octet-stream"),
+    ("a.txt", None, "not a type", "text/plain"),
+    ("noext", None, "image/png; q=1", "image/png"),
+])
+async def test_only_media_types_are_stored(client, name, file_type, content_type, stored) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    h = {**AUTH, "X-File-Name": name}
+    if file_type is not None:
+        h["X-File-Type"] = file_type
+    if content_type is not None:
+        h["Content-Type"] = content_type
+    r = await client.post(up.url(f"/{batch}/0"), data=b"x", headers=h)
+    assert r.status == 201, await r.text()
+    assert (await (await up.info(batch, 0)).json())["mimetype"] == stored

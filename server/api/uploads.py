@@ -13,6 +13,7 @@ import asyncio
 import json
 import mimetypes
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,16 +43,31 @@ from server.protocol import RECV_SIZE
 from server.uploads.model import FileState, UploadOutcome, UploadRequest
 from server.uploads.operations import OperationResult
 from server.uploads.service import UploadService
+from server.uploads.store import WRITE_BUFFER
 
 # Legacy clients choose their batch ids: 1-128 of [A-Za-z0-9._-], not starting with a dot
 # (so never ".", ".." or a dot-name) and never containing "..". Ids are only ever data, but a
 # strict alphabet keeps them safe in logs, URLs and NGINX paths.
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _FILE_IDX = re.compile(r"[0-9]{1,9}")
-_MAX_NAME = 255  # characters; what common file systems allow for one name
+_MAX_NAME = 255  # bytes of UTF-8: what common file systems allow for one name (ext4, XFS, APFS)
 # Path separators and control characters: C0, DEL and C1 (U+0080-U+009F, e.g. U+0085 NEXT LINE).
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+# Characters a name shows back wrongly in listings, manifests and the drop page: Unicode format
+# characters (Cf: bidi overrides such as U+202E, zero-width space, BOM, tag characters), line and
+# paragraph separators (Zl, Zp). The two joiners stay: Persian and Indic names need ZWNJ
+# (U+200C), emoji sequences ZWJ (U+200D).
+_NAME_REFUSED_CATEGORIES = ("Cf", "Zl", "Zp")
+_NAME_JOINERS = ("\u200c", "\u200d")
+# RFC 9110 media type: type "/" subtype *( OWS ";" OWS [ token "=" ( token / quoted-string ) ] ),
+# ASCII only (obs-text is for old senders, not for a type we store and serve back).
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|"
+                         r'"(?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t \x21-\x7e])*"))?)*')
 _COUNT_MAX = 1 << 62
+# A whole file sent without Content-Length nor X-File-Size is read into memory up to this (the
+# size up to which a whole file is read whole anyway: store.WRITE_BUFFER); bigger is 400.
+_UNSIZED_MAX = WRITE_BUFFER
 # Content-Types a client sends for a body it did not type (curl -d, HTML forms): no file type.
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _DEFAULT_TYPE = "application/octet-stream"
@@ -63,6 +79,16 @@ def check_batch_id(value: str) -> str:
         raise BatchIdInvalid("batch id must be 1-128 characters of A-Z a-z 0-9 . _ -, not start with '.' "
                              "nor contain '..'")
     return value
+
+
+def one_header(request: web.Request, header: str, invalid: type[FiledropError]) -> str | None:
+    """``header``'s value, None if absent. Sent more than once, its values must agree (a proxy or
+    a client that adds its own copy must not have one of them win silently): else 400 with the
+    header's own ``invalid`` code, naming it."""
+    values = request.headers.getall(header, [])
+    if len({v.strip() for v in values}) > 1:
+        raise invalid(f"{header} is sent {len(values)} times with different values; send it once")
+    return values[0] if values else None
 
 
 def parse_file_idx(value: str | None) -> int:
@@ -84,10 +110,13 @@ def parse_count(value: str | None, header: str, missing: type[FiledropError], in
 def decode_file_name(value: str | None) -> str:
     """Percent-decode X-File-Name as strict UTF-8.
 
-    Rejected (400 ERR_FILE_NAME_INVALID): missing or empty, non-UTF-8 escapes, control
-    characters (C0, DEL, C1) including NUL, path separators ``/`` and ``\\``, ``.`` and ``..``,
-    more than 255 characters. A name is one file name as every client OS knows it; the server
-    never uses it as a path, but a separator or a NUL in one is always a confused or hostile client.
+    Rejected (400 ERR_FILE_NAME_INVALID): missing, empty or only whitespace, non-UTF-8 escapes,
+    control characters (C0, DEL, C1) including NUL, path separators ``/`` and ``\\``, ``.`` and
+    ``..``, format characters (Cf but the joiners U+200C/U+200D), line and paragraph separators,
+    noncharacters, more than 255 bytes of UTF-8. A name is one file name as every client OS
+    knows it; the server never uses it as a path, but a separator or a NUL in one is always a
+    confused or hostile client, and an invisible or direction-changing character shows another
+    name than the one stored wherever the name is shown back.
     """
     if value is None or not value.strip():
         raise FileNameInvalid("X-File-Name is required")
@@ -98,23 +127,44 @@ def decode_file_name(value: str | None) -> str:
         raise FileNameInvalid("X-File-Name is not percent-encoded UTF-8") from None
     if _NAME_FORBIDDEN.search(name) or name in (".", ".."):
         raise FileNameInvalid("X-File-Name must not contain path separators or control characters")
-    if len(name) > _MAX_NAME:
-        raise FileNameInvalid(f"X-File-Name is longer than {_MAX_NAME} characters")
+    if not name.strip():
+        raise FileNameInvalid("X-File-Name is required: a name of only whitespace is none")
+    for c in name:
+        if _noncharacter(c) or (unicodedata.category(c) in _NAME_REFUSED_CATEGORIES and c not in _NAME_JOINERS):
+            kind = "a noncharacter" if _noncharacter(c) else unicodedata.name(c, "a format character")
+            raise FileNameInvalid(f"X-File-Name must not contain U+{ord(c):04X} ({kind}): invisible or "
+                                  "direction-changing characters, line separators and noncharacters are refused")
+    size = len(name.encode("utf-8"))
+    if size > _MAX_NAME:
+        raise FileNameInvalid(f"X-File-Name is {size} bytes of UTF-8, over {_MAX_NAME} (what file systems "
+                              "allow for one name)")
     return name
+
+
+def _noncharacter(c: str) -> bool:
+    """U+FDD0-U+FDEF and the last two code points of every plane (U+FFFE, U+1FFFF...)."""
+    cp = ord(c)
+    return 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE
 
 
 def file_type(request: web.Request, name: str) -> str:
     """X-File-Type; without it, the type the file name says (as browsers guess it), then a
-    Content-Type the client chose (not a form's), then application/octet-stream."""
-    given = request.headers.get("X-File-Type", "").strip()
+    Content-Type the client chose (not a form's), then application/octet-stream.
+
+    Only an RFC 9110 media type is stored: an X-File-Type that is not one is 400 (the client
+    said what the file is, wrongly: telling it beats storing a guess it did not ask for); a
+    Content-Type that is not one is passed over as a form's is (it frames the body, and tools
+    send one for any body)."""
+    given = (one_header(request, "X-File-Type", FileTypeInvalid) or "").strip()
+    if given and (len(given) > 255 or not _MEDIA_TYPE.fullmatch(given)):
+        raise FileTypeInvalid("X-File-Type must be a media type of at most 255 characters: type/subtype, "
+                              "ASCII tokens, optional ;name=value parameters (RFC 9110)")
     if not given:
         given = mimetypes.guess_type(name, strict=False)[0] or ""
-    if not given and request.content_type not in _FORM_TYPES:
+    if not given and request.content_type not in _FORM_TYPES \
+            and _MEDIA_TYPE.fullmatch(request.headers.get("Content-Type", "").strip()):
         given = request.content_type
-    mimetype = given or _DEFAULT_TYPE
-    if len(mimetype) > 255 or not mimetype.isprintable():
-        raise FileTypeInvalid("X-File-Type is not a MIME type")
-    return mimetype
+    return given or _DEFAULT_TYPE
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
@@ -150,26 +200,67 @@ def _flag(request: web.Request, header: str) -> bool:
     return request.headers.get(header, "").strip().lower() == "true"
 
 
-def _upload_request(request: web.Request, file_idx: int) -> UploadRequest:
-    h = request.headers
-    kind = h.get("X-Upload-Type", "normal").strip().lower() or "normal"
+def _upload_request(request: web.Request, file_idx: int, length: int | None) -> UploadRequest:
+    """The upload its headers declare; ``length``: the body's, when known before it is read
+    (Content-Length, or a small body without one read first: see ``_upload``)."""
+    kind = (one_header(request, "X-Upload-Type", UploadTypeInvalid) or "normal").strip().lower() or "normal"
     if kind not in ("normal", "chunked"):
         raise UploadTypeInvalid("X-Upload-Type must be 'normal' or 'chunked'")
     chunked = kind == "chunked"
-    name = decode_file_name(h.get("X-File-Name"))
-    length = request.content_length
-    if h.get("X-File-Size") is None and not chunked and length is not None:
+    name = decode_file_name(one_header(request, "X-File-Name", FileNameInvalid))
+    declared = one_header(request, "X-File-Size", FileSizeInvalid)
+    if declared is None and not chunked and length is not None:
         size = length  # a plain POST (curl, a browser) may only say Content-Length
+    elif declared is None and chunked:
+        raise FileSizeMissing("X-File-Size (the whole file's size) is required with X-Upload-Type: chunked")
+    elif declared is None:
+        raise _unsized_too_large()
     else:
-        size = parse_count(h.get("X-File-Size"), "X-File-Size", FileSizeMissing, FileSizeInvalid)
+        size = parse_count(declared, "X-File-Size", FileSizeMissing, FileSizeInvalid)
     idx, count = 0, 1
     if chunked:
-        count = parse_count(h.get("X-Upload-Chunk-Count"), "X-Upload-Chunk-Count", ChunkCountMissing,
-                            ChunkCountInvalid, minimum=1)
-        idx = parse_count(h.get("X-Upload-Chunk-Index"), "X-Upload-Chunk-Index", ChunkIndexMissing,
-                          ChunkIndexInvalid)
+        count = parse_count(one_header(request, "X-Upload-Chunk-Count", ChunkCountInvalid), "X-Upload-Chunk-Count",
+                            ChunkCountMissing, ChunkCountInvalid, minimum=1)
+        idx = parse_count(one_header(request, "X-Upload-Chunk-Index", ChunkIndexInvalid), "X-Upload-Chunk-Index",
+                          ChunkIndexMissing, ChunkIndexInvalid)
     return UploadRequest(file_idx=file_idx, name=name, size=size, mimetype=file_type(request, name),
                          chunked=chunked, chunk_idx=idx, chunk_count=count, content_length=length)
+
+
+def _unsized(request: web.Request) -> bool:
+    """A whole file sent without Content-Length (Transfer-Encoding: chunked) nor X-File-Size."""
+    h = request.headers
+    return request.content_length is None and "X-File-Size" not in h and \
+        h.get("X-Upload-Type", "").strip().lower() in ("", "normal")
+
+
+async def _upload(request: web.Request, file_idx: int) -> tuple[UploadRequest, AsyncIterator[bytes]]:
+    """The upload and its body. Its size must be known before a byte is written (the free-disk
+    reservation, the batch's limits, where chunks go), so a whole file sent without
+    Content-Length nor X-File-Size is read first, up to ``_UNSIZED_MAX`` bytes (as a whole file
+    of that size is anyway): its length is its size. One bigger is 400 ERR_FILE_SIZE_MISSING.
+    NGINX passes a small chunked body on with a Content-Length; a bigger one chunked: either
+    way the same answer."""
+    if not _unsized(request):
+        return _upload_request(request, file_idx, request.content_length), _body(request)
+    _upload_request(request, file_idx, 0)  # every other header checked before the body is read
+    pieces, length = [], 0
+    async for data in _body(request):
+        length += len(data)
+        if length > _UNSIZED_MAX:
+            raise _unsized_too_large()
+        pieces.append(data)
+    return _upload_request(request, file_idx, length), _whole(b"".join(pieces))
+
+
+def _unsized_too_large() -> FileSizeMissing:
+    return FileSizeMissing(f"X-File-Size is required for a body over {_UNSIZED_MAX} bytes sent without "
+                           "Content-Length (Transfer-Encoding: chunked)")
+
+
+async def _whole(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
 
 
 def _upload_body(o: UploadOutcome) -> dict[str, Any]:
@@ -241,8 +332,8 @@ async def create_batch_with_handler(request: web.Request) -> web.Response:
 
 async def upload_file(request: web.Request) -> web.Response:
     batch_id = _batch_id(request)
-    upload = _upload_request(request, parse_file_idx(request.match_info["file_idx"]))
-    o = await _service(request).receive(request[OWNER], batch_id, upload, _body(request))
+    upload, body = await _upload(request, parse_file_idx(request.match_info["file_idx"]))
+    o = await _service(request).receive(request[OWNER], batch_id, upload, body)
     return _json(_upload_body(o), 201 if o.complete or not o.chunked else 202)
 
 
@@ -282,12 +373,12 @@ async def execute_batch(request: web.Request) -> web.Response:
 
 # -- legacy /site/automation/batch -----------------------------------------------------------
 async def legacy_upload(request: web.Request) -> web.Response:
-    h = request.headers
-    if h.get("X-Batch-Id") is None:
+    given = one_header(request, "X-Batch-Id", BatchIdInvalid)
+    if given is None:
         raise BatchIdInvalid("X-Batch-Id is required")
-    batch_id = check_batch_id(h["X-Batch-Id"].strip())
-    upload = _upload_request(request, parse_file_idx(h.get("X-File-Idx")))
-    o = await _service(request).receive(request[OWNER], batch_id, upload, _body(request), create=True)
+    batch_id = check_batch_id(given.strip())
+    upload, body = await _upload(request, parse_file_idx(one_header(request, "X-File-Idx", FileIdxInvalid)))
+    o = await _service(request).receive(request[OWNER], batch_id, upload, body, create=True)
     return _json(_upload_body(o))
 
 

@@ -336,7 +336,8 @@ class UploadService:
             raise ChunkTooLarge(f"request body of {cl} bytes is over the {s.max_chunk_size} byte chunk limit "
                                 "(FILEDROP_MAX_CHUNK_SIZE)")
         if cl is not None and (cl != req.size if req.chunk_count == 1 else cl > req.size):
-            raise FileSizeMismatch(f"Content-Length {cl} does not match X-File-Size {req.size}")
+            # "the body's length": NGINX passes a small chunked body on with a Content-Length.
+            raise FileSizeMismatch(f"the body's length {cl} does not match X-File-Size {req.size}")
 
     def _check_disk(self, req: UploadRequest) -> None:
         """The free-disk floor, before a byte is written (after the early answer: a repeat is
