@@ -271,10 +271,13 @@ OPERATION = path("operation", {"type": "string", "minLength": 1}, "a registered 
 
 FILE_HEADERS = (
     header("X-File-Name", {"type": "string", "minLength": 1, "maxLength": 765},
-           "the file name, percent-encoded UTF-8; no /, \\, control characters, '.' or '..'; at most 255 "
-           "characters", required=True),
+           "the file name, percent-encoded UTF-8 (765 characters: 255 bytes, each as %XX); not only whitespace; "
+           "no /, \\, control characters, format characters (Cf, but U+200C/U+200D), U+2028/U+2029, "
+           "noncharacters, '.' or '..'; at most 255 bytes of UTF-8", required=True),
     header("X-File-Size", {"type": "integer", "minimum": 0},
-           "the whole file's size (required when chunked; else Content-Length is used)"),
+           "the whole file's size; required when chunked. A whole file without it is its Content-Length, or, "
+           "sent without one (Transfer-Encoding: chunked), its length up to 1 MiB (1048576 bytes); over that "
+           "it is 400 ERR_FILE_SIZE_MISSING"),
     header("X-File-Type", {"type": "string", "maxLength": 255}, "its MIME type"),
     header("X-Upload-Type", {"enum": ["normal", "chunked"]}, "normal (default): the body is the whole file"),
     header("X-Upload-Chunk-Index", {"type": "integer", "minimum": 0}, "chunked: this chunk's index"),
