@@ -149,3 +149,15 @@ async def test_job_that_cannot_write_its_folder_fails_with_reason(client, settin
     result = (await get_json(client, f"/api/batch/blocked/{job['job_id']}/result"))["rows"]
     assert {r["status"] for r in result} == {"skipped"}
     assert len(rcv.attempts) == 1 and b'"status":"Failed"' in rcv.attempts[0][1]
+
+
+async def test_log_format_must_be_known(client) -> None:
+    """``?format=xml`` answered JSON; result's unknown format was already a 422."""
+    job = await start_ok(client, "logfmt", {"body": "x"}, rows(1))
+    await wait_job(client, "logfmt", job["job_id"])
+    r = await client.get(f"/api/batch/logfmt/{job['job_id']}/log?format=xml", headers=AUTH)
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert (body["field"], body["message"]) == ("format", "format must be json or text")
+    r = await client.get(f"/api/batch/logfmt/{job['job_id']}/log?format=text", headers=AUTH)
+    assert r.status == 200 and r.content_type == "text/plain" and "queued: 1 rows" in await r.text()
+    assert (await get_json(client, f"/api/batch/logfmt/{job['job_id']}/log?format=json"))["log"]

@@ -80,7 +80,7 @@ async def test_document_id_needs_api_url(client, settings) -> None:
     await refused(client, settings, 422, "api_url", template=None, document_id="abc")
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "1e3", " "])
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "1e3", " ", "\u0663", "1\u0660"])  # not ASCII digits: \d took them
 async def test_bad_max_errors(client, settings, value) -> None:
     if value == " ":
         job = await start_ok(client, "b1", SEED_TEMPLATE, SEED_ROWS, max_errors=value)  # blank = no limit
@@ -134,9 +134,10 @@ async def test_data_over_the_limit_is_413(aiohttp_client, settings) -> None:
     small = await aiohttp_client(create_app(settings.replace(max_data_size=2048)))
     data = [{"reference_id": f"r{i}", "data": {"pad": "x" * 100}} for i in range(30)]
     body = await refused(small, settings, 413, None, data=data)
-    assert body["code"] == "ERR_DATA_TOO_LARGE" and "data" in body["message"]
+    assert body["code"] == "ERR_DATA_TOO_LARGE"
+    assert body["message"] == "data is over the 2048-byte limit (FILEDROP_MAX_DATA_SIZE)"
     body = await refused(small, settings, 413, None, data=data, data_field="data_file")
-    assert "data_file" in body["message"]
+    assert body["message"] == "data_file is over the 2048-byte limit (FILEDROP_MAX_DATA_SIZE)"
 
 
 async def test_form_parts_over_the_total_limit_is_413(aiohttp_client, settings) -> None:
@@ -144,12 +145,37 @@ async def test_form_parts_over_the_total_limit_is_413(aiohttp_client, settings) 
     small = await aiohttp_client(create_app(settings.replace(max_data_size=2048, fetch_max_bytes=1 << 20)))
     params = {f"p{i}": "x" * 900_000 for i in range(3)}
     body = await refused(small, settings, 413, None, params=params)
-    assert body["code"] == "ERR_TOO_LARGE" and "start request" in body["message"]
+    assert body["code"] == "ERR_TOO_LARGE"
+    assert body["message"] == (f"the start request is over the {2048 + (1 << 20) + (1 << 20)}-byte limit "
+                               "(FILEDROP_MAX_DATA_SIZE + FILEDROP_FETCH_MAX_BYTES + 1 MiB)")
+
+
+async def test_a_param_part_over_its_limit_names_it(aiohttp_client, settings) -> None:
+    app = await aiohttp_client(create_app(settings.replace(fetch_max_bytes=100_000)))
+    body = await refused(app, settings, 413, None, params={"p": "x" * 100_000})
+    assert (body["code"], body["message"]) == ("ERR_FIELD_TOO_LARGE",
+                                               "param.p is over the 100000-byte limit (FILEDROP_FETCH_MAX_BYTES)")
+    app = await aiohttp_client(create_app(settings.replace(fetch_max_bytes=1024)))  # under the fixed floor
+    body = await refused(app, settings, 413, None, template={"body": "x"}, params={"p": "x" * 70_000})
+    assert body["message"] == ("param.p is over the 65536-byte limit (a fixed floor, not a setting; "
+                               "FILEDROP_FETCH_MAX_BYTES when larger)")
 
 
 async def test_not_multipart(client, settings) -> None:
     r = await client.post("/api/batch/b1/start", headers=AUTH, json={"data": []})
     await assert_error(r, 422)
+    assert_nothing_created(settings)
+
+
+async def test_a_urlencoded_start_is_refused_as_documented(client, settings) -> None:
+    """``curl --data-urlencode document_file=... --data-urlencode data=...`` made a job; the README
+    and the OpenAPI document say multipart/form-data only."""
+    r = await client.post("/api/batch/b1/start", headers=AUTH,
+                          data={"document_file": '{"body": "x"}', "data": '[{"reference_id": "a"}]'})
+    body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "content-type"
+    assert body["message"] == ("send the start request as multipart/form-data (curl -F), "
+                               "not application/x-www-form-urlencoded")
     assert_nothing_created(settings)
 
 
@@ -187,7 +213,8 @@ async def test_result_format_must_be_known(client) -> None:
 async def test_template_over_the_limit_is_413(aiohttp_client, settings) -> None:
     small = await aiohttp_client(create_app(settings.replace(fetch_max_bytes=1024)))
     body = await refused(small, settings, 413, None, template={"body": "x" * 2000})
-    assert body["code"] == "ERR_TEMPLATE_TOO_LARGE" and "document_file" in body["message"]
+    assert body["code"] == "ERR_TEMPLATE_TOO_LARGE"
+    assert body["message"] == "document_file is over the 1024-byte limit (FILEDROP_FETCH_MAX_BYTES)"
 
 
 async def test_api_url_refused_by_the_fetch_guard(aiohttp_client, settings) -> None:

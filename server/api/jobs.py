@@ -24,8 +24,11 @@ from server.keys import JOBS, OWNER, SETTINGS, SIGNED
 
 OPTION_FIELDS = ("document_id", "api_url", "strategy", "max_errors", "callback_url", "callback_emails",
                  "data_upload", "expires_in", "notification_method")
+# Fixed, not settings: a start's own parts are a handful; templates read any number of values from
+# one param.<name> JSON part, so nobody needs 200 parts, and the limit only bounds the reading.
 MAX_PARTS = 200
-OPTION_LIMIT = 64 << 10  # bytes of one plain option field
+OPTION_LIMIT = 64 << 10  # bytes of one plain option field at least (FILEDROP_FETCH_MAX_BYTES when larger)
+LOG_FORMATS = ("json", "text")
 
 
 def _malformed(e: Exception) -> Unprocessable:
@@ -49,31 +52,43 @@ async def _read_multipart(request: web.Request, data_limit: int, template_limit:
             if not isinstance(part, BodyPartReader) or not part.name:
                 continue
             name = part.name
-            limit, too_large = ((data_limit, DataTooLarge) if name in ("data", "data_file") else
-                                (template_limit, TemplateTooLarge) if name == "document_file" else
-                                (max(OPTION_LIMIT, template_limit), FieldTooLarge))
+            limit, too_large, setting = _part_limit(name, data_limit, template_limit)
             buf = bytearray()
             while chunk := await part.read_chunk(1 << 16):
                 buf += chunk
                 total += len(chunk)
                 if len(buf) > limit:
-                    raise too_large(f"{name} is over the {limit}-byte limit")
+                    raise too_large(f"{name} is over the {limit}-byte limit ({setting})")
                 if total > total_limit:
-                    raise PayloadTooLarge(f"the start request is over the {total_limit}-byte limit")
+                    raise PayloadTooLarge(f"the start request is over the {total_limit}-byte limit "
+                                          "(FILEDROP_MAX_DATA_SIZE + FILEDROP_FETCH_MAX_BYTES + 1 MiB)")
             fields[name] = bytes(buf)
     except (ValueError, AssertionError, RuntimeError) as e:  # aiohttp's multipart reader's refusals
         raise _malformed(e) from None
-    raise BadRequest(f"more than {MAX_PARTS} form parts")
+    raise BadRequest(f"more than {MAX_PARTS} form parts (a fixed limit, not a setting: put many values in one "
+                     "param.<name> JSON part)")
+
+
+def _part_limit(name: str, data_limit: int, template_limit: int) -> tuple[int, type[PayloadTooLarge], str]:
+    """The size limit of the part ``name``, its error, and the setting the limit comes from."""
+    if name in ("data", "data_file"):
+        return data_limit, DataTooLarge, "FILEDROP_MAX_DATA_SIZE"
+    if name == "document_file":
+        return template_limit, TemplateTooLarge, "FILEDROP_FETCH_MAX_BYTES"
+    if template_limit >= OPTION_LIMIT:
+        return template_limit, FieldTooLarge, "FILEDROP_FETCH_MAX_BYTES"
+    return OPTION_LIMIT, FieldTooLarge, "a fixed floor, not a setting; FILEDROP_FETCH_MAX_BYTES when larger"
 
 
 async def _read_form(request: web.Request, data_limit: int, template_limit: int,
                      total_limit: int) -> dict[str, bytes]:
+    """Multipart only, as documented (README, OpenAPI): a start carries a file and up to
+    FILEDROP_MAX_DATA_SIZE of rows, read part by part under each part's limit. A urlencoded
+    body (``curl --data-urlencode``) would be read whole, without those limits."""
     if request.content_type == "multipart/form-data":
         return await _read_multipart(request, data_limit, template_limit, total_limit)
-    if request.content_type == "application/x-www-form-urlencoded":
-        form = await request.post()
-        return {k: v.encode("utf-8") if isinstance(v, str) else v.file.read() for k, v in form.items()}
-    raise Unprocessable("send the start request as multipart/form-data", field="content-type")
+    sent = request.content_type if request.body_exists else "no body"
+    raise Unprocessable(f"send the start request as multipart/form-data (curl -F), not {sent}", field="content-type")
 
 
 def _text(fields: dict[str, bytes], name: str) -> str | None:
@@ -113,8 +128,11 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_log(request: web.Request) -> web.Response:
     m = request.match_info
+    fmt = request.query.get("format", "json")
+    if fmt not in LOG_FORMATS:
+        raise Unprocessable(f"format must be {' or '.join(LOG_FORMATS)}", field="format")
     log = await request.app[JOBS].log(request[OWNER], m["batch_id"], m["job_id"])
-    if request.query.get("format") == "text":
+    if fmt == "text":
         lines = [f"{e['at']} {e['level'].upper()} {e['message']}" for e in log["log"]]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
     return web.json_response(log, dumps=lambda o: json.dumps(o, ensure_ascii=False))
