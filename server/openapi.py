@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.config import Settings
+from server.jobs.checker import CHECKS_WAITING
 from server.nginx import job_body_limit
 
 JSON = "application/json"
@@ -69,16 +70,20 @@ class Op:
     body: dict[str, Schema] | None = None  # media type -> schema
     body_required: bool = False
     public: bool = False  # no key needed
+    signed: bool = False  # a signed URL may stand in for the key (server.auth: SIGNED_ROUTES)
     nuxeo: bool = False  # also answered under /nuxeo (the upload API)
     tag: str = "uploads"
     description: str = ""
     links: tuple[Link, ...] = ()
 
 
-def error(description: str, *codes: str) -> Answer:
+def error(description: str, *codes: str, headers: dict[str, str] | None = None) -> Answer:
     """An error answer in the one JSON shape; ``codes`` are the ``code`` values it can carry."""
     text = description + (f" Codes: {', '.join(codes)}." if codes else "")
-    return Answer(text, ref("Error"))
+    return Answer(text, ref("Error"), headers=headers or {})
+
+
+RETRY_AFTER = {"Retry-After": "seconds to wait before retrying (every 503 carries it)"}
 
 
 # --- schemas ------------------------------------------------------------------------------------
@@ -319,13 +324,19 @@ NO_JOB = error("No such job in this batch for this key.", "ERR_JOB_NOT_FOUND", "
 EXECUTE_ERRORS: dict[int, Answer] = {
     400: error("A malformed execute body or path.", "ERR_REQUEST_MALFORMED", "ERR_BATCH_ID_INVALID",
                "ERR_FILE_IDX_INVALID"),
-    404: error("No such batch, file or operation.", "ERR_BATCH_NOT_FOUND", "ERR_FILE_NOT_FOUND",
-               "ERR_FILE_INCOMPLETE", "ERR_OPERATION_NOT_FOUND"),
+    404: error("No such batch, file or operation (or a path no route matches once normalised: a batch id "
+               "`%2e%2e`).", "ERR_BATCH_NOT_FOUND", "ERR_FILE_NOT_FOUND", "ERR_FILE_INCOMPLETE",
+               "ERR_OPERATION_NOT_FOUND", "ERR_NOT_FOUND"),
     409: error("The operation conflicts with a running job.", "ERR_JOB_RUNNING", "ERR_BATCH_TAKEN"),
     413: error("An input of the operation is over its limit.", "ERR_DATA_TOO_LARGE", "ERR_TOO_LARGE"),
     422: error("A parameter of the operation is invalid (`field` names it).", "ERR_FIELD_INVALID"),
 }
 VOID = Answer("X-NXVoidOperation: true: done, nothing to say.")
+# A job start: its template is checked in a render process, one check per API key at a time.
+START_BUSY = error(f"This API key has {CHECKS_WAITING} job starts waiting for their template check already (the "
+                   "message names the limit; Retry-After: FILEDROP_RENDER_TIMEOUT, by when the running one has "
+                   "answered), or the app is stopping or down, or lost its database connection: retry.",
+                   "ERR_SERVER_BUSY", "ERR_SERVER_SHUTTING_DOWN", "ERR_APP_UNAVAILABLE", headers=RETRY_AFTER)
 
 
 def _batch_links(status: int, batch: str) -> tuple[Link, ...]:
@@ -356,7 +367,7 @@ def _upload_ops() -> list[Op]:
                    "ERR_BATCH_TOO_MANY_FILES", "ERR_BATCH_TOO_LARGE", "ERR_FILE_TOO_MANY_CHUNKS", "ERR_TOO_LARGE"),
         500: error("The disk failed (EIO): nothing was recorded; retry.", "ERR_STORAGE_FAILED"),
         503: error("Too many open files or the database is busy: nothing was recorded; retry.", "ERR_SERVER_BUSY",
-                   "ERR_SERVER_SHUTTING_DOWN", "ERR_APP_UNAVAILABLE"),
+                   "ERR_SERVER_SHUTTING_DOWN", "ERR_APP_UNAVAILABLE", headers=RETRY_AFTER),
         507: error("Not enough free disk space.", "ERR_DISK_FULL"),
     }
     return [
@@ -377,7 +388,7 @@ def _upload_ops() -> list[Op]:
            "Upload a file (or a chunk) as POST does, by a presigned URL (no key) or with the key",
            {**upload_answers, 403: SIGNED_REFUSED}, (BATCH, FILE, *FILE_HEADERS, *SIGNED_PARAMS),
            body={"application/octet-stream": {"type": "string", "contentMediaType": "application/octet-stream"}},
-           description="The URL comes from `presign`; the request is the same as a POST with the key: the same "
+           signed=True, description="The URL comes from `presign`; the request is the same as a POST with the key: the same "
                        "headers, limits and checks."),
         Op("POST", "/api/v1/upload/{batch_id}/{file_idx}/presign", "presignUpload",
            "A signed URL that uploads this file of the batch without the key",
@@ -398,12 +409,12 @@ def _upload_ops() -> list[Op]:
         Op("POST", "/api/v1/upload/{batch_id}/execute/{operation}", "executeBatch",
            "Run an operation on a batch (it is dropped afterwards unless X-Batch-No-Drop or the operation keeps it)",
            {200: Answer("The operation's answer.", {"anyOf": [ref("Manifest"), ref("Job")]}),
-            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS},
+            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS, 503: START_BUSY},
            (BATCH, OPERATION, *EXECUTE_HEADERS), body={JSON: ref("ExecuteBody")}, nuxeo=True),
         Op("POST", "/api/v1/upload/{batch_id}/{file_idx}/execute/{operation}", "executeFile",
            "Run an operation on one file of a batch",
            {200: Answer("The operation's answer.", {"anyOf": [ref("Manifest"), ref("Job")]}),
-            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS},
+            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS, 503: START_BUSY},
            (BATCH, FILE, OPERATION, *EXECUTE_HEADERS), body={JSON: ref("ExecuteBody")}, nuxeo=True),
         # The legacy automation form (Nuxeo's /site/automation/batch).
         Op("POST", "/site/automation/batch/upload", "legacyUpload",
@@ -426,7 +437,7 @@ def _upload_ops() -> list[Op]:
         Op("POST", "/site/automation/batch/execute", "legacyExecute",
            "Run an operation: params.operationId, params.batchId, params.fileIdx (legacy form)",
            {200: Answer("The operation's answer.", {"anyOf": [ref("Manifest"), ref("Job")]}),
-            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS},
+            202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS, 503: START_BUSY},
            EXECUTE_HEADERS, body={JSON: {"type": "object", "required": ["params"], "properties": {
                "params": {"type": "object", "required": ["operationId", "batchId"], "properties": {
                    "operationId": {"type": "string"}, "batchId": UPLOAD_BATCH_ID,
@@ -443,7 +454,7 @@ EXECUTE_OPERATIONS: dict[str, tuple[str, dict[int, Answer], Schema]] = {
         "Start a smartlink job from a template and data uploaded to this batch (the batch is kept: rows may "
         "publish its files as \"pdf\": \"batch:<fileIdx>\")",
         {202: Answer("The new job.", ref("Job")),
-         200: Answer("The same inputs as the batch's running job: that job.", ref("Job"))},
+         200: Answer("The same inputs as the batch's running job: that job.", ref("Job")), 503: START_BUSY},
         {"type": "object", "required": ["params"], "properties": {"params": ref("SmartLinksParams"),
                                                                   "context": {"type": ["object", "null"]}}}),
 }
@@ -478,7 +489,7 @@ def _job_ops(settings: Settings) -> list[Op]:
                        f"{settings.fetch_max_bytes} (FILEDROP_FETCH_MAX_BYTES), or a request over "
                        f"{job_body_limit(settings)} bytes.", "ERR_DATA_TOO_LARGE", "ERR_TEMPLATE_TOO_LARGE",
                        "ERR_FIELD_TOO_LARGE", "ERR_TOO_LARGE"),
-            422: error("A field is invalid; `field` names it.", "ERR_FIELD_INVALID")},
+            422: error("A field is invalid; `field` names it.", "ERR_FIELD_INVALID"), 503: START_BUSY},
            (JOB_BATCH,), body={"multipart/form-data": ref("StartForm")}, body_required=True, tag="jobs",
            links=_job_links(202) + _job_links(200) + _job_links(201)
            + (Link(201, "putJobData", {"batch_id": "$response.body#/batch_id", "job_id": "$response.body#/job_id"}),)),
@@ -493,7 +504,7 @@ def _job_ops(settings: Settings) -> list[Op]:
            (JOB_BATCH, JOB, *SIGNED_PARAMS), tag="jobs",
            body={JSON: {"type": "array", "items": {"type": "object"}, "description": "rows, a JSON array"},
                  "application/x-ndjson": {"type": "string", "description": "rows, JSON Lines"}},
-           body_required=True, links=_job_links(201)),
+           body_required=True, signed=True, links=_job_links(201)),
         Op("GET", "/api/batch/{batch_id}/{job_id}/status", "getJobStatus", "A job's status and counts",
            {200: job, 404: NO_JOB}, (JOB_BATCH, JOB), tag="jobs"),
         Op("GET", "/api/batch/{batch_id}/{job_id}/log", "getJobLog", "A job's log",
@@ -515,9 +526,11 @@ def _job_ops(settings: Settings) -> list[Op]:
                                   "json (default), csv, or url: a signed link to the CSV, fetched without the key"),
             Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
                   "format=url: seconds the link lives (default FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS),
-           tag="jobs"),
+           tag="jobs", signed=True),
         Op("GET", "/api/batch/{batch_id}/jobs", "listBatchJobs", "The caller's jobs of a batch, newest first",
-           {200: Answer("The jobs.", ref("BatchJobs"))}, (JOB_BATCH,), tag="jobs"),
+           {200: Answer("The jobs (none: an empty list).", ref("BatchJobs")),
+            404: error("A batch id no job batch can have (see batch_id's pattern).", "ERR_BATCH_NOT_FOUND",
+                       "ERR_NOT_FOUND")}, (JOB_BATCH,), tag="jobs"),
         Op("GET", "/api/limits", "getLimits", "The limits a client must respect (from the settings)",
            {200: Answer("The limits, in bytes and files.", ref("Limits"))}, tag="service"),
     ]
@@ -560,16 +573,23 @@ def _common(settings: Settings, public: bool) -> dict[int, Answer]:
                    f"(FILEDROP_MAX_CHUNK_SIZE), {job_body_limit(settings)} for other /api/ paths.", "ERR_TOO_LARGE"),
         414: error("The request URI is too long.", "ERR_URI_TOO_LONG"),
         431: error("The request headers are too large.", "ERR_HEADERS_TOO_LARGE"),
-        503: Answer("The app is stopping, or down (then NGINX answers, with Retry-After), or its connection to "
-                    "the database was lost: retry. Codes: ERR_SERVER_SHUTTING_DOWN, ERR_APP_UNAVAILABLE, "
-                    "ERR_SERVER_BUSY.", ref("Error"),
-                    headers={"Retry-After": "seconds (from NGINX)"}),
+        503: error("The app is stopping, or down (then NGINX answers), or its connection to the database was "
+                   "lost: retry after Retry-After.", "ERR_SERVER_SHUTTING_DOWN", "ERR_APP_UNAVAILABLE",
+                   "ERR_SERVER_BUSY", headers=RETRY_AFTER),
         504: error("The app did not answer in time (NGINX).", "ERR_APP_TIMEOUT"),
     }
     if not public:
         out[401] = Answer("No valid key: an empty body.", None, headers={
             "WWW-Authenticate": 'Basic realm="filedrop"'})
     return out
+
+
+# A method a path does not answer. Not listed under the operations: an operation is a method the
+# path does answer, so none of them gets it; described once, in components and in info.
+METHOD_NOT_ALLOWED = error("A method this path does not answer (PATCH /api/limits): the app, or NGINX on the paths "
+                           "it serves itself, answers 405 with Allow listing the methods that path answers (the "
+                           "operations under it).", "ERR_METHOD_NOT_ALLOWED",
+                           headers={"Allow": "the methods this path answers"})
 
 
 def _response(a: Answer) -> dict[str, Any]:
@@ -616,11 +636,16 @@ def _operation(op: Op, settings: Settings, suffix: str, nuxeo_ids: set[str]) -> 
                               "content": {media: {"schema": s} for media, s in op.body.items()}}
     if op.public:
         doc["security"] = []
+    elif op.signed:  # the key, or instead of it a signed URL (OpenAPI: any one of the list)
+        doc["security"] = [*KEY_SECURITY, {"signedUrl": []}]
     for link in op.links:
         target = link.operation_id + (suffix if link.operation_id in nuxeo_ids else "")
         doc["responses"][str(link.status)].setdefault("links", {})[link.operation_id] = {
             "operationId": target, "parameters": link.parameters}
     return doc
+
+
+KEY_SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"nuxeoToken": []}, {"basic": []}, {"bearer": []}]
 
 
 def build(settings: Settings) -> dict[str, Any]:
@@ -646,22 +671,31 @@ def build(settings: Settings) -> dict[str, Any]:
                 f"(FILEDROP_MAX_CHUNK_SIZE), one file {settings.max_file_size} (FILEDROP_MAX_FILE_SIZE), "
                 f"{settings.max_files_per_batch} files and {settings.max_batch_bytes} bytes per batch "
                 f"(FILEDROP_MAX_FILES_PER_BATCH, FILEDROP_MAX_BATCH_BYTES), job rows {settings.max_data_size} "
-                "bytes (FILEDROP_MAX_DATA_SIZE)."),
+                "bytes (FILEDROP_MAX_DATA_SIZE). A method a path does not answer is 405 "
+                "ERR_METHOD_NOT_ALLOWED with Allow (components/responses/MethodNotAllowed). Every 503 carries "
+                "Retry-After."),
         },
         "servers": [{"url": settings.public_url.rstrip("/")}],
         "tags": [{"name": "uploads", "description": "Nuxeo batch upload API"},
                  {"name": "jobs", "description": "smartlink jobs"},
                  {"name": "service", "description": "probes and this document"}],
-        "security": [{"apiKey": []}, {"nuxeoToken": []}, {"basic": []}, {"bearer": []}],
+        "security": KEY_SECURITY,
         "paths": paths,
         "components": {
             "schemas": SCHEMAS,
-            "responses": {f"Common{status}": _response(a) for status, a in _common(settings, False).items()},
+            "responses": {**{f"Common{status}": _response(a) for status, a in _common(settings, False).items()},
+                          "MethodNotAllowed": _response(METHOD_NOT_ALLOWED)},
             "securitySchemes": {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 "nuxeoToken": {"type": "apiKey", "in": "header", "name": "X-Authentication-Token"},
                 "basic": {"type": "http", "scheme": "basic", "description": "the key as the password, any user"},
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "signedUrl": {"type": "apiKey", "in": "query", "name": "signature", "description": (
+                    "A signed URL in place of the key, on the operations that list it: the URL as the server "
+                    "made it (upload_URL, download_url), its `expires`, `kid` and `signature` (the operation's "
+                    "query parameters) each once, sent with the method it was made for. It "
+                    "allows that request alone until `expires`: 403 ERR_URL_INVALID for anything changed, "
+                    "ERR_URL_EXPIRED after.")},
             },
         },
     }

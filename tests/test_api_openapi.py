@@ -1,5 +1,7 @@
 """The OpenAPI document and the router describe the same routes; it is served without a key;
-every error code the code raises by name is in it; it is a document schemathesis can load."""
+every error code the code raises by name is in it; the routes that take a signed URL say so; what
+the server answers for ids that are malformed or unknown is documented, status and code; it is a
+document schemathesis can load."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import schemathesis
 
 from server.app import create_app
 from server.config import Settings
+from server.keys import SIGNED_ROUTES
 from server.openapi import EXECUTE_OPERATIONS, build
+from server.signing import EXPIRES, KID, SIGNATURE
+from tests.conftest import AUTH
 from tests.support.server import REPO
 
 
@@ -61,7 +66,87 @@ def test_operation_ids_are_unique_and_every_operation_answers_errors_in_the_shap
                 r = responses[r["$ref"].rsplit("/", 1)[1]] if "$ref" in r else r
                 if int(status) >= 400 and status != "401":
                     assert r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                if status == "503":
+                    assert "Retry-After" in r["headers"], (method, path)
     assert responses["Common401"]["headers"]["WWW-Authenticate"]
+
+
+def codes_of(description: str) -> set[str]:
+    """The codes an answer's description lists (``error()``: "... Codes: A, B.")."""
+    m = re.search(r"Codes: ([A-Z0-9_, ]+)\.", description)
+    return set(m.group(1).split(", ")) if m else set()
+
+
+def test_job_starts_document_the_checkers_503_with_retry_after(settings: Settings) -> None:
+    doc = build(settings)
+    starts = [op for ops in doc["paths"].values() for op in ops.values()
+              if op["operationId"].startswith(("startJob", "executeSmartLinksGenerate", "executeBatch", "executeFile",
+                                               "legacyExecute"))
+              and not op["operationId"].startswith("executeBatchManifest")]
+    assert len(starts) == 11  # startJob; 2 SmartLinks.Generate, 2 generic and the legacy execute, each x /nuxeo
+    for op in starts:
+        busy = op["responses"]["503"]
+        assert "ERR_SERVER_BUSY" in codes_of(busy["description"]) and "template check" in busy["description"]
+        assert busy["headers"]["Retry-After"]
+
+
+def test_the_routes_that_take_a_signature_offer_it_instead_of_the_key(settings: Settings) -> None:
+    doc = build(settings)
+    keys = doc["security"]
+    scheme = doc["components"]["securitySchemes"]["signedUrl"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "query", SIGNATURE)
+    assert {"signedUrl": []} not in keys
+    offered = set()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if {"signedUrl": []} not in op.get("security", keys):
+                continue
+            offered.add((method.upper(), path))
+            assert op["security"] == [*keys, {"signedUrl": []}]  # any one of them: the key still works
+            query = {p["name"] for p in op["parameters"] if p["in"] == "query"}
+            assert {EXPIRES, KID, SIGNATURE} <= query
+            assert "ERR_URL_INVALID" in codes_of(op["responses"]["403"]["description"])
+    assert offered == set(create_app(settings)[SIGNED_ROUTES])
+
+
+# Path parameters the server refuses (malformed) or finds nothing for (well-formed): the answer's
+# status must be documented for the operation, and its code among that status's codes.
+MALFORMED = {"batch_id": ["-bad", ".bad", "_bad", "a..b", "a%20b", "x" * 129, "%2e%2e"],
+             "file_idx": ["x1", "-1", "1234567890"], "job_id": ["zz", "0" * 33], "handler": [], "operation": []}
+UNKNOWN = {"batch_id": "nosuchbatch", "file_idx": "5", "job_id": "0" * 32, "handler": "nope",
+           "operation": "No.Such"}
+
+
+async def test_malformed_and_unknown_ids_answer_documented_statuses_and_codes(client, settings: Settings) -> None:
+    doc = build(settings)
+    components = doc["components"]["responses"]
+    wrong = []
+    for path, ops in doc["paths"].items():
+        names = re.findall(r"\{(\w+)\}", path)
+        variants = [UNKNOWN] + [{**UNKNOWN, name: bad} for name in names for bad in MALFORMED[name]]
+        for method, op in ops.items():
+            for values in variants:
+                url = re.sub(r"\{(\w+)\}", lambda m, v=values: v[m.group(1)], path)  # type: ignore[misc]
+                r = await client.request(method.upper(), url, data=b"{}", headers={**AUTH, "X-File-Name": "a"})
+                body = await r.read()
+                code = json.loads(body).get("code") if r.status >= 400 and body else None
+                documented = op["responses"].get(str(r.status))
+                if documented and "$ref" in documented:
+                    documented = components[documented["$ref"].rsplit("/", 1)[1]]
+                if documented is None or (code is not None and code not in codes_of(documented["description"])):
+                    wrong.append(f"{method.upper()} {url}: {r.status} {code}")
+    assert not wrong, "answers server/openapi.py does not document:\n" + "\n".join(wrong)
+
+
+async def test_a_method_a_path_does_not_answer_is_the_documented_405(client, settings: Settings) -> None:
+    r = await client.patch("/api/limits", headers=AUTH)
+    body = await r.json()
+    assert (r.status, body["entity-type"], body["code"]) == (405, "exception", "ERR_METHOD_NOT_ALLOWED"), body
+    assert r.headers["Allow"] == "GET"
+    doc = build(settings)
+    described = doc["components"]["responses"]["MethodNotAllowed"]
+    assert codes_of(described["description"]) == {"ERR_METHOD_NOT_ALLOWED"} and described["headers"]["Allow"]
+    assert "405" in doc["info"]["description"]
 
 
 def test_every_error_code_raised_by_name_is_documented(settings: Settings) -> None:
@@ -69,10 +154,9 @@ def test_every_error_code_raised_by_name_is_documented(settings: Settings) -> No
     raised = set()
     for f in (REPO / "server").rglob("*.py"):
         raised |= set(re.findall(r'code(?:\s*=\s*|: str = )"(ERR_[A-Z0-9_]+)"', f.read_text()))
-    # Codes of the CLI (never an HTTP answer) and of HTTP answers aiohttp makes for methods
-    # and paths that are not routes (405) are not operation answers.
-    not_http = {"ERR_KEY_NAME_INVALID", "ERR_KEY_NAME_TAKEN", "ERR_METHOD_NOT_ALLOWED", "ERR_INTERNAL",
-                "ERR_CONFLICT", "ERR_REQUEST_INCOMPLETE"}
+    # Codes of the CLI (never an HTTP answer) and base classes' codes no answer carries.
+    not_http = {"ERR_KEY_NAME_INVALID", "ERR_KEY_NAME_TAKEN", "ERR_INTERNAL", "ERR_CONFLICT",
+                "ERR_REQUEST_INCOMPLETE"}
     missing = sorted(c for c in raised - not_http if c not in text)
     assert not missing, f"error codes raised but not in server/openapi.py: {missing}"
 
