@@ -6,11 +6,11 @@ No valid key: 401 with an empty body and ``WWW-Authenticate: Basic realm="filedr
 answers). ``Authorization: Bearer KEY`` is accepted too.
 
 A signed URL (``server.signing``) takes the place of a key on the routes of ``SIGNED_ROUTES``
-only, and for exactly the method, path and query it was signed for: a request there with a
-``signature`` parameter is judged by it alone (403 ``ERR_URL_INVALID`` / ``ERR_URL_EXPIRED``,
-one INFO line), and acts for the owner of the resource the path names, while that owner's key
-is accepted: a revoked key's URLs stop with it (``ERR_URL_INVALID``, within the 5 s a lookup is
-trusted).
+only, and for exactly the method (a HEAD: GET), path and query it was signed for: a request
+there with a ``signature`` parameter is judged by it alone (403 ``ERR_URL_INVALID`` /
+``ERR_URL_EXPIRED``, one INFO line), and acts for the owner of the resource the path names,
+while that owner's key is accepted: a revoked key's URLs stop with it (``ERR_URL_INVALID``,
+within the 5 s a lookup is trusted).
 """
 
 from __future__ import annotations
@@ -122,6 +122,12 @@ def unauthorized() -> web.Response:
     return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="filedrop"'})
 
 
+def signed_method(request: web.Request) -> str:
+    """The method a signed URL must have been made for to allow this request: HEAD is GET without
+    the body (RFC 9110, 9.3.2), so a URL signed for GET allows HEAD too (and GET's alone does)."""
+    return "GET" if request.method == "HEAD" else request.method
+
+
 def signed_route(request: web.Request) -> OwnerLookup | None:
     """The owner lookup of the request's route when it takes signed URLs (else None)."""
     if SIGNATURE not in request.query:
@@ -129,7 +135,7 @@ def signed_route(request: web.Request) -> OwnerLookup | None:
     resource = request.match_info.route.resource
     if resource is None:
         return None
-    return request.app[SIGNED_ROUTES].get((request.method, resource.canonical))
+    return request.app[SIGNED_ROUTES].get((signed_method(request), resource.canonical))
 
 
 @web.middleware
@@ -142,7 +148,8 @@ async def auth_middleware(
     if lookup is not None:
         owner = await lookup(request.app, request.match_info)
         try:
-            await request.app[SIGNER].verify(request.method, request.rel_url.raw_path, request.query.items(), owner)
+            await request.app[SIGNER].verify(signed_method(request), request.rel_url.raw_path, request.query.items(),
+                                             owner)
         except Forbidden as e:
             log.info("signed URL refused: %s %s: %s", request.method, request.path, e.message)
             raise
