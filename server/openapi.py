@@ -476,6 +476,15 @@ def _execute_ops() -> list[Op]:
 
 def _job_ops(settings: Settings) -> list[Op]:
     job = Answer("The job.", ref("Job"))
+    result_errors = {
+        403: SIGNED_REFUSED, 404: NO_JOB, 409: error("format=url: the job has not ended yet.", "ERR_JOB_NOT_FINISHED"),
+        422: error("format is not json, csv or url; expires_in is not a number of seconds or over "
+                   "FILEDROP_MAX_URL_TTL.", "ERR_FIELD_INVALID")}
+    result_params = (JOB_BATCH, JOB, Param("format", "query", {"type": "string"},
+                                           "json (default), csv, or url: a signed link to the CSV, fetched without "
+                                           "the key"),
+                     Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                           "format=url: seconds the link lives (default FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS)
     return [
         Op("POST", "/api/batch/{batch_id}/start", "startJob",
            "Start a smartlink job: one HTML page per data row, published under /<batch_id>/",
@@ -518,15 +527,13 @@ def _job_ops(settings: Settings) -> list[Op]:
              (JOB_BATCH, JOB), tag="jobs") for m in ("GET", "POST")),
         Op("GET", "/api/batch/{batch_id}/{job_id}/result", "getJobResult", "Every row's outcome and link",
            {200: Answer("The rows (format=csv: text/csv; format=url: a signed download link).",
-                        {"anyOf": [ref("JobResult"), ref("DownloadLink")]}), 403: SIGNED_REFUSED, 404: NO_JOB,
-            409: error("format=url: the job has not ended yet.", "ERR_JOB_NOT_FINISHED"),
-            422: error("format is not json, csv or url; expires_in is not a number of seconds or over "
-                       "FILEDROP_MAX_URL_TTL.", "ERR_FIELD_INVALID")},
-           (JOB_BATCH, JOB, Param("format", "query", {"type": "string"},
-                                  "json (default), csv, or url: a signed link to the CSV, fetched without the key"),
-            Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
-                  "format=url: seconds the link lives (default FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS),
-           tag="jobs", signed=True),
+                        {"anyOf": [ref("JobResult"), ref("DownloadLink")]}), **result_errors},
+           result_params, tag="jobs", signed=True),
+        # HEAD is GET without the body (a signed download link is judged as the GET it was made for).
+        Op("HEAD", "/api/batch/{batch_id}/{job_id}/result", "getJobResultHead",
+           "Every row's outcome and link: the headers only",
+           {200: Answer("The same answer as GET, without a body."), **result_errors},
+           result_params, tag="jobs", signed=True),
         Op("GET", "/api/batch/{batch_id}/jobs", "listBatchJobs", "The caller's jobs of a batch, newest first",
            {200: Answer("The jobs (none: an empty list).", ref("BatchJobs")),
             404: error("A batch id no job batch can have (see batch_id's pattern).", "ERR_BATCH_NOT_FOUND",

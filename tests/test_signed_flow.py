@@ -18,10 +18,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
-from server.api.jobs import get_result
 from server.api.signed import RESULT_PATH
 from server.app import create_app
 from server.config import Settings
@@ -241,12 +239,8 @@ def test_every_refusal_through_nginx(server_factory, nginx_factory, tmp_path: Pa
 async def test_a_head_of_a_url_signed_for_get_is_judged_as_that_get(aiohttp_client, settings: Settings) -> None:
     """HEAD is GET without the body (RFC 9110, 9.3.2): a download link signed for GET answers a
     HEAD with the GET's status and headers, while a HEAD with no signature still needs the key.
-    In process, on the production app with the HEAD route that ``web.get`` adds to a GET route
-    (server/api/jobs.py registers the result route for GET alone: see the strict xfail below)."""
-    app = create_app(settings)
-    if ("HEAD", RESULT_PATH) not in {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}:
-        app.router.add_route("HEAD", RESULT_PATH, get_result)
-    client = await aiohttp_client(app)
+    In process, on the production app."""
+    client = await aiohttp_client(create_app(settings))
     done = await start_ok(client, "heads", SEED_TEMPLATE, SEED_ROWS)
     await wait_job(client, "heads", done["job_id"])
     r = await client.get(f"/api/batch/heads/{done['job_id']}/result?format=url", headers=AUTH)
@@ -262,8 +256,6 @@ async def test_a_head_of_a_url_signed_for_get_is_judged_as_that_get(aiohttp_clie
     assert head.status == 401 and "WWW-Authenticate" in head.headers
 
 
-@pytest.mark.xfail(strict=True, reason="server/api/jobs.py registers the result route for GET alone (web.route); "
-                   "HEAD there needs web.get(...) (allow_head) and a HEAD operation in server/openapi.py")
 def test_the_result_route_answers_head(settings: Settings) -> None:
     app = create_app(settings)
     assert ("HEAD", RESULT_PATH) in {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}

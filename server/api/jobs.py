@@ -172,4 +172,5 @@ ROUTES: list[web.RouteDef] = [
     web.route("GET", "/api/batch/{batch_id}/{job_id}/cancel", cancel_job),
     web.post("/api/batch/{batch_id}/{job_id}/cancel", cancel_job),
     web.route("GET", "/api/batch/{batch_id}/{job_id}/result", get_result),
+    web.route("HEAD", "/api/batch/{batch_id}/{job_id}/result", get_result),  # a download link's headers
 ]
