@@ -43,11 +43,11 @@ async def checks_queued(client, n: int) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_one_keys_slow_checks_do_not_hold_up_another_keys_start(aiohttp_client, settings) -> None:
-    timeout = 3.0
+    timeout = 2.0
     client = await aiohttp_client(create_app(settings.replace(render_timeout=timeout)))
     slow = [asyncio.create_task(start(client, f"slow{i}", SLOW, SEED_ROWS, headers=OTHER)) for i in range(3)]
     await checks_queued(client, 3)
-    # One at a time for everyone, the trivial start answered after the three slow ones: 9 s.
+    # One at a time for everyone, the trivial start answered after the three slow ones: 6 s.
     t0 = time.monotonic()
     r = await start(client, "trivial", TRIVIAL, SEED_ROWS)
     took = time.monotonic() - t0
@@ -61,8 +61,8 @@ async def test_one_keys_slow_checks_do_not_hold_up_another_keys_start(aiohttp_cl
 
 
 async def test_a_key_with_too_many_checks_waiting_is_told_the_limit(aiohttp_client, settings) -> None:
-    # 1.5 s: Retry-After rounds FILEDROP_RENDER_TIMEOUT up (2), not the 1 s other busy 503s say.
-    client = await aiohttp_client(create_app(settings.replace(render_timeout=1.5)))
+    # 1.2 s: Retry-After rounds FILEDROP_RENDER_TIMEOUT up (2), not the 1 s other busy 503s say.
+    client = await aiohttp_client(create_app(settings.replace(render_timeout=1.2)))
     slow = [asyncio.create_task(start(client, f"slow{i}", SLOW, SEED_ROWS, headers=OTHER))
             for i in range(1 + CHECKS_WAITING)]
     await checks_queued(client, 1 + CHECKS_WAITING)
