@@ -133,6 +133,11 @@ async def test_a_waiting_job_holds_its_batch(client) -> None:
     again = await r.json()
     assert r.status == 200 and again["job_id"] == job["job_id"] and again["expires"] == job["expires"]
     assert again["upload_URL"] == job["upload_URL"]
+    # Another life for the URL is another start: not the first URL with a life not asked for.
+    for other_life in ("100", ""):  # "": the default, 8 h
+        body = await assert_error(await start(client, "held", SEED_TEMPLATE, None, data_upload="url",
+                                              expires_in=other_life), 409, "ERR_JOB_RUNNING")
+        assert body["job_id"] == job["job_id"]
     # Other inputs (rows now, or another template): the batch has a running job.
     body = await assert_error(await start(client, "held", SEED_TEMPLATE, SEED_ROWS), 409, "ERR_JOB_RUNNING")
     assert body["job_id"] == job["job_id"]

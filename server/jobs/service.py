@@ -107,6 +107,17 @@ class Started:
     data_expires: datetime | None = None  # set while the job waits for its data (data_upload=url)
 
 
+def _other_life(running: Job, wait: float | None) -> bool:
+    """Whether a repeated start of a job waiting for its data asks for an upload URL of another
+    life (``expires_in``) than the job was given: then it is not the same start (a 409, not the
+    first URL with an expiry the client did not ask for). The life is the job's expiry less its
+    start, both in whole seconds, as the start set them."""
+    if wait is None or running.status != WAITING or running.data_expires is None:
+        return False
+    given = (running.data_expires - running.created_at.replace(microsecond=0)).total_seconds()
+    return abs(given - wait) > 1
+
+
 def parse_rows(raw: bytes, where: str, max_digits: int | None = None) -> list[Any]:
     """A JSON array of rows, or JSON Lines (a BOM in front is fine either way). Raises
     Unprocessable naming ``where`` (also for nesting too deep, lone surrogates and integers of
@@ -324,7 +335,7 @@ class JobService:
                 raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
             running = await s.scalar(select(Job).where(Job.batch_id == inp.batch_id, Job.status.in_(ACTIVE)))
             if running is not None:
-                if running.inputs_hash == inputs_hash:
+                if running.inputs_hash == inputs_hash and not _other_life(running, wait):
                     return Started(job_json(running), created=False,
                                    data_expires=running.data_expires if running.status == WAITING else None)
                 raise JobRunning(f"batch {inp.batch_id!r} has a running job {running.job_id} with other inputs; "
