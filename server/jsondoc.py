@@ -101,17 +101,18 @@ def _int_parser(max_digits: int) -> Callable[[str], int]:
     """``parse_int`` for ``json.loads``: an integer of more than ``max_digits`` digits is a
     JsonRefused naming FILEDROP_MAX_NUMBER_DIGITS (not Python's ValueError, whose advice is for
     programmers)."""
+    interpreter = sys.get_int_max_str_digits()
+    if interpreter and max_digits > interpreter:
+        # The setting is above this process's limit (Python's default, 4300): what a job accepts
+        # must also be stored and parsed back (render processes run at the setting). Only ever
+        # raised, to what the operator chose; once, not per integer.
+        sys.set_int_max_str_digits(max_digits)
+
     def parse(s: str) -> int:
         digits = len(s) - (s[0] == "-")
         if digits > max_digits:
             raise JsonRefused(f"holds a number of {digits:,} digits, more than FILEDROP_MAX_NUMBER_DIGITS "
                               f"({max_digits}) allows")
-        interpreter = sys.get_int_max_str_digits()
-        if interpreter and digits > interpreter:
-            # The setting is above this process's limit (Python's default, 4300): what a job
-            # accepts must also be stored and parsed back (render processes run at the setting).
-            # Only ever raised, to what the operator chose.
-            sys.set_int_max_str_digits(max_digits)
         return int(s)
 
     return parse
