@@ -127,7 +127,8 @@ def start_nginx(work: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
 
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     prefix = work / "nginx"
-    conf = render(Settings(data_dir=work / "var", smartlink_root=root), prefix, listen=f"127.0.0.1:{port}")
+    conf = render(Settings(data_dir=work / "var", smartlink_root=root), prefix, listen=f"127.0.0.1:{port}",
+                  page_listen=f"127.0.0.1:{free_port()}")
     proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
     wait_http(f"http://127.0.0.1:{port}/", proc)
     return proc

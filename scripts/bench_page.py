@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
             app = ServerProcess(env, work / f"server-{text}.log").start()
             try:
                 ngx = factory.start(Settings.from_env(env), app_port=app.port, http_port=http_port)
-                page = DropPage(driver, ngx.url, "bench").open()
+                page = DropPage(driver, ngx.page_url, "bench").open()
                 page.enter_key(KEY)
                 page.wait_key_accepted()
                 page_s, client_s = [], []

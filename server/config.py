@@ -75,7 +75,9 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "app_host": ("127.0.0.1", "Address the Python app binds to (NGINX proxies to it)."),
     "app_port": ("8081", "Port of the Python app."),
     "http_host": ("127.0.0.1", "Address NGINX listens on (scripts/run, the systemd site): 0.0.0.0 or a public address opens it to the network."),
-    "http_port": ("8080", "Public NGINX port (scripts/run, tests)."),
+    "http_port": ("8080", "Public NGINX port (scripts/run, tests): the smartlinks and the API."),
+    "page_port": ("8079", "NGINX port of the drop page (and the API again): an origin of its own, so that no smartlink "
+                  "can read the key a person typed into the page. `/` on `FILEDROP_HTTP_PORT` redirects here."),
     "public_url": ("http://127.0.0.1:<http_port>", "Base URL smartlinks are published under (result links)."),
     "api_keys": ("", "Comma-separated API keys accepted besides those made by `filedrop keys create`."),
     "max_file_size": ("10G", "Largest file one upload may declare (X-File-Size). Over: 413."),
@@ -129,6 +131,7 @@ class Settings:
     app_port: int = 8081
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    page_port: int = 8079
     public_url: str = ""
     api_keys: tuple[str, ...] = ()
     max_file_size: int = 10 << 30
@@ -302,14 +305,14 @@ _SIZES = {"max_file_size", "max_chunk_size", "chunk_size", "max_batch_bytes", "m
 _DURATIONS = {"upload_sync_interval", "batch_ttl", "job_retention", "janitor_interval", "fetch_timeout",
               "callback_backoff", "cleanup_grace", "render_timeout", "upload_url_ttl", "download_url_ttl",
               "max_url_ttl"}
-_INTS = {"app_port", "http_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
+_INTS = {"app_port", "http_port", "page_port", "max_files_per_batch", "max_chunks_per_file", "workers", "min_suffix_length",
          "callback_retries", "smtp_port", "max_number_digits", "database_pool", "app_processes",
          "check_processes"}
-_INT_MIN = {"app_port": 1, "http_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
+_INT_MIN = {"app_port": 1, "http_port": 1, "page_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
             "max_chunks_per_file": 1, "callback_retries": 1, "database_pool": 2, "app_processes": 1,
             "max_number_digits": 640, "check_processes": 1}  # 640: Python's own floor for int/str digits
 # Upper bounds where one is needed: ports; processes behind one NGINX on consecutive ports.
-_INT_MAX = {"app_port": 65535, "http_port": 65535, "smtp_port": 65535, "app_processes": 64, "check_processes": 64}
+_INT_MAX = {"app_port": 65535, "http_port": 65535, "page_port": 65535, "smtp_port": 65535, "app_processes": 64, "check_processes": 64}
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}

@@ -101,30 +101,47 @@ def too_large_messages(settings: Settings) -> tuple[str, str]:
     return chunk, job
 
 
-def values(settings: Settings, *, listen: str | None = None, worker_processes: str = "auto",
-           app_ports: Sequence[int] | None = None, unprivileged: bool = False) -> dict[str, str]:
+def _checked_listen(listen: str) -> str:
+    if not re.fullmatch(r"(?:[0-9.]+:|\[[0-9a-fA-F:]+\]:)?[0-9]{1,5}", listen):
+        raise ValueError(f"listen {listen!r}: use PORT, ADDR:PORT or [ADDR6]:PORT")
+    return listen
+
+
+def _port(listen: str) -> int:
+    return int(listen.rsplit(":", 1)[-1])
+
+
+def values(settings: Settings, *, listen: str | None = None, page_listen: str | None = None,
+           worker_processes: str = "auto", app_ports: Sequence[int] | None = None,
+           unprivileged: bool = False) -> dict[str, str]:
     """The placeholder values for ``settings``. ``listen`` defaults to ``http_host:http_port``
-    (127.0.0.1 unless FILEDROP_HTTP_HOST opens it); ``app_ports`` (default: ``app_port`` and,
+    (127.0.0.1 unless FILEDROP_HTTP_HOST opens it), ``page_listen`` (the drop page's origin) to
+    ``http_host:page_port``; ``app_ports`` (default: ``app_port`` and,
     with ``FILEDROP_APP_PROCESSES``, the ports after it) are the app processes behind the
     upstream (round-robin); ``unprivileged``: NGINX will not run as root (a
     systemd unit with ``User=``), so no ``user`` directive."""
     root = Path(settings.smartlink_root or settings.data_dir / "smartlinks")
     if not _SAFE_PATH.fullmatch(str(root)):
         raise ValueError(f"smartlink_root {str(root)!r}: NGINX needs an absolute path of plain characters")
-    listen = listen or listen_address(settings.http_host, settings.http_port)
-    if not re.fullmatch(r"(?:[0-9.]+:|\[[0-9a-fA-F:]+\]:)?[0-9]{1,5}", listen):
-        raise ValueError(f"listen {listen!r}: use PORT, ADDR:PORT or [ADDR6]:PORT")
+    listen = _checked_listen(listen or listen_address(settings.http_host, settings.http_port))
+    page_listen = _checked_listen(page_listen or listen_address(settings.http_host, settings.page_port))
+    app_ports = app_ports or settings.app_ports
+    if _port(page_listen) == _port(listen) or _port(page_listen) in app_ports:
+        raise ValueError(f"FILEDROP_PAGE_PORT {_port(page_listen)}: the drop page needs a port of its own, not "
+                         "FILEDROP_HTTP_PORT's or an app process's (FILEDROP_APP_PORT and the ports after it)")
     if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", worker_processes):
         raise ValueError(f"worker_processes {worker_processes!r}: use auto or a count")
     chunk_too_large, job_too_large = too_large_messages(settings)
     results = Path(settings.results_dir)
     if not _SAFE_PATH.fullmatch(str(results)):
         raise ValueError(f"data_dir {str(settings.data_dir)!r}: NGINX needs an absolute path of plain characters")
-    servers = [upstream_address(settings.app_host, p) for p in (app_ports or settings.app_ports)]
+    servers = [upstream_address(settings.app_host, p) for p in app_ports]
     return {
         "USER_DIRECTIVE": "" if unprivileged else _user_directive(root),
         "WORKER_PROCESSES": worker_processes,
         "LISTEN": listen,
+        "PAGE_LISTEN": page_listen,
+        "PAGE_PORT": str(_port(page_listen)),
         "APP_SERVERS": "\n        ".join(f"server {a};" for a in servers),
         "SMARTLINK_ROOT": str(root),
         "CHUNK_BODY_LIMIT": str(settings.max_chunk_size),
@@ -156,14 +173,15 @@ def fill(template: str, vals: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: vals[m.group(1)], template)
 
 
-def render(settings: Settings, prefix: Path, *, listen: str | None = None, worker_processes: str = "auto",
-           template: Path = TEMPLATE, app_ports: Sequence[int] | None = None, unprivileged: bool = False) -> Path:
+def render(settings: Settings, prefix: Path, *, listen: str | None = None, page_listen: str | None = None,
+           worker_processes: str = "auto", template: Path = TEMPLATE, app_ports: Sequence[int] | None = None,
+           unprivileged: bool = False) -> Path:
     """Write ``prefix/nginx.conf`` and the directories it names; return the config's path.
     Everything made here is its user's only (0700 directories, 0600 files): the logs hold the
     smartlink URLs, which are secrets."""
     prefix = Path(prefix).resolve()
-    vals = values(settings, listen=listen, worker_processes=worker_processes, app_ports=app_ports,
-                  unprivileged=unprivileged)
+    vals = values(settings, listen=listen, page_listen=page_listen, worker_processes=worker_processes,
+                  app_ports=app_ports, unprivileged=unprivileged)
     text = fill(template.read_text(encoding="utf-8"), vals)
     for d in PREFIX_DIRS:
         (prefix / d).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -265,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("render", help="write PREFIX/nginx.conf (+ logs/, tmp/) from FILEDROP_* settings")
     r.add_argument("--prefix", required=True, type=Path, help="NGINX prefix directory (nginx -p)")
     r.add_argument("--listen", help="listen address (default: FILEDROP_HTTP_HOST:FILEDROP_HTTP_PORT)")
+    r.add_argument("--page-listen", help="the drop page's listen address (default: "
+                   "FILEDROP_HTTP_HOST:FILEDROP_PAGE_PORT)")
     r.add_argument("--worker-processes", default="auto")
     u = sub.add_parser("units", help="write systemd units (app, worker, NGINX) into OUT and NGINX's config "
                        "into PREFIX, from FILEDROP_* settings")
@@ -281,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in render_units(settings, args.prefix, args.out, user=args.user, env_file=args.env_file):
                 print(path)
             return 0
-        conf = render(settings, args.prefix, listen=args.listen, worker_processes=args.worker_processes)
+        conf = render(settings, args.prefix, listen=args.listen, page_listen=args.page_listen,
+                      worker_processes=args.worker_processes)
     except ValueError as e:
         print(f"filedrop: {e}", file=sys.stderr)
         return 2

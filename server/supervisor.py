@@ -120,6 +120,7 @@ class Child:
     setting: str  # what to change when the port is taken
     probe: Callable[[], bool]  # answers?
     env: dict[str, str] | None = None  # None: the supervisor's own
+    more_ports: tuple[tuple[int, str], ...] = ()  # (port, its setting): other ports it listens on (host's)
     note: str = ""  # said when it is restarted
     proc: subprocess.Popen[bytes] | None = None
     up_since: float | None = None  # when the probe first answered, this start
@@ -161,11 +162,13 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             for child in self.children:
-                if child.port is not None and port_taken(child.host, child.port):
-                    holder = port_holder(child.port)
-                    say(f"{child.name} cannot listen on {child.host}:{child.port}: the port is in use"
-                        f"{f' by {holder}' if holder else ''}; set {child.setting} to a free port")
-                    return 1
+                ports = ((child.port, child.setting), *child.more_ports) if child.port is not None else ()
+                for port, setting in ports:
+                    if port_taken(child.host, port):
+                        holder = port_holder(port)
+                        say(f"{child.name} cannot listen on {child.host}:{port}: the port is in use"
+                            f"{f' by {holder}' if holder else ''}; set {setting} to a free port")
+                        return 1
             for child in self.children:
                 if not self._first_start(child):
                     return 1 if self.stop_signal is None else 128 + self.stop_signal
@@ -258,7 +261,8 @@ def children(settings: Settings, prefix: Path, conf: Path) -> list[Child]:
     with ``app_processes`` over 1 the app processes on consecutive ports and the workers."""
     nginx = Child("NGINX", [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                   settings.http_host, settings.http_port, "FILEDROP_HTTP_PORT (or FILEDROP_HTTP_HOST)",
-                  lambda: http_ok(settings.http_host, settings.http_port, "/", lambda s: s == 200))  # the drop page
+                  lambda: http_ok(settings.http_host, settings.page_port, "/", lambda s: s == 200),  # the drop page
+                  more_ports=((settings.page_port, "FILEDROP_PAGE_PORT (or FILEDROP_HTTP_HOST)"),))
     app_host = ngx.upstream_address(settings.app_host, settings.app_port).rsplit(":", 1)[0].strip("[]")
     serve = [sys.executable, "-m", "server", "serve"]
     if settings.app_processes == 1:
@@ -303,7 +307,8 @@ def main() -> int:
     key = settings.api_keys[0] if settings.api_keys else "(none: FILEDROP_API_KEYS is empty)"
 
     def ready() -> None:
-        say(f"NGINX listening on http://{host}:{settings.http_port} (smartlinks + API; logs in {prefix}/logs)")
+        say(f"NGINX listening on http://{host}:{settings.http_port} (smartlinks + API) and on "
+            f"http://{host}:{settings.page_port}/ (the drop page + API; logs in {prefix}/logs)")
         if settings.app_processes == 1:
             say(f"app on http://{settings.app_host}:{settings.app_port}  dev key: {key}")
             say("Ctrl-C stops both; a crashed app is restarted")

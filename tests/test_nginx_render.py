@@ -36,7 +36,7 @@ def test_defaults_follow_settings(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path / "var")
     text = ngx.render(s, tmp_path / "p").read_text()
     # Loopback unless FILEDROP_HTTP_HOST opens it (scripts/run says 127.0.0.1: it is).
-    assert directive(text, "listen") == ["127.0.0.1:8080 default_server"]
+    assert directive(text, "listen") == ["127.0.0.1:8080 default_server", "127.0.0.1:8079 default_server"]
     assert directive(text, "server") == ["127.0.0.1:8081"]
     assert directive(text, "worker_processes") == ["auto"]
     assert directive(text, "root") == [str(tmp_path / "var" / "smartlinks")]
@@ -45,10 +45,10 @@ def test_defaults_follow_settings(tmp_path: Path) -> None:
 
 
 def test_settings_change_ports_root_and_body_limit(tmp_path: Path) -> None:
-    s = Settings(data_dir=tmp_path / "var", http_port=18080, app_host="0.0.0.0", app_port=18081,
+    s = Settings(data_dir=tmp_path / "var", http_port=18080, page_port=18079, app_host="0.0.0.0", app_port=18081,
                  smartlink_root=tmp_path / "links", max_chunk_size=3 << 20)
     text = ngx.render(s, tmp_path / "p").read_text()
-    assert directive(text, "listen") == ["127.0.0.1:18080 default_server"]
+    assert directive(text, "listen") == ["127.0.0.1:18080 default_server", "127.0.0.1:18079 default_server"]
     assert directive(text, "server") == ["127.0.0.1:18081"]  # a wildcard bind is reached on loopback
     assert directive(text, "root") == [str(tmp_path / "links")]
     assert str(3 << 20) in directive(text, "client_max_body_size")
@@ -102,6 +102,15 @@ def test_bad_listen_is_refused(tmp_path: Path, listen: str) -> None:
         ngx.values(Settings(data_dir=tmp_path / "var", http_port=1), listen=listen or "x")
 
 
+@pytest.mark.parametrize("page_port,app_processes", [(18080, 1), (18081, 1), (18083, 3)])
+def test_the_page_port_must_be_its_own(tmp_path: Path, page_port: int, app_processes: int) -> None:
+    """The drop page's origin is a port no one else has: FILEDROP_PAGE_PORT is named."""
+    s = Settings(data_dir=tmp_path / "var", http_port=18080, app_port=18081, page_port=page_port,
+                 app_processes=app_processes, database_url="postgresql://u@127.0.0.1/d" if app_processes > 1 else "")
+    with pytest.raises(ValueError, match="FILEDROP_PAGE_PORT"):
+        ngx.values(s)
+
+
 def test_placeholders_and_values_must_agree() -> None:
     assert ngx.fill("a {{X}} b", {"X": "1"}) == "a 1 b"
     with pytest.raises(ValueError, match="missing"):
@@ -124,7 +133,7 @@ def test_user_directive_only_as_root(tmp_path: Path) -> None:
 
 def test_cli_renders_from_the_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
-    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_PORT="18123",
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_PORT="18123", FILEDROP_PAGE_PORT="18122",
                FILEDROP_APP_PORT="18124", FILEDROP_MAX_CHUNK_SIZE="5M")
     r = subprocess.run([sys.executable, "-m", "server.nginx", "render", "--prefix", str(tmp_path / "p")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -132,7 +141,7 @@ def test_cli_renders_from_the_environment(tmp_path: Path) -> None:
     conf = Path(r.stdout.strip())
     assert conf == tmp_path / "p" / "nginx.conf"
     text = conf.read_text()
-    assert directive(text, "listen") == ["127.0.0.1:18123 default_server"]
+    assert directive(text, "listen") == ["127.0.0.1:18123 default_server", "127.0.0.1:18122 default_server"]
     assert directive(text, "server") == ["127.0.0.1:18124"]
     assert str(5 << 20) in directive(text, "client_max_body_size")
     env["FILEDROP_SMARTLINK_ROOT"] = "/tmp/bad root"

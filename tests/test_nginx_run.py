@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -64,7 +65,8 @@ def end_run(proc: subprocess.Popen[bytes]) -> None:
 def run_env(tmp_path: Path, api_key: str | None = API_KEY, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
     env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_PORT=str(free_port()),
-               FILEDROP_APP_PORT=str(free_port()), FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
+               FILEDROP_PAGE_PORT=str(free_port()), FILEDROP_APP_PORT=str(free_port()),
+               FILEDROP_JANITOR_INTERVAL="0", FILEDROP_MIN_FREE_DISK="1M")
     if api_key is not None:
         env["FILEDROP_API_KEYS"] = api_key
     env.update({f"FILEDROP_{k.upper()}": v for k, v in extra.items()})
@@ -113,6 +115,12 @@ def test_run_starts_nginx_and_app_and_ctrl_c_stops_both(tmp_path: Path) -> None:
         nginx_pid = int((data / "nginx" / "logs" / "nginx.pid").read_text())
         text = log.read_text()
         assert f"http://127.0.0.1:{http_port}" in text and f"dev key: {API_KEY}" in text
+        said = re.search(r"and on http://127\.0\.0\.1:(\d+)/ \(the drop page", text)
+        assert said, text
+        page_port = int(said.group(1))
+        assert page_port not in (http_port, app_port)
+        assert fetch(page_port, "GET", "/").status == 200  # the drop page, on its own port
+        assert fetch(page_port, "GET", "/b1/ref.0123456789abcdef.html").status == 404
 
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) is not None
@@ -161,7 +169,7 @@ def test_a_killed_app_is_restarted_with_a_backoff_while_nginx_keeps_serving(tmp_
         end_run(proc)
 
 
-@pytest.mark.parametrize("busy", ["HTTP", "APP"])
+@pytest.mark.parametrize("busy", ["HTTP", "PAGE", "APP"])
 def test_a_busy_port_is_named_with_its_holder_and_setting_before_anything_listens(tmp_path: Path, busy: str) -> None:
     env = run_env(tmp_path)
     port = int(env[f"FILEDROP_{busy}_PORT"])
@@ -171,7 +179,7 @@ def test_a_busy_port_is_named_with_its_holder_and_setting_before_anything_listen
         r = subprocess.run([str(REPO / "scripts" / "run")], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=180)
     assert r.returncode == 1, r.stderr
-    who = "NGINX" if busy == "HTTP" else "the app"
+    who = "the app" if busy == "APP" else "NGINX"
     assert f"filedrop: {who} cannot listen on 127.0.0.1:{port}: the port is in use by pid {os.getpid()} " in r.stderr
     assert f"set FILEDROP_{busy}_PORT" in r.stderr
     assert "listening" not in r.stderr and "Traceback" not in r.stderr

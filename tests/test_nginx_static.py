@@ -95,6 +95,15 @@ def test_html_smartlink_is_served_with_its_headers(ngx: NginxProcess) -> None:
     assert "nginx/" not in r.headers.get("Server", "")  # server_tokens off
 
 
+def test_no_smartlink_is_served_on_the_drop_pages_origin(ngx: NginxProcess) -> None:
+    """The page's port (its own origin, where the key lives) serves no tenant HTML."""
+    for path in (f"/b1/ref1.{SUFFIX}.html", f"/b1/ref1.{SUFFIX}.pdf"):
+        assert ngx.fetch("GET", path).status == 200
+        r = ngx.fetch_page("GET", path)
+        assert r.status == 404 and r.json()["code"] == "ERR_NOT_FOUND" and SECRET not in r.body, path
+        assert HTML not in r.body and PDF not in r.body
+
+
 @pytest.mark.parametrize("path", [f"/b1/-ref_2.{SUFFIX}.html", f"/B-9_x/r.{SUFFIX}.html",
                                   f"/b1/ref1.{SUFFIX}.html?utm=mail&x=1"])
 def test_every_allowed_character_is_served(ngx: NginxProcess, path: str) -> None:
@@ -141,7 +150,7 @@ def test_etag_and_last_modified_give_304(ngx: NginxProcess) -> None:
 
 # Everything that is not exactly /<batch_id>/<reference_id>.<suffix>.html|.pdf — traversal in
 # every spelling, listings, dotfiles, the renderer's temp files, symlinks, wrong characters.
-# (`/` is the drop page: tests/test_web_static.py.)
+# (`/` redirects to the drop page's port: tests/test_web_static.py.)
 NOT_SERVED = [
     "/b1",
     "/b1/",

@@ -62,6 +62,7 @@ class Stack:
         self.http_port, self.app_port = free_port(), free_ports_in_a_row(APPS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
         env.update(FILEDROP_DATA_DIR=str(self.data), FILEDROP_HTTP_PORT=str(self.http_port),
+                   FILEDROP_PAGE_PORT=str(free_port()),
                    FILEDROP_APP_PORT=str(self.app_port), FILEDROP_API_KEYS=API_KEY, FILEDROP_DATABASE_URL=database,
                    FILEDROP_APP_PROCESSES=str(APPS), FILEDROP_WORKERS=str(WORKERS), FILEDROP_JANITOR_INTERVAL="0",
                    FILEDROP_MIN_FREE_DISK="1M", FILEDROP_FETCH_ALLOW="127.0.0.1", FILEDROP_ALLOW_HTTP_CALLBACKS="1",

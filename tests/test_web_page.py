@@ -33,7 +33,7 @@ from tests.conftest import API_KEY, AUTH
 from tests.support.browser import DropPage, start_browser, wait_for_file
 from tests.support.nginx import NginxProcess
 from tests.support.server import REPO, ServerProcess
-from tests.support.waiting import free_port
+from tests.support.waiting import free_port, wait_until
 
 MiB = 1 << 20
 TERMINAL = ("Completed", "Completed with errors", "Cancelled", "Failed")
@@ -122,7 +122,7 @@ def page_for(browser: Any, request: pytest.FixtureRequest) -> Callable[[Stack], 
     name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)
 
     def make(stack: Stack) -> DropPage:
-        page = DropPage(browser, stack.url, name)
+        page = DropPage(browser, stack.ngx.page_url, name)
         page.throttle_uploads(None)
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         return page.open()
@@ -293,7 +293,7 @@ def test_fifty_rows_become_fifty_links_that_open_through_nginx(tmp_path: Path, s
 
     # Copy puts the link on the clipboard.
     browser.execute_cdp_cmd("Browser.grantPermissions", {
-        "origin": s.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        "origin": s.ngx.page_url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
     links[3].find_element(page.By.XPATH, "following-sibling::button").click()
     page.wait(lambda: page.by_id("links-message").text == "Link copied.", "the copy")
     assert browser.execute_async_script(
@@ -450,9 +450,41 @@ def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, 
     page.screenshot("revoked")
 
 
+def evil_link(s: Stack, body: str) -> str:
+    """A smartlink (tenant's HTML and script) published through the API; its URL."""
+    r = s.api("POST", "/api/batch/evil/start", files={
+        "document_file": (None, json.dumps({"body": body})),
+        "data": (None, json.dumps([{"reference_id": "x", "suffix": "abcdefghijklmnopqrs"}]))})
+    assert r.status_code == 202, r.text
+    status_url = f"/api/batch/evil/{r.json()['job_id']}/status"
+    final = wait_until(lambda: (st := s.api("GET", status_url).json()["status"]) in TERMINAL and st,
+                       timeout=30, what="the smartlink published")
+    assert final == "Completed", final
+    return f"{s.url}/evil/x.abcdefghijklmnopqrs.html"
+
+
+def test_a_smartlink_opened_in_the_pages_tab_cannot_read_its_key(stack, page_for, browser) -> None:
+    """The page keeps the key in its tab's sessionStorage. A smartlink opened in that same tab
+    (pasted into the address bar after using the page) runs on another origin (the public port;
+    the page has a port of its own), so the storage it sees is not the page's."""
+    s = stack()
+    link = evil_link(s, '<p id="seen"></p><script>document.getElementById("seen").textContent = '
+                        'JSON.stringify(Object.entries(sessionStorage)) + JSON.stringify(Object.entries(localStorage));'
+                        '</script>')
+    page = start_page(page_for(s))
+    held = browser.execute_script("return JSON.stringify(Object.entries(sessionStorage))")
+    assert API_KEY in held  # the page did keep it: what the link must not see
+    browser.get(link)
+    seen = page.wait(lambda: (el := browser.find_elements(page.By.ID, "seen")) and el[0].text, "the link's script")
+    assert API_KEY not in seen and seen == "[][]", seen
+    browser.get(s.url + "/")  # the public port's `/` is the page again, on its own origin
+    page.wait(lambda: browser.current_url == s.ngx.page_url + "/", "the redirect to the page's port")
+    page.wait_key_accepted()  # this tab's page origin still holds the key
+
+
 def test_a_smartlink_cannot_reach_into_a_drop_page_it_opens(stack, page_for, browser) -> None:
-    """Smartlinks are tenants' HTML on the page's origin. One that opens the drop page (hoping to
-    read the key a user types there) gets no handle on it: the page is sent with
+    """A smartlink that opens the drop page (hoping to read the key a user types there) gets no
+    handle on it: the page is on another origin, and it is sent with
     Cross-Origin-Opener-Policy: same-origin, so it opens in a browsing context group of its own."""
     s = stack()
     template = {"body": '<button id="open">open</button><script>document.getElementById("open").onclick = '

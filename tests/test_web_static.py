@@ -1,5 +1,6 @@
 """The drop page as files and headers (no browser): NGINX serves web/ at ``/`` and ``/_/<asset>``
-with the Content-Security-Policy and hardening headers and nothing else of web/; the page has no
+on the page's own port (the public port redirects ``/`` there and serves none of it), with the
+Content-Security-Policy and hardening headers and nothing else of web/; the page has no
 inline script or style and fetches nothing from outside; its ``data-testid`` hooks exist and the
 README documents them; ``GET /api/limits`` and ``FILEDROP_CHUNK_SIZE``."""
 
@@ -81,21 +82,33 @@ def assert_page_headers(headers) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_the_page_is_served_at_the_root_with_its_csp(ngx: NginxProcess) -> None:
-    r = ngx.fetch("GET", "/")
+    r = ngx.fetch_page("GET", "/")
     assert r.status == 200
     assert r.body == (WEB / "index.html").read_bytes()
     assert r.headers["Content-Type"] == "text/html; charset=utf-8"
     assert_page_headers(r.headers)
-    head = ngx.fetch("HEAD", "/")
+    head = ngx.fetch_page("HEAD", "/")
     assert head.status == 200 and head.body == b"" and int(head.headers["Content-Length"]) == len(r.body)
-    assert ngx.fetch("GET", "/?from=mail").status == 200
+    assert ngx.fetch_page("GET", "/?from=mail").status == 200
+
+
+def test_the_public_port_sends_people_to_the_page_and_serves_none_of_it(ngx: NginxProcess) -> None:
+    """The smartlinks' origin runs no page script: `/` redirects to the page's port (the host
+    as the browser named it), the assets are not there."""
+    r = ngx.fetch("GET", "/", {"Host": f"127.0.0.1:{ngx.port}"})
+    assert r.status == 302 and r.headers["Location"] == f"{ngx.page_url}/"
+    named = ngx.fetch("GET", "/", {"Host": f"localhost:{ngx.port}"})
+    assert named.headers["Location"] == f"http://localhost:{ngx.page_port}/"
+    for f in assets():
+        gone = ngx.fetch("GET", f"/_/{f.name}")
+        assert gone.status == 404 and gone.json()["code"] == "ERR_NOT_FOUND", f.name
 
 
 def test_every_asset_the_page_loads_is_served_with_its_type(ngx: NginxProcess) -> None:
     files = assets()
     assert {f.name for f in files} >= {"app.js", "app.css", "api.js", "upload.js", "generate.js", "icon.svg"}
     for f in files:
-        r = ngx.fetch("GET", f"/_/{f.name}")
+        r = ngx.fetch_page("GET", f"/_/{f.name}")
         assert r.status == 200, f.name
         assert r.body == f.read_bytes()
         assert r.headers["Content-Type"].split(";")[0] == TYPES[f.suffix]
@@ -103,11 +116,11 @@ def test_every_asset_the_page_loads_is_served_with_its_type(ngx: NginxProcess) -
 
 
 def test_assets_are_gzipped_and_revalidated(ngx: NginxProcess) -> None:
-    r = ngx.fetch("GET", "/_/upload.js", {"Accept-Encoding": "gzip"})
+    r = ngx.fetch_page("GET", "/_/upload.js", {"Accept-Encoding": "gzip"})
     assert r.headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(r.body) == (WEB / "upload.js").read_bytes()
-    etag = ngx.fetch("GET", "/_/upload.js").headers["ETag"]
-    again = ngx.fetch("GET", "/_/upload.js", {"If-None-Match": etag})
+    etag = ngx.fetch_page("GET", "/_/upload.js").headers["ETag"]
+    again = ngx.fetch_page("GET", "/_/upload.js", {"If-None-Match": etag})
     assert again.status == 304 and again.body == b""
 
 
@@ -117,13 +130,13 @@ def test_assets_are_gzipped_and_revalidated(ngx: NginxProcess) -> None:
     "/.filedrop/page", "/_/app.js.map", "/_/app.js%00", "/favicon.ico",
 ])
 def test_nothing_else_of_web_is_served(ngx: NginxProcess, path: str) -> None:
-    r = ngx.fetch("GET", path)
-    assert r.status == 404, path
-    assert r.json()["code"] == "ERR_NOT_FOUND"
+    for r in (ngx.fetch_page("GET", path), ngx.fetch("GET", path)):
+        assert r.status == 404, path
+        assert r.json()["code"] == "ERR_NOT_FOUND"
 
 
 def test_the_page_is_read_only(ngx: NginxProcess) -> None:
-    r = ngx.fetch("POST", "/", body=b"x")
+    r = ngx.fetch_page("POST", "/", body=b"x")
     assert r.status == 405 and r.json()["code"] == "ERR_METHOD_NOT_ALLOWED"
 
 

@@ -46,7 +46,8 @@ def fetch(port: int, method: str, path: str, headers: dict[str, str] | None = No
     """One request on a fresh connection; ``path`` goes on the request line unchanged."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putrequest(method, path, skip_accept_encoding=True,
+                        skip_host=any(k.lower() == "host" for k in (headers or {})))
         for k, v in (headers or {}).items():
             conn.putheader(k, v)
         if body is not None:
@@ -61,16 +62,24 @@ def fetch(port: int, method: str, path: str, headers: dict[str, str] | None = No
 class NginxProcess:
     """One NGINX master (+ workers) over a rendered prefix."""
 
-    def __init__(self, prefix: Path, settings: Settings, port: int) -> None:
+    def __init__(self, prefix: Path, settings: Settings, port: int, page_port: int | None = None) -> None:
         self.prefix = prefix
         self.settings = settings
         self.port = port
+        self.page_port = page_port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = nginx_conf.render(settings, prefix, listen=f"127.0.0.1:{port}")
+        self.conf = nginx_conf.render(settings, prefix, listen=f"127.0.0.1:{port}",
+                                      page_listen=f"127.0.0.1:{self.page_port}")
 
     @property
     def url(self) -> str:
+        """The public port's origin: smartlinks and the API."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def page_url(self) -> str:
+        """The drop page's origin (and the API again)."""
+        return f"http://127.0.0.1:{self.page_port}"
 
     @property
     def error_log(self) -> str:
@@ -91,14 +100,21 @@ class NginxProcess:
         if self.proc.poll() is not None:
             raise NginxExited(self.proc.returncode, self.error_log)
         try:
-            # Any HTTP answer means a worker is up (the drop page, or a 404 if web/ were missing).
-            return fetch(self.port, "GET", "/", timeout=1).status in (200, 404)
+            # Any HTTP answer means a worker is up (the drop page, or a 404 if web/ were missing),
+            # on both ports (the public one redirects `/` to the page's).
+            return (fetch(self.page_port, "GET", "/", timeout=1).status in (200, 404)
+                    and fetch(self.port, "GET", "/", timeout=1).status == 302)
         except (OSError, http.client.HTTPException):
             return False
 
     def fetch(self, method: str, path: str, headers: dict[str, str] | None = None,
               body: bytes | None = None) -> Reply:
         return fetch(self.port, method, path, headers, body)
+
+    def fetch_page(self, method: str, path: str, headers: dict[str, str] | None = None,
+                   body: bytes | None = None) -> Reply:
+        """A request to the drop page's port."""
+        return fetch(self.page_port, method, path, headers, body)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
