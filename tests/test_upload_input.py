@@ -254,3 +254,29 @@ async def test_only_media_types_are_stored(client, name, file_type, content_type
     r = await client.post(up.url(f"/{batch}/0"), data=b"x", headers=h)
     assert r.status == 201, await r.text()
     assert (await (await up.info(batch, 0)).json())["mimetype"] == stored
+
+
+# -- fileIdx ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("idx", ["1%1F", "1%1C", "%1E1", "1%0A", "%C2%A01", "1%C2%85", "%E2%80%831"])
+async def test_a_file_idx_with_a_control_or_unicode_space_is_400(client, idx) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 1, b"kept")
+    h = {**AUTH, "X-File-Name": "a", "X-File-Size": "3"}
+    for method, path in [("POST", f"/{batch}/{idx}"), ("GET", f"/{batch}/{idx}"), ("DELETE", f"/{batch}/{idx}"),
+                         ("POST", f"/{batch}/{idx}/execute/Batch.Manifest")]:
+        r = await client.request(method, up.url(path), data=b"abc", headers=h)
+        await assert_error(r, 400, "ERR_FILE_IDX_INVALID")
+    legacy = {**AUTH, "Content-Type": "application/json"}
+    params = {"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": urllib.parse.unquote(idx)}
+    await assert_error(await client.post("/site/automation/batch/execute", json={"params": params}, headers=legacy),
+                       400, "ERR_FILE_IDX_INVALID")
+    assert (await up.manifest(batch))["files"] == [{"fileIdx": "1", "name": "f.bin", "size": 4,
+                                                    "sha256": sha256(b"kept")}]
+
+
+async def test_a_file_idx_with_spaces_around_it_is_that_index(client) -> None:
+    up = Uploads(client)
+    batch = await up.create()
+    r = await client.post(up.url(f"/{batch}/%201%09"), data=b"abc", headers={**AUTH, "X-File-Name": "a"})
+    assert r.status == 201 and (await r.json())["fileIdx"] == "1"

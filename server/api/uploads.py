@@ -92,9 +92,13 @@ def one_header(request: web.Request, header: str, invalid: type[FiledropError]) 
 
 
 def parse_file_idx(value: str | None) -> int:
-    if value is None or not _FILE_IDX.fullmatch(value.strip()):
+    """A fileIdx (path segment, ``X-File-Idx``, legacy ``params.fileIdx``): ASCII digits, with
+    spaces or tabs around it at most. ``str.strip`` would also take U+001C-U+001F, U+0085 or
+    U+00A0 off, which ``int()`` then refuses (a 500) or reads as a number the client never sent."""
+    v = None if value is None else value.strip(" \t")
+    if v is None or not _FILE_IDX.fullmatch(v):
         raise FileIdxInvalid("fileIdx must be a non-negative integer")
-    return int(value)
+    return int(v)
 
 
 def parse_count(value: str | None, header: str, missing: type[FiledropError], invalid: type[FiledropError], *,
