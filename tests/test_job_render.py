@@ -321,9 +321,22 @@ async def test_an_upload_batch_is_not_deleted_under_the_job_started_from_it(clie
         assert job["job_id"] in body["message"], body
         other = await client.request(method, path, headers={"X-API-Key": OTHER_KEY})
         assert other.status == 404  # another key learns nothing of the batch
+    # Executing an operation removes the batch (Nuxeo): refused the same way, REST and legacy; with
+    # X-Batch-No-Drop the operation runs and the batch stays.
+    legacy = {"params": {"operationId": "Batch.Manifest", "batchId": batch}}
+    for path, body in ((f"/api/v1/upload/{batch}/execute/Batch.Manifest", None),
+                       (f"/api/v1/upload/{batch}/2/execute/Batch.Manifest", None),
+                       ("/site/automation/batch/execute", legacy)):
+        r = await client.post(path, headers=AUTH, json=body)
+        err = await assert_error(r, 409, "ERR_JOB_RUNNING")
+        assert job["job_id"] in err["message"] and "X-Batch-No-Drop" in err["message"], err
+        r = await client.post(path, headers={**AUTH, "X-Batch-No-Drop": "true"}, json=body)
+        assert r.status == 200, await r.text()
     assert [f["fileIdx"] for f in (await up.manifest(batch))["files"]] == ["0", "1", "2"]
     r = await client.post(f"/api/batch/{batch}/{job['job_id']}/cancel", headers=AUTH)
     assert r.status == 200, await r.text()
     assert (await wait_job(client, batch, job["job_id"]))["status"] == "Cancelled"
     assert (await client.delete(f"/api/v1/upload/{batch}/2", headers=AUTH)).status == 204
-    assert (await client.delete(f"/api/v1/upload/{batch}", headers=AUTH)).status == 204
+    r = await client.post(f"/api/v1/upload/{batch}/execute/Batch.Manifest", headers=AUTH)
+    assert r.status == 200, await r.text()  # the job ended: executing removes the batch again
+    assert (await client.get(f"/api/v1/upload/{batch}", headers=AUTH)).status == 404
