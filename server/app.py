@@ -23,7 +23,7 @@ from server.jobs import queries as job_queries
 from server.jobs.checker import TemplateChecker
 from server.jobs.fetch import Fetcher
 from server.jobs.notify import Notifier
-from server.jobs.operation import reading_job, smartlinks_generate
+from server.jobs.operation import reading_job, reading_job_in, smartlinks_generate
 from server.jobs.pool import WorkerPool
 from server.jobs.service import JobService
 from server.jobs.waiting import expire_loop
@@ -73,6 +73,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[JOBS] = JobService(db, settings, fetcher, checker, pool)
     app[OPERATIONS].register("SmartLinks.Generate", smartlinks_generate(app[JOBS], app[UPLOADS], settings))
     app[UPLOADS].readers = functools.partial(reading_job, db)  # its files are not deleted under a job
+    app[UPLOADS].recorder.ledger.readers = reading_job_in  # nor replaced by a whole-file upload
     if await job_queries.running_jobs(db):
         pool.ensure_started()
     notifier = Notifier(db, settings, fetcher)  # sends only while it holds the notifier lock

@@ -363,6 +363,8 @@ def _upload_ops() -> list[Op]:
         201: Answer("A whole file, or the chunk that completed the file.", ref("Uploaded")),
         202: Answer("A chunk stored; others are missing.", ref("Uploaded")),
         400: BAD_UPLOAD, 404: NO_BATCH,
+        409: error("A whole file would replace one of the batch's files while a job started from the batch "
+                   "runs (its rows may publish it).", "ERR_JOB_RUNNING"),
         413: error("Over a limit (the setting is named).", "ERR_FILE_TOO_LARGE", "ERR_CHUNK_TOO_LARGE",
                    "ERR_BATCH_TOO_MANY_FILES", "ERR_BATCH_TOO_LARGE", "ERR_FILE_TOO_MANY_CHUNKS", "ERR_TOO_LARGE"),
         500: error("The disk failed (EIO): nothing was recorded; retry.", "ERR_STORAGE_FAILED"),
@@ -420,7 +422,7 @@ def _upload_ops() -> list[Op]:
         Op("POST", "/site/automation/batch/upload", "legacyUpload",
            "Upload a file or chunk (legacy form; the first upload creates the batch)",
            {200: Answer("Stored (chunk answers list the chunk ids so far).", ref("Uploaded")),
-            400: BAD_UPLOAD, 404: NO_BATCH, 413: upload_answers[413], 500: upload_answers[500],
+            400: BAD_UPLOAD, 404: NO_BATCH, 409: upload_answers[409], 413: upload_answers[413], 500: upload_answers[500],
             503: upload_answers[503], 507: upload_answers[507]},
            (header("X-Batch-Id", UPLOAD_BATCH_ID, "the batch (chosen by the client)", required=True),
             header("X-File-Idx", {"type": "integer", "minimum": 0, "maximum": 999_999_999}, "the file's index",

@@ -332,10 +332,22 @@ async def test_an_upload_batch_is_not_deleted_under_the_job_started_from_it(clie
         assert job["job_id"] in err["message"] and "X-Batch-No-Drop" in err["message"], err
         r = await client.post(path, headers={**AUTH, "X-Batch-No-Drop": "true"}, json=body)
         assert r.status == 200, await r.text()
-    assert [f["fileIdx"] for f in (await up.manifest(batch))["files"]] == ["0", "1", "2"]
+    # A whole file sent onto one of the batch's files would replace (remove) it: refused the same way,
+    # small and streamed, REST and legacy; a new file is welcome.
+    for body in (b"%PDF-1.4 other", b"%PDF-1.4 " + bytes(2 << 20)):
+        err = await assert_error(await up.post(batch, 2, body, "new.pdf"), 409, "ERR_JOB_RUNNING")
+        assert job["job_id"] in err["message"], err
+    r = await client.post("/site/automation/batch/upload", data=b"{}", headers={
+        **AUTH, "X-Batch-Id": batch, "X-File-Idx": "0", "X-File-Name": "t.json", "X-File-Size": "2"})
+    await assert_error(r, 409, "ERR_JOB_RUNNING")
+    assert (await up.post(batch, 3, b"new file")).status == 201
+    assert [f["fileIdx"] for f in (await up.manifest(batch))["files"]] == ["0", "1", "2", "3"]
+    assert (await up.manifest(batch, 2))["files"][0]["size"] == len(PDF)
     r = await client.post(f"/api/batch/{batch}/{job['job_id']}/cancel", headers=AUTH)
     assert r.status == 200, await r.text()
     assert (await wait_job(client, batch, job["job_id"]))["status"] == "Cancelled"
+    r = await client.post(f"/api/v1/upload/{batch}/2", data=b"%PDF-1.4 other", headers={**AUTH, "X-File-Name": "n.pdf"})
+    assert r.status == 201, await r.text()  # the job ended: a whole file replaces a file again
     assert (await client.delete(f"/api/v1/upload/{batch}/2", headers=AUTH)).status == 204
     r = await client.post(f"/api/v1/upload/{batch}/execute/Batch.Manifest", headers=AUTH)
     assert r.status == 200, await r.text()  # the job ended: executing removes the batch again

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from server.config import Settings
 from server.db import Database
@@ -25,12 +25,22 @@ from server.jsondoc import parse_json
 from server.uploads.operations import ExecuteContext, Operation, OperationResult
 
 
+def _reading(batch_id: str) -> Any:
+    return (select(Job.job_id).where(Job.upload_batch_id == batch_id, Job.status.in_(ACTIVE))
+            .order_by(Job.created_at).limit(1))
+
+
 async def reading_job(db: Database, batch_id: str) -> str | None:
     """A job started from upload batch ``batch_id`` that has not ended (it reads the batch's
     files), if any: the upload API refuses to delete them under it (409 ``ERR_JOB_RUNNING``)."""
     async with db.read() as s:
-        return await s.scalar(select(Job.job_id).where(Job.upload_batch_id == batch_id, Job.status.in_(ACTIVE))
-                              .order_by(Job.created_at).limit(1))
+        return await s.scalar(_reading(batch_id))
+
+
+def reading_job_in(conn: Connection, batch_id: str) -> str | None:
+    """``reading_job`` inside the upload group commit's transaction (its thread, its connection):
+    a whole file that would replace one of the batch's files under such a job is refused."""
+    return conn.execute(_reading(batch_id)).scalar()
 
 
 def _file_index(params: dict[str, Any], name: str) -> int:

@@ -43,6 +43,7 @@ from server.errors import (
     FileNotFound,
     FileSizeChanged,
     FileSizeMismatch,
+    JobRunning,
 )
 from server.uploads.chunkset import ChunkSet
 from server.uploads.model import UploadOutcome, UploadRequest, stride_of
@@ -215,6 +216,9 @@ class Ledger:
     def __init__(self, store: UploadStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        # Set by the app (jobs): the job that reads a batch's files, asked on this transaction's
+        # connection (None: nothing checks). A whole file does not replace one under it.
+        self.readers: Callable[[Connection, str], str | None] | None = None
 
     def apply(self, conn: Connection, live: list[Pending], plan: Plan) -> None:
         batches: dict[str, Any] = {}
@@ -235,7 +239,7 @@ class Ledger:
             p.error, p.result = None, None
             a = p.arrival
             try:
-                p.result = self._decide(p, batches, files, totals, plan, now)
+                p.result = self._decide(conn, p, batches, files, totals, plan, now)
             except FiledropError as e:
                 p.error = e
                 plan.discard += [x for x in (a.temp, a.completion) if x is not None and x.name != "partial"]
@@ -267,7 +271,7 @@ class Ledger:
             plan.moved.append((dst, m.src))
 
     # -- one request's decision ---------------------------------------------------------------------
-    def _decide(self, p: Pending, batches: dict[str, Any], files: dict[tuple[int, int], Row],
+    def _decide(self, conn: Connection, p: Pending, batches: dict[str, Any], files: dict[tuple[int, int], Row],
                 totals: dict[int, list[int]], plan: Plan, now: datetime) -> Recorded:
         a, req = p.arrival, p.arrival.req
         b = batches.get(a.batch_id)
@@ -284,6 +288,10 @@ class Ledger:
         if f is not None and not req.chunked and req.chunk_count == 1 and (f.state == "complete" or f.chunk_count != 1):
             if f.state == "receiving" and f.chunk_count != 1:
                 raise ChunkCountChanged(f"file {req.file_idx} was declared with {f.chunk_count} chunks, not 1")
+            if f.id is not None and self.readers is not None and (job := self.readers(conn, a.batch_id)) is not None:
+                # Its rows may publish the file (``batch:<fileIdx>``): as DELETE, refused.
+                raise JobRunning(f"file {req.file_idx} of batch {a.batch_id} is in use by job {job}, started from "
+                                 "the batch: cancel the job or wait for it to end before replacing it")
             # A whole file replaces a complete one, as in Nuxeo.
             return self._create(p, b.id, files, totals, plan, now, replacing=f)
         if f is None:
