@@ -20,7 +20,8 @@ def _settings() -> Settings:
     try:
         return Settings.from_env()
     except ValueError as e:
-        raise SystemExit(f"filedrop: bad setting: {e}") from None
+        print(f"filedrop: bad setting: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # as the README says: 2 for bad arguments or settings
 
 
 def _migrated_settings() -> Settings | None:

@@ -116,7 +116,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "job_retention": ("30d", "Finished jobs older than this are removed by cleanup."),
     "janitor_interval": ("10m", "How often the in-server janitor runs (0 disables it)."),
     "cleanup_grace": ("10m", "Cleanup never touches what was written more recently than this (uploads in flight, temp files); `cleanup --older-than` may not go below it."),
-    "log_level": ("INFO", "Python logging level."),
+    "log_level": ("INFO", "Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case; another: exit 2 at start)."),
 }
 
 
@@ -318,6 +318,7 @@ _INT_MAX = {"app_port": 65535, "http_port": 65535, "page_port": 65535, "smtp_por
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}
 _DURATION_MIN = {"render_timeout": 0.1, "upload_url_ttl": 1, "download_url_ttl": 1, "max_url_ttl": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a host name or an IP address: it is written into nginx.conf
 
 
@@ -351,4 +352,10 @@ def _convert(name: str, raw: str) -> Any:
         return _split(raw)
     if name == "allow_http_callbacks":
         return _bool(raw)
+    if name == "log_level":
+        # logging.basicConfig takes only the upper-case names: `debug` would be a traceback.
+        level = raw.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"{raw!r} is not a log level (use one of {', '.join(_LOG_LEVELS)})")
+        return level
     return raw

@@ -75,6 +75,26 @@ def test_a_new_database_says_it_was_made(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.strip().endswith(f"at revision {HEAD} (new database)") and r.stderr == ""
 
 
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("FILEDROP_MAX_FILE_SIZE", "ten gigs", "FILEDROP_MAX_FILE_SIZE: not a size: 'ten gigs'"),
+    ("FILEDROP_LOG_LEVEL", "verbose", "FILEDROP_LOG_LEVEL: 'verbose' is not a log level (use one of DEBUG, INFO"),
+])
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["migrate"]])
+def test_a_bad_setting_is_one_line_and_exit_2(env: dict[str, str], command: list[str], name: str, value: str,
+                                              says: str) -> None:
+    """As the README says: 2 for bad arguments or settings, one line, no traceback (a bad log
+    level was logging's own traceback, and a bad setting exited 1)."""
+    r = cli({**env, name: value}, *command)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"filedrop: bad setting: {says}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_log_level_is_read_in_any_case(env: dict[str, str]) -> None:
+    r = cli({**env, "FILEDROP_LOG_LEVEL": "debug"}, "keys", "list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["cleanup"], ["drop", "b"]])
 def test_a_wrong_data_dir_is_named_and_migrate_is_not_the_first_advice(tmp_path: Path, command: list[str]) -> None:
     wrong = tmp_path / "typo"
