@@ -99,7 +99,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "max_number_digits": ("4300", "Most decimal digits a number in a template may have (`**`, `*`, int/str conversion; at least 640). Over: the row errors. An integer of a job's JSON input (rows, `param.*`, the template) over it: 422 at start."),
     "job_asset_memory": ("16M", "Bytes of fetched assets a render process keeps in memory per job; all are stored under <data_dir>/assets/<job_id>/ until the job ends."),
     "max_data_size": ("50M", "Largest `data`/`data_file` a job accepts. Over: 413."),
-    "min_suffix_length": ("16", "Shortest client-supplied smartlink suffix."),
+    "min_suffix_length": ("16", "Shortest client-supplied smartlink suffix. Shorter: the row errors."),
     "fetch_allow": ("", "CIDRs/hosts outgoing fetches and callbacks may reach although internal."),
     "fetch_timeout": ("20", "Seconds an outgoing asset/template fetch may take."),
     "fetch_max_bytes": ("20M", "Largest remote asset or template fetched."),

@@ -95,7 +95,7 @@ def check_row(row: Any, min_suffix: int) -> str | None:
         if not isinstance(suffix, str) or not NAME_RE.match(suffix):
             return "suffix must be 1-128 of A-Z a-z 0-9 _ -"
         if len(suffix) < min_suffix:
-            return f"suffix must be at least {min_suffix} characters long"
+            return f"suffix must be at least {min_suffix} characters long (FILEDROP_MIN_SUFFIX_LENGTH)"
         if len(ref) + len(suffix) > MAX_NAME_PAIR:
             return (f"reference_id and suffix together must be at most {MAX_NAME_PAIR} characters (the page's "
                     "file name <reference_id>.<suffix>.html is at most 255 bytes)")
