@@ -224,7 +224,8 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "Multipart parts. A template (`document_file`, or `document_id` + `api_url`) and rows "
                        "(`data` or `data_file`: a JSON array or JSON Lines) are required. Any number of "
-                       "`param.<name>` JSON parts too (templates see `params.<name>`).",
+                       "`param.<name>` JSON parts too (templates see `params.<name>`). A part of any other name "
+                       "is a 422 naming it.",
         "properties": {
             "document_file": {"type": "string", "contentMediaType": JSON,
                               "description": "the master smartlink: {body, title, lang, styles, scripts}"},
@@ -241,7 +242,12 @@ SCHEMAS: dict[str, Schema] = {
                             "signed URL the rows are PUT to, without a key"},
             "expires_in": {"type": "string", "pattern": "^[0-9]{1,12}$",
                            "description": "with data_upload=url: seconds upload_URL lives"},
+            "batch_id": {"type": "string", "description": "optional (seed 000 lists it): the path's batch_id; "
+                         "another is a 422"},
         },
+        "patternProperties": {"^param\\.[A-Za-z_][A-Za-z0-9_]{0,63}$": {
+            "type": "string", "contentMediaType": JSON, "description": "a JSON value templates see as params.<name>"}},
+        "additionalProperties": False,
     },
     "SmartLinksParams": {
         "type": "object",
@@ -254,6 +260,7 @@ SCHEMAS: dict[str, Schema] = {
             "notification_method": {"enum": ["POST", "GET"]},
             "params": {"type": "object"}, "batch_id": JOB_BATCH_ID,
         },
+        "additionalProperties": False,
     },
 }
 

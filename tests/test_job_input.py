@@ -219,3 +219,12 @@ async def test_generate_file_index_is_ascii_digits(client, settings, idx: str) -
     body = await assert_error(await _generate(client, {"data": idx}), 422, "ERR_FIELD_INVALID")
     assert body["field"] == "data" and body["message"] == "data must be a fileIdx of this batch"
     assert_nothing_created(settings)
+
+
+@pytest.mark.parametrize("name", ["max_error", "templateIdx", "callback"])
+async def test_generate_refuses_a_param_it_does_not_take(client, settings, name: str) -> None:
+    """A typo such as `max_error` started the job without the limit its sender asked for."""
+    body = await assert_error(await _generate(client, {name: "0"}), 422, "ERR_FIELD_INVALID")
+    assert body["field"] == name
+    assert body["message"].startswith(f"{name!r} is not a param of SmartLinks.Generate (they are template, data, ")
+    assert_nothing_created(settings)

@@ -226,3 +226,25 @@ async def test_api_url_refused_by_the_fetch_guard(aiohttp_client, settings) -> N
                              api_url=srv.url("/docs/"))
         assert srv.hits == {}
     assert "internal address 127.0.0.1" in body["message"]
+
+
+@pytest.mark.parametrize(("part", "value"), [("max_error", "0"), ("callback_emial", "a@example.com"),
+                                             ("notification_URL", "https://example.com/hook"), ("template_id", "t1")])
+async def test_a_part_the_start_does_not_take_is_refused_not_passed_over(client, settings, part, value) -> None:
+    """A typo (`max_error=0`) or another API's name (seed 004's `notification_URL`) started a
+    job without the limit or callback its sender asked for, silently."""
+    body = await refused(client, settings, 422, part, **{part: value})
+    assert body["message"].startswith(f"{part!r} is not a start parameter (they are document_file, data, ")
+
+
+async def test_the_path_batch_id_may_also_be_a_part_as_seed_000_lists_it(client, settings) -> None:
+    from tests.support.jobs import start_form
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("batch_id", "b1")
+    r = await client.post("/api/batch/b1/start", headers=AUTH, data=form)
+    assert r.status == 202, await r.text()
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("batch_id", "other")
+    r = await client.post("/api/batch/b2/start", headers=AUTH, data=form)
+    body = await assert_error(r, 422)
+    assert body["field"] == "batch_id" and "path" in body["message"]

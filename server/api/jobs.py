@@ -29,6 +29,23 @@ OPTION_FIELDS = ("document_id", "api_url", "strategy", "max_errors", "callback_u
 MAX_PARTS = 200
 OPTION_LIMIT = 64 << 10  # bytes of one plain option field at least (FILEDROP_FETCH_MAX_BYTES when larger)
 LOG_FORMATS = ("json", "text")
+# Every part a start takes besides param.<name>: a part of another name (a typo such as
+# `max_error`, another API's `notification_URL`) is refused rather than passed over, which would
+# start a job without the limit or the callback its sender asked for.
+START_PARTS = ("document_file", "data", "data_file", *OPTION_FIELDS)
+
+
+def _check_part_names(fields: dict[str, bytes], batch_id: str) -> None:
+    for name in fields:
+        if name in START_PARTS or name.startswith("param."):
+            continue
+        if name == "batch_id" and fields[name] == batch_id.encode():
+            continue  # seed 000 lists batch_id among the parameters: the path's own is harmless
+        if name == "batch_id":
+            raise Unprocessable("batch_id is the path's (/api/batch/<batch_id>/start); this part names another",
+                                field="batch_id")
+        raise Unprocessable(f"{name[:64]!r} is not a start parameter (they are {', '.join(START_PARTS)} and "
+                            "param.<name> parts)", field=name[:64])
 
 
 def _malformed(e: Exception) -> Unprocessable:
@@ -104,6 +121,7 @@ def _text(fields: dict[str, bytes], name: str) -> str | None:
 async def start_job(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     fields = await _read_form(request, settings.max_data_size, settings.fetch_max_bytes, settings.job_form_limit)
+    _check_part_names(fields, request.match_info["batch_id"])
     data_field = "data" if "data" in fields else "data_file"
     inp = StartInput(
         batch_id=request.match_info["batch_id"],

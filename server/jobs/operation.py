@@ -43,6 +43,19 @@ def reading_job_in(conn: Connection, batch_id: str) -> str | None:
     return conn.execute(_reading(batch_id)).scalar()
 
 
+# Every param SmartLinks.Generate takes: another (a typo such as `max_error`) is refused rather
+# than passed over, which would start a job without what its sender asked for.
+PARAMS = ("template", "data", "strategy", "max_errors", "callback_url", "callback_emails", "notification_method",
+          "params", "batch_id")
+
+
+def _check_param_names(params: dict[str, Any]) -> None:
+    for name in params:
+        if name not in PARAMS:
+            raise Unprocessable(f"{str(name)[:64]!r} is not a param of SmartLinks.Generate (they are "
+                                f"{', '.join(PARAMS)})", field=str(name)[:64])
+
+
 def _file_index(params: dict[str, Any], name: str) -> int:
     v = params.get(name)
     if v is None or v == "":
@@ -93,6 +106,7 @@ def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings
 
     async def op(ctx: ExecuteContext) -> OperationResult:
         p = ctx.params
+        _check_param_names(p)
         template_idx, data_idx = _file_index(p, "template"), _file_index(p, "data")
         extra = p.get("params") or {}
         if isinstance(extra, str):
