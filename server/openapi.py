@@ -240,8 +240,8 @@ SCHEMAS: dict[str, Schema] = {
                                     "(POST: the job JSON; GET: its counts in the query), both signed"},
             "data_upload": {"const": "url", "description": "no rows now: the answer (201) holds upload_URL, a "
                             "signed URL the rows are PUT to, without a key"},
-            "expires_in": {"type": "string", "pattern": "^[0-9]{1,12}$",
-                           "description": "with data_upload=url: seconds upload_URL lives"},
+            "expires_in": {"type": "string", "pattern": "^([0-9]{1,12})?$",
+                           "description": "with data_upload=url: seconds upload_URL lives (blank: the default)"},
             "batch_id": {"type": "string", "description": "optional (seed 000 lists it): the path's batch_id; "
                          "another is a 422"},
         },
@@ -307,8 +307,8 @@ SIGNED_PARAMS = (
 )
 SIGNED_REFUSED = error("A signed URL that was changed, or whose expiry has passed.", "ERR_URL_INVALID",
                        "ERR_URL_EXPIRED")
-EXPIRES_IN = Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
-                   "seconds the signed URL lives (at most FILEDROP_MAX_URL_TTL)")
+EXPIRES_IN = Param("expires_in", "query", {"type": "string", "pattern": "^([0-9]{1,12})?$"},
+                   "seconds the signed URL lives (at most FILEDROP_MAX_URL_TTL; blank or absent: the default)")
 
 EXECUTE_HEADERS = (
     header("X-Batch-No-Drop", {"enum": ["true", "false"]}, "true: keep the batch after the operation"),
