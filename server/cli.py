@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -84,6 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BindError as e:
         from server.supervisor import port_holder
 
+        if e.errno != errno.EADDRINUSE:  # not this machine's address, or a name that does not resolve
+            print(f"filedrop: the app {e.strerror}: set {'FILEDROP_APP_HOST' if args.host is None else '--host'} "
+                  "to an address of this machine", file=sys.stderr)
+            return 2
         holder = port_holder(port)
         print(f"filedrop: the app {e.strerror}{f' (held by {holder})' if holder else ''}: set "
               f"{'FILEDROP_APP_PORT' if args.port is None else '--port'} to a free port", file=sys.stderr)
@@ -297,6 +302,16 @@ def _say_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -383,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the app on FILEDROP_APP_HOST:FILEDROP_APP_PORT")
     s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s.add_argument("--port", type=_port)
     s.set_defaults(func=cmd_serve)
     w = sub.add_parser("worker", help="render smartlink jobs: claim rows from the database, render them in a "
                        "limited child process, publish them (serve runs FILEDROP_WORKERS of these; run more "

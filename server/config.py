@@ -18,6 +18,10 @@ from typing import Any
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.I)
 DEFAULT_CHUNK_SIZE = 8 << 20  # the drop page's chunks when FILEDROP_CHUNK_SIZE is unset
+# The longest duration any setting or option takes: 100 years. Longer ones (`99999999d`, or so
+# many digits that the float is infinite) would overflow the date arithmetic of a cutoff
+# (`now - retention`) with a traceback, in `filedrop cleanup` and in every janitor pass.
+MAX_DURATION = 36500 * 86400.0
 
 
 def parse_duration(text: str) -> float:
@@ -26,7 +30,10 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90, 10m, 24h, 7d)")
     mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    return float(m.group(1)) * mult
+    seconds = float(m.group(1)) * mult
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"{text.strip()!r} is over the longest duration, 36500d (100 years)")
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -334,7 +341,10 @@ def _convert(name: str, raw: str) -> Any:
             raise ValueError(f"{raw} is under the minimum {_DURATION_MIN[name]:g} s")
         return seconds
     if name in _INTS:
-        value = int(raw)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"not a whole number: {raw!r}") from None
         low = _INT_MIN.get(name, 0)
         high = _INT_MAX.get(name)
         if value < low or (high is not None and value > high):

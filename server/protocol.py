@@ -107,7 +107,10 @@ class BindError(OSError):
     """The app could not listen on ``host:port``."""
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
-        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        # A host name that does not resolve is a gaierror, whose (negative) errno os.strerror
+        # does not know ("unknown error -2"): its own text says it.
+        reason = (os.strerror(cause.errno).lower() if cause.errno and cause.errno > 0
+                  else getattr(cause, "strerror", None) or str(cause))
         super().__init__(cause.errno, f"cannot listen on {host}:{port}: {reason}")
         self.host, self.port, self.cause = host, port, cause
 

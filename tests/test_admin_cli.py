@@ -144,3 +144,35 @@ def test_serve_on_a_busy_port_names_the_port_its_holder_and_the_setting(env: dic
                            f"(held by pid {os.getpid()} ("), last  # this test's process holds it
     assert last.endswith("): set FILEDROP_APP_PORT to a free port"), last
     assert "listening" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("args", "variables", "message"), [
+    (["cleanup", "--older-than", "99999999999d"], {}, "'99999999999d' is over the longest duration, 36500d"),
+    (["cleanup", "--older-than", "9" * 400], {}, "is over the longest duration, 36500d"),
+    (["cleanup"], {"FILEDROP_JOB_RETENTION": "1000000d"},
+     "bad setting: FILEDROP_JOB_RETENTION: '1000000d' is over the longest duration, 36500d"),
+    (["cleanup"], {"FILEDROP_BATCH_TTL": "1000000d"}, "bad setting: FILEDROP_BATCH_TTL: '1000000d' is over"),
+    (["keys", "list"], {"FILEDROP_WORKERS": "abc"}, "bad setting: FILEDROP_WORKERS: not a whole number: 'abc'"),
+    (["serve", "--port", "99999"], {}, "argument --port: 99999 is not a port number (1-65535)"),
+    (["serve", "--port", "-1"], {}, "argument --port: -1 is not a port number (1-65535)"),
+    (["serve", "--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
+])
+def test_a_bad_argument_or_setting_is_one_line_and_exit_2(env: dict[str, str], args: list[str],
+                                                          variables: dict[str, str], message: str) -> None:
+    # A duration past what dates can hold (`now - retention`) was an OverflowError traceback of
+    # cleanup (and of every janitor pass); a port out of range one of serve; a bad setting exited 1.
+    r = cli({**env, **variables}, *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].count(message) == 1
+
+
+def test_serve_on_an_address_not_of_this_machine_names_the_host_setting(env: dict[str, str]) -> None:
+    port = env["FILEDROP_APP_PORT"]
+    for host in ("nonexistent.invalid", "192.0.2.1"):  # a name that does not resolve; TEST-NET-1
+        r = cli(env, "serve", "--host", host)
+        assert r.returncode == 2
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"filedrop: the app cannot listen on {host}:{port}: "), r.stderr
+        assert last.endswith(": set --host to an address of this machine"), r.stderr
+        assert "Traceback" not in r.stderr and "unknown error" not in r.stderr.lower()
