@@ -7,7 +7,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 from email import message_from_bytes
+from email.utils import parsedate_to_datetime
 
 import pytest
 from sqlalchemy import func, select
@@ -94,6 +96,9 @@ async def test_email_is_sent_with_status_and_result_link(aiohttp_client, setting
     assert sorted(rcpts) == ["boss@example.org", "ops@example.com"]
     msg = message_from_bytes(content)
     assert msg["Subject"] == f"filedrop batch mail: {done['status']}"
+    # RFC 5322's required Date (it had none), and a Message-ID that is the job's
+    assert abs(parsedate_to_datetime(msg["Date"]).timestamp() - time.time()) < 120
+    assert msg["Message-ID"] == f"<filedrop.{job['job_id']}@filedrop.test>"
     text = msg.get_payload(decode=True).decode()
     assert f"Job:       {job['job_id']}" in text and "Succeeded: 2 of 2" in text
     assert f"{settings.public_url}/api/batch/mail/{job['job_id']}/result" in text

@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -112,6 +113,11 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
     msg["From"] = settings.smtp_from
     msg["To"] = ", ".join(to)
     msg["Subject"] = f"filedrop batch {job['batch_id']}: {job['status']}"
+    # RFC 5322 requires Date; the Message-ID is the job's, so a message sent again (a retry, or
+    # at-least-once across a crash) is recognisably the same one.
+    msg["Date"] = formatdate(usegmt=True)
+    domain = parseaddr(settings.smtp_from)[1].rpartition("@")[2] or "localhost"
+    msg["Message-ID"] = f"<filedrop.{job['job_id']}@{domain}>"
     lines = [
         f"Batch:     {job['batch_id']}",
         f"Job:       {job['job_id']}",
