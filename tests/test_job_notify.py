@@ -64,6 +64,9 @@ async def test_callback_gives_up_after_retries(aiohttp_client, settings) -> None
         await client.app[JOBS].notified(job["job_id"], timeout=30)
     assert len(rcv.attempts) == 3
     assert job_row(settings, job["job_id"])[0] == "failed"
+    # the last attempt is the giving up: an error, as the e-mail's last is (it was a warning like the others)
+    log = (await get_json(client, f"/api/batch/cbfail/{job['job_id']}/log"))["log"]
+    assert [e["level"] for e in log if e["message"].startswith("callback attempt")] == ["warning", "warning", "error"]
 
 
 async def test_callback_to_internal_address_refused_at_start(aiohttp_client, settings) -> None:

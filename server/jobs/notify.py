@@ -67,7 +67,8 @@ async def deliver_callback(fetcher: Fetcher, settings: Settings, url: str, job: 
                            note: Callable[[str, str], Awaitable[None]], method: str = "POST") -> bool:
     """Call ``url`` with the job (POST: its JSON; GET: its counts in the query, see the module
     docstring); up to ``callback_retries`` attempts, the delay doubling from
-    ``callback_backoff``. True once a 2xx arrives. ``note(level, message)`` records each attempt."""
+    ``callback_backoff``. True once a 2xx arrives. ``note(level, message)`` records each attempt
+    (the last failed one as an error)."""
     body: bytes | None
     if method == "GET":
         target, signature = notification_url(url, job, settings.callback_secret)
@@ -86,7 +87,8 @@ async def deliver_callback(fetcher: Fetcher, settings: Settings, url: str, job: 
             problem = f"HTTP {status}"
         except FetchError as e:
             problem = str(e)
-        await note("warning", f"callback attempt {attempt}/{attempts} to {url} failed: {problem}")
+        await note("warning" if attempt < attempts else "error",  # the last: given up, as for e-mails
+                   f"callback attempt {attempt}/{attempts} to {url} failed: {problem}")
         if attempt < attempts:
             await asyncio.sleep(delay)  # backoff between delivery attempts (production, not a test wait)
             delay *= 2
