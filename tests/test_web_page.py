@@ -423,6 +423,34 @@ def test_a_folder_and_dropped_files_go_up_with_their_paths(tmp_path: Path, stack
     assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-2.bin"}
 
 
+def test_a_batch_dropped_under_the_page_is_forgotten_and_its_unfinished_files_go_up_again(
+        tmp_path: Path, stack, page_for) -> None:
+    """The page's batch dropped (or expired) while the page is open: each file it sent after
+    that stopped with "batch … was dropped" and a Retry that could only fail the same way; now
+    the batch is forgotten as after a reload, and the file goes up in a new batch."""
+    s = stack()
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("first\n")
+    second.write_text("second\n")
+    page = start_page(page_for(s))
+    page.add_files([first])
+    page.wait_rows({"first.txt": "complete"})
+    old = page.batch_id()
+    r = subprocess.run([sys.executable, "-m", "server", "drop", old], cwd=REPO, env=s.app.env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    page.add_files([second])
+    rows = page.wait_rows({"second.txt": "complete"})
+    assert rows[0]["sha256"] == sha256(second)
+    new = page.batch_id()
+    assert new != old and re.fullmatch(r"[0-9a-f]{32}", new)
+    assert s.api("GET", f"/api/v1/upload/{new}/0").json()["sha256"] == sha256(second)
+    message = page.by_id("files-message").text
+    assert message == ("The batch is gone from the server (dropped or expired): the file not yet complete goes up "
+                       "again in a new batch. Gone with it, add again if needed: first.txt.")
+    page.screenshot("batch-gone")
+
+
 def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, stack, page_for) -> None:
     s = stack(chunk_size="1M")
 

@@ -101,6 +101,15 @@ async function start(api, limits) {
   uploader.addEventListener('progress', () => schedule(null));
   uploader.addEventListener('removed', (e) => removeRow(e.detail));
   uploader.addEventListener('batch', () => { showBatch(); renderAll(); });
+  uploader.addEventListener('gone', (e) => {
+    const { again, lost } = e.detail;
+    let text = 'The batch is gone from the server (dropped or expired): ';
+    if (again === 1) text += 'the file not yet complete goes up again in a new batch.';
+    else if (again) text += `the ${again} files not yet complete go up again in a new batch.`;
+    else text += 'a new one starts with the next file.';
+    if (lost.length) text += ` Gone with it, add again if needed: ${lost.join(', ')}.`;
+    say(el.filesMessage, text);
+  });
   el.files.hidden = false;
   el.generate.hidden = false;
   showBatch();

@@ -405,6 +405,10 @@ export class Uploader extends EventTarget {
 
   fail(u, e) {
     if (e instanceof ApiError && e.keyRefused) return; // every upload is paused by stopAll()
+    if (e instanceof ApiError && e.code === 'ERR_BATCH_NOT_FOUND' && this.uploads.get(u.fileIdx) === u) {
+      this.batchGone();
+      return;
+    }
     u.state = ERROR;
     u.note = e instanceof ApiError ? e.message : `Unexpected error: ${e}`;
     this.emit('change', u);
@@ -582,6 +586,19 @@ export class Uploader extends EventTarget {
       }
     }
     this.schedule();
+  }
+
+  // The server no longer has the batch (dropped, expired): as after a reload, it is forgotten,
+  // not retried file by file. The files this page still holds that were not complete go up
+  // again in a new batch (paused ones stay paused); complete ones went with the old batch.
+  batchGone() {
+    const keep = this.list().filter((u) => u.file && u.state !== COMPLETE);
+    const lost = this.list().filter((u) => !keep.includes(u)).map((u) => u.relPath);
+    this.newBatch();
+    const paused = new Set(keep.filter((u) => u.state === PAUSED).map((u) => u.file));
+    const { added } = this.add(keep.map((u) => ({ file: u.file, relPath: u.relPath })));
+    for (const u of added) if (paused.has(u.file)) this.pause(u);
+    this.emit('gone', { again: added.length, lost });
   }
 
   // Forget the batch (its files stay on the server until it expires) and begin anew.
