@@ -140,6 +140,26 @@ async def test_body_shorter_or_longer_than_declared(client, up, settings) -> Non
     assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(b"aaaabbbbcc")
 
 
+async def test_chunks_stored_in_another_chunk_size_say_how_to_recover(client, up, settings) -> None:
+    """A client resuming with another chunk size (the nuxeo client keeps the server's chunk count
+    but seeks by its own size) stores chunks that cannot add up to X-File-Size; a resend of a
+    stored chunk is a repeat, so only removing the file helps, and the 400 says so."""
+    batch = await batch_with_good_file(up)
+    assert (await up.post(batch, 1, b"aaaa", chunk=(0, 3), size=10)).status == 202
+    assert (await up.post(batch, 1, b"bb", chunk=(1, 3), size=10)).status == 202  # another chunking: stored
+    r = await up.post(batch, 1, b"cc", chunk=(2, 3), size=10)
+    await assert_error(r, 400, "ERR_FILE_SIZE_MISMATCH")
+    message = (await r.json())["message"]
+    assert "add up to 8 bytes, X-File-Size is 10" in message and "remove the file (DELETE)" in message, message
+    assert (await up.post(batch, 1, b"bbbb", chunk=(1, 3), size=10)).status == 202  # a repeat: changes nothing
+    await assert_error(await up.post(batch, 1, b"cc", chunk=(2, 3), size=10), 400, "ERR_FILE_SIZE_MISMATCH")
+    assert (await client.delete(up.url(f"/{batch}/1"), headers=up.auth)).status == 204
+    for i, part in enumerate((b"aaaa", b"bbbb", b"cc")):
+        assert (await up.post(batch, 1, part, chunk=(i, 3), size=10)).status == (201 if i == 2 else 202)
+    await assert_intact(up, batch, settings.data_dir, extra=1)
+    assert (await up.manifest(batch))["files"][1]["sha256"] == sha256(b"aaaabbbbcc")
+
+
 MIB = 1 << 20
 
 

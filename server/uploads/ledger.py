@@ -210,6 +210,15 @@ _INSERT = Direct(insert(_F).returning(_F.c.id, sort_by_parameter_order=True))
 _UPDATE = Direct(update(_F).where(_F.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _MUTABLE}))
 
 
+def chunks_do_not_fit(file_idx: int, total: int, size: int) -> FileSizeMismatch:
+    """A chunk that would take the file's chunks past its size, or end them short of it. Which
+    is wrong, this chunk or those stored (a client resuming with another chunk size), the server
+    cannot tell: the answer says how to recover from either."""
+    return FileSizeMismatch(f"the chunks of file {file_idx} add up to {total} bytes, X-File-Size is {size}: send "
+                            "this chunk again with its right length, or, if the chunks stored were sent with another "
+                            "chunk size, remove the file (DELETE) and send it again")
+
+
 class Ledger:
     """Decides and writes one group's records (blocking: in the recorder's thread)."""
 
@@ -307,7 +316,7 @@ class Ledger:
         total = f.received + a.length
         last = len(f.chunk_ids) + 1 == f.chunk_count
         if total > f.size or (last and total != f.size):
-            raise FileSizeMismatch(f"the chunks of file {req.file_idx} add up to {total} bytes, X-File-Size is {f.size}")
+            raise chunks_do_not_fit(req.file_idx, total, f.size)
         before = (bytes(f.chunk_ids), bytes(f.loose_ids))
         prepared = a.completion is not None and last and a.assumed == before
         if a.completion is not None and not prepared and a.completion.name != "partial":

@@ -63,6 +63,7 @@ from server.uploads.assembly import Assembler, Hashes, Placing, Snapshot, Stats,
 from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
+from server.uploads.ledger import chunks_do_not_fit
 from server.uploads.model import FileInfo, FileState, UploadOutcome, UploadRequest, chunk_length
 from server.uploads.operations import ExecuteContext, OperationRegistry, OperationResult
 from server.uploads.recorder import Arrival, Recorder
@@ -515,8 +516,7 @@ class _Receipt:
             if self.f is not None:
                 total = self.f.received + length
                 if total > req.size or (self.last and total != req.size):
-                    raise FileSizeMismatch(f"the chunks of file {req.file_idx} add up to {total} bytes, "
-                                           f"X-File-Size is {req.size}")
+                    raise chunks_do_not_fit(req.file_idx, total, req.size)
             if self.last and self.f is not None:
                 # Until its record: no other request of ours writes into the file in place.
                 if await completing.enter_async_context(s.placing.completing(self.f.id, self.placing)):
