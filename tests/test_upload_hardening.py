@@ -299,7 +299,10 @@ async def test_upload_into_closed_batch(client, up, settings, how) -> None:
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"params": [1]}', b'{"params": {}, "context": 3}',
-                                  b"\xff\xfe"])
+                                  b"\xff\xfe",
+                                  # falsy non-objects were read as {}: the operation ran and dropped the batch
+                                  b'{"params": []}', b'{"params": 0}', b'{"params": ""}', b'{"params": false}',
+                                  b'{"context": []}'])
 async def test_malformed_execute_json(client, up, settings, body) -> None:
     batch = await batch_with_good_file(up)
     h = {**AUTH, "Content-Type": "application/json"}

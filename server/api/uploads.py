@@ -305,7 +305,10 @@ async def _execute_params(request: web.Request) -> tuple[dict[str, Any], dict[st
         raise
     if not isinstance(doc, dict):
         raise RequestMalformed("execute body must be a JSON object")
-    params, context = doc.get("params") or {}, doc.get("context") or {}
+    # null or absent is no params; any other non-object ([], 0, "", false) is refused, not read
+    # as {} (which ran the operation, and dropped the batch, on a malformed request)
+    params, context = doc.get("params"), doc.get("context")
+    params, context = {} if params is None else params, {} if context is None else context
     if not isinstance(params, dict) or not isinstance(context, dict):
         raise RequestMalformed("'params' and 'context' must be JSON objects")
     return params, context
