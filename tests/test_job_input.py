@@ -228,3 +228,11 @@ async def test_generate_refuses_a_param_it_does_not_take(client, settings, name:
     assert body["field"] == name
     assert body["message"].startswith(f"{name!r} is not a param of SmartLinks.Generate (they are template, data, ")
     assert_nothing_created(settings)
+
+
+@pytest.mark.parametrize("value", [[], 0, False, [1]])
+async def test_generate_params_not_an_object_is_a_422(client, settings, value) -> None:
+    """A falsy `params` ([], 0, false) was read as no params, and the job started without them."""
+    body = await assert_error(await _generate(client, {"params": value}), 422, "ERR_FIELD_INVALID")
+    assert body["field"] == "params" and body["message"] == "params must be a JSON object"
+    assert_nothing_created(settings)

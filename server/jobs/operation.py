@@ -108,7 +108,8 @@ def smartlinks_generate(jobs: JobService, files: UploadFiles, settings: Settings
         p = ctx.params
         _check_param_names(p)
         template_idx, data_idx = _file_index(p, "template"), _file_index(p, "data")
-        extra = p.get("params") or {}
+        extra = p.get("params")
+        extra = {} if extra is None else extra  # [], "", 0, false: refused below, not read as none
         if isinstance(extra, str):
             extra = parse_json(extra, "params", max_digits=settings.max_number_digits)
         if not isinstance(extra, dict):
