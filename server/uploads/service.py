@@ -537,6 +537,10 @@ class _Receipt:
         except BaseException as e:
             if self.target.fresh:
                 remove(self.target.path)
+            elif self.f is not None and isinstance(e, FileNotFound | BatchNotFound):
+                # Written in place for a file whose row went meanwhile (deleted, replaced, its
+                # batch dropped): the write made its folder again. Ids are never reused: it goes.
+                await asyncio.to_thread(remove_tree, s.store.file_dir(self.batch_pk, self.f.id))
             if completion is not None and completion.name != "partial":
                 remove(completion)
             if isinstance(e, ValueError):  # the chunks did not make the declared file

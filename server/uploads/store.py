@@ -197,14 +197,8 @@ class UploadStore:
             raise BelowFloor(free.f_bavail * free.f_frsize)
 
     def _open(self, target: Target, reserve_bytes: int) -> int:
-        if target.fresh:
-            fd = open_making_dirs(target.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        else:
-            # ``partial`` of a file with chunks recorded: its folder was made with the first of
-            # them, so a missing one was removed with its file or batch (DELETE, a drop, a
-            # replacement) while this body arrived. ENOENT ("removed meanwhile"), not a folder
-            # made again that no row refers to.
-            fd = os.open(target.path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if target.fresh else 0)
+        fd = open_making_dirs(target.path, flags)
         try:
             self._reserve(fd, target.offset, reserve_bytes)
         except BaseException:
