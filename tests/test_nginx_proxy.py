@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -206,6 +207,27 @@ async def test_malformed_api_request_is_400_json(front) -> None:
     assert head.startswith(b"HTTP/1.1 400")
     assert b"application/json" in head
     assert b'"code": "ERR_REQUEST_INVALID"' in body
+    assert rec.seen == []
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, identity", "identity"])
+async def test_a_transfer_encoding_nginx_does_not_know_is_501_json(front, coding: str) -> None:
+    ngx, rec = front
+
+    def send() -> bytes:
+        with socket.create_connection(("127.0.0.1", ngx.port), timeout=10) as s:
+            s.sendall(f"POST /api/v1/upload/b1/0 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n"
+                      "Connection: close\r\n\r\n0\r\n\r\n".encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    raw = await asyncio.to_thread(send)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501"), raw
+    assert b"application/json" in head
+    assert json.loads(body)["code"] == "ERR_NOT_IMPLEMENTED"
     assert rec.seen == []
 
 
