@@ -210,13 +210,19 @@ async def test_malformed_api_request_is_400_json(front) -> None:
     assert rec.seen == []
 
 
-@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, identity", "identity"])
-async def test_a_transfer_encoding_nginx_does_not_know_is_501_json(front, coding: str) -> None:
+@pytest.mark.parametrize(("version", "coding", "status", "code"), [
+    ("1.1", "gzip, chunked", 501, "ERR_NOT_IMPLEMENTED"),
+    ("1.1", "chunked, identity", 501, "ERR_NOT_IMPLEMENTED"),
+    ("1.1", "identity", 501, "ERR_NOT_IMPLEMENTED"),
+    ("2.0", "chunked", 505, "ERR_HTTP_VERSION_NOT_SUPPORTED"),
+])
+async def test_what_nginx_does_not_implement_is_json(front, version: str, coding: str, status: int,
+                                                     code: str) -> None:
     ngx, rec = front
 
     def send() -> bytes:
         with socket.create_connection(("127.0.0.1", ngx.port), timeout=10) as s:
-            s.sendall(f"POST /api/v1/upload/b1/0 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n"
+            s.sendall(f"POST /api/v1/upload/b1/0 HTTP/{version}\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n"
                       "Connection: close\r\n\r\n0\r\n\r\n".encode())
             out = b""
             while chunk := s.recv(65536):
@@ -225,9 +231,9 @@ async def test_a_transfer_encoding_nginx_does_not_know_is_501_json(front, coding
 
     raw = await asyncio.to_thread(send)
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 501"), raw
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), raw
     assert b"application/json" in head
-    assert json.loads(body)["code"] == "ERR_NOT_IMPLEMENTED"
+    assert json.loads(body)["code"] == code
     assert rec.seen == []
 
 

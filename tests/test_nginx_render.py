@@ -154,7 +154,7 @@ def test_every_answer_nginx_writes_itself_has_the_apps_error_shape() -> None:
     from server.errors import error_body
 
     bodies = re.findall(r"return (\d{3}) '(.*)';", ngx.TEMPLATE.read_text())
-    assert {int(code) for code, _ in bodies} == {400, 404, 405, 413, 414, 431, 501, 503, 504}
+    assert {int(code) for code, _ in bodies} == {400, 404, 405, 413, 414, 431, 501, 503, 504, 505}
     for code, raw in bodies:
         body = json.loads(raw.replace("\\n", "\n"))
         assert body == error_body(int(code), body["code"], body["message"])
