@@ -576,9 +576,14 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
                 .where(Job.batch_id == batch_id))).all())
         running = await s.scalar(select(func.count()).select_from(Job)
                                  .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
+    # What was really freed: the pages removed (none while a newer run of the batch writes), and
+    # the job's signed downloads' CSV, which the plan did not count.
+    item.bytes = 0
     if names and item.path is not None and not running:
         item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, names - keep)
-    await asyncio.to_thread(_remove, job_results.path_of(settings, job_id))  # its signed downloads' CSV
+    csv = job_results.path_of(settings, job_id)
+    item.bytes += await asyncio.to_thread(_du, csv)
+    await asyncio.to_thread(_remove, csv)
     return True
 
 

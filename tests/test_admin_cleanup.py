@@ -239,6 +239,21 @@ def test_smartlinks_go_only_with_the_flag_and_shared_names_stay(settings: Settin
     assert freed(r.stdout) == len(b"<p>a</p>") + 100 + 11
 
 
+def test_an_expired_jobs_result_csv_is_counted_in_what_was_freed(settings: Settings) -> None:
+    # The CSV that result?format=url wrote goes with the job: its bytes are freed bytes (they
+    # were reported as 0 bytes removed).
+    from server.jobs.results import path_of
+
+    add_job(settings, "a" * 32, "withcsv", finished_ago=40 * DAY, rows=[("r", "s" * 16)], publish=False)
+    csv = path_of(settings, "a" * 32)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    csv.write_bytes(b"c" * 1234)
+    r = run_cli(settings, "cleanup")
+    assert r.returncode == 0, r.stderr
+    assert [row[:3] for row in table(r.stdout)["expired-job"]] == [["a" * 32, "1234", "removed"]]
+    assert freed(r.stdout) == 1234 and not csv.exists() and count(settings, Job) == 0
+
+
 def test_a_row_name_no_file_can_have_is_no_path_to_look_at(settings: Settings) -> None:
     """A row of 128 + 128 characters (the contract allowed it before the 249 rule) never had a
     page: its 262-byte name is skipped, not an ENAMETOOLONG traceback that stops the cleanup."""
