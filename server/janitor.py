@@ -721,11 +721,13 @@ def _rename_away(root: Path, batch_id: str) -> Path | None:
 
 async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, *, force: bool = False,
                                cancel_wait: float = CANCEL_WAIT, progress: Progress | None = None) -> Item:
-    """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs), rows
-    first. A job whose callback or e-mails are still to be sent keeps its job row, hidden from
-    every API (404), until the server's notifier has sent them (``queries.drop_batch``). Raises
-    NotFound when there is neither, Conflict while one of its jobs runs unless ``force``. ``progress`` hears (files removed, files) while the files go. Once it returns the
-    folder is gone and stays gone: it is renamed away first (``_rename_away``)."""
+    """Remove a smartlink batch's published files and its jobs' rows (jobs, rows, logs): the rows
+    go and the folder is moved out of NGINX's reach in one transaction, then the files go. A job
+    whose callback or e-mails are still to be sent keeps its job row, hidden from every API
+    (404), until the server's notifier has sent them (``queries.drop_batch``). Raises NotFound
+    when there is neither, Conflict while one of its jobs runs unless ``force`` (or when one
+    started since). ``progress`` hears (files removed, files) while the files go. Once it
+    returns the folder is gone and stays gone: it is renamed away first (``_rename_away``)."""
     if not BATCH_ID_RE.fullmatch(batch_id):
         raise SmartlinkBatchNotFound(f"{batch_id!r} is not a smartlink batch id")
     assert settings.smartlink_root is not None
@@ -739,18 +741,27 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
                                       force, cancel_wait)
     # A job whose callback or e-mails are still to be sent (one --force just ended, say) keeps a
     # tombstone no API can see until the server's notifier has sent them (queries.drop_batch).
-    job_ids, kept = await job_queries.drop_batch(db, batch_id)
+    # The folder is renamed away in the same transaction, under the batch's start lock: a job
+    # started meanwhile refuses the drop (JobRunning), one started after it gets a new folder.
+    # (Renamed after the rows were gone, a start in between published into the folder then
+    # removed: its rows said succeeded, its pages were 404.)
+    root = settings.smartlink_root
+    item = Item("drop-smartlinks", batch_id, 0, f"{njobs} job(s)"
+                + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
+    gone = None
+    try:
+        job_ids, kept, gone = await job_queries.drop_batch(db, batch_id, lambda: _rename_away(root, batch_id))
+    except OSError as e:  # the folder could not be moved: nothing was dropped (the transaction rolled back)
+        item.result = f"error: {e.__class__.__name__}: {e.strerror or e}"
+        log.error("smartlink batch %s not dropped: could not move %s out of reach: %s", batch_id, d, e)
+        return item
     if kept:
         log.info("job(s) %s: their notifications are left to the server's notifier (sent by a running "
                  "or the next server)", ", ".join(kept))
     for job_id in job_ids:
         await asyncio.to_thread(job_assets.release, settings, job_id)
-    size = await asyncio.to_thread(_du, d)
-    item = Item("drop-smartlinks", batch_id, size, f"{njobs} job(s)"
-                + (f", cancelled {', '.join(cancelled)}" if cancelled else ""), result="removed")
-    gone = None
     try:
-        gone = await asyncio.to_thread(_rename_away, settings.smartlink_root, batch_id)
+        item.bytes = await asyncio.to_thread(_du, gone) if gone is not None else 0
         if gone is None:
             pass
         elif progress is None:
@@ -758,11 +769,11 @@ async def drop_smartlink_batch(db: Database, settings: Settings, batch_id: str, 
         else:
             total = await asyncio.to_thread(_count_files, gone)
             await asyncio.to_thread(_remove_counted, gone, lambda n: progress(n, total, item))
-    except OSError as e:  # renamed away already, the next cleanup removes the rest; or not even that
+    except OSError as e:  # renamed away already: the next cleanup removes the rest
         item.result = f"error: {e.__class__.__name__}: {e.strerror or e}"
-        log.error("dropped smartlink batch %s, but could not remove %s: %s", batch_id, gone or d, e)
+        log.error("dropped smartlink batch %s, but could not remove %s: %s", batch_id, gone, e)
         return item
-    log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, size, item.detail)
+    log.info("dropped smartlink batch %s (%d bytes) %s", batch_id, item.bytes, item.detail)
     return item
 
 

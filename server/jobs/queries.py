@@ -22,8 +22,9 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db import Database, utcnow
 from server.db.job_models import Job, JobLog, JobRow, JobWorker
+from server.errors import JobRunning
 from server.jobs.states import ACTIVE, JOB_JSON_COLUMNS, RUNNING, WAITING, job_json, row_label
 
 ROWS = JobRow.__table__
@@ -355,17 +357,29 @@ def unsent() -> Any:
     return or_(Job.callback_state.in_(OPEN), Job.email_state.in_(OPEN))
 
 
-async def drop_batch(db: Database, batch_id: str) -> tuple[list[str], list[str]]:
+async def drop_batch(db: Database, batch_id: str,
+                     away: Callable[[], Any] | None = None) -> tuple[list[str], list[str], Any]:
     """Remove the jobs of ``batch_id`` (job, rows, log) in one transaction, except what a
     notification still needs: a job whose callback or e-mails are still to be sent becomes a
     tombstone (``DROPPED``: unreachable by every API; its rows and log go, its end-state JSON is
     frozen in ``template``), which the notifier deletes once it has sent them. So a drop loses
     no notification, even with no server running (the next one sends it), and the callback of a
-    job is taken and sent by the notifier alone, as for any other job. Returns (the batch's job
-    ids, those kept as tombstones)."""
+    job is taken and sent by the notifier alone, as for any other job.
+
+    The transaction is the batch's start lock (``serialize``, as a start takes): a job started
+    since the caller's check (it holds the batch) makes it raise JobRunning, changing nothing,
+    and ``away`` (blocking; the caller's move of the batch's folder out of reach) runs before it
+    commits, so a start after the drop finds neither the jobs nor the folder, and its pages are
+    never in the folder being removed. Returns (the batch's job ids, those kept as tombstones,
+    what ``away`` returned)."""
     async with db.write() as s:
+        await db.serialize(s, "job-start", batch_id)
         ids = list((await s.scalars(select(Job.job_id).where(Job.batch_id == batch_id))).all())
         await lock_jobs(s, ids)
+        started = (await s.scalars(select(Job.job_id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)))).all()
+        if started:
+            raise JobRunning(f"smartlink batch {batch_id!r} has running job(s) {', '.join(started)}, started "
+                             "after the drop began: nothing was dropped; retry (with --force to cancel them)")
         kept = (await s.execute(select(*JOB_JSON_COLUMNS).where(Job.batch_id == batch_id, unsent()))).all()
         for job in kept:
             await s.execute(update(Job).where(Job.job_id == job.job_id).values(
@@ -376,7 +390,8 @@ async def drop_batch(db: Database, batch_id: str) -> tuple[list[str], list[str]]
             await s.execute(delete(ROWS).where(ROWS.c.job_id.in_(among)))
             await s.execute(delete(JobLog).where(JobLog.job_id.in_(among)))
         await s.execute(delete(Job).where(Job.batch_id == batch_id))
-    return ids, kept_ids
+        moved = await asyncio.to_thread(away) if away is not None else None
+    return ids, kept_ids, moved
 
 
 def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
