@@ -446,8 +446,8 @@ def test_a_batch_dropped_under_the_page_is_forgotten_and_its_unfinished_files_go
     assert new != old and re.fullmatch(r"[0-9a-f]{32}", new)
     assert s.api("GET", f"/api/v1/upload/{new}/0").json()["sha256"] == sha256(second)
     message = page.by_id("files-message").text
-    assert message == ("The batch is gone from the server (dropped or expired): the file not yet complete goes up "
-                       "again in a new batch. Gone with it, add again if needed: first.txt.")
+    assert message == ("The batch is gone from the server (dropped or expired), or is another key's: the file not yet "
+                       "complete goes up again in a new batch. Gone with it, add again if needed: first.txt.")
     page.screenshot("batch-gone")
 
 

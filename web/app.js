@@ -103,7 +103,7 @@ async function start(api, limits) {
   uploader.addEventListener('batch', () => { showBatch(); renderAll(); });
   uploader.addEventListener('gone', (e) => {
     const { again, lost } = e.detail;
-    let text = 'The batch is gone from the server (dropped or expired): ';
+    let text = 'The batch is gone from the server (dropped or expired), or is another key\'s: ';
     if (again === 1) text += 'the file not yet complete goes up again in a new batch.';
     else if (again) text += `the ${again} files not yet complete go up again in a new batch.`;
     else text += 'a new one starts with the next file.';
