@@ -224,8 +224,9 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "Multipart parts. A template (`document_file`, or `document_id` + `api_url`) and rows "
                        "(`data` or `data_file`: a JSON array or JSON Lines) are required. Any number of "
-                       "`param.<name>` JSON parts too (templates see `params.<name>`). A part of any other name "
-                       "is a 422 naming it.",
+                       "`param.<name>` JSON parts too (templates see `params.<name>`). A part of any other name, "
+                       "a part given twice, `data` with `data_file` or `document_file` with `document_id` is a "
+                       "422 naming it.",
         "properties": {
             "document_file": {"type": "string", "contentMediaType": JSON,
                               "description": "the master smartlink: {body, title, lang, styles, scripts}"},

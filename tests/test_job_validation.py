@@ -248,3 +248,20 @@ async def test_the_path_batch_id_may_also_be_a_part_as_seed_000_lists_it(client,
     r = await client.post("/api/batch/b2/start", headers=AUTH, data=form)
     body = await assert_error(r, 422)
     assert body["field"] == "batch_id" and "path" in body["message"]
+
+
+async def test_a_part_given_twice_or_two_sources_of_one_input_are_refused(client, settings) -> None:
+    """Each was passed over silently: `data` twice (the last won), `data` and `data_file` (the
+    file was ignored), `document_file` and `document_id` (the id was ignored)."""
+    from tests.support.jobs import start_form
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("data", "[]", content_type="application/json")
+    body = await assert_error(await client.post("/api/batch/b1/start", headers=AUTH, data=form), 422)
+    assert (body["field"], body["message"]) == ("data", "'data' is given twice: send each part once")
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("data_file", b"[]", filename="d.json", content_type="application/json")
+    body = await assert_error(await client.post("/api/batch/b1/start", headers=AUTH, data=form), 422)
+    assert (body["field"], body["message"]) == ("data_file", "give either data or data_file, not both")
+    body = await refused(client, settings, 422, "document_id", document_id="t1", api_url="https://example.com/t")
+    assert body["message"] == "give either document_file or document_id with api_url, not both"
+    assert_nothing_created(settings)

@@ -46,6 +46,11 @@ def _check_part_names(fields: dict[str, bytes], batch_id: str) -> None:
                                 field="batch_id")
         raise Unprocessable(f"{name[:64]!r} is not a start parameter (they are {', '.join(START_PARTS)} and "
                             "param.<name> parts)", field=name[:64])
+    # Two sources of one input: the second was passed over.
+    if "data" in fields and "data_file" in fields:
+        raise Unprocessable("give either data or data_file, not both", field="data_file")
+    if "document_file" in fields and "document_id" in fields:
+        raise Unprocessable("give either document_file or document_id with api_url, not both", field="document_id")
 
 
 def _malformed(e: Exception) -> Unprocessable:
@@ -69,6 +74,8 @@ async def _read_multipart(request: web.Request, data_limit: int, template_limit:
             if not isinstance(part, BodyPartReader) or not part.name:
                 continue
             name = part.name
+            if name in fields:  # one would be passed over: which one the sender meant is unknown
+                raise Unprocessable(f"{name[:64]!r} is given twice: send each part once", field=name[:64])
             limit, too_large, setting = _part_limit(name, data_limit, template_limit)
             buf = bytearray()
             while chunk := await part.read_chunk(1 << 16):
