@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(settings come from FILEDROP_* variables; see README)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the app on FILEDROP_APP_HOST:FILEDROP_APP_PORT")
-    s.add_argument("--host")
-    s.add_argument("--port", type=_port)
+    s.add_argument("--host", help="address to listen on (default: FILEDROP_APP_HOST)")
+    s.add_argument("--port", type=_port, help="port to listen on, 1-65535 (default: FILEDROP_APP_PORT; NGINX "
+                   "proxies to that setting)")
     s.set_defaults(func=cmd_serve)
     w = sub.add_parser("worker", help="render smartlink jobs: claim rows from the database, render them in a "
                        "limited child process, publish them (serve runs FILEDROP_WORKERS of these; run more "
