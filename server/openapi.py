@@ -243,8 +243,8 @@ SCHEMAS: dict[str, Schema] = {
                             "signed URL the rows are PUT to, without a key"},
             "expires_in": {"type": "string", "pattern": "^([0-9]{1,12})?$",
                            "description": "with data_upload=url: seconds upload_URL lives (blank: the default)"},
-            "batch_id": {"type": "string", "description": "optional (seed 000 lists it): the path's batch_id; "
-                         "another is a 422"},
+            "batch_id": {"type": "string", "description": "optional (seed 000 lists it): the path's batch_id, or "
+                         "blank; another is a 422"},
         },
         "patternProperties": {"^param\\.[A-Za-z_][A-Za-z0-9_]{0,63}$": {
             "type": "string", "contentMediaType": JSON, "description": "a JSON value templates see as params.<name>"}},

@@ -244,6 +244,10 @@ async def test_the_path_batch_id_may_also_be_a_part_as_seed_000_lists_it(client,
     r = await client.post("/api/batch/b1/start", headers=AUTH, data=form)
     assert r.status == 202, await r.text()
     form = start_form(SEED_TEMPLATE, SEED_ROWS)
+    form.add_field("batch_id", "")  # blank, as other options: not given
+    r = await client.post("/api/batch/b3/start", headers=AUTH, data=form)
+    assert r.status == 202, await r.text()
+    form = start_form(SEED_TEMPLATE, SEED_ROWS)
     form.add_field("batch_id", "other")
     r = await client.post("/api/batch/b2/start", headers=AUTH, data=form)
     body = await assert_error(r, 422)

@@ -39,8 +39,8 @@ def _check_part_names(fields: dict[str, bytes], batch_id: str) -> None:
     for name in fields:
         if name in START_PARTS or name.startswith("param."):
             continue
-        if name == "batch_id" and fields[name] == batch_id.encode():
-            continue  # seed 000 lists batch_id among the parameters: the path's own is harmless
+        if name == "batch_id" and fields[name].strip() in (b"", batch_id.encode()):
+            continue  # seed 000 lists batch_id among the parameters: the path's own (or blank) is harmless
         if name == "batch_id":
             raise Unprocessable("batch_id is the path's (/api/batch/<batch_id>/start); this part names another",
                                 field="batch_id")
