@@ -259,15 +259,15 @@ class UploadService:
                 raise FileNotFound(f"file {file_idx} of batch {batch_id} not found")
             return self._state(batch_id, f)
 
-    async def _refuse_if_read(self, owner: str, batch_id: str,
-                              advice: str = "cancel the job or wait for it to end") -> None:
+    async def _refuse_if_read(self, owner: str, batch_id: str) -> None:
         if self.readers is None:
             return
         async with self.db.read() as s:
             await self._open_batch(s, owner, batch_id)  # 404 first: another key learns nothing
         job_id = await self.readers(batch_id)
         if job_id is not None:
-            raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: {advice}")
+            raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: cancel the job or "
+                             "wait for it to end")
 
     async def delete_file(self, owner: str, batch_id: str, file_idx: int) -> None:
         """Remove one file (row and bytes); JobRunning while a job started from the batch reads it."""
@@ -428,8 +428,10 @@ class UploadService:
         if result.drop_batch and not keep:
             # Removing the batch is refused under a job started from it, as DELETE is: its rows
             # may publish the batch's files (X-Batch-No-Drop runs the operation and keeps it).
-            await self._refuse_if_read(owner, batch_id, "execute it with X-Batch-No-Drop: true (the batch stays), "
-                                                        "cancel the job or wait for it to end")
+            # (Its owner was checked above; closed since, it is answered as before: below.)
+            if self.readers is not None and (job_id := await self.readers(batch_id)) is not None:
+                raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: execute it with "
+                                 "X-Batch-No-Drop: true (the batch stays), cancel the job or wait for it to end")
             async with self.db.write() as s:
                 closing = await s.get(Batch, batch_pk, with_for_update={"key_share": True})
                 if closing is None or closing.state != "open":
