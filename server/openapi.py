@@ -488,8 +488,8 @@ def _job_ops(settings: Settings) -> list[Op]:
     job = Answer("The job.", ref("Job"))
     result_errors = {
         403: SIGNED_REFUSED, 404: NO_JOB, 409: error("format=url: the job has not ended yet.", "ERR_JOB_NOT_FINISHED"),
-        422: error("format is not json, csv or url; expires_in is not a number of seconds or over "
-                   "FILEDROP_MAX_URL_TTL.", "ERR_FIELD_INVALID")}
+        422: error("format is not json, csv or url; expires_in is not a number of seconds, over "
+                   "FILEDROP_MAX_URL_TTL, or given without format=url.", "ERR_FIELD_INVALID")}
     result_params = (JOB_BATCH, JOB, Param("format", "query", {"type": "string"},
                                            "json (default), csv, or url: a signed link to the CSV, fetched without "
                                            "the key"),

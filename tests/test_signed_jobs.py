@@ -212,6 +212,11 @@ async def test_the_download_link_is_for_ended_jobs(client) -> None:
     for bad in ("0", "x", str(7 * 86400 + 1)):
         r = await client.get(f"/api/batch/ended/{done['job_id']}/result?format=url&expires_in={bad}", headers=AUTH)
         assert (await assert_error(r, 422, "ERR_FIELD_INVALID"))["field"] == "expires_in"
+    # expires_in without format=url asks for a link the answer does not hold: refused, not passed over
+    for fmt in ("", "&format=csv", "&format=json"):
+        r = await client.get(f"/api/batch/ended/{done['job_id']}/result?expires_in=60{fmt}", headers=AUTH)
+        body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+        assert (body["field"], body["message"]) == ("expires_in", "expires_in applies to format=url only")
     r = await client.get(f"/api/batch/ended/{done['job_id']}/result?format=url", headers=AUTH)
     link = await r.json()
     assert r.status == 200 and set(link) == {"download_url", "expires"}

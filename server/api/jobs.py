@@ -175,6 +175,8 @@ async def get_result(request: web.Request) -> web.StreamResponse:
         return await signed.download_result(request)
     if fmt == "url":
         return await signed.result_url(request)
+    if request.query.get("expires_in", "").strip():  # it would be passed over: the answer is no link
+        raise Unprocessable("expires_in applies to format=url only", field="expires_in")
     rows = await request.app[JOBS].result(request[OWNER], m["batch_id"], m["job_id"])
     if fmt == "csv":
         return web.Response(text=csv_text(rows), content_type="text/csv",
