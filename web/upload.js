@@ -598,6 +598,10 @@ export class Uploader extends EventTarget {
     const paused = new Set(keep.filter((u) => u.state === PAUSED).map((u) => u.file));
     const { added } = this.add(keep.map((u) => ({ file: u.file, relPath: u.relPath })));
     for (const u of added) if (paused.has(u.file)) this.pause(u);
+    for (const u of keep) { // whoever waits for one of them (whenComplete: pasted rows) is told
+      u.note = 'The batch is gone from the server: this file goes up again in a new batch.';
+      this.emit('failed', u);
+    }
     this.emit('gone', { again: added.length, lost });
   }
 
