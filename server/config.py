@@ -322,7 +322,8 @@ _INT_MIN = {"app_port": 1, "http_port": 1, "page_port": 1, "smtp_port": 1, "work
 _INT_MAX = {"app_port": 65535, "http_port": 65535, "page_port": 65535, "smtp_port": 65535, "app_processes": 64, "check_processes": 64}
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
-_SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1}
+_SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1,
+             "max_chunk_size": 1}  # 0 refused every upload, and GET /api/limits told the page chunks of 0 bytes
 _DURATION_MIN = {"render_timeout": 0.1, "upload_url_ttl": 1, "download_url_ttl": 1, "max_url_ttl": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
