@@ -159,6 +159,7 @@ class Fetcher:
 
     async def _get(self, url: str, sink: Callable[[bytes], object], max_bytes: int | None) -> None:
         limit = self.max_bytes if max_bytes is None else max_bytes
+        which = " (FILEDROP_FETCH_MAX_BYTES)" if max_bytes is None else ""  # every limit's error names it
         try:
             async with asyncio.timeout(self.timeout):
                 for _hop in range(MAX_REDIRECTS + 1):
@@ -170,17 +171,17 @@ class Fetcher:
                         if resp.status != 200:
                             raise FetchError(f"GET {url} answered {resp.status}")
                         if (resp.content_length or 0) > limit:
-                            raise FetchError(f"GET {url}: {resp.content_length} bytes is over the {limit}-byte limit")
+                            raise FetchError(f"GET {url}: {resp.content_length} bytes is over the {limit}-byte limit{which}")
                         got = 0
                         async for chunk in resp.content.iter_chunked(1 << 16):
                             got += len(chunk)
                             if got > limit:
-                                raise FetchError(f"GET {url}: over the {limit}-byte limit")
+                                raise FetchError(f"GET {url}: over the {limit}-byte limit{which}")
                             sink(chunk)
                         return
                 raise FetchError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
         except TimeoutError:
-            raise FetchError(f"GET {url}: no answer within {self.timeout:g} s") from None
+            raise FetchError(f"GET {url}: no answer within {self.timeout:g} s (FILEDROP_FETCH_TIMEOUT)") from None
         except aiohttp.ClientError as e:
             raise FetchError(f"GET {url}: {e.__class__.__name__}: {e}") from None
 
@@ -199,6 +200,6 @@ class Fetcher:
                     await resp.read()
                     return resp.status
         except TimeoutError:
-            raise FetchError(f"{method} {url}: no answer within {self.timeout:g} s") from None
+            raise FetchError(f"{method} {url}: no answer within {self.timeout:g} s (FILEDROP_FETCH_TIMEOUT)") from None
         except aiohttp.ClientError as e:
             raise FetchError(f"{method} {url}: {e.__class__.__name__}: {e}") from None
