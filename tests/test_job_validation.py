@@ -269,3 +269,9 @@ async def test_a_part_given_twice_or_two_sources_of_one_input_are_refused(client
     body = await refused(client, settings, 422, "document_id", document_id="t1", api_url="https://example.com/t")
     assert body["message"] == "give either document_file or document_id with api_url, not both"
     assert_nothing_created(settings)
+
+
+async def test_more_than_50_callback_emails_is_a_fixed_limit_said_so(client, settings) -> None:
+    emails = ",".join(f"u{i}@example.com" for i in range(51))
+    body = await refused(client, settings, 422, "callback_emails", callback_emails=emails)
+    assert body["message"] == "callback_emails: at most 50 addresses (a fixed limit, not a setting)"

@@ -245,7 +245,8 @@ class JobService:
             if not EMAIL_RE.match(e):
                 raise Unprocessable(f"callback_emails: {e!r} is not an e-mail address", field="callback_emails")
         if len(emails) > MAX_EMAILS:
-            raise Unprocessable(f"callback_emails: at most {MAX_EMAILS} addresses", field="callback_emails")
+            raise Unprocessable(f"callback_emails: at most {MAX_EMAILS} addresses (a fixed limit, not a setting)",
+                                field="callback_emails")
         method = (inp.notification_method or "").strip().upper() or "POST"
         if method not in NOTIFICATION_METHODS:
             raise Unprocessable("notification_method must be POST or GET", field="notification_method")
