@@ -608,13 +608,21 @@ def _remove_smartlinks(d: Path, stems: set[str]) -> int:
 
 
 async def _apply_orphan_smartlinks(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
-    assert item.path is not None
-    async with db.read() as s:
-        if await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == item.key)):
-            return False
+    assert item.path is not None and settings.smartlink_root is not None
     if await asyncio.to_thread(_newest_mtime, item.path) >= time.time() - ages.retention:
         return False
-    await asyncio.to_thread(_remove, item.path)
+    # Still no job, checked and the folder moved out of reach in one transaction under the
+    # batch's start lock (as drop does): a job started meanwhile keeps it; one started after
+    # gets a new folder instead of publishing into the one being removed.
+    root = settings.smartlink_root
+    async with db.write() as s:
+        await db.serialize(s, "job-start", item.key)
+        if await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == item.key)):
+            return False
+        gone = await asyncio.to_thread(_rename_away, root, item.key)
+    if gone is None:
+        return False
+    await asyncio.to_thread(_remove, gone)
     return True
 
 

@@ -335,3 +335,38 @@ def test_what_is_in_use_stays_even_with_older_than_the_floor(settings: Settings,
         assert p.exists(), p
     if kind != "running-job-dir":
         assert batch_state(settings, "b") == "open"
+
+
+async def test_an_orphan_smartlink_folder_a_job_starts_in_is_kept(settings: Settings, monkeypatch) -> None:
+    """cleanup --smartlinks checked that no job refers to the folder, then walked it for its
+    newest file, then removed it in place: a job started meanwhile published pages into the
+    folder being removed. The check and the move out of reach are now one transaction under
+    the batch's start lock."""
+    from server import janitor
+    from server.db import Database
+
+    root = settings.smartlink_root
+    assert root is not None
+    orphan = root / "reused"
+    orphan.mkdir(parents=True)
+    (orphan / "x.yyyyyyyyyyyyyyyy.html").write_bytes(b"h" * 11)
+    age(orphan, 31 * DAY)
+    real = janitor._newest_mtime
+    walks: list[Path] = []
+
+    def a_start_comes_in_during_the_walk(path):
+        newest = real(path)
+        walks.append(path)
+        if len(walks) == 2:  # the apply's walk (the plan's is the first)
+            add_job(settings, "a" * 32, "reused", status="In progress", rows=[("n1", "s" * 16)], publish=False)
+        return newest
+
+    monkeypatch.setattr(janitor, "_newest_mtime", a_start_comes_in_during_the_walk)
+    db = Database(settings.database, settings.database_pool)
+    try:
+        plan = await janitor.cleanup(db, settings, smartlinks=True)
+    finally:
+        await db.dispose()
+    assert len(walks) == 2
+    assert [(i.kind, i.result) for i in plan.items] == [("orphan-smartlinks", "kept: in use")]
+    assert (orphan / "x.yyyyyyyyyyyyyyyy.html").exists()
