@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from server.db.engine import connection_lost
+from server.db.engine import connection_lost, database_locked
 
 log = logging.getLogger("filedrop.errors")
 
@@ -396,6 +396,13 @@ async def error_middleware(
             # PostgreSQL restarted, or ended this session: the request can simply be sent again.
             log.warning("%s %s: the database connection was lost (%s)", request.method, request.path, lost)
             return answer(ServerBusy("the connection to the database was lost; retry shortly"))
+        if database_locked(e):
+            # Another process held SQLite's write lock past busy_timeout (a process frozen in a
+            # transaction, say: README, More than one process): busy, not a fault of this request.
+            log.warning("%s %s: the SQLite database stayed locked by another process for 10 s",
+                        request.method, request.path)
+            return answer(ServerBusy("the database is locked by another process (its write lock was held for "
+                                     "10 s); retry shortly"))
         return _internal_error(request)
 
 

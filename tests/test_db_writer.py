@@ -82,3 +82,29 @@ async def test_query_runs_a_read_in_one_call_and_undoes_any_write(settings: Sett
             assert (await s.execute(text("SELECT count(*) FROM q"))).scalar() == 2
     finally:
         await db.dispose()
+
+
+async def test_a_write_that_waits_out_busy_timeout_is_a_503_not_a_500(aiohttp_client, settings: Settings,
+                                                                    caplog) -> None:
+    """Another process holding SQLite's write lock past busy_timeout (10 s; a worker frozen in
+    its publish transaction, seen with SIGSTOP) made a cancel a 500 ERR_INTERNAL with a
+    traceback: busy, say so (503 ERR_SERVER_BUSY, Retry-After) in one WARNING line."""
+    import sqlite3
+
+    from server.app import create_app
+    from tests.conftest import API_KEY
+
+    client = await aiohttp_client(create_app(settings))
+    holder = sqlite3.connect(settings.db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        r = await client.post("/api/v1/upload", headers={"X-API-Key": API_KEY})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    body = await r.json()
+    assert r.status == 503 and body["code"] == "ERR_SERVER_BUSY", body
+    assert "locked by another process" in body["message"] and r.headers["Retry-After"] == "1"
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
+    r = await client.post("/api/v1/upload", headers={"X-API-Key": API_KEY})  # the lock released: fine again
+    assert r.status in (200, 201), await r.text()

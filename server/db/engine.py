@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
@@ -78,12 +79,23 @@ def connection_lost(e: BaseException) -> str | None:
     return (str(e.orig or e).strip().splitlines() or ["connection closed"])[0][:200]
 
 
+def database_locked(e: BaseException) -> bool:
+    """SQLite's "database is locked" (SQLITE_BUSY once ``busy_timeout`` ran out: another process
+    held the write lock, e.g. one frozen in a transaction), as SQLAlchemy wraps it. Not a fault
+    of the process that waited."""
+    orig = getattr(e, "orig", None)
+    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+
+
 def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: object) -> None:
     """Log that ``what`` (a %-format of ``args``) failed with ``e``: one WARNING line when the
-    database connection was lost, else the traceback (a fault of ours)."""
+    database connection was lost or SQLite stayed locked by another process, else the traceback
+    (a fault of ours)."""
     reason = connection_lost(e)
     if reason is not None:
         logger.warning(what + ": the database connection was lost (%s)", *args, reason)
+    elif database_locked(e):
+        logger.warning(what + ": the SQLite database stayed locked by another process (busy_timeout)", *args)
     else:
         logger.error(what, *args, exc_info=e)
 
