@@ -89,6 +89,12 @@ async def test_bad_max_errors(client, settings, value) -> None:
     await refused(client, settings, 422, "max_errors", max_errors=value)
 
 
+async def test_max_errors_over_nine_digits_names_the_limit(client, settings) -> None:
+    # "must be a non-negative integer" was the answer to 1234567890, which is one
+    body = await refused(client, settings, 422, "max_errors", max_errors="1234567890")
+    assert "at most 9 digits" in body["message"], body
+
+
 @pytest.mark.parametrize("emails", ["foo@", "a@b@c.com", "ok@example.com,not-an-address", "<a@b.c>"])
 async def test_bad_email(client, settings, emails) -> None:
     await refused(client, settings, 422, "callback_emails", callback_emails=emails)

@@ -225,7 +225,8 @@ class JobService:
         max_errors: int | None = None
         if inp.max_errors is not None and inp.max_errors.strip():
             if not re.fullmatch(r"[0-9]{1,9}", inp.max_errors.strip()):  # not \d: it takes "٣" (int() reads 3)
-                raise Unprocessable("max_errors must be a non-negative integer", field="max_errors")
+                raise Unprocessable("max_errors must be a non-negative integer of at most 9 digits "
+                                    "(999999999: a fixed limit)", field="max_errors")
             max_errors = int(inp.max_errors.strip())
         callback_url = (inp.callback_url or "").strip() or None
         if callback_url:
