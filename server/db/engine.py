@@ -84,7 +84,9 @@ def database_locked(e: BaseException) -> bool:
     held the write lock, e.g. one frozen in a transaction), as SQLAlchemy wraps it. Not a fault
     of the process that waited."""
     orig = getattr(e, "orig", None)
-    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+    # Exactly SQLITE_BUSY's text: "database table is locked" (SQLITE_LOCKED, a conflict inside
+    # one connection) is a fault of ours and keeps its traceback.
+    return isinstance(orig, sqlite3.OperationalError) and str(orig) == "database is locked"
 
 
 def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: object) -> None:
