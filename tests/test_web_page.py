@@ -451,6 +451,36 @@ def test_a_batch_dropped_under_the_page_is_forgotten_and_its_unfinished_files_go
     page.screenshot("batch-gone")
 
 
+def test_a_file_the_server_keeps_under_a_job_stays_on_the_page(tmp_path: Path, stack, page_for) -> None:
+    """Remove while a job started from the batch runs: the server refuses (409, its rows may read
+    the file) and the row stays, saying why; once the job ended, remove takes it off both."""
+    s = stack()
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"body": "{% for i in range(100000) %}{% endfor %}{{ data.n }}"}))
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"reference_id": f"r{i}", "suffix": f"{i:04d}5f1ea1e9b982f900468a",
+                                 "data": {"n": i}} for i in range(2000)]))
+    page = start_page(page_for(s))
+    page.add_files([template, data])
+    page.wait_rows({"template.json": "complete", "rows.json": "complete"})
+    batch_id, idx = page.batch_id(), {r["name"]: r["idx"] for r in page.rows()}
+    r = s.api("POST", f"/api/v1/upload/{batch_id}/execute/SmartLinks.Generate", headers={"X-Batch-No-Drop": "true"},
+              json={"params": {"template": idx["template.json"], "data": idx["rows.json"]}})
+    assert r.status_code == 202, r.text
+    job = r.json()["job_id"]
+    page.row_element("rows.json").find_element(page.By.CSS_SELECTOR, '[data-action="remove"]').click()
+    message = page.wait(lambda: page.by_id("files-message").text, "the refusal")
+    assert message.startswith("rows.json could not be removed on the server:") and job in message, message
+    assert s.api("GET", f"/api/batch/{batch_id}/{job}/status").json()["status"] not in TERMINAL  # still
+    assert page.row("rows.json")["state"] == "complete"
+    assert s.api("GET", f"/api/v1/upload/{batch_id}/{idx['rows.json']}").status_code == 200
+
+    assert s.api("POST", f"/api/batch/{batch_id}/{job}/cancel").json()["status"] == "Cancelled"
+    page.row_element("rows.json").find_element(page.By.CSS_SELECTOR, '[data-action="remove"]').click()
+    page.wait_rows({"template.json": "complete"})
+    assert s.api("GET", f"/api/v1/upload/{batch_id}/{idx['rows.json']}").status_code == 404
+
+
 def test_a_key_revoked_mid_upload_pauses_the_upload_and_says_so(tmp_path: Path, stack, page_for) -> None:
     s = stack(chunk_size="1M")
 

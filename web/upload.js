@@ -73,6 +73,7 @@ export class Upload {
     this.sending = new Set(); // promises of the chunks in flight
     this.controller = null;
     this.running = null; // the promise of the current run
+    this.removing = false; // a removal waits for the server's answer (the row stays until it lets go)
     this.rate = 0;
     this.sample = null;
     this.wakers = [];
@@ -546,20 +547,31 @@ export class Uploader extends EventTarget {
     this.queue(u);
   }
 
+  // The row goes once the server let the file go: a refusal (409 while a job started from the
+  // batch runs, say) leaves it on the page as it is on the server, paused if it was uploading.
   async remove(u) {
-    u.state = PAUSED;
+    if (u.removing) return;
+    u.removing = true;
+    const was = u.state;
+    u.state = was === COMPLETE ? COMPLETE : PAUSED;
     u.controller?.abort();
+    this.emit('change', u);
+    try {
+      await u.running;
+      // Only once no chunk of it is in flight: a late chunk would declare the file anew.
+      if (this.batchId) {
+        try {
+          await this.api.retrying(() => this.api.request('DELETE', this.path(u.fileIdx)), { attempts: 5 });
+        } catch (e) {
+          if (!(e instanceof ApiError && e.status === 404)) throw e;
+        }
+      }
+    } finally {
+      u.removing = false;
+    }
     this.uploads.delete(u.fileIdx);
     this.memory.drop(u.fileIdx);
     this.emit('removed', u);
-    await u.running;
-    // Only once no chunk of it is in flight: a late chunk would declare the file anew.
-    if (!this.batchId) return;
-    try {
-      await this.api.retrying(() => this.api.request('DELETE', this.path(u.fileIdx)), { attempts: 5 });
-    } catch (e) {
-      if (!(e instanceof ApiError && e.status === 404)) throw e;
-    }
   }
 
   // The key was refused: everything stops until a key is accepted again.
