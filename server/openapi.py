@@ -216,9 +216,11 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Limits": {
         "type": "object",
-        "required": ["chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize"],
+        "required": ["chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize",
+            "maxChunksPerFile"],
         "properties": {k: {"type": "integer", "minimum": 0} for k in (
-            "chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize")},
+            "chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize",
+            "maxChunksPerFile")},
     },
     "StartForm": {
         "type": "object",

@@ -169,6 +169,25 @@ def test_three_files_go_up_in_chunks_and_show_the_servers_sha256(tmp_path: Path,
     page.screenshot("complete")
 
 
+def test_a_file_over_the_chunk_cap_goes_up_in_bigger_chunks(tmp_path: Path, stack, page_for) -> None:
+    """With FILEDROP_MAX_CHUNKS_PER_FILE low, a file that would need more chunks of the announced
+    size goes up in fewer, bigger ones (up to FILEDROP_MAX_CHUNK_SIZE); one bigger than both
+    allow is refused on the page, naming them."""
+    s = stack(chunk_size="1M", max_chunk_size="2M", max_chunks_per_file="4")
+    six = random_file(tmp_path / "six.bin", 6 * MiB)  # 6 chunks of 1 MiB: over the cap
+    nine = random_file(tmp_path / "nine.bin", 9 * MiB)  # over 4 x 2 MiB
+    page = start_page(page_for(s))
+    assert "At most 8.0 MiB a file" in page.by_id("limits-line").text, page.by_id("limits-line").text
+    page.add_files([six, nine])
+    rows = page.wait_rows({"six.bin": "complete"})
+    assert rows[0]["sha256"] == sha256(six)
+    info = s.api("GET", f"/api/v1/upload/{page.batch_id()}/{rows[0]['idx']}").json()
+    assert info["chunkCount"] == 4 and info["sha256"] == sha256(six)
+    refusal = page.by_id("files-message").text
+    assert refusal.startswith("Not added: nine.bin: over the 8388608 bytes") and \
+        "FILEDROP_MAX_CHUNKS_PER_FILE x FILEDROP_MAX_CHUNK_SIZE" in refusal, refusal
+
+
 def test_the_page_resumes_after_the_app_is_killed_mid_upload(tmp_path: Path, stack, page_for,
                                                              server_factory) -> None:
     s = stack(chunk_size="1M")

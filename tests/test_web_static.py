@@ -179,7 +179,7 @@ async def test_limits_answer_what_the_page_needs(client, settings: Settings) -> 
     assert await r.json() == {
         "chunkSize": 8 << 20, "maxChunkSize": settings.max_chunk_size, "maxFileSize": settings.max_file_size,
         "maxFilesPerBatch": settings.max_files_per_batch, "maxBatchBytes": settings.max_batch_bytes,
-        "maxDataSize": settings.max_data_size,
+        "maxDataSize": settings.max_data_size, "maxChunksPerFile": settings.max_chunks_per_file,
     }
 
 

@@ -94,7 +94,8 @@ async function start(api, limits) {
   const memory = new Memory();
   uploader = new Uploader(api, memory, limits);
   generator = new Generator(api, uploader, memory, limits);
-  say(el.limits, `Sent in chunks of ${fmt.bytes(limits.chunkSize)}. At most ${fmt.bytes(limits.maxFileSize)} a file, `
+  const largest = Math.min(limits.maxFileSize, limits.maxChunkSize * limits.maxChunksPerFile);
+  say(el.limits, `Sent in chunks of ${fmt.bytes(limits.chunkSize)}. At most ${fmt.bytes(largest)} a file, `
     + `${limits.maxFilesPerBatch} files and ${fmt.bytes(limits.maxBatchBytes)} a batch.`);
   uploader.addEventListener('change', (e) => schedule(e.detail));
   uploader.addEventListener('added', (e) => schedule(e.detail));

@@ -282,6 +282,13 @@ export class Uploader extends EventTarget {
 
   // Files the user picked or dropped: [{file, relPath}]. A file that matches a remembered one
   // (name, size, lastModified) that is not complete resumes it; any other is a new file.
+  // The announced chunk size, or bigger chunks for a file that would need more than the server
+  // takes (FILEDROP_MAX_CHUNKS_PER_FILE), never over the largest body (FILEDROP_MAX_CHUNK_SIZE).
+  chunkSizeFor(size) {
+    const { chunkSize, maxChunkSize, maxChunksPerFile } = this.limits;
+    return Math.min(maxChunkSize, Math.max(chunkSize, Math.ceil(size / maxChunksPerFile)));
+  }
+
   // Returns {added: [Upload], refused: [reason]}.
   add(entries) {
     const added = [];
@@ -292,13 +299,19 @@ export class Uploader extends EventTarget {
       if (match) {
         match.file = file;
         match.note = '';
-        if (!match.chunkSize) match.chunkSize = this.limits.chunkSize;
+        if (!match.chunkSize) match.chunkSize = this.chunkSizeFor(match.size);
         added.push(match);
         this.queue(match);
         continue;
       }
       if (file.size > this.limits.maxFileSize) {
         refused.push(`${file.name}: over the ${this.limits.maxFileSize} bytes one file may have (FILEDROP_MAX_FILE_SIZE)`);
+        continue;
+      }
+      if (file.size > this.limits.maxChunkSize * this.limits.maxChunksPerFile) {
+        refused.push(`${file.name}: over the ${this.limits.maxChunkSize * this.limits.maxChunksPerFile} bytes that `
+          + `${this.limits.maxChunksPerFile} chunks of ${this.limits.maxChunkSize} bytes hold `
+          + '(FILEDROP_MAX_CHUNKS_PER_FILE x FILEDROP_MAX_CHUNK_SIZE)');
         continue;
       }
       if (this.uploads.size >= this.limits.maxFilesPerBatch) {
@@ -308,7 +321,7 @@ export class Uploader extends EventTarget {
       const used = Math.max(-1, ...this.uploads.keys());
       const u = new Upload({
         fileIdx: this.memory.takeIndex(used + 1), name: file.name, size: file.size, type: file.type,
-        lastModified: file.lastModified, relPath: relPath || file.name, chunkSize: this.limits.chunkSize,
+        lastModified: file.lastModified, relPath: relPath || file.name, chunkSize: this.chunkSizeFor(file.size),
       });
       u.file = file;
       u.fresh = true;

@@ -2,7 +2,8 @@
 
 It needs a key like every API call, so the page also uses it to check the key it was given
 (401: the key was refused). Values come from Settings; ``chunkSize`` is the size the page cuts
-files into (``FILEDROP_CHUNK_SIZE``, never above ``maxChunkSize``).
+files into (``FILEDROP_CHUNK_SIZE``, never above ``maxChunkSize``), unless a file would then need
+more than ``maxChunksPerFile`` chunks (the page then cuts it into bigger ones).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ async def get_limits(request: web.Request) -> web.Response:
         "maxFilesPerBatch": s.max_files_per_batch,
         "maxBatchBytes": s.max_batch_bytes,
         "maxDataSize": s.max_data_size,
+        "maxChunksPerFile": s.max_chunks_per_file,
     })
 
 
