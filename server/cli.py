@@ -319,6 +319,15 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _grace(text: str) -> float:
+    """As ``_duration``, without its 100-year bound: cmd_secrets refuses anything over
+    FILEDROP_MAX_URL_TTL itself, naming that setting."""
+    try:
+        return parse_duration(text, longest=None)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _admin(run: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run an admin coroutine against the configured database: 2 when it is not migrated."""
     from server.db import Database
@@ -423,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     scsub.add_parser("list", help="each key: current, verifying until its grace ends, or retired")
     rot = scsub.add_parser("rotate", help="a new key signs from now on; the old ones' URLs keep verifying "
                            "for --grace")
-    rot.add_argument("--grace", type=_duration, default=24 * 3600.0, metavar="DURATION",
+    rot.add_argument("--grace", type=_grace, default=24 * 3600.0, metavar="DURATION",
                      help="how long URLs signed by the old keys keep working (default 24h; 0: stop them now, "
                      "e.g. after a leak)")
     sc.set_defaults(func=cmd_secrets)

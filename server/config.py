@@ -24,14 +24,15 @@ DEFAULT_CHUNK_SIZE = 8 << 20  # the drop page's chunks when FILEDROP_CHUNK_SIZE 
 MAX_DURATION = 36500 * 86400.0
 
 
-def parse_duration(text: str) -> float:
-    """'90' -> 90.0 s, '10m' -> 600.0, '24h', '7d'."""
+def parse_duration(text: str, longest: float | None = MAX_DURATION) -> float:
+    """'90' -> 90.0 s, '10m' -> 600.0, '24h', '7d'; at most ``longest`` (None: any, for a caller
+    that checks a tighter limit itself and names it)."""
     m = _DURATION.match(text.lower())
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90, 10m, 24h, 7d)")
     mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     seconds = float(m.group(1)) * mult
-    if not seconds <= MAX_DURATION:
+    if longest is not None and not seconds <= longest:
         raise ValueError(f"{text.strip()!r} is over the longest duration, 36500d (100 years)")
     return seconds
 
