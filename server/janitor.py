@@ -64,6 +64,7 @@ from server.jobs import control as job_control
 from server.jobs import queries as job_queries
 from server.jobs import results as job_results
 from server.jobs.contract import BATCH_ID_RE, MAX_NAME_PAIR, NAME_RE  # the names jobs check
+from server.jobs.publish import forget_owner
 from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or waiting for data
 from server.keys import DATABASE, JANITOR, SETTINGS
 from server.uploads.assembly import Snapshot, chunks_present
@@ -724,6 +725,7 @@ def _rename_away(root: Path, batch_id: str) -> Path | None:
         os.rename(root / batch_id, gone)
     except FileNotFoundError:
         return None
+    forget_owner(root, batch_id)  # the batch_id is free again
     return gone
 
 

@@ -3,11 +3,14 @@ and nothing created (no job row, no smartlink folder)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from server.app import create_app
 from server.db.job_models import Job
+from server.keys import JOBS
 from tests.conftest import OTHER_KEY
 from tests.support.database import connect
 from tests.support.jobs import AUTH, SEED_ROWS, SEED_TEMPLATE, start, start_ok, wait_job
@@ -206,6 +209,36 @@ async def test_jobs_are_private_to_their_key(client, settings) -> None:
     await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
     r = await client.get("/api/batch/mine/not-a-job-id/status", headers=AUTH)
     await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
+
+
+async def test_pages_outliving_their_jobs_keep_the_batch_id_their_keys(client, settings) -> None:
+    """Finished jobs go with the retention, their pages stay published (until drop or cleanup
+    --smartlinks). Another key cannot then take the batch_id over and publish over them; the
+    owner can, and once the folder is dropped anyone can."""
+    from server.janitor import cleanup, drop_smartlink_batch
+    from server.keys import DATABASE
+
+    job = await start_ok(client, "kept", SEED_TEMPLATE, SEED_ROWS)
+    await wait_job(client, "kept", job["job_id"])
+    pages = {p.name: p.read_bytes() for p in (settings.smartlink_root / "kept").iterdir()}
+    assert len(pages) == len(SEED_ROWS)
+    with connect(settings) as c:  # finished 31 days ago, as far as cleanup can tell
+        finished = c.execute(select(Job.finished).where(Job.job_id == job["job_id"])).scalar_one()
+        c.execute(update(Job).where(Job.job_id == job["job_id"]).values(finished=finished - timedelta(days=31)))
+    plan = await cleanup(client.app[DATABASE], settings)
+    assert [(i.kind, i.result) for i in plan.items if i.kind == "expired-job"] == [("expired-job", "removed")]
+    other = {"X-API-Key": OTHER_KEY}
+    r = await start(client, "kept", SEED_TEMPLATE, SEED_ROWS, headers=other)
+    body = await assert_error(r, 409, "ERR_BATCH_TAKEN")
+    assert "still published" in body["message"]
+    assert {p.name: p.read_bytes() for p in (settings.smartlink_root / "kept").iterdir()} == pages
+    again = await start_ok(client, "kept", SEED_TEMPLATE, SEED_ROWS)  # the owner's own batch_id
+    await wait_job(client, "kept", again["job_id"])
+    await drop_smartlink_batch(client.app[DATABASE], settings, "kept")
+    taken = await start_ok(client, "kept", SEED_TEMPLATE, SEED_ROWS, headers=other)
+    await client.app[JOBS].job_finished(taken["job_id"], timeout=60)
+    r = await client.get(f"/api/batch/kept/{taken['job_id']}/status", headers=other)
+    assert (await r.json())["status"] == "Completed"
 
 
 async def test_result_format_must_be_known(client) -> None:

@@ -155,6 +155,46 @@ def _unlink(path: str) -> None:
         pass
 
 
+# Who owns a smartlink folder, kept beside it as ``<root>/.owners/<batch_id>`` (a dot name:
+# NGINX serves nothing under it) for as long as the folder is there: job rows go with the
+# retention while their pages stay published, and another key must not then take the batch_id
+# over and publish into (or over) them (``JobService.start``: 409 ERR_BATCH_TAKEN).
+OWNERS_DIR = ".owners"
+
+
+def write_owner(root: Path, batch_id: str, owner: str) -> None:
+    """Record ``owner`` as the owner of ``<root>/<batch_id>/`` (its job's load makes the folder;
+    blocking). Atomic: a reader sees the old owner or the new one."""
+    owners = root / OWNERS_DIR
+    path = owners / batch_id
+    try:
+        if path.read_text(encoding="ascii") == owner:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    owners.mkdir(mode=0o700, exist_ok=True)
+    tmp = owners / temp_name(f"owner-{os.getpid()}")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as f:
+        f.write(owner)
+    os.replace(tmp, path)
+
+
+def folder_owner(root: Path, batch_id: str) -> str | None:
+    """The owner recorded for ``<root>/<batch_id>/`` while that folder exists, else None (no
+    folder, or one made before owners were recorded). Blocking."""
+    if not (root / batch_id).is_dir():
+        return None
+    try:
+        return (root / OWNERS_DIR / batch_id).read_text(encoding="ascii") or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def forget_owner(root: Path, batch_id: str) -> None:
+    """The folder went (drop, cleanup): so does its owner. Blocking."""
+    _unlink(str(root / OWNERS_DIR / batch_id))
+
+
 def remove_stale_temps(directory: Path, tag: str) -> int:
     """Remove the temp files worker ``tag`` left in ``directory`` (it died mid-publish); how
     many were removed."""

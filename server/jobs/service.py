@@ -51,6 +51,7 @@ from server.jobs.contract import BATCH_ID_RE, STRATEGIES, TemplateInvalid, check
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from server.jobs.notify import distinct_addresses
 from server.jobs.pool import WorkerPool
+from server.jobs.publish import folder_owner
 from server.jobs.queries import JOBS_CHANNEL, insert_rows, storable
 from server.jobs.states import (
     ACTIVE,
@@ -335,6 +336,10 @@ class JobService:
             other = await s.scalar(select(Job.owner).where(Job.batch_id == inp.batch_id, Job.owner != owner).limit(1))
             if other is not None:
                 raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key")
+            holder = await asyncio.to_thread(folder_owner, self.settings.smartlink_root, inp.batch_id)
+            if holder is not None and holder != owner:  # its jobs are gone (retention), its pages are not
+                raise BatchTaken(f"batch_id {inp.batch_id!r} is used by another API key (its pages are still "
+                                 "published; they go with `filedrop drop --smartlinks` or `cleanup --smartlinks`)")
             running = await s.scalar(select(Job).where(Job.batch_id == inp.batch_id, Job.status.in_(ACTIVE)))
             if running is not None:
                 if running.inputs_hash == inputs_hash and not _other_life(running, wait):

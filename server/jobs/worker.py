@@ -53,6 +53,7 @@ from server.jobs.assets import Assets, JobRef, UploadFiles
 from server.jobs.childproc import ChildGone, RenderProcess
 from server.jobs.fetch import Fetcher
 from server.jobs.lifeline import die_with_parent
+from server.jobs.publish import write_owner
 from server.jobs.render import Asset
 from server.jobs.runner import RowRunner
 from server.jobs.states import RUNNING
@@ -327,6 +328,12 @@ class Worker:
                 with contextlib.suppress(OSError):
                     out_dir.rmdir()
                 return None
+        try:  # the folder's owner outlives the job rows (their retention): no other key takes it over
+            await asyncio.to_thread(write_owner, root, job.batch_id, job.owner)
+        except OSError as e:
+            await control.end(self.db, self.settings, job_id,
+                              failed=f"cannot record the owner of the output folder {job.batch_id}/: {e.strerror or e}")
+            return None
         loaded = LoadedJob(job.job_id, job.batch_id, job.owner, job.upload_batch_id, job.strategy, job.template,
                            job.params or "{}", out_dir, job.max_errors)
         self.jobs[job_id] = loaded
