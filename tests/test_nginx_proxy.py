@@ -191,18 +191,20 @@ async def test_job_start_takes_the_data_limit(front, http, proxy_settings) -> No
             "(FILEDROP_MAX_DATA_SIZE + FILEDROP_FETCH_MAX_BYTES + 1 MiB)")
 
 
+def exchange(port: int, request: bytes) -> bytes:
+    """``request`` as raw bytes on a fresh connection; everything NGINX answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
 async def test_malformed_api_request_is_400_json(front) -> None:
     ngx, rec = front
-
-    def send() -> bytes:
-        with socket.create_connection(("127.0.0.1", ngx.port), timeout=10) as s:
-            s.sendall(b"POST /api/v1/upload/b1/0 HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-            return out
-
-    raw = await asyncio.to_thread(send)
+    raw = await asyncio.to_thread(exchange, ngx.port,
+                                  b"POST /api/v1/upload/b1/0 HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert b"application/json" in head
@@ -219,17 +221,9 @@ async def test_malformed_api_request_is_400_json(front) -> None:
 async def test_what_nginx_does_not_implement_is_json(front, version: str, coding: str, status: int,
                                                      code: str) -> None:
     ngx, rec = front
-
-    def send() -> bytes:
-        with socket.create_connection(("127.0.0.1", ngx.port), timeout=10) as s:
-            s.sendall(f"POST /api/v1/upload/b1/0 HTTP/{version}\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n"
-                      "Connection: close\r\n\r\n0\r\n\r\n".encode())
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-            return out
-
-    raw = await asyncio.to_thread(send)
+    raw = await asyncio.to_thread(exchange, ngx.port, (
+        f"POST /api/v1/upload/b1/0 HTTP/{version}\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n"
+        "Connection: close\r\n\r\n0\r\n\r\n").encode())
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status}".encode()), raw
     assert b"application/json" in head
