@@ -123,6 +123,11 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "smtp_from": ("filedrop@localhost", "From address of job e-mails."),
     "job_retention": ("30d", "Finished jobs older than this are removed by cleanup."),
     "janitor_interval": ("10m", "How often the in-server janitor runs (0 disables it)."),
+    "janitor_smartlinks": ("0", "1: the in-server janitor also removes smartlinks, as `cleanup --smartlinks` does (an "
+                           "expired job's own pages with its row; folders no job refers to). 0: pages stay until "
+                           "`cleanup --smartlinks` or `drop --smartlinks`; with a server running, its janitor removes "
+                           "an expired job's row first, so a later `cleanup --smartlinks` no longer knows that job's "
+                           "pages (it still removes a folder no job refers to)."),
     "cleanup_grace": ("10m", "Cleanup never touches what was written more recently than this (uploads in flight, temp files); `cleanup --older-than` may not go below it."),
     "log_level": ("INFO", "Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case; another: exit 2 at start)."),
 }
@@ -176,6 +181,7 @@ class Settings:
     smtp_from: str = "filedrop@localhost"
     job_retention: float = 30 * 86400.0
     janitor_interval: float = 600.0
+    janitor_smartlinks: bool = False
     cleanup_grace: float = 600.0
     log_level: str = "INFO"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -362,7 +368,7 @@ def _convert(name: str, raw: str) -> Any:
         return check_database_url(raw.strip()) if raw.strip() else ""
     if name in ("api_keys", "fetch_allow"):
         return _split(raw)
-    if name == "allow_http_callbacks":
+    if name in ("allow_http_callbacks", "janitor_smartlinks"):
         return _bool(raw)
     if name == "log_level":
         # logging.basicConfig takes only the upper-case names: `debug` would be a traceback.

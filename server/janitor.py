@@ -808,7 +808,7 @@ class Janitor:
                 log.debug("janitor: another process holds the janitor lock; skipping this pass")
                 self.passed.set()
                 return Plan()
-            result = await cleanup(self.db, self.settings)
+            result = await cleanup(self.db, self.settings, smartlinks=self.settings.janitor_smartlinks)
         self.passes += 1
         self.last = result
         if result.items:

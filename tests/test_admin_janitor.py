@@ -71,6 +71,24 @@ async def test_janitor_interval_zero_disables_it(client: TestClient, settings: S
     assert not (settings.uploads_dir / str(pk)).exists()
 
 
+@pytest.mark.parametrize("smartlinks", [False, True], ids=["pages-kept", "pages-removed"])
+async def test_the_janitor_removes_an_expired_jobs_pages_when_told(aiohttp_client, settings: Settings,
+                                                                   smartlinks: bool) -> None:
+    """A batch's expired job beside a newer one: without FILEDROP_JANITOR_SMARTLINKS the janitor
+    removes the old job's row and leaves its pages (after it nothing names them); with it, they go
+    with the row, and the newer job's pages stay either way."""
+    old = add_job(settings, "o" * 32, "lives-on", finished_ago=40 * 24 * HOUR,
+                  rows=[("old1", "s" * 16), ("shared", "s" * 16)])
+    new = add_job(settings, "n" * 32, "lives-on", finished_ago=HOUR, rows=[("shared", "s" * 16), ("new1", "s" * 16)])
+    client: TestClient = await aiohttp_client(create_app(settings.replace(janitor_interval=0,
+                                                                          janitor_smartlinks=smartlinks)))
+    result = await client.app[JANITOR].run_once()
+    assert [(i.kind, i.target, i.result) for i in result.items] == [("expired-job", "o" * 32, "removed")]
+    assert count(settings, Job) == 1
+    assert old[0].exists() is not smartlinks  # the old job's own page
+    assert all(p.exists() for p in new)  # the newer job's, the shared name included
+
+
 async def test_cleanup_while_uploads_and_a_job_are_under_way(client: TestClient, settings: Settings) -> None:
     """A chunk stalled mid-body, chunked uploads finishing and assembling, a running job (its
     directory, its rows, an expired job of the same batch): cleanup, both as the CLI beside the
