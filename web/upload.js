@@ -280,8 +280,6 @@ export class Uploader extends EventTarget {
     return true;
   }
 
-  // Files the user picked or dropped: [{file, relPath}]. A file that matches a remembered one
-  // (name, size, lastModified) that is not complete resumes it; any other is a new file.
   // The announced chunk size, or bigger chunks for a file that would need more than the server
   // takes (FILEDROP_MAX_CHUNKS_PER_FILE), never over the largest body (FILEDROP_MAX_CHUNK_SIZE).
   chunkSizeFor(size) {
@@ -289,6 +287,8 @@ export class Uploader extends EventTarget {
     return Math.min(maxChunkSize, Math.max(chunkSize, Math.ceil(size / maxChunksPerFile)));
   }
 
+  // Files the user picked or dropped: [{file, relPath}]. A file that matches a remembered one
+  // (name, size, lastModified) that is not complete resumes it; any other is a new file.
   // Returns {added: [Upload], refused: [reason]}.
   add(entries) {
     const added = [];
