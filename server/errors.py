@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from server.db.engine import connection_lost, database_locked
+from server.db.engine import BUSY_TIMEOUT, connection_lost, database_locked
 
 log = logging.getLogger("filedrop.errors")
 
@@ -399,10 +399,10 @@ async def error_middleware(
         if database_locked(e):
             # Another process held SQLite's write lock past busy_timeout (a process frozen in a
             # transaction, say: README, More than one process): busy, not a fault of this request.
-            log.warning("%s %s: the SQLite database stayed locked by another process for 10 s",
-                        request.method, request.path)
-            return answer(ServerBusy("the database is locked by another process (its write lock was held for "
-                                     "10 s); retry shortly"))
+            log.warning("%s %s: the SQLite database stayed locked by another process for %g s",
+                        request.method, request.path, BUSY_TIMEOUT)
+            return answer(ServerBusy(f"the database is locked by another process (its write lock was held for "
+                                     f"{BUSY_TIMEOUT:g} s); retry shortly"))
         return _internal_error(request)
 
 

@@ -79,6 +79,9 @@ def connection_lost(e: BaseException) -> str | None:
     return (str(e.orig or e).strip().splitlines() or ["connection closed"])[0][:200]
 
 
+BUSY_TIMEOUT = 10.0  # s a SQLite connection waits for another's write lock before "database is locked"
+
+
 def database_locked(e: BaseException) -> bool:
     """SQLite's "database is locked" (SQLITE_BUSY once ``busy_timeout`` ran out: another process
     held the write lock, e.g. one frozen in a transaction), as SQLAlchemy wraps it. Not a fault
@@ -97,7 +100,7 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: obje
     if reason is not None:
         logger.warning(what + ": the database connection was lost (%s)", *args, reason)
     elif database_locked(e):
-        logger.warning(what + ": the SQLite database stayed locked by another process (busy_timeout)", *args)
+        logger.warning(what + ": the SQLite database stayed locked by another process for %g s", *args, BUSY_TIMEOUT)
     else:
         logger.error(what, *args, exc_info=e)
 
@@ -117,7 +120,7 @@ def _configure(engine: AsyncEngine | Engine, begin: str) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
