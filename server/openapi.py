@@ -97,6 +97,9 @@ JOB_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 STRING_NUMBER: Schema = {"type": "string", "pattern": "^[0-9]+$"}
 TIME: Schema = {"type": ["string", "null"], "description": "UTC, milliseconds, Z (null: not yet)"}
 
+# What GET /api/limits answers (server/api/limits.py), all required.
+LIMITS = ("chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize",
+          "maxChunksPerFile")
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -216,11 +219,8 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Limits": {
         "type": "object",
-        "required": ["chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize",
-            "maxChunksPerFile"],
-        "properties": {k: {"type": "integer", "minimum": 0} for k in (
-            "chunkSize", "maxChunkSize", "maxFileSize", "maxFilesPerBatch", "maxBatchBytes", "maxDataSize",
-            "maxChunksPerFile")},
+        "required": list(LIMITS),
+        "properties": {k: {"type": "integer", "minimum": 0} for k in LIMITS},
     },
     "StartForm": {
         "type": "object",

@@ -172,6 +172,20 @@ def test_limits_come_from_the_settings() -> None:
     assert str(3 << 20) in doc["info"]["description"] and str(7 << 20) in text
 
 
+async def test_the_documented_names_are_the_ones_the_server_takes_and_gives(client, settings: Settings) -> None:
+    """The start's parts and SmartLinks.Generate's params are refused by name when unknown
+    (422), so the document and the code must list the same ones; /api/limits answers exactly the
+    documented fields."""
+    from server.api.jobs import START_PARTS
+    from server.jobs.operation import PARAMS
+    from server.openapi import LIMITS
+
+    schemas = build(settings)["components"]["schemas"]
+    assert set(schemas["StartForm"]["properties"]) == {*START_PARTS, "batch_id"}
+    assert set(schemas["SmartLinksParams"]["properties"]) == set(PARAMS)
+    assert set(await (await client.get("/api/limits", headers=AUTH)).json()) == set(LIMITS)
+
+
 async def test_the_document_is_served_without_a_key(client, settings: Settings) -> None:
     r = await client.get("/api/openapi.json")
     assert r.status == 200 and r.content_type == "application/json"
