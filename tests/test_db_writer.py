@@ -4,6 +4,7 @@ holds the writer for the whole block."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -108,3 +109,55 @@ async def test_a_write_that_waits_out_busy_timeout_is_a_503_not_a_500(aiohttp_cl
     assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
     r = await client.post("/api/v1/upload", headers={"X-API-Key": API_KEY})  # the lock released: fine again
     assert r.status in (200, 201), await r.text()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+async def test_a_task_cancelled_while_its_session_ends_gives_the_connection_back_without_an_error(
+        settings: Settings, caplog) -> None:
+    """A shutdown cancels the tasks that read and write (the job-expiry loop, the notifier). A
+    cancel landing while the pool rolled a session's connection back on its return made
+    SQLAlchemy log "Exception during reset or similar" with a traceback (``filedrop serve`` on
+    an address it cannot bind printed it now and then). The end of every ``read()`` and
+    ``write()`` runs to completion; the cancel is raised after it. The pool's ``reset`` event
+    cancels the task at that moment, every time."""
+    from sqlalchemy import event, text
+
+    db = Database(settings.database)
+    target: list[asyncio.Task[None]] = []
+
+    def cancel_on_reset(_dbapi_conn, _record, _state) -> None:  # type: ignore[no-untyped-def]
+        if target:
+            target.pop().cancel()
+
+    engines = {id(e): e for e in (db.reader, db.writer)}.values()
+    for engine in engines:
+        event.listen(engine.sync_engine, "reset", cancel_on_reset)
+    try:
+        async with db.write() as s:
+            await s.execute(text("CREATE TABLE c (n INTEGER)"))
+
+        async def read() -> None:
+            async with db.read() as s:
+                await s.execute(text("SELECT count(*) FROM c"))
+
+        async def write(fail: bool) -> None:
+            async with db.write() as s:
+                await s.execute(text("INSERT INTO c VALUES (1)"))
+                if fail:
+                    raise LookupError("the block's own error")
+
+        for body in (read, lambda: write(False), lambda: write(True)):
+            task = asyncio.ensure_future(body())
+            target.append(task)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            assert not target, "the pool reset no connection: the test tested nothing"
+        async with db.read() as s:  # the committed write is there, the failed one is not
+            assert (await s.execute(text("SELECT count(*) FROM c"))).scalar() == 1
+        for engine in engines:
+            assert engine.pool.checkedout() == 0
+    finally:
+        for engine in engines:
+            event.remove(engine.sync_engine, "reset", cancel_on_reset)
+        await db.dispose()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text

@@ -42,7 +42,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +103,34 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: obje
         logger.warning(what + ": the SQLite database stayed locked by another process for %g s", *args, BUSY_TIMEOUT)
     else:
         logger.error(what, *args, exc_info=e)
+
+
+async def run_to_completion(aw: Awaitable[T]) -> T:
+    """Await ``aw`` in a task of its own, to its end even if the caller is cancelled meanwhile
+    (the cancel is raised once it has ended). For the end of a transaction: a cancel landing
+    while the pool rolls a connection back on its return (every session's end does) makes
+    SQLAlchemy log the connection it then discards as an error, with a traceback, and a
+    shutdown cancels the tasks that read and write. SQLAlchemy ends its own ``async with``
+    blocks this way; ``read()``'s rollback of ours needs it too."""
+    task = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as e:
+            if task.done():
+                raise
+            cancelled = e  # the task goes on; wait for it again
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+async def _rollback_quietly(session: AsyncSession) -> None:
+    with contextlib.suppress(Exception):
+        await session.rollback()
 
 
 def utcnow() -> datetime:
@@ -179,7 +207,9 @@ class Database:
         The writer is held from the start of the block, not from its first statement (a session
         connects lazily): what a block reads before its first statement (``utcnow()`` of a sync
         point or a chunk record) is then ordered against every other write."""
-        async with self._write_sessions() as session, session.begin():
+        # The sessionmaker's begin() ends the block (commit or rollback, then the connection
+        # back to the pool) in a task of its own that a cancel of ours does not interrupt.
+        async with self._write_sessions.begin() as session:
             await session.connection()
             yield session
 
@@ -229,8 +259,7 @@ class Database:
                 # the block's own error) changes nothing the block read, and must not replace
                 # the block's error (asyncpg: "another operation is in progress"). The pool
                 # drops such a connection when the session closes.
-                with contextlib.suppress(Exception):
-                    await session.rollback()
+                await run_to_completion(_rollback_quietly(session))
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in
