@@ -203,9 +203,11 @@ def test_the_page_resumes_after_the_app_is_killed_mid_upload(tmp_path: Path, sta
     assert re.search(r"of 16 MiB, [0-9.]+ (KiB|MiB)/s, \d+ s left", figures), figures
 
     s.app.kill9()
-    # NGINX answers 503 (JSON) while the app is down: the row shows its message and keeps trying.
-    page.wait(lambda: "the application is not available" in (page.row("big.bin")["note"] or ""),
-              "the row to say the app is unavailable")
+    # NGINX answers 503 (JSON) while the app is down: the row shows its message and keeps trying,
+    # after the 5 s its Retry-After asks for (+0-20 %), not the backoff's first 0.5 s.
+    note = page.wait(lambda: "the application is not available" in (n := page.row("big.bin")["note"] or "") and n,
+                     "the row to say the app is unavailable")
+    assert re.search(r"Retrying in [56] s…$", note), note
     assert page.row("big.bin")["state"] == "uploading"
     page.screenshot("app-down")
     server_factory(data_dir=s.data_dir, http_port=str(s.http_port), app_port=str(s.app.port), **s.settings)

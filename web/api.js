@@ -6,11 +6,12 @@ const RETRYABLE = new Set([0, 408, 429, 502, 503, 504]);
 export const KEY_REFUSED = 'The key was refused: check it and enter it again.';
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, retryAfter = null) {
     super(message);
     this.name = 'ApiError';
     this.status = status; // 0: no answer (network error)
     this.code = code;
+    this.retryAfter = retryAfter; // ms the server asked to wait (Retry-After), or null
   }
 
   get retryable() { return RETRYABLE.has(this.status); }
@@ -30,9 +31,17 @@ function abortError() {
   return new DOMException('aborted', 'AbortError');
 }
 
+// Retry-After as ms: delta-seconds or an HTTP date; null when absent or unreadable.
+export function retryAfterMs(value) {
+  if (!value) return null;
+  const ms = /^\s*\d+\s*$/.test(value) ? Number(value) * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.max(0, ms) : null;
+}
+
 // The error a failed answer stands for: the JSON error shape's message when there is one
-// (never the raw JSON), the key refusal for 401 (its body is empty by design).
-export function errorFrom(status, text) {
+// (never the raw JSON), the key refusal for 401 (its body is empty by design), and the wait
+// its Retry-After header asks for.
+export function errorFrom(status, text, retryAfter = null) {
   if (status === 0) return new ApiError(0, 'ERR_NETWORK', 'The server could not be reached.');
   if (status === 401) return new ApiError(401, 'ERR_KEY_REFUSED', KEY_REFUSED);
   let code = `ERR_HTTP_${status}`;
@@ -44,7 +53,7 @@ export function errorFrom(status, text) {
   } catch {
     // not JSON: keep the status line's message
   }
-  return new ApiError(status, code, message);
+  return new ApiError(status, code, message, retryAfterMs(retryAfter));
 }
 
 // Delay before retry number `attempt` (0-based): 0.5 s doubling up to 5 s, +-20 % so that many
@@ -52,6 +61,18 @@ export function errorFrom(status, text) {
 export function backoff(attempt) {
   const base = Math.min(5000, 500 * 2 ** Math.min(attempt, 10));
   return Math.round(base * (0.8 + Math.random() * 0.4));
+}
+
+// At most this long is waited for a Retry-After (a page that waits longer looks stuck).
+const MAX_RETRY_AFTER = 60000;
+
+// Delay before retrying after error `e` (attempt `attempt`): the backoff, or what the server's
+// Retry-After asked for when longer (NGINX's 503 while the app is down says 5 s, a busy template
+// check says when the one under way will have ended), +0-20 % so that many files do not come
+// back at the same instant.
+export function retryDelay(e, attempt) {
+  const asked = Math.min(MAX_RETRY_AFTER, e?.retryAfter ?? 0);
+  return Math.max(backoff(attempt), Math.round(asked * (1 + Math.random() * 0.2)));
 }
 
 export function sleep(ms, signal) {
@@ -87,7 +108,7 @@ export class Api {
       throw errorFrom(0, '');
     }
     if (!res.ok) {
-      const err = errorFrom(res.status, await res.text().catch(() => ''));
+      const err = errorFrom(res.status, await res.text().catch(() => ''), res.headers.get('Retry-After'));
       if (err.keyRefused) this.onKeyRefused();
       throw err;
     }
@@ -100,7 +121,7 @@ export class Api {
     return res.json();
   }
 
-  // `call()` again after a retryable error, waiting backoff(n) in between, until it succeeds,
+  // `call()` again after a retryable error, waiting retryDelay() in between, until it succeeds,
   // fails for good or `signal` aborts. `onRetry(error, delayMs)` lets the caller say so.
   async retrying(call, { signal, onRetry, attempts = Infinity } = {}) {
     for (let attempt = 0; ; attempt++) {
@@ -108,7 +129,7 @@ export class Api {
         return await call();
       } catch (e) {
         if (isAbort(e) || !(e instanceof ApiError) || !e.retryable || attempt + 1 >= attempts) throw e;
-        const delay = backoff(attempt);
+        const delay = retryDelay(e, attempt);
         onRetry?.(e, delay);
         await sleep(delay, signal);
       }
@@ -145,7 +166,7 @@ export class Api {
           }
           return;
         }
-        const err = errorFrom(xhr.status, xhr.responseText);
+        const err = errorFrom(xhr.status, xhr.responseText, xhr.getResponseHeader('Retry-After'));
         if (err.keyRefused) this.onKeyRefused();
         reject(err);
       };

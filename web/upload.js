@@ -1,11 +1,12 @@
 // The uploader: every file of the batch goes up in chunks of the size the server announced
 // (GET /api/limits), a few chunks in flight per file and a few files at once, each chunk retried
-// with backoff on network errors and 503. What is on the server is the truth: before it sends
-// anything, and again once it thinks it is done, a file asks the server which chunk ids it has
-// (GET /api/v1/upload/{batchId}/{fileIdx}) and sends only the others; the same after a page
-// reload, when the user picks the file again and it is matched to what localStorage remembered.
+// with backoff on network errors and 503 (longer when Retry-After asks). What is on the server
+// is the truth: before it sends anything, and again once it thinks it is done, a file asks the
+// server which chunk ids it has (GET /api/v1/upload/{batchId}/{fileIdx}) and sends only the
+// others; the same after a page reload, when the user picks the file again and it is matched to
+// what localStorage remembered.
 
-import { ApiError, backoff, isAbort, sentence, sleep } from './api.js';
+import { ApiError, isAbort, retryDelay, sentence, sleep } from './api.js';
 
 export const QUEUED = 'queued';
 export const UPLOADING = 'uploading';
@@ -516,7 +517,7 @@ export class Uploader extends EventTarget {
           u.wake();
           return;
         }
-        const delay = backoff(attempt);
+        const delay = retryDelay(e, attempt);
         this.retrying(u, e, delay);
         try {
           await sleep(delay, signal);
