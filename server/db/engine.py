@@ -105,13 +105,12 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: obje
         logger.error(what, *args, exc_info=e)
 
 
-async def run_to_completion(aw: Awaitable[T]) -> T:
-    """Await ``aw`` in a task of its own, to its end even if the caller is cancelled meanwhile
-    (the cancel is raised once it has ended). For the end of a transaction: a cancel landing
-    while the pool rolls a connection back on its return (every session's end does) makes
-    SQLAlchemy log the connection it then discards as an error, with a traceback, and a
-    shutdown cancels the tasks that read and write. SQLAlchemy ends its own ``async with``
-    blocks this way; ``read()``'s rollback of ours needs it too."""
+async def _run_to_completion(aw: Awaitable[T]) -> T:
+    """Await ``aw`` in a task of its own, to its end even if the caller is cancelled meanwhile;
+    the cancel is raised after. For a session's end: a cancel (a shutdown cancels the tasks
+    that read and write) landing while the pool rolls the connection back on its return makes
+    SQLAlchemy log an error with a traceback and discard the connection. SQLAlchemy ends its
+    own ``async with`` blocks so (``write()`` uses one); ``read()``'s quiet rollback, this."""
     task = asyncio.ensure_future(aw)
     cancelled: asyncio.CancelledError | None = None
     while True:
@@ -259,7 +258,7 @@ class Database:
                 # the block's own error) changes nothing the block read, and must not replace
                 # the block's error (asyncpg: "another operation is in progress"). The pool
                 # drops such a connection when the session closes.
-                await run_to_completion(_rollback_quietly(session))
+                await _run_to_completion(_rollback_quietly(session))
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in
