@@ -167,6 +167,10 @@ def test_sigterm_stops_the_server_and_its_workers_within_10s(server_factory) -> 
     with db(srv) as c:
         assert c.execute("SELECT count(*) FROM job_workers").fetchone()[0] == 0
         assert c.execute("SELECT max(attempts) FROM job_rows").fetchone()[0] == 0
+    # A shutdown is no fault: no traceback and no ERROR line from the server or its workers
+    # (its loops and the workers' are cancelled, maybe mid-query: test_db_writer.py covers that moment).
+    log = srv.log_path.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 @pytest.mark.slow
