@@ -176,3 +176,18 @@ async def test_email_gives_up_after_retries_when_smtp_is_down(aiohttp_client, se
     failed = [(e["level"], e["message"].split(" to ")[0]) for e in log if "e-mail attempt" in e["message"]]
     assert failed == [("warning", "e-mail attempt 1/3"), ("warning", "e-mail attempt 2/3"),
                       ("error", "e-mail attempt 3/3")]
+
+
+async def test_the_email_does_not_wait_for_the_callbacks_retries(aiohttp_client, settings) -> None:
+    """Callback and e-mail go side by side: a receiver that fails every attempt (3, 2 s then 4 s
+    apart) does not hold back the e-mail, which waited for all of them before."""
+    async with smtp_server() as (port, smtp), callback_receiver(fail_first=100) as rcv:
+        client = await aiohttp_client(create_app(settings.replace(
+            smtp_port=port, callback_retries=3, callback_backoff=2.0)))
+        job = await start_ok(client, "both", SEED_TEMPLATE, SEED_ROWS, callback_url=rcv.url,
+                             callback_emails="ops@example.com")
+        await asyncio.wait_for(smtp.received.wait(), timeout=30)
+        assert len(rcv.attempts) < 3, "the e-mail waited for the callback to give up"
+        await client.app[JOBS].notified(job["job_id"], timeout=60)
+    assert len(rcv.attempts) == 3 and len(smtp.messages) == 1
+    assert job_row(settings, job["job_id"]) == ("failed", "sent")

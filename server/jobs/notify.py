@@ -279,16 +279,28 @@ class Notifier:
                 else:
                     await queries.note(self.db, job_id, level, message)
 
-            if job.callback_url and await self._take(job_id, Job.callback_state):
-                ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note,
-                                            job.notification_method)
-                await self._set(job_id, callback_state="sent" if ok else "failed")
-            if job.callback_emails and await self._take(job_id, Job.email_state):
-                to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
-                url = None if dropped else \
-                    f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
-                ok = await deliver_emails(self.settings, to, body, url, note)
-                await self._set(job_id, email_state="sent" if ok else "failed")
+            async def callback() -> None:
+                if job.callback_url and await self._take(job_id, Job.callback_state):
+                    ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note,
+                                                job.notification_method)
+                    await self._set(job_id, callback_state="sent" if ok else "failed")
+
+            async def emails() -> None:
+                if job.callback_emails and await self._take(job_id, Job.email_state):
+                    to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
+                    url = None if dropped else \
+                        f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
+                    ok = await deliver_emails(self.settings, to, body, url, note)
+                    await self._set(job_id, email_state="sent" if ok else "failed")
+
+            # Side by side: the e-mail does not wait for the callback's retries, nor the callback
+            # for an SMTP server that is down. Each settles its own state; the one that settles
+            # last forgets a dropped job's tombstone.
+            for failed in await asyncio.gather(callback(), emails(), return_exceptions=True):
+                if isinstance(failed, asyncio.CancelledError):
+                    raise failed
+                if isinstance(failed, BaseException):
+                    log_failure(log, "job %s: notification failed", failed, job_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:
