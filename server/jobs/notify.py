@@ -293,9 +293,8 @@ class Notifier:
                     ok = await deliver_emails(self.settings, to, body, url, note)
                     await self._set(job_id, email_state="sent" if ok else "failed")
 
-            # Side by side: the e-mail does not wait for the callback's retries, nor the callback
-            # for an SMTP server that is down. Each settles its own state; the one that settles
-            # last forgets a dropped job's tombstone.
+            # Side by side: neither waits for the other's retries. Each settles its own state;
+            # the one that settles last forgets a dropped job's tombstone.
             for failed in await asyncio.gather(callback(), emails(), return_exceptions=True):
                 if isinstance(failed, asyncio.CancelledError):
                     raise failed
