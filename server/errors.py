@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from server.db.engine import BUSY_TIMEOUT, connection_lost, database_locked
+from server.db.engine import BUSY_TIMEOUT, connection_lost, database_locked, log_failure
 
 log = logging.getLogger("filedrop.errors")
 
@@ -391,16 +391,14 @@ async def error_middleware(
         return answer(ServerBusy("every database connection of this process is busy (FILEDROP_DATABASE_POOL); "
                                  "retry shortly"))
     except Exception as e:
-        lost = connection_lost(e)
-        if lost is not None:
-            # PostgreSQL restarted, or ended this session: the request can simply be sent again.
-            log.warning("%s %s: the database connection was lost (%s)", request.method, request.path, lost)
+        # PostgreSQL restarted or ended this session; another process held SQLite's write lock
+        # past busy_timeout (a process frozen in a transaction, say: README, More than one
+        # process). Busy, not a fault of this request: one WARNING line (log_failure's) and 503.
+        if connection_lost(e) is not None:
+            log_failure(log, "%s %s", e, request.method, request.path)
             return answer(ServerBusy("the connection to the database was lost; retry shortly"))
         if database_locked(e):
-            # Another process held SQLite's write lock past busy_timeout (a process frozen in a
-            # transaction, say: README, More than one process): busy, not a fault of this request.
-            log.warning("%s %s: the SQLite database stayed locked by another process for %g s",
-                        request.method, request.path, BUSY_TIMEOUT)
+            log_failure(log, "%s %s", e, request.method, request.path)
             return answer(ServerBusy(f"the database is locked by another process (its write lock was held for "
                                      f"{BUSY_TIMEOUT:g} s); retry shortly"))
         return _internal_error(request)
