@@ -42,7 +42,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
+from server.db.completion import run_to_completion
 from server.db.locks import KINDS, AdvisoryLocks, FileLocks, Locks
 from server.db.urls import async_url, is_postgres, libpq_url, sync_url
 
@@ -103,28 +104,6 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException, *args: obje
         logger.warning(what + ": the SQLite database stayed locked by another process for %g s", *args, BUSY_TIMEOUT)
     else:
         logger.error(what, *args, exc_info=e)
-
-
-async def _run_to_completion(aw: Awaitable[T]) -> T:
-    """Await ``aw`` in a task of its own, to its end even if the caller is cancelled meanwhile;
-    the cancel is raised after. For a session's end: a cancel (a shutdown cancels the tasks
-    that read and write) landing while the pool rolls the connection back on its return makes
-    SQLAlchemy log an error with a traceback and discard the connection. SQLAlchemy ends its
-    own ``async with`` blocks so (``write()`` uses one); ``read()``'s quiet rollback, this."""
-    task = asyncio.ensure_future(aw)
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError as e:
-            if task.done():
-                raise
-            cancelled = e  # the task goes on; wait for it again
-        else:
-            break
-    if cancelled is not None:
-        raise cancelled
-    return result
 
 
 async def _rollback_quietly(session: AsyncSession) -> None:
@@ -258,7 +237,7 @@ class Database:
                 # the block's own error) changes nothing the block read, and must not replace
                 # the block's error (asyncpg: "another operation is in progress"). The pool
                 # drops such a connection when the session closes.
-                await _run_to_completion(_rollback_quietly(session))
+                await run_to_completion(_rollback_quietly(session))
 
     def sync_commits(self) -> None:
         """Make every transaction committed so far power-loss durable (blocking: call it in

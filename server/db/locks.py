@@ -38,6 +38,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from server.db.completion import run_to_completion
+
 log = logging.getLogger("filedrop.db")
 
 # classid of each kind: "fd" in the high half keeps clear of other applications sharing the server.
@@ -112,39 +114,54 @@ class AdvisoryLocks(Locks):
             self.epoch += 1
         return self._conn
 
-    async def _call(self, fn: object, kind: str, ident: int) -> bool:
-        key = (KINDS[kind], _objid(ident))
-        async with self._mutex:
-            try:
-                conn = await self._connection()
-                return bool(await conn.scalar(select(fn(*key))))  # type: ignore[operator]
-            except Exception:
-                # The connection broke: the server dropped every lock it held.
-                if self._held:
-                    log.error("the lock connection to the database broke: %d lock(s) lost", len(self._held))
-                self._held.clear()
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.invalidate()
-                raise
+    async def _call(self, fn: object, key: tuple[int, int]) -> bool:
+        try:
+            conn = await self._connection()
+            return bool(await conn.scalar(select(fn(*key))))  # type: ignore[operator]
+        except Exception:
+            # The connection broke: the server dropped every lock it held.
+            if self._held:
+                log.error("the lock connection to the database broke: %d lock(s) lost", len(self._held))
+            self._held.clear()
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+            raise
 
+    async def _take(self, key: tuple[int, int]) -> bool:
+        async with self._mutex:
+            if key in self._held:  # session locks stack; ours are taken once
+                return False
+            got = await self._call(func.pg_try_advisory_lock, key)
+            if got:
+                self._held.add(key)
+            return got
+
+    async def _release(self, key: tuple[int, int]) -> None:
+        async with self._mutex:
+            if key not in self._held:
+                return
+            self._held.discard(key)
+            with contextlib.suppress(Exception):  # a broken connection released it already
+                await self._call(func.pg_advisory_unlock, key)
+
+    # Each statement runs to its end even if the caller is cancelled meanwhile (a shutdown
+    # cancels the loops that hold locks): one cut off mid-way would leave the connection busy,
+    # so that the next call dropped it and every lock of the process with it, and a lock taken
+    # for a caller that never learns it would be held by nobody until the process ends.
     async def try_take(self, kind: str, ident: int = 0) -> bool:
         key = (KINDS[kind], _objid(ident))
-        if key in self._held:  # session locks stack; ours are taken once
-            return False
-        got = await self._call(func.pg_try_advisory_lock, kind, ident)
-        if got:
-            self._held.add(key)
-        return got
+        take = asyncio.ensure_future(self._take(key))
+        try:
+            return await run_to_completion(take)
+        except asyncio.CancelledError:
+            if take.done() and not take.cancelled() and take.exception() is None and take.result():
+                await run_to_completion(self._release(key))  # the caller will never hold it
+            raise
 
     async def release(self, kind: str, ident: int = 0) -> None:
-        key = (KINDS[kind], _objid(ident))
-        if key not in self._held:
-            return
-        self._held.discard(key)
-        with contextlib.suppress(Exception):  # a broken connection released it already
-            await self._call(func.pg_advisory_unlock, kind, ident)
+        await run_to_completion(self._release((KINDS[kind], _objid(ident))))
 
     async def close(self) -> None:
         self._held.clear()
