@@ -561,8 +561,12 @@ async def _apply_temp_file(db: Database, settings: Settings, ages: _Ages, item: 
 async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item: Item) -> bool:
     job_id, batch_id, with_smartlinks = item.key
     names: set[str] = set()
+    gone = None
+    root = settings.smartlink_root
     async with db.write() as s:
         if with_smartlinks:
+            # Under the batch's start lock (as drop does): see below.
+            await db.serialize(s, "job-start", batch_id)
             names = _stems((await s.execute(select(JobRow.reference_id, JobRow.suffix)
                                             .where(JobRow.job_id == job_id))).all())
         res = await s.execute(delete(Job).where(Job.job_id == job_id, Job.finished.is_not(None),
@@ -575,12 +579,25 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
             keep = _stems((await s.execute(
                 select(JobRow.reference_id, JobRow.suffix).join(Job, Job.job_id == JobRow.job_id)
                 .where(Job.batch_id == batch_id))).all())
-        running = await s.scalar(select(func.count()).select_from(Job)
-                                 .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
+        others = await s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id))
+        running = others and await s.scalar(select(func.count()).select_from(Job)
+                                            .where(Job.batch_id == batch_id, Job.status.in_(RUNNING)))
+        if with_smartlinks and not others and root is not None:
+            # The batch's last job: its folder holds no other job's page. Moved out of reach in
+            # this transaction, so that a job started after it gets a new folder; removed page by
+            # page after the commit, a job started meanwhile had its pages of the same names
+            # removed once published, or its folder removed under it.
+            gone = await asyncio.to_thread(_rename_away, root, batch_id)
     # What was really freed: the pages removed (none while a newer run of the batch writes), and
     # the job's signed downloads' CSV, which the plan did not count.
     item.bytes = 0
-    if names and item.path is not None and not running:
+    if gone is not None:
+        item.bytes = await asyncio.to_thread(_du, gone)
+        await asyncio.to_thread(_remove, gone)
+    elif names and item.path is not None and not running:
+        # Other jobs of the batch stay (ended: a running one leaves every page to it). A job
+        # started between the commit and these unlinks that publishes one of these names,
+        # which no remaining job had, loses that page: a narrow race, left (README).
         item.bytes = await asyncio.to_thread(_remove_smartlinks, item.path, names - keep)
     csv = job_results.path_of(settings, job_id)
     item.bytes += await asyncio.to_thread(_du, csv)
@@ -603,8 +620,6 @@ def _remove_smartlinks(d: Path, stems: set[str]) -> int:
             p = d / (stem + ext)
             freed += _du(p)
             _remove(p)
-    with contextlib.suppress(OSError):
-        d.rmdir()  # only when empty
     return freed
 
 

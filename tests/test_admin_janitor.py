@@ -8,16 +8,21 @@ import contextlib
 import hashlib
 import os
 import time
+from datetime import timedelta
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from sqlalchemy import event, update
+from sqlalchemy.orm import Session
 
 from server import janitor
 from server.app import create_app
 from server.config import Settings
+from server.db import utcnow
 from server.db.job_models import Job
-from server.keys import DATABASE, JANITOR
+from server.keys import DATABASE, JANITOR, JOBS
+from tests.conftest import OTHER_KEY
 from tests.support.disk_state import (
     HOUR,
     FileSpec,
@@ -27,9 +32,10 @@ from tests.support.disk_state import (
     batch_state,
     count,
     run_cli_async,
+    session,
     table,
 )
-from tests.support.jobs import get_json, serve, start_ok, wait_job
+from tests.support.jobs import SEED_TEMPLATE, get_json, serve, start_ok, wait_job
 from tests.support.jobs import rows as job_rows
 from tests.support.uploads import Uploads
 from tests.support.waiting import async_wait_until
@@ -211,3 +217,51 @@ def test_a_folder_that_vanished_during_the_plan_is_not_old(tmp_path) -> None:
     assert janitor._quiet_since(old, cutoff)
     assert not janitor._quiet_since(tmp_path / "gone", cutoff)
     assert not janitor._quiet_since(tmp_path, cutoff)  # written just now
+
+
+async def test_the_last_expired_job_of_a_batch_takes_its_folder_out_of_reach_as_its_row_goes(
+        aiohttp_client, settings: Settings) -> None:
+    """With FILEDROP_JANITOR_SMARTLINKS, an expired job's pages went one by one after its row
+    was deleted: a job of the same batch started in between had its pages of the same names
+    removed once published, or its folder removed under it (the pages 404, the rows
+    succeeded). When no job of the batch is left, the folder is now moved out of reach in the
+    transaction that deletes the row (under the batch's start lock, as drop does), so a job
+    started after it gets a folder of its own; the batch id is then free for any key. Every
+    commit is watched: none may leave the row gone and the folder still there."""
+    root = settings.smartlink_root
+    assert root is not None
+    client: TestClient = await aiohttp_client(create_app(settings.replace(janitor_interval=0,
+                                                                          janitor_smartlinks=True)))
+    job = await start_ok(client, "last-one", SEED_TEMPLATE, job_rows(3))
+    assert (await wait_job(client, "last-one", job["job_id"]))["status"] == "Completed"
+    pages = sorted(p.name for p in (root / "last-one").iterdir())
+    assert len(pages) == 3
+    await asyncio.to_thread(_age_job, settings, job["job_id"], 40 * 24 * HOUR)
+
+    seen: list[tuple[int, bool]] = []  # (job rows left, folder there) after each commit
+
+    def after_commit(_session: Session) -> None:
+        seen.append((count(settings, Job, Job.job_id == job["job_id"]), (root / "last-one").exists()))
+
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        result = await client.app[JANITOR].run_once()
+    finally:
+        event.remove(Session, "after_commit", after_commit)
+    assert [(i.kind, i.result) for i in result.items] == [("expired-job", "removed")]
+    assert (0, False) in seen and (0, True) not in seen, seen
+    assert result.items[0].bytes >= sum(len(p) for p in pages)  # what the folder held, at least
+    assert not (root / "last-one").exists()
+
+    # The batch id is free again: another key's job of it publishes into a folder of its own.
+    other = await start_ok(client, "last-one", SEED_TEMPLATE, job_rows(3), headers={"X-API-Key": OTHER_KEY})
+    await client.app[JOBS].job_finished(other["job_id"], timeout=60)
+    r = await client.get(f"/api/batch/last-one/{other['job_id']}/status", headers={"X-API-Key": OTHER_KEY})
+    assert (await r.json())["status"] == "Completed"
+    assert sorted(p.name for p in (root / "last-one").iterdir()) == pages
+
+
+def _age_job(settings: Settings, job_id: str, seconds: float) -> None:
+    with session(settings) as s:
+        s.execute(update(Job).where(Job.job_id == job_id).values(finished=utcnow() - timedelta(seconds=seconds)))
+        s.commit()
