@@ -8,11 +8,13 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
 import requests
 
+from server.app import create_app
 from server.keys import UPLOADS
 from server.uploads.chunkset import ChunkSet
 from tests.conftest import AUTH
@@ -269,3 +271,119 @@ async def test_batch_dirs_are_spread_over_the_disk(client, settings) -> None:
     r = await client.get("/healthz")
     assert r.status == 200
     assert spread(settings.uploads_dir)
+
+
+class HeldSync:
+    """Wraps ``sync_now``: a sync that starts once file 0 is recorded complete (the one that makes
+    that record durable) is held until ``release``; ``holding`` lists the threads held. ``busy``:
+    the next sync of another kind is held too, until ``resume`` (the recorder kept in its step)."""
+
+    def __init__(self, settings, real) -> None:  # type: ignore[no-untyped-def]
+        self.settings, self.real = settings, real
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding: list[str] = []
+        self.busy, self.busy_held, self.resume = threading.Event(), threading.Event(), threading.Event()
+
+    def _complete(self) -> bool:
+        with sqlite3.connect(self.settings.db_path) as db:
+            return db.execute("SELECT count(*) FROM batch_files WHERE file_idx = 0 AND state = 'complete'"
+                              ).fetchone()[0] > 0
+
+    def __call__(self) -> None:
+        if self._complete():  # what this sync makes durable: file 0's completion
+            self.holding.append(threading.current_thread().name)
+            self.held.set()
+            self.release.wait(10)
+        elif self.busy.is_set():
+            self.busy.clear()
+            self.busy_held.set()
+            self.resume.wait(10)
+        self.real()
+
+
+async def test_a_repeat_read_complete_is_answered_once_the_completion_is_durable(aiohttp_client, settings,
+                                                                                 monkeypatch) -> None:
+    """SQLite commits with synchronous=NORMAL: the commit that completes a file survives a power
+    loss only once the sync after it has run, and its 201 waits for that. A chunk sent again
+    meanwhile (a client's retry) reads the row complete: its 201 must wait for a sync too."""
+    client = await aiohttp_client(create_app(settings.replace(upload_sync_interval=3600)))  # no periodic point
+    service = client.app[UPLOADS]
+    up = Uploads(client)
+    batch = await up.create()
+    for i in (0, 1):
+        assert (await up.post(batch, 0, PARTS[i], chunk=(i, 3), size=len(DATA))).status == 202
+    sync = HeldSync(settings, service.durability.sync_now)
+    monkeypatch.setattr(service.durability, "sync_now", sync)
+    last = asyncio.ensure_future(up.post(batch, 0, PARTS[2], chunk=(2, 3), size=len(DATA)))
+    try:
+        assert await asyncio.to_thread(sync.held.wait, 10), "the completion's sync never started"
+        repeat = asyncio.ensure_future(up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA)))
+
+        async def decided() -> bool:  # answered, or waiting for a sync of its own
+            return repeat.done() or len(sync.holding) > 1
+        await async_wait_until(decided, timeout=10, what="the repeat to be answered or to wait for a sync")
+        assert not repeat.done(), "the repeat was answered before the completion was durable"
+        assert not last.done()
+    finally:
+        sync.release.set()
+    answers = await asyncio.gather(last, repeat)
+    assert [r.status for r in answers] == [201, 201]
+    assert [(await r.json())["uploadedChunkIds"] for r in answers] == [[0, 1, 2]] * 2
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(DATA)
+
+
+async def test_a_repeat_recorded_with_the_completion_is_answered_once_it_is_durable(aiohttp_client, settings,
+                                                                                    monkeypatch) -> None:
+    """The same for a repeat the recorder meets in the very group that completes the file: a
+    retry of chunk 1 whose body was still arriving when the first copy was recorded. The group
+    answers repeats at once; one that says complete must wait for the sync after the commit."""
+    client = await aiohttp_client(create_app(settings.replace(upload_sync_interval=3600)))
+    service = client.app[UPLOADS]
+    up = Uploads(client)
+    batch = await up.create()
+    assert (await up.post(batch, 0, PARTS[0], chunk=(0, 3), size=len(DATA))).status == 202
+    go = asyncio.Event()
+
+    async def late_body():  # type: ignore[no-untyped-def]
+        yield PARTS[1][:1]  # aiohttp sends the headers with the first piece
+        await go.wait()
+        yield PARTS[1][1:]
+
+    retry = asyncio.ensure_future(up.post(batch, 0, late_body(), chunk=(1, 3), size=len(DATA)))  # type: ignore[arg-type]
+
+    def receiving() -> bool:  # past its early answer: its body's temp is open
+        return any(os.path.basename(p).startswith(".1.") for p in upload_tree(settings.data_dir))
+    sync = HeldSync(settings, service.durability.sync_now)
+    monkeypatch.setattr(service.durability, "sync_now", sync)
+    try:
+        await async_wait_until(lambda: asyncio.to_thread(receiving), timeout=10, what="the retry's temp")
+        assert (await up.post(batch, 0, PARTS[1], chunk=(1, 3), size=len(DATA))).status == 202
+        # Keep the recorder in a step (another file's sync) while the last chunk and the retry
+        # queue up behind it: they are recorded in one group.
+        sync.busy.set()
+        other = asyncio.ensure_future(up.post(batch, 1, b"other"))
+        assert await asyncio.to_thread(sync.busy_held.wait, 10)
+        last = asyncio.ensure_future(up.post(batch, 0, PARTS[2], chunk=(2, 3), size=len(DATA)))
+        records = service.recorder.records
+
+        async def queued(n: int) -> bool:
+            return len(records.queue) == n
+        await async_wait_until(lambda: queued(1), timeout=10, what="the last chunk queued")
+        go.set()
+        await async_wait_until(lambda: queued(2), timeout=10, what="the retry queued")
+        sync.resume.set()
+        assert await asyncio.to_thread(sync.held.wait, 10), "the completion's sync never started"
+
+        async def decided() -> bool:
+            return retry.done() or len(sync.holding) > 1
+        await async_wait_until(decided, timeout=10, what="the retry to be answered or to wait for a sync")
+        assert not retry.done(), "the retry was answered complete before the completion was durable"
+        assert not last.done()
+    finally:
+        go.set()
+        sync.resume.set()
+        sync.release.set()
+    answers = await asyncio.gather(last, retry, other)
+    assert [r.status for r in answers] == [201, 201, 201]
+    assert (await answers[1].json())["uploadedChunkIds"] == [0, 1, 2]
+    assert (await up.manifest(batch, 0))["files"][0]["sha256"] == sha256(DATA)

@@ -14,7 +14,8 @@ Invariants:
 * A file is complete when it is answered complete: the request that sends its last missing
   chunk makes the complete file (a rename of ``partial`` with the uniform layout, else a
   concatenation), its bytes are synced, its record committed and synced, then it is answered
-  201. If that fails (no space, I/O error), the file keeps its chunks and is assembled again by
+  201; a repeat answered complete waits for a sync too (the commit it read may not be durable
+  yet). If that fails (no space, I/O error), the file keeps its chunks and is assembled again by
   the next request for it or at the next start (``server.uploads.assembly``); its info says
   ``"state": "assembling"`` meanwhile. Exactly once: conditional ``UPDATE``s pick one assembler.
 * Chunks of a bigger file are durable against a crash once answered and against a power loss
@@ -405,6 +406,11 @@ class UploadService:
         if req.chunk_idx not in ids and state == "receiving" and not waiting:
             return None
         complete = state == "complete"
+        if complete:
+            # The commit that completed it may not be durable yet (SQLite commits with
+            # synchronous=NORMAL; the sync after it is what its own 201 waits for): a 201 says
+            # the file survives a power loss, so this one waits for a sync too.
+            await self.durability.synced()
         if state == "assembling" or waiting:
             # Assembling here, elsewhere (waited for) or nowhere any more (taken over).
             task = self.assembler.ensure(batch_id, f.id, claimed=state == "assembling")
@@ -572,6 +578,10 @@ class _Receipt:
             done = await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
             o = recorded.outcome
             return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, done)
+        if recorded.outcome.complete and not recorded.new:
+            # A repeat of a complete file, answered by its group at once: in the group that
+            # completed the file, before the sync that makes that commit durable (see _early).
+            await s.durability.synced()
         if recorded.completed:
             s.stats.assembled += 1
             log.debug("file %s of batch %s complete (its last chunk)", recorded.file_id, self.batch_id)
