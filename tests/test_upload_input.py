@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from server.app import create_app
 from server.jsondoc import MAX_DEPTH
 from tests.conftest import AUTH
-from tests.support.uploads import Uploads, assert_error, sha256
+from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -146,6 +146,26 @@ async def test_a_big_chunked_body_without_x_file_size_is_400_naming_it(client) -
     files = (await up.manifest(batch))["files"]
     assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(b"kept"))]
 
+
+
+async def test_a_chunk_without_content_length_keeps_only_its_own_bytes_of_disk(client, settings) -> None:
+    """A chunk sent without Content-Length reserves the most it may hold before its first byte
+    (the file's size here, at most FILEDROP_MAX_CHUNK_SIZE); once its body has ended, the rest is
+    given back. Stored on its own until its file completes, it held the whole reservation (the
+    blocks ``fallocate`` keeps past the end of a file), and the free-disk floor counted it."""
+    up = Uploads(client)
+    batch = await up.create()
+    size, stride = 40 << 20, 1 << 20
+    parts = [os.urandom(stride) for _ in range(2)]
+    assert (await up.post(batch, 0, parts[0], chunk=(0, 40), size=size)).status == 202
+    r = await client.post(up.url(f"/{batch}/0"), data=_chunked(parts[1]),
+                          headers=upload_headers("f.bin", size, chunk=(1, 40)))
+    assert r.status == 202, await r.text()
+    [stored] = [settings.uploads_dir / p for p in upload_tree(settings.data_dir) if p.endswith("chunks/1")]
+    st = os.stat(stored)
+    assert st.st_size == stride
+    assert st.st_blocks * 512 <= stride + (64 << 10), f"{st.st_blocks * 512} bytes of disk for a {stride}-byte chunk"
+    assert stored.read_bytes() == parts[1]
 
 # -- a header sent twice ------------------------------------------------------------------------
 @pytest.mark.parametrize(("header", "values", "code"), [

@@ -248,8 +248,9 @@ class UploadStore:
         """Stream ``body`` (at most ``limit`` bytes) into ``target``; returns its size.
 
         ``reserve_bytes`` are taken from the disk before the first write (the declared length, or
-        the most the body may be). A body ``declared`` (Content-Length) to hold at most
-        WRITE_BUFFER bytes is read whole, then written (and hashed) in one thread hop. Any other
+        the most the body may be: what a fresh temp's body left of that is given back once it has
+        ended). A body ``declared`` (Content-Length) to hold at most WRITE_BUFFER bytes is read
+        whole, then written (and hashed) in one thread hop. Any other
         is written as it arrives (its file exists from the start: a stalled client's temp is
         there for the janitor to see) through a ``_Stream``: written on the loop, hashed in order
         in a thread (``lane``), and this returns without waiting for the hash. On any error, a
@@ -283,6 +284,12 @@ class UploadStore:
                 await stream.write(data)
             if stream is None:
                 stream = _Stream(loop, await opening, target.offset, lane)
+            if target.fresh and size < reserve_bytes:
+                # A body of unknown length reserved the most it may hold, and ``fallocate`` keeps
+                # blocks past the end of a file until a truncate: give back what it did not use
+                # (to its own size, which releases them), before it is recorded and may become
+                # ``partial``, which other requests then write into.
+                await loop.run_in_executor(None, os.ftruncate, stream.fd, size)
         except BaseException:
             if stream is not None:
                 stream.finish(partial(_discard, stream.fd, target))
