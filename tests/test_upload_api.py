@@ -384,3 +384,32 @@ async def test_legacy_batch_id_taken_by_another_key_after_its_rows_were_removed(
     assert r.status == 404  # and it is the other key's now
     files = (await Uploads(client, auth={"X-API-Key": OTHER_KEY}).manifest(batch))["files"]
     assert [f["fileIdx"] for f in files] == ["0", "1"]
+
+
+async def test_a_file_removed_by_another_process_is_made_anew_when_its_chunk_is_sent_again(client, settings) -> None:
+    """This process remembers a file being received (where its next chunk goes, without a read);
+    another process removes it. The next chunk, written for the row that is gone, is 404 "send it
+    again"; what was remembered goes with that answer, so the chunk sent again starts the file
+    anew instead of meeting the same 404 for ever."""
+    import shutil
+
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(3000)
+    parts = [data[i:i + 1000] for i in range(0, 3000, 1000)]
+    assert (await up.post(batch, 0, parts[0], chunk=(0, 3), size=3000)).status == 202
+    # What another process's DELETE of the file does: its row, then its bytes.
+    with connect(settings) as db:
+        pk, fid = db.execute(select(BatchFile.batch_pk, BatchFile.id)).one()
+        db.execute(delete(BatchFile).where(BatchFile.id == fid))
+    shutil.rmtree(settings.uploads_dir / str(pk) / str(fid))
+    body = await assert_error(await up.post(batch, 0, parts[1], chunk=(1, 3), size=3000), 404, "ERR_FILE_NOT_FOUND")
+    assert "send it again" in body["message"]
+    r = await up.post(batch, 0, parts[1], chunk=(1, 3), size=3000)
+    assert r.status == 202, await r.text()
+    assert (await r.json())["uploadedChunkIds"] == [1]
+    for i in (0, 2):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=3000)).status == (202, 201)[i // 2]
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+    files = upload_tree(settings.data_dir)
+    assert len(files) == 1 and re.fullmatch(rf"{pk}/\d+\.data", files[0]) and files[0] != f"{pk}/{fid}.data"

@@ -554,6 +554,12 @@ class _Receipt:
             if isinstance(e, ValueError):  # the chunks did not make the declared file
                 raise FileSizeMismatch(f"file {req.file_idx}: {e}") from None
             mapped = storage_error(e, s.settings.min_free_disk, f"receiving file {req.file_idx}")
+            if isinstance(e, FileNotFound | BatchNotFound) or isinstance(mapped, FileNotFound):
+                # What this process remembered of the file (or batch) is out of date: read it
+                # again next time, or the chunk sent again meets the same 404 for ever.
+                s._files.pop((self.batch_pk, req.file_idx), None)
+                if isinstance(e, BatchNotFound):
+                    s._open_batches.pop(self.batch_id, None)
             if isinstance(mapped, FileNotFound):
                 # Its bytes went with the file, or with the whole batch (dropped, executed): the
                 # latter is said at once as every later request will say it, not "send it again".
