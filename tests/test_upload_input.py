@@ -167,6 +167,31 @@ async def test_a_chunk_without_content_length_keeps_only_its_own_bytes_of_disk(c
     assert st.st_blocks * 512 <= stride + (64 << 10), f"{st.st_blocks * 512} bytes of disk for a {stride}-byte chunk"
     assert stored.read_bytes() == parts[1]
 
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_empty_chunk_is_400_and_the_file_can_still_be_sent(client, framing) -> None:
+    """Each chunk of a file sent in several holds at least one byte. An empty one was recorded
+    (202): the right bytes sent again were then a repeat, passed over, and the last chunk was 400
+    ERR_FILE_SIZE_MISMATCH until the file was deleted. A 0-byte file in one chunk is fine."""
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 1, b"kept")
+    data = os.urandom(3000)
+    parts = [data[i:i + 1000] for i in range(0, 3000, 1000)]
+    assert (await up.post(batch, 0, parts[0], chunk=(0, 3), size=3000)).status == 202
+    empty = b"" if framing == "content-length" else _chunked(b"")
+    r = await client.post(up.url(f"/{batch}/0"), data=empty, headers=upload_headers("f.bin", 3000, chunk=(1, 3)))
+    body = await assert_error(r, 400, "ERR_FILE_SIZE_MISMATCH")
+    assert "chunk 1 of file 0 is empty" in body["message"], body
+    assert (await (await up.info(batch, 0)).json())["uploadedChunkIds"] == [0]  # nothing recorded
+    for i in (1, 2):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=3000)).status == (202, 201)[i - 1]
+    r = await up.post(batch, 2, b"", "empty.txt", chunk=(0, 1), size=0)
+    assert r.status == 201, await r.text()
+    files = (await up.manifest(batch))["files"]
+    assert [(f["fileIdx"], f["sha256"]) for f in files] == [("0", sha256(data)), ("1", sha256(b"kept")),
+                                                            ("2", sha256(b""))]
+
 # -- a header sent twice ------------------------------------------------------------------------
 @pytest.mark.parametrize(("header", "values", "code"), [
     ("X-File-Size", ("3", "5"), "ERR_FILE_SIZE_INVALID"),

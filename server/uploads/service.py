@@ -340,6 +340,8 @@ class UploadService:
         if cl is not None and (cl != req.size if req.chunk_count == 1 else cl > req.size):
             # "the body's length": NGINX passes a small chunked body on with a Content-Length.
             raise FileSizeMismatch(f"the body's length {cl} does not match X-File-Size {req.size}")
+        if cl == 0 and req.chunk_count > 1:
+            raise _empty_chunk(req)
 
     def _check_disk(self, req: UploadRequest) -> None:
         """The free-disk floor, before a byte is written (after the early answer: a repeat is
@@ -461,6 +463,13 @@ class UploadService:
                 entry["complete"] = False
             out.append(entry)
         return OperationResult(200, {"batchId": ctx.batch_id, "files": out})
+
+
+def _empty_chunk(req: UploadRequest) -> FileSizeMismatch:
+    """Recorded, an empty chunk would stand for its index: the right bytes sent again would be a
+    repeat, passed over, and the file could never add up to its size."""
+    return FileSizeMismatch(f"chunk {req.chunk_idx} of file {req.file_idx} is empty: each of a file's "
+                            f"{req.chunk_count} chunks holds at least one byte")
 
 
 def _is_tag(tag: str | None) -> bool:
@@ -638,5 +647,7 @@ class _Receipt:
                                    f"({self.limit} bytes)") from None
         if req.chunk_count == 1 and length != req.size:
             raise FileSizeMismatch(f"body of {length} bytes is shorter than X-File-Size {req.size}")
+        if length == 0 and req.chunk_count > 1:  # sent without Content-Length
+            raise _empty_chunk(req)
         return length
 
