@@ -413,3 +413,29 @@ async def test_a_file_removed_by_another_process_is_made_anew_when_its_chunk_is_
     assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
     files = upload_tree(settings.data_dir)
     assert len(files) == 1 and re.fullmatch(rf"{pk}/\d+\.data", files[0]) and files[0] != f"{pk}/{fid}.data"
+
+
+async def test_a_whole_file_whose_hashing_failed_gets_its_sha256_from_disk(client, monkeypatch) -> None:
+    """A body over 1 MiB is hashed in a thread while it arrives; a block that thread could not
+    hash (out of memory, say) breaks the file's hash lane, and the digest must then be read back
+    from disk, as the last chunk of a chunked file does. A whole file took the broken lane's."""
+    import server.uploads.store as store_module
+
+    real, calls = store_module._hash_and_write_back, []
+
+    def fails_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[2])
+        if len(calls) == 1:
+            raise MemoryError
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_hash_and_write_back", fails_once)
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(5 << 20)
+    r = await up.post(batch, 0, data, "big.bin")
+    assert r.status == 201, await r.text()
+    assert len(calls) > 1  # the first block's hashing failed, the others ran
+    assert (await (await up.info(batch, 0)).json())["sha256"] == sha256(data)
+    f = await client.app[UPLOADS].open_file(AUTH_OWNER(client), batch, 0)
+    assert f.sha256 == sha256(data) and f.path.read_bytes() == data
