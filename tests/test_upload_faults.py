@@ -8,6 +8,7 @@ ENOSPC/EIO"); ``test_upload_disk_full.py`` fills a real tmpfs."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from server.app import create_app
 from server.keys import UPLOADS
-from server.uploads import assembly
+from server.uploads import assembly, ledger
 from tests.support.uploads import Uploads, assert_error, sha256, upload_tree
 
 pytestmark = pytest.mark.timeout(60)
@@ -102,6 +103,42 @@ async def test_out_of_open_files_is_503_and_retryable(client, settings, monkeypa
     assert not temps(settings)
     assert (await up.post(batch, 0, b"small file")).status == 201
     assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(b"small file")
+
+
+@pytest.mark.parametrize(("failing", "error", "status", "code"), [
+    (0, errno.ENOSPC, 507, "ERR_DISK_FULL"),  # a new file's first chunk: <id>/partial's folder cannot be made
+    (2, errno.EIO, 500, "ERR_STORAGE_FAILED"),  # the last chunk: partial -> data
+], ids=["first-chunk", "last-chunk"])
+async def test_a_rename_that_fails_in_the_recorder_is_answered_and_the_chunk_can_be_sent_again(
+        client, settings, monkeypatch, caplog, failing, error, status, code) -> None:
+    """The recorder moves a request's bytes into place inside its transaction; a move that
+    fails rolls the group back and fails that request. Its answer is the storage error (it was
+    never sent: the request waited forever), nothing of it is recorded, and the chunk sent again
+    is recorded (the last one completes the file)."""
+    up = Uploads(client)
+    batch = await up.create()
+    data = os.urandom(3000)
+    for i in range(failing):
+        assert (await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 3), size=3000)).status == 202
+    moving = Once(ledger.replace_making_dirs, OSError(error, os.strerror(error)))
+    monkeypatch.setattr(ledger, "replace_making_dirs", moving)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        r = await asyncio.wait_for(up.post(batch, 0, data[failing * 1000:(failing + 1) * 1000],
+                                           chunk=(failing, 3), size=3000), timeout=15)
+    await assert_error(r, status, code)
+    assert moving.calls == 1
+    assert not [rec for rec in caplog.records if rec.exc_info is not None]
+    if failing == 0:
+        await assert_error(await up.info(batch, 0), 404, "ERR_FILE_NOT_FOUND")
+    else:
+        info = await (await up.info(batch, 0)).json()
+        assert info["uploadedChunkIds"] == [0, 1] and info["state"] == "receiving"
+    assert not temps(settings)
+    for i in range(failing, 3):
+        r = await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 3), size=3000)
+        assert r.status == (201 if i == 2 else 202), await r.text()
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
 
 
 async def test_a_full_database_is_507_and_records_nothing(client, settings, monkeypatch) -> None:

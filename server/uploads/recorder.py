@@ -244,7 +244,9 @@ class Recorder:
         return [p for p in group if id(p) not in failed]
 
     def _commit(self, live: list[Pending]) -> Plan | None:
-        """One transaction for ``live``; None if it could not be made (each has its error)."""
+        """One transaction for ``live``; None if it could not be made (each has its error).
+        ``live`` is not changed: the caller answers each of its requests, those failed here too."""
+        live = list(live)  # a request whose move failed leaves this list, not the caller's group
         for attempt in range(3):
             plan = Plan()
             try:
