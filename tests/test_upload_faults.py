@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -139,6 +140,54 @@ async def test_a_rename_that_fails_in_the_recorder_is_answered_and_the_chunk_can
         r = await up.post(batch, 0, data[i * 1000:(i + 1) * 1000], chunk=(i, 3), size=3000)
         assert r.status == (201 if i == 2 else 202), await r.text()
     assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
+
+
+async def test_a_group_whose_renames_fail_three_times_records_the_rest(client, settings, monkeypatch) -> None:
+    """Four first chunks recorded as one group, the renames of three of them into place failing
+    (no space): each failure rolls the group back and it is tried again without that request.
+    The fourth is recorded; it was answered 202 though nothing was (the retries ran out after
+    three failures), its temp left behind, its file unknown."""
+    up = Uploads(client)
+    records = client.app[UPLOADS].recorder.records
+    batch = await up.create()
+    real = ledger.replace_making_dirs
+    moves: list[str] = []
+    gated = threading.Event()
+
+    def move(src, dst) -> None:  # type: ignore[no-untyped-def]
+        moves.append(dst.name)
+        if len(moves) == 1:  # file 0's, in the first group: files 1-4 queue meanwhile, the next group
+            gated.set()
+            with records.cv:
+                records.cv.wait_for(lambda: len(records.queue) >= 4, timeout=10)
+        elif len(moves) <= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(ledger, "replace_making_dirs", move)
+    data = {i: os.urandom(2000) for i in range(5)}
+    first = asyncio.create_task(up.post(batch, 0, data[0][:1000], chunk=(0, 2), size=2000))
+    assert await asyncio.to_thread(gated.wait, 10)
+    answers = await asyncio.wait_for(asyncio.gather(
+        *(up.post(batch, i, data[i][:1000], chunk=(0, 2), size=2000) for i in range(1, 5))), timeout=15)
+    assert (await first).status == 202
+    statuses = {i: r.status for i, r in enumerate(answers, 1)}
+    assert sorted(statuses.values()) == [202, 507, 507, 507], statuses
+    for i, r in enumerate(answers, 1):
+        if r.status == 507:
+            await assert_error(r, 507, "ERR_DISK_FULL")
+            await assert_error(await up.info(batch, i), 404, "ERR_FILE_NOT_FOUND")
+        else:
+            info = await up.info(batch, i)
+            assert info.status == 200, await info.text()
+            assert (await info.json())["uploadedChunkIds"] == [0]
+    assert not temps(settings)
+    for i in range(1, 5):
+        if statuses[i] == 507:
+            assert (await up.post(batch, i, data[i][:1000], chunk=(0, 2), size=2000)).status == 202
+    for i in range(5):
+        assert (await up.post(batch, i, data[i][1000:], chunk=(1, 2), size=2000)).status == 201
+    assert [f["sha256"] for f in (await up.manifest(batch))["files"]] == [sha256(data[i]) for i in range(5)]
 
 
 async def test_a_full_database_is_507_and_records_nothing(client, settings, monkeypatch) -> None:

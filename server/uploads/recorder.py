@@ -247,7 +247,11 @@ class Recorder:
         """One transaction for ``live``; None if it could not be made (each has its error).
         ``live`` is not changed: the caller answers each of its requests, those failed here too."""
         live = list(live)  # a request whose move failed leaves this list, not the caller's group
-        for attempt in range(3):
+        retries = 2
+        # Each turn commits, or fails a request and goes on without it, or uses a retry: at most
+        # one transaction per request and two more. A failed move uses no retry: the requests
+        # left must be recorded by a commit, never answered from a transaction rolled back.
+        while live:
             plan = Plan()
             try:
                 with self.db.write_sync() as conn:
@@ -256,13 +260,12 @@ class Recorder:
                 plan.undo()
                 self._fail([f.pending], self._mapped(f.error, "moving the upload into place"))
                 live.remove(f.pending)
-                if not live:
-                    return None
                 continue
             except IntegrityError:  # another process made the same file row meanwhile
                 plan.undo()
-                if attempt == 2:
+                if not retries:
                     raise
+                retries -= 1
                 continue
             except Exception as e:
                 plan.undo()
