@@ -267,6 +267,25 @@ async def test_unicode_and_odd_names_are_only_data(up, settings) -> None:
     assert all(re.fullmatch(r"\d+/\d+\.data", p) for p in upload_tree(settings.data_dir))
 
 
+@pytest.mark.parametrize(("content_type", "stored"), [
+    ("a/" + "b" * 300, "application/octet-stream"),  # over 255 characters: passed over
+    ("a/" + "b" * 253, "a/" + "b" * 253),  # 255: kept
+])
+async def test_a_content_type_too_long_to_store_is_passed_over(client, up, settings, content_type, stored) -> None:
+    """Without X-File-Type, a Content-Type longer than a file's type may be (255 characters,
+    as X-File-Type) is passed over as one that is no media type is: it frames the body, the
+    client did not say what the file is. It reached the file row's INSERT: on PostgreSQL a
+    DataError, 500 with a traceback for every request of its group."""
+    batch = await batch_with_good_file(up)
+    for idx, chunk in ((1, None), (2, (0, 2))):  # a whole file; a file's first chunk
+        h = upload_headers("x", 2, chunk=chunk, mimetype=content_type)
+        del h["X-File-Type"]
+        r = await client.post(up.url(f"/{batch}/{idx}"), data=b"xy" if chunk is None else b"x", headers=h)
+        assert r.status == (201 if chunk is None else 202), await r.text()
+        assert (await (await up.info(batch, idx)).json())["mimetype"] == stored
+    await assert_intact(up, batch, settings.data_dir, extra=2)
+
+
 async def test_unknown_batch(client, up) -> None:
     unknown = "f" * 32
     await assert_error(await up.post(unknown, 0, b"x"), 404, "ERR_BATCH_NOT_FOUND")

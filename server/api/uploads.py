@@ -64,6 +64,7 @@ _NAME_JOINERS = ("\u200c", "\u200d")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|"
                          r'"(?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t \x21-\x7e])*"))?)*')
+_MAX_TYPE = 255  # characters of a file's type: the width of its column (batch_files.mimetype)
 _COUNT_MAX = 1 << 62
 # A whole file sent without Content-Length nor X-File-Size is read into memory up to this (the
 # size up to which a whole file is read whole anyway: store.WRITE_BUFFER); bigger is 400.
@@ -155,17 +156,17 @@ def file_type(request: web.Request, name: str) -> str:
     """X-File-Type; without it, the type the file name says (as browsers guess it), then a
     Content-Type the client chose (not a form's), then application/octet-stream.
 
-    Only an RFC 9110 media type is stored: an X-File-Type that is not one is 400 (the client
-    said what the file is, wrongly: telling it beats storing a guess it did not ask for); a
-    Content-Type that is not one is passed over as a form's is (it frames the body, and tools
-    send one for any body)."""
+    Only an RFC 9110 media type of at most ``_MAX_TYPE`` characters is stored: an X-File-Type
+    that is not one is 400 (the client said what the file is, wrongly: telling it beats storing
+    a guess it did not ask for); a Content-Type that is not one (or whose type is longer) is
+    passed over as a form's is (it frames the body, and tools send one for any body)."""
     given = (one_header(request, "X-File-Type", FileTypeInvalid) or "").strip()
-    if given and (len(given) > 255 or not _MEDIA_TYPE.fullmatch(given)):
-        raise FileTypeInvalid("X-File-Type must be a media type of at most 255 characters: type/subtype, "
+    if given and (len(given) > _MAX_TYPE or not _MEDIA_TYPE.fullmatch(given)):
+        raise FileTypeInvalid(f"X-File-Type must be a media type of at most {_MAX_TYPE} characters: type/subtype, "
                               "ASCII tokens, optional ;name=value parameters (RFC 9110)")
     if not given:
         given = mimetypes.guess_type(name, strict=False)[0] or ""
-    if not given and request.content_type not in _FORM_TYPES \
+    if not given and request.content_type not in _FORM_TYPES and len(request.content_type) <= _MAX_TYPE \
             and _MEDIA_TYPE.fullmatch(request.headers.get("Content-Type", "").strip()):
         given = request.content_type
     return given or _DEFAULT_TYPE
