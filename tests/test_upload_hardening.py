@@ -9,7 +9,9 @@ import json
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -284,6 +286,43 @@ async def test_a_content_type_too_long_to_store_is_passed_over(client, up, setti
         assert r.status == (201 if chunk is None else 202), await r.text()
         assert (await (await up.info(batch, idx)).json())["mimetype"] == stored
     await assert_intact(up, batch, settings.data_dir, extra=2)
+
+
+async def test_a_row_the_database_refuses_fails_only_its_own_request(aiohttp_client, settings, monkeypatch) -> None:
+    """A request whose file row a column cannot hold (a chunk count past PostgreSQL's integer:
+    FILEDROP_MAX_CHUNKS_PER_FILE set that high lets it through) fails alone: the others of its
+    group are recorded (they got its 500). SQLite stores the count."""
+    client = await aiohttp_client(create_app(settings.replace(max_chunks_per_file=1 << 31)))
+    up = Uploads(client)
+    batch = await batch_with_good_file(up)
+    service = client.app[UPLOADS]
+    records, real = service.recorder.records, service.db.write_sync
+    gated = threading.Event()
+
+    @contextmanager
+    def write_sync():  # type: ignore[no-untyped-def]
+        if not gated.is_set():  # the first group's: the next two requests queue meanwhile, as one group
+            gated.set()
+            with records.cv:
+                records.cv.wait_for(lambda: len(records.queue) >= 2, timeout=10)
+        with real() as conn:
+            yield conn
+
+    monkeypatch.setattr(service.db, "write_sync", write_sync)
+    first = asyncio.create_task(up.post(batch, 1, b"first"))
+    assert await asyncio.to_thread(gated.wait, 10)
+    refused, other = await asyncio.wait_for(asyncio.gather(
+        up.post(batch, 2, b"x", chunk=(0, 1 << 31), size=1 << 31), up.post(batch, 3, b"other")), timeout=15)
+    assert (await first).status == 201
+    assert other.status == 201, await other.text()
+    files = {f["fileIdx"]: f for f in (await up.manifest(batch))["files"]}
+    assert files["1"]["sha256"] == sha256(b"first") and files["3"]["sha256"] == sha256(b"other")
+    if settings.database_url:
+        await assert_error(refused, 500, "ERR_INTERNAL")
+        assert "2" not in files
+    else:
+        assert refused.status == 202 and files["2"]["complete"] is False
+    await assert_intact(up, batch, settings.data_dir, extra=len(files) - 1)
 
 
 async def test_unknown_batch(client, up) -> None:

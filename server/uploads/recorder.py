@@ -29,7 +29,9 @@ and ends after ``LINGER`` seconds without work (at once when the service closes)
 
 A request that breaks a rule (404, 400, 413) gets its error and its temp is removed; the others
 of its group go on. A rename that fails rolls the transaction back and the group is tried again
-without that request. Each request costs one write transaction at most; a storage fault
+without that request; a row the database refuses (``DataError``: the statements do not say
+whose) has the group tried again one request per transaction, so that only its own fails.
+Each request costs one write transaction at most (two when a row was refused); a storage fault
 becomes the client's error (``server.uploads.faults``) with nothing half-recorded.
 """
 
@@ -41,7 +43,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from server.config import Settings
 from server.db import Database
@@ -269,6 +271,9 @@ class Recorder:
                 continue
             except Exception as e:
                 plan.undo()
+                if isinstance(e, DataError) and len(live) > 1:
+                    # A value one row's column cannot hold; the group's statements do not say whose.
+                    return self._each_alone(live)
                 self._fail(live, self._mapped(e, "recording the upload"))
                 return None
             self.groups += 1
@@ -276,6 +281,26 @@ class Recorder:
                 remove(path)
             return plan
         return None
+
+    def _each_alone(self, live: list[Pending]) -> Plan | None:
+        """``live`` in one transaction per request, in order (each decided against what those
+        before it committed, as in one transaction): a request fails only for its own row. One
+        plan for what was committed; None if nothing was."""
+        merged: Plan | None = None
+        for p in live:
+            plan = self._commit([p])
+            if plan is None:
+                continue
+            if merged is None:
+                merged = plan
+                continue
+            merged.removed += plan.removed
+            merged.completed += plan.completed
+            for file_id, ids in plan.touched.items():
+                mine = merged.touched.setdefault(file_id, ChunkSet())
+                for i in ids.ids():
+                    mine.add(i)
+        return merged
 
     def _clean(self, plan: Plan) -> None:
         """After the sync that made ``plan``'s commit durable: the bytes it no longer needs."""
