@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -237,6 +238,122 @@ async def test_a_failed_assembly_leaves_the_file_to_the_next_request_for_it(aioh
     assert failing.calls == 2 and service.stats.assembled == 1
     info = await (await up.info(batch, 0)).json()
     assert info["state"] == "complete" and info["sha256"] == sha256(data)
+
+
+def crash_while_assembling(settings, parts: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """What a crash leaves after the last chunk of an irregularly chunked file (stored on its
+    own) was recorded and the file claimed, before its assembly: every chunk, ``assembling``."""
+    with sqlite3.connect(settings.db_path) as db:
+        pk, fid = db.execute("SELECT batch_pk, id FROM batch_files").fetchone()
+        last = settings.uploads_dir / str(pk) / str(fid) / "chunks" / str(len(parts) - 1)
+        last.write_bytes(parts[-1])
+        ids = (1 << len(parts)) - 1
+        db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, loose_ids = ?, received = ?",
+                   (bytes([ids]), bytes([ids & ~1]), sum(map(len, parts))))
+
+
+async def test_the_free_disk_floor_met_by_an_assembly_is_507_and_the_file_waits_for_space(
+        aiohttp_client, settings, caplog) -> None:
+    """The assembler concatenates a file (its chunks fit no single layout) while the disk is
+    under FILEDROP_MIN_FREE_DISK: the file goes back to ``receiving`` with every chunk, no
+    ERROR is logged, the request that asks for it again gets 507 naming the setting, and once
+    there is space it is complete. (The floor, not an OSError, was missed: an ERROR traceback,
+    500 ERR_INTERNAL, the file left ``assembling``.)"""
+    first = await aiohttp_client(create_app(settings))
+    up = Uploads(first)
+    batch = await up.create()
+    parts = [os.urandom(1000), os.urandom(1500), os.urandom(500)]
+    data = b"".join(parts)
+    for i in (0, 1):
+        assert (await up.post(batch, 0, parts[i], chunk=(i, 3), size=len(data))).status == 202
+    await first.close()
+    crash_while_assembling(settings, parts)
+    caplog.clear()
+    low = await aiohttp_client(create_app(settings.replace(min_free_disk=1 << 60)))  # the disk filled meanwhile
+    service = low.app[UPLOADS]
+    await service.idle()  # the start's assembly of the file
+    assert service.stats.assembly_failed == 1 and service.stats.assembled == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with sqlite3.connect(settings.db_path) as db:
+        assert db.execute("SELECT state FROM batch_files").fetchone() == ("receiving",)
+    r = await Uploads(low).post(batch, 0, parts[2], chunk=(2, 3), size=len(data))  # the last chunk again
+    body = await assert_error(r, 507, "ERR_DISK_FULL")
+    assert "FILEDROP_MIN_FREE_DISK" in body["message"]
+    assert service.stats.assembly_failed == 2 and not temps(settings)
+    await low.close()
+    client = await aiohttp_client(create_app(settings))  # space is back
+    r = await Uploads(client).post(batch, 0, parts[2], chunk=(2, 3), size=len(data))
+    assert r.status == 201, await r.text()
+    assert (await Uploads(client).manifest(batch))["files"][0]["sha256"] == sha256(data)
+
+
+@pytest.mark.parametrize("step", ["sync", "rename"])
+async def test_an_io_error_after_an_assembly_concatenated_is_500_in_one_log_line_and_the_file_waits(
+        aiohttp_client, settings, monkeypatch, caplog, step) -> None:
+    """The last two chunks of an irregularly chunked file arrive at once: neither request saw
+    the other's chunk, so neither prepared the file, and the one recorded second waits for its
+    assembly. The sync that makes the concatenation durable, or its rename into ``data`` (in the
+    transaction that records it complete), fails with EIO: the file goes back to ``receiving``
+    with every chunk, that request gets 500 ERR_STORAGE_FAILED in one log line, no temp is left,
+    and the chunk sent again completes the file. (It was 500 ERR_INTERNAL with a traceback, the
+    file left ``assembling``.)"""
+    # Chunk points (which sync too) far apart: the only sync here is the assembly's.
+    client = await aiohttp_client(create_app(settings.replace(upload_sync_interval=600)))
+    up = Uploads(client)
+    service = client.app[UPLOADS]
+    batch = await up.create()
+    parts = [os.urandom(1000), os.urandom(1500), os.urandom(500)]  # not uniform: concatenated
+    data = b"".join(parts)
+    assert (await up.post(batch, 0, parts[0], chunk=(0, 3), size=len(data))).status == 202
+    fired: list[str] = []
+    if step == "sync":
+        real_sync = service.durability.sync_now
+
+        def sync_now() -> None:
+            if not fired:
+                fired.append("sync")
+                raise OSError(errno.EIO, "Input/output error")
+            real_sync()
+
+        monkeypatch.setattr(service.durability, "sync_now", sync_now)
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if os.path.basename(src).startswith(".data.") and not fired:  # the concatenation's
+                fired.append(str(dst))
+                raise OSError(errno.EIO, "Input/output error")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+    records, real_write = service.recorder.records, service.db.write_sync
+    held: list[bool] = []
+
+    @contextmanager
+    def write_sync():  # type: ignore[no-untyped-def]
+        if not held:  # the first of the two chunks is recorded once the other is queued: neither saw the other
+            held.append(True)
+            with records.cv:
+                records.cv.wait_for(lambda: len(records.queue) >= 1, timeout=10)
+        with real_write() as conn:
+            yield conn
+
+    monkeypatch.setattr(service.db, "write_sync", write_sync)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        answers = await asyncio.wait_for(asyncio.gather(
+            *(up.post(batch, 0, parts[i], chunk=(i, 3), size=len(data)) for i in (1, 2))), timeout=15)
+    assert sorted(r.status for r in answers) == [202, 500], [r.status for r in answers]
+    await assert_error(next(r for r in answers if r.status == 500), 500, "ERR_STORAGE_FAILED")
+    assert len(fired) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None and "Input/output error" in errors[0].getMessage()
+    with sqlite3.connect(settings.db_path) as db:
+        assert db.execute("SELECT state, chunk_ids FROM batch_files").fetchone() == ("receiving", bytes([7]))
+    assert not temps(settings)
+    r = await up.post(batch, 0, parts[2], chunk=(2, 3), size=len(data))
+    assert r.status == 201, await r.text()
+    assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
 
 
 async def test_a_file_whose_assembly_failed_is_assembled_at_start(aiohttp_client, settings, monkeypatch) -> None:

@@ -43,7 +43,7 @@ from server.uploads.chunkset import ChunkSet
 from server.uploads.durability import Durability
 from server.uploads.faults import storage_error
 from server.uploads.model import chunk_length
-from server.uploads.store import HashLane, UploadStore, hash_file, remove
+from server.uploads.store import BelowFloor, HashLane, UploadStore, hash_file, remove
 
 log = logging.getLogger("filedrop.uploads")
 HASHES_KEPT = 4096  # files whose running SHA-256 is kept (a few hundred bytes each)
@@ -175,6 +175,15 @@ class Placing:
                 self._completing[file_id] = n
             else:
                 del self._completing[file_id]
+
+
+class _RenameFailed(Exception):
+    """The completion's rename into ``data`` failed, raised out of the transaction that records
+    the file complete (rolling it back)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def prepare(store: UploadStore, f: Snapshot, mine: tuple[int, Path | None] | None = None,
@@ -336,27 +345,33 @@ class Assembler:
             return await self._assemble_quiet(batch_id, file_id, snap)
 
     async def _assemble_quiet(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
+        """A storage fault on the way to the commit (the free-disk floor included) gives the
+        file back (``receiving``, every chunk: the next request for it assembles it again) and
+        is the client's error, logged in one line (``server.uploads.faults``)."""
+        what = f"assembling file {file_id} of batch {batch_id}"
         try:
             running = await self.hashes.take(file_id)
             completion, digest = await asyncio.to_thread(prepare, self.store, snap, None, running)
-        except (OSError, ValueError) as e:
-            self.stats.assembly_failed += 1
-            await self._give_back(snap, forget=isinstance(e, ValueError))
-            what = f"assembling file {file_id} of batch {batch_id}"
-            if isinstance(e, ValueError):
-                log.error("%s failed: %s; its chunks without their bytes are forgotten", what, e)
-                raise FileSizeMismatch(f"file of batch {batch_id}: {e}; the chunks without their bytes were "
-                                       "forgotten: send them again") from None
-            raise storage_error(e, self.settings.min_free_disk, what) or e from None
-        await self.durability.synced()  # the bytes before the record that says complete
+        except (OSError, ValueError, BelowFloor) as e:
+            raise await self._failed(what, batch_id, snap, None, e) from None
+        try:
+            await self.durability.synced()  # the bytes before the record that says complete
+        except OSError as e:
+            raise await self._failed(what, batch_id, snap, completion, e) from None
         data = self.store.data_path(snap.batch_pk, file_id)
-        async with self.db.write() as s:
-            state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id))
-            if state == "assembling":
-                await s.execute(update(BatchFile).where(BatchFile.id == file_id)
-                                .values(state="complete", sha256=digest, synced_ids=snap.chunk_ids,
-                                        updated_at=utcnow()))
-                await asyncio.to_thread(os.replace, completion, data)
+        try:
+            async with self.db.write() as s:
+                state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id))
+                if state == "assembling":
+                    await s.execute(update(BatchFile).where(BatchFile.id == file_id)
+                                    .values(state="complete", sha256=digest, synced_ids=snap.chunk_ids,
+                                            updated_at=utcnow()))
+                    try:
+                        await asyncio.to_thread(os.replace, completion, data)
+                    except OSError as e:
+                        raise _RenameFailed(e) from e  # out of the transaction: rolled back
+        except _RenameFailed as e:
+            raise await self._failed(what, batch_id, snap, completion, e.error) from None
         if state is None:  # replaced meanwhile (the replacing upload left its directory to us)
             await asyncio.to_thread(self.store.remove_file, snap.batch_pk, file_id)
             return False
@@ -364,12 +379,29 @@ class Assembler:
             if completion.name != "partial":
                 await asyncio.to_thread(remove, completion)
             return state == "complete"
-        await self.durability.synced()  # the record before anyone is told
+        try:
+            await self.durability.synced()  # the record before anyone is told
+        except OSError as e:  # recorded complete, not known durable: not answered complete
+            raise storage_error(e, self.settings.min_free_disk, f"{what}: making its record durable") or e from None
         await asyncio.to_thread(self.store.remove_file_dir, snap.batch_pk, file_id)
         self.hashes.forget(file_id)
         self.stats.assembled += 1
         log.debug("file %s of batch %s complete (assembled)", file_id, batch_id)
         return True
+
+    async def _failed(self, what: str, batch_id: str, snap: Snapshot, completion: Path | None,
+                      e: OSError | ValueError | BelowFloor) -> BaseException:
+        """After an assembly failed before its commit: its completion removed, the file given
+        back; the error to raise."""
+        self.stats.assembly_failed += 1
+        if completion is not None and completion.name != "partial":
+            await asyncio.to_thread(remove, completion)
+        await self._give_back(snap, forget=isinstance(e, ValueError))
+        if isinstance(e, ValueError):
+            log.error("%s failed: %s; its chunks without their bytes are forgotten", what, e)
+            return FileSizeMismatch(f"file of batch {batch_id}: {e}; the chunks without their bytes were "
+                                    "forgotten: send them again")
+        return storage_error(e, self.settings.min_free_disk, what) or e
 
     async def _claim(self, file_id: int) -> bool:
         async with self.db.write() as s:
