@@ -3,7 +3,10 @@
 Keys come from ``FILEDROP_API_KEYS`` and from ``filedrop keys create NAME`` (stored as SHA-256).
 A request's owner is the SHA-256 of its key, so a batch belongs to the key that created it.
 No valid key: 401 with an empty body and ``WWW-Authenticate: Basic realm="filedrop"`` (as Nuxeo
-answers). ``Authorization: Bearer KEY`` is accepted too.
+answers), except to a browser (``from_browser``), which is never challenged: the login its dialog
+takes is kept for the origin and sent with every later request there, tenants' smartlinks'
+included (they share the public port with the API), so no browser may ever hold one.
+``Authorization: Bearer KEY`` is accepted too.
 
 A signed URL (``server.signing``) takes the place of a key on the routes of ``SIGNED_ROUTES``
 only, and for exactly the method (a HEAD: GET), path and query it was signed for: a request
@@ -118,7 +121,20 @@ def credential_from(request: web.Request) -> str:
     return ""
 
 
-def unauthorized() -> web.Response:
+def from_browser(request: web.Request) -> bool:
+    """Whether a browser sent the request: it carries a ``Sec-Fetch-*`` header (set by browsers
+    only; a page's script cannot), or its User-Agent starts with ``Mozilla/`` (every browser's
+    does: Chrome sends ``Sec-Fetch-*`` to https and localhost origins only; the nuxeo client's,
+    curl's, urllib's and requests' do not)."""
+    return request.headers.get("User-Agent", "").startswith("Mozilla/") or \
+        any(name.lower().startswith("sec-fetch-") for name in request.headers)
+
+
+def unauthorized(request: web.Request) -> web.Response:
+    """401 with an empty body; the Basic challenge only to a program (urllib's
+    HTTPBasicAuthHandler sends its password only in answer to one), never to a browser."""
+    if from_browser(request):
+        return web.Response(status=401)
     return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="filedrop"'})
 
 
@@ -162,6 +178,6 @@ async def auth_middleware(
         return await handler(request)
     owner = await request.app[KEYSTORE].owner_for(credential_from(request))
     if owner is None:
-        return unauthorized()
+        return unauthorized(request)
     request[OWNER] = owner
     return await handler(request)

@@ -1,10 +1,14 @@
 """Every credential form the README lists is accepted; without one the answer is 401 with an
-empty body and ``WWW-Authenticate: Basic realm="filedrop"``, from the app and through NGINX."""
+empty body, from the app and through NGINX: with ``WWW-Authenticate: Basic realm="filedrop"`` for
+a program (the nuxeo client, urllib's HTTPBasicAuthHandler log in after it), without it for a
+browser, which would open a login dialog and then send what was typed there to every page of the
+origin, tenants' smartlinks included."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,22 @@ FORMS = {
     "X-Authentication-Token": {"X-Authentication-Token": API_KEY},
     "Basic": {"Authorization": "Basic " + base64.b64encode(f"anyone:{API_KEY}".encode()).decode()},
     "Bearer": {"Authorization": f"Bearer {API_KEY}"},
+}
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+# What a smartlink's script (fetch) or markup (<img src>) sends on the public origin: Sec-Fetch-*
+# go to https and localhost origins only (Chrome), so over plain http the User-Agent is what is left.
+BROWSERS = {
+    "fetch": {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Dest": "empty"},
+    "img": {"sec-fetch-dest": "image"},
+    "chrome-over-http": {"User-Agent": CHROME},
+    "firefox-wrong-key": {"User-Agent": FIREFOX, "X-API-Key": "wrong"},
+}
+PROGRAMS = {
+    "nuxeo": "Nuxeo Python Client/6.1.1",
+    "curl": "curl/8.5.0",
+    "urllib": "Python-urllib/3.11",
+    "requests": "python-requests/2.31.0",
 }
 
 
@@ -41,6 +61,39 @@ async def test_no_valid_key_is_401_with_an_empty_body_and_a_basic_challenge(clie
     assert r.headers["WWW-Authenticate"] == 'Basic realm="filedrop"'
 
 
+@pytest.mark.parametrize("agent", PROGRAMS)
+async def test_a_program_is_challenged(client, agent: str) -> None:
+    r = await client.get("/api/batch/b/jobs", headers={"User-Agent": PROGRAMS[agent]})
+    assert r.status == 401 and await r.read() == b""
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="filedrop"'
+
+
+async def test_urllibs_basic_auth_handler_logs_in_after_the_challenge(client) -> None:
+    """HTTPBasicAuthHandler sends the password only in answer to a challenge (as browsers do)."""
+    url = f"http://{client.server.host}:{client.server.port}/api/v1/upload/handlers"
+
+    def get() -> int:
+        passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+        passwords.add_password(None, url, "me", API_KEY)
+        opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(passwords))
+        with opener.open(url, timeout=10) as r:
+            return int(r.status)
+
+    assert await asyncio.to_thread(get) == 200
+
+
+@pytest.mark.parametrize("browser", BROWSERS)
+async def test_a_browser_is_never_asked_for_a_login(client, browser: str) -> None:
+    """A login typed into the dialog a challenge opens is kept by the browser for the origin and
+    sent with every later request there, those of tenants' smartlinks too (the API shares the
+    public port with them): so a browser gets the 401 without the challenge."""
+    for method, path in (("GET", "/api/batch/b/jobs"), ("GET", "/api/batch/b/0123/cancel"),
+                         ("POST", "/api/v1/upload")):
+        r = await client.request(method, path, headers=BROWSERS[browser])
+        assert r.status == 401 and await r.read() == b"", (method, path)
+        assert "WWW-Authenticate" not in r.headers, (method, path)
+
+
 @pytest.mark.parametrize("header", [b"X-API-Key: k\xe9", b"X-Authentication-Token: \xff",
                                     b"Authorization: Bearer \xe9", b"Authorization: Basic \xe9\xe9"])
 async def test_a_credential_that_is_not_utf8_is_401_not_500(client, header: bytes) -> None:
@@ -61,6 +114,10 @@ def test_401_passes_nginx_unchanged(server_factory, nginx_factory, tmp_path: Pat
     assert r.status == 401 and r.body == b""
     assert r.headers["WWW-Authenticate"] == 'Basic realm="filedrop"'
     assert ngx.fetch("GET", "/api/v1/upload/handlers", FORMS["Bearer"]).status == 200
+    # A browser's request reaches the app as it sent it: no challenge through NGINX either.
+    for headers in BROWSERS.values():
+        r = ngx.fetch("GET", "/api/v1/upload/handlers", headers)
+        assert r.status == 401 and r.body == b"" and "WWW-Authenticate" not in r.headers, headers
 
 
 def test_only_probes_and_the_api_description_are_public() -> None:

@@ -590,3 +590,17 @@ def test_a_smartlink_cannot_reach_into_a_drop_page_it_opens(stack, page_for, bro
         "try { return window.dropPage.closed ? 'closed' : 'open: ' + window.dropPage.document.title; }"
         " catch (e) { return 'refused: ' + e.name; }")
     assert reach == "closed" or reach.startswith("refused"), reach
+
+
+def test_a_smartlinks_request_to_the_api_gets_no_login_challenge(stack, page_for, browser) -> None:
+    """The API shares the public port (the origin) with the smartlinks. Had a browser ever been
+    challenged there, the login typed into its dialog would be sent again with a tenant's script's
+    requests; Chromium's requests (a smartlink's fetch here) are answered 401 without one."""
+    s = stack()
+    link = evil_link(s, '<p id="seen"></p><script>fetch("/api/batch/evil/jobs").then((r) => {'
+                        'document.getElementById("seen").textContent = r.status + " " + '
+                        'r.headers.get("WWW-Authenticate"); });</script>')
+    page = page_for(s)
+    browser.get(link)
+    seen = page.wait(lambda: (el := browser.find_elements(page.By.ID, "seen")) and el[0].text, "the link's script")
+    assert seen == "401 null", seen

@@ -98,8 +98,8 @@ export class Api {
   async request(method, path, { headers, body, signal } = {}) {
     let res;
     try {
-      // credentials 'omit': a 401 (it carries WWW-Authenticate: Basic, for the nuxeo client)
-      // must come back to this code, not open the browser's login dialog.
+      // credentials 'omit': a 401 must come back to this code, never open a login dialog. The
+      // server sends browsers no challenge (server/auth.py); this keeps it so if one came.
       res = await fetch(path, {
         method, headers: this.headers(headers), body, signal, cache: 'no-store', credentials: 'omit',
       });
@@ -142,7 +142,8 @@ export class Api {
       if (signal?.aborted) { reject(abortError()); return; }
       const xhr = new XMLHttpRequest();
       // XHR has no credentials 'omit'; given a user and password (the key, which the server
-      // also takes as a Basic password) it answers a 401 instead of opening a login dialog.
+      // also takes as a Basic password) it answers a 401 instead of opening a login dialog,
+      // should a challenge come (the server sends browsers none).
       xhr.open('POST', `/api/v1/upload/${encodeURIComponent(batchId)}/${fileIdx}`, true, 'filedrop', this.key);
       const headers = this.headers({
         'Content-Type': 'application/octet-stream',
