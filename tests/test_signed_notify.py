@@ -1,13 +1,19 @@
 """notification_method: GET (seed 004) calls the callback URL with the job's counts in the query
 and a signature over them, on a real receiver on 127.0.0.1, retried like a POST; POST stays the
-default; a job that ends Expired is notified too (callback and e-mail)."""
+default; a job that ends Expired is notified too (callback and e-mail). The e-mail's result link
+is a signed download URL, opened without a key, until a time the e-mail states."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
 import hmac
+import io
 import json
+import re
+import time
+from datetime import UTC, datetime
 from email import message_from_bytes
 from urllib.parse import parse_qsl, urlencode
 
@@ -24,6 +30,8 @@ from tests.support.jobs import (
     start_ok,
     wait_job,
 )
+from tests.support.signed import flip_last, params_of, path_of, with_param
+from tests.support.uploads import assert_error
 
 
 class Receiver:
@@ -126,3 +134,57 @@ async def test_smartlinks_generate_takes_the_notification_method(client, setting
         await client.app[JOBS].notified(job["job_id"], timeout=30)
     ((method, query, _headers, _body),) = rcv.calls
     assert method == "GET" and check(query, settings.callback_secret)["status"] == "Completed"
+
+
+async def emailed_link(aiohttp_client, settings, batch_id: str):  # type: ignore[no-untyped-def]
+    """Run a job with an e-mail through a real aiosmtpd server: (client, the job's status, the
+    message's text, the result link in it)."""
+    async with smtp_server() as (port, smtp):
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=port)))
+        job = await start_ok(client, batch_id, SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    done = await wait_job(client, batch_id, job["job_id"])
+    ((_from, _to, content),) = smtp.messages
+    text = message_from_bytes(content).get_payload(decode=True).decode()
+    links = re.findall(r"https?://\S+", text)
+    assert len(links) == 1, text
+    return client, done, text, links[0]
+
+
+async def test_the_emails_result_link_is_signed_and_needs_no_key(aiohttp_client, settings) -> None:
+    """Whoever gets the e-mail opens the result without the key (a key typed into a browser's
+    login dialog would be kept for the origin the tenants' smartlinks share), as long as a
+    signed URL may live (FILEDROP_MAX_URL_TTL), and the e-mail says until when."""
+    client, done, text, link = await emailed_link(aiohttp_client, settings, "maillink")
+    job_id = done["job_id"]
+    assert link.startswith(f"{settings.public_url}/api/batch/maillink/{job_id}/result?"), link
+    params = dict(params_of(link))
+    assert params.keys() == {"format", "expires", "kid", "signature"} and params["format"] == "csv", params
+    expires = int(params["expires"])
+    assert abs(expires - (time.time() + settings.max_url_ttl)) < 120, (expires, time.time())
+    assert f"until {datetime.fromtimestamp(expires, UTC):%Y-%m-%d %H:%M:%S} UTC" in text, text
+    r = await client.get(path_of(link))  # no key
+    assert r.status == 200, await r.text()
+    assert r.headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(await r.text())))
+    assert [(row["status"], bool(row["url"])) for row in rows] == [("succeeded", True)] * 2, rows
+    # A changed link is refused, and nothing is answered for it.
+    for changed in (with_param(link, "signature", flip_last(params["signature"])),
+                    with_param(link, "expires", str(expires + 3600)),
+                    with_param(link, "format", "json")):
+        await assert_error(await client.get(path_of(changed)), 403, "ERR_URL_INVALID")
+    # The signature opens that one request: the job's other routes still want the key.
+    r = await client.get(path_of(link).replace("/result?", "/status?"))
+    assert r.status == 401
+
+
+async def test_the_emails_result_link_does_not_outlive_the_job(aiohttp_client, settings) -> None:
+    """With FILEDROP_JOB_RETENTION under FILEDROP_MAX_URL_TTL the job (and its result) is removed
+    first: the link says it ends then, not at a time it can no longer keep."""
+    client, done, text, link = await emailed_link(aiohttp_client, settings.replace(job_retention=86400.0),
+                                                  "mailkept")
+    finished = datetime.strptime(done["finished"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC, microsecond=0)
+    expires = int(dict(params_of(link))["expires"])
+    assert expires == int(finished.timestamp()) + 86400, (expires, done["finished"])
+    assert f"until {datetime.fromtimestamp(expires, UTC):%Y-%m-%d %H:%M:%S} UTC" in text, text
+    assert (await client.get(path_of(link))).status == 200

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 from typing import Any
@@ -33,6 +35,7 @@ from server.db.job_models import Job
 from server.jobs import queries
 from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.states import FINISHED, job_json
+from server.signing import Link, Signer, SigningKeys, expiry_after
 
 log = logging.getLogger("filedrop.jobs.notify")
 
@@ -108,9 +111,10 @@ def distinct_addresses(addresses: Iterable[str]) -> list[str]:
     return out
 
 
-async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str | None) -> None:
+async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result: Link | None) -> None:
     """One message to all ``to`` addresses through ``smtp_host:smtp_port``; raises on failure.
-    ``result_url`` None: the job was dropped, its result is gone."""
+    ``result``: the signed link to the result, and until when it works; None: the job was
+    dropped, its result is gone."""
     msg = EmailMessage()
     msg["From"] = settings.smtp_from
     msg["To"] = ", ".join(to)
@@ -131,23 +135,30 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
     ]
     if job.get("reason"):
         lines.append(f"Reason:    {job['reason']}")
-    lines += ["", f"Result (every row's link): {result_url}" if result_url else
-              "Result: none, the batch was dropped (`filedrop drop`): its pages and rows are gone", ""]
+    if result is None:
+        lines += ["", "Result: none, the batch was dropped (`filedrop drop`): its pages and rows are gone", ""]
+    else:
+        lines += ["", f"Result (every row's link, as CSV; no key needed): {result.url}",
+                  f"This link works until {result.expires:%Y-%m-%d %H:%M:%S} UTC.", ""]
     msg.set_content("\n".join(lines))
     await aiosmtplib.send(msg, hostname=settings.smtp_host, port=settings.smtp_port,
                           timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
 
 
-async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any], result_url: str | None,
+async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any],
+                         result_link: Callable[[], Awaitable[Link]] | None,
                          note: Callable[[str, str], Awaitable[None]]) -> bool:
     """``send_emails`` with the callbacks' retry policy: up to ``callback_retries`` attempts, the
     delay doubling from ``callback_backoff``. True once the server took the message.
-    ``note(level, message)`` records each attempt (the last failed one as an error)."""
+    ``result_link()`` makes the result's link, once: every attempt sends the same message (None:
+    the job was dropped). ``note(level, message)`` records each attempt (the last failed one as
+    an error)."""
+    result = None if result_link is None else await result_link()
     attempts = max(1, settings.callback_retries)
     delay = settings.callback_backoff
     for attempt in range(1, attempts + 1):
         try:
-            await send_emails(settings, to, job, result_url)
+            await send_emails(settings, to, job, result)
             await note("info", f"e-mail sent to {', '.join(to)}" + (f" (attempt {attempt})" if attempt > 1 else ""))
             return True
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
@@ -187,6 +198,8 @@ class Notifier:
         self.db = db
         self.settings = settings
         self.fetcher = fetcher
+        # The app's signer is made the same way: the keys are the database's, not a process's.
+        self.signer = Signer(SigningKeys(db), settings.public_url)
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -196,6 +209,19 @@ class Notifier:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def result_link(self, job: Job) -> Link:
+        """The e-mail's link to an ended job's result: the download link ``?format=url`` gives
+        (the CSV, no key), for as long as a signed URL may live (``max_url_ttl``) but not past
+        the job's removal (``job_retention`` after it finished). A browser is never asked for
+        the key (``server.auth``): a login typed into its dialog would be kept for the origin
+        the tenants' smartlinks share, and sent with their requests."""
+        expires = expiry_after(self.settings.max_url_ttl)
+        if job.finished is not None:
+            expires = min(expires, (job.finished + timedelta(seconds=self.settings.job_retention))
+                          .replace(microsecond=0))
+        return await self.signer.link("GET", f"/api/batch/{job.batch_id}/{job.job_id}/result", job.owner,
+                                      expires, {"format": "csv"})
 
     async def recover(self) -> None:
         """As the lock is taken: what a dead holder left ``sending`` is sent again."""
@@ -288,8 +314,7 @@ class Notifier:
             async def emails() -> None:
                 if job.callback_emails and await self._take(job_id, Job.email_state):
                     to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
-                    url = None if dropped else \
-                        f"{self.settings.public_url.rstrip('/')}/api/batch/{job.batch_id}/{job_id}/result"
+                    url = None if dropped else functools.partial(self.result_link, job)  # made as it is sent
                     ok = await deliver_emails(self.settings, to, body, url, note)
                     await self._set(job_id, email_state="sent" if ok else "failed")
 
