@@ -6,12 +6,19 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from server.app import create_app
+from server.config import Settings
+from server.db.job_models import JobRow
 from tests.conftest import OTHER_KEY
+from tests.support.disk_state import session
 from tests.support.jobs import (
     AUTH,
     SEED_ROWS,
@@ -30,6 +37,12 @@ ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 def no_temps(d: Path) -> bool:
     return not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def attempts(settings: Settings, job_id: str) -> list[int]:
+    """Each row's renders a limit (or a crash of its render process) killed, in row order."""
+    with session(settings) as s:
+        return list(s.scalars(select(JobRow.attempts).where(JobRow.job_id == job_id).order_by(JobRow.idx)))
 
 
 async def test_seed_example_end_to_end(client, settings) -> None:
@@ -354,3 +367,43 @@ async def test_an_upload_batch_is_not_deleted_under_the_job_started_from_it(clie
     r = await client.post(f"/api/v1/upload/{batch}/execute/Batch.Manifest", headers=AUTH)
     assert r.status == 200, await r.text()  # the job ended: executing removes the batch again
     assert (await client.get(f"/api/v1/upload/{batch}", headers=AUTH)).status == 404
+
+
+async def test_pages_under_the_size_limit_publish_however_many_travel_together(aiohttp_client, settings) -> None:
+    """FILEDROP_MAX_PAGE_SIZE bounds each page, not the group of answers a render process sends
+    at once: 60 pages of 50 KB under a 1 MiB limit all publish, first time (a group of them over
+    1 MiB had the render process killed and a row blamed for it, again and again)."""
+    settings = replace(settings, max_page_size=1 << 20)
+    client = await aiohttp_client(create_app(settings))
+    job = await start_ok(client, "group", {"body": "<p>{{ data.n }}</p>{{ 'x' * 50000 }}"}, rows(60))
+    done = await wait_job(client, "group", job["job_id"], timeout=120)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed", 60, 0), done
+    assert attempts(settings, job["job_id"]) == [0] * 60
+    d = settings.smartlink_root / "group"
+    assert no_temps(d) and len(list(d.iterdir())) == 60
+    assert (d / "ref000059.s00000000000000000059.html").stat().st_size > 50000
+
+
+async def test_a_page_near_the_size_limit_publishes_after_a_big_one(client, settings) -> None:
+    """With the default 10 MiB limit, a 3 MiB page then an 8 MiB one (11 MiB together) both
+    publish, first time."""
+    data = [{"reference_id": f"w{i}", "suffix": "s" * 16, "data": {"w": w}} for i, w in enumerate([1, 3 << 20, 8 << 20])]
+    job = await start_ok(client, "bigpages", {"body": "{{ 'x' | center(data.w) }}"}, data)
+    done = await wait_job(client, "bigpages", job["job_id"], timeout=120)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed", 3, 0), done
+    assert attempts(settings, job["job_id"]) == [0, 0, 0]
+    assert (settings.smartlink_root / "bigpages" / f"w2.{'s' * 16}.html").stat().st_size > 8 << 20
+
+
+async def test_long_error_messages_of_many_rows_reach_their_rows(client, settings) -> None:
+    """A hundred rows whose errors are long and not ASCII (each character escaped to 12 bytes on
+    the way from the render process: 18 KB a message) get their own error, first time (together
+    they passed the 1 MiB a message header may take: the process was killed, a row blamed)."""
+    data = [{"reference_id": f"e{i}", "suffix": "s" * 16, "data": {"p": "\U0001d4b3" * 1500}} for i in range(100)]
+    raw = json.dumps(data, ensure_ascii=False).encode()  # 600 KB: under aiohttp's 1 MB for a body in one piece
+    job = await start_ok(client, "longerrors", {"body": "x", "pdf": "{{ data.p }}"}, raw)
+    done = await wait_job(client, "longerrors", job["job_id"], timeout=120)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 0, 100), done
+    result = (await get_json(client, f"/api/batch/longerrors/{job['job_id']}/result"))["rows"]
+    assert all(r["error"].startswith("pdf '\U0001d4b3") for r in result), {r["error"][:80] for r in result}
+    assert attempts(settings, job["job_id"]) == [0] * 100

@@ -1,5 +1,6 @@
 """Messages to the render process: a ``rows`` message carries each row's stored data text as
-JSON inside the header, parsed once by the render process."""
+JSON inside the header, parsed once by the render process. Its answers stay within what its
+parent reads (a real render process)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 
 import pytest
 
+from server.config import Settings
+from server.jobs.childproc import RenderProcess
+from server.jobs.queries import Claimed
 from server.jobs.service import prepare_rows
 from server.jobs.wire import WireError, encode, encode_rows, read_sync
 
@@ -48,3 +52,27 @@ def test_the_start_stores_each_rows_data_as_json_dumps_writes_it() -> None:
     rows = [{"reference_id": f"r{i}", "suffix": "s" * 12, "data": d} for i, d in enumerate(data)]
     records, _problems = prepare_rows("j" * 32, rows, 8)
     assert [r[5] for r in records] == [json.dumps(d, ensure_ascii=False, separators=(",", ":")) for d in data]
+
+
+async def test_a_row_whose_asset_urls_no_message_can_carry_is_errored(settings: Settings) -> None:
+    """A URL rendered from a row's data may be longer than any answer can carry (1 MiB): that
+    row errors saying so, the process lives on and answers the next row (its answer was a message
+    the parent refused: the process was killed, the row blamed)."""
+    child = await RenderProcess.start(settings)
+    try:
+        template = {"body": "x", "scripts": [{"src": "https://x.test/{{ data.u }}.js"}]}
+        await child.send({"op": "job", "job_id": "j1", "template": json.dumps(template), "strategy": "mixed",
+                          "batch_id": "b1", "params": "{}"})
+        assert (await child.recv(30))[0]["ok"] is True
+        await child.send_rows("j1", [Claimed(0, "r0", "s" * 16, None, json.dumps({"u": "a" * (1 << 20)}), 0),
+                                     Claimed(1, "r1", "s" * 16, None, json.dumps({"u": "b"}), 0)])
+        answers: list[dict[str, object]] = []
+        for _ in range(2):  # one group, or one per row
+            if len(answers) < 2:
+                answers += (await child.recv(30))[0]["answers"]
+        assert answers[0]["status"] == "error", answers[0]
+        assert str(answers[0]["error"]).startswith("asset URLs too long: the assets this row needs take 1,048,"), answers[0]
+        assert answers[1] == {"idx": 1, "status": "need", "needs": ["url:https://x.test/b.js"]}
+        assert child.alive
+    finally:
+        await child.close()

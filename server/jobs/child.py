@@ -27,21 +27,26 @@ import struct
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 from server.jobs.contract import TemplateInvalid
 from server.jobs.lifeline import die_with_parent
 from server.jobs.render import Asset, AssetReader, Page, Renderer, RowFailed, compile_master
 from server.jobs.sandbox import LimitedEnvironment, LimitHit
-from server.jobs.wire import encode, read_sync
+from server.jobs.wire import GROUP_BYTES, MAX_HEADER, encode, max_blob, read_sync
 
 NICE = 5  # on top of its worker's: render processes yield the CPU to the API and to the workers' bookkeeping
 MAX_MESSAGE = 1 << 30  # a claim's rows carry their data: up to FILEDROP_MAX_DATA_SIZE together
 MEMORY_EXIT = 3
 PROGRESS = struct.Struct("<qq")  # (sequence, row index): see Child.progress
-FLUSH_ROWS = 100  # answers are sent in groups of at most this many rows...
-FLUSH_BYTES = 4 << 20  # ...or bytes of pages...
+FLUSH_ROWS = 100  # answers are sent in groups of at most this many rows, or wire.GROUP_BYTES of pages...
 FLUSH_SECONDS = 0.1  # ...and at least this often while rows complete
+# ...and before a group would pass what the parent reads (wire.max_blob of pages, wire.MAX_HEADER
+# of header): it kills a process that sends more. The answers' share of a header, and what an
+# answer takes besides its strings (a bound: idx, status, size, the keys).
+HEADER_ROOM = MAX_HEADER - 1024
+ANSWER_BYTES = 96
 
 
 def _limit(config: dict[str, Any]) -> None:
@@ -59,6 +64,12 @@ def _cut(text: str, n: int = 2000) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
+def _bound(texts: Iterable[str]) -> int:
+    """At most the bytes of header an answer with these strings takes: JSON escapes a character
+    to 12 bytes at most (``\\ud835\\udcb3``, a surrogate pair)."""
+    return ANSWER_BYTES + 12 * sum(map(len, texts))
+
+
 class Child:
     def __init__(self, config: dict[str, Any], out: BinaryIO) -> None:
         self.out = out
@@ -69,11 +80,13 @@ class Child:
         self.seq = 0
         self.answers: list[dict[str, Any]] = []
         self.pages: list[bytes] = []
-        self.pending = 0
+        self.pending = 0  # bytes of self.pages
+        self.head = 0  # at most the bytes self.answers take in a header (_bound)
         self.flushed = time.monotonic()
         self.memory = int(config["memory"])
         self.env = LimitedEnvironment(int(config["max_digits"]), int(config["max_page_size"]))
         self.max_page_size = int(config["max_page_size"])
+        self.max_blob = max_blob(self.max_page_size)
         self.reader = AssetReader(int(config["asset_memory"]))
         self.jobs: OrderedDict[str, Renderer] = OrderedDict()
         self.jobs_kept = int(config["jobs_kept"])  # the parent mirrors this cache
@@ -139,25 +152,43 @@ class Child:
             self.flush()
             self.send({"answers": [{"idx": idx, "status": "limit", "error": self.memory_message()}]})
             sys.exit(MEMORY_EXIT)
+        page = b""
         if isinstance(out, Page):
-            self.answers.append({"idx": idx, "status": "done", "size": len(out.html),
-                                 "extra": [list(x) for x in out.extra]})
-            self.pages.append(out.html)
-            self.pending += len(out.html)
+            answer: dict[str, Any] = {"idx": idx, "status": "done", "size": len(out.html),
+                                      "extra": [list(x) for x in out.extra]}
+            page, head = out.html, _bound(s for x in out.extra for s in x) if out.extra else ANSWER_BYTES
         elif isinstance(out, Exception):
-            self.answers.append({"idx": idx, "status": "error", "error": _cut(str(out))})
+            error = _cut(str(out))
+            answer, head = {"idx": idx, "status": "error", "error": error}, _bound((error,))
         else:
-            self.answers.append({"idx": idx, "status": "need", "needs": out})
-        if len(self.answers) >= FLUSH_ROWS or self.pending >= FLUSH_BYTES or \
+            answer, head = {"idx": idx, "status": "need", "needs": out}, _bound(out)
+            if head > HEADER_ROOM and (n := len(json.dumps(answer))) > HEADER_ROOM:
+                # URLs rendered from the row's data that no message can carry (nor an HTTP
+                # server take in a request line): the row's error, not a message the parent refuses.
+                answer = {"idx": idx, "status": "error", "error": (
+                    f"asset URLs too long: the assets this row needs take {n:,} bytes to name, over the "
+                    f"{HEADER_ROOM:,} one answer of a render process may take")}
+                head = _bound((answer["error"],))
+        # A page is at most FILEDROP_MAX_PAGE_SIZE (the renderer errors the row otherwise): alone
+        # it is within max_blob, and the group is sent first when this one would take it past.
+        if self.answers and (self.pending + len(page) > self.max_blob or self.head + head > HEADER_ROOM):
+            self.flush()
+        self.answers.append(answer)
+        self.head += head
+        if page:
+            self.pages.append(page)
+            self.pending += len(page)
+        if len(self.answers) >= FLUSH_ROWS or self.pending >= GROUP_BYTES or \
                 time.monotonic() - self.flushed >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         """Send the answers so far in one message (pages in one blob): per-row messages cost
-        the parent more than rendering. Sent at least every FLUSH_SECONDS while rows complete."""
+        the parent more than rendering. Sent at least every FLUSH_SECONDS while rows complete;
+        a message stays within what the parent reads (``row``)."""
         if self.answers:
             self.send({"answers": self.answers}, (b"".join(self.pages),))
-            self.answers, self.pages, self.pending = [], [], 0
+            self.answers, self.pages, self.pending, self.head = [], [], 0, 0
         self.flushed = time.monotonic()
 
 

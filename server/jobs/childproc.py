@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import struct
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
-from server.jobs.wire import WireError, encode, encode_rows, read_async
+from server.jobs.wire import MAX_HEADER, WireError, encode, encode_rows, max_blob, read_async
 
 if TYPE_CHECKING:
     from server.jobs.queries import Claimed
+
+log = logging.getLogger("filedrop.jobs.worker")
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: `python -m server.jobs.child` runs from it
 READ_AHEAD = 8 << 20  # bytes of answers buffered while the parent publishes: the child keeps rendering
@@ -43,7 +46,7 @@ class RenderProcess:
     def __init__(self, proc: asyncio.subprocess.Process, settings: Settings, progress: mmap.mmap) -> None:
         self.proc = proc
         self._progress = progress
-        self.max_blob = settings.max_page_size
+        self.max_blob = max_blob(settings.max_page_size)  # a group of pages (the child keeps to it)
         self.pid = proc.pid
         # Jobs whose template this child has compiled (it keeps the JOBS_KEPT last used, like
         # this mirror) -> the version of their assets it was sent.
@@ -59,9 +62,10 @@ class RenderProcess:
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         try:
-            while (msg := await read_async(self.proc.stdout, 1 << 20, self.max_blob)) is not None:
+            while (msg := await read_async(self.proc.stdout, MAX_HEADER, self.max_blob)) is not None:
                 await self._answers.put(msg)
-        except WireError:
+        except WireError as e:  # the child keeps within the limits it was given: a fault of ours
+            log.error("render process %d: %s: killed", self.pid, e)
             self.kill()
         finally:
             self._ended = True

@@ -13,6 +13,18 @@ from typing import Any, BinaryIO
 
 _LEN = struct.Struct(">I")
 
+# What a render process's answers may take, as its parent reads them (``server.jobs.child`` sends
+# a group of answers before it would pass either): a header of at most MAX_HEADER bytes, and one
+# blob of pages of at most ``max_blob(FILEDROP_MAX_PAGE_SIZE)``. Over either, the parent kills it.
+MAX_HEADER = 1 << 20
+GROUP_BYTES = 4 << 20  # a group's pages are sent once they reach this many bytes
+
+
+def max_blob(max_page_size: int) -> int:
+    """The largest blob of pages a render process sends: a group, sent before it would pass
+    GROUP_BYTES, or one page of up to ``max_page_size`` (FILEDROP_MAX_PAGE_SIZE) on its own."""
+    return max(GROUP_BYTES, max_page_size)
+
 
 class WireError(Exception):
     """The other side sent something that is not a message (or too big a one)."""
