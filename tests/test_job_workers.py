@@ -2,10 +2,11 @@
 killed with SIGKILL is replaced and its rows done exactly once, SIGTERM stops everything within
 10 s whatever the templates do (a worker also while the database's writer is held elsewhere),
 counts move as rows complete, the final log line counts skipped rows, ``started`` is when the
-start was accepted."""
+start was accepted. A worker and its render process agree on which templates are compiled."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,6 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from server.config import Settings
+from server.db import Database
+from server.jobs.fetch import Fetcher
+from server.jobs.queries import Claimed
+from server.jobs.worker import LoadedJob, Worker
 from tests.support.jobs import rows
 from tests.support.live import (
     AUTH,
@@ -280,3 +286,32 @@ def test_a_worker_stopped_while_the_database_is_locked_exits_within_10s(server_f
     done = wait_end(srv, "locked", jid, timeout=120)
     assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed", n, 0), done
     assert published(srv, "locked") == [f"ref{i:06d}.s{i:020d}.html" for i in range(n)]  # no temps either
+
+
+async def test_a_long_job_between_short_ones_stays_compiled_in_the_render_process(settings: Settings,
+                                                                                 tmp_path: Path) -> None:
+    """A worker mirrors the templates its render process keeps (the 4 used last) and sends rows
+    without the template to a process that has it. One long job served between short ones
+    (L S1 S2 S3 L S4 L) must be the same "used last" on both sides: the process dropped L for S4
+    while the worker, which had seen L used again, still counted it compiled, sent L's rows alone,
+    and the process died of it (its first row blamed for the crash)."""
+    db = Database(settings.database)
+    fetcher = Fetcher(("127.0.0.1",), 5, 1 << 20)
+    worker = Worker(db, settings, fetcher, None, "w-kept-templates")
+    try:
+        jobs = {name: LoadedJob(f"job-{name}", f"batch-{name}", "owner", None, "smallest",
+                                json.dumps({"body": f"<p>{name} {{{{ data.n }}}}</p>"}), "{}", tmp_path)
+                for name in ("L", "S1", "S2", "S3", "S4")}
+        pids = set()
+        for n, name in enumerate(["L", "S1", "S2", "S3", "L", "S4", "L"]):
+            child = await worker.child_for(jobs[name])
+            pids.add(child.pid)
+            await child.send_rows(jobs[name].job_id, [Claimed(n, f"r{n}", "s" * 16, None, json.dumps({"n": n}), 0)])
+            header, blobs = await child.recv(30)
+            assert [(a["idx"], a["status"]) for a in header["answers"]] == [(n, "done")], header
+            assert f"<p>{name} {n}</p>".encode() in blobs[0]
+        assert len(pids) == 1  # one render process served them all: none died
+    finally:
+        await worker.drop_child()
+        await fetcher.close()
+        await db.dispose()

@@ -89,7 +89,8 @@ class Child:
         self.max_blob = max_blob(self.max_page_size)
         self.reader = AssetReader(int(config["asset_memory"]))
         self.jobs: OrderedDict[str, Renderer] = OrderedDict()
-        self.jobs_kept = int(config["jobs_kept"])  # the parent mirrors this cache
+        # The jobs_kept used last (a job or rows message uses one); the parent mirrors this cache.
+        self.jobs_kept = int(config["jobs_kept"])
 
     def send(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> None:
         self.out.write(encode(header, blobs))
@@ -131,6 +132,9 @@ class Child:
                     r.assets[key] = Asset(a.get("path"), int(a.get("size") or 0), a.get("error"))
         elif op == "rows":
             r = self.jobs[msg["job_id"]]
+            # Used now, as the parent's mirror counts it (RenderProcess.knows): the two drop the
+            # same template, or it would send rows of one this process no longer has.
+            self.jobs.move_to_end(msg["job_id"])
             for (idx, ref, suffix, pdf), data in zip(msg["rows"], msg["data"], strict=True):
                 self.row(r, idx, ref, suffix, pdf, data)
             self.flush()

@@ -49,7 +49,8 @@ class RenderProcess:
         self.max_blob = max_blob(settings.max_page_size)  # a group of pages (the child keeps to it)
         self.pid = proc.pid
         # Jobs whose template this child has compiled (it keeps the JOBS_KEPT last used, like
-        # this mirror) -> the version of their assets it was sent.
+        # this mirror: a use is a ``knows`` here, the rows that follow it there) -> the version
+        # of their assets it was sent.
         self._jobs: OrderedDict[str, int] = OrderedDict()
         # One task reads whole messages into a queue: a recv that times out (the caller polls
         # for cancels between answers) never leaves half a message read.
