@@ -2,7 +2,8 @@
 killed with SIGKILL is replaced and its rows done exactly once, SIGTERM stops everything within
 10 s whatever the templates do (a worker also while the database's writer is held elsewhere),
 counts move as rows complete, the final log line counts skipped rows, ``started`` is when the
-start was accepted. A worker and its render process agree on which templates are compiled."""
+start was accepted. A worker and its render process agree on which templates are compiled, and a
+render process's answers for a claim that ended are never read as another job's."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ from pathlib import Path
 import pytest
 import requests
 
+from server.app import create_app
 from server.config import Settings
 from server.db import Database
+from server.janitor import drop_smartlink_batch
+from server.jobs import queries
 from server.jobs.fetch import Fetcher
 from server.jobs.queries import Claimed
+from server.jobs.runner import RowRunner
 from server.jobs.worker import LoadedJob, Worker
-from tests.support.jobs import rows
+from tests.support.jobs import get_json, rows, start_ok, wait_job
 from tests.support.live import (
     AUTH,
     FINISHED,
@@ -311,6 +316,66 @@ async def test_a_long_job_between_short_ones_stays_compiled_in_the_render_proces
             assert [(a["idx"], a["status"]) for a in header["answers"]] == [(n, "done")], header
             assert f"<p>{name} {n}</p>".encode() in blobs[0]
         assert len(pids) == 1  # one render process served them all: none died
+    finally:
+        await worker.drop_child()
+        await fetcher.close()
+        await db.dispose()
+
+
+async def test_a_claim_whose_job_was_dropped_leaves_no_answer_for_the_next_job(aiohttp_client,
+                                                                              settings: Settings) -> None:
+    """``drop --smartlinks --force`` ends a job and removes it while a worker renders a claim of
+    it. The worker learns it when it records a group (here: errored rows of a max_errors job,
+    recorded at once); the rest of the claim must not render on. Its render process is killed,
+    and the worker's next job is compiled and rendered as usual (the process's answers for the
+    dropped job were read as the next job's compile reply, and that job was marked Failed:
+    "the template cannot be compiled: None")."""
+    settings = settings.replace(workers=0)  # this test's worker is the only one
+    client = await aiohttp_client(create_app(settings))
+    dropped = (await start_ok(client, "dropped", {"body": "{{ data.x.y }}"}, rows(300), max_errors=1000))["job_id"]
+    after = (await start_ok(client, "after", {"body": "<p>{{ data.n }}</p>"}, rows(3)))["job_id"]
+    db = Database(settings.database)
+    fetcher = Fetcher(("127.0.0.1",), 5, 1 << 20)
+    worker = Worker(db, settings, fetcher, None, "w-dropped-under-it")
+    try:
+        await queries.register_worker(db, worker.id, worker.host, os.getpid())
+        job = await worker._load(dropped)
+        assert job is not None
+        pid = (await worker.child_for(job)).pid  # warm, as a busy worker's process is
+        claim = await queries.claim_rows(db, dropped, worker.id, 300)
+        assert len(claim) == 300
+        await drop_smartlink_batch(db, settings, "dropped", force=True, cancel_wait=0)
+        await RowRunner(worker, job, claim).run()  # its first group of answers meets the job gone
+        assert not alive(pid), "the render process of the dropped job's claim renders on"
+        assert await worker._serve(after)
+        done = await wait_job(client, "after", after)
+        assert (done["status"], done["succeededCount"]) == ("Completed", 3), done
+        assert [r["status"] for r in (await get_json(client, f"/api/batch/after/{after}/result"))["rows"]] == \
+            ["succeeded"] * 3
+    finally:
+        await worker.drop_child()
+        await fetcher.close()
+        await db.dispose()
+
+
+async def test_a_compile_reply_is_the_answer_to_its_own_request(settings: Settings, tmp_path: Path) -> None:
+    """Should a render process still owe answers of another claim when the worker asks it to
+    compile a job's template, those answers are no reply to that: the worker drops the process
+    and raises (its caller hands the claim back, as for any fault of ours) instead of ending the
+    job as Failed with "the template cannot be compiled: None"."""
+    db = Database(settings.database)
+    fetcher = Fetcher(("127.0.0.1",), 5, 1 << 20)
+    worker = Worker(db, settings, fetcher, None, "w-stale-answers")
+    try:
+        one, two = (LoadedJob(f"job-{n}", f"batch-{n}", "owner", None, "smallest",
+                              json.dumps({"body": "<p>{{ data.n }}</p>"}), "{}", tmp_path) for n in (1, 2))
+        child = await worker.child_for(one)
+        await child.send_rows(one.job_id, [Claimed(i, f"r{i}", "s" * 16, None, json.dumps({"n": i}), 0)
+                                           for i in range(3)])  # answered, never read
+        with pytest.raises(RuntimeError, match="job-2"):  # not JobUnrenderable: the job is not at fault
+            await worker.child_for(two)
+        assert worker.child is None and not alive(child.pid)
+        assert (await worker.child_for(two)).alive  # a fresh process compiles it
     finally:
         await worker.drop_child()
         await fetcher.close()

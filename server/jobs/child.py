@@ -117,14 +117,14 @@ class Child:
                 try:
                     compiled = self.compile(msg["template"])
                 except TemplateInvalid as e:
-                    self.send({"ok": False, "error": str(e)})
+                    self.send({"ok": False, "error": str(e), "job_id": job_id})
                     return
                 self.jobs[job_id] = Renderer(compiled, msg["strategy"], msg["batch_id"], json.loads(msg["params"]),
                                              self.reader, self.max_page_size)
                 while len(self.jobs) > self.jobs_kept:
                     self.jobs.popitem(last=False)
             self.jobs.move_to_end(job_id)
-            self.send({"ok": True})
+            self.send({"ok": True, "job_id": job_id})  # the job named: the parent matches reply to request
         elif op == "assets":
             r = self.jobs.get(msg["job_id"])
             if r is not None:
@@ -221,7 +221,8 @@ def main() -> int:
             # Compiling (or reading a message) went over the limit: say so if we still can.
             try:
                 child.flush()
-                child.send({"ok": False, "status": "limit", "error": child.memory_message()})
+                child.send({"ok": False, "status": "limit", "error": child.memory_message(),
+                            "job_id": msg[0].get("job_id")})
             finally:
                 os._exit(MEMORY_EXIT)
 

@@ -279,6 +279,9 @@ class RowRunner:
         """Record ``out``; cancel the job when its errors went over ``max_errors``."""
         counts = await queries.record(self.w.db, self.job.job_id, self.w.id, out)
         if counts is None:
+            # As for every Stop: nothing of the claim renders on, and none of its answers is left
+            # queued for the next job's compile to read as its reply.
+            await self.w.drop_child()
             raise Stop("gone")
         if counts.max_errors is not None and counts.errored > counts.max_errors and not self.cancel_seen:
             self.cancel_seen = True

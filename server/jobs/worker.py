@@ -367,6 +367,12 @@ class Worker:
                 await self.drop_child()
                 raise JobUnrenderable(f"the render process died compiling the template (exit status {e.returncode}; "
                                       f"FILEDROP_RENDER_MEMORY is {self.settings.render_memory:,} bytes)") from None
+            if header.get("job_id") != job.job_id:
+                # Not the reply: answers the process still owed a claim that ended without killing
+                # it. A fault of ours, not the job's (the caller hands the claim back).
+                await self.drop_child()
+                raise RuntimeError(f"render process {child.pid}: a message of {sorted(header)} came as the reply "
+                                   f"to the compile of job {job.job_id}")
             if not header.get("ok"):
                 if header.get("status") == "limit":
                     await self.drop_child()
