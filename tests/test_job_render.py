@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy import select
 from server.app import create_app
 from server.config import Settings
 from server.db.job_models import JobRow
+from server.jobs.publish import Item, stage
 from tests.conftest import OTHER_KEY
 from tests.support.disk_state import session
 from tests.support.jobs import (
@@ -407,3 +409,60 @@ async def test_long_error_messages_of_many_rows_reach_their_rows(client, setting
     result = (await get_json(client, f"/api/batch/longerrors/{job['job_id']}/result"))["rows"]
     assert all(r["error"].startswith("pdf '\U0001d4b3") for r in result), {r["error"][:80] for r in result}
     assert attempts(settings, job["job_id"]) == [0] * 100
+
+
+async def test_a_row_whose_pdf_cannot_be_copied_publishes_no_page(client, settings) -> None:
+    """A row's page and its `batch:` PDF copy are one: when the PDF cannot be written (its
+    upload's bytes are gone from the disk), the row errors naming it and its page is not
+    published either (it was: NGINX served a page whose <object> was broken while /result said
+    errored, url null). The job's other rows go on."""
+    up = Uploads(client)
+    batch = await up.create()
+    await up.upload(batch, 0, json.dumps({"body": "<object data='{{ pdf }}'></object>"}).encode(), "t.json")
+    await up.upload(batch, 1, json.dumps([{"reference_id": "withpdf", "suffix": "s" * 16, "pdf": "batch:2"},
+                                          {"reference_id": "plain", "suffix": "s" * 16}]).encode(), "d.json")
+    await up.upload(batch, 2, PDF, "doc.pdf")
+    (stored,) = [p for p in settings.uploads_dir.rglob("*.data") if p.read_bytes() == PDF]
+    stored.unlink()  # a disk fault: the file's row says complete, its bytes are gone
+    r = await client.post(f"/api/v1/upload/{batch}/execute/SmartLinks.Generate", headers=AUTH,
+                          json={"params": {"template": 0, "data": "1"}})
+    job = await r.json()
+    assert r.status == 202, job
+    done = await wait_job(client, batch, job["job_id"])
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 1, 1), done
+    result = (await get_json(client, f"/api/batch/{batch}/{job['job_id']}/result"))["rows"]
+    assert (result[0]["status"], result[0]["url"]) == ("errored", None), result[0]
+    assert result[0]["error"] == f"cannot write withpdf.{'s' * 16}.pdf: No such file or directory", result[0]
+    assert sorted(p.name for p in (settings.smartlink_root / batch).iterdir()) == [f"plain.{'s' * 16}.html"]
+
+
+def test_a_rows_files_are_staged_all_or_none(tmp_path: Path) -> None:
+    """Items of one unit (a row's page and its PDF) are published all or none, whichever of them
+    cannot be written; other units go on."""
+    source = tmp_path / "doc.pdf"
+    source.write_bytes(PDF)
+    out = tmp_path / "batch"
+    out.mkdir()
+    missing = str(tmp_path / "gone.pdf")
+    staged = stage(out, [Item("a.html", b"A", unit=0), Item("a.pdf", source=missing, unit=0),  # its PDF fails
+                         Item("b.pdf", source=str(source), unit=1), Item("b.html", source=missing, unit=1),  # its page
+                         Item("c.html", b"C", unit=2), Item("c.pdf", source=str(source), unit=2)], tag="w1")
+    errors = staged.commit(time.monotonic() + 60)
+    assert errors == {"a.html": "cannot write a.pdf: No such file or directory",
+                      "a.pdf": "cannot write a.pdf: No such file or directory",
+                      "b.pdf": "cannot write b.html: No such file or directory",
+                      "b.html": "cannot write b.html: No such file or directory"}
+    assert sorted(p.name for p in out.iterdir()) == ["c.html", "c.pdf"]  # and no temp
+
+
+def test_a_row_whose_pdf_cannot_be_renamed_into_place_leaves_no_page(tmp_path: Path) -> None:
+    """A unit whose last rename fails (a directory holds the PDF's name) takes back the renames
+    it made: the row's page is not left published beside an errored row."""
+    (tmp_path / "a.pdf").mkdir()
+    staged = stage(tmp_path, [Item("a.html", b"A", unit=0), Item("a.pdf", b"%PDF", unit=0), Item("b.html", b"B", unit=1)],
+                   tag="w1")
+    errors = staged.commit(time.monotonic() + 60)
+    assert set(errors) == {"a.html", "a.pdf"} and errors["a.html"] == errors["a.pdf"], errors
+    assert errors["a.pdf"].startswith("cannot publish a.pdf: Is a directory"), errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf", "b.html"]  # a.pdf: the directory, as it was
+    assert (tmp_path / "a.pdf").is_dir() and not list((tmp_path / "a.pdf").iterdir())

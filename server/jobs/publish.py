@@ -15,6 +15,9 @@ fsynced) (``stage``), then all are renamed and the directory is fsynced once
 (``Staged.commit``). Between the two the worker checks that its rows are still its own: a
 worker wrongly declared dead publishes nothing after someone else ended the job. On this machine a per-file
 fsync costs 0.2-1 ms, which alone would be slower than the whole render of a row.
+
+The files of one unit (a row's page and its PDF) are published all or none: a page must not be
+served beside a row that errored, nor a PDF without its page.
 """
 
 from __future__ import annotations
@@ -34,11 +37,20 @@ TMP_SUFFIX = ".tmp"
 
 @dataclass(frozen=True)
 class Item:
-    """One file to publish: ``data`` bytes, or a copy of the file at ``source``."""
+    """One file to publish: ``data`` bytes, or a copy of the file at ``source``. Items of the
+    same ``unit`` are published all or none (None: a unit of its own)."""
 
     name: str
     data: bytes | None = None
     source: str | None = None
+    unit: int | None = None
+
+
+def _units(items: Sequence[Item]) -> list[list[Item]]:
+    units: dict[object, list[Item]] = {}
+    for i, it in enumerate(items):
+        units.setdefault(("own", i) if it.unit is None else it.unit, []).append(it)
+    return list(units.values())
 
 
 _serial = itertools.count()
@@ -56,76 +68,82 @@ class Staged:
     """A batch written to its temp files and made durable, not yet renamed into place."""
 
     directory: Path
-    staged: list[tuple[str, str]] = field(default_factory=list)  # (temp path, final path)
+    units: list[list[tuple[str, str]]] = field(default_factory=list)  # each unit's (temp path, final path)
     errors: dict[str, str] = field(default_factory=dict)
 
     def commit(self, until: float | None = None) -> dict[str, str]:
-        """Rename every temp onto its name, then fsync the directory; {name: error} of what
-        failed. ``until`` (``time.monotonic()``): a rename not begun by then is not done (its
-        temp goes, its name gets an error): a worker's lease on its rows ends then."""
+        """Rename every unit's temps onto their names, then fsync the directory; {name: error}
+        of what failed, every name of a unit that failed. A unit is renamed whole or not at all:
+        when one of its renames fails, the names it renamed just before are removed again.
+        ``until`` (``time.monotonic()``): a unit not begun by then is not done (its temps go,
+        its names get an error): a worker's lease on its rows ends then. A unit begun is
+        finished: a few renames, well within the second ``worker.PUBLISH_BY`` leaves."""
         errors = dict(self.errors)
-        if not self.staged:
+        if not self.units:
             return errors
         try:
             dfd = os.open(self.directory, os.O_RDONLY)
         except OSError as e:  # dropped meanwhile
-            for tmp, final in self.staged:
-                _unlink(tmp)
-                errors[os.path.basename(final)] = f"cannot publish {os.path.basename(final)}: {e.strerror or e}"
+            for unit in self.units:
+                _fail(unit, errors, f"cannot publish {os.path.basename(unit[0][1])}: {e.strerror or e}")
             return errors
         try:
-            for tmp, final in self.staged:
-                name = os.path.basename(final)
+            for unit in self.units:
                 if until is not None and time.monotonic() >= until:
-                    errors[name] = f"cannot publish {name}: the worker's claim on it ran out"
-                    _unlink(tmp)
+                    _fail(unit, errors, f"cannot publish {os.path.basename(unit[0][1])}: the worker's claim on it "
+                                        "ran out")
                     continue
-                try:
-                    os.replace(tmp, final)
-                except OSError as e:
-                    errors[name] = f"cannot publish {name}: {e.strerror or e}"
-                    _unlink(tmp)
+                for k, (tmp, final) in enumerate(unit):
+                    try:
+                        os.replace(tmp, final)
+                    except OSError as e:
+                        _fail(unit, errors, f"cannot publish {os.path.basename(final)}: {e.strerror or e}", k)
+                        break
             os.fsync(dfd)
         finally:
             os.close(dfd)
         return errors
 
     def discard(self) -> None:
-        for tmp, _final in self.staged:
-            _unlink(tmp)
-        self.staged = []
+        for unit in self.units:
+            for tmp, _final in unit:
+                _unlink(tmp)
+        self.units = []
+
+
+def _fail(unit: list[tuple[str, str]], errors: dict[str, str], error: str, renamed: int = 0) -> None:
+    """A unit failed with ``error``: its first ``renamed`` files, renamed into place a moment
+    ago, go again; its other temps go; every name of it gets the error."""
+    for i, (tmp, final) in enumerate(unit):
+        _unlink(final if i < renamed else tmp)
+        errors[os.path.basename(final)] = error
 
 
 def stage(directory: Path, items: Sequence[Item], tag: str = "w") -> Staged:
     """Write ``items`` to temp files in ``directory`` (which must exist) and make them durable
-    (one ``syncfs``); nothing is visible yet (``Staged.commit``). ``tag`` (the worker's id) goes
+    (one ``syncfs``); nothing is visible yet (``Staged.commit``). A unit one of whose files cannot
+    be written is not staged: every name of it gets that error. ``tag`` (the worker's id) goes
     into temp names, so that a dead worker's leftovers can be told from a live one's work."""
     out = Staged(directory)
     per_file_sync = SYNCFS is None
     base = os.fspath(directory) + os.sep
-    for it in items:
-        tmp = base + temp_name(tag)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    for unit in _units(items):
+        temps: list[tuple[str, str]] = []
+        for it in unit:
+            tmp = base + temp_name(tag)
             try:
-                if it.data is not None:
-                    view = memoryview(it.data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                else:
-                    assert it.source is not None
-                    with open(it.source, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                if per_file_sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            out.errors[it.name] = f"cannot write {it.name}: {e.strerror or e}"
-            _unlink(tmp)
-            continue
-        out.staged.append((tmp, base + it.name))
-    if out.staged and not per_file_sync:
+                _write(tmp, it, per_file_sync)
+            except OSError as e:
+                _unlink(tmp)
+                for other in unit:  # the unit's other files are not published without this one
+                    out.errors[other.name] = f"cannot write {it.name}: {e.strerror or e}"
+                for written, _final in temps:
+                    _unlink(written)
+                break
+            temps.append((tmp, base + it.name))
+        else:
+            out.units.append(temps)
+    if out.units and not per_file_sync:
         try:
             dfd = os.open(directory, os.O_RDONLY)
         except OSError:
@@ -133,12 +151,30 @@ def stage(directory: Path, items: Sequence[Item], tag: str = "w") -> Staged:
         try:
             if SYNCFS is not None and SYNCFS(dfd) != 0:
                 # syncfs failed: fall back to fsyncing each temp file.
-                for tmp, _final in out.staged:
-                    with open(tmp, "rb") as f:
-                        os.fsync(f.fileno())
+                for unit in out.units:
+                    for tmp, _final in unit:
+                        with open(tmp, "rb") as f:
+                            os.fsync(f.fileno())
         finally:
             os.close(dfd)
     return out
+
+
+def _write(tmp: str, it: Item, fsync: bool) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        if it.data is not None:
+            view = memoryview(it.data)
+            while view:
+                view = view[os.write(fd, view):]
+        else:
+            assert it.source is not None
+            with open(it.source, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_batch(directory: Path, items: Sequence[Item], tag: str = "w") -> dict[str, str]:

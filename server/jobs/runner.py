@@ -294,11 +294,12 @@ class RowRunner:
         items: list[Item] = []
         owner: dict[str, Claimed] = {}
         for row, html, extra in pages:
+            # A row's files are one unit: its page is not served without its PDF (the row errors).
             name = f"{row.reference_id}.{row.suffix}.html"
-            items.append(Item(name, data=html))
+            items.append(Item(name, data=html, unit=row.idx))
             owner[name] = row
             for extra_name, source in extra:
-                items.append(Item(extra_name, source=source))
+                items.append(Item(extra_name, source=source, unit=row.idx))
                 owner[extra_name] = row
         need = sum(len(i.data) if i.data is not None else _size(i.source) for i in items)
         free = await asyncio.to_thread(_free_bytes, self.job.out_dir)
