@@ -5,13 +5,15 @@ is refused errors those rows with the reason."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
 
 from server.app import create_app
-from server.jobs.fetch import Fetcher, FetchError
+from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from tests.support.jobs import asset_server, get_json, rows, serve, start_ok, wait_job
 
 
@@ -26,6 +28,8 @@ async def origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
             return web.Response(body=b"x" * 5000)
         if request.path == "/redirect":
             raise web.HTTPFound(f"http://127.0.0.1:{request.url.port}/ok")
+        if request.path.startswith("/redirect-to/"):  # to a URL that may not parse (as given)
+            return web.Response(status=302, headers={"Location": request.query["to"]})
         if request.path == "/hang":
             await release.wait()
         return web.Response(status=404)
@@ -106,3 +110,53 @@ async def test_document_id_fetched_from_api_url(client, settings) -> None:
         assert srv.hits == {"/docs/tpl-1": 1}
     assert (await wait_job(client, "byid", job["job_id"]))["status"] == "Completed"
     assert "<p>1</p>" in (settings.smartlink_root / "byid" / "ref000001.s00000000000000000001.html").read_text()
+
+
+# Malformed URLs that check_url let out as a ValueError or UnicodeError (urlsplit, `parts.port`,
+# the idna codec inside getaddrinfo), not as the guard's refusal: a worker handed such a row's
+# claim back uncounted and claimed it again every second, the job In progress for ever.
+MALFORMED = {
+    "port out of range": ("https://cdn.example.com:99999/a", "Port out of range 0-65535"),
+    "port not a number": ("https://cdn.example.com:port/a", "Port could not be cast to integer"),
+    "unbalanced bracket": ("http://[::1/a", "Invalid IPv6 URL"),
+    "empty label": ("https://cdn..example.com/a", "label empty or too long"),
+    "label over 63": (f"https://{'a' * 64}.example.com/a", "label empty or too long"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_malformed_url_is_refused_by_the_guard(case: str) -> None:
+    url, reason = MALFORMED[case]
+    with pytest.raises(FetchRefused, match=re.escape(reason)):
+        await fetch(("127.0.0.1",), url)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_redirect_to_a_malformed_url_is_refused(origin, case: str) -> None:
+    port, _ = origin
+    url, reason = MALFORMED[case]
+    with pytest.raises(FetchRefused, match=re.escape(reason)):
+        await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/redirect-to/?" + urlencode({"to": url}))
+
+
+@pytest.mark.parametrize("where", ["script", "pdf"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_malformed_asset_url_errors_its_row_once(client, case: str, where: str) -> None:
+    url, reason = MALFORMED[case]
+    async with asset_server({"/ok.js": b"ok();", "/ok.pdf": b"%PDF-1.4"}) as srv:
+        if where == "script":  # mixed: a script fetched and inlined, its URL the row's
+            template, strategy = {"body": "x", "scripts": [{"src": "{{ data.src }}"}]}, "mixed"
+            data = [{"reference_id": "bad", "data": {"src": url}},
+                    {"reference_id": "good", "data": {"src": srv.url("/ok.js")}}]
+        else:  # original: the row's PDF fetched and embedded
+            template, strategy = {"body": "x"}, "original"
+            data = [{"reference_id": "bad", "pdf": url}, {"reference_id": "good", "pdf": srv.url("/ok.pdf")}]
+        job = await start_ok(client, "malformed", template, data, strategy=strategy)
+        done = await wait_job(client, "malformed", job["job_id"], timeout=30)
+    assert (done["status"], done["succeededCount"], done["erroredCount"]) == ("Completed with errors", 1, 1)
+    result = {r["reference_id"]: r for r in (await get_json(client, f"/api/batch/malformed/{job['job_id']}/result"))["rows"]}
+    assert result["good"]["status"] == "succeeded"
+    assert result["bad"]["status"] == "errored"
+    assert result["bad"]["error"].startswith(f"refused: {url!r}") and reason in result["bad"]["error"]
+    log = (await get_json(client, f"/api/batch/malformed/{job['job_id']}/log"))["log"]
+    assert sum(e["message"].startswith(f"asset {url}: refused") for e in log) == 1  # once, not per claim

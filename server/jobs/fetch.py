@@ -2,7 +2,9 @@
 callbacks) goes through here.
 
 Invariants:
-* only ``http``/``https`` URLs;
+* only ``http``/``https`` URLs; one that does not parse (a port that is not a number 0-65535, an
+  unbalanced or bad ``[...]`` host, a host name the idna codec refuses) is refused like any
+  other, as ``FetchRefused``: nothing here raises a bare ValueError for a client's URL;
 * the host is resolved and every address it resolves to must be public (global, and not loopback,
   private, shared, link-local, multicast, reserved or unspecified) unless ``settings.fetch_allow`` admits it
   (a CIDR, an address, or a host name);
@@ -37,8 +39,8 @@ class FetchError(Exception):
 
 
 class FetchRefused(FetchError):
-    """The guard refuses the URL itself (scheme, an internal address): trying again later
-    cannot help, so a start refuses such a ``callback_url`` at once."""
+    """The guard refuses the URL itself (scheme, an internal address, a URL that does not
+    parse): trying again later cannot help, so a start refuses such a ``callback_url`` at once."""
 
 
 @dataclass(frozen=True)
@@ -119,18 +121,25 @@ class Fetcher:
 
     async def check_url(self, url: str) -> None:
         """Raise FetchRefused if the guard refuses ``url`` now (FetchError if its host does
-        not resolve)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        not resolve). A URL that cannot be parsed is refused too (never a ValueError): it
+        cannot become valid later, and a fetch that raised anything else was taken for a fault
+        of ours and tried again."""
+        try:
+            parts = urlsplit(url)  # ValueError: an unbalanced [, a [...] that is no IPv6 address
+            host, port = parts.hostname, parts.port  # ValueError: a port not a number 0-65535
+        except ValueError as e:
+            raise FetchRefused(f"refused: {url!r} is not a valid URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not host:
             raise FetchRefused(f"refused: {url!r} is not an http(s) URL")
-        host = parts.hostname
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             # A name: checked now for a clear message, and again by GuardedResolver at connect.
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 0,
-                                                                     type=socket.SOCK_STREAM)
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+            except UnicodeError as e:  # the idna codec (a label empty or over 63 characters): not an OSError
+                raise FetchRefused(f"refused: {url!r} is not a valid URL: the host name {host!r} "
+                                   f"cannot be encoded ({e.__cause__ or e})") from None
             except OSError as e:
                 raise FetchError(f"cannot resolve {host}: {e}") from None
             for info in infos:
@@ -166,7 +175,7 @@ class Fetcher:
                     await self.check_url(url)
                     async with self.session.get(url, allow_redirects=False) as resp:
                         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                            url = urljoin(url, resp.headers["Location"])
+                            url = _redirect(url, resp.headers["Location"])
                             continue
                         if resp.status != 200:
                             raise FetchError(f"GET {url} answered {resp.status}")
@@ -203,3 +212,11 @@ class Fetcher:
             raise FetchError(f"{method} {url}: no answer within {self.timeout:g} s (FILEDROP_FETCH_TIMEOUT)") from None
         except aiohttp.ClientError as e:
             raise FetchError(f"{method} {url}: {e.__class__.__name__}: {e}") from None
+
+
+def _redirect(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; FetchRefused if ``location`` cannot be parsed."""
+    try:
+        return urljoin(url, location)  # ValueError: an unbalanced [ (check_url sees the rest)
+    except ValueError as e:
+        raise FetchRefused(f"refused: GET {url} redirects to {location!r}, which is not a valid URL: {e}") from None
