@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from server.app import create_app
+from server.jobs.assets import Assets, JobRef
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from tests.support.jobs import asset_server, get_json, rows, serve, start_ok, wait_job
 
@@ -160,3 +161,27 @@ async def test_a_malformed_asset_url_errors_its_row_once(client, case: str, wher
     assert result["bad"]["error"].startswith(f"refused: {url!r}") and reason in result["bad"]["error"]
     log = (await get_json(client, f"/api/batch/malformed/{job['job_id']}/log"))["log"]
     assert sum(e["message"].startswith(f"asset {url}: refused") for e in log) == 1  # once, not per claim
+
+
+async def test_a_worker_keeps_no_lock_per_asset_once_fetched(settings) -> None:
+    """Its per-(job, URL) locks were never removed: a job with a PDF URL per row left a lock
+    and its key per row, for every job the worker ever ran."""
+    notes: list[tuple[str, str, str]] = []
+
+    async def note(job_id: str, level: str, message: str) -> None:
+        notes.append((job_id, level, message))
+
+    fetcher = Fetcher(settings.fetch_allow, 5.0, 1000)
+    assets = Assets(settings, fetcher, None, note)
+    try:
+        async with asset_server({f"/{i}.pdf": b"%PDF" for i in range(20)}) as srv:
+            job = JobRef("a" * 32, "owner", None)
+            keys = [f"url:{srv.url(f'/{i}.pdf')}" for i in range(25)]  # 5 of them 404
+            # Twice at once: the second waits for the first's lock on each URL, then finds its result.
+            first, second = await asyncio.gather(assets.resolve(job, keys), assets.resolve(job, keys))
+            assert first == second
+            assert sum(a.error is None for a in first.values()) == 20
+            assert all(n == 1 for n in srv.hits.values()) and len(srv.hits) == 25
+        assert assets._locks == {}
+    finally:
+        await fetcher.close()

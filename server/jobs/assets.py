@@ -25,7 +25,7 @@ import hashlib
 import os
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,7 +70,9 @@ class Assets:
         self.fetcher = fetcher
         self.files = files
         self.note = note
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # (job_id, "url:...") -> its lock and how many resolves use it; an entry goes with its
+        # last user (a job with a URL per row would otherwise leave one per row, for ever).
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def resolve(self, job: JobRef, keys: Iterable[str]) -> dict[str, Asset]:
         keys = list(dict.fromkeys(keys))
@@ -79,8 +81,7 @@ class Assets:
 
     async def _one(self, job: JobRef, key: str) -> Asset:
         if key.startswith("url:"):
-            lock = self._locks.setdefault((job.job_id, key), asyncio.Lock())
-            async with lock:
+            async with self._one_at_a_time((job.job_id, key)):
                 return await self._fetched(job, key[4:])
         idx = int(key.split(":", 1)[1])
         if self.files is None or job.upload_batch_id is None:
@@ -91,6 +92,22 @@ class Assets:
             msg = getattr(e, "message", None) or str(e)
             return Asset(error=f"{key}: file {idx} of upload batch {job.upload_batch_id}: {msg}")
         return Asset(path=str(info.path), size=int(info.size))
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, k: tuple[str, str]) -> AsyncIterator[None]:
+        """One resolve of ``k`` at a time in this worker (the others then find its result
+        without polling its ``flock``). ``_locks`` holds ``k`` only while someone uses it."""
+        lock, users = self._locks.get(k) or (asyncio.Lock(), 0)
+        self._locks[k] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[k]
+            if users == 1:
+                del self._locks[k]
+            else:
+                self._locks[k] = (lock, users - 1)
 
     async def _fetched(self, job: JobRef, url: str) -> Asset:
         d = job_dir(self.settings, job.job_id)
