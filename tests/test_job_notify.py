@@ -7,12 +7,15 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
+import sqlite3
 import time
 from email import message_from_bytes
 from email.utils import parsedate_to_datetime
 
 import pytest
-from sqlalchemy import func, select
+from aiohttp import web
+from sqlalchemy import create_engine, func, select, text
 
 from server.app import create_app
 from server.db.job_models import Job
@@ -23,12 +26,14 @@ from tests.support.jobs import (
     SEED_TEMPLATE,
     callback_receiver,
     get_json,
+    serve,
     smtp_server,
     start,
     start_ok,
     wait_job,
 )
 from tests.support.uploads import assert_error
+from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.engines
 
@@ -191,3 +196,104 @@ async def test_the_email_does_not_wait_for_the_callbacks_retries(aiohttp_client,
         await client.app[JOBS].notified(job["job_id"], timeout=60)
     assert len(rcv.attempts) == 3 and len(smtp.messages) == 1
     assert job_row(settings, job["job_id"]) == ("failed", "sent")
+
+
+class DatabaseHold:
+    """Another process's hold on the database, as the notifier meets it writing the job's log:
+    on SQLite the write lock (BEGIN IMMEDIATE) kept past busy_timeout ("database is locked"); on
+    PostgreSQL an ACCESS EXCLUSIVE lock on job_logs, and the sessions that wait for it ended
+    (pg_terminate_backend: "the database connection was lost"; a worker's too, if one waits:
+    workers recover from that)."""
+
+    def __init__(self, settings) -> None:  # type: ignore[no-untyped-def]
+        self.settings = settings
+        self.sqlite: sqlite3.Connection | None = None
+        self.engine = None if not settings.database_url else \
+            create_engine(settings.sync_db_url, isolation_level="AUTOCOMMIT")
+        self.locker = self.engine.connect() if self.engine is not None else None
+
+    def take(self) -> None:
+        if self.locker is None:
+            self.sqlite = sqlite3.connect(self.settings.db_path, isolation_level=None, check_same_thread=False)
+            self.sqlite.execute("BEGIN IMMEDIATE")
+        else:
+            self.locker.execute(text("BEGIN"))
+            self.locker.execute(text("LOCK TABLE job_logs IN ACCESS EXCLUSIVE MODE"))
+
+    def end_waiters(self) -> None:
+        """PostgreSQL: end the sessions waiting for the lock on job_logs (not those waiting for
+        them, e.g. for a job row one of them holds: they go on once these are gone)."""
+        assert self.engine is not None
+        with self.engine.connect() as probe:
+            probe.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'job_logs'::regclass AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
+
+    def release(self) -> None:
+        if self.sqlite is not None:
+            self.sqlite.execute("ROLLBACK")
+            self.sqlite.close()
+            self.sqlite = None
+        if self.locker is not None:
+            self.locker.execute(text("ROLLBACK"))
+
+    def close(self) -> None:
+        self.release()
+        if self.locker is not None:
+            self.locker.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+async def test_a_database_fault_while_notifying_does_not_leave_it_sending(client, settings, caplog) -> None:
+    """The receiver took the first callback; recording that failed (the database held by another
+    process). The failure was only logged: the callback stayed `sending`, which the notifier
+    never looks at again before a restart. It goes back to `pending` and is sent again
+    (at-least-once, as after a crash)."""
+    hold = DatabaseHold(settings)
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.method)
+        if len(calls) == 1:  # the first delivery arrives: its record meets the hold
+            await asyncio.to_thread(hold.take)
+        return web.Response(status=204)
+
+    failed = "notification failed"
+
+    async def failed_once() -> bool:
+        if any(failed in r.getMessage() for r in caplog.records):
+            return True
+        if settings.database_url and len(calls) == 1:  # (the attempt after is not to be ended)
+            await asyncio.to_thread(hold.end_waiters)
+        return False
+
+    try:
+        async with serve(handler) as port:
+            job = await start_ok(client, "cbfault", SEED_TEMPLATE, SEED_ROWS,
+                                 callback_url=f"http://127.0.0.1:{port}/hook")
+            await async_wait_until(failed_once, timeout=30, interval=0.05, what="the notifier's write to fail")
+            await asyncio.to_thread(hold.release)
+            await client.app[JOBS].notified(job["job_id"], timeout=30)
+    finally:
+        await asyncio.to_thread(hold.close)
+    assert calls == ["POST", "POST"]
+    assert job_row(settings, job["job_id"])[0] == "sent"
+    lines = [r for r in caplog.records if failed in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and lines[0].exc_info is None, lines
+
+
+
+async def test_a_fault_of_ours_while_notifying_ends_it_failed(aiohttp_client, settings, caplog) -> None:
+    """An exception of another kind after the e-mail was taken (here a From that the settings
+    take but no e-mail header can: a linefeed inside) left it `sending` for ever. Sent again it
+    would fail again: it is recorded `failed`, with the traceback in the log (our fault)."""
+    async with smtp_server() as (port, smtp):
+        client = await aiohttp_client(create_app(settings.replace(
+            smtp_port=port, smtp_from="jobs@filedrop.test\nBcc: x@example.com")))
+        job = await start_ok(client, "mailfault", SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    assert smtp.messages == []
+    assert job_row(settings, job["job_id"])[1] == "failed"
+    lines = [r for r in caplog.records if "notification failed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR and lines[0].exc_info is not None, lines

@@ -30,7 +30,8 @@ import aiosmtplib
 from sqlalchemy import select, update
 
 from server.config import Settings
-from server.db import Database, log_failure
+from server.db import Database, connection_lost, log_failure
+from server.db.engine import database_locked
 from server.db.job_models import Job
 from server.jobs import queries
 from server.jobs.fetch import Fetcher, FetchError
@@ -181,8 +182,10 @@ class Notifier:
     ``sending``), so it is sent once; the outcome (``sent``/``failed``) is recorded after the
     attempt. Whoever takes the lock first turns ``sending`` back into ``pending``: only a
     holder that died (or lost its database connection) can have left it (at-least-once for a
-    crash between the receiver's 2xx and that record). Each job is sent from its own task, at
-    most ``PARALLEL`` at a time.
+    crash between the receiver's 2xx and that record). A send of the holder's own that fails
+    once it took its notification (its job log or its outcome not written: the database busy
+    past its timeout, its connection lost) does not leave it ``sending`` either: the loop puts
+    it back (``_unstick``). Each job is sent from its own task, at most ``PARALLEL`` at a time.
 
     A job ``filedrop drop`` removed before its notification was sent is a tombstone
     (``queries.DROPPED``, hidden from the API): sent like any job, with the job JSON frozen at the
@@ -204,6 +207,8 @@ class Notifier:
         self._slots = asyncio.Semaphore(self.PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: set[str] = set()  # jobs a task of ours is sending
+        # (job_id, state column) a send of ours took and failed to settle -> the state to record
+        self._stuck: dict[tuple[str, str], str] = {}
         self.leading = False  # this process holds the notifier lock...
         self._epoch = 0  # ...taken on this lock connection
 
@@ -244,8 +249,10 @@ class Notifier:
             while True:
                 self._wake.clear()
                 try:
-                    due = await self._due() if await self._lead() else []
-                    for job_id in due:
+                    leading = await self._lead()
+                    if not leading:  # whoever holds the lock put what we left `sending` back as it took it
+                        self._stuck.clear()
+                    for job_id in await self._due() if leading else []:
                         if job_id in self._busy:
                             continue
                         await self._slots.acquire()
@@ -253,6 +260,8 @@ class Notifier:
                         t = asyncio.create_task(self._send(job_id), name=f"job-notify-{job_id}")
                         self._tasks.add(t)
                         t.add_done_callback(self._tasks.discard)
+                    if leading:
+                        await self._unstick()  # after the sends: one that cannot be recorded holds none up
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # the database busy, say: look again at the next poll
@@ -267,6 +276,36 @@ class Notifier:
                 self.leading = False
                 with contextlib.suppress(Exception):
                     await self.db.locks.release("notifier")
+
+    async def _unstick(self) -> None:
+        """Settle what a send of ours took and could not settle (``_deliver``): nothing else
+        looks at a ``sending`` notification before the lock changes hands. Back to ``pending``
+        after a database fault (sent again at once: at-least-once, as after a crash); ``failed``
+        after a fault of ours, which would come back with every attempt. An entry goes once
+        its state is recorded (the database may still be failing: the next poll tries again)."""
+        if not self._stuck:
+            return
+        stuck = dict(self._stuck)
+        async with self.db.write() as s:
+            for (job_id, name), state in stuck.items():
+                column = getattr(Job, name)
+                await s.execute(update(Job).where(Job.job_id == job_id, column == "sending").values({name: state}))
+                await s.execute(queries.forget_dropped_stmt(job_id))
+        for k in stuck:
+            del self._stuck[k]
+
+    async def _deliver(self, job_id: str, name: str, delivery: Awaitable[bool]) -> None:
+        """Await ``delivery`` of a notification this process took (its ``name`` column is
+        ``sending``) and record the outcome; if either raises, leave the state to
+        ``_unstick``."""
+        try:
+            ok = await delivery
+            await self._set(job_id, **{name: "sent" if ok else "failed"})
+        except Exception as e:
+            transient = connection_lost(e) is not None or database_locked(e)
+            self._stuck[(job_id, name)] = "pending" if transient else "failed"
+            self.wake()
+            raise
 
     async def _due(self) -> list[str]:
         async with self.db.read() as s:
@@ -307,16 +346,14 @@ class Notifier:
 
             async def callback() -> None:
                 if job.callback_url and await self._take(job_id, Job.callback_state):
-                    ok = await deliver_callback(self.fetcher, self.settings, job.callback_url, body, note,
-                                                job.notification_method)
-                    await self._set(job_id, callback_state="sent" if ok else "failed")
+                    await self._deliver(job_id, "callback_state", deliver_callback(
+                        self.fetcher, self.settings, job.callback_url, body, note, job.notification_method))
 
             async def emails() -> None:
                 if job.callback_emails and await self._take(job_id, Job.email_state):
                     to = distinct_addresses(job.callback_emails.split(","))  # also jobs stored before starts deduped
                     url = None if dropped else functools.partial(self.result_link, job)  # made as it is sent
-                    ok = await deliver_emails(self.settings, to, body, url, note)
-                    await self._set(job_id, email_state="sent" if ok else "failed")
+                    await self._deliver(job_id, "email_state", deliver_emails(self.settings, to, body, url, note))
 
             # Side by side: neither waits for the other's retries. Each settles its own state;
             # the one that settles last forgets a dropped job's tombstone.
