@@ -173,32 +173,57 @@ def fill(template: str, vals: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: vals[m.group(1)], template)
 
 
+def _make_dirs(path: Path, owner: tuple[int, int] | None) -> None:
+    """``path`` and its missing parents, 0700; with ``owner`` (uid, gid), those made here are
+    its: a directory root made on the way would lock that user out of everything below it."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(p, *owner)
+
+
 def render(settings: Settings, prefix: Path, *, listen: str | None = None, page_listen: str | None = None,
            worker_processes: str = "auto", template: Path = TEMPLATE, app_ports: Sequence[int] | None = None,
-           unprivileged: bool = False) -> Path:
+           unprivileged: bool = False, owner: tuple[int, int] | None = None) -> Path:
     """Write ``prefix/nginx.conf`` and the directories it names; return the config's path.
     Everything made here is its user's only (0700 directories, 0600 files): the logs hold the
-    smartlink URLs, which are secrets."""
+    smartlink URLs, which are secrets. ``owner`` (uid, gid): the user NGINX runs as when that is
+    not who renders (root writing systemd units): the prefix and NGINX's files in it are then
+    that user's, and so is the smartlink root if it is made here; an existing smartlink root of
+    another user is refused (NGINX could not read its 0600 pages), before anything is written."""
     prefix = Path(prefix).resolve()
     vals = values(settings, listen=listen, page_listen=page_listen, worker_processes=worker_processes,
                   app_ports=app_ports, unprivileged=unprivileged)
     text = fill(template.read_text(encoding="utf-8"), vals)
+    root = Path(vals["SMARTLINK_ROOT"])
+    if owner is not None and root.exists() and root.stat().st_uid != owner[0]:
+        raise ValueError(f"smartlink root {str(root)!r} belongs to uid {root.stat().st_uid}, not to the services' "
+                         f"user (uid {owner[0]}), who must write and serve its pages: chown -R it to that user")
     for d in PREFIX_DIRS:
-        (prefix / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_dirs(prefix / d, owner)
+    if owner is not None:
+        # The prefix is NGINX's own: an earlier run (or mkdir) may have left these to root.
+        for d in {prefix, prefix / "tmp", *(prefix / d for d in PREFIX_DIRS)}:
+            os.chown(d, *owner)
     for log in LOG_FILES:
         # NGINX appends to an existing log and keeps its mode; made here, it is 0600 whatever
         # the umask NGINX starts under (it creates files 0644 minus the umask).
         fd = os.open(prefix / log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
+            if owner is not None:
+                os.fchown(fd, *owner)
+            if owner is not None or os.fstat(fd).st_uid == os.geteuid():
                 os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
     # NGINX serves from here; it must exist before the first job is published.
-    Path(vals["SMARTLINK_ROOT"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_dirs(root, owner)
     conf = prefix / "nginx.conf"
     tmp = prefix / ".nginx.conf.tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        if owner is not None:
+            os.fchown(f.fileno(), *owner)  # before the rename: the config is never root's only
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -247,7 +272,9 @@ def render_units(settings: Settings, prefix: Path, out: Path, *, user: str | Non
     config into ``prefix`` (for a NGINX that runs as ``user``, so without a ``user`` directive
     unless that is root), and ``out/filedrop.env`` with the
     ``FILEDROP_*`` variables of ``environ`` (0600: it may hold keys) unless ``env_file`` names
-    another. ``user`` defaults to the owner of the data dir, else this user."""
+    another. ``user`` defaults to the owner of the data dir, else this user. Run as root for
+    another ``user``, NGINX's prefix (and a smartlink root made here) is that user's; the units
+    and the env file stay root's. Not root, ``user`` must be this user."""
     import pwd
 
     out = Path(out).resolve()
@@ -256,8 +283,17 @@ def render_units(settings: Settings, prefix: Path, out: Path, *, user: str | Non
         user = pwd.getpwuid(owner).pw_name
     env_path = Path(env_file) if env_file else out / "filedrop.env"
     vals = unit_values(settings, prefix, user=user, env_file=env_path)
-    # Run as root, NGINX's workers would drop to `nobody` without the `user` directive.
-    render(settings, prefix, unprivileged=pwd.getpwnam(user).pw_uid != 0)
+    pw = pwd.getpwnam(user)
+    nginx_owner = None
+    if pw.pw_uid != os.geteuid():
+        if os.geteuid() != 0:
+            raise ValueError(f"--user {user}: only root can leave NGINX's files to another user (run this as "
+                             f"{user}, or with sudo)")
+        nginx_owner = (pw.pw_uid, pw.pw_gid)
+    # Run as root, NGINX's workers would drop to `nobody` without the `user` directive. The units
+    # and the env file stay root's (systemd reads them as root): a services' user that could
+    # rewrite them would choose what systemd runs.
+    render(settings, prefix, unprivileged=pw.pw_uid != 0, owner=nginx_owner)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in UNITS:
@@ -290,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "into PREFIX, from FILEDROP_* settings")
     u.add_argument("--prefix", required=True, type=Path, help="NGINX prefix directory (e.g. DATA_DIR/nginx)")
     u.add_argument("--out", required=True, type=Path, help="where the .service files (and filedrop.env) go")
-    u.add_argument("--user", help="the user the services run as (default: the owner of the data dir)")
+    u.add_argument("--user", help="the user the services run as (default: the owner of the data dir); "
+                   "NGINX's prefix (and a smartlink root made here) is theirs, the units stay root's")
     u.add_argument("--env-file", type=Path, help="an existing settings file for the units (default: write "
                    "OUT/filedrop.env from this environment's FILEDROP_* variables)")
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from server import nginx as ngx
-from server.config import Settings
 from tests.support.nginx import fetch, wait_served
 from tests.support.server import REPO
 from tests.support.waiting import free_port
@@ -71,33 +70,58 @@ def test_units_are_filled_from_the_settings(tmp_path: Path) -> None:
         assert v.returncode == 0, v.stderr
 
 
-def test_the_nginx_unit_serves_private_smartlinks_as_its_user() -> None:
-    """What systemd would run (the unit's ExecStart, as its User=, under UMask=0077) serves the
-    0600 smartlinks of the data dir that user owns."""
+def test_units_rendered_by_root_leave_nginx_to_its_user_who_serves_private_smartlinks() -> None:
+    """README's ``sudo ... units --user U``: NGINX's prefix (config, logs, temp dirs) and the
+    smartlink root it made are U's, so what systemd runs as U (``nginx -t``, then the unit's
+    ExecStart, under UMask=0077) reads its config and serves the 0600 pages U publishes there;
+    the units and the settings file stay root's, not writable by U. Nothing here is chowned
+    after rendering: U's data dir is made by U, as ``filedrop migrate`` would."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to run the unit's command as another user")
     nobody = pwd.getpwnam("nobody")
+    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
     base = Path(tempfile.mkdtemp(prefix="filedrop-unit-"))
+    os.chmod(base, 0o755)  # root's, like / : nobody reaches srv/ through it
     proc = None
     try:
-        data = base / "var"
-        link = data / "smartlinks" / "b1" / "ref.0123456789abcdef.html"
-        link.parent.mkdir(parents=True)
-        link.write_bytes(b"<p>from the unit</p>")
+        home = base / "srv"  # the service user's home, like the README's /srv/filedrop
+        home.mkdir(mode=0o700)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        data = home / "var"
+        subprocess.run([*as_nobody, "mkdir", "-m", "700", str(data)], check=True, timeout=30)
         port = free_port()
-        settings = Settings(data_dir=data, http_port=port, app_port=free_port())
-        written = ngx.render_units(settings, data / "nginx", base / "units", user="nobody", environ={})
-        for d, dirs, files in os.walk(base):
-            for p in [d, *(os.path.join(d, x) for x in dirs + files)]:
-                os.chown(p, nobody.pw_uid, nobody.pw_gid)
-                os.chmod(p, 0o700 if os.path.isdir(p) else 0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+        env.update(FILEDROP_DATA_DIR=str(data), FILEDROP_HTTP_PORT=str(port), FILEDROP_APP_PORT=str(free_port()),
+                   FILEDROP_PAGE_PORT=str(free_port()))
+        cmd = [sys.executable, "-m", "server.nginx", "units", "--prefix", str(data / "nginx"),
+               "--out", str(base / "etc"), "--user", "nobody"]
+        for _ in range(2):  # a second run (new settings, say) over the first run's files is the same
+            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        written = [Path(p) for p in r.stdout.split()]
+        prefix = data / "nginx"
+        for p in [prefix, prefix / "tmp", *(prefix / d for d in ngx.PREFIX_DIRS), *(prefix / f for f in ngx.LOG_FILES),
+                  prefix / "nginx.conf", data / "smartlinks"]:
+            st = p.stat()
+            assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), p
+            assert stat.S_IMODE(st.st_mode) == (0o700 if p.is_dir() else 0o600), p
+        for p in [base / "etc", *written]:
+            st = p.stat()
+            assert st.st_uid == 0 and not st.st_mode & 0o022, p
         svc = unit(written[2])["Service"]
-        assert not re.search(r"^user ", (data / "nginx" / "nginx.conf").read_text(), re.M)  # not root: none
-        proc = subprocess.Popen(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
-                                 "--clear-groups", *shlex.split(svc["ExecStart"])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o077))
+        assert not re.search(r"^user ", (prefix / "nginx.conf").read_text(), re.M)  # not root: none
+        check = subprocess.run([*as_nobody, *shlex.split(svc["ExecStartPre"])], capture_output=True, text=True,
+                               timeout=30, preexec_fn=lambda: os.umask(0o077))
+        assert check.returncode == 0, check.stderr
+        # What `filedrop serve` as nobody does on a job's first page: a batch folder in the root.
+        publish = subprocess.run([*as_nobody, "sh", "-c", 'mkdir "$1" && printf "<p>from the unit</p>" > "$1/$2"',
+                                  "sh", str(data / "smartlinks" / "b1"), "ref.0123456789abcdef.html"],
+                                 capture_output=True, text=True, timeout=30, preexec_fn=lambda: os.umask(0o077))
+        assert publish.returncode == 0, publish.stderr
+        proc = subprocess.Popen([*as_nobody, *shlex.split(svc["ExecStart"])], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o077))
 
-        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", data / "nginx", "the NGINX unit serving as nobody")
+        wait_served(proc, port, "/b1/ref.0123456789abcdef.html", prefix, "the NGINX unit serving as nobody")
         assert fetch(port, "GET", "/b1/ref.0123456789abcdef.html").body == b"<p>from the unit</p>"
         assert fetch(port, "GET", "/api/v1/upload/x").status == 503  # no app: NGINX still answers
     finally:
@@ -105,3 +129,20 @@ def test_the_nginx_unit_serves_private_smartlinks_as_its_user() -> None:
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_units_refuse_a_smartlink_root_their_user_does_not_own(tmp_path: Path) -> None:
+    """A smartlink root of another user (root's, from an earlier run) would keep NGINX, as the
+    units' user, from reading the pages: refused in one line naming it, before anything is written."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to render units for another user")
+    (tmp_path / "var" / "smartlinks").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"))
+    r = subprocess.run([sys.executable, "-m", "server.nginx", "units", "--prefix", str(tmp_path / "var" / "nginx"),
+                        "--out", str(tmp_path / "units"), "--user", "nobody"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"filedrop: smartlink root '{tmp_path / 'var' / 'smartlinks'}' belongs to uid 0, ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "var" / "nginx").exists() and not (tmp_path / "units").exists()
