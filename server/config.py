@@ -8,6 +8,7 @@ Nothing reads the environment at import time: ``Settings.from_env()`` is called 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -82,7 +83,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
                       "then start no workers and `scripts/run` starts the `FILEDROP_WORKERS` workers itself."),
     "app_host": ("127.0.0.1", "Address the Python app binds to (NGINX proxies to it)."),
     "app_port": ("8081", "Port of the Python app."),
-    "http_host": ("127.0.0.1", "Address NGINX listens on (scripts/run, the systemd site): 0.0.0.0 or a public address opens it to the network."),
+    "http_host": ("127.0.0.1", "IP address NGINX listens on (scripts/run, the systemd site): 0.0.0.0 or a public address opens it to the network."),
     "http_port": ("8080", "Public NGINX port (scripts/run, tests): the smartlinks and the API."),
     "page_port": ("8079", "NGINX port of the drop page (and the API again): an origin of its own, so that no smartlink "
                   "can read the key a person typed into the page. `/` on `FILEDROP_HTTP_PORT` redirects here."),
@@ -334,7 +335,6 @@ _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1,
 _DURATION_MIN = {"render_timeout": 0.1, "upload_url_ttl": 1, "download_url_ttl": 1, "max_url_ttl": 1}
 _PATHS = {"data_dir", "db_path", "smartlink_root"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a host name or an IP address: it is written into nginx.conf
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -361,9 +361,17 @@ def _convert(name: str, raw: str) -> Any:
     if name in _PATHS:
         return Path(raw) if raw else None
     if name == "http_host":
-        if not _HOST.fullmatch(raw.strip()):
-            raise ValueError(f"{raw!r} is not a host name or an IP address")
-        return raw.strip()
+        # NGINX's `listen` (and scripts/run's check that the port is free) takes an address; the
+        # forms nginx.py writes unquoted: dotted IPv4, or IPv6 in hex (no zone, no embedded IPv4).
+        host = raw.strip()
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            host = ""
+        if not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", host):
+            raise ValueError(f"{raw!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0 or ::): NGINX listens on an "
+                             "address, not a host name")
+        return host
     if name == "database_url":
         return check_database_url(raw.strip()) if raw.strip() else ""
     if name in ("api_keys", "fetch_allow"):

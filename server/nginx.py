@@ -40,7 +40,7 @@ LOG_FILES = ("logs/access.log", "logs/error.log")
 def upstream_address(host: str, port: int) -> str:
     """Where NGINX reaches the app: a wildcard bind is reached over loopback."""
     if host and not _SAFE_HOST.fullmatch(host):
-        raise ValueError(f"app_host {host!r}: use a host name or an IP address")
+        raise ValueError(f"FILEDROP_APP_HOST {host!r}: use a host name or an IP address")
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
@@ -80,7 +80,7 @@ def _user_directive(root: Path) -> str:
 def listen_address(host: str, port: int) -> str:
     """NGINX's ``listen`` for ``host:port`` (an IPv6 address in brackets)."""
     if not _SAFE_HOST.fullmatch(host):
-        raise ValueError(f"http_host {host!r}: use a host name or an IP address")
+        raise ValueError(f"FILEDROP_HTTP_HOST {host!r}: use an IP address")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

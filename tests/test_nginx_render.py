@@ -65,7 +65,7 @@ def test_upstream_address(host: str, port: int, expected: str) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1; include /etc/passwd", "a b", "h\n", "x{"])
 def test_unsafe_app_host_is_refused(host: str) -> None:
-    with pytest.raises(ValueError, match="app_host"):
+    with pytest.raises(ValueError, match="FILEDROP_APP_HOST"):
         ngx.upstream_address(host, 1)
 
 
@@ -159,3 +159,27 @@ def test_every_answer_nginx_writes_itself_has_the_apps_error_shape() -> None:
         body = json.loads(raw.replace("\\n", "\n"))
         assert body == error_body(int(code), body["code"], body["message"])
         assert re.fullmatch(r"ERR_[A-Z_]+", body["code"]) and body["message"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "example.com", "fe80::1%eth0", "::ffff:127.0.0.1", "1.2.3"])
+def test_a_host_name_for_the_listen_address_is_refused_naming_its_setting(tmp_path: Path, host: str) -> None:
+    """NGINX listens on an address (and scripts/run checks the port on it first): anything else
+    in FILEDROP_HTTP_HOST is refused as that setting, not as a `listen` the user never wrote."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_HOST=host)
+    r = subprocess.run([sys.executable, "-m", "server.nginx", "render", "--prefix", str(tmp_path / "p")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"filedrop: FILEDROP_HTTP_HOST: {host!r} is not an IP address"), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("host,listen", [(" 0.0.0.0 ", "0.0.0.0:18123"), ("::1", "[::1]:18123"),
+                                         ("::", "[::]:18123")])
+def test_an_ip_address_for_the_listen_address_is_taken(tmp_path: Path, host: str, listen: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"), FILEDROP_HTTP_HOST=host, FILEDROP_HTTP_PORT="18123")
+    r = subprocess.run([sys.executable, "-m", "server.nginx", "render", "--prefix", str(tmp_path / "p")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert directive(Path(r.stdout.strip()).read_text(), "listen")[0] == f"{listen} default_server"
