@@ -179,7 +179,9 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
     if args.secrets_cmd == "rotate":
         ceiling = _settings().max_url_ttl
-        if args.grace > ceiling:
+        if args.grace is None:  # not given: a day, or all of the longest URL life when shorter
+            args.grace = min(24 * 3600.0, ceiling)
+        elif args.grace > ceiling:
             # Every URL an old key signed expires within FILEDROP_MAX_URL_TTL of its signing.
             print(f"filedrop: --grace {_say_duration(args.grace)} is over FILEDROP_MAX_URL_TTL "
                   f"({_say_duration(ceiling)}): no URL the old keys signed lives longer", file=sys.stderr)
@@ -432,9 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     scsub.add_parser("list", help="each key: current, verifying until its grace ends, or retired")
     rot = scsub.add_parser("rotate", help="a new key signs from now on; the old ones' URLs keep verifying "
                            "for --grace")
-    rot.add_argument("--grace", type=_grace, default=24 * 3600.0, metavar="DURATION",
-                     help="how long URLs signed by the old keys keep working (default 24h; 0: stop them now, "
-                     "e.g. after a leak)")
+    rot.add_argument("--grace", type=_grace, metavar="DURATION",
+                     help="how long URLs signed by the old keys keep working, at most FILEDROP_MAX_URL_TTL "
+                     "(default 24h, or FILEDROP_MAX_URL_TTL when that is shorter; 0: stop them now, e.g. after "
+                     "a leak)")
     sc.set_defaults(func=cmd_secrets)
     d = sub.add_parser("drop", help="drop an upload batch (rows and bytes), or with --smartlinks a "
                        "smartlink batch (published files and its jobs' rows); exit 1: not found, "

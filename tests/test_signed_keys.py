@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -42,9 +42,10 @@ def keys_in(db_path) -> list[tuple[str, str | None]]:  # type: ignore[no-untyped
         return c.execute("SELECT kid, retires_at FROM signing_keys ORDER BY created_at").fetchall()
 
 
-def secrets_cli(settings, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def secrets_cli(settings, *args: str, **more: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
     env["FILEDROP_DATA_DIR"] = str(settings.data_dir)
+    env.update({f"FILEDROP_{k.upper()}": v for k, v in more.items()})
     return subprocess.run([sys.executable, "-m", "server", "secrets", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -119,6 +120,23 @@ def test_a_grace_over_the_longest_url_life_is_refused_naming_the_setting(setting
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and "FILEDROP_MAX_URL_TTL (7d)" in r.stderr, r.stderr
     assert secrets_cli(settings, "rotate", "--grace", "7d").returncode == 0
+
+
+@pytest.mark.parametrize("max_url_ttl,grace", [("12h", 12 * 3600), ("7d", 24 * 3600)])
+def test_rotate_without_grace_keeps_old_urls_for_a_day_or_the_longest_url_life(settings, max_url_ttl: str,
+                                                                              grace: int) -> None:
+    """No --grace: 24h, or FILEDROP_MAX_URL_TTL when that is shorter (it was refused then, over a
+    --grace 24h nobody typed): the old key verifies that long."""
+    assert secrets_cli(settings, "rotate", max_url_ttl=max_url_ttl).returncode == 0  # the first key
+    before = utcnow().replace(microsecond=0)
+    r = secrets_cli(settings, "rotate", max_url_ttl=max_url_ttl)
+    after = utcnow()
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    (_, retires_at), (_, current) = keys_in(settings.db_path)
+    assert current is None
+    assert before + timedelta(seconds=grace) <= datetime.fromisoformat(retires_at) <= after + timedelta(seconds=grace)
+    assert "--grace" in secrets_cli(settings, "rotate", "--help").stdout
+    assert "FILEDROP_MAX_URL_TTL" in " ".join(secrets_cli(settings, "rotate", "--help").stdout.split())
 
 
 async def test_keys_retired_long_ago_are_forgotten(settings) -> None:
