@@ -495,8 +495,9 @@ def _job_ops(settings: Settings) -> list[Op]:
     result_params = (JOB_BATCH, JOB, Param("format", "query", {"type": "string"},
                                            "json (default), csv, or url: a signed link to the CSV, fetched without "
                                            "the key"),
-                     Param("expires_in", "query", {"type": "string", "pattern": "^[0-9]{1,12}$"},
-                           "format=url: seconds the link lives (default FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS)
+                     Param("expires_in", "query", {"type": "string", "pattern": "^([0-9]{1,12})?$"},
+                           "format=url: seconds the link lives (at most FILEDROP_MAX_URL_TTL; blank or absent: "
+                           "FILEDROP_DOWNLOAD_URL_TTL)"), *SIGNED_PARAMS)
     return [
         Op("POST", "/api/batch/{batch_id}/start", "startJob",
            "Start a smartlink job: one HTML page per data row, published under /<batch_id>/",

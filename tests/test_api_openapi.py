@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta
 
 import schemathesis
 
 from server.app import create_app
 from server.config import Settings
+from server.db import utcnow
 from server.keys import SIGNED_ROUTES
 from server.openapi import EXECUTE_OPERATIONS, build
 from server.signing import EXPIRES, KID, SIGNATURE
 from tests.conftest import AUTH
+from tests.support.jobs import SEED_ROWS, SEED_TEMPLATE, start_ok, wait_job
 from tests.support.server import REPO
 
 
@@ -198,3 +201,29 @@ def test_schemathesis_loads_it_and_sees_every_operation(settings: Settings) -> N
     count = sum(len(ops) for ops in doc["paths"].values())
     ops = [result.ok() for result in schema.get_all_operations()]
     assert len(ops) == count
+
+
+async def test_a_blank_expires_in_means_the_default_to_the_document_and_the_server(client, settings: Settings) -> None:
+    """The server takes a blank ``expires_in`` as an absent one (the default life; passed over
+    without format=url on /result): every place the document has it accepts a blank too, or a
+    client that follows the document refuses what the server takes (and schemathesis sends it as
+    invalid data, expecting a 4xx)."""
+    doc = build(settings)
+    patterns = {(method, path): p["schema"]["pattern"] for path, ops in doc["paths"].items()
+                for method, op in ops.items() for p in op.get("parameters", []) if p["name"] == "expires_in"}
+    patterns["StartForm", ""] = doc["components"]["schemas"]["StartForm"]["properties"]["expires_in"]["pattern"]
+    result = "/api/batch/{batch_id}/{job_id}/result"
+    assert ("get", result) in patterns and ("head", result) in patterns
+    assert [k for k, pattern in patterns.items() if not re.search(pattern, "")] == []
+    assert [k for k, pattern in patterns.items() if re.search(pattern, "x") or not re.search(pattern, "60")] == []
+    job = await start_ok(client, "blankexp", SEED_TEMPLATE, SEED_ROWS)
+    await wait_job(client, "blankexp", job["job_id"])
+    path = result.format(batch_id="blankexp", job_id=job["job_id"])
+    before = utcnow().replace(microsecond=0)
+    r = await client.get(f"{path}?format=url&expires_in=", headers=AUTH)
+    assert r.status == 200, await r.text()
+    expires = datetime.fromisoformat((await r.json())["expires"].rstrip("Z"))
+    assert before + timedelta(seconds=settings.download_url_ttl) <= expires
+    assert expires <= utcnow() + timedelta(seconds=settings.download_url_ttl + 1)
+    r = await client.get(f"{path}?expires_in=", headers=AUTH)
+    assert r.status == 200 and (await r.json())["rows"], await r.text()
