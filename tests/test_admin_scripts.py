@@ -1,9 +1,12 @@
-"""scripts/drop-batch and scripts/cleanup from a checkout, and the progress bar on a terminal."""
+"""scripts/drop-batch and scripts/cleanup from a checkout, scripts/run's data dir, and the progress
+bar on a terminal."""
 
 from __future__ import annotations
 
 import os
 import pty
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ from tests.support.disk_state import (
     table,
 )
 from tests.support.server import REPO
+from tests.support.waiting import free_port
 
 
 def test_wrappers_run_from_any_directory_with_relative_data_dir(settings: Settings, tmp_path: Path) -> None:
@@ -42,6 +46,29 @@ def test_wrappers_run_from_any_directory_with_relative_data_dir(settings: Settin
     r = run(str(REPO / "scripts" / "cleanup"))
     assert r.returncode == 0 and batch_state(settings, "stale") is None
     assert "alembic" not in r.stderr  # only admin steps are logged
+
+
+def test_run_reads_a_relative_data_dir_from_the_callers_directory(tmp_path: Path) -> None:
+    """scripts/run, like the admin wrappers, takes a relative FILEDROP_DATA_DIR from where it is
+    called, not from the checkout it changes into: its set-up migrates that directory's database
+    and keeps the dev key there. A busy port stops it before anything starts."""
+    rel = f"var-{tmp_path.name}"  # made in the checkout if it were read from there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    port = free_port()
+    env.update(FILEDROP_DATA_DIR=rel, FILEDROP_HTTP_PORT=str(port), FILEDROP_PAGE_PORT=str(free_port()),
+               FILEDROP_APP_PORT=str(free_port()))
+    try:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            r = subprocess.run([str(REPO / "scripts" / "run")], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=180)
+        assert r.returncode == 1 and f"127.0.0.1:{port}: the port is in use" in r.stderr, r.stderr
+        assert not (REPO / rel).exists()
+        data = tmp_path / rel
+        assert (data / "filedrop.sqlite3").is_file() and (data / "dev-api-key").is_file()
+    finally:
+        shutil.rmtree(REPO / rel, ignore_errors=True)
 
 
 def on_terminal(settings: Settings, *args: str) -> tuple[int, str, str]:
