@@ -142,7 +142,7 @@ def setup_routes(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     # client_max_size guards only read()/json(); streamed upload bodies are limited by the
-    # upload service itself (max_chunk_size).
+    # upload service itself (max_chunk_size). Over it: errors.BodyTooLarge, which names this sum.
     app = web.Application(
         middlewares=[error_middleware, stopping_middleware, auth_middleware],
         client_max_size=max(settings.max_data_size, 1 << 20) + (1 << 20),

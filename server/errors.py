@@ -10,6 +10,7 @@
     ├── Conflict              409  ERR_BATCH_CLOSED, ERR_JOB_RUNNING, ERR_DATA_RECEIVED, ...
     │   └── KeyNameTaken           ERR_KEY_NAME_TAKEN (CLI)
     ├── PayloadTooLarge       413  ERR_*_TOO_LARGE
+    │   └── BodyTooLarge           ERR_TOO_LARGE (a body read whole over aiohttp's client_max_size)
     ├── Unprocessable         422  ERR_FIELD_INVALID (message names the field)
     ├── InsufficientStorage   507  ERR_DISK_FULL
     ├── ServiceUnavailable    503  ERR_SERVER_SHUTTING_DOWN, ERR_SERVER_BUSY (retryable; Retry-After)
@@ -158,6 +159,18 @@ class TemplateTooLarge(PayloadTooLarge):
 
 class FieldTooLarge(PayloadTooLarge):
     code = "ERR_FIELD_TOO_LARGE"
+
+
+class BodyTooLarge(PayloadTooLarge):
+    """A body read whole (an execute's JSON) over aiohttp's ``client_max_size``, which app.py
+    sets from FILEDROP_MAX_DATA_SIZE: aiohttp's own message names no setting. NGINX lets such a
+    body through (up to FILEDROP_MAX_CHUNK_SIZE under /api/v1/), so this is what a client sees."""
+
+    code = "ERR_TOO_LARGE"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over the {limit}-byte limit of an execute body (FILEDROP_MAX_DATA_SIZE, "
+                         "at least 1 MiB, + 1 MiB)")
 
 
 # -- the upload API's errors, one class per code (raised by name) -----------------------------
@@ -362,6 +375,8 @@ async def error_middleware(
         return await handler(request)
     except FiledropError as e:
         return answer(e)
+    except web.HTTPRequestEntityTooLarge:
+        return answer(BodyTooLarge(request.client_max_size))
     except web.HTTPException as e:
         if e.status < 400 or e.status == 401:
             raise

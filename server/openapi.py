@@ -338,7 +338,8 @@ EXECUTE_ERRORS: dict[int, Answer] = {
                "`%2e%2e`).", "ERR_BATCH_NOT_FOUND", "ERR_FILE_NOT_FOUND", "ERR_FILE_INCOMPLETE",
                "ERR_OPERATION_NOT_FOUND", "ERR_NOT_FOUND"),
     409: error("The operation conflicts with a running job.", "ERR_JOB_RUNNING", "ERR_BATCH_TAKEN"),
-    413: error("An input of the operation is over its limit.", "ERR_DATA_TOO_LARGE", "ERR_TOO_LARGE"),
+    413: error("An input of the operation is over its limit, or the body is over FILEDROP_MAX_DATA_SIZE (at "
+               "least 1 MiB) + 1 MiB.", "ERR_DATA_TOO_LARGE", "ERR_TOO_LARGE"),
     422: error("A parameter of the operation is invalid (`field` names it).", "ERR_FIELD_INVALID"),
 }
 VOID = Answer("X-NXVoidOperation: true: done, nothing to say.")
