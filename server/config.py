@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +117,12 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "callback_secret": ("", "HMAC-SHA256 secret for X-Filedrop-Signature (empty: a random one per start)."),
     "upload_url_ttl": ("8h", "How long a signed upload URL (a job's `upload_URL`, a presigned upload) lives unless `expires_in` says otherwise."),
     "download_url_ttl": ("1h", "How long a signed result download URL (`result?format=url`) lives unless `expires_in` says otherwise."),
-    "max_url_ttl": ("7d", "Longest `expires_in` a signed URL may be given (and the ceiling of the two defaults above). Over: 422."),
+    "max_url_ttl": ("7d", "Longest `expires_in` a signed URL may be given (and the ceiling of the two defaults above, and the life of a job e-mail's result link). Over: 422."),
     "callback_retries": ("5", "Attempts to deliver a job callback (and a job's e-mail) before giving up."),
     "callback_backoff": ("1", "First retry delay in seconds; doubles each attempt."),
     "smtp_host": ("127.0.0.1", "SMTP server for job e-mails."),
     "smtp_port": ("25", "SMTP port."),
-    "smtp_from": ("filedrop@localhost", "From address of job e-mails."),
+    "smtp_from": ("filedrop@localhost", "From address of job e-mails (name@host, or Name <name@host>)."),
     "job_retention": ("30d", "Finished jobs older than this are removed by cleanup."),
     "janitor_interval": ("10m", "How often the in-server janitor runs (0 disables it)."),
     "janitor_smartlinks": ("0", "1: the in-server janitor also removes smartlinks, as `cleanup --smartlinks` does (an "
@@ -372,6 +373,12 @@ def _convert(name: str, raw: str) -> Any:
             raise ValueError(f"{raw!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0 or ::): NGINX listens on an "
                              "address, not a host name")
         return host
+    if name == "smtp_from":
+        # One address (a display name allowed): it becomes the From header and the envelope's
+        # sender; a line break in it cut every message's headers short (or every send failed).
+        if any(c in raw for c in "\r\n") or "@" not in parseaddr(raw.strip())[1]:
+            raise ValueError(f"{raw!r} is not an e-mail address (name@host, or Name <name@host>)")
+        return raw.strip()
     if name == "database_url":
         return check_database_url(raw.strip()) if raw.strip() else ""
     if name in ("api_keys", "fetch_allow"):

@@ -600,7 +600,8 @@ def _common(settings: Settings, public: bool) -> dict[int, Answer]:
         504: error("The app did not answer in time (NGINX).", "ERR_APP_TIMEOUT"),
     }
     if not public:
-        out[401] = Answer("No valid key: an empty body.", None, headers={
+        out[401] = Answer("No valid key: an empty body; `WWW-Authenticate` only to a program, never to a browser "
+                          "(a `Sec-Fetch-*` header, or a `User-Agent` starting with `Mozilla/`).", None, headers={
             "WWW-Authenticate": 'Basic realm="filedrop"'})
     return out
 

@@ -129,10 +129,17 @@ def test_the_long_running_processes_check_the_schema_without_alembic(tmp_path: P
 
 @pytest.mark.parametrize("name,value", [("WORKERS", "-1"), ("APP_PORT", "70000"),
                                         ("MAX_FILES_PER_BATCH", "-5"), ("MAX_NUMBER_DIGITS", "639"), ("RENDER_MEMORY", "1M"), ("RENDER_TIMEOUT", "0"),
-                                        ("MAX_CHUNK_SIZE", "-1"), ("MAX_CHUNK_SIZE", "0"), ("BATCH_TTL", "soon")])
+                                        ("MAX_CHUNK_SIZE", "-1"), ("MAX_CHUNK_SIZE", "0"), ("BATCH_TTL", "soon"),
+                                        ("SMTP_FROM", "me@example.com\nBcc: x@example.com"), ("SMTP_FROM", "me@example.com\n"),
+                                        ("SMTP_FROM", "nobody"), ("SMTP_FROM", "")])
 def test_out_of_range_setting_is_refused_naming_it(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"FILEDROP_{name}"):
         Settings.from_env({f"FILEDROP_{name}": value})
+
+
+@pytest.mark.parametrize("value", ["filedrop@localhost", "Filedrop <jobs@example.com>", " jobs@example.com "])
+def test_an_e_mail_address_is_taken_as_smtp_from(value: str) -> None:
+    assert Settings.from_env({"FILEDROP_SMTP_FROM": value}).smtp_from == value.strip()
 
 
 def test_job_form_limit_is_what_nginx_allows_for_a_start() -> None:

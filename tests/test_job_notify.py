@@ -22,6 +22,7 @@ from server.db.job_models import Job
 from server.keys import JOBS
 from tests.support.database import connect
 from tests.support.jobs import (
+    AUTH,
     SEED_ROWS,
     SEED_TEMPLATE,
     callback_receiver,
@@ -285,13 +286,17 @@ async def test_a_database_fault_while_notifying_does_not_leave_it_sending(client
 
 
 async def test_a_fault_of_ours_while_notifying_ends_it_failed(aiohttp_client, settings, caplog) -> None:
-    """An exception of another kind after the e-mail was taken (here a From that the settings
-    take but no e-mail header can: a linefeed inside) left it `sending` for ever. Sent again it
-    would fail again: it is recorded `failed`, with the traceback in the log (our fault)."""
+    """An exception of another kind after the e-mail was taken (here a From no e-mail header can
+    hold: a linefeed inside) left it `sending` for ever. Sent again it would fail again: it is
+    recorded `failed`, with the traceback in the log (our fault). The settings refuse such a From
+    (FILEDROP_SMTP_FROM), so it is given to this app's own Settings past them, and the job, with
+    no worker to run it (they would read the settings again), is ended by a cancel."""
     async with smtp_server() as (port, smtp):
         client = await aiohttp_client(create_app(settings.replace(
-            smtp_port=port, smtp_from="jobs@filedrop.test\nBcc: x@example.com")))
+            workers=0, smtp_port=port, smtp_from="jobs@filedrop.test\nBcc: x@example.com")))
         job = await start_ok(client, "mailfault", SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
+        r = await client.post(f"/api/batch/mailfault/{job['job_id']}/cancel", headers=AUTH)
+        assert r.status == 200 and (await r.json())["status"] == "Cancelled"
         await client.app[JOBS].notified(job["job_id"], timeout=30)
     assert smtp.messages == []
     assert job_row(settings, job["job_id"])[1] == "failed"
