@@ -15,7 +15,15 @@ from aiohttp import web
 from server.app import create_app
 from server.jobs.assets import Assets, JobRef
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
-from tests.support.jobs import asset_server, get_json, rows, serve, start_ok, wait_job
+from tests.support.jobs import (
+    MALFORMED_URLS,
+    asset_server,
+    get_json,
+    rows,
+    serve,
+    start_ok,
+    wait_job,
+)
 
 
 @pytest.fixture
@@ -116,13 +124,7 @@ async def test_document_id_fetched_from_api_url(client, settings) -> None:
 # Malformed URLs that check_url let out as a ValueError or UnicodeError (urlsplit, `parts.port`,
 # the idna codec inside getaddrinfo), not as the guard's refusal: a worker handed such a row's
 # claim back uncounted and claimed it again every second, the job In progress for ever.
-MALFORMED = {
-    "port out of range": ("https://cdn.example.com:99999/a", "Port out of range 0-65535"),
-    "port not a number": ("https://cdn.example.com:port/a", "Port could not be cast to integer"),
-    "unbalanced bracket": ("http://[::1/a", "Invalid IPv6 URL"),
-    "empty label": ("https://cdn..example.com/a", "label empty or too long"),
-    "label over 63": (f"https://{'a' * 64}.example.com/a", "label empty or too long"),
-}
+MALFORMED = {case: (url + "a", reason) for case, (url, reason) in MALFORMED_URLS.items()}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))

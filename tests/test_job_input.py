@@ -15,6 +15,7 @@ from server.app import create_app
 from tests.conftest import OTHER_KEY
 from tests.support.jobs import (
     AUTH,
+    MALFORMED_URLS,
     SEED_ROWS,
     SEED_TEMPLATE,
     get_json,
@@ -240,25 +241,18 @@ async def test_generate_params_not_an_object_is_a_422(client, settings, value) -
 
 # URLs whose host or port the fetch guard could not parse: its ValueError/UnicodeError escaped as
 # a 500 with a traceback (callback_url's port and brackets were already checked with the options).
-BAD_URLS = {
-    "port out of range": ("https://cdn.example.com:99999/", "Port out of range 0-65535"),
-    "port not a number": ("https://cdn.example.com:port/", "Port could not be cast to integer"),
-    "unbalanced bracket": ("http://[::1/", "Invalid IPv6 URL"),
-    "empty label": ("https://cdn..example.com/", "label empty or too long"),
-    "label over 63": (f"https://{'a' * 64}.example.com/", "label empty or too long"),
-}
 
 
-@pytest.mark.parametrize("case", list(BAD_URLS))
+@pytest.mark.parametrize("case", list(MALFORMED_URLS))
 async def test_a_malformed_callback_url_is_422(client, settings, case: str) -> None:
-    url, reason = BAD_URLS[case]
+    url, reason = MALFORMED_URLS[case]
     body = await refused(client, settings, "callback_url", callback_url=url + "hook")
     assert reason in body["message"], body
 
 
-@pytest.mark.parametrize("case", list(BAD_URLS))
+@pytest.mark.parametrize("case", list(MALFORMED_URLS))
 async def test_a_malformed_api_url_is_422(client, settings, case: str) -> None:
-    url, reason = BAD_URLS[case]
+    url, reason = MALFORMED_URLS[case]
     body = await refused(client, settings, "api_url", template=None, document_id="tpl-1", api_url=url + "docs/")
     assert body["message"].startswith("api_url: cannot fetch the master smartlink: refused:"), body
     assert reason in body["message"], body

@@ -38,6 +38,17 @@ SEED_ROWS: list[dict[str, Any]] = [
 ]
 
 
+# URLs whose host or port the fetch guard once could not parse (urlsplit, the port, the idna codec
+# inside getaddrinfo), with what its refusal says: each ends in "/", a test adds its path.
+MALFORMED_URLS = {
+    "port out of range": ("https://cdn.example.com:99999/", "Port out of range 0-65535"),
+    "port not a number": ("https://cdn.example.com:port/", "Port could not be cast to integer"),
+    "unbalanced bracket": ("http://[::1/", "Invalid IPv6 URL"),
+    "empty label": ("https://cdn..example.com/", "label empty or too long"),
+    "label over 63": (f"https://{'a' * 64}.example.com/", "label empty or too long"),
+}
+
+
 def rows(n: int, prefix: str = "ref") -> list[dict[str, Any]]:
     return [{"reference_id": f"{prefix}{i:06d}", "suffix": f"s{i:020d}", "data": {"n": i}} for i in range(n)]
 
