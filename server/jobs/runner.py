@@ -119,9 +119,15 @@ class RowRunner:
             if time.monotonic() >= next_check:
                 await self._check()
                 next_check = time.monotonic() + CHECK
+            # Rows done and not yet published are published FLUSH_SECONDS after the last flush
+            # even when no other answer comes meanwhile (a row slower than that would otherwise
+            # hold the one before it back, and the counts would move every second row).
+            flush_at = self.buf.since + FLUSH_SECONDS if self.buf.pages or self.buf.out else deadline
             try:
-                header, blobs = await child.recv(max(0.0, min(deadline, next_check) - time.monotonic()))
+                header, blobs = await child.recv(max(0.0, min(deadline, next_check, flush_at) - time.monotonic()))
             except TimeoutError:
+                if self.buf.due():
+                    await self._flush()
                 now_at = child.progress()
                 if now_at != seen:  # the child moved on to another row: its time starts now
                     seen, deadline = now_at, time.monotonic() + self.timeout
