@@ -66,7 +66,7 @@ class NginxProcess:
         self.prefix = prefix
         self.settings = settings
         self.port = port
-        self.page_port = page_port or free_port()
+        self.page_port = page_port or free_port(port, *settings.app_ports)
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = nginx_conf.render(settings, prefix, listen=f"127.0.0.1:{port}",
                                       page_listen=f"127.0.0.1:{self.page_port}")
@@ -146,7 +146,7 @@ class NginxFactory:
         give one when the app must know it beforehand, e.g. for FILEDROP_PUBLIC_URL)."""
         for _attempt in range(1 if http_port else 3):
             port = http_port or free_port()
-            s = settings.replace(http_port=port, app_host="127.0.0.1", app_port=app_port or free_port())
+            s = settings.replace(http_port=port, app_host="127.0.0.1", app_port=app_port or free_port(port))
             proc = NginxProcess(self.base / f"nginx-{len(self.started)}", s, port)
             self.started.append(proc)
             try:

@@ -12,10 +12,16 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(*avoid: int) -> int:
+    """A port free on 127.0.0.1 now, none of ``avoid``: the kernel may hand out a port again as
+    soon as its socket is closed, so two calls in a row can return the same one."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+    raise AssertionError(f"no free port other than {avoid} in 50 tries")
 
 
 def free_ports_in_a_row(n: int) -> int:
