@@ -259,6 +259,13 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
     receiver = _Receiver()
     try:
         n = 5000
+        # Who to kill is looked up first: between the first 300 pages and the kills the job
+        # must not end (on a loaded machine these lookups took long enough once).
+        workers = wait_until(lambda: w if len(w := s.children("server worker")) == WORKERS else None,
+                             timeout=30, what=f"{WORKERS} workers")
+        notifier = wait_until(lambda: _notifier_pid(database), timeout=30, what="the notifier lock's holder")
+        apps = s.children("server serve")
+        assert notifier in apps, (notifier, apps)
         job_id = start_rows_job(s.url, "big", n, callback_url=receiver.url)
         out_dir = s.data / "smartlinks" / "big"
 
@@ -266,11 +273,7 @@ def test_5000_row_job_survives_kill_9_of_a_worker_and_an_app_process(stack: Any,
             return sum(1 for p in out_dir.iterdir() if p.name.endswith(".html")) if out_dir.exists() else 0
 
         wait_until(lambda: pages() >= 300, timeout=120, interval=0.05, what="the first 300 pages")
-        workers = s.children("server worker")
-        assert len(workers) == WORKERS, workers
-        notifier = wait_until(lambda: _notifier_pid(database), timeout=30, what="the notifier lock's holder")
-        apps = s.children("server serve")
-        assert notifier in apps, (notifier, apps)
+        assert s.children("server worker") == workers and _notifier_pid(database) == notifier
         os.kill(workers[0], signal.SIGKILL)
         os.kill(notifier, signal.SIGKILL)
         at_kill = pages()
