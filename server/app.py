@@ -76,7 +76,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[UPLOADS].recorder.ledger.readers = reading_job_in  # nor replaced by a whole-file upload
     if await job_queries.running_jobs(db):
         pool.ensure_started()
-    notifier = Notifier(db, settings, fetcher)  # sends only while it holds the notifier lock
+    notifier = Notifier(db, settings, fetcher, app[SIGNER])  # sends only while it holds the notifier lock
     notifying = asyncio.create_task(notifier.run(), name="job-notifications")
     # Jobs that waited for data past their upload URL's expiry end Expired (then are notified).
     expiring = asyncio.create_task(expire_loop(db, notifier.wake), name="job-data-expiry")

@@ -168,12 +168,21 @@ class SigningKeys:
                                            key=lambda k: (k.created_at, k.kid))
 
 
+RESULT_PATH = "/api/batch/{batch_id}/{job_id}/result"  # a job's result; its signed link takes format=csv
+
+
 class Signer:
     """Makes and checks signed URLs under ``public_url`` (``FILEDROP_PUBLIC_URL``)."""
 
     def __init__(self, keys: SigningKeys, public_url: str) -> None:
         self.keys = keys
         self.public_url = public_url.rstrip("/")
+
+    async def result_link(self, batch_id: str, job_id: str, owner: str, expires: datetime) -> Link:
+        """The signed download of a job's result as CSV: ``?format=url``'s answer and the job
+        e-mail's link."""
+        return await self.link("GET", RESULT_PATH.format(batch_id=batch_id, job_id=job_id), owner, expires,
+                               {"format": "csv"})
 
     async def link(self, method: str, path: str, owner: str, expires: datetime,
                    params: dict[str, str] | None = None) -> Link:

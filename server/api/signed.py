@@ -31,12 +31,11 @@ from server.errors import BatchNotFound, DataTooLarge
 from server.jobs.results import SUFFIX
 from server.jobs.states import iso
 from server.keys import DATABASE, JOBS, OWNER, SETTINGS, SIGNER, OwnerLookup
-from server.signing import Link, expiry_after, parse_expires_in
+from server.signing import RESULT_PATH, Link, expiry_after, parse_expires_in
 
 ACCEL_HEADER = "X-Filedrop-Accel"  # set by nginx.conf on every proxied request (a client's is replaced)
 ACCEL_RESULTS = "/.filedrop/results/"  # nginx.conf's internal location over <data_dir>/results/
 DATA_PATH = "/api/batch/{batch_id}/{job_id}/data"
-RESULT_PATH = "/api/batch/{batch_id}/{job_id}/result"
 UPLOAD_PATH = "/api/v1/upload/{batch_id}/{file_idx}"
 
 
@@ -97,8 +96,7 @@ async def result_url(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     ttl = parse_expires_in(request.query.get("expires_in"), settings.download_url_ttl, settings.max_url_ttl)
     await request.app[JOBS].result_file(request[OWNER], m["batch_id"], m["job_id"])  # ended? (and the file made)
-    link = await request.app[SIGNER].link("GET", RESULT_PATH.format(batch_id=m["batch_id"], job_id=m["job_id"]),
-                                          request[OWNER], expiry_after(ttl), {"format": "csv"})
+    link = await request.app[SIGNER].result_link(m["batch_id"], m["job_id"], request[OWNER], expiry_after(ttl))
     return _json(link_body(link, "download_url"))
 
 

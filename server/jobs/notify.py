@@ -36,7 +36,7 @@ from server.db.job_models import Job
 from server.jobs import queries
 from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.states import FINISHED, job_json
-from server.signing import Link, Signer, SigningKeys, expiry_after
+from server.signing import Link, Signer, expiry_after
 
 log = logging.getLogger("filedrop.jobs.notify")
 
@@ -197,12 +197,11 @@ class Notifier:
     STANDBY_POLL = 1.0
     PARALLEL = 16
 
-    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher) -> None:
+    def __init__(self, db: Database, settings: Settings, fetcher: Fetcher, signer: Signer) -> None:
         self.db = db
         self.settings = settings
         self.fetcher = fetcher
-        # The app's signer is made the same way: the keys are the database's, not a process's.
-        self.signer = Signer(SigningKeys(db), settings.public_url)
+        self.signer = signer  # the app's: one cache of the signing keys per process
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -225,8 +224,7 @@ class Notifier:
         if job.finished is not None:
             expires = min(expires, (job.finished + timedelta(seconds=self.settings.job_retention))
                           .replace(microsecond=0))
-        return await self.signer.link("GET", f"/api/batch/{job.batch_id}/{job.job_id}/result", job.owner,
-                                      expires, {"format": "csv"})
+        return await self.signer.result_link(job.batch_id, job.job_id, job.owner, expires)
 
     async def recover(self) -> None:
         """As the lock is taken: what a dead holder left ``sending`` is sent again."""
