@@ -4,9 +4,12 @@ and no longer outside the repository."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from server.config import Settings
@@ -60,6 +63,13 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
     # Signed URLs (issue 11): the second PUT and a changed URL refused, the CSV downloaded keyless.
     assert "Waiting for data\n" in out and '"code": "ERR_DATA_RECEIVED"' in out and '"code": "ERR_URL_INVALID"' in out
     assert "reference_id,suffix,url,status,error\n5ef3501829bf41003d6da7b4," in out
+    # Every job the walkthrough starts renders all its rows: an example that leaves out a part the
+    # template needs (`params.invoice`) would end "Completed with errors" where no output shows it.
+    ended = _jobs_of_the_walkthrough(front.url)
+    assert len(ended) >= 5, ended
+    unfinished = {n: (j["status"], j["succeededCount"], j["erroredCount"]) for n, j in ended.items()
+                  if j["status"] != "Completed" or j["erroredCount"]}
+    assert not unfinished, f"walkthrough jobs that did not render every row: {unfinished}"
     # The Python client example, with the key and the file the blocks made.
     (python,) = blocks("python")
     code = f"KEY = {API_KEY!r}\n" + python.replace("http://127.0.0.1:8080", front.url) + \
@@ -68,6 +78,27 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     log = srv.log_path.read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
+
+
+def _jobs_of_the_walkthrough(base: str, timeout: float = 30.0) -> dict[str, dict]:
+    """The last job of every smartlink batch docs/api.md names, once none of them is running."""
+    text = API_DOC.read_text()
+    names = set(re.findall(r"\$H/api/batch/([A-Za-z0-9][A-Za-z0-9_-]*)/", text))
+    names |= set(re.findall(r'"batch_id": "([A-Za-z0-9][A-Za-z0-9_-]*)"', text))
+    names -= {"my-first-batch"}  # the README's job example, not a call
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {}
+        for name in sorted(names):
+            req = urllib.request.Request(f"{base}/api/batch/{name}/jobs", headers={"X-API-Key": API_KEY})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                listed = json.load(r)["jobs"]
+            if listed:
+                jobs[name] = listed[0]
+        running = [j for j in jobs.values() if j["status"] in ("Queued", "In progress", "Waiting for data")]
+        if not running or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
 
 
 def test_readme_links_the_docs_and_nothing_outside_the_repository() -> None:
