@@ -59,6 +59,10 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
     assert 'WWW-Authenticate: Basic realm="filedrop"' in out
     assert "Completed\n" in out  # the job finished, all rows rendered (not "Completed with errors")
     assert "<h1>Client 240 000 009 425</h1>" in out and "(EUR)" in out  # the page, through NGINX
+    # The page begins as docs/smartlinks.md shows it (its template has no styles).
+    (page,) = re.findall(r"^```html\n(.*?)^```", (REPO / "docs" / "smartlinks.md").read_text(), re.S | re.M)
+    head = "\n".join(page.splitlines()[:6]) + "\n"
+    assert "<title>Invoice 240 000 009 425</title>" in head and head in out, head
     assert '"uploadedChunkIds": [0, 1, 2]' in out and '"status": "Queued"' in out
     # Signed URLs (issue 11): the second PUT and a changed URL refused, the CSV downloaded keyless.
     assert "Waiting for data\n" in out and '"code": "ERR_DATA_RECEIVED"' in out and '"code": "ERR_URL_INVALID"' in out
