@@ -503,7 +503,8 @@ def _job_ops(settings: Settings) -> list[Op]:
         Op("POST", "/api/batch/{batch_id}/start", "startJob",
            "Start a smartlink job: one HTML page per data row, published under /<batch_id>/",
            {202: Answer("The new job.", ref("Job")),
-            200: Answer("Identical inputs to the batch's running job: that job.", ref("Job")),
+            200: Answer("Identical inputs to the batch's running job: that job (one Waiting for data with its "
+                        "upload_URL and expires again).", {"anyOf": [ref("WaitingJob"), ref("Job")]}),
             400: error("A malformed request.", "ERR_REQUEST_INVALID"),
             201: Answer("data_upload=url: the new job, Waiting for data, with its upload_URL.", ref("WaitingJob")),
             409: error("The batch has a running job with other inputs, or belongs to another key.",

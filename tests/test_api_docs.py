@@ -111,3 +111,31 @@ def test_readme_links_the_docs_and_nothing_outside_the_repository() -> None:
     for doc in (readme, API_DOC.read_text(), (REPO / "docs" / "smartlinks.md").read_text()):
         assert "../shared" not in doc and "/work/shared" not in doc and "shared/SMARTLINK" not in doc
     assert 'pip install "nuxeo[oauth2]==7.1.0" packaging' in API_DOC.read_text()
+
+
+def _fields_named(doc: dict, schema: dict) -> set[str]:  # type: ignore[type-arg]
+    """Every property name a response schema (its refs, allOf/anyOf/oneOf) can give."""
+    if "$ref" in schema:
+        return _fields_named(doc, doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]])
+    names = set(schema.get("properties", {}))
+    for key in ("allOf", "anyOf", "oneOf"):
+        for part in schema.get(key, []):
+            names |= _fields_named(doc, part)
+    return names
+
+
+async def test_an_identical_start_of_a_waiting_job_is_the_documented_200(client, settings: Settings) -> None:
+    """README (Signed URLs, Statuses): an identical start of a job `Waiting for data` answers 200
+    with that job and its URL again. The served OpenAPI document must describe that answer's
+    fields, or a client generated from it drops the URL."""
+    from tests.support.jobs import SEED_TEMPLATE, start
+
+    first = await start(client, "docs-waiting", SEED_TEMPLATE, None, data_upload="url")
+    assert first.status == 201, await first.text()
+    again = await start(client, "docs-waiting", SEED_TEMPLATE, None, data_upload="url")
+    body = await again.json()
+    assert again.status == 200 and body["upload_URL"] and body["expires"], body
+    doc = await (await client.get("/api/openapi.json")).json()
+    answer = doc["paths"]["/api/batch/{batch_id}/start"]["post"]["responses"]["200"]
+    documented = _fields_named(doc, answer["content"]["application/json"]["schema"])
+    assert set(body) <= documented, f"startJob's 200 does not document {set(body) - documented}"
