@@ -312,7 +312,8 @@ async def test_execute_smartlinks_generate_publishes_batch_pdf(client, settings)
     assert (d / "withpdf.abcdefghijklmnopq.pdf").read_bytes() == PDF
     assert "href='withpdf.abcdefghijklmnopq.pdf'" in (d / "withpdf.abcdefghijklmnopq.html").read_text()
     result = (await get_json(client, f"/api/batch/{batch}/{job['job_id']}/result"))["rows"]
-    assert result[1]["status"] == "errored" and "batch:9" in result[1]["error"]
+    assert result[1]["status"] == "errored"
+    assert result[1]["error"] == f"batch:9: file 9 of batch {batch} not found", result[1]["error"]
     # the upload batch was kept for the job (not dropped by execute)
     r = await client.get(f"/api/v1/upload/{batch}", headers=AUTH)
     assert r.status == 200

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.config import Settings
+from server.errors import FiledropError
 from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.render import Asset
 
@@ -88,9 +89,10 @@ class Assets:
             return Asset(error=f"{key}: this job has no upload batch")
         try:
             info = await self.files.open_file(job.owner, job.upload_batch_id, idx)
+        except FiledropError as e:  # its message names the file and the batch
+            return Asset(error=f"{key}: {e.message}")
         except Exception as e:
-            msg = getattr(e, "message", None) or str(e)
-            return Asset(error=f"{key}: file {idx} of upload batch {job.upload_batch_id}: {msg}")
+            return Asset(error=f"{key}: file {idx} of upload batch {job.upload_batch_id}: {e}")
         return Asset(path=str(info.path), size=int(info.size))
 
     @contextlib.asynccontextmanager
