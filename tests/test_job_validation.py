@@ -274,6 +274,7 @@ async def test_a_part_the_start_does_not_take_is_refused_not_passed_over(client,
     job without the limit or callback its sender asked for, silently."""
     body = await refused(client, settings, 422, part, **{part: value})
     assert body["message"].startswith(f"{part!r} is not a start parameter (they are document_file, data, ")
+    assert body["message"].endswith(", batch_id (the path's) and param.<name> parts)"), body["message"]
 
 
 async def test_the_path_batch_id_may_also_be_a_part_as_seed_000_lists_it(client, settings) -> None:
@@ -308,6 +309,12 @@ async def test_a_part_given_twice_or_two_sources_of_one_input_are_refused(client
     body = await refused(client, settings, 422, "document_id", document_id="t1", api_url="https://example.com/t")
     assert body["message"] == "give either document_file or document_id with api_url, not both"
     assert_nothing_created(settings)
+
+
+async def test_a_long_bad_callback_email_is_not_echoed_whole(client, settings) -> None:
+    """A 70 KB value came back whole in the 422's message."""
+    body = await refused(client, settings, 422, "callback_emails", callback_emails="x" * 70_000)
+    assert body["message"] == f"callback_emails: {'x' * 100 + '…'!r} is not an e-mail address", body["message"][:300]
 
 
 async def test_more_than_50_callback_emails_is_a_fixed_limit_said_so(client, settings) -> None:

@@ -44,8 +44,8 @@ def _check_part_names(fields: dict[str, bytes], batch_id: str) -> None:
         if name == "batch_id":
             raise Unprocessable("batch_id is the path's (/api/batch/<batch_id>/start); this part names another",
                                 field="batch_id")
-        raise Unprocessable(f"{name[:64]!r} is not a start parameter (they are {', '.join(START_PARTS)} and "
-                            "param.<name> parts)", field=name[:64])
+        raise Unprocessable(f"{name[:64]!r} is not a start parameter (they are {', '.join(START_PARTS)}, "
+                            "batch_id (the path's) and param.<name> parts)", field=name[:64])
     # Two sources of one input: the second was passed over.
     if "data" in fields and "data_file" in fields:
         raise Unprocessable("give either data or data_file, not both", field="data_file")

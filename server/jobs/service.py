@@ -245,7 +245,8 @@ class JobService:
         emails = distinct_addresses((inp.callback_emails or "").split(","))
         for e in emails:
             if not EMAIL_RE.match(e):
-                raise Unprocessable(f"callback_emails: {e!r} is not an e-mail address", field="callback_emails")
+                raise Unprocessable(f"callback_emails: {(e[:100] + '…' if len(e) > 100 else e)!r} is not an e-mail "
+                                    "address", field="callback_emails")
         if len(emails) > MAX_EMAILS:
             raise Unprocessable(f"callback_emails: at most {MAX_EMAILS} addresses (a fixed limit, not a setting)",
                                 field="callback_emails")
