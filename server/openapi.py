@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.uploads import MEDIA_TYPE
 from server.config import Settings
 from server.jobs.checker import CHECKS_WAITING
 from server.nginx import job_body_limit
@@ -88,13 +89,20 @@ RETRY_AFTER = {"Retry-After": "seconds to wait before retrying (every 503 carrie
 
 # --- schemas ------------------------------------------------------------------------------------
 
-UPLOAD_BATCH_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$",
+# Not starting with '.', no '..' anywhere (server.api.uploads.check_batch_id): each '.' is followed by
+# another character or ends the id. No lookahead: schemathesis (Hypothesis) generates from it.
+UPLOAD_BATCH_ID: Schema = {"type": "string", "minLength": 1, "maxLength": 128,
+                           "pattern": r"^[A-Za-z0-9_-](?:\.?[A-Za-z0-9_-])*\.?$",
                            "description": "1-128 of A-Z a-z 0-9 . _ -, not starting with '.', without '..'"}
 JOB_BATCH_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$",
                         "description": "1-128 of A-Z a-z 0-9 _ -, not starting with - or _ (a folder NGINX serves)"}
 FILE_IDX: Schema = {"type": "string", "pattern": "^[0-9]{1,9}$", "description": "a non-negative integer"}
 JOB_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 STRING_NUMBER: Schema = {"type": "string", "pattern": "^[0-9]+$"}
+# The legacy execute's params.fileIdx: a fileIdx as a string (spaces or tabs around it passed over)
+# or a number; null or absent: the whole batch.
+LEGACY_FILE_IDX: Schema = {"anyOf": [{"type": "string", "pattern": "^[ \t]*[0-9]{1,9}[ \t]*$"},
+                                     {"type": "integer", "minimum": 0, "maximum": 999_999_999}, {"type": "null"}]}
 TIME: Schema = {"type": ["string", "null"], "description": "UTC, milliseconds, Z (null: not yet)"}
 
 # What GET /api/limits answers (server/api/limits.py), all required.
@@ -293,7 +301,9 @@ FILE_HEADERS = (
            "the whole file's size; required when chunked. A whole file without it is its Content-Length, or, "
            "sent without one (Transfer-Encoding: chunked), its length up to 1 MiB (1048576 bytes); over that "
            "it is 400 ERR_FILE_SIZE_MISSING"),
-    header("X-File-Type", {"type": "string", "maxLength": 255}, "its MIME type"),
+    header("X-File-Type", {"type": "string", "maxLength": 255, "pattern": f"^{MEDIA_TYPE.pattern}$"},
+           "its media type (RFC 9110: type/subtype, ASCII tokens, optional ;name=value parameters); another "
+           "value is 400 ERR_FILE_TYPE_INVALID. Without it: guessed from the name, then Content-Type"),
     header("X-Upload-Type", {"enum": ["normal", "chunked"]}, "normal (default): the body is the whole file"),
     header("X-Upload-Chunk-Index", {"type": "integer", "minimum": 0}, "chunked: this chunk's index"),
     header("X-Upload-Chunk-Count", {"type": "integer", "minimum": 1},
@@ -453,8 +463,8 @@ def _upload_ops() -> list[Op]:
             202: Answer("The operation started a job.", ref("Job")), 204: VOID, **EXECUTE_ERRORS, 503: START_BUSY},
            EXECUTE_HEADERS, body={JSON: {"type": "object", "required": ["params"], "properties": {
                "params": {"type": "object", "required": ["operationId", "batchId"], "properties": {
-                   "operationId": {"type": "string"}, "batchId": UPLOAD_BATCH_ID,
-                   "fileIdx": {"type": ["string", "integer"]}}},
+                   "operationId": {"type": "string", "minLength": 1}, "batchId": UPLOAD_BATCH_ID,
+                   "fileIdx": LEGACY_FILE_IDX}},
                "context": {"type": ["object", "null"]}}}}, body_required=True, nuxeo=True),
     ]
 

@@ -227,3 +227,49 @@ async def test_a_blank_expires_in_means_the_default_to_the_document_and_the_serv
     assert expires <= utcnow() + timedelta(seconds=settings.download_url_ttl + 1)
     r = await client.get(f"{path}?expires_in=", headers=AUTH)
     assert r.status == 200 and (await r.json())["rows"], await r.text()
+
+
+def _param_schema(doc: dict, path: str, method: str, name: str) -> dict:  # type: ignore[type-arg]
+    params = doc["paths"][path][method]["parameters"]
+    return next(p["schema"] for p in params if p["name"] == name)
+
+
+async def test_what_the_document_admits_of_a_request_the_server_takes(client, settings: Settings) -> None:
+    """The request schemas say what the server refuses: a client (or schemathesis) that follows
+    the document never sends a value it calls valid only to get a 400. Each value below is
+    refused by the server; the document must refuse it too, and take its valid neighbour."""
+    import jsonschema_rs
+
+    doc = build(settings)
+    batch = (await (await client.post("/api/v1/upload", headers=AUTH)).json())["batchId"]
+    upload, legacy = "/api/v1/upload/{batch_id}/{file_idx}", "/site/automation/batch/upload"
+    wrong = []
+
+    def judge(what: str, schema: dict, value: object, status: int, valid: bool) -> None:  # type: ignore[type-arg]
+        admitted = jsonschema_rs.validator_for({**schema, "components": doc["components"]}).is_valid(value)
+        if admitted != valid or (status == 400) == valid:
+            wrong.append(f"{what} = {value!r}: the server answers {status}, the document "
+                         f"{'admits' if admitted else 'refuses'} it")
+
+    for value, valid in (("not a type", False), ("0" * 255, False), ("täxt/plain", False),
+                         ("text/plain; charset=utf-8", True)):
+        r = await client.post(f"/api/v1/upload/{batch}/0", data=b"abc",
+                              headers={**AUTH, "X-File-Name": "a.txt", "X-File-Type": value})
+        judge("X-File-Type", _param_schema(doc, upload, "post", "X-File-Type"), value, r.status, valid)
+    for value, valid in (("a..b", False), ("a.b", True)):
+        r = await client.get(f"/api/v1/upload/{value}", headers=AUTH)
+        judge("batch_id", _param_schema(doc, "/api/v1/upload/{batch_id}", "get", "batch_id"), value, r.status, valid)
+        r = await client.post(legacy, data=b"abc", headers={**AUTH, "X-Batch-Id": value, "X-File-Idx": "0",
+                                                             "X-File-Name": "a.txt"})
+        judge("X-Batch-Id", _param_schema(doc, legacy, "post", "X-Batch-Id"), value, r.status, valid)
+    body_schema = doc["paths"]["/site/automation/batch/execute"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    for params, valid in (({"operationId": "", "batchId": batch}, False),
+                          ({"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": ""}, False),
+                          ({"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": "x"}, False),
+                          ({"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": -1}, False),
+                          ({"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": "0"}, True)):
+        r = await client.post("/site/automation/batch/execute", json={"params": params},
+                              headers={**AUTH, "X-Batch-No-Drop": "true"})
+        judge("legacy execute params", body_schema, {"params": params}, r.status, valid)
+    assert not wrong, "the document and the server disagree:\n" + "\n".join(wrong)

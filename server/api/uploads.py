@@ -60,9 +60,10 @@ _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
 _NAME_REFUSED_CATEGORIES = ("Cf", "Zl", "Zp")
 _NAME_JOINERS = ("\u200c", "\u200d")
 # RFC 9110 media type: type "/" subtype *( OWS ";" OWS [ token "=" ( token / quoted-string ) ] ),
-# ASCII only (obs-text is for old senders, not for a type we store and serve back).
+# ASCII only (obs-text is for old senders, not for a type we store and serve back). The OpenAPI
+# document gives X-File-Type this pattern (server/openapi.py).
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|"
+MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|"
                          r'"(?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t \x21-\x7e])*"))?)*')
 _MAX_TYPE = 255  # characters of a file's type: the width of its column (batch_files.mimetype)
 _COUNT_MAX = 1 << 62
@@ -161,13 +162,13 @@ def file_type(request: web.Request, name: str) -> str:
     a guess it did not ask for); a Content-Type that is not one (or whose type is longer) is
     passed over as a form's is (it frames the body, and tools send one for any body)."""
     given = (one_header(request, "X-File-Type", FileTypeInvalid) or "").strip()
-    if given and (len(given) > _MAX_TYPE or not _MEDIA_TYPE.fullmatch(given)):
+    if given and (len(given) > _MAX_TYPE or not MEDIA_TYPE.fullmatch(given)):
         raise FileTypeInvalid(f"X-File-Type must be a media type of at most {_MAX_TYPE} characters: type/subtype, "
                               "ASCII tokens, optional ;name=value parameters (RFC 9110)")
     if not given:
         given = mimetypes.guess_type(name, strict=False)[0] or ""
     if not given and request.content_type not in _FORM_TYPES and len(request.content_type) <= _MAX_TYPE \
-            and _MEDIA_TYPE.fullmatch(request.headers.get("Content-Type", "").strip()):
+            and MEDIA_TYPE.fullmatch(request.headers.get("Content-Type", "").strip()):
         given = request.content_type
     return given or _DEFAULT_TYPE
 
