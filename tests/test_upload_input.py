@@ -325,3 +325,25 @@ async def test_a_file_idx_with_spaces_around_it_is_that_index(client) -> None:
     batch = await up.create()
     r = await client.post(up.url(f"/{batch}/%201%09"), data=b"abc", headers={**AUTH, "X-File-Name": "a"})
     assert r.status == 201 and (await r.json())["fileIdx"] == "1"
+
+
+async def test_a_legacy_x_file_idx_missing_or_malformed_is_400_naming_the_header(client) -> None:
+    """The legacy form's file index is a header: its 400 names it, as X-Batch-Id's does (it
+    said "fileIdx must be a non-negative integer", a name the request did not carry); nothing
+    is made (the first upload would have created the batch)."""
+    base = {**AUTH, **upload_headers("a.txt", 3), "X-Batch-Id": "legacy-idx"}
+    for value in (None, "x", "-1", "1234567890"):
+        h = base if value is None else {**base, "X-File-Idx": value}
+        body = await assert_error(await client.post("/site/automation/batch/upload", data=b"abc", headers=h),
+                                  400, "ERR_FILE_IDX_INVALID")
+        assert "X-File-Idx" in body["message"], body
+        assert ("required" in body["message"]) == (value is None), body
+    await assert_error(await client.get("/site/automation/batch/files/legacy-idx", headers=AUTH), 404,
+                       "ERR_BATCH_NOT_FOUND")
+    # The legacy execute's params.fileIdx is named as its params.batchId is.
+    r = await client.post("/api/v1/upload", headers=AUTH)
+    batch = (await r.json())["batchId"]
+    params = {"operationId": "Batch.Manifest", "batchId": batch, "fileIdx": "x"}
+    body = await assert_error(await client.post("/site/automation/batch/execute", json={"params": params},
+                                                headers=AUTH), 400, "ERR_FILE_IDX_INVALID")
+    assert "params.fileIdx" in body["message"], body

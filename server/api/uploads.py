@@ -93,13 +93,16 @@ def one_header(request: web.Request, header: str, invalid: type[FiledropError]) 
     return values[0] if values else None
 
 
-def parse_file_idx(value: str | None) -> int:
-    """A fileIdx (path segment, ``X-File-Idx``, legacy ``params.fileIdx``): ASCII digits, with
-    spaces or tabs around it at most. ``str.strip`` would also take U+001C-U+001F, U+0085 or
-    U+00A0 off, which ``int()`` then refuses (a 500) or reads as a number the client never sent."""
-    v = None if value is None else value.strip(" \t")
-    if v is None or not _FILE_IDX.fullmatch(v):
-        raise FileIdxInvalid("fileIdx must be a non-negative integer")
+def parse_file_idx(value: str | None, name: str = "fileIdx") -> int:
+    """A fileIdx (path segment, ``X-File-Idx``, legacy ``params.fileIdx``: ``name``, which the
+    400 names): ASCII digits, with spaces or tabs around it at most. ``str.strip`` would also
+    take U+001C-U+001F, U+0085 or U+00A0 off, which ``int()`` then refuses (a 500) or reads as a
+    number the client never sent."""
+    if value is None:
+        raise FileIdxInvalid(f"{name} is required")
+    v = value.strip(" \t")
+    if not _FILE_IDX.fullmatch(v):
+        raise FileIdxInvalid(f"{name} must be a non-negative integer (at most 9 digits)")
     return int(v)
 
 
@@ -386,7 +389,8 @@ async def legacy_upload(request: web.Request) -> web.Response:
     if given is None:
         raise BatchIdInvalid("X-Batch-Id is required")
     batch_id = check_batch_id(given.strip())
-    upload, body = await _upload(request, parse_file_idx(one_header(request, "X-File-Idx", FileIdxInvalid)))
+    upload, body = await _upload(request, parse_file_idx(one_header(request, "X-File-Idx", FileIdxInvalid),
+                                                         "X-File-Idx"))
     o = await _service(request).receive(request[OWNER], batch_id, upload, body, create=True)
     return _json(_upload_body(o))
 
@@ -412,7 +416,7 @@ async def legacy_execute(request: web.Request) -> web.Response:
     if not isinstance(batch_id, str):
         raise BatchIdInvalid("params.batchId is required")
     check_batch_id(batch_id)
-    file_idx = None if raw_idx is None else parse_file_idx(str(raw_idx))
+    file_idx = None if raw_idx is None else parse_file_idx(str(raw_idx), "params.fileIdx")
     result = await _service(request).execute(request[OWNER], batch_id, file_idx, operation, params, context,
                                              keep=_flag(request, "X-Batch-No-Drop"))
     return _operation_response(request, result)
