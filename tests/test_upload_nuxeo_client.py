@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from nuxeo.auth import TokenAuth
 from nuxeo.client import Nuxeo
-from nuxeo.exceptions import HTTPError
-from nuxeo.models import FileBlob
+from nuxeo.exceptions import HTTPError, UploadError
+from nuxeo.models import Batch, FileBlob
 
 from tests.conftest import API_KEY
 
@@ -162,3 +162,52 @@ def test_client_resumes_an_interrupted_chunked_upload(server, nuxeo_for, tmp_pat
     assert len(sent) == 7 and resumed.is_complete()
     body = manifest(nx2, batch2)
     assert body["files"] == [{"fileIdx": "0", "name": "resume.bin", "size": 5 * MiB + 123, "sha256": sha}]
+
+
+def test_client_edges_zero_bytes_unicode_reused_index_blob_input_and_the_chunk_cap(server_factory, nuxeo_for,
+                                                                                   tmp_path: Path) -> None:
+    """What the client does that the tests above do not: a 0-byte file, a name outside ASCII,
+    batch.get / uploads.get of one file, a file deleted and its index sent again (as chunks this
+    time), an operation run through the operations API with a Blob as its input, and a file that
+    needs more chunks than FILEDROP_MAX_CHUNKS_PER_FILE (UploadError 413, nothing kept)."""
+    nx = nuxeo_for(server_factory(max_chunks_per_file="4"))
+    batch = nx.uploads.batch()
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert int(batch.upload(FileBlob(str(empty))).uploadedSize) == 0
+    name = "rapport été 😀 حساب.txt"
+    named = tmp_path / name
+    named.write_bytes(b"unicode")
+    batch.upload(FileBlob(str(named)))
+    info = batch.get(1)
+    assert (info.name, int(info.size), info.mimetype) == (name, 7, "text/plain")
+    assert nx.uploads.get(batch.uid, 0).size == 0
+
+    # File 0 deleted, then its index sent again, in chunks: the client finds nothing to resume.
+    batch.delete(0)
+    big = tmp_path / "big.bin"
+    big_sha = make_file(big, 3000)
+    batch.upload_idx = 0
+    blob = batch.upload(FileBlob(str(big)), chunked=True, chunk_size=1000)
+    assert [int(i) for i in blob.uploadedChunkIds] == [0, 1, 2] and batch.upload_idx == 1
+    assert [b.name for b in nx.uploads.get(batch.uid)] == ["big.bin", name]
+
+    # More chunks than the cap: refused at the first chunk, the batch as it was.
+    batch.upload_idx = 2
+    with pytest.raises(UploadError) as e:
+        batch.upload(FileBlob(str(big)), chunked=True, chunk_size=500)
+    assert "413" in str(e.value) and "FILEDROP_MAX_CHUNKS_PER_FILE" in str(e.value)
+    with pytest.raises(HTTPError) as e2:
+        batch.get(2)
+    assert e2.value.status == 404
+
+    # operations.execute with a Blob as input: POST upload/{batchId}/{fileIdx}/execute/{op}.
+    out = nx.operations.execute(command="Batch.Manifest", input_obj=blob)
+    assert out == {"batchId": batch.uid, "files": [{"fileIdx": "0", "name": "big.bin", "size": 3000,
+                                                    "sha256": big_sha}]}
+    # Executed without X-Batch-No-Drop: the batch went, as in Nuxeo; a client that still holds
+    # it cancels it with a 404.
+    stale = Batch(batchId=batch.uid, service=nx.uploads)
+    with pytest.raises(HTTPError) as e3:
+        stale.cancel()
+    assert e3.value.status == 404
