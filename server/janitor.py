@@ -9,8 +9,8 @@ What cleanup removes, one :class:`Item` each:
     missing-bytes      a complete file row whose ``data`` is gone; recorded chunks whose bytes are gone
     temp-file          a dot-name temp left by a crash (``.part`` of uploads and assembly, ``.tmp`` of
                        the publisher, a dropped smartlink folder), or an ended job's fetched assets
-    expired-job        a finished job past its retention: its rows (its smartlinks only with
-                       ``smartlinks=True``)
+    expired-job        a finished job past its retention whose callback and e-mails are settled:
+                       its rows (its smartlinks only with ``smartlinks=True``)
     orphan-smartlinks  (``smartlinks=True``) a smartlink directory no job refers to, untouched for
                        the retention
 
@@ -271,9 +271,13 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
         files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state, BatchFile.updated_at,
                                         BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
                                         BatchFile.chunk_ids, BatchFile.loose_ids))).all()
+        # A job whose callback or e-mails are still to be sent (ended while no server ran, or a
+        # `drop` tombstone kept for them) waits for the notifier, however old: it expires once
+        # they are settled.
         expired_jobs = (await s.execute(
             select(Job.job_id, Job.batch_id, Job.finished).where(
-                Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING))
+                Job.finished.is_not(None), Job.finished < ages.job_cutoff, Job.status.not_in(RUNNING),
+                ~job_queries.unsent())
             .order_by(Job.finished))).all()
         job_batches = set((await s.scalars(select(Job.batch_id).distinct())).all())
         job_ids = set((await s.scalars(select(Job.job_id))).all())
@@ -282,7 +286,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
             for r in (await s.execute(
                     select(JobRow.job_id, JobRow.reference_id, JobRow.suffix).join(Job, Job.job_id == JobRow.job_id)
                     .where(Job.finished.is_not(None), Job.finished < ages.job_cutoff,
-                           Job.status.not_in(RUNNING)))).all():
+                           Job.status.not_in(RUNNING), ~job_queries.unsent()))).all():
                 stems_of.setdefault(r.job_id, set()).update(_stems([r]))
     busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
     busy_smartlinks = {r.batch_id for r in running}
@@ -570,7 +574,7 @@ async def _apply_expired_job(db: Database, settings: Settings, ages: _Ages, item
             names = _stems((await s.execute(select(JobRow.reference_id, JobRow.suffix)
                                             .where(JobRow.job_id == job_id))).all())
         res = await s.execute(delete(Job).where(Job.job_id == job_id, Job.finished.is_not(None),
-                                                Job.status.not_in(RUNNING)))
+                                                Job.status.not_in(RUNNING), ~job_queries.unsent()))
         if res.rowcount == 0:
             return False
         # Names a remaining job of the same batch also published stay (a re-run overwrote them).

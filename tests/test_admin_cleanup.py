@@ -370,3 +370,46 @@ async def test_an_orphan_smartlink_folder_a_job_starts_in_is_kept(settings: Sett
     assert len(walks) == 2
     assert [(i.kind, i.result) for i in plan.items] == [("orphan-smartlinks", "kept: in use")]
     assert (orphan / "x.yyyyyyyyyyyyyyyy.html").exists()
+
+
+async def test_a_job_whose_notifications_are_still_to_be_sent_is_kept_until_they_are(aiohttp_client,
+                                                                                    settings: Settings) -> None:
+    """Jobs ended while no app process ran (workers run on their own; `drop --force` ends a job
+    with no server up), and a `drop` tombstone kept for its notifications, wait for the next
+    server's notifier. cleanup removed them once past the retention (`--older-than` may be as
+    short as the grace): the callback, and the tombstone's, were never sent. They are kept
+    until their notifications are settled, then expire like any other job."""
+    import json
+
+    from sqlalchemy import update
+
+    from server.app import create_app
+    from server.keys import JOBS
+    from tests.support.disk_state import run_cli_async, session
+    from tests.support.jobs import callback_receiver
+
+    pending, dropped, quiet = "a1" * 16, "b2" * 16, "c3" * 16
+    add_job(settings, pending, "waits", finished_ago=HOUR, rows=[("r1", "s" * 16)])
+    add_job(settings, dropped, "gone", finished_ago=HOUR, rows=[("r2", "s" * 16)])
+    add_job(settings, quiet, "other", finished_ago=HOUR, rows=[("r3", "s" * 16)])  # nothing to send
+    async with callback_receiver() as rcv:
+        with session(settings) as s:
+            s.execute(update(Job).where(Job.job_id.in_([pending, dropped]))
+                      .values(callback_url=rcv.url, callback_state="pending"))
+            s.commit()
+        rc, out, err = await run_cli_async(settings, "drop", "--smartlinks", "gone")
+        assert rc == 0, out + err
+        rc, out, err = await run_cli_async(settings, "cleanup", "--older-than", "30m")
+        assert rc == 0, out + err
+        assert [r[0] for r in table(out).get("expired-job", [])] == [quiet], out
+        assert count(settings, Job, Job.job_id.in_([pending, dropped])) == 2
+        client = await aiohttp_client(create_app(settings))
+        for jid in (pending, dropped):
+            await client.app[JOBS].notified(jid, timeout=30)
+        sent = sorted((b["job_id"], b["batch_id"]) for b in (json.loads(a[1]) for a in rcv.attempts))
+        assert sent == sorted([(pending, "waits"), (dropped, "gone")])
+        # Settled: the job expires as any other (the tombstone went with its last outcome).
+        rc, out, err = await run_cli_async(settings, "cleanup", "--older-than", "30m")
+        assert rc == 0, out + err
+        assert [r[0] for r in table(out).get("expired-job", [])] == [pending], out
+    assert count(settings, Job) == 0
