@@ -302,3 +302,35 @@ async def test_a_fault_of_ours_while_notifying_ends_it_failed(aiohttp_client, se
     assert job_row(settings, job["job_id"])[1] == "failed"
     lines = [r for r in caplog.records if "notification failed" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.ERROR and lines[0].exc_info is not None, lines
+
+
+async def test_a_callback_is_delivered_by_its_status_whatever_the_body_that_follows(aiohttp_client,
+                                                                                     settings) -> None:
+    """The receiver answered 200 at once, then kept its body coming (here: announced and never
+    sent; a huge or endless one alike). The whole body was read, unbounded: the attempt ran into
+    FILEDROP_FETCH_TIMEOUT and counted as failed (and was sent again), and a big body sat in the
+    API process's memory. The status is the answer: the body is not read."""
+    requests: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        requests.append(request.method)
+        resp = web.StreamResponse(status=200)
+        resp.content_length = 10 << 30  # 10 GiB promised
+        await resp.prepare(request)
+        await release.wait()  # ...and none of it sent
+        return resp
+
+    client = await aiohttp_client(create_app(settings.replace(fetch_timeout=3.0, callback_retries=2)))
+    try:
+        async with serve(handler) as port:
+            job = await start_ok(client, "cbbody", SEED_TEMPLATE, SEED_ROWS,
+                                 callback_url=f"http://127.0.0.1:{port}/hook")
+            await client.app[JOBS].notified(job["job_id"], timeout=30)
+            release.set()
+    finally:
+        release.set()
+    assert requests == ["POST"]
+    assert job_row(settings, job["job_id"])[0] == "sent"
+    log = (await get_json(client, f"/api/batch/cbbody/{job['job_id']}/log"))["log"]
+    assert any("callback delivered" in e["message"] and "(attempt 1, HTTP 200)" in e["message"] for e in log), log

@@ -12,7 +12,8 @@ Invariants:
   ``GuardedResolver`` (so a DNS answer that changes between check and connect is checked
   again), IP literals are checked before the request, redirects are followed by hand (at most
   ``MAX_REDIRECTS``) and each hop is checked;
-* bodies are read up to ``max_bytes`` and the whole exchange is bounded by ``fetch_timeout``.
+* bodies are read up to ``max_bytes`` (a callback's answer: not at all, its status is all) and the
+  whole exchange is bounded by ``fetch_timeout``.
 """
 
 from __future__ import annotations
@@ -200,13 +201,14 @@ class Fetcher:
 
     async def send(self, method: str, url: str, headers: dict[str, Any], body: bytes | None = None) -> int:
         """``method`` ``url`` with ``body`` (no redirects: a callback is called where it says);
-        the response status."""
+        the response status. The response's body is not read: the status is the answer, and a
+        body that is huge, endless or slow to come would fill memory or run into the timeout
+        (the connection, its body unread, is closed rather than reused)."""
         try:
             async with asyncio.timeout(self.timeout):
                 await self.check_url(url)
                 async with self.session.request(method, url, data=body, headers=headers,
                                                 allow_redirects=False) as resp:
-                    await resp.read()
                     return resp.status
         except TimeoutError:
             raise FetchError(f"{method} {url}: no answer within {self.timeout:g} s (FILEDROP_FETCH_TIMEOUT)") from None
