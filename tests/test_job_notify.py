@@ -334,3 +334,68 @@ async def test_a_callback_is_delivered_by_its_status_whatever_the_body_that_foll
     assert job_row(settings, job["job_id"])[0] == "sent"
     log = (await get_json(client, f"/api/batch/cbbody/{job['job_id']}/log"))["log"]
     assert any("callback delivered" in e["message"] and "(attempt 1, HTTP 200)" in e["message"] for e in log), log
+
+
+class _PickyRecipients:
+    """An aiosmtpd handler that refuses one mailbox for good (550), answers another "try again
+    later" (450) the first ``busy`` times, and takes the rest."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, busy: int) -> None:
+        self.loop, self.busy = loop, busy
+        self.rcpts: list[tuple[str, int]] = []  # every RCPT and the code it got
+        self.messages: list[tuple[list[str], bytes]] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:  # noqa: N802 (aiosmtpd API)
+        if address == "nobody@example.com":
+            self.rcpts.append((address, 550))
+            return "550 5.1.1 no such user"
+        if address == "busy@example.com" and self.busy > 0:
+            self.busy -= 1
+            self.rcpts.append((address, 450))
+            return "450 4.2.1 mailbox busy, try again later"
+        self.rcpts.append((address, 250))
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd API)
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 Message accepted for delivery"
+
+
+async def test_an_email_refused_for_some_recipients_is_retried_for_those_and_not_called_sent(
+        aiohttp_client, settings) -> None:
+    """The SMTP server took the message for one address, answered 450 (try later) for another and
+    550 (no such user) for a third. That counted as sent to all three: the log said so, the 450
+    was never tried again and the 550 went unmentioned. Now each attempt goes to the addresses
+    still waiting (the same message), a 4xx is retried with the backoff, a 5xx is logged and not
+    retried, and the e-mail is `sent` only when every address was taken."""
+    from aiosmtpd.controller import Controller
+
+    from tests.support.waiting import free_port
+
+    handler = _PickyRecipients(asyncio.get_running_loop(), busy=1)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    await asyncio.to_thread(controller.start)
+    try:
+        client = await aiohttp_client(create_app(settings.replace(smtp_port=port, callback_retries=3)))
+        job = await start_ok(client, "mailpicky", SEED_TEMPLATE, SEED_ROWS,
+                             callback_emails="ok@example.com,busy@example.com,nobody@example.com")
+        await client.app[JOBS].notified(job["job_id"], timeout=30)
+    finally:
+        await asyncio.to_thread(controller.stop)
+    assert handler.rcpts == [("ok@example.com", 250), ("busy@example.com", 450), ("nobody@example.com", 550),
+                             ("busy@example.com", 250)]
+    assert [rcpts for rcpts, _ in handler.messages] == [["ok@example.com"], ["busy@example.com"]]
+    first, second = (message_from_bytes(content) for _, content in handler.messages)
+    assert first["Message-ID"] == second["Message-ID"] == f"<filedrop.{job['job_id']}@localhost>"
+    assert first["To"] == "ok@example.com, busy@example.com, nobody@example.com"
+    assert job_row(settings, job["job_id"])[1] == "failed"  # one mailbox never got it
+    log = [(e["level"], e["message"]) for e in
+           (await get_json(client, f"/api/batch/mailpicky/{job['job_id']}/log"))["log"] if "e-mail" in e["message"]]
+    assert ("info", "e-mail sent to ok@example.com") in log, log
+    assert any(level == "error" and m.startswith("e-mail to nobody@example.com refused for good: 550")
+               for level, m in log), log
+    assert any(level == "warning" and m.startswith("e-mail attempt 1/3 to busy@example.com failed: 450")
+               for level, m in log), log
+    assert ("info", "e-mail sent to busy@example.com (attempt 2)") in log, log

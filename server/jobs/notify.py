@@ -112,10 +112,13 @@ def distinct_addresses(addresses: Iterable[str]) -> list[str]:
     return out
 
 
-async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result: Link | None) -> None:
-    """One message to all ``to`` addresses through ``smtp_host:smtp_port``; raises on failure.
-    ``result``: the signed link to the result, and until when it works; None: the job was
-    dropped, its result is gone."""
+async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], result: Link | None,
+                      recipients: list[str] | None = None) -> dict[str, tuple[int, str]]:
+    """One message to the ``to`` addresses through ``smtp_host:smtp_port``, sent to
+    ``recipients`` (default: all of ``to``; a retry's are those still waiting); raises on
+    failure. Returns the recipients the server refused, each with its reply's code and text
+    (every one of them refused: ``aiosmtplib.SMTPRecipientsRefused``). ``result``: the signed
+    link to the result, and until when it works; None: the job was dropped, its result is gone."""
     msg = EmailMessage()
     msg["From"] = settings.smtp_from
     msg["To"] = ", ".join(to)
@@ -142,29 +145,48 @@ async def send_emails(settings: Settings, to: list[str], job: dict[str, Any], re
         lines += ["", f"Result (every row's link, as CSV; no key needed): {result.url}",
                   f"This link works until {result.expires:%Y-%m-%d %H:%M:%S} UTC.", ""]
     msg.set_content("\n".join(lines))
-    await aiosmtplib.send(msg, hostname=settings.smtp_host, port=settings.smtp_port,
-                          timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
+    errors, _ = await aiosmtplib.send(msg, recipients=to if recipients is None else recipients,
+                                      hostname=settings.smtp_host, port=settings.smtp_port,
+                                      timeout=settings.fetch_timeout, start_tls=False, use_tls=False)
+    return {a: (r.code, r.message) for a, r in errors.items()}
 
 
 async def deliver_emails(settings: Settings, to: list[str], job: dict[str, Any],
                          result_link: Callable[[], Awaitable[Link]] | None,
                          note: Callable[[str, str], Awaitable[None]]) -> bool:
     """``send_emails`` with the callbacks' retry policy: up to ``callback_retries`` attempts, the
-    delay doubling from ``callback_backoff``. True once the server took the message.
-    ``result_link()`` makes the result's link, once: every attempt sends the same message (None:
-    the job was dropped). ``note(level, message)`` records each attempt (the last failed one as
-    an error)."""
+    delay doubling from ``callback_backoff``. True once the server took the message for every
+    address. An attempt goes to the addresses still waiting: one the server refused with a 4xx
+    (try later) waits for the next attempt, one refused with a 5xx is refused for good (logged
+    as an error, not tried again; the outcome is then False). ``result_link()`` makes the
+    result's link, once: every attempt sends the same message (None: the job was dropped).
+    ``note(level, message)`` records each attempt (the last failed one as an error)."""
     result = None if result_link is None else await result_link()
     attempts = max(1, settings.callback_retries)
     delay = settings.callback_backoff
+    waiting = list(to)
+    lost = False  # an address refused for good
     for attempt in range(1, attempts + 1):
+        level = "warning" if attempt < attempts else "error"
         try:
-            await send_emails(settings, to, job, result)
-            await note("info", f"e-mail sent to {', '.join(to)}" + (f" (attempt {attempt})" if attempt > 1 else ""))
-            return True
+            try:
+                refused = await send_emails(settings, to, job, result, waiting)
+            except aiosmtplib.SMTPRecipientsRefused as e:  # every address of this attempt refused
+                refused = {r.recipient: (r.code, r.message) for r in e.recipients}
+            took = [a for a in waiting if a not in refused]
+            if took:
+                await note("info", f"e-mail sent to {', '.join(took)}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            for a, (code, text) in refused.items():
+                if code >= 500:
+                    lost = True
+                    await note("error", f"e-mail to {a} refused for good: {code} {text}")
+            waiting = [a for a in waiting if a in refused and refused[a][0] < 500]
+            if not waiting:
+                return not lost
+            await note(level, f"e-mail attempt {attempt}/{attempts} to {', '.join(waiting)} failed: "
+                       + "; ".join(f"{refused[a][0]} {refused[a][1]}" for a in waiting))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            await note("warning" if attempt < attempts else "error",
-                       f"e-mail attempt {attempt}/{attempts} to {', '.join(to)} failed: {e}")
+            await note(level, f"e-mail attempt {attempt}/{attempts} to {', '.join(waiting)} failed: {e}")
         if attempt < attempts:
             await asyncio.sleep(delay)  # backoff between delivery attempts (production, not a test wait)
             delay *= 2
