@@ -68,7 +68,8 @@ async def test_loopback_refused_unless_allowed(origin) -> None:
 
 @pytest.mark.parametrize("address", ["10.1.2.3", "192.168.0.1", "169.254.169.254", "[::1]", "0.0.0.0",
                                      "224.0.0.1", "[::ffff:127.0.0.1]", "100.100.100.200", "100.64.0.1",
-                                     "[2002:7f00:1::1]", "[2002:a9fe:a9fe::1]"])
+                                     "[2002:7f00:1::1]", "[2002:a9fe:a9fe::1]",
+                                     "[fec0::1]"])  # IPv6 site-local (deprecated, still routed inside some networks)
 async def test_private_link_local_multicast_refused(address) -> None:
     with pytest.raises(FetchError, match="internal address"):
         await fetch(("127.0.0.1",), f"http://{address}/x")

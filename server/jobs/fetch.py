@@ -69,6 +69,8 @@ class AllowList:
 
 def is_internal(addr: IPAddress) -> bool:
     if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_site_local:  # fec0::/10: deprecated, yet IPv6's 10.0.0.0/8 where still in use
+            return True
         # An IPv6 address that carries an IPv4 one (mapped, 6to4) is judged by that address.
         addr = addr.ipv4_mapped or addr.sixtofour or addr
     # not is_global: also the ranges that are neither private nor public, e.g. shared address
