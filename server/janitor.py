@@ -724,12 +724,17 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
     cancelled = await _cancel_running(db, settings, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
                                       force, cancel_wait)
     size = await asyncio.to_thread(_du, bdir)
-    if b.state == "open":
-        with contextlib.suppress(NotFound):  # closed meanwhile: then only leftovers remain
-            await UploadService(db, settings, OperationRegistry()).drop_batch(b.owner, batch_id)
-    await asyncio.to_thread(_remove, bdir)
     item = Item("drop-batch", batch_id, size, f"was {b.state}, {nfiles} file(s)"
                 + (f", cancelled job(s) {', '.join(cancelled)}" if cancelled else ""), result="removed")
+    try:
+        if b.state == "open":
+            with contextlib.suppress(NotFound):  # closed meanwhile: then only leftovers remain
+                await UploadService(db, settings, OperationRegistry()).drop_batch(b.owner, batch_id)
+        await asyncio.to_thread(_remove, bdir)
+    except OSError as e:  # the rows went first (a tombstone): a later drop or cleanup removes the rest
+        item.result = f"error: {e.__class__.__name__}: {e.strerror or e}"
+        log.error("upload batch %s: could not remove %s: %s", batch_id, bdir, e)
+        return item
     log.info("dropped upload batch %s (%d bytes) %s", batch_id, size, item.detail)
     return item
 

@@ -314,3 +314,26 @@ async def test_a_job_started_while_a_drop_runs_is_not_dropped_with_the_folder(se
     r = run_cli(settings, "drop", "--smartlinks", "links")
     assert r.returncode == 0, r.stderr
     assert not (settings.smartlink_root / "links").exists() and count(settings, Job) == 0
+
+
+def test_drop_of_an_upload_batch_whose_bytes_cannot_be_removed_says_so_and_exits_1(settings: Settings) -> None:
+    """A file the server may not remove (here: immutable) was a traceback of `drop` (exit 1 by
+    accident, no table). As for `--smartlinks`: an error row, exit 1; the rows are dropped (the
+    batch a tombstone) and the next cleanup removes the bytes once they can go."""
+    pk, _ = add_batch(settings, "stuck-up", [FileSpec(data=b"s" * 40)])
+    (f,) = [p for p in (settings.uploads_dir / str(pk)).rglob("*") if p.is_file()]
+    subprocess.run(["chattr", "+i", str(f)], check=True)  # root, ext4: unlink refused (EPERM)
+    try:
+        r = run_cli(settings, "drop", "stuck-up")
+    finally:
+        subprocess.run(["chattr", "-i", str(f)], check=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (row,) = table(r.stdout)["drop-batch"]
+    assert row[0] == "stuck-up" and row[2].startswith("error: PermissionError"), row
+    assert "1 error(s)" in r.stdout.splitlines()[-1]
+    assert batch_state(settings, "stuck-up") == "dropped"  # a late chunk is refused
+    again = run_cli(settings, "drop", "stuck-up")  # now it can go
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert table(again.stdout)["drop-batch"][0][2] == "removed"
+    assert not (settings.uploads_dir / str(pk)).exists()
