@@ -48,6 +48,19 @@ def test_wrappers_run_from_any_directory_with_relative_data_dir(settings: Settin
     assert "alembic" not in r.stderr  # only admin steps are logged
 
 
+def test_wrappers_find_their_checkout_with_cdpath_exported(settings: Settings) -> None:
+    """With CDPATH exported (some shell profiles do), `cd scripts/..` inside scripts/filedrop
+    printed the directory it found, so the checkout's path it captured was that path twice, on
+    two lines: no .venv there, scripts/setup not found, exit 2 from `scripts/filedrop ...` called
+    by a relative path."""
+    add_batch(settings, "stale", [FileSpec()], idle=25 * HOUR)
+    env = {**admin_env(settings), "CDPATH": "."}
+    r = subprocess.run(["scripts/filedrop", "cleanup", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [row[0] for row in table(r.stdout)["expired-batch"]] == ["stale"]
+
+
 def test_run_reads_a_relative_data_dir_from_the_callers_directory(tmp_path: Path) -> None:
     """scripts/run, like the admin wrappers, takes a relative FILEDROP_DATA_DIR from where it is
     called, not from the checkout it changes into: its set-up migrates that directory's database
