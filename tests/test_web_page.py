@@ -472,6 +472,38 @@ def test_a_batch_dropped_under_the_page_is_forgotten_and_its_unfinished_files_go
     page.screenshot("batch-gone")
 
 
+def test_two_tabs_on_one_batch_never_give_two_files_the_same_index(tmp_path: Path, stack, page_for,
+                                                                      browser) -> None:
+    """Two tabs of the page share localStorage, so both go on with the same batch. Each took the
+    next fileIdx from what it had read when it opened: a file added in one tab and then another in
+    the other got the same index, and the second replaced the first on the server (a whole file
+    replaces a complete one) while the first tab still showed it complete."""
+    s = stack()
+    a, b, c = (tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt")
+    for p in (a, b, c):
+        p.write_text(f"the file {p.name}\n" * 10)
+    first = start_page(page_for(s))
+    first.add_files([a])
+    first.wait_rows({"a.txt": "complete"})
+    tab1 = browser.current_window_handle
+    browser.switch_to.new_window("tab")  # a tab of its own: no sessionStorage, the same localStorage
+    second = start_page(DropPage(browser, s.ngx.page_url, first.test_name + "-tab2").open())
+    second.wait_rows({"a.txt": "complete"})  # the remembered batch, from the server
+    assert second.batch_id() == first.batch_id()
+    tab2 = browser.current_window_handle
+
+    browser.switch_to.window(tab1)
+    first.add_files([b])
+    first.wait_rows({"a.txt": "complete", "b.txt": "complete"})
+    browser.switch_to.window(tab2)
+    second.add_files([c])
+    second.wait_rows({"a.txt": "complete", "c.txt": "complete"})
+
+    manifest = s.manifest(first.batch_id())
+    assert {n: f["sha256"] for n, f in manifest.items()} == {p.name: sha256(p) for p in (a, b, c)}, manifest
+    assert len({f["fileIdx"] for f in manifest.values()}) == 3
+
+
 def test_a_file_the_server_keeps_under_a_job_stays_on_the_page(tmp_path: Path, stack, page_for) -> None:
     """Remove while a job started from the batch runs: the server refuses (409, its rows may read
     the file) and the row stays, saying why; once the job ended, remove takes it off both."""

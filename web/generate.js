@@ -187,14 +187,13 @@ export class Generator {
 
   // After a reload: the job this page started last, if the server still has it.
   async restore() {
-    const job = this.memory.state.job;
+    const { job } = this.memory;
     if (!job) return;
     try {
       this.follow(await this.api.json('GET', jobPath(job, 'status')));
     } catch (e) {
       if (e instanceof ApiError && e.status === 404) {
-        this.memory.state.job = null;
-        this.memory.save();
+        this.memory.setJob(null);
       }
     }
   }
@@ -205,8 +204,7 @@ export class Generator {
     this.controller = controller;
     const { signal } = controller;
     this.job = job;
-    this.memory.state.job = { batch_id: job.batch_id, job_id: job.job_id };
-    this.memory.save();
+    this.memory.setJob({ batch_id: job.batch_id, job_id: job.job_id });
     this.el.job.hidden = false;
     this.el.result.hidden = true;
     this.el.links.replaceChildren();
