@@ -504,6 +504,33 @@ def test_two_tabs_on_one_batch_never_give_two_files_the_same_index(tmp_path: Pat
     assert len({f["fileIdx"] for f in manifest.values()}) == 3
 
 
+def test_a_forgotten_key_is_used_for_nothing_more(tmp_path: Path, stack, page_for) -> None:
+    """"Forget the key" says the key is forgotten in this tab; the page went on sending it with
+    every button still there (Generate started a job, Remove removed a file, the CSV downloaded)
+    for whoever used the tab next. Now nothing is sent without a key entered again."""
+    s = stack()
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps(TEMPLATE))
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"reference_id": "r1", "data": {"num": "1", "amount": "2"}}]))
+    page = start_page(page_for(s))
+    page.add_files([template, data])
+    page.wait_rows({"template.json": "complete", "rows.json": "complete"})
+    batch_id = page.batch_id()
+
+    page.by_id("key-forget").click()
+    page.wait(lambda: page.key_message() == "The key is forgotten in this tab.", "the key forgotten")
+    page.find("generate").click()
+    message = page.by_id("generate-message")
+    said = page.wait(lambda: "error" in (message.get_attribute("class") or "") and message.text, "the refusal")
+    assert "key" in said, said
+    page.row_element("rows.json").find_element(page.By.CSS_SELECTOR, '[data-action="remove"]').click()
+    page.wait(lambda: "could not be removed" in page.by_id("files-message").text, "the removal refused")
+    assert s.api("GET", f"/api/batch/{batch_id}/jobs").json()["jobs"] == [], "a job was started"
+    assert set(s.manifest(batch_id)) == {"template.json", "rows.json"}
+    assert page.find("api-key").get_attribute("value") == ""
+
+
 def test_a_file_the_server_keeps_under_a_job_stays_on_the_page(tmp_path: Path, stack, page_for) -> None:
     """Remove while a job started from the batch runs: the server refuses (409, its rows may read
     the file) and the row stays, saying why; once the job ended, remove takes it off both."""

@@ -4,6 +4,7 @@
 
 const RETRYABLE = new Set([0, 408, 429, 502, 503, 504]);
 export const KEY_REFUSED = 'The key was refused: check it and enter it again.';
+export const NO_KEY = 'No API key in this tab: enter it to go on.';
 
 export class ApiError extends Error {
   constructor(status, code, message, retryAfter = null) {
@@ -16,6 +17,11 @@ export class ApiError extends Error {
 
   get retryable() { return RETRYABLE.has(this.status); }
   get keyRefused() { return this.status === 401; }
+}
+
+// A request the page does not send: the key was forgotten (nothing goes out without one).
+function noKey() {
+  return new ApiError(401, 'ERR_NO_KEY', NO_KEY);
 }
 
 // A message as a sentence, so that another can follow it ("… retry shortly. Retrying in 2 s…").
@@ -90,12 +96,19 @@ export class Api {
     this.onKeyRefused = () => {};
   }
 
+  // "Forget the key": every later request of this Api (its holders keep it) fails without
+  // being sent, until a key is entered again (a new Api).
+  forget() {
+    this.key = '';
+  }
+
   headers(extra = {}) {
     return { 'X-API-Key': this.key, Accept: 'application/json', ...extra };
   }
 
   // One request; resolves to the Response when it is 2xx, else throws ApiError.
   async request(method, path, { headers, body, signal } = {}) {
+    if (!this.key) throw noKey();
     let res;
     try {
       // credentials 'omit': a 401 must come back to this code, never open a login dialog. The
@@ -140,6 +153,7 @@ export class Api {
   sendChunk({ batchId, fileIdx, file, name, size, type, index, count, start, end, onProgress, signal }) {
     return new Promise((resolve, reject) => {
       if (signal?.aborted) { reject(abortError()); return; }
+      if (!this.key) { reject(noKey()); return; }
       const xhr = new XMLHttpRequest();
       // XHR has no credentials 'omit'; given a user and password (the key, which the server
       // also takes as a Basic password) it answers a 401 instead of opening a login dialog,

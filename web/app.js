@@ -25,6 +25,7 @@ const el = {
 
 let uploader = null;
 let generator = null;
+let api = null; // the Api of the key in use (the uploader's and the generator's)
 const rows = new Map(); // fileIdx -> <li>
 
 function say(target, text, isError = false) {
@@ -41,11 +42,11 @@ async function useKey(raw) {
     return;
   }
   say(el.keyMessage, 'Checking the key…');
-  const api = new Api(key);
+  const next = new Api(key);
   let limits;
   try {
     // /api/limits needs a key: it tells whether this one is accepted, and the chunk size.
-    limits = await api.retrying(() => api.json('GET', '/api/limits'), {
+    limits = await next.retrying(() => next.json('GET', '/api/limits'), {
       attempts: 4, onRetry: (e) => say(el.keyMessage, `${sentence(e.message)} Retrying…`),
     });
   } catch (e) {
@@ -61,6 +62,8 @@ async function useKey(raw) {
     return;
   }
   sessionStorage.setItem(KEY_STORE, key);
+  api?.forget(); // a key entered again replaces the one before
+  api = next;
   el.key.removeAttribute('aria-invalid');
   el.keyForget.hidden = false;
   api.onKeyRefused = keyRefused;
@@ -82,6 +85,7 @@ function keyRefused() {
 
 function forgetKey() {
   sessionStorage.removeItem(KEY_STORE);
+  api?.forget(); // the uploader and the generator hold it: nothing more is sent with it
   el.key.value = '';
   el.keyForget.hidden = true;
   uploader?.stopAll('Paused: no key. Enter the key to go on.');
