@@ -64,6 +64,7 @@ from server.jobs import control as job_control
 from server.jobs import queries as job_queries
 from server.jobs import results as job_results
 from server.jobs.contract import BATCH_ID_RE, MAX_NAME_PAIR, NAME_RE  # the names jobs check
+from server.jobs.operation import reads_upload_batch
 from server.jobs.publish import forget_owner
 from server.jobs.states import ACTIVE as RUNNING  # holds its batch: running or waiting for data
 from server.keys import DATABASE, JANITOR, SETTINGS
@@ -262,10 +263,10 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
     ages = _ages(settings, older_than)
     out = Plan()
     async with db.read() as s:
-        running = (await s.execute(select(Job.job_id, Job.batch_id, Job.upload_batch_id)
+        running = (await s.execute(select(Job.job_id, Job.batch_id, Job.upload_batch_id, Job.owner)
                                    .where(Job.status.in_(RUNNING)))).all()
         batches = (await s.execute(
-            select(Batch.id, Batch.batch_id, Batch.state, Batch.updated_at,
+            select(Batch.id, Batch.batch_id, Batch.owner, Batch.state, Batch.updated_at,
                    func.max(BatchFile.updated_at).label("files_updated_at"))
             .outerjoin(BatchFile, BatchFile.batch_pk == Batch.id).group_by(Batch.id))).all()
         files = (await s.execute(select(BatchFile.id, BatchFile.batch_pk, BatchFile.state, BatchFile.updated_at,
@@ -288,7 +289,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
                     .where(Job.finished.is_not(None), Job.finished < ages.job_cutoff,
                            Job.status.not_in(RUNNING), ~job_queries.unsent()))).all():
                 stems_of.setdefault(r.job_id, set()).update(_stems([r]))
-    busy_uploads = {r.upload_batch_id for r in running if r.upload_batch_id}
+    busy_uploads = {(r.owner, r.upload_batch_id) for r in running if r.upload_batch_id}  # reads_upload_batch
     busy_smartlinks = {r.batch_id for r in running}
     await asyncio.to_thread(_plan_uploads, settings, ages, out, batches, files, busy_uploads)
     await asyncio.to_thread(_plan_smartlinks, settings, ages, out, expired_jobs, job_batches,
@@ -305,7 +306,7 @@ async def plan(db: Database, settings: Settings, *, older_than: float | None = N
 
 
 def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[Any],
-                  files: Iterable[Any], busy: set[str]) -> None:
+                  files: Iterable[Any], busy: set[tuple[str, str]]) -> None:
     root = settings.uploads_dir
     store = UploadStore(root)
     by_pk = {b.id: b for b in batches}
@@ -317,7 +318,7 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
     for b in by_pk.values():
         bdir = store.batch_dir(b.id)
         idle_since = max(b.updated_at, b.files_updated_at or b.updated_at)
-        if idle_since >= ages.batch_cutoff or b.batch_id in busy:
+        if idle_since >= ages.batch_cutoff or (b.owner, b.batch_id) in busy:
             continue
         if _newest_mtime(bdir) >= ages.wall_grace:  # a chunk still arriving or being assembled
             continue
@@ -329,7 +330,7 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
     # Per-file leftovers of the batches that stay.
     for pk, fs in files_of.items():
         b = by_pk[pk]
-        if pk in expired or b.batch_id in busy:
+        if pk in expired or (b.owner, b.batch_id) in busy:
             continue
         for f in fs.values():
             fdir = store.file_dir(pk, f.id)
@@ -371,7 +372,7 @@ def _plan_uploads(settings: Settings, ages: _Ages, out: Plan, batches: Iterable[
                 out.items.append(Item("orphan-dir", _rel(settings, p), _du(p), "no batch row", path=p))
             continue
         b = by_pk[pk]
-        if pk in expired or b.batch_id in busy:
+        if pk in expired or (b.owner, b.batch_id) in busy:
             continue
         known = files_of.get(pk, {})
         for fe in _listdir(p):
@@ -484,7 +485,7 @@ async def _apply_expired_batch(db: Database, settings: Settings, ages: _Ages, it
         return False
     cutoff = ages.batch_cutoff
     fresh_file = exists().where(BatchFile.batch_pk == Batch.id, BatchFile.updated_at >= cutoff)
-    used_by_job = exists().where(Job.upload_batch_id == Batch.batch_id, Job.status.in_(RUNNING))
+    used_by_job = exists().where(reads_upload_batch(Batch.owner, Batch.batch_id), Job.status.in_(RUNNING))
     async with db.write() as s:
         res = await s.execute(update(Batch).where(Batch.id == item.key, Batch.updated_at < cutoff,
                                                   ~fresh_file, ~used_by_job).values(state="dropped"))
@@ -721,7 +722,7 @@ async def drop_upload_batch(db: Database, settings: Settings, batch_id: str, *, 
     bdir = UploadStore(settings.uploads_dir).batch_dir(b.id)
     if b.state != "open" and not await asyncio.to_thread(bdir.exists):
         raise BatchNotFound(f"upload batch {batch_id!r} is already {b.state}: nothing left to remove")
-    cancelled = await _cancel_running(db, settings, Job.upload_batch_id == batch_id, f"upload batch {batch_id!r}",
+    cancelled = await _cancel_running(db, settings, reads_upload_batch(b.owner, batch_id), f"upload batch {batch_id!r}",
                                       force, cancel_wait)
     size = await asyncio.to_thread(_du, bdir)
     item = Item("drop-batch", batch_id, size, f"was {b.state}, {nfiles} file(s)"

@@ -140,6 +140,20 @@ def test_drop_upload_batch_used_by_a_running_job_is_refused_unless_forced(settin
     assert not (settings.uploads_dir / str(pk)).exists()
 
 
+def test_drop_upload_batch_is_not_held_by_another_keys_job_on_the_same_id(settings: Settings) -> None:
+    """Another key's job whose batch id is the upload batch's reads nothing of it (its `batch:`
+    files are its own key's): the drop was refused (3) naming that job, and `--force` cancelled
+    it."""
+    pk, _ = add_batch(settings, "same-id", [FileSpec()])
+    add_job(settings, "f" * 32, "same-id", status="Queued", rows=[("r1", "s" * 16)], publish=False,
+            upload_batch_id="same-id", owner="p" * 64)
+    r = run_cli(settings, "drop", "same-id", "--force", "--cancel-wait", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert "f" * 32 not in r.stdout + r.stderr
+    assert job_status(settings, "f" * 32) == "Queued"  # the other key's job goes on
+    assert not (settings.uploads_dir / str(pk)).exists() and batch_state(settings, "same-id") == "dropped"
+
+
 async def test_drop_force_without_a_server_leaves_the_callback_to_the_next_start(aiohttp_client,
                                                                                 settings: Settings) -> None:
     """Ended as Cancelled by the CLI (no worker held a row of it): its callback is still sent,

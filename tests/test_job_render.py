@@ -372,6 +372,28 @@ async def test_an_upload_batch_is_not_deleted_under_the_job_started_from_it(clie
     assert (await client.get(f"/api/v1/upload/{batch}", headers=AUTH)).status == 404
 
 
+async def test_another_keys_job_on_the_same_batch_id_holds_nothing_of_an_upload_batch(client, settings) -> None:
+    """Upload batch ids are one namespace for every key (a legacy client names its own), and a
+    start names its job's upload batch after its path. Another key's job on the same id read
+    nothing of the batch, yet its owner's deletes answered 409 naming that key's job, and a
+    whole file could not replace one of its files, until the other key's job ended."""
+    from tests.support.jobs import start
+    owner, other = {"X-API-Key": settings.api_keys[0]}, {"X-API-Key": OTHER_KEY}
+    r = await client.post("/site/automation/batch/upload", data=b"hello", headers={
+        **owner, "X-Batch-Id": "shared-id", "X-File-Idx": "0", "X-File-Name": "a.txt", "X-File-Size": "5"})
+    assert r.status == 200, await r.text()
+    r = await start(client, "shared-id", SEED_TEMPLATE, None, headers=other, data_upload="url")
+    job = await r.json()
+    assert r.status == 201 and job["status"] == "Waiting for data", job  # running, as far as batches go
+    r = await client.post("/site/automation/batch/upload", data=b"howdy", headers={
+        **owner, "X-Batch-Id": "shared-id", "X-File-Idx": "0", "X-File-Name": "b.txt", "X-File-Size": "5"})
+    assert r.status == 200, await r.text()  # replaced: no job of this key reads the batch
+    r = await client.delete("/api/v1/upload/shared-id", headers=owner)
+    assert r.status == 204, await r.text()
+    status = await client.get(f"/api/batch/shared-id/{job['job_id']}/status", headers=other)
+    assert (await status.json())["status"] == "Waiting for data"  # the other key's job is untouched
+
+
 async def test_pages_under_the_size_limit_publish_however_many_travel_together(aiohttp_client, settings) -> None:
     """FILEDROP_MAX_PAGE_SIZE bounds each page, not the group of answers a render process sends
     at once: 60 pages of 50 KB under a 1 MiB limit all publish, first time (a group of them over

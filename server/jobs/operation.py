@@ -25,22 +25,32 @@ from server.jsondoc import parse_json
 from server.uploads.operations import ExecuteContext, Operation, OperationResult
 
 
-def _reading(batch_id: str) -> Any:
-    return (select(Job.job_id).where(Job.upload_batch_id == batch_id, Job.status.in_(ACTIVE))
+def reads_upload_batch(owner: Any, batch_id: Any) -> Any:
+    """Jobs that may read upload batch ``batch_id`` of ``owner`` (a value or a column): its
+    owner's jobs whose upload batch it is. Upload batch ids are one namespace for every key and
+    a start names its job's upload batch after its path, so another key's job on a batch id
+    that happens to be the same reads nothing of it (its ``batch:`` files are looked up as its
+    own key's) and holds nothing of it."""
+    return (Job.upload_batch_id == batch_id) & (Job.owner == owner)
+
+
+def _reading(owner: str, batch_id: str) -> Any:
+    return (select(Job.job_id).where(reads_upload_batch(owner, batch_id), Job.status.in_(ACTIVE))
             .order_by(Job.created_at).limit(1))
 
 
-async def reading_job(db: Database, batch_id: str) -> str | None:
-    """A job started from upload batch ``batch_id`` that has not ended (it reads the batch's
-    files), if any: the upload API refuses to delete them under it (409 ``ERR_JOB_RUNNING``)."""
+async def reading_job(db: Database, owner: str, batch_id: str) -> str | None:
+    """A job started from ``owner``'s upload batch ``batch_id`` that has not ended (it reads the
+    batch's files), if any: the upload API refuses to delete them under it (409
+    ``ERR_JOB_RUNNING``)."""
     async with db.read() as s:
-        return await s.scalar(_reading(batch_id))
+        return await s.scalar(_reading(owner, batch_id))
 
 
-def reading_job_in(conn: Connection, batch_id: str) -> str | None:
+def reading_job_in(conn: Connection, owner: str, batch_id: str) -> str | None:
     """``reading_job`` inside the upload group commit's transaction (its thread, its connection):
     a whole file that would replace one of the batch's files under such a job is refused."""
-    return conn.execute(_reading(batch_id)).scalar()
+    return conn.execute(_reading(owner, batch_id)).scalar()
 
 
 # Every param SmartLinks.Generate takes: another (a typo such as `max_error`) is refused rather

@@ -227,7 +227,7 @@ class Ledger:
         self.settings = settings
         # Set by the app (jobs): the job that reads a batch's files, asked on this transaction's
         # connection (None: nothing checks). A whole file does not replace one under it.
-        self.readers: Callable[[Connection, str], str | None] | None = None
+        self.readers: Callable[[Connection, str, str], str | None] | None = None
 
     def apply(self, conn: Connection, live: list[Pending], plan: Plan) -> None:
         batches: dict[str, Any] = {}
@@ -297,7 +297,7 @@ class Ledger:
         if f is not None and not req.chunked and req.chunk_count == 1 and (f.state == "complete" or f.chunk_count != 1):
             if f.state == "receiving" and f.chunk_count != 1:
                 raise ChunkCountChanged(f"file {req.file_idx} was declared with {f.chunk_count} chunks, not 1")
-            if f.id is not None and self.readers is not None and (job := self.readers(conn, a.batch_id)) is not None:
+            if f.id is not None and self.readers is not None and (job := self.readers(conn, a.owner, a.batch_id)) is not None:
                 # Its rows may publish the file (``batch:<fileIdx>``): as DELETE, refused.
                 raise JobRunning(f"file {req.file_idx} of batch {a.batch_id} is in use by job {job}, started from "
                                  "the batch: cancel the job or wait for it to end before replacing it")

@@ -107,7 +107,7 @@ class UploadService:
         # copy says is recorded, or a declaration it disagrees with, is checked with a read.
         self._files: dict[tuple[int, int], tuple[Snapshot, str]] = {}
         # Set by the app (jobs): the job that reads a batch's files, if any (None: nothing checks).
-        self.readers: Callable[[str], Awaitable[str | None]] | None = None
+        self.readers: Callable[[str, str], Awaitable[str | None]] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
     async def recover(self) -> int:
@@ -267,7 +267,7 @@ class UploadService:
             return
         async with self.db.read() as s:
             await self._open_batch(s, owner, batch_id)  # 404 first: another key learns nothing
-        job_id = await self.readers(batch_id)
+        job_id = await self.readers(owner, batch_id)
         if job_id is not None:
             raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: cancel the job or "
                              "wait for it to end")
@@ -439,7 +439,7 @@ class UploadService:
             # Removing the batch is refused under a job started from it, as DELETE is: its rows
             # may publish the batch's files (X-Batch-No-Drop runs the operation and keeps it).
             # (Its owner was checked above; closed since, it is answered as before: below.)
-            if self.readers is not None and (job_id := await self.readers(batch_id)) is not None:
+            if self.readers is not None and (job_id := await self.readers(owner, batch_id)) is not None:
                 raise JobRunning(f"batch {batch_id} is in use by job {job_id}, started from it: execute it with "
                                  "X-Batch-No-Drop: true (the batch stays), cancel the job or wait for it to end")
             async with self.db.write() as s:

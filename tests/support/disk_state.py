@@ -116,13 +116,13 @@ def add_batch(settings: Settings, batch_id: str, files: list[FileSpec], *, state
 
 def add_job(settings: Settings, job_id: str, batch_id: str, *, status: str = "Completed",
             finished_ago: float | None = None, rows: list[tuple[str, str]] = (),  # type: ignore[assignment]
-            publish: bool = True, upload_batch_id: str | None = None) -> list[Path]:
+            publish: bool = True, upload_batch_id: str | None = None, owner: str = "o" * 64) -> list[Path]:
     """A job row with its rows and a log line; with ``publish`` its smartlinks are written (aged
     like the job). Returns the published paths."""
     now = utcnow()
     finished = None if finished_ago is None else now - timedelta(seconds=finished_ago)
     with session(settings) as s:
-        s.add(Job(job_id=job_id, batch_id=batch_id, owner="o" * 64, status=status, strategy="smallest",
+        s.add(Job(job_id=job_id, batch_id=batch_id, owner=owner, status=status, strategy="smallest",
                   inputs_hash="0" * 64, template="{}", params="{}", upload_batch_id=upload_batch_id,
                   total_count=len(rows), succeeded_count=len(rows) if finished else 0, errored_count=0,
                   cancel_requested=False, created_at=finished or now, started=finished or now, finished=finished,
