@@ -136,6 +136,7 @@ export class Uploader extends EventTarget {
     this.limits = limits;
     this.batchId = null;
     this.uploads = new Map(); // fileIdx -> Upload, in the order shown
+    this.pending = new Set(); // uploads queued and not yet started, in the order queued
     this.slots = new Slots(CHUNKS_AT_ONCE);
     this.active = 0;
     this.stopped = false;
@@ -265,6 +266,7 @@ export class Uploader extends EventTarget {
         // All chunks there: the server is assembling it, and the page only waits for that.
         u.state = u.allSent ? QUEUED : PAUSED;
         u.note = u.allSent ? '' : NEED_FILE;
+        if (u.allSent) this.pending.add(u);
       }
       this.uploads.set(fileIdx, u);
       this.memory.remember(fileIdx, { ...(rec || {}), name: u.name, size: u.size, type: u.type });
@@ -294,9 +296,21 @@ export class Uploader extends EventTarget {
   add(entries) {
     const added = [];
     const refused = [];
+    // Looked up by name, size and lastModified, and the highest fileIdx kept as files are added:
+    // adding n files to a batch of m costs n + m, not n x m.
+    const same = (name, size, lastModified) => JSON.stringify([name, size, lastModified]);
+    const waiting = new Map();
+    for (const u of this.uploads.values()) {
+      if (!u.needsFile) continue;
+      const key = same(u.name, u.size, u.lastModified);
+      if (!waiting.has(key)) waiting.set(key, []);
+      waiting.get(key).push(u);
+    }
+    let used = -1;
+    for (const idx of this.uploads.keys()) used = Math.max(used, idx);
     for (const { file, relPath } of entries) {
-      const match = this.list().find((u) => u.needsFile && u.name === file.name && u.size === file.size
-        && u.lastModified === file.lastModified);
+      const matches = waiting.get(same(file.name, file.size, file.lastModified));
+      const match = matches?.find((u) => u.needsFile);
       if (match) {
         match.file = file;
         match.note = '';
@@ -319,13 +333,13 @@ export class Uploader extends EventTarget {
         refused.push(`${file.name}: the batch already holds ${this.limits.maxFilesPerBatch} files (FILEDROP_MAX_FILES_PER_BATCH)`);
         continue;
       }
-      const used = Math.max(-1, ...this.uploads.keys());
       const u = new Upload({
         fileIdx: this.memory.takeIndex(used + 1), name: file.name, size: file.size, type: file.type,
         lastModified: file.lastModified, relPath: relPath || file.name, chunkSize: this.chunkSizeFor(file.size),
       });
       u.file = file;
       u.fresh = true;
+      used = Math.max(used, u.fileIdx);
       this.uploads.set(u.fileIdx, u);
       if (this.batchId) this.rememberFile(u);
       this.emit('added', u);
@@ -337,15 +351,27 @@ export class Uploader extends EventTarget {
 
   queue(u) {
     u.state = QUEUED;
+    this.pending.add(u);
     this.emit('change', u);
     this.schedule();
   }
 
+  // The next queued files, in the order they were queued. Only the queue is looked at (not
+  // every file of the batch), so starting each file costs the same in a batch of any size.
   schedule() {
     if (this.stopped) return;
-    for (const u of this.uploads.values()) {
+    for (const u of this.pending) {
       if (this.active >= FILES_AT_ONCE) break;
-      if (u.state !== QUEUED || u.running || !(u.file || u.allSent)) continue;
+      if (u.state !== QUEUED || this.uploads.get(u.fileIdx) !== u) {
+        this.pending.delete(u); // paused, removed, finished or failed since it was queued
+        continue;
+      }
+      if (u.running) continue; // its last run still ends (paused, then resumed): it starts after
+      if (!(u.file || u.allSent)) {
+        this.pending.delete(u); // it needs the file again: queued anew when given
+        continue;
+      }
+      this.pending.delete(u);
       this.active++;
       u.running = this.run(u).finally(() => {
         u.running = null;
@@ -635,6 +661,7 @@ export class Uploader extends EventTarget {
   newBatch() {
     for (const u of this.uploads.values()) u.controller?.abort();
     this.uploads.clear();
+    this.pending.clear();
     this.batchId = null;
     this.memory.forget();
     this.emit('batch');
