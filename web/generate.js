@@ -78,7 +78,17 @@ export class Generator {
     });
     this.el.paste.addEventListener('input', () => { if (this.el.paste.value.trim()) this.el.fromPaste.checked = true; });
     this.el.data.addEventListener('change', () => { this.el.fromFile.checked = true; });
-    for (const ev of ['change', 'complete', 'removed', 'batch']) uploader.addEventListener(ev, () => this.refreshChoices());
+    // The choices follow the batch file by file: a file complete adds its option, a file removed
+    // takes its option away, and only a new (or restored) batch rebuilds both lists. A batch of
+    // n files costs n small changes, not n lists of n options.
+    this.wanted = new Map([[this.el.template, null], [this.el.data, null]]); // select -> fileIdx
+    this.options = new Map([[this.el.template, new Map()], [this.el.data, new Map()]]); // select -> fileIdx -> <option>
+    for (const select of this.wanted.keys()) {
+      select.addEventListener('change', () => this.wanted.set(select, select.value === '' ? null : Number(select.value)));
+    }
+    uploader.addEventListener('complete', (e) => { this.addChoice(e.detail); this.pickChoices(); });
+    uploader.addEventListener('removed', (e) => { this.removeChoice(e.detail.fileIdx); this.pickChoices(); });
+    uploader.addEventListener('batch', () => this.refreshChoices());
     this.refreshChoices();
   }
 
@@ -86,31 +96,96 @@ export class Generator {
     this.api = api;
   }
 
-  // The template and data choices: the batch's complete files, by name.
+  // The template and data choices: the batch's complete files, by name (with the fileIdx when two
+  // share a name), in fileIdx order. Rebuilt whole from the uploader's files.
   refreshChoices() {
-    const files = this.uploader.list().filter((u) => u.state === COMPLETE);
-    const counts = new Map();
-    for (const u of files) counts.set(u.name, (counts.get(u.name) || 0) + 1);
-    const label = (u) => (counts.get(u.name) > 1 ? `${u.name} (file ${u.fileIdx})` : u.name);
-    const fill = (select, pick) => {
-      const before = select.value;
-      const wanted = files.some((u) => String(u.fileIdx) === before) ? before : pick;
-      const same = select.options.length === files.length
-        && files.every((u, i) => select.options[i].value === String(u.fileIdx) && select.options[i].text === label(u));
-      if (!same) {
-        select.replaceChildren(...files.map((u) => new Option(label(u), String(u.fileIdx))));
-      }
-      select.value = wanted ?? '';
-      select.disabled = files.length === 0;
-    };
-    const json = files.filter((u) => /\.json$/i.test(u.name));
-    const template = files.find((u) => /template|master|smartlink/i.test(u.name) && /\.json$/i.test(u.name))
-      || json[0] || files[0];
-    fill(this.el.template, template ? String(template.fileIdx) : null);
-    const chosen = this.el.template.value;
-    const data = files.find((u) => String(u.fileIdx) !== chosen && /\.(jsonl?|ndjson)$/i.test(u.name))
-      || files.find((u) => String(u.fileIdx) !== chosen);
-    fill(this.el.data, data ? String(data.fileIdx) : null);
+    this.names = new Map(); // fileIdx -> name, of the complete files
+    this.order = []; // their fileIdx, ascending
+    this.byName = new Map(); // name -> Set of fileIdx
+    for (const [select, options] of this.options) {
+      select.replaceChildren();
+      options.clear();
+    }
+    const complete = this.uploader.list().filter((u) => u.state === COMPLETE).sort((a, b) => a.fileIdx - b.fileIdx);
+    for (const u of complete) this.addChoice(u);
+    this.pickChoices();
+  }
+
+  label(fileIdx) {
+    const name = this.names.get(fileIdx);
+    return this.byName.get(name).size > 1 ? `${name} (file ${fileIdx})` : name;
+  }
+
+  // Where `fileIdx` is, or would go, in this.order.
+  position(fileIdx) {
+    let lo = 0;
+    let hi = this.order.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.order[mid] < fileIdx) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  relabel(name) {
+    for (const idx of this.byName.get(name) || []) {
+      for (const options of this.options.values()) options.get(idx).text = this.label(idx);
+    }
+  }
+
+  addChoice(u) {
+    if (u.state !== COMPLETE || this.names.has(u.fileIdx) || this.uploader.uploads.get(u.fileIdx) !== u) return;
+    const pos = this.position(u.fileIdx);
+    this.order.splice(pos, 0, u.fileIdx);
+    this.names.set(u.fileIdx, u.name);
+    if (!this.byName.has(u.name)) this.byName.set(u.name, new Set());
+    this.byName.get(u.name).add(u.fileIdx);
+    const next = this.order[pos + 1];
+    for (const [select, options] of this.options) {
+      const option = new Option(this.label(u.fileIdx), String(u.fileIdx));
+      select.insertBefore(option, next === undefined ? null : options.get(next));
+      options.set(u.fileIdx, option);
+    }
+    if (this.byName.get(u.name).size === 2) this.relabel(u.name);
+  }
+
+  removeChoice(fileIdx) {
+    const name = this.names.get(fileIdx);
+    if (name === undefined) return;
+    this.names.delete(fileIdx);
+    this.order.splice(this.position(fileIdx), 1);
+    const same = this.byName.get(name);
+    same.delete(fileIdx);
+    if (!same.size) this.byName.delete(name);
+    for (const options of this.options.values()) {
+      options.get(fileIdx).remove();
+      options.delete(fileIdx);
+    }
+    if (same.size === 1) this.relabel(name);
+  }
+
+  // Each list shows what was chosen (by the user, or picked before) while that file is there;
+  // else a pick: for the template a JSON file named like one, else the first JSON file, else the
+  // first; for the data another file, JSON lines first.
+  pickChoices() {
+    const { template, data } = this.el;
+    const there = (idx) => idx !== null && this.names.has(idx);
+    const first = (ok) => this.order.find((idx) => ok(this.names.get(idx), idx)) ?? null;
+    if (!there(this.wanted.get(template))) {
+      this.wanted.set(template, first((n) => /template|master|smartlink/i.test(n) && /\.json$/i.test(n))
+        ?? first((n) => /\.json$/i.test(n)) ?? first(() => true));
+    }
+    const chosen = this.wanted.get(template);
+    if (!there(this.wanted.get(data))) {
+      this.wanted.set(data, first((n, idx) => idx !== chosen && /\.(jsonl?|ndjson)$/i.test(n))
+        ?? first((n, idx) => idx !== chosen));
+    }
+    for (const [select, idx] of this.wanted) {
+      const value = idx === null ? '' : String(idx);
+      if (select.value !== value) select.value = value;
+      select.disabled = this.order.length === 0;
+    }
   }
 
   async start() {
@@ -182,6 +257,7 @@ export class Generator {
     this.el.paste.value = '';
     this.el.fromFile.checked = true;
     this.el.data.value = String(added[0].fileIdx);
+    this.wanted.set(this.el.data, added[0].fileIdx);
     return added[0].fileIdx;
   }
 
