@@ -12,6 +12,10 @@ For each chunk size (``FILEDROP_CHUNK_SIZE``; the server is restarted with it) t
 page and client; the table shows medians and the ratio page / client within each rep. Each
 upload's batch is dropped afterwards. Needs ``FILEDROP_SETUP_TEST=1 scripts/setup`` (Chromium).
 Options: ``--size-mib N`` (256), ``--chunk-sizes 4M,8M,16M`` (8M), ``--reps N`` (3).
+
+``--small-files N``: instead, N files of 255 bytes (a folder of small documents) picked at once,
+from the pick until every row is ``complete``, against the same client sending them as the page
+does (3 files at a time, one chunk ``POST`` and one info ``GET`` each), alternated, medians.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "bench-key-0123456789"
 MiB = 1 << 20
 IN_FLIGHT = 3  # the page's chunks in flight per file
+SMALL_SIZE = 255  # bytes of each of --small-files
 
 
 async def client_upload(base: str, path: Path, chunk: int) -> tuple[float, str]:
@@ -70,6 +75,49 @@ async def client_upload(base: str, path: Path, chunk: int) -> tuple[float, str]:
     return elapsed, info["sha256"]
 
 
+async def client_small_files(base: str, paths: list[Path]) -> float:
+    """The small files as the page sends them: 3 at a time, each one chunk then its info."""
+    headers = {"X-API-Key": KEY}
+    start = time.perf_counter()
+    async with aiohttp.ClientSession(base) as s:
+        async with s.post("/api/v1/upload", headers=headers) as r:
+            batch = (await r.json())["batchId"]
+        todo = list(enumerate(paths))
+
+        async def worker() -> None:
+            while todo:
+                idx, path = todo.pop(0)
+                body = path.read_bytes()
+                h = {**headers, "X-Upload-Type": "chunked", "X-Upload-Chunk-Index": "0", "X-Upload-Chunk-Count": "1",
+                     "X-File-Size": str(len(body)), "X-File-Name": path.name, "Content-Type": "text/plain"}
+                async with s.post(f"/api/v1/upload/{batch}/{idx}", data=body, headers=h) as r:
+                    assert r.status == 201, await r.text()
+                async with s.get(f"/api/v1/upload/{batch}/{idx}", headers=headers) as r:
+                    assert (await r.json())["complete"]
+
+        await asyncio.gather(*(worker() for _ in range(3)))
+        elapsed = time.perf_counter() - start
+        async with s.delete(f"/api/v1/upload/{batch}", headers=headers):
+            pass
+    return elapsed
+
+
+def page_small_files(page, base: str, paths: list[Path]) -> float:  # type: ignore[no-untyped-def]
+    page.driver.execute_script("localStorage.clear()")  # a new batch, nothing to resume
+    page.open()
+    page.wait_key_accepted()
+    start = time.perf_counter()
+    page.add_files(paths)
+    page.wait_rows({p.name: "complete" for p in paths}, timeout=900)
+    elapsed = time.perf_counter() - start
+    batch = page.batch_id()
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{base}/api/v1/upload/{batch}", method="DELETE",
+                                                  headers={"X-API-Key": KEY}), timeout=60).close()
+    return elapsed
+
+
 def page_upload(page, base: str, path: Path) -> tuple[float, str]:  # type: ignore[no-untyped-def]
     page.driver.execute_script("localStorage.clear()")  # a new batch, nothing to resume
     page.open()
@@ -91,6 +139,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--chunk-sizes", default="8M")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--small-files", type=int, default=0, help="N small files instead of one large one")
     args = ap.parse_args(argv)
 
     from server.config import Settings, parse_size
@@ -104,10 +153,17 @@ def main(argv: list[str]) -> int:
     data = work / "srv"
     upgrade(data / "filedrop.sqlite3")
     path = work / "upload.bin"
-    with open(path, "wb") as f:
-        for _ in range(args.size_mib):
-            f.write(os.urandom(MiB))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    small = [work / "docs" / f"doc-{i:05d}.txt" for i in range(args.small_files)]
+    if small:
+        small[0].parent.mkdir()
+        for i, p in enumerate(small):
+            p.write_bytes(f"document {i:05d}\n".encode() * 17)  # SMALL_SIZE bytes
+        args.chunk_sizes = args.chunk_sizes.split(",")[0]
+    else:
+        with open(path, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(MiB))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if not small else ""
     driver = start_browser(work / "profile", work / "downloads")
     factory = NginxFactory(work / "nginx")
     rows: list[tuple[str, float, float, float]] = []
@@ -124,6 +180,10 @@ def main(argv: list[str]) -> int:
                 page.wait_key_accepted()
                 page_s, client_s = [], []
                 for _ in range(args.reps):
+                    if small:
+                        page_s.append(page_small_files(page, ngx.url, small))
+                        client_s.append(asyncio.run(client_small_files(ngx.url, small)))
+                        continue
                     t, sha = page_upload(page, ngx.url, path)
                     assert sha == digest, "the page's upload has the wrong SHA-256"
                     page_s.append(t)
@@ -142,6 +202,15 @@ def main(argv: list[str]) -> int:
 
         shutil.rmtree(work, ignore_errors=True)
 
+    if small:
+        n = len(small)
+        print(f"{n:,} files of {SMALL_SIZE} bytes through NGINX into filedrop, "
+              f"picked at once; median of {args.reps}; until every row is complete.\n")
+        print("| files | drop page (headless Chromium) | Python client (as the page sends) | page speed / client speed |")
+        print("| ---: | ---: | ---: | ---: |")
+        for _text, p, c, r in rows:
+            print(f"| {n:,} | {p:.1f} s ({n / p:,.0f} files/s) | {c:.1f} s ({n / c:,.0f} files/s) | {r:.2f} |")
+        return 0
     mb = args.size_mib * MiB / 1e6
     print(f"One {args.size_mib} MiB file through NGINX into filedrop, {IN_FLIGHT} chunks in flight, "
           f"median of {args.reps}; until the server reports the file complete with its SHA-256.\n")
