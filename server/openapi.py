@@ -138,6 +138,11 @@ SCHEMAS: dict[str, Schema] = {
             "uploaded": {"const": "true"},
             "uploadedChunkIds": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "chunkCount": STRING_NUMBER,
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                       "description": "The file's SHA-256, the file info's own value, when this answer says the "
+                                      "file is complete (201; on the legacy form, the 200 of a complete file); "
+                                      "absent while it is not (and from servers before it was added: ask the "
+                                      "file's info then). Not Nuxeo's: its clients pass it over."},
         },
     },
     "FileInfo": {
@@ -381,8 +386,9 @@ def _job_links(status: int) -> tuple[Link, ...]:
 def _upload_ops() -> list[Op]:
     created = Answer("The new batch.", ref("BatchCreated"))
     upload_answers = {
-        201: Answer("A whole file, or the chunk that completed the file.", ref("Uploaded")),
-        202: Answer("A chunk stored; others are missing.", ref("Uploaded")),
+        201: Answer("A whole file, or the chunk that completed the file (or a repeat of a chunk of a complete "
+                    "file): the file is complete, and `sha256` says its SHA-256.", ref("Uploaded")),
+        202: Answer("A chunk stored; others are missing (no `sha256`).", ref("Uploaded")),
         400: BAD_UPLOAD, 404: NO_BATCH,
         409: error("A whole file would replace one of the batch's files while a job started from the batch "
                    "runs (its rows may publish it).", "ERR_JOB_RUNNING"),
@@ -442,7 +448,8 @@ def _upload_ops() -> list[Op]:
         # The legacy automation form (Nuxeo's /site/automation/batch).
         Op("POST", "/site/automation/batch/upload", "legacyUpload",
            "Upload a file or chunk (legacy form; the first upload creates the batch)",
-           {200: Answer("Stored (chunk answers list the chunk ids so far).", ref("Uploaded")),
+           {200: Answer("Stored (chunk answers list the chunk ids so far); `sha256` once the file is complete.",
+                        ref("Uploaded")),
             400: BAD_UPLOAD, 404: NO_BATCH, 409: upload_answers[409], 413: upload_answers[413], 500: upload_answers[500],
             503: upload_answers[503], 507: upload_answers[507]},
            (header("X-Batch-Id", UPLOAD_BATCH_ID, "the batch (chosen by the client)", required=True),

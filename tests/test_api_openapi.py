@@ -273,3 +273,37 @@ async def test_what_the_document_admits_of_a_request_the_server_takes(client, se
                               headers={**AUTH, "X-Batch-No-Drop": "true"})
         judge("legacy execute params", body_schema, {"params": params}, r.status, valid)
     assert not wrong, "the document and the server disagree:\n" + "\n".join(wrong)
+
+
+async def test_every_field_of_the_upload_answers_is_documented_the_sha256_of_a_complete_file_too(
+        client, settings: Settings) -> None:
+    """Real upload answers (a whole file, a chunk of a file still incomplete, the chunk that
+    completes it, the legacy form's) are valid against ``Uploaded`` with no field left out of it:
+    the optional ``sha256`` of a complete file is described, as 64 lowercase hex digits."""
+    import hashlib
+
+    import jsonschema_rs
+
+    doc = build(settings)
+    uploaded = doc["components"]["schemas"]["Uploaded"]
+    schema = {**uploaded, "additionalProperties": False, "components": doc["components"]}
+    validator = jsonschema_rs.validator_for(schema)
+    assert "sha256" not in uploaded["required"]
+    batch = (await (await client.post("/api/v1/upload", headers=AUTH)).json())["batchId"]
+    data = b"0123456789" * 300
+    head = {**AUTH, "X-File-Name": "a.bin", "X-File-Size": str(len(data))}
+    chunk = {**head, "X-Upload-Type": "chunked", "X-Upload-Chunk-Count": "2"}
+    answers = [
+        await client.post(f"/api/v1/upload/{batch}/0", data=data, headers=head),
+        await client.post(f"/api/v1/upload/{batch}/1", data=data[:1500], headers={**chunk, "X-Upload-Chunk-Index": "0"}),
+        await client.post(f"/api/v1/upload/{batch}/1", data=data[1500:], headers={**chunk, "X-Upload-Chunk-Index": "1"}),
+        await client.post("/site/automation/batch/upload", data=data,
+                          headers={**head, "X-Batch-Id": "legacy-doc", "X-File-Idx": "0"}),
+    ]
+    assert [r.status for r in answers] == [201, 202, 201, 200]
+    bodies = [await r.json() for r in answers]
+    digest = hashlib.sha256(data).hexdigest()
+    assert [b.get("sha256") for b in bodies] == [digest, None, digest, digest]
+    for body in bodies:
+        assert validator.is_valid(body), (body, list(validator.iter_errors(body)))
+    assert not validator.is_valid({**bodies[0], "sha256": digest.upper()})

@@ -47,7 +47,7 @@ def test_a_presigned_put_lands_as_an_upload_with_the_key(server_factory, nginx_f
     r = requests.put(link["upload_URL"], data=data, headers={"X-File-Name": "rows%20%C3%A9t%C3%A9.bin"}, timeout=30)
     assert r.status_code == 201, r.text
     assert r.json() == {"batchId": batch, "fileIdx": "0", "uploadType": "normal", "uploadedSize": "256000",
-                        "uploaded": "true"}
+                        "uploaded": "true", "sha256": hashlib.sha256(data).hexdigest()}
     info = requests.get(f"{front.url}/api/v1/upload/{batch}/0", headers=AUTH, timeout=30).json()
     assert info["complete"] and info["name"] == "rows été.bin" and info["size"] == 256000
     assert info["sha256"] == hashlib.sha256(data).hexdigest()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from server.app import create_app
 from server.db.models import Batch, BatchFile
 from server.keys import UPLOADS
 from server.protocol import RECV_SIZE
+from server.uploads.store import WRITE_BUFFER
 from tests.conftest import AUTH, OTHER_KEY
 from tests.support.database import connect
 from tests.support.uploads import Uploads, assert_error, sha256, upload_headers, upload_tree
@@ -54,7 +57,7 @@ async def test_normal_upload_info_and_manifest(client, settings, prefix) -> None
     r = await up.post(batch, 0, data, "résumé 1.pdf", mimetype="application/pdf")
     assert r.status == 201
     assert await r.json() == {"batchId": batch, "fileIdx": "0", "uploadType": "normal",
-                              "uploadedSize": "10000", "uploaded": "true"}
+                              "uploadedSize": "10000", "uploaded": "true", "sha256": sha256(data)}
     info = await (await up.info(batch, 0)).json()
     assert info["name"] == "résumé 1.pdf" and info["size"] == 10000 and info["uploadType"] == "normal"
     assert info["complete"] is True and info["sha256"] == sha256(data)
@@ -129,6 +132,10 @@ async def test_last_two_chunks_at_once_assemble_exactly_once(client) -> None:
         r2, r3 = await asyncio.gather(up.post(batch, 0, parts[2], chunk=(2, 4), size=len(data)),
                                       up.post(batch, 0, parts[3], chunk=(3, 4), size=len(data)))
         assert sorted([r2.status, r3.status]) == [201, 202]
+        # The one answered 201 (prepared by its request, or waiting for the assembly it claimed)
+        # says the SHA-256; the other does not.
+        done, other = (r2, r3) if r2.status == 201 else (r3, r2)
+        assert (await done.json())["sha256"] == sha256(data) and "sha256" not in await other.json()
         await service.settle(batch)
         assert service.stats.assembled == k + 1
         assert (await up.manifest(batch))["files"][0]["sha256"] == sha256(data)
@@ -357,7 +364,7 @@ async def test_whole_file_upload_replaces_a_file_being_assembled(aiohttp_client,
     r = await up.post(batch, 0, new, "new.bin")
     assert r.status == 201, await r.text()
     assert await r.json() == {"batchId": batch, "fileIdx": "0", "uploadType": "normal",
-                              "uploadedSize": "500", "uploaded": "true"}
+                              "uploadedSize": "500", "uploaded": "true", "sha256": sha256(new)}
     release.set()
     await service.idle()
     assert await up.manifest(batch) == {"batchId": batch, "files": [
@@ -439,3 +446,107 @@ async def test_a_whole_file_whose_hashing_failed_gets_its_sha256_from_disk(clien
     assert (await (await up.info(batch, 0)).json())["sha256"] == sha256(data)
     f = await client.app[UPLOADS].open_file(AUTH_OWNER(client), batch, 0)
     assert f.sha256 == sha256(data) and f.path.read_bytes() == data
+
+
+# -- the answer that completes a file carries its SHA-256 ------------------------------------------
+# REST answers 201 once the file is complete (202 for a chunk of a file still incomplete); the
+# legacy form answers 200 either way. Each compares with hashlib and with the file's info.
+FORMS = ["rest", "legacy"]
+
+
+async def _send(client, form: str, batch: str, idx: int, data: bytes, *,  # type: ignore[no-untyped-def]
+                chunk: tuple[int, int] | None = None, size: int | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    if form == "rest":
+        r = await Uploads(client).post(batch, idx, data, "s.bin", chunk=chunk, size=size)
+    else:
+        h = {**upload_headers("s.bin", len(data) if size is None else size, chunk=chunk), "X-Batch-Id": batch,
+             "X-File-Idx": str(idx)}
+        r = await client.post("/site/automation/batch/upload", headers=h,
+                              data=io.BytesIO(data) if len(data) > 1 << 20 else data)
+    assert r.status in (200, 201, 202), await r.text()
+    return r.status, await r.json()
+
+
+async def _batch(client, form: str) -> str:  # type: ignore[no-untyped-def]
+    """A REST batch, or a legacy id (its first upload makes it)."""
+    return await Uploads(client).create() if form == "rest" else f"legacy-sha-{os.urandom(4).hex()}"
+
+
+def _complete(form: str) -> int:
+    return 201 if form == "rest" else 200
+
+
+def _incomplete(form: str) -> int:
+    return 202 if form == "rest" else 200
+
+
+async def _info_sha256(client, batch: str, idx: int) -> str:  # type: ignore[no-untyped-def]
+    info = await (await Uploads(client).info(batch, idx)).json()
+    assert info["complete"] is True
+    return info["sha256"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("size", [10_000, 3 << 20], ids=["small", "streamed"])
+async def test_a_whole_file_is_answered_with_its_sha256(client, form, size) -> None:
+    """A small whole file (written and hashed by its group) and one over WRITE_BUFFER (streamed,
+    hashed as it arrives): the answer carries the SHA-256, the file info's own value, and every
+    field it carried before."""
+    data = os.urandom(size)
+    assert (size > WRITE_BUFFER) == (size == 3 << 20)
+    batch = await _batch(client, form)
+    status, body = await _send(client, form, batch, 0, data)
+    assert status == _complete(form)
+    expected = {"batchId": batch, "fileIdx": "0", "uploadType": "normal", "uploadedSize": str(size),
+                "uploaded": "true", "sha256": hashlib.sha256(data).hexdigest()}
+    assert body == expected
+    assert await _info_sha256(client, batch, 0) == body["sha256"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [3, 0, 5, 1, 4, 2]], ids=["in-order", "out-of-order"])
+async def test_the_chunk_that_completes_a_file_is_answered_with_its_sha256(client, form, order) -> None:
+    """No answer says a SHA-256 while the file is incomplete (a repeat of a stored chunk
+    included); the chunk that completes it does, and so does a repeat of that chunk (or of any
+    other) once the file is complete."""
+    data = os.urandom(5 * 1000 + 17)
+    parts = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    digest = hashlib.sha256(data).hexdigest()
+    batch = await _batch(client, form)
+    for n, i in enumerate(order):
+        status, body = await _send(client, form, batch, 1, parts[i], chunk=(i, 6), size=len(data))
+        if n < len(order) - 1:
+            assert status == _incomplete(form) and "sha256" not in body, body
+            again = await _send(client, form, batch, 1, parts[order[0]], chunk=(order[0], 6), size=len(data))
+            assert again[0] == _incomplete(form) and "sha256" not in again[1], again
+        else:
+            assert status == _complete(form) and body["sha256"] == digest, body
+            assert body["uploadedChunkIds"] == list(range(6)) and body["chunkCount"] == "6"
+    assert await _info_sha256(client, batch, 1) == digest
+    for i in (order[-1], order[0]):  # the completing chunk again, then another
+        status, body = await _send(client, form, batch, 1, parts[i], chunk=(i, 6), size=len(data))
+        assert status == _complete(form) and body["sha256"] == digest, body
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_a_file_another_process_left_assembling_is_answered_with_the_sha256_of_its_assembly(
+        client, settings, form) -> None:
+    """Another process recorded the last chunk, claimed the file (``assembling``) and died
+    before assembling it. The next chunk sent for it has this process assemble it and waits
+    for that: its answer carries the SHA-256 the assembly computed."""
+    data = os.urandom(3000)
+    parts = [data[i:i + 1000] for i in range(0, 3000, 1000)]
+    batch = await _batch(client, form)
+    for i in (0, 1):
+        status, body = await _send(client, form, batch, 0, parts[i], chunk=(i, 3), size=3000)
+        assert status == _incomplete(form) and "sha256" not in body
+    with connect(settings) as db:  # chunk 2 written in place and recorded by the other process
+        pk, fid = db.execute(select(BatchFile.batch_pk, BatchFile.id)).one()
+        with open(settings.uploads_dir / str(pk) / str(fid) / "partial", "r+b") as f:
+            os.pwrite(f.fileno(), parts[2], 2000)
+        db.execute(update(BatchFile).values(state="assembling", chunk_ids=bytes([7]), received=3000))
+    assembled = client.app[UPLOADS].stats.assembled
+    status, body = await _send(client, form, batch, 0, parts[0], chunk=(0, 3), size=3000)
+    assert client.app[UPLOADS].stats.assembled == assembled + 1  # this request's wait was an assembly
+    assert status == _complete(form) and body["sha256"] == hashlib.sha256(data).hexdigest(), body
+    assert await _info_sha256(client, batch, 0) == body["sha256"]

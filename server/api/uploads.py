@@ -279,6 +279,8 @@ def _upload_body(o: UploadOutcome) -> dict[str, Any]:
     if o.chunked:
         body["uploadedChunkIds"] = o.chunk_ids
         body["chunkCount"] = str(o.chunk_count)
+    if o.complete and o.sha256:  # the file info's own value; never while the file is incomplete
+        body["sha256"] = o.sha256
     return body
 
 

@@ -70,11 +70,12 @@ class Snapshot:
     chunk_ids: bytes
     loose_ids: bytes
     received: int = 0
+    sha256: str | None = None  # of a complete file, as read (a repeat's answer carries it)
 
     @classmethod
     def of(cls, r: Any) -> Snapshot:
         return cls(r.id, r.batch_pk, r.size, r.chunk_count, r.chunk_size, r.chunk_ids, r.loose_ids,
-                   getattr(r, "received", 0))
+                   getattr(r, "received", 0), getattr(r, "sha256", None))
 
 
 @dataclass
@@ -264,15 +265,15 @@ class Assembler:
         self.placing = placing
         self.stats = stats
         self.settings = settings
-        self._running: dict[int, asyncio.Task[bool]] = {}  # file id -> its assembly
-        self._by_batch: dict[str, set[asyncio.Task[bool]]] = {}
+        self._running: dict[int, asyncio.Task[str | None]] = {}  # file id -> its assembly
+        self._by_batch: dict[str, set[asyncio.Task[str | None]]] = {}
 
-    def running(self, file_id: int) -> asyncio.Task[bool] | None:
+    def running(self, file_id: int) -> asyncio.Task[str | None] | None:
         return self._running.get(file_id)
 
-    def ensure(self, batch_id: str, file_id: int, *, claimed: bool) -> asyncio.Task[bool]:
-        """The assembly of ``file_id`` (started unless it runs already); its result says whether
-        the file is complete after it. ``claimed``: the file is ``assembling`` (the caller's
+    def ensure(self, batch_id: str, file_id: int, *, claimed: bool) -> asyncio.Task[str | None]:
+        """The assembly of ``file_id`` (started unless it runs already); its result is the file's
+        SHA-256 if the file is complete after it, else None. ``claimed``: the file is ``assembling`` (the caller's
         transaction flipped it, or it was found so: another process's assembly is waited for,
         a dead one's taken over); else it is claimed here, if it still waits (``receiving``
         with every chunk), and nothing happens if it does not."""
@@ -284,7 +285,7 @@ class Assembler:
         batch = self._by_batch.setdefault(batch_id, set())
         batch.add(task)
 
-        def done(t: asyncio.Task[bool]) -> None:
+        def done(t: asyncio.Task[str | None]) -> None:
             self._running.pop(file_id, None)
             batch.discard(t)
             if not batch and self._by_batch.get(batch_id) is batch:
@@ -320,7 +321,7 @@ class Assembler:
         self.stats.recovered += len(todo)
         return len(todo)
 
-    async def _assemble(self, batch_id: str, file_id: int, claimed: bool) -> bool:
+    async def _assemble(self, batch_id: str, file_id: int, claimed: bool) -> str | None:
         # Taken before the claim, so that from the claim on the claimant holds it; waited for
         # as long as another process assembles the file (it lives: the lock goes with it).
         async with self.db.locks.held("assemble", file_id, wait=None):
@@ -329,22 +330,25 @@ class Assembler:
             async with self.db.read() as s:
                 row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id))).scalar_one_or_none()
                 if row is not None and row.state == "complete":
-                    return True  # another process assembled it while we waited for the lock
+                    return row.sha256  # another process assembled it while we waited for the lock
                 snap = Snapshot.of(row) if row is not None and row.state == "assembling" else None
             if snap is None:
-                return False
+                return None
             log.debug("assembling file %s of batch %s", file_id, batch_id)
             return await self._assemble_claimed(batch_id, file_id, snap)
 
-    async def _complete(self, file_id: int) -> bool:
+    async def _complete(self, file_id: int) -> str | None:
+        """The file's SHA-256 if it is complete (read with its state), else None."""
         async with self.db.read() as s:
-            return await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id)) == "complete"
+            row = (await s.execute(select(BatchFile.state, BatchFile.sha256)
+                                   .where(BatchFile.id == file_id))).one_or_none()
+        return row.sha256 if row is not None and row.state == "complete" else None
 
-    async def _assemble_claimed(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
+    async def _assemble_claimed(self, batch_id: str, file_id: int, snap: Snapshot) -> str | None:
         async with self.placing.completing(file_id):
             return await self._assemble_quiet(batch_id, file_id, snap)
 
-    async def _assemble_quiet(self, batch_id: str, file_id: int, snap: Snapshot) -> bool:
+    async def _assemble_quiet(self, batch_id: str, file_id: int, snap: Snapshot) -> str | None:
         """A storage fault on the way to the commit (the free-disk floor included) gives the
         file back (``receiving``, every chunk: the next request for it assembles it again) and
         is the client's error, logged in one line (``server.uploads.faults``)."""
@@ -361,7 +365,9 @@ class Assembler:
         data = self.store.data_path(snap.batch_pk, file_id)
         try:
             async with self.db.write() as s:
-                state = await s.scalar(select(BatchFile.state).where(BatchFile.id == file_id))
+                found = (await s.execute(select(BatchFile.state, BatchFile.sha256)
+                                         .where(BatchFile.id == file_id))).one_or_none()
+                state, recorded = (found.state, found.sha256) if found is not None else (None, None)
                 if state == "assembling":
                     await s.execute(update(BatchFile).where(BatchFile.id == file_id)
                                     .values(state="complete", sha256=digest, synced_ids=snap.chunk_ids,
@@ -374,11 +380,11 @@ class Assembler:
             raise await self._failed(what, batch_id, snap, completion, e.error) from None
         if state is None:  # replaced meanwhile (the replacing upload left its directory to us)
             await asyncio.to_thread(self.store.remove_file, snap.batch_pk, file_id)
-            return False
+            return None
         if state != "assembling":
             if completion.name != "partial":
                 await asyncio.to_thread(remove, completion)
-            return state == "complete"
+            return recorded if state == "complete" else None  # completed by another: its record's
         try:
             await self.durability.synced()  # the record before anyone is told
         except OSError as e:  # recorded complete, not known durable: not answered complete
@@ -387,7 +393,7 @@ class Assembler:
         self.hashes.forget(file_id)
         self.stats.assembled += 1
         log.debug("file %s of batch %s complete (assembled)", file_id, batch_id)
-        return True
+        return digest
 
     async def _failed(self, what: str, batch_id: str, snap: Snapshot, completion: Path | None,
                       e: OSError | ValueError | BelowFloor) -> BaseException:

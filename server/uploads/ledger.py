@@ -406,7 +406,8 @@ class Ledger:
 
     @staticmethod
     def _recorded(a: Arrival, f: Row, *, new: bool, completed: bool = False, assemble: bool = False) -> Recorded:
+        complete = f.state == "complete"  # whole, completed now, or a repeat: the row holds its SHA-256
         outcome = UploadOutcome(a.batch_id, a.req.file_idx, a.req.chunked, a.length, f.chunk_count,
-                                f.chunk_ids.ids(), f.state == "complete")
+                                f.chunk_ids.ids(), complete, f.sha256 if complete else None)
         return Recorded(outcome, f, new=new, completed=completed, assemble=assemble)
 

@@ -39,6 +39,9 @@ class UploadOutcome:
     chunk_count: int
     chunk_ids: list[int]
     complete: bool  # the file is complete (assembled, durable)
+    # The file's SHA-256 (hex), given only with ``complete`` and only where the completion that
+    # answers knows it without a read (the row it decided on, the digest it computed); None else.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)

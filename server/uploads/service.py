@@ -83,7 +83,7 @@ from server.uploads.store import (
 log = logging.getLogger("filedrop.uploads")
 _KNOWN_LIMIT = 10_000  # open batches and receiving files remembered; the transaction checks again
 _SNAPSHOT = (BatchFile.id, BatchFile.batch_pk, BatchFile.size, BatchFile.chunk_count, BatchFile.chunk_size,
-             BatchFile.chunk_ids, BatchFile.loose_ids, BatchFile.received, BatchFile.state)
+             BatchFile.chunk_ids, BatchFile.loose_ids, BatchFile.received, BatchFile.state, BatchFile.sha256)
 
 __all__ = ["FileInfo", "FileState", "UploadOutcome", "UploadRequest", "UploadService"]
 
@@ -410,6 +410,7 @@ class UploadService:
         if req.chunk_idx not in ids and state == "receiving" and not waiting:
             return None
         complete = state == "complete"
+        digest = f.sha256 if complete else None  # read with its state: no other query
         if complete:
             # The commit that completed it may not be durable yet (SQLite commits with
             # synchronous=NORMAL; the sync after it is what its own 201 waits for): a 201 says
@@ -418,9 +419,10 @@ class UploadService:
         if state == "assembling" or waiting:
             # Assembling here, elsewhere (waited for) or nowhere any more (taken over).
             task = self.assembler.ensure(batch_id, f.id, claimed=state == "assembling")
-            complete = await asyncio.shield(task)  # raises what the assembly met (507, 503, 500)
+            digest = await asyncio.shield(task)  # raises what the assembly met (507, 503, 500)
+            complete = digest is not None
         size = req.content_length or 0
-        return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids.ids(), complete)
+        return UploadOutcome(batch_id, req.file_idx, req.chunked, size, f.chunk_count, ids.ids(), complete, digest)
 
     # -- execute -------------------------------------------------------------------------
     async def execute(self, owner: str, batch_id: str, file_idx: int | None, operation: str,
@@ -597,9 +599,10 @@ class _Receipt:
                                  bytes(row.chunk_ids), bytes(row.loose_ids), row.received), row.state, req.file_idx)
         if recorded.assemble and recorded.file_id is not None:
             # Claimed by its own record, or (a repeat) a failed assembly to claim and run again.
-            done = await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
+            digest = await asyncio.shield(s.assembler.ensure(self.batch_id, recorded.file_id, claimed=recorded.new))
             o = recorded.outcome
-            return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids, done)
+            return UploadOutcome(o.batch_id, o.file_idx, o.chunked, o.uploaded_size, o.chunk_count, o.chunk_ids,
+                                 digest is not None, digest)
         if recorded.outcome.complete and not recorded.new:
             # A repeat of a complete file, answered by its group at once: in the group that
             # completed the file, before the sync that makes that commit durable (see _early).
