@@ -4,7 +4,8 @@
 // is the truth: before it sends anything, and again once it thinks it is done, a file asks the
 // server which chunk ids it has (GET /api/v1/upload/{batchId}/{fileIdx}) and sends only the
 // others; the same after a page reload, when the user picks the file again and it is matched to
-// what localStorage remembered.
+// what localStorage remembered. A chunk answered 201 with the file's "sha256" (the server
+// completed the file with it) makes that second question unneeded: the answer is the server's.
 
 import { ApiError, isAbort, retryDelay, sentence, sleep } from './api.js';
 
@@ -20,6 +21,7 @@ const CHUNKS_PER_FILE = 3;
 const CHUNKS_AT_ONCE = 4;
 const ASSEMBLY_WAIT_MS = 30 * 60 * 1000; // most a file is waited for once all its chunks are in
 const NEED_FILE = 'Choose or drop this file again to resume it.';
+const SHA256 = /^[0-9a-f]{64}$/;
 
 // The server lacks chunks of a file whose bytes this page does not have (after a reload).
 class NeedFile extends Error {}
@@ -69,6 +71,7 @@ export class Upload {
     this.state = QUEUED;
     this.note = '';
     this.sha256 = null;
+    this.answered = null; // the SHA-256 a chunk's 201 said the complete file has (this run)
     this.done = new Set(); // chunk ids the server has (as far as we know)
     this.inflight = new Map(); // chunk id -> bytes of it sent so far
     this.sending = new Set(); // promises of the chunks in flight
@@ -386,6 +389,7 @@ export class Uploader extends EventTarget {
     u.controller = controller;
     u.fatal = null;
     const { signal } = controller;
+    u.answered = null;
     try {
       await this.ensureBatch(signal);
       signal.throwIfAborted(); // paused or removed while the batch was being created
@@ -397,6 +401,11 @@ export class Uploader extends EventTarget {
       while (u.state !== COMPLETE) {
         await this.sendMissing(u, signal);
         if (u.fatal) throw u.fatal;
+        if (u.answered && u.allSent) {
+          // A chunk's answer said the file is complete, with its SHA-256: no need to ask.
+          this.finish(u, { sha256: u.answered, size: u.size });
+          break;
+        }
         const info = await this.info(u, signal);
         if (info === null) {
           u.done = new Set(); // nothing stored (a reboot lost it all): send everything again
@@ -525,13 +534,16 @@ export class Uploader extends EventTarget {
     const end = Math.min(u.size, start + u.chunkSize);
     for (let attempt = 0; ; attempt++) {
       try {
-        const { body } = await this.api.sendChunk({
+        const { status, body } = await this.api.sendChunk({
           batchId: this.batchId, fileIdx: u.fileIdx, file: u.file, name: u.name, size: u.size,
           type: u.type, index, count: u.chunkCount, start, end, signal,
           onProgress: (loaded) => { if (u.inflight.has(index)) u.inflight.set(index, loaded); },
         });
         u.done.add(index);
         for (const id of body.uploadedChunkIds || []) u.done.add(Number(id));
+        // 201 with "sha256": the file is complete on the server (older servers, and a file
+        // another request completes, answer without it: the file's info is asked then).
+        if (status === 201 && typeof body.sha256 === 'string' && SHA256.test(body.sha256)) u.answered = body.sha256;
         this.recovered(u);
         return;
       } catch (e) {
