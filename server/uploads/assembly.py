@@ -273,10 +273,11 @@ class Assembler:
 
     def ensure(self, batch_id: str, file_id: int, *, claimed: bool) -> asyncio.Task[str | None]:
         """The assembly of ``file_id`` (started unless it runs already); its result is the file's
-        SHA-256 if the file is complete after it, else None. ``claimed``: the file is ``assembling`` (the caller's
-        transaction flipped it, or it was found so: another process's assembly is waited for,
-        a dead one's taken over); else it is claimed here, if it still waits (``receiving``
-        with every chunk), and nothing happens if it does not."""
+        SHA-256 if the file is complete after it ("" for a complete row without one), else None.
+        ``claimed``: the file is ``assembling`` (the caller's transaction flipped it, or it was
+        found so: another process's assembly is waited for, a dead one's taken over); else it is
+        claimed here, if it still waits (``receiving`` with every chunk), and nothing happens if
+        it does not."""
         task = self._running.get(file_id)
         if task is not None:
             return task
@@ -330,7 +331,7 @@ class Assembler:
             async with self.db.read() as s:
                 row = (await s.execute(select(BatchFile).where(BatchFile.id == file_id))).scalar_one_or_none()
                 if row is not None and row.state == "complete":
-                    return row.sha256  # another process assembled it while we waited for the lock
+                    return row.sha256 or ""  # another process assembled it while we waited for the lock
                 snap = Snapshot.of(row) if row is not None and row.state == "assembling" else None
             if snap is None:
                 return None
@@ -338,11 +339,12 @@ class Assembler:
             return await self._assemble_claimed(batch_id, file_id, snap)
 
     async def _complete(self, file_id: int) -> str | None:
-        """The file's SHA-256 if it is complete (read with its state), else None."""
+        """The file's SHA-256 if it is complete (read with its state; "" if none is recorded),
+        else None."""
         async with self.db.read() as s:
             row = (await s.execute(select(BatchFile.state, BatchFile.sha256)
                                    .where(BatchFile.id == file_id))).one_or_none()
-        return row.sha256 if row is not None and row.state == "complete" else None
+        return (row.sha256 or "") if row is not None and row.state == "complete" else None
 
     async def _assemble_claimed(self, batch_id: str, file_id: int, snap: Snapshot) -> str | None:
         async with self.placing.completing(file_id):
@@ -384,7 +386,7 @@ class Assembler:
         if state != "assembling":
             if completion.name != "partial":
                 await asyncio.to_thread(remove, completion)
-            return recorded if state == "complete" else None  # completed by another: its record's
+            return (recorded or "") if state == "complete" else None  # completed by another: its record's
         try:
             await self.durability.synced()  # the record before anyone is told
         except OSError as e:  # recorded complete, not known durable: not answered complete
