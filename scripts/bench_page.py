@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from statistics import median
 
@@ -40,15 +42,34 @@ IN_FLIGHT = 3  # the page's chunks in flight per file
 SMALL_SIZE = 255  # bytes of each of --small-files
 
 
+HEADERS = {"X-API-Key": KEY}
+
+
+@contextlib.asynccontextmanager
+async def new_batch(base: str) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """A session and a new upload batch of its own, dropped at the end."""
+    async with aiohttp.ClientSession(base) as s:
+        async with s.post("/api/v1/upload", headers=HEADERS) as r:
+            batch = (await r.json())["batchId"]
+        try:
+            yield s, batch
+        finally:
+            async with s.delete(f"/api/v1/upload/{batch}", headers=HEADERS):
+                pass
+
+
+def chunk_headers(name: str, size: int, index: int, count: int, content_type: str) -> dict[str, str]:
+    return {**HEADERS, "X-Upload-Type": "chunked", "X-Upload-Chunk-Index": str(index),
+            "X-Upload-Chunk-Count": str(count), "X-File-Size": str(size), "X-File-Name": name,
+            "Content-Type": content_type}
+
+
 async def client_upload(base: str, path: Path, chunk: int) -> tuple[float, str]:
     """Upload ``path`` as the page does; seconds until the server reports it complete."""
     size = path.stat().st_size
     count = max(1, -(-size // chunk))
-    headers = {"X-API-Key": KEY}
     start = time.perf_counter()
-    async with aiohttp.ClientSession(base) as s:
-        async with s.post("/api/v1/upload", headers=headers) as r:
-            batch = (await r.json())["batchId"]
+    async with new_batch(base) as (s, batch):
         queue = list(range(count))
 
         async def worker() -> None:
@@ -57,52 +78,42 @@ async def client_upload(base: str, path: Path, chunk: int) -> tuple[float, str]:
                     i = queue.pop(0)
                     f.seek(i * chunk)
                     body = f.read(chunk)
-                    h = {**headers, "X-Upload-Type": "chunked", "X-Upload-Chunk-Index": str(i),
-                         "X-Upload-Chunk-Count": str(count), "X-File-Size": str(size),
-                         "X-File-Name": path.name, "Content-Type": "application/octet-stream"}
+                    h = chunk_headers(path.name, size, i, count, "application/octet-stream")
                     async with s.post(f"/api/v1/upload/{batch}/0", data=body, headers=h) as r:
                         assert r.status in (201, 202), await r.text()
 
         await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
         for _ in range(6000):  # bounded: 10 min at 0.1 s
-            async with s.get(f"/api/v1/upload/{batch}/0", headers=headers) as r:
+            async with s.get(f"/api/v1/upload/{batch}/0", headers=HEADERS) as r:
                 info = await r.json()
             if info.get("complete") and info.get("sha256"):
                 break
             await asyncio.sleep(0.1)  # poll interval under a bound
         elapsed = time.perf_counter() - start
-        async with s.delete(f"/api/v1/upload/{batch}", headers=headers):
-            pass
     return elapsed, info["sha256"]
 
 
 async def client_small_files(base: str, paths: list[Path]) -> float:
     """The small files as the page sends them: 3 at a time, each one chunk (its info asked only
     when the chunk's answer lacks the SHA-256)."""
-    headers = {"X-API-Key": KEY}
     start = time.perf_counter()
-    async with aiohttp.ClientSession(base) as s:
-        async with s.post("/api/v1/upload", headers=headers) as r:
-            batch = (await r.json())["batchId"]
+    async with new_batch(base) as (s, batch):
         todo = list(enumerate(paths))
 
         async def worker() -> None:
             while todo:
                 idx, path = todo.pop(0)
                 body = path.read_bytes()
-                h = {**headers, "X-Upload-Type": "chunked", "X-Upload-Chunk-Index": "0", "X-Upload-Chunk-Count": "1",
-                     "X-File-Size": str(len(body)), "X-File-Name": path.name, "Content-Type": "text/plain"}
+                h = chunk_headers(path.name, len(body), 0, 1, "text/plain")
                 async with s.post(f"/api/v1/upload/{batch}/{idx}", data=body, headers=h) as r:
                     assert r.status == 201, await r.text()
                     if (await r.json()).get("sha256"):
                         continue
-                async with s.get(f"/api/v1/upload/{batch}/{idx}", headers=headers) as r:
+                async with s.get(f"/api/v1/upload/{batch}/{idx}", headers=HEADERS) as r:
                     assert (await r.json())["complete"]
 
         await asyncio.gather(*(worker() for _ in range(3)))
         elapsed = time.perf_counter() - start
-        async with s.delete(f"/api/v1/upload/{batch}", headers=headers):
-            pass
     return elapsed
 
 
@@ -210,20 +221,29 @@ def main(argv: list[str]) -> int:
         n = len(small)
         print(f"{n:,} files of {SMALL_SIZE} bytes through NGINX into filedrop, "
               f"picked at once; median of {args.reps}; until every row is complete.\n")
-        print("| files | drop page (headless Chromium) | Python client (as the page sends) | page speed / client speed |")
-        print("| ---: | ---: | ---: | ---: |")
-        for _text, p, c, r in rows:
-            print(f"| {n:,} | {p:.1f} s ({n / p:,.0f} files/s) | {c:.1f} s ({n / c:,.0f} files/s) | {r:.2f} |")
-        return 0
-    mb = args.size_mib * MiB / 1e6
-    print(f"One {args.size_mib} MiB file through NGINX into filedrop, {IN_FLIGHT} chunks in flight, "
-          f"median of {args.reps}; until the server reports the file complete with its SHA-256.\n")
-    print("| chunk size | drop page (headless Chromium) | Python client | page speed / client speed |")
+        head, client = "files", "Python client (as the page sends)"
+
+        def label(_text: str) -> str:
+            return f"{n:,}"
+
+        def cell(secs: float) -> str:
+            return f"{secs:.1f} s ({n / secs:,.0f} files/s)"
+    else:
+        mb = args.size_mib * MiB / 1e6
+        print(f"One {args.size_mib} MiB file through NGINX into filedrop, {IN_FLIGHT} chunks in flight, "
+              f"median of {args.reps}; until the server reports the file complete with its SHA-256.\n")
+        head, client = "chunk size", "Python client"
+
+        def label(text: str) -> str:
+            return text
+
+        def cell(secs: float) -> str:
+            return f"{secs:.2f} s ({mb / secs:,.0f} MB/s)"
+    print(f"| {head} | drop page (headless Chromium) | {client} | page speed / client speed |")
     print("| --- | ---: | ---: | ---: |")
     for text, p, c, r in rows:
-        print(f"| {text} | {p:.2f} s ({mb / p:,.0f} MB/s) | {c:.2f} s ({mb / c:,.0f} MB/s) | {r:.2f} |")
+        print(f"| {label(text)} | {cell(p)} | {cell(c)} | {r:.2f} |")
     return 0
-
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))

@@ -147,20 +147,11 @@ class _RefusingFirst:
 
 
 async def test_email_is_retried_as_callbacks_are(aiohttp_client, settings) -> None:
-    from aiosmtpd.controller import Controller
-
-    from tests.support.waiting import free_port
-
     handler = _RefusingFirst(asyncio.get_running_loop(), fail_first=2)
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    await asyncio.to_thread(controller.start)
-    try:
+    async with smtp_server(handler) as (port, _):
         client = await aiohttp_client(create_app(settings.replace(smtp_port=port, callback_retries=3)))
         job = await start_ok(client, "mailretry", SEED_TEMPLATE, SEED_ROWS, callback_emails="ops@example.com")
         await client.app[JOBS].notified(job["job_id"], timeout=30)
-    finally:
-        await asyncio.to_thread(controller.stop)
     assert handler.tries == 3 and len(handler.messages) == 1
     assert job_row(settings, job["job_id"])[1] == "sent"
     log = (await get_json(client, f"/api/batch/mailretry/{job['job_id']}/log"))["log"]
@@ -369,21 +360,12 @@ async def test_an_email_refused_for_some_recipients_is_retried_for_those_and_not
     was never tried again and the 550 went unmentioned. Now each attempt goes to the addresses
     still waiting (the same message), a 4xx is retried with the backoff, a 5xx is logged and not
     retried, and the e-mail is `sent` only when every address was taken."""
-    from aiosmtpd.controller import Controller
-
-    from tests.support.waiting import free_port
-
     handler = _PickyRecipients(asyncio.get_running_loop(), busy=1)
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    await asyncio.to_thread(controller.start)
-    try:
+    async with smtp_server(handler) as (port, _):
         client = await aiohttp_client(create_app(settings.replace(smtp_port=port, callback_retries=3)))
         job = await start_ok(client, "mailpicky", SEED_TEMPLATE, SEED_ROWS,
                              callback_emails="ok@example.com,busy@example.com,nobody@example.com")
         await client.app[JOBS].notified(job["job_id"], timeout=30)
-    finally:
-        await asyncio.to_thread(controller.stop)
     assert handler.rcpts == [("ok@example.com", 250), ("busy@example.com", 450), ("nobody@example.com", 550),
                              ("busy@example.com", 250)]
     assert [rcpts for rcpts, _ in handler.messages] == [["ok@example.com"], ["busy@example.com"]]

@@ -197,9 +197,10 @@ class _Collect:
 
 
 @asynccontextmanager
-async def smtp_server() -> AsyncIterator[tuple[int, _Collect]]:
-    """A real aiosmtpd server (its own thread) on 127.0.0.1:<free port>."""
-    handler = _Collect(asyncio.get_running_loop())
+async def smtp_server(handler: Any = None) -> AsyncIterator[tuple[int, Any]]:
+    """A real aiosmtpd server (its own thread) on 127.0.0.1:<free port>, answering with
+    ``handler`` (default: one that collects every message)."""
+    handler = handler or _Collect(asyncio.get_running_loop())
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     await asyncio.to_thread(controller.start)
