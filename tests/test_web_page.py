@@ -612,6 +612,37 @@ def test_a_forgotten_key_is_used_for_nothing_more(tmp_path: Path, stack, page_fo
     assert page.find("api-key").get_attribute("value") == ""
 
 
+def test_a_job_is_followed_again_once_the_key_is_entered_again(tmp_path: Path, stack, page_for) -> None:
+    """The key forgotten while the page follows a job: the status polls stop and say why; the
+    key entered again follows the same job again (it stayed stopped until a reload)."""
+    s = stack()
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"body": "{% for i in range(100000) %}{% endfor %}{{ data.n }}"}))
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"reference_id": f"r{i}", "suffix": f"{i:04d}5f1ea1e9b982f900468a",
+                                 "data": {"n": i}} for i in range(5000)]))
+    page = start_page(page_for(s))
+    page.add_files([template, data])
+    page.wait_rows({"template.json": "complete", "rows.json": "complete"})
+    page.find("generate").click()
+    status = page.find("job-status")
+    page.wait(lambda: status.get_attribute("data-status") in ("Queued", "In progress"), "the job followed")
+    job_id = page.by_id("job-id").text
+
+    page.by_id("key-forget").click()
+    message = page.by_id("generate-message")
+    said = page.wait(lambda: "error" in (message.get_attribute("class") or "") and message.text, "the polls stopped")
+    assert "key" in said, said
+
+    page.enter_key(API_KEY)
+    page.wait_key_accepted()
+    r = s.api("POST", f"/api/batch/{page.batch_id()}/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "Cancelled", r.text
+    page.wait(lambda: status.get_attribute("data-status") == "Cancelled", "the job followed again to its end")
+    assert page.by_id("job-id").text == job_id
+    page.wait(lambda: message.text == "", "the error gone")
+
+
 def test_a_file_the_server_keeps_under_a_job_stays_on_the_page(tmp_path: Path, stack, page_for) -> None:
     """Remove while a job started from the batch runs: the server refuses (409, its rows may read
     the file) and the row stays, saying why; once the job ended, remove takes it off both."""

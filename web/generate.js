@@ -57,6 +57,7 @@ export class Generator {
     this.job = null;
     this.controller = null;
     this.starting = false;
+    this.interrupted = false; // the job's polls stopped on an error (no key, key refused)
     const $ = (id) => document.getElementById(id);
     this.el = {
       form: $('generate-form'), template: $('template-file'), data: $('data-file'),
@@ -92,8 +93,15 @@ export class Generator {
     this.refreshChoices();
   }
 
+  // A key entered again: the job whose polls stopped on an error is followed again, as after
+  // a reload.
   setApi(api) {
     this.api = api;
+    if (this.interrupted) {
+      this.interrupted = false;
+      say(this.el.message, '');
+      this.restore();
+    }
   }
 
   // The template and data choices: the batch's complete files, by name (with the fileIdx when two
@@ -280,6 +288,7 @@ export class Generator {
     this.controller = controller;
     const { signal } = controller;
     this.job = job;
+    this.interrupted = false;
     this.memory.setJob({ batch_id: job.batch_id, job_id: job.job_id });
     this.el.job.hidden = false;
     this.el.result.hidden = true;
@@ -304,7 +313,9 @@ export class Generator {
       await this.showLog(job, signal);
       await this.showResult(job, signal);
     } catch (e) {
-      if (!isAbort(e)) say(this.el.message, e.message || String(e), true);
+      if (isAbort(e)) return;
+      if (this.controller === controller) this.interrupted = true;
+      say(this.el.message, e.message || String(e), true);
     }
   }
 
