@@ -20,6 +20,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,46 @@ def test_fifty_rows_become_fifty_links_that_open_through_nginx(tmp_path: Path, s
     width = page.wait(lambda: browser.execute_script("return window.innerWidth") == 360 and 360, "360 px")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= width
     page.screenshot("narrow-360")
+
+
+NAMES = ["évil\u202etxt.exe", "é" * 128, "é" * 127 + "a", "क्\u200dष.txt", "a\u200bb", "tab\there", "a/b", "a\\b",
+         ".", "..", "   ", "line\u2028sep", "para\u2029sep", "nonchar\ufdd0", "plane\U0001fffe", "bom\ufeff",
+         "ZWNJ\u200c.txt", "tag\U000e0041", "c1\x85", "del\x7f", "soft\u00adhyphen", "emoji 😀.txt", "a" * 255]
+
+
+def test_a_name_the_server_refuses_is_refused_on_the_page_and_never_sent(stack, page_for) -> None:
+    """The page sent a file whose name the server refuses (400), and its Retry could only fail the
+    same way. Now the page refuses it up front, saying why, by the server's own rule."""
+    from server.api.uploads import FileNameInvalid, decode_file_name
+
+    s = stack()
+    page = start_page(page_for(s))
+
+    def server_takes(name: str) -> bool:
+        try:
+            decode_file_name(urllib.parse.quote(name, safe=""))
+        except FileNameInvalid:
+            return False
+        return True
+
+    page.driver.execute_script("""
+        const dt = new DataTransfer();
+        for (const name of arguments[0]) dt.items.add(new File(['x'], name));
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""",
+                               ["évil\u202etxt.exe", "é" * 128, "क्\u200dष.txt"])
+    page.wait_rows({"क्\u200dष.txt": "complete"})
+    refusal = page.by_id("files-message").text
+    assert refusal.startswith("Not added: évil<U+202E>txt.exe: its name has U+202E"), refusal
+    assert "the name is 256 bytes of UTF-8, over 255" in refusal, refusal
+    assert set(s.manifest(page.batch_id())) == {"क्\u200dष.txt"}
+
+    # The page's rule is the server's, name by name.
+    page_takes = page.driver.execute_async_script("""
+        const [names, done] = arguments;
+        import('/_/upload.js').then((m) => names.map((n) => m.nameProblem(n) === null))
+          .then(done, (e) => done(String(e)));""", NAMES)
+    assert page_takes == [server_takes(n) for n in NAMES], (NAMES, page_takes)
 
 
 def test_a_wrong_key_is_refused_in_words_and_nothing_is_uploaded(stack, page_for) -> None:

@@ -23,6 +23,47 @@ const ASSEMBLY_WAIT_MS = 30 * 60 * 1000; // most a file is waited for once all i
 const NEED_FILE = 'Choose or drop this file again to resume it.';
 const SHA256 = /^[0-9a-f]{64}$/;
 
+// File names the server refuses (server/api/uploads.py, decode_file_name): control characters,
+// path separators, "." and "..", only whitespace, format characters (Cf) but the joiners
+// ZWNJ/ZWJ, line and paragraph separators (Zl, Zp), noncharacters, over 255 bytes of UTF-8.
+// A lone surrogate cannot be sent at all (it is no UTF-8).
+const NAME_FORBIDDEN = /[\x00-\x1f\x7f-\x9f/\\]/u;
+const NAME_INVISIBLE = /(?![\u200c\u200d])[\p{Cf}\p{Zl}\p{Zp}\p{Cs}]/u;
+const MAX_NAME_BYTES = 255;
+
+function noncharacter(cp) {
+  return (cp >= 0xfdd0 && cp <= 0xfdef) || (cp & 0xfffe) === 0xfffe;
+}
+
+function refusedChar(c) {
+  return /[\x00-\x1f\x7f-\x9f]/u.test(c) || NAME_INVISIBLE.test(c) || noncharacter(c.codePointAt(0));
+}
+
+// The name with the characters it may not have written as <U+XXXX> (a bidi override shown as is
+// would turn the message around).
+export function shownName(name) {
+  return [...name].map((c) => (refusedChar(c)
+    ? `<U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}>` : c)).join('');
+}
+
+// Why the server would refuse `name`, or null when it takes it.
+export function nameProblem(name) {
+  if (NAME_FORBIDDEN.test(name) || name === '.' || name === '..') {
+    return 'its name has a path separator or a control character, or is "." or ".."';
+  }
+  if (!name.trim()) return 'its name is only whitespace';
+  for (const c of name) {
+    const cp = c.codePointAt(0);
+    if (noncharacter(cp) || NAME_INVISIBLE.test(c)) {
+      const hex = cp.toString(16).toUpperCase().padStart(4, '0');
+      return `its name has U+${hex} (${noncharacter(cp) ? 'a noncharacter' : 'an invisible or direction-changing character, or a line separator'})`;
+    }
+  }
+  const bytes = new TextEncoder().encode(name).length;
+  if (bytes > MAX_NAME_BYTES) return `the name is ${bytes} bytes of UTF-8, over ${MAX_NAME_BYTES}`;
+  return null;
+}
+
 // The server lacks chunks of a file whose bytes this page does not have (after a reload).
 class NeedFile extends Error {}
 
@@ -320,6 +361,11 @@ export class Uploader extends EventTarget {
         if (!match.chunkSize) match.chunkSize = this.chunkSizeFor(match.size);
         added.push(match);
         this.queue(match);
+        continue;
+      }
+      const problem = nameProblem(file.name);
+      if (problem) {
+        refused.push(`${shownName(file.name)}: ${problem}, which the server refuses (rename it)`);
         continue;
       }
       if (file.size > this.limits.maxFileSize) {
