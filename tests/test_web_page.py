@@ -485,6 +485,32 @@ def test_a_folder_and_dropped_files_go_up_with_their_paths(tmp_path: Path, stack
     assert set(s.manifest(page.batch_id())) == {"a.txt", "b.csv", "dropped-2.bin"}
 
 
+def test_a_folder_dropped_over_the_batchs_file_limit_says_what_was_left_out(tmp_path: Path, stack, page_for) -> None:
+    """A dropped folder is walked up to FILEDROP_MAX_FILES_PER_BATCH files; the rest were left out
+    without a word. Now the page says how many, naming the setting. A real drop of a real folder:
+    Chromium's own drag events (DevTools Input.dispatchDragEvent) with the folder's path."""
+    s = stack(max_files_per_batch="3")
+    folder = tmp_path / "many"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(3):
+        (folder / f"f{i}.txt").write_text(f"file {i}\n")
+        (folder / "sub" / f"g{i}.txt").write_text(f"sub file {i}\n")
+    page = start_page(page_for(s))
+    zone = page.by_id("drop-zone")
+    rect = page.driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.x, r.y, r.width, r.height]",
+                                      zone)
+    x, y = rect[0] + rect[2] / 2, rect[1] + rect[3] / 2
+    data = {"items": [], "files": [str(folder)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        page.driver.execute_cdp_cmd("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    rows = page.wait(lambda: len(r := page.rows()) == 3 and all(x["state"] == "complete" for x in r) and r,
+                     "3 files of the folder to go up")
+    assert all((r["name"] or "").startswith("many/") for r in rows), rows
+    message = page.by_id("files-message").text
+    assert message == ("Not added: 3 files of what was dropped: a batch holds at most 3 files "
+                       "(FILEDROP_MAX_FILES_PER_BATCH)."), message
+
+
 # Counts what the page reads from and writes to localStorage (the real storage underneath).
 STORAGE_COUNTER = """
 (() => {

@@ -135,9 +135,13 @@ function showBatch() {
   el.newBatch.disabled = !uploader.batchId;
 }
 
-function addFiles(entries) {
-  if (!entries.length) return;
+function addFiles(entries, left = 0) {
+  if (!entries.length && !left) return;
   const { refused } = uploader.add(entries);
+  if (left) {
+    refused.push(`${left} ${left === 1 ? 'file' : 'files'} of what was dropped: a batch holds at most `
+      + `${uploader.limits.maxFilesPerBatch} files (FILEDROP_MAX_FILES_PER_BATCH)`);
+  }
   say(el.filesMessage, refused.length ? `Not added: ${refused.join('; ')}.` : '', refused.length > 0);
 }
 
@@ -147,17 +151,22 @@ function fromInput(input) {
   addFiles(entries);
 }
 
-// Dropped folders are walked (readEntries answers in batches until an empty one).
+// Dropped folders are walked (readEntries answers in batches until an empty one). Files past
+// the batch's limit are only counted (`left`), so that the page can say they were left out.
 async function dropped(dataTransfer) {
   const roots = [...dataTransfer.items].filter((i) => i.kind === 'file').map((i) => i.webkitGetAsEntry?.());
   if (!roots.length || roots.some((r) => !r)) {
-    return [...dataTransfer.files].map((file) => ({ file, relPath: file.name }));
+    return { entries: [...dataTransfer.files].map((file) => ({ file, relPath: file.name })), left: 0 };
   }
   const out = [];
+  let left = 0;
   const most = uploader.limits.maxFilesPerBatch;
   async function walk(entry, prefix) {
-    if (out.length >= most) return;
     if (entry.isFile) {
+      if (out.length >= most) {
+        left++;
+        return;
+      }
       const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
       out.push({ file, relPath: prefix + file.name });
       return;
@@ -165,12 +174,12 @@ async function dropped(dataTransfer) {
     const reader = entry.createReader();
     for (;;) {
       const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
-      if (!batch.length || out.length >= most) break;
+      if (!batch.length) break;
       for (const child of batch) await walk(child, `${prefix}${entry.name}/`);
     }
   }
   for (const root of roots) await walk(root, '');
-  return out;
+  return { entries: out, left };
 }
 
 // -- rendering -------------------------------------------------------------------------------
@@ -302,7 +311,8 @@ window.addEventListener('drop', async (e) => {
   el.zone.classList.remove('over');
   if (el.files.hidden || !uploader) return;
   try {
-    addFiles(await dropped(e.dataTransfer));
+    const { entries, left } = await dropped(e.dataTransfer);
+    addFiles(entries, left);
   } catch (err) {
     say(el.filesMessage, `The dropped files could not be read: ${err.message}`, true);
   }
