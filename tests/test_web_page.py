@@ -2,8 +2,10 @@
 front of a real ``filedrop serve``, as scripts/run starts them. The issue's scenarios: three files
 in chunks with their SHA-256; the app killed and started again mid-upload; a page reload
 mid-upload; 50 rows generated into 50 links that open through NGINX; a refused key; keyboard
-only; a folder and dropped files; a key revoked mid-upload. Each test leaves a screenshot of the
-whole page in test-output/web/.
+only; a folder and dropped files; a key revoked mid-upload. Then what later reviews found: two
+tabs on one batch, a forgotten key, a folder of many small files, names the server refuses, a
+folder over the batch's file limit, a job followed again once the key is entered again. Each test
+leaves a screenshot of the whole page in test-output/web/.
 
 One browser serves the module; each test has its own NGINX port, so its own origin, and so its
 own localStorage and sessionStorage.
