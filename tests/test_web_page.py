@@ -681,15 +681,21 @@ def test_a_forgotten_key_is_used_for_nothing_more(tmp_path: Path, stack, page_fo
     assert page.find("api-key").get_attribute("value") == ""
 
 
-def test_a_job_is_followed_again_once_the_key_is_entered_again(tmp_path: Path, stack, page_for) -> None:
-    """The key forgotten while the page follows a job: the status polls stop and say why; the
-    key entered again follows the same job again (it stayed stopped until a reload)."""
-    s = stack()
+def _slow_job_files(tmp_path: Path, rows: int) -> tuple[Path, Path]:
+    """A template whose rows each take a while, and ``rows`` rows for it."""
     template = tmp_path / "template.json"
     template.write_text(json.dumps({"body": "{% for i in range(100000) %}{% endfor %}{{ data.n }}"}))
     data = tmp_path / "rows.json"
     data.write_text(json.dumps([{"reference_id": f"r{i}", "suffix": f"{i:04d}5f1ea1e9b982f900468a",
-                                 "data": {"n": i}} for i in range(5000)]))
+                                 "data": {"n": i}} for i in range(rows)]))
+    return template, data
+
+
+def test_a_job_is_followed_again_once_the_key_is_entered_again(tmp_path: Path, stack, page_for) -> None:
+    """The key forgotten while the page follows a job: the status polls stop and say why; the
+    key entered again follows the same job again (it stayed stopped until a reload)."""
+    s = stack()
+    template, data = _slow_job_files(tmp_path, 5000)
     page = start_page(page_for(s))
     page.add_files([template, data])
     page.wait_rows({"template.json": "complete", "rows.json": "complete"})
@@ -716,11 +722,7 @@ def test_a_file_the_server_keeps_under_a_job_stays_on_the_page(tmp_path: Path, s
     """Remove while a job started from the batch runs: the server refuses (409, its rows may read
     the file) and the row stays, saying why; once the job ended, remove takes it off both."""
     s = stack()
-    template = tmp_path / "template.json"
-    template.write_text(json.dumps({"body": "{% for i in range(100000) %}{% endfor %}{{ data.n }}"}))
-    data = tmp_path / "rows.json"
-    data.write_text(json.dumps([{"reference_id": f"r{i}", "suffix": f"{i:04d}5f1ea1e9b982f900468a",
-                                 "data": {"n": i}} for i in range(2000)]))
+    template, data = _slow_job_files(tmp_path, 2000)
     page = start_page(page_for(s))
     page.add_files([template, data])
     page.wait_rows({"template.json": "complete", "rows.json": "complete"})
