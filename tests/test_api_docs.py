@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from server.openapi import build
 from tests.conftest import API_KEY
 from tests.support.nginx import app_behind_nginx
 from tests.support.server import REPO
+from tests.support.waiting import wait_until
 
 API_DOC = REPO / "docs" / "api.md"
 # curl as the blocks use it, failing on an HTTP error unless the block shows one (-i/-I).
@@ -85,13 +85,14 @@ def test_the_walkthrough_runs_as_written(server_factory, nginx_factory, tmp_path
 
 
 def _jobs_of_the_walkthrough(base: str, timeout: float = 30.0) -> dict[str, dict]:
-    """The last job of every smartlink batch docs/api.md names, once none of them is running."""
+    """The last job of every smartlink batch docs/api.md names, once none of them is running
+    (``wait_until``'s deadline: a job still running then fails the wait, naming the jobs)."""
     text = API_DOC.read_text()
     names = set(re.findall(r"\$H/api/batch/([A-Za-z0-9][A-Za-z0-9_-]*)/", text))
     names |= set(re.findall(r'"batch_id": "([A-Za-z0-9][A-Za-z0-9_-]*)"', text))
     names -= {"my-first-batch"}  # the README's job example, not a call
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ended() -> list[dict[str, dict]] | None:
         jobs = {}
         for name in sorted(names):
             req = urllib.request.Request(f"{base}/api/batch/{name}/jobs", headers={"X-API-Key": API_KEY})
@@ -100,9 +101,9 @@ def _jobs_of_the_walkthrough(base: str, timeout: float = 30.0) -> dict[str, dict
             if listed:
                 jobs[name] = listed[0]
         running = [j for j in jobs.values() if j["status"] in ("Queued", "In progress", "Waiting for data")]
-        if not running or time.monotonic() > deadline:
-            return jobs
-        time.sleep(0.2)
+        return None if running else [jobs]  # (in a list: no job at all is an answer too)
+
+    return wait_until(ended, timeout=timeout, interval=0.2, what="every walkthrough job ended")[0]
 
 
 def test_readme_links_the_docs_and_nothing_outside_the_repository() -> None:
