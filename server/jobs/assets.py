@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -34,6 +35,8 @@ from server.config import Settings
 from server.errors import FiledropError
 from server.jobs.fetch import Fetcher, FetchError
 from server.jobs.render import Asset
+
+log = logging.getLogger("filedrop.jobs.worker")
 
 LOCK_POLL = 0.05  # another worker is fetching the asset: look again this often (a fetch is bounded)
 
@@ -91,7 +94,8 @@ class Assets:
             info = await self.files.open_file(job.owner, job.upload_batch_id, idx)
         except FiledropError as e:  # its message names the file and the batch
             return Asset(error=f"{key}: {e.message}")
-        except Exception as e:
+        except Exception as e:  # not the client's doing (a database fault, a bug): said with a traceback
+            log.exception("job %s: %s of upload batch %s could not be opened", job.job_id, key, job.upload_batch_id)
             return Asset(error=f"{key}: file {idx} of upload batch {job.upload_batch_id}: {e}")
         return Asset(path=str(info.path), size=int(info.size))
 
