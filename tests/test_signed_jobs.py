@@ -293,3 +293,26 @@ async def test_a_result_csv_goes_with_its_job(client, settings) -> None:
     assert [(i.kind, i.detail, i.result) for i in plan.items] == [
         ("temp-file", "result CSV of a job that is gone", "removed")]
     assert not csv_file.exists()
+
+
+@pytest.mark.engines
+async def test_a_signed_url_whose_batch_id_is_no_batch_id_is_invalid_not_a_500(client) -> None:
+    """The routes that take a signature look up the owner of the batch their path names before
+    anything checks that name: a NUL in it (``%00``) reached PostgreSQL, which refuses one in a
+    query parameter, and a request without any key was a 500 with a traceback. No URL is signed
+    for such a name: 403 ERR_URL_INVALID, as for any other changed path."""
+    job = await start_waiting(client, "nulbatch")
+    r = await client.post("/api/v1/upload", headers=AUTH)
+    batch = (await r.json())["batchId"]
+    r = await client.post(f"/api/v1/upload/{batch}/0/presign", headers=AUTH)
+    presigned = (await r.json())["upload_URL"]
+    data_url = path_of(job["upload_URL"])
+    tampered = {
+        "data PUT": ("PUT", data_url.replace("/nulbatch/", "/nul%00batch/")),
+        "result GET": ("GET", data_url.replace("/nulbatch/", "/nul%00batch/").replace("/data?", "/result?")),
+        "upload PUT": ("PUT", path_of(presigned).replace(f"/{batch}/", f"/{batch[:4]}%00{batch[4:]}/")),
+    }
+    for what, (method, path) in tampered.items():
+        r = await client.request(method, path, data=b"[]", headers={"X-File-Name": "a.txt"})
+        assert r.status == 403, (what, r.status, await r.text())
+        await assert_error(r, 403, "ERR_URL_INVALID")

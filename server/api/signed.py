@@ -27,7 +27,8 @@ from sqlalchemy import select
 
 from server.api import uploads as uploads_api
 from server.db.models import Batch
-from server.errors import BatchNotFound, DataTooLarge
+from server.errors import BatchIdInvalid, BatchNotFound, DataTooLarge
+from server.jobs.contract import BATCH_ID_RE
 from server.jobs.results import SUFFIX
 from server.jobs.states import iso
 from server.keys import DATABASE, JOBS, OWNER, SETTINGS, SIGNER, OwnerLookup
@@ -112,13 +113,22 @@ async def download_result(request: web.Request) -> web.StreamResponse:
 
 
 # -- who a signed URL acts for -------------------------------------------------------------------
+# Each lookup runs before any handler has checked the path, for requests without a key: a name
+# the API would refuse is no resource's (None), and never reaches the database (PostgreSQL
+# refuses a NUL in a query parameter: that was a 500).
 async def _job_owner(app: web.Application, match: Mapping[str, str]) -> str | None:
+    if not BATCH_ID_RE.match(match["batch_id"]):
+        return None
     return await app[JOBS].owner_of(match["batch_id"], match["job_id"])
 
 
 async def _upload_batch_owner(app: web.Application, match: Mapping[str, str], open_only: bool = False) -> str | None:
     """The owner of an upload batch (None: no such batch). A dropped one's too, for a signed PUT:
     the upload service then refuses it with 404 as it would a POST with the key."""
+    try:
+        uploads_api.check_batch_id(match["batch_id"])
+    except BatchIdInvalid:
+        return None
     # A read of the batch row: the upload service has no owner lookup of its own (issue 9 reworks it).
     async with app[DATABASE].read() as s:
         row = (await s.execute(select(Batch.owner, Batch.state).where(Batch.batch_id == match["batch_id"]))).first()
