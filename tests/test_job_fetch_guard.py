@@ -17,13 +17,16 @@ from server.jobs.assets import Assets, JobRef
 from server.jobs.fetch import Fetcher, FetchError, FetchRefused
 from tests.support.jobs import (
     MALFORMED_URLS,
+    SEED_TEMPLATE,
     asset_server,
     get_json,
     rows,
     serve,
+    start,
     start_ok,
     wait_job,
 )
+from tests.support.uploads import assert_error
 
 
 @pytest.fixture
@@ -141,6 +144,32 @@ async def test_a_redirect_to_a_malformed_url_is_refused(origin, case: str) -> No
     url, reason = MALFORMED[case]
     with pytest.raises(FetchRefused, match=re.escape(reason)):
         await fetch(("127.0.0.1",), f"http://127.0.0.1:{port}/redirect-to/?" + urlencode({"to": url}))
+
+
+# Control characters are in no URL (RFC 3986): urlsplit dropped tab, CR and LF without a word, so
+# the URL the guard checked was not the one given; a NUL went on into the database, where
+# PostgreSQL refuses it in a stored callback_url (that start was a 500 with a traceback).
+CONTROL_URLS = {
+    "NUL": ("https://cdn.example.com/a\x00b", "U+0000"),
+    "tab in the host": ("https://cdn.exa\tmple.com/", "U+0009"),
+    "CR LF": ("https://cdn.example.com/a\r\nX-Injected: 1", "U+000D"),
+    "DEL": ("https://cdn.example.com/\x7f", "U+007F"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTROL_URLS))
+async def test_a_url_with_a_control_character_is_refused_by_the_guard(case: str) -> None:
+    url, char = CONTROL_URLS[case]
+    with pytest.raises(FetchRefused, match=re.escape(f"holds the control character {char}")):
+        await fetch(("127.0.0.1",), url)
+
+
+@pytest.mark.engines
+async def test_a_callback_url_with_a_control_character_is_422_on_every_engine(client) -> None:
+    for url, char in CONTROL_URLS.values():
+        r = await start(client, "ctlcallback", SEED_TEMPLATE, rows(1), callback_url=url)
+        body = await assert_error(r, 422, "ERR_FIELD_INVALID")
+        assert body["field"] == "callback_url" and f"control character {char}" in body["message"], body
 
 
 @pytest.mark.parametrize("where", ["script", "pdf"])

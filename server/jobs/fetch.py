@@ -3,8 +3,9 @@ callbacks) goes through here.
 
 Invariants:
 * only ``http``/``https`` URLs; one that does not parse (a port that is not a number 0-65535, an
-  unbalanced or bad ``[...]`` host, a host name the idna codec refuses) is refused like any
-  other, as ``FetchRefused``: nothing here raises a bare ValueError for a client's URL;
+  unbalanced or bad ``[...]`` host, a host name the idna codec refuses, a control character
+  anywhere) is refused like any other, as ``FetchRefused``: nothing here raises a bare
+  ValueError for a client's URL;
 * the host is resolved and every address it resolves to must be public (global, and not loopback,
   private, shared, link-local, multicast, reserved or unspecified) unless ``settings.fetch_allow`` admits it
   (a CIDR, an address, or a host name);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,10 @@ from aiohttp.resolver import DefaultResolver
 MAX_REDIRECTS = 5
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# C0 and DEL are in no URL (RFC 3986). urlsplit drops tab, CR and LF without a word (the URL
+# checked would not be the one given, nor the one aiohttp sends), and PostgreSQL refuses a NUL
+# in a stored callback_url.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FetchError(Exception):
@@ -127,6 +133,10 @@ class Fetcher:
         not resolve). A URL that cannot be parsed is refused too (never a ValueError): it
         cannot become valid later, and a fetch that raised anything else was taken for a fault
         of ours and tried again."""
+        control = _CONTROL.search(url)
+        if control:
+            raise FetchRefused(f"refused: {url!r} is not a valid URL: it holds the control character "
+                               f"U+{ord(control.group()):04X}")
         try:
             parts = urlsplit(url)  # ValueError: an unbalanced [, a [...] that is no IPv6 address
             host, port = parts.hostname, parts.port  # ValueError: a port not a number 0-65535
