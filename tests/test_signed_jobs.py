@@ -316,3 +316,17 @@ async def test_a_signed_url_whose_batch_id_is_no_batch_id_is_invalid_not_a_500(c
         r = await client.request(method, path, data=b"[]", headers={"X-File-Name": "a.txt"})
         assert r.status == 403, (what, r.status, await r.text())
         await assert_error(r, 403, "ERR_URL_INVALID")
+
+
+@pytest.mark.engines
+async def test_a_job_route_whose_batch_id_holds_a_nul_is_404_with_the_key(client) -> None:
+    """The same NUL with the key: the job routes read the job by (job_id, batch_id) without
+    checking the batch id, and on PostgreSQL each was a 500. No job is in such a batch: 404."""
+    job = await start_waiting(client, "nulkeyed")
+    base = f"/api/batch/nul%00keyed/{job['job_id']}"
+    for method, path in (("GET", "/status"), ("GET", "/log"), ("GET", "/result"), ("GET", "/cancel"),
+                         ("POST", "/cancel"), ("PUT", "/data")):
+        r = await client.request(method, base + path, data=b"[]", headers=AUTH)
+        assert r.status == 404, (method, path, r.status, await r.text())
+        await assert_error(r, 404, "ERR_JOB_NOT_FOUND")
+    assert (await get_json(client, f"/api/batch/nulkeyed/{job['job_id']}/status"))["status"] == "Waiting for data"

@@ -405,6 +405,8 @@ class JobService:
     async def check_waiting(self, owner: str, batch_id: str, job_id: str) -> None:
         """Raise as ``receive_data`` would unless the job waits for its data now (before a
         body is read)."""
+        if not (JOB_ID_RE.match(job_id) and BATCH_ID_RE.match(batch_id)):  # (a NUL: PostgreSQL's 500)
+            raise JobNotFound(f"no job {job_id!r} in batch {batch_id!r}")
         await waiting.check_waiting(self.db, owner, batch_id, job_id)
 
     async def owner_of(self, batch_id: str, job_id: str) -> str | None:
@@ -415,7 +417,7 @@ class JobService:
     async def _job(self, owner: str, batch_id: str, job_id: str) -> Row[Any]:
         """The job as its endpoints show it (``JOB_JSON_COLUMNS``): a primary-key read in one
         ``query`` (clients poll the status back to back while workers record progress)."""
-        if JOB_ID_RE.match(job_id):
+        if JOB_ID_RE.match(job_id) and BATCH_ID_RE.match(batch_id):  # no NUL reaches PostgreSQL (a 500)
             params = {"job_id": job_id, "batch_id": batch_id, "owner": owner}
             row = await self.db.query(lambda conn: conn.execute(_JOB, params).first())
             if row is not None:
