@@ -473,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_alembic(level)
+    # aiosqlite's DEBUG lines are each statement with its parameters: URL-signing secrets and
+    # the SHA-256 of every calling key among them. Never written, whatever the level.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     return int(args.func(args) or 0)
 
 

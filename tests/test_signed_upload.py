@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import select
 
+from server.auth import hash_key
 from server.db.models import Batch, BatchFile
 from server.keys import DATABASE, KEYSTORE
 from tests.conftest import API_KEY, AUTH, OTHER_KEY
@@ -146,3 +148,22 @@ async def test_a_revoked_keys_urls_stop_with_it(client, settings) -> None:
     async with client.app[DATABASE].read() as s:
         idxs = (await s.scalars(select(BatchFile.file_idx).join(Batch).where(Batch.batch_id == batch))).all()
     assert idxs == [0]
+
+
+def test_the_debug_log_holds_no_signing_secret_nor_key_hash(server_factory, tmp_path: Path) -> None:
+    """FILEDROP_LOG_LEVEL=DEBUG (the README's way to see more) also showed aiosqlite's DEBUG
+    lines: every statement with its parameters, so the secret of each URL-signing key and the
+    SHA-256 of each API key that called (a URL's owner). With both, whoever reads the log could
+    sign a URL for any owner, and a weak key's hash can be brute-forced."""
+    srv = server_factory(log_level="DEBUG", workers="0")
+    batch = requests.post(f"{srv.url}/api/v1/upload", headers=AUTH, timeout=30).json()["batchId"]
+    r = presign(srv.url, batch, 0)
+    assert r.status_code == 200, r.text
+    r = requests.put(srv.url + path_of(r.json()["upload_URL"]), data=b"x", headers={"X-File-Name": "a"}, timeout=30)
+    assert r.status_code == 201, r.text
+    with sqlite3.connect(tmp_path / "srv" / "filedrop.sqlite3") as db:
+        [(secret,)] = db.execute("SELECT secret FROM signing_keys").fetchall()
+    log = srv.log_path.read_text()
+    assert " DEBUG " in log  # the level took effect
+    assert secret not in log
+    assert hash_key(API_KEY) not in log
