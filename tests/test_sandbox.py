@@ -1,11 +1,14 @@
-"""The render environment's own attribute lookup answers as the Jinja2 sandbox does."""
+"""The render environment's own attribute lookup answers as the Jinja2 sandbox does; a render
+process's memory of assets (FILEDROP_JOB_ASSET_MEMORY) holds over a long life."""
 
 from __future__ import annotations
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from server.app import create_app
 from server.jobs.sandbox import LimitedEnvironment
+from tests.support.jobs import asset_server, get_json, start_ok, wait_job
 
 DATA = {"num_client": "240 000 1", "items": "a key named like a method", "format": "f", "__class__": "c",
         "nested": {"k": [1, 2]}, "n": 7, "": "empty", "mro": "m"}
@@ -32,3 +35,22 @@ def test_templates_see_keys_attributes_and_undefined_as_before() -> None:
     mine = LimitedEnvironment(4300, 1 << 20).from_string(src).render(data=DATA)
     theirs = ImmutableSandboxedEnvironment(autoescape=True).from_string(src).render(data=DATA)
     assert mine == theirs == "240 000 1|True|True|2|a key named like a method|True|42"
+
+
+async def test_pdfs_embedded_one_per_row_never_exhaust_the_asset_memory(aiohttp_client, settings) -> None:
+    """``original`` embeds each row's PDF as a data: URI, which a render process keeps in memory
+    within FILEDROP_JOB_ASSET_MEMORY (for its whole life, job after job). Each URI was counted at
+    ``size * 4 // 3 + 64`` bytes and uncounted at its length (~34 bytes less) when it made room:
+    the count grew with every PDF, the cache emptied, and once the count alone was over the
+    budget every row needing an asset failed (``render failed: KeyError: 'dictionary is empty'``)
+    until the process was replaced. 2K of memory and 0.5K PDFs: that took ~60 rows a process."""
+    client = await aiohttp_client(create_app(settings.replace(job_asset_memory=2048)))
+    n = 200
+    files = {f"/{i}.pdf": b"%PDF-1.4 " + i.to_bytes(4, "big") * 125 for i in range(n)}
+    async with asset_server(files) as srv:
+        data = [{"reference_id": f"r{i}", "suffix": f"s{i:020d}", "pdf": srv.url(f"/{i}.pdf")} for i in range(n)]
+        job = await start_ok(client, "pdfs", {"body": "x"}, data, strategy="original")
+        done = await wait_job(client, "pdfs", job["job_id"], timeout=60)
+    errors = [r["error"] for r in (await get_json(client, f"/api/batch/pdfs/{job['job_id']}/result"))["rows"]
+              if r["error"]]
+    assert (done["status"], done["succeededCount"]) == ("Completed", n), errors[:3]

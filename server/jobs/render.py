@@ -122,25 +122,29 @@ def compile_master(doc: dict[str, Any], env: LimitedEnvironment) -> Compiled:
 
 class AssetReader:
     """Reads asset files for pages, keeping the most recently used ones in memory up to
-    ``budget`` bytes (``FILEDROP_JOB_ASSET_MEMORY``); bigger ones are read each time."""
+    ``budget`` bytes (``FILEDROP_JOB_ASSET_MEMORY``); bigger ones are read each time.
+
+    Invariant: ``held`` is the sum of the sizes the kept entries were counted at (an entry is
+    uncounted at the size it was counted at, not at its length: a data: URI's estimate is not its
+    length, and the difference grew with every URI made room for, for the process's whole life)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held = 0
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()  # key -> (value, size)
 
     def _get(self, key: tuple[str, str], make: Any, size: int) -> Any:
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
-            return hit
+            return hit[0]
         value = make()
         if size <= self.budget:
-            self._cache[key] = value
+            self._cache[key] = (value, size)
             self.held += size
-            while self.held > self.budget:
-                _k, old = self._cache.popitem(last=False)
-                self.held -= len(old)
+            while self.held > self.budget:  # ends with this entry kept at the latest (size <= budget)
+                _k, (_old, old_size) = self._cache.popitem(last=False)
+                self.held -= old_size
         return value
 
     def read(self, path: str) -> bytes:
