@@ -1,6 +1,7 @@
 """The start's template check (``server.jobs.checker``) in real render processes: fair between
 API keys (one key's slow templates do not hold up another key's start), bounded per key, and a
-template nested too deeply for Python's compiler is the client's 422, not a dead process."""
+template nested too deeply for Python's compiler, or holding a number literal over
+FILEDROP_MAX_NUMBER_DIGITS, is the client's 422, not a dead process."""
 
 from __future__ import annotations
 
@@ -110,3 +111,29 @@ async def test_a_workers_render_process_answers_a_nested_template_with_an_error(
         assert child.alive
     finally:
         await child.close()
+
+
+# Number literals Python will not convert at FILEDROP_MAX_NUMBER_DIGITS (4300 here): int() in
+# Jinja2's lexer, or repr() when its code generator writes the constant into Python source.
+BIG_NUMBERS = {
+    "5000 digits": "{{ " + "9" * 5000 + " }}",
+    "negative, in an if": "{% if data.n %}{{ -" + "9" * 5000 + " }}{% endif %}x",
+    "20000 hex digits": "{{ 0x" + "f" * 20000 + " }}",
+}
+
+
+@pytest.mark.parametrize("body", BIG_NUMBERS.values(), ids=BIG_NUMBERS.keys())
+async def test_a_number_literal_over_the_digit_limit_is_422_naming_it(client, settings, body, capfd) -> None:
+    """Was a ValueError out of the render process: its traceback in the server's log, the
+    process dead (replaced), and a 422 that blamed FILEDROP_RENDER_MEMORY."""
+    r = await start(client, "warm", TRIVIAL, SEED_ROWS)
+    assert r.status == 202, await r.text()
+    checker = client.app[JOBS].checker
+    pids = checker.pids
+    r = await start(client, "bignumber", {"body": body}, SEED_ROWS)
+    answer = await r.json()
+    assert (r.status, answer["code"], answer["field"]) == (422, "ERR_FIELD_INVALID", "document_file"), answer
+    assert answer["message"] == ("document_file: `body`: number size limit: a number in it has more digits than "
+                                 f"FILEDROP_MAX_NUMBER_DIGITS ({settings.max_number_digits})"), answer
+    assert checker.pids == pids  # the same process, still warm
+    assert "Traceback" not in capfd.readouterr().err  # the render process's stderr is the server's log

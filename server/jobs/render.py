@@ -103,6 +103,13 @@ def compile_master(doc: dict[str, Any], env: LimitedEnvironment) -> Compiled:
             raise TemplateInvalid(f"Jinja2 syntax error in `{where}` line {e.lineno}: {e.message}") from None
         except LimitHit as e:
             raise TemplateInvalid(f"`{where}`: {e}") from None
+        except ValueError as e:
+            # A number literal Python will not convert at FILEDROP_MAX_NUMBER_DIGITS (int() in
+            # Jinja2's lexer, repr() in its code generator): the client's, not a dead process.
+            if "integer string conversion" not in str(e):
+                raise
+            raise TemplateInvalid(f"`{where}`: number size limit: a number in it has more digits than "
+                                  f"FILEDROP_MAX_NUMBER_DIGITS ({env.max_digits})") from None
         except (SyntaxError, RecursionError) as e:
             # Jinja2's parser and code generator recurse once per level of nesting, and Python
             # compiles at most 20 nested loops and ~100 levels of indentation: a template nested
