@@ -3,7 +3,10 @@ process's memory of assets (FILEDROP_JOB_ASSET_MEMORY) holds over a long life.""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.app import create_app
@@ -35,6 +38,39 @@ def test_templates_see_keys_attributes_and_undefined_as_before() -> None:
     mine = LimitedEnvironment(4300, 1 << 20).from_string(src).render(data=DATA)
     theirs = ImmutableSandboxedEnvironment(autoescape=True).from_string(src).render(data=DATA)
     assert mine == theirs == "240 000 1|True|True|2|a key named like a method|True|42"
+
+
+# Known ways out of Jinja2's sandbox: str.format and its indirect forms (CVE-2016-10745,
+# CVE-2019-10906, CVE-2024-56326, CVE-2025-27516), the globals' and loop's attributes, and
+# changing what other rows see (params is one object for every row of a job).
+ESCAPES = {
+    "format": '{{ "{0.__class__.__mro__}".format(data) }}',
+    "format_map": '{{ "{x.__class__}".format_map({"x": data}) }}',
+    "format, kept": '{% set f = "{0.__class__}".format %}{{ f(data) }}',
+    "format, by attr": '{{ ("{0.__class__}"|attr("format"))(data) }}',
+    "format filter": '{{ "%s"|format(data.__class__) }}',
+    "cycler": "{{ cycler.__init__.__globals__ }}",
+    "joiner": "{{ joiner().__class__.__init__.__globals__ }}",
+    "namespace": "{% set n = namespace() %}{{ n.__class__.__mro__ }}{{ n._Namespace__attrs }}",
+    "lipsum": '{{ lipsum.__globals__["os"] }}',
+    "range": "{{ range.__class__ }}{{ range(1).__class__.__mro__ }}",
+    "loop": "{% for x in [1] %}{{ loop.__class__.__mro__ }}{{ loop._iterator }}{% endfor %}",
+    "self": "{{ self._TemplateReference__context }}{{ self.__dict__ }}",
+    "attr filter": '{{ data|attr("__class__") }}{{ (data|attr("__class__")).__subclasses__() }}',
+    "params mutated": '{{ params.update({"x": 1}) }}{{ params.list.append(1) }}',
+    "params by namespace": "{% set n = namespace(p=params) %}{{ n.p.pop('list') }}",
+}
+
+
+@pytest.mark.parametrize("src", ESCAPES.values(), ids=ESCAPES.keys())
+def test_known_sandbox_escapes_are_refused(src: str) -> None:
+    params = {"list": [1]}
+    try:
+        out = LimitedEnvironment(4300, 1 << 20).from_string(src).render(data={"a": 1}, params=params)
+    except SecurityError:
+        out = ""
+    assert not re.search(r"<class|<function|<module|<built-in|__globals__|object at 0x", out), out
+    assert params == {"list": [1]}
 
 
 async def test_pdfs_embedded_one_per_row_never_exhaust_the_asset_memory(aiohttp_client, settings) -> None:
