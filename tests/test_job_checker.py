@@ -137,3 +137,27 @@ async def test_a_number_literal_over_the_digit_limit_is_422_naming_it(client, se
                                  f"FILEDROP_MAX_NUMBER_DIGITS ({settings.max_number_digits})"), answer
     assert checker.pids == pids  # the same process, still warm
     assert "Traceback" not in capfd.readouterr().err  # the render process's stderr is the server's log
+
+
+# Tags that load another template by name. A smartlink's template is one document and its
+# environment has no loader: each passed the start and then failed every row ("render failed:
+# TypeError: no loader for this environment specified").
+LOADING = {
+    "include": ("{% include 'header.html' %}<p>{{ data.n }}</p>", "include"),
+    "extends": ("{% extends 'base.html' %}", "extends"),
+    "import": ("x\n{% import 'macros.html' as m %}", "import"),
+    "from import": ("{% from 'macros.html' import card %}{{ card() }}", "from"),
+    "include in an if": ("{% if data.n %}{% include data.n %}{% endif %}x", "include"),
+}
+
+
+@pytest.mark.parametrize(("body", "tag"), LOADING.values(), ids=LOADING.keys())
+async def test_a_tag_that_loads_another_template_is_422_at_start(client, body, tag) -> None:
+    r = await start(client, "loading", {"body": body}, SEED_ROWS)
+    answer = await r.json()
+    assert (r.status, answer["code"], answer["field"]) == (422, "ERR_FIELD_INVALID", "document_file"), answer
+    line = body[:body.index("{% " + tag)].count("\n") + 1
+    assert answer["message"] == (f"document_file: `body` line {line}: {{% {tag} %}} loads another template, and a "
+                                 "smartlink template is one document: put what it would load in the template"), answer
+    r = await start(client, "loading", {"body": "<p>{% if data %}include{% endif %}</p>"}, SEED_ROWS)
+    assert r.status == 202, await r.text()  # the words alone are no tag

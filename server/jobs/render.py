@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from html.entities import html5 as html5_entities
 from typing import Any
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import TemplateSyntaxError, nodes
 
 from server.jobs.contract import BATCH_PDF_RE, TemplateInvalid, template_fields
 from server.jobs.sandbox import LimitedEnvironment, LimitHit
@@ -91,12 +91,28 @@ class Compiled:
     pdf: Any
 
 
+# Tags that load another template by name: a smartlink's template is one document, and its
+# environment has no loader (each such tag failed every row of the job it passed the start of).
+_LOADING = {nodes.Include: "include", nodes.Extends: "extends", nodes.Import: "import", nodes.FromImport: "from"}
+
+
+def _refuse_loading(where: str, source: str, env: LimitedEnvironment) -> None:
+    if not any(word in source for word in ("include", "extends", "import")):
+        return  # no such tag (most templates): not parsed twice
+    node = next(env.parse(source).find_all(tuple(_LOADING)), None)
+    if node is not None:
+        raise TemplateInvalid(f"`{where}` line {node.lineno}: {{% {_LOADING[type(node)]} %}} loads another template, "
+                              "and a smartlink template is one document: put what it would load in the template")
+
+
 def compile_master(doc: dict[str, Any], env: LimitedEnvironment) -> Compiled:
     """Compile every field; raises ``TemplateInvalid`` naming the field and line of a syntax
-    error (and the field of a limit hit while compiling)."""
+    error or of a tag that would load another template (and the field of a limit hit while
+    compiling)."""
     compiled: dict[str, Any] = {}
     for where, source in template_fields(doc):
         try:
+            _refuse_loading(where, source, env)
             t = env.from_string(source)
             compiled[where] = _Static(t.render()) if not any(m in source for m in _SYNTAX) else t
         except TemplateSyntaxError as e:
