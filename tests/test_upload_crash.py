@@ -6,22 +6,43 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import requests
 
 from server.app import create_app
+from server.db.migrate import upgrade
 from server.keys import UPLOADS
 from tests.conftest import API_KEY, AUTH
+from tests.support.server import REPO, server_env
 from tests.support.uploads import Uploads, holds, sha256, split, upload_headers, upload_tree
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MIB = 1 << 20
 CHUNK = 2 * MIB  # over one write block, so a chunk cut off mid-body has reached the disk
+
+
+# `filedrop serve` that kill -9s itself right after its recording transaction renamed a completed
+# file's `partial` into place (`<id>.data`), before that transaction commits.
+KILLED_AT_RENAME = """
+import os, signal, sys
+from server.uploads import ledger
+real = ledger.replace_making_dirs
+def replace(src, dst):
+    real(src, dst)
+    if src.name == "partial" and dst.name.endswith(".data"):
+        os.kill(os.getpid(), signal.SIGKILL)
+ledger.replace_making_dirs = replace
+from server.cli import main
+sys.exit(main(["serve"]))
+"""
 
 
 def post_chunk(base: str, batch: str, idx: int, count: int, size: int, data: bytes) -> requests.Response:
@@ -74,7 +95,55 @@ def test_kill9_mid_chunked_upload_then_resume(server_factory, tmp_path: Path) ->
                                   "sha256": hashlib.sha256(data).hexdigest()}]
 
 
-async def test_file_left_assembling_is_assembled_at_start(aiohttp_client, settings) -> None:
+def test_kill9_between_the_rename_of_a_completion_and_its_commit(server_factory, tmp_path: Path) -> None:
+    """The last chunk's transaction renamed `partial` to `<id>.data`, then the process died: the
+    row still says `receiving` with the other chunks, whose bytes are in that `.data`. A start
+    puts `partial` back, so the last chunk sent again completes the file with its own bytes (it
+    used to make a new `partial` of that chunk alone, holes elsewhere, answered 201 with the
+    SHA-256 of the holes)."""
+    data = os.urandom(3 * CHUNK + 999)
+    parts = split(data, CHUNK)
+    n = len(parts)
+    data_dir = tmp_path / "srv"
+    env = server_env(data_dir, API_KEY)
+    upgrade(data_dir / "filedrop.sqlite3")
+    url = f"http://127.0.0.1:{env['FILEDROP_APP_PORT']}"
+    with open(tmp_path / "dying.log", "wb") as log:
+        dying = subprocess.Popen([sys.executable, "-c", KILLED_AT_RENAME], cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        assert dying.poll() is None, (tmp_path / "dying.log").read_text()[-2000:]
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=20, what="the server that dies at the rename")
+        batch = requests.post(url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
+        for i in range(n - 1):
+            assert post_chunk(url, batch, i, n, len(data), parts[i]).status_code == 202
+        with pytest.raises(requests.ConnectionError):
+            post_chunk(url, batch, n - 1, n, len(data), parts[-1])
+        assert dying.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if dying.poll() is None:
+            dying.kill()
+            dying.wait(timeout=10)
+    assert [p for p in upload_tree(data_dir) if p.endswith(".data")]  # renamed, not recorded
+
+    srv2 = server_factory(data_dir=data_dir)
+    info = requests.get(f"{srv2.url}/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
+    assert info["uploadedChunkIds"] == list(range(n - 1)) and info["state"] == "receiving"
+    r = post_chunk(srv2.url, batch, n - 1, n, len(data), parts[-1])
+    assert r.status_code == 201 and r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    [path] = upload_tree(data_dir)
+    assert (data_dir / "uploads" / path).read_bytes() == data
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["before-rename", "renamed-not-committed"])
+async def test_file_left_assembling_is_assembled_at_start(aiohttp_client, settings, renamed: bool) -> None:
     data = os.urandom(4 * 10_000)
     parts = split(data, 10_000)
     first = await aiohttp_client(create_app(settings))
@@ -92,6 +161,8 @@ async def test_file_left_assembling_is_assembled_at_start(aiohttp_client, settin
         partial = settings.uploads_dir / str(batch_pk) / str(file_id) / "partial"
         with open(partial, "r+b") as f:
             os.pwrite(f.fileno(), parts[3], 3 * 10_000)
+        if renamed:  # the assembler's transaction renamed `partial` to `<id>.data`, then died uncommitted
+            os.replace(partial, partial.parents[1] / f"{file_id}.data")
         db.execute("UPDATE batch_files SET state = 'assembling', chunk_ids = ?, received = ? WHERE id = ?",
                    (bytes([0b1111]), len(data), file_id))
 

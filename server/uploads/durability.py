@@ -49,7 +49,7 @@ from server.durable import boot_id, fsync_dir, syncfs
 from server.uploads.chunkset import ChunkSet
 from server.uploads.model import chunk_length
 from server.uploads.rows import delete_files
-from server.uploads.store import UploadStore, make_dirs, remove
+from server.uploads.store import UploadStore, make_dirs, remove, replace_making_dirs
 
 log = logging.getLogger("filedrop.uploads")
 _UNSETTLED = ("receiving", "assembling")
@@ -202,6 +202,7 @@ class Durability:
         chunks no sync covered (returns how many); on SQLite sync every recorded chunk (a
         restart in the same boot lost none); then record this boot."""
         forgotten = 0
+        await self._take_back_uncommitted()
         last = await asyncio.to_thread(self._last_boot)
         if last is not None and last != boot_id():
             await self._restore_complete()
@@ -210,6 +211,44 @@ class Durability:
             await self._sync_all_recorded()
         await asyncio.to_thread(self._write_boot)
         return forgotten
+
+    async def _take_back_uncommitted(self) -> int:
+        """A file not recorded complete whose ``<id>.data`` is there: the transaction that renamed
+        its completion into place (``ledger``, ``Assembler``) never committed -- the process was
+        killed between the rename and the commit, or the power went after the rename reached the
+        disk and before the commit did. The row is right (the file was never answered complete)
+        and the disk is made to agree with it: a ``partial`` renamed away is put back (without
+        it, the chunks recorded in place are gone and the last chunk sent again would make a file
+        of holes, answered complete with their SHA-256); a concatenation goes (its chunks are
+        where they were). Each under its row's lock, so that a live process's rename not yet
+        committed (PostgreSQL) is waited for, then found complete. Returns how many."""
+        async with self.db.read() as s:
+            rows = (await s.execute(select(BatchFile.id, BatchFile.batch_pk)
+                                    .where(BatchFile.state.in_(_UNSETTLED)))).all()
+        found = await asyncio.to_thread(lambda: [r for r in rows if self.store.data_path(r.batch_pk, r.id).exists()])
+        taken = 0
+        for r in found:
+            async with self.db.write() as s:
+                row = (await s.execute(select(BatchFile.chunk_ids, BatchFile.loose_ids)
+                                       .where(BatchFile.id == r.id, BatchFile.state.in_(_UNSETTLED))
+                                       .with_for_update())).one_or_none()
+                if row is not None and await asyncio.to_thread(self._take_back, r.batch_pk, r.id,
+                                                               ChunkSet(row.chunk_ids), ChunkSet(row.loose_ids)):
+                    taken += 1
+        return taken
+
+    def _take_back(self, batch_pk: int, file_id: int, ids: ChunkSet, loose: ChunkSet) -> bool:
+        data, partial = self.store.data_path(batch_pk, file_id), self.store.partial_path(batch_pk, file_id)
+        if not data.exists():
+            return False
+        if any(i not in loose for i in ids.ids()) and not partial.exists():  # chunks in place: it was ``partial``
+            replace_making_dirs(data, partial)
+            log.warning("file %s: its completion was renamed into place but never recorded: partial put back",
+                        file_id)
+        else:
+            remove(data)
+            log.warning("file %s: its completion was renamed into place but never recorded: removed", file_id)
+        return True
 
     def _marker(self) -> dict[str, object]:
         try:
