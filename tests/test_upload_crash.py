@@ -68,19 +68,26 @@ def test_kill9_mid_chunked_upload_then_resume(server_factory, tmp_path: Path) ->
     whole = "\r\n".join([
         f"POST /api/v1/upload/{batch}/1 HTTP/1.1", f"Host: 127.0.0.1:{srv.port}", f"X-API-Key: {API_KEY}",
         "X-File-Name: whole.bin", f"X-File-Size: {CHUNK}", f"Content-Length: {CHUNK}", "", ""]).encode()
+    # And chunk 4 with a wrong length (stored on its own: into a temp in the file's chunks/).
+    odd = head.replace(b"X-Upload-Chunk-Index: 3", b"X-Upload-Chunk-Index: 4").replace(
+        f"Content-Length: {CHUNK}".encode(), f"Content-Length: {CHUNK - 1}".encode())
     data_dir = tmp_path / "srv"
     [partial] = [data_dir / "uploads" / p for p in upload_tree(data_dir) if p.endswith("/partial")]
     with socket.create_connection(("127.0.0.1", srv.port)) as sock, \
-            socket.create_connection(("127.0.0.1", srv.port)) as sock2:
+            socket.create_connection(("127.0.0.1", srv.port)) as sock2, \
+            socket.create_connection(("127.0.0.1", srv.port)) as sock3:
         sock.sendall(head + parts[3][: CHUNK * 3 // 4])
         sock2.sendall(whole + b"w" * (CHUNK // 2))
+        sock3.sendall(odd + b"o" * (CHUNK // 2))
         wait_until(lambda: holds(partial, 3 * CHUNK, parts[3][:MIB]) and
-                   sum(p.endswith(".part") for p in upload_tree(data_dir)) == 1, timeout=10,
-                   what="chunk 3's first megabyte in place and the whole file's temp")
+                   sum(p.endswith(".part") for p in upload_tree(data_dir)) == 2 and
+                   any("/chunks/." in p for p in upload_tree(data_dir)), timeout=10,
+                   what="chunk 3's first megabyte in place, the whole file's temp and chunk 4's")
         srv.kill9()
 
     srv2 = server_factory(data_dir=data_dir)
-    # The whole file's temp (batch dir) is removed at start; chunk 3's bytes are not recorded.
+    # The temps (the whole file's in the batch dir, chunk 4's in the file's chunks/) are removed
+    # at start; chunk 3's bytes are not recorded.
     assert not [p for p in upload_tree(data_dir) if p.endswith(".part")]
     info = requests.get(f"{srv2.url}/nuxeo/api/v1/upload/{batch}/0", headers=AUTH, timeout=10).json()
     assert info["uploadedChunkIds"] == [0, 1, 2, 5] and info["chunkCount"] == n

@@ -120,16 +120,17 @@ class UploadService:
         async with locks.held("uploads-start", wait=None):
             await asyncio.to_thread(self.store.prepare)
             await self.durability.start()
-            removed = await self._remove_arrival_temps()
+            removed = await self._remove_temps()
         if removed:
             log.info("removed %d upload temp(s) left by processes that are gone", removed)
         return await self.assembler.recover()
 
-    async def _remove_arrival_temps(self) -> int:
-        """The temps of requests cut off: on SQLite (one app process) every one there is before
-        the first request; on PostgreSQL those of processes that are gone (their ``process``
-        lock is free) or untagged."""
-        found = await asyncio.to_thread(self.store.arrival_temps)
+    async def _remove_temps(self) -> int:
+        """The temps of requests (and assemblies) cut off: on SQLite (one app process) every one
+        there is before the first request; on PostgreSQL those of processes that are gone (their
+        ``process`` lock is free) or untagged. After ``durability.start``: after a reboot, a
+        concatenation's temp may be what a file recorded complete gets its bytes back from."""
+        found = await asyncio.to_thread(self.store.request_temps)
         dead: dict[str | None, bool] = {None: True}
         for _path, tag in found:
             if tag not in dead:

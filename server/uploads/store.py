@@ -13,8 +13,8 @@ client-supplied name):
                                                           uniform layout at chunk_idx * chunk_size
     <file dir>/chunks/<chunk_idx>                         a chunk stored on its own (other chunkings,
                                                           a chunk sent without Content-Length)
-    <file dir>/chunks/.<chunk_idx>.<random>.part          such a chunk being received
-    <file dir>/.data.<random>.part                        a concatenation under way
+    <file dir>/chunks/.<chunk_idx>.<tag>-<random>.part    such a chunk being received
+    <file dir>/.data.<tag>-<random>.part                  a concatenation under way
     <data_dir>/uploads/.synced                            boot id of the last start (JSON)
 
 A complete file has no directory of its own (its file dir goes once it is complete): creating
@@ -153,7 +153,7 @@ class UploadStore:
         return self.chunks_dir(batch_pk, file_id) / str(int(chunk_idx))
 
     def chunk_temp(self, batch_pk: int, file_id: int, chunk_idx: int) -> Path:
-        return self.chunks_dir(batch_pk, file_id) / f".{int(chunk_idx)}.{secrets.token_hex(8)}.part"
+        return self.chunks_dir(batch_pk, file_id) / f".{int(chunk_idx)}.{self.tag}-{secrets.token_hex(8)}.part"
 
     def arrival_temp(self, batch_pk: int, file_idx: int) -> Path:
         """A body received before its file row exists (a whole file, a file's first chunk)."""
@@ -316,7 +316,7 @@ class UploadStore:
                hasher: hashlib._Hash) -> Path:
         """Concatenate ``(path, offset, length)`` ranges into a fresh temp in the file dir,
         hashing them on the way; returns the temp (not yet renamed). Space is reserved first."""
-        temp = self.file_dir(batch_pk, file_id) / f".data.{secrets.token_hex(8)}.part"
+        temp = self.file_dir(batch_pk, file_id) / f".data.{self.tag}-{secrets.token_hex(8)}.part"
         target = Target(temp)
         fd = self._open(target, size)
         try:
@@ -341,19 +341,26 @@ class UploadStore:
         remove(self.data_path(batch_pk, file_id))
         remove_tree(self.file_dir(batch_pk, file_id))
 
-    def arrival_temps(self) -> list[tuple[Path, str | None]]:
-        """Every ``<batch dir>/.<file_idx>.<tag>-<random>.part`` with its tag (None: named before
-        temps carried one)."""
+    def request_temps(self) -> list[tuple[Path, str | None]]:
+        """Every temp of a request or an assembly with its tag (None: named before temps carried
+        one): ``<batch dir>/.<file_idx>.<tag>-<random>.part``, and in each file dir
+        ``.data.<tag>-<random>.part`` and ``chunks/.<chunk_idx>.<tag>-<random>.part``."""
         found: list[tuple[Path, str | None]] = []
         if not self.root.is_dir():
             return found
         for batch in os.scandir(self.root):
             if not (batch.is_dir(follow_symlinks=False) and batch.name.isdigit()):
                 continue
-            for entry in os.scandir(batch.path):
-                if entry.name.startswith(".") and entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
-                    middle = entry.name[1:-len(".part")].partition(".")[2]
-                    found.append((Path(entry.path), middle.partition("-")[0] if "-" in middle else None))
+            dirs = [batch.path]
+            while dirs:
+                for entry in os.scandir(dirs.pop()):
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name.isdigit() or entry.name == "chunks":  # a file dir, its chunks
+                            dirs.append(entry.path)
+                    elif entry.name.startswith(".") and entry.name.endswith(".part") and entry.is_file(
+                            follow_symlinks=False):
+                        middle = entry.name[1:-len(".part")].partition(".")[2]
+                        found.append((Path(entry.path), middle.partition("-")[0] if "-" in middle else None))
         return found
 
 
