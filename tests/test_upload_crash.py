@@ -11,6 +11,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,20 +31,50 @@ MIB = 1 << 20
 CHUNK = 2 * MIB  # over one write block, so a chunk cut off mid-body has reached the disk
 
 
-# `filedrop serve` that kill -9s itself right after its recording transaction renamed a completed
-# file's `partial` into place (`<id>.data`), before that transaction commits.
-KILLED_AT_RENAME = """
+# `filedrop serve` that kill -9s itself right after its recording transaction renamed a body into
+# place, before that transaction commits: at the rename of a completed file's `partial` to
+# `<id>.data` ("completion"), or of a file's first chunk to `partial` ("first-chunk").
+DIES_AT_RENAME = """
 import os, signal, sys
 from server.uploads import ledger
 real = ledger.replace_making_dirs
 def replace(src, dst):
     real(src, dst)
-    if src.name == "partial" and dst.name.endswith(".data"):
+    if ((src.name, dst.suffix) == ("partial", ".data")) if sys.argv[1] == "completion" else dst.name == "partial":
         os.kill(os.getpid(), signal.SIGKILL)
 ledger.replace_making_dirs = replace
 from server.cli import main
 sys.exit(main(["serve"]))
 """
+
+
+@contextmanager
+def dying_server(tmp_path: Path, data_dir: Path, at: str) -> Iterator[str]:
+    """A real server on ``data_dir`` that dies at the rename ``at`` (DIES_AT_RENAME); its URL. The
+    block must make it die."""
+    env = server_env(data_dir, API_KEY)
+    upgrade(data_dir / "filedrop.sqlite3")
+    url = f"http://127.0.0.1:{env['FILEDROP_APP_PORT']}"
+    log_path = tmp_path / f"dying-{at}.log"
+    with open(log_path, "wb") as log:
+        dying = subprocess.Popen([sys.executable, "-c", DIES_AT_RENAME, at], cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        assert dying.poll() is None, log_path.read_text()[-2000:]
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=20, what=f"the server that dies at the {at} rename")
+        yield url
+        assert dying.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if dying.poll() is None:
+            dying.kill()
+            dying.wait(timeout=10)
 
 
 def post_chunk(base: str, batch: str, idx: int, count: int, size: int, data: bytes) -> requests.Response:
@@ -112,32 +144,12 @@ def test_kill9_between_the_rename_of_a_completion_and_its_commit(server_factory,
     parts = split(data, CHUNK)
     n = len(parts)
     data_dir = tmp_path / "srv"
-    env = server_env(data_dir, API_KEY)
-    upgrade(data_dir / "filedrop.sqlite3")
-    url = f"http://127.0.0.1:{env['FILEDROP_APP_PORT']}"
-    with open(tmp_path / "dying.log", "wb") as log:
-        dying = subprocess.Popen([sys.executable, "-c", KILLED_AT_RENAME], cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
-
-    def healthy() -> bool:
-        assert dying.poll() is None, (tmp_path / "dying.log").read_text()[-2000:]
-        try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_until(healthy, timeout=20, what="the server that dies at the rename")
+    with dying_server(tmp_path, data_dir, "completion") as url:
         batch = requests.post(url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
         for i in range(n - 1):
             assert post_chunk(url, batch, i, n, len(data), parts[i]).status_code == 202
         with pytest.raises(requests.ConnectionError):
             post_chunk(url, batch, n - 1, n, len(data), parts[-1])
-        assert dying.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if dying.poll() is None:
-            dying.kill()
-            dying.wait(timeout=10)
     assert [p for p in upload_tree(data_dir) if p.endswith(".data")]  # renamed, not recorded
 
     srv2 = server_factory(data_dir=data_dir)
@@ -145,6 +157,32 @@ def test_kill9_between_the_rename_of_a_completion_and_its_commit(server_factory,
     assert info["uploadedChunkIds"] == list(range(n - 1)) and info["state"] == "receiving"
     r = post_chunk(srv2.url, batch, n - 1, n, len(data), parts[-1])
     assert r.status_code == 201 and r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    [path] = upload_tree(data_dir)
+    assert (data_dir / "uploads" / path).read_bytes() == data
+
+
+def test_kill9_between_a_first_chunk_and_its_row_leaves_nothing_to_the_next_file(server_factory,
+                                                                                 tmp_path: Path) -> None:
+    """File 0's first chunk was renamed to `<id>/partial` and the process died before the row
+    was committed. SQLite hands that row id out again, here to file 1 of the same batch: the start
+    removes what no committed row owns, so file 1's chunks in place do not land in file 0's
+    longer `partial` (it used to hold the file at that length: every completion refused, 400
+    for good)."""
+    data_dir = tmp_path / "srv"
+    with dying_server(tmp_path, data_dir, "first-chunk") as url:
+        batch = requests.post(url + "/api/v1/upload/", headers=AUTH, timeout=10).json()["batchId"]
+        with pytest.raises(requests.ConnectionError):
+            post_chunk(url, batch, 0, 2, 4 * CHUNK, os.urandom(2 * CHUNK))
+    assert upload_tree(data_dir) == ["1/1/partial"]  # renamed, not recorded
+
+    srv = server_factory(data_dir=data_dir)
+    data = os.urandom(3 * MIB)
+    parts = split(data, MIB)
+    url = f"{srv.url}/api/v1/upload/{batch}/1"
+    for i in (1, 0, 2):  # chunk 1 first: the row is made by a chunk stored on its own
+        r = requests.post(url, data=parts[i], headers=upload_headers("next.bin", len(data), chunk=(i, 3)), timeout=30)
+        assert r.status_code == (201 if i == 2 else 202), r.text
+    assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
     [path] = upload_tree(data_dir)
     assert (data_dir / "uploads" / path).read_bytes() == data
 

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -121,8 +121,11 @@ class UploadService:
             await asyncio.to_thread(self.store.prepare)
             await self.durability.start()
             removed = await self._remove_temps()
+            uncommitted = await self._remove_uncommitted()
         if removed:
             log.info("removed %d upload temp(s) left by processes that are gone", removed)
+        if uncommitted:
+            log.info("removed %d upload(s) a crash left renamed into place but not recorded", uncommitted)
         return await self.assembler.recover()
 
     async def _remove_temps(self) -> int:
@@ -140,6 +143,23 @@ class UploadService:
         for path in gone:
             await asyncio.to_thread(remove, path)
         return len(gone)
+
+    async def _remove_uncommitted(self) -> int:
+        """SQLite: the bytes of file rows a crash left uncommitted (renamed into place by the
+        transaction that inserted the row, which never committed). SQLite hands their ids out
+        again (AUTOINCREMENT counts committed rows only), and the next file given one must not
+        find them: a ``partial`` longer than that file refused its completion for good. Every id
+        over the last row's is such a leftover, or a removed row's (its removal is durable: the
+        start synced). PostgreSQL never hands out a sequence's value twice: there they are the
+        janitor's orphans."""
+        if self.db.shared:
+            return 0
+        async with self.db.read() as s:
+            last = await s.scalar(select(func.max(BatchFile.id))) or 0
+        found = await asyncio.to_thread(self.store.files_over, last)
+        for path in found:
+            await asyncio.to_thread(remove_tree if path.is_dir() else remove, path)
+        return len(found)
 
     async def sync_points(self, every: float) -> None:
         """Owned task: chunks become power-loss durable at most every ``every`` seconds."""

@@ -341,6 +341,21 @@ class UploadStore:
         remove(self.data_path(batch_pk, file_id))
         remove_tree(self.file_dir(batch_pk, file_id))
 
+    def files_over(self, last_id: int) -> list[Path]:
+        """Every ``<batch dir>/<file id>/`` and ``<batch dir>/<file id>.data`` of an id over
+        ``last_id``."""
+        found: list[Path] = []
+        if not self.root.is_dir():
+            return found
+        for batch in os.scandir(self.root):
+            if not (batch.is_dir(follow_symlinks=False) and batch.name.isdigit()):
+                continue
+            for entry in os.scandir(batch.path):
+                stem = entry.name.removesuffix(".data")
+                if stem.isascii() and stem.isdigit() and int(stem) > last_id:
+                    found.append(Path(entry.path))
+        return found
+
     def request_temps(self) -> list[tuple[Path, str | None]]:
         """Every temp of a request or an assembly with its tag (None: named before temps carried
         one): ``<batch dir>/.<file_idx>.<tag>-<random>.part``, and in each file dir
