@@ -605,6 +605,16 @@ class _Receipt:
                 # Read, not remembered: another process may have closed it.
                 async with s.db.read() as session:
                     await s._open_batch(session, self.owner, self.batch_id)
+                if self.f is not None:
+                    # Or the file is still there: another copy of this chunk completed it (or
+                    # recorded the chunk) meanwhile, and the clean-up after it took what this
+                    # request had read of the file, its own temp in the file dir included. Then
+                    # this one is a repeat, answered as one (201 with the SHA-256 once complete).
+                    f, state = await s._read_file(self.batch_pk, req.file_idx)
+                    if f is not None and state is not None and f.id == self.f.id:
+                        early = await s._early(self.batch_id, req, f, state)
+                        if early is not None:
+                            return early
             if mapped is not None:
                 raise mapped from None
             raise
