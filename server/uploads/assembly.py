@@ -206,7 +206,7 @@ def prepare(store: UploadStore, f: Snapshot, mine: tuple[int, Path | None] | Non
             hash_file(partial, upto, f.size, hasher)
         actual = os.stat(partial).st_size
         if actual != f.size:
-            raise ValueError(f"{partial} holds {actual} bytes, {f.size} were declared")
+            raise ValueError(f"the chunks written in place of file {f.id} hold {actual} bytes, {f.size} were declared")
         return partial, hasher.hexdigest()
     sources: list[tuple[Path, int, int]] = []
     for i in range(n):
