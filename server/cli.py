@@ -25,11 +25,49 @@ def _settings() -> Settings:
         raise SystemExit(2) from None  # as the README says: 2 for bad arguments or settings
 
 
+def _path_problem(settings: Settings) -> str | None:
+    """Why this user cannot use the data dir, the database's directory or the smartlink root:
+    one line naming the setting, or None. Only looks (nothing is made): a data dir that is a
+    file, or one under another user's private directory, was an OSError traceback of every
+    command (``migrate`` first, so of ``scripts/run``). A path that is not there yet is fine:
+    the nearest directory above it must be usable."""
+    assert settings.db_path is not None and settings.smartlink_root is not None
+    paths = [(settings.data_dir, "FILEDROP_DATA_DIR")]
+    if not settings.database_url and "FILEDROP_DB_PATH" in os.environ:
+        paths.append((settings.db_path.parent, "FILEDROP_DB_PATH"))
+    if "FILEDROP_SMARTLINK_ROOT" in os.environ:
+        paths.append((settings.smartlink_root, "FILEDROP_SMARTLINK_ROOT"))
+    for path, setting in paths:
+        probe = path
+        try:
+            while not probe.exists():
+                probe = probe.parent
+        except PermissionError:
+            return (f"{setting}: cannot reach {path}: permission denied (run as the user that owns it, "
+                    "or choose a directory of this user's)")
+        if not probe.is_dir():
+            return f"{setting}: {probe} is not a directory" + (f" (so {path} cannot be one)" if probe != path else "")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return (f"{setting}: {probe} is not writable by this user (run as the user that owns it, or "
+                    "choose a directory of this user's)")
+    return None
+
+
+def _usable_settings() -> Settings:
+    """The settings, once their directories are usable (else one line on stderr, exit 2)."""
+    settings = _settings()
+    problem = _path_problem(settings)
+    if problem is not None:
+        print(f"filedrop: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
+
+
 def _migrated_settings() -> Settings | None:
     """The settings, or None (having said why on stderr) when the database is not at head."""
     from server.db.revision import NotMigrated, check_at_head
 
-    settings = _settings()
+    settings = _usable_settings()
     assert settings.db_path is not None
     if not settings.database_url and not settings.db_path.exists():
         # Most likely the wrong data dir: `filedrop migrate` would make a second, empty database.
@@ -112,7 +150,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     from server.db.revision import NotMigrated, current_revisions
     from server.db.urls import shown
 
-    settings = _settings()
+    settings = _usable_settings()
     try:
         before = sorted(current_revisions(settings.database))
     except NotMigrated as e:  # PostgreSQL unreachable: one line, not a traceback

@@ -176,3 +176,27 @@ def test_serve_on_an_address_not_of_this_machine_names_the_host_setting(env: dic
         assert last.startswith(f"filedrop: the app cannot listen on {host}:{port}: "), r.stderr
         assert last.endswith(": set --host to an address of this machine"), r.stderr
         assert "Traceback" not in r.stderr and "unknown error" not in r.stderr.lower(), r.stderr
+
+
+@pytest.mark.parametrize(("command", "variable", "under"), [
+    (["migrate"], "FILEDROP_DATA_DIR", ""),
+    (["migrate"], "FILEDROP_DATA_DIR", "sub"),
+    (["migrate"], "FILEDROP_DB_PATH", "x.sqlite3"),
+    (["keys", "list"], "FILEDROP_DATA_DIR", ""),
+    (["serve"], "FILEDROP_SMARTLINK_ROOT", ""),
+])
+def test_a_file_where_a_directory_belongs_is_named_in_one_line(tmp_path: Path, command: list[str], variable: str,
+                                                               under: str) -> None:
+    """A data dir (or the database's directory, or the smartlink root) that is a file: one line
+    naming the setting, exit 2, nothing made (``migrate``, so ``scripts/run``, was a
+    FileExistsError traceback; ``serve`` started with a smartlink root no job could write)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    e = server_env(tmp_path / "data", API_KEY)
+    assert cli(e, "migrate").returncode == 0
+    e[variable] = str(a_file / under) if under else str(a_file)
+    r = cli(e, *command)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"filedrop: {variable}: {a_file} is not a directory"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "listening" not in r.stdout
+    assert a_file.read_text() == "not a directory"
