@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fcntl
 import gc
 import logging
 import os
@@ -102,6 +103,33 @@ def private_state(settings: Settings) -> None:
                 path.chmod(mode)
 
 
+def _only_app_process(settings: Settings) -> bool:
+    """SQLite: take an exclusive ``flock`` on ``<db>.serve.lock`` for this process's life (its
+    descriptor is never closed; workers are exec'd, so none inherits it); False, having said
+    why, when another ``filedrop serve`` holds it. SQLite is one app process: a second one on
+    the same database (say a second ``scripts/run`` on other ports) removed the first one's
+    upload temps at its start, cutting off its uploads in flight. PostgreSQL: no lock (app
+    processes share it)."""
+    if settings.database_url:
+        return True
+    assert settings.db_path is not None
+    path = settings.db_path.with_name(f"{settings.db_path.name}.serve.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        print(f"filedrop: another `filedrop serve`{f' (pid {holder})' if holder.isdigit() else ''} is using "
+              f"{settings.db_path}: SQLite serves one app process; stop that one first, or give this one "
+              "a data dir of its own (FILEDROP_DATA_DIR); more app processes need PostgreSQL "
+              "(FILEDROP_DATABASE_URL)", file=sys.stderr)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for the next one's message
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.protocol import BindError, serve, tune_allocator
 
@@ -110,6 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _migrated_settings()
     if settings is None:
+        return 2
+    if not _only_app_process(settings):
         return 2
     host = args.host or settings.app_host
     port = args.port or settings.app_port

@@ -13,7 +13,8 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from tests.conftest import API_KEY
-from tests.support.server import REPO, server_env
+from tests.support.server import REPO, ServerProcess, server_env
+from tests.support.waiting import free_port
 
 
 def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
@@ -156,3 +157,30 @@ def test_settings_survive_the_trip_to_a_worker(tmp_path: Path, chunk_size: int |
     s = Settings(data_dir=tmp_path, api_keys=("a", "b"), chunk_size=chunk_size, callback_secret="x",
                  allow_http_callbacks=True, fetch_allow=("127.0.0.1",))
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_a_second_serve_on_the_same_sqlite_database_is_refused(tmp_path: Path) -> None:
+    """SQLite is one app process. A second ``serve`` on the same data dir (a second scripts/run
+    on other ports) started, and its start removed the first one's upload temps: an upload in
+    flight there was answered 404. Now it is refused in one line naming the holder; once the
+    first is gone (even by ``kill -9``), a new one starts."""
+    env = server_env(tmp_path / "data", API_KEY)
+    assert subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=REPO, env=env,
+                          capture_output=True, timeout=60).returncode == 0
+    first = ServerProcess(env, tmp_path / "first.log").start()
+    later = None
+    try:
+        second = subprocess.run([sys.executable, "-m", "server", "serve"], cwd=REPO, capture_output=True,
+                                text=True, env={**env, "FILEDROP_APP_PORT": str(free_port())}, timeout=20)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"filedrop: another `filedrop serve` (pid {first.proc.pid}) is using "
+                                 f"{tmp_path / 'data' / 'filedrop.sqlite3'}: SQLite serves one app process; stop "
+                                 "that one first, or give this one a data dir of its own (FILEDROP_DATA_DIR); more "
+                                 "app processes need PostgreSQL (FILEDROP_DATABASE_URL)\n")
+        assert "listening" not in second.stdout
+        first.kill9()
+        later = ServerProcess({**env, "FILEDROP_APP_PORT": str(free_port())}, tmp_path / "later.log").start()
+    finally:
+        for p in (first, later):
+            if p is not None:
+                p.stop()
