@@ -244,3 +244,29 @@ def test_run_makes_a_dev_key_only_its_user_can_read(tmp_path: Path) -> None:
         assert r.status == 200, r.body
     finally:
         end_run(proc)
+
+
+def test_a_second_run_on_the_same_data_dir_is_refused_before_it_touches_the_first(tmp_path: Path) -> None:
+    """Told that the port is taken, an operator may start scripts/run again on other ports: it
+    rendered its nginx.conf over the running one's, its NGINX shared (then removed) the first
+    one's pid file, and its app was a second one on the same SQLite database. Now it stops
+    first, naming the running one."""
+    proc, data, _log, _http_port, _app_port = start_run(tmp_path)
+    try:
+        conf = (data / "nginx" / "nginx.conf").read_text()
+        pid_file = data / "nginx" / "logs" / "nginx.pid"
+        nginx_pid = pid_file.read_text()
+        again = run_env(tmp_path)  # same data dir, other free ports
+        r = subprocess.run([str(REPO / "scripts" / "run")], cwd=REPO, env=again, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last == (f"filedrop: scripts/run is already running on {data} (pid {proc.pid}): stop it first "
+                        f"(Ctrl-C in its terminal, or kill {proc.pid}), or set FILEDROP_DATA_DIR to another "
+                        "directory"), r.stderr
+        assert "Traceback" not in r.stderr and "listening" not in r.stderr
+        assert refuses(int(again["FILEDROP_HTTP_PORT"])) and refuses(int(again["FILEDROP_APP_PORT"]))
+        assert (data / "nginx" / "nginx.conf").read_text() == conf and pid_file.read_text() == nginx_pid
+        assert proc.poll() is None
+    finally:
+        end_run(proc)
