@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,18 +75,19 @@ def run_env(tmp_path: Path, api_key: str | None = API_KEY, **extra: str) -> dict
     return env
 
 
-def start_run(tmp_path: Path, *, api_key: str | None = API_KEY) -> tuple[subprocess.Popen[bytes], Path, Path,
-                                                                       int, int]:
+def start_run(tmp_path: Path, *, api_key: str | None = API_KEY,
+              preexec: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], Path, Path, int, int]:
     """``scripts/run`` on free ports over ``tmp_path/var``, waited for until it says NGINX and the
     app are up; returns (process, data dir, log, http port, app port). ``api_key`` None: no
-    keys configured (the script makes a dev key). The caller ends it with ``end_run``."""
+    keys configured (the script makes a dev key); ``preexec`` runs in the child before the
+    script (e.g. to set a limit). The caller ends it with ``end_run``."""
     env = run_env(tmp_path, api_key)
     data, http_port, app_port = tmp_path / "var", int(env["FILEDROP_HTTP_PORT"]), int(env["FILEDROP_APP_PORT"])
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         # Its own session and process group, as a terminal would run it: Ctrl-C = SIGINT to the group.
         proc = subprocess.Popen([str(REPO / "scripts" / "run")], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -268,5 +271,28 @@ def test_a_second_run_on_the_same_data_dir_is_refused_before_it_touches_the_firs
         assert refuses(int(again["FILEDROP_HTTP_PORT"])) and refuses(int(again["FILEDROP_APP_PORT"]))
         assert (data / "nginx" / "nginx.conf").read_text() == conf and pid_file.read_text() == nginx_pid
         assert proc.poll() is None
+    finally:
+        end_run(proc)
+
+
+def test_nginx_is_not_held_to_a_login_shells_open_file_limit(tmp_path: Path) -> None:
+    """A login shell's (and a systemd unit's) soft limit is 1024 open files: NGINX warned at each
+    start that its 4096 worker_connections exceed it, and a worker stopped accepting at about
+    1,000 descriptors (a proxied request holds two). Its workers now raise their own limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip(f"the hard limit of open files here is {hard}: NGINX cannot raise its own to 8192")
+    proc, data, log, _http_port, _app_port = start_run(
+        tmp_path, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        nginx_pid = int((data / "nginx" / "logs" / "nginx.pid").read_text())
+        workers = subprocess.run(["pgrep", "-P", str(nginx_pid)], capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+        assert workers
+        for pid in workers:
+            limit = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                         if x.startswith("Max open files"))
+            assert limit.split()[3] == "8192", limit  # the soft limit
+        assert "exceed open file resource limit" not in log.read_text()
     finally:
         end_run(proc)
