@@ -24,6 +24,10 @@ DEFAULT_CHUNK_SIZE = 8 << 20  # the drop page's chunks when FILEDROP_CHUNK_SIZE 
 # many digits that the float is infinite) would overflow the date arithmetic of a cutoff
 # (`now - retention`) with a traceback, in `filedrop cleanup` and in every janitor pass.
 MAX_DURATION = 36500 * 86400.0
+# The largest size any setting takes: 1 PiB. NGINX's client_max_body_size (an off_t) is given
+# the sum of three (a job start's form limit), and RLIMIT_AS a C long: `9000000T` stopped
+# scripts/run with NGINX's "invalid value" at a line of the rendered config, naming no setting.
+MAX_SIZE = 1 << 50
 
 
 def parse_duration(text: str, longest: float | None = MAX_DURATION) -> float:
@@ -40,13 +44,17 @@ def parse_duration(text: str, longest: float | None = MAX_DURATION) -> float:
 
 
 def parse_size(text: str) -> int:
-    """'1048576' -> 1048576, '8MiB'/'8M'/'8MB' -> 8 MiB (binary units throughout)."""
+    """'1048576' -> 1048576, '8MiB'/'8M'/'8MB' -> 8 MiB (binary units throughout); at most
+    ``MAX_SIZE``."""
     m = _SIZE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r} (use e.g. 1048576, 64M, 2G)")
     unit = (m.group(2) or "b").lower()[:1]
     mult = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
-    return int(m.group(1)) * mult
+    size = int(m.group(1)) * mult
+    if size > MAX_SIZE:
+        raise ValueError(f"{text.strip()!r} is over the largest size, 1024T (1 PiB)")
+    return size
 
 
 def check_database_url(url: str) -> str:

@@ -296,3 +296,15 @@ def test_nginx_is_not_held_to_a_login_shells_open_file_limit(tmp_path: Path) -> 
         assert "exceed open file resource limit" not in log.read_text()
     finally:
         end_run(proc)
+
+
+@pytest.mark.parametrize("name", ["FILEDROP_MAX_CHUNK_SIZE", "FILEDROP_MAX_DATA_SIZE"])
+def test_a_size_too_large_for_nginx_is_refused_naming_the_setting(tmp_path: Path, name: str) -> None:
+    """9000000T is over what NGINX's client_max_body_size takes (an off_t): scripts/run printed
+    NGINX's `"client_max_body_size" directive invalid value in .../nginx.conf:179`, naming no
+    setting, and exited 1. Sizes now have a ceiling, checked with the other settings."""
+    r = subprocess.run([str(REPO / "scripts" / "run")], cwd=REPO, env={**run_env(tmp_path), name: "9000000T"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"filedrop: bad setting: {name}: '9000000T' is over the largest size, 1024T (1 PiB)\n"
+    assert not (tmp_path / "var" / "nginx").exists()
