@@ -335,8 +335,11 @@ _INTS = {"app_port", "http_port", "page_port", "max_files_per_batch", "max_chunk
 _INT_MIN = {"app_port": 1, "http_port": 1, "page_port": 1, "smtp_port": 1, "workers": 0, "max_files_per_batch": 1,
             "max_chunks_per_file": 1, "callback_retries": 1, "database_pool": 2, "app_processes": 1,
             "max_number_digits": 640, "check_processes": 1}  # 640: Python's own floor for int/str digits
-# Upper bounds where one is needed: ports; processes behind one NGINX on consecutive ports.
-_INT_MAX = {"app_port": 65535, "http_port": 65535, "page_port": 65535, "smtp_port": 65535, "app_processes": 64, "check_processes": 64}
+# Upper bounds where one is needed: ports; processes behind one NGINX on consecutive ports; the
+# digits a render process gives sys.set_int_max_str_digits (a C int: over it, every job start
+# was a 500 with an OverflowError).
+_INT_MAX = {"app_port": 65535, "http_port": 65535, "page_port": 65535, "smtp_port": 65535, "app_processes": 64,
+            "check_processes": 64, "max_number_digits": 2**31 - 1}
 # Floors of sizes and durations: a render process needs ~40 MB before any template runs; a row
 # needs some time.
 _SIZE_MIN = {"render_memory": 64 << 20, "max_page_size": 1,

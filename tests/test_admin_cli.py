@@ -153,6 +153,9 @@ def test_serve_on_a_busy_port_names_the_port_its_holder_and_the_setting(env: dic
      "bad setting: FILEDROP_JOB_RETENTION: '1000000d' is over the longest duration, 36500d"),
     (["cleanup"], {"FILEDROP_BATCH_TTL": "1000000d"}, "bad setting: FILEDROP_BATCH_TTL: '1000000d' is over"),
     (["keys", "list"], {"FILEDROP_WORKERS": "abc"}, "bad setting: FILEDROP_WORKERS: not a whole number: 'abc'"),
+    # Taken, then every job start was a 500 with an OverflowError traceback (a C int's digits).
+    (["serve"], {"FILEDROP_MAX_NUMBER_DIGITS": "99999999999"},
+     "bad setting: FILEDROP_MAX_NUMBER_DIGITS: 99999999999 is out of range (at least 640, at most 2147483647)"),
     (["serve", "--port", "99999"], {}, "argument --port: 99999 is not a port number (1-65535)"),
     (["serve", "--port", "-1"], {}, "argument --port: -1 is not a port number (1-65535)"),
     (["serve", "--port", "0"], {}, "argument --port: 0 is not a port number (1-65535)"),
