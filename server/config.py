@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.I)
@@ -68,6 +69,17 @@ def check_database_url(url: str) -> str:
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host (and a valid port), no query, fragment or white space."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises ValueError when out of range or not a number)
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query
+            and not parts.fragment and not any(c.isspace() for c in url))
 
 
 def _bool(text: str) -> bool:
@@ -392,7 +404,27 @@ def _convert(name: str, raw: str) -> Any:
         return raw.strip()
     if name == "database_url":
         return check_database_url(raw.strip()) if raw.strip() else ""
-    if name in ("api_keys", "fetch_allow"):
+    if name == "public_url":
+        # Every result link and signed URL starts with it: without a scheme and a host (`foo`,
+        # `links.example.com`) each one the server handed out was broken, and nothing said so.
+        url = raw.strip()
+        if url and not _http_url(url):
+            raise ValueError(f"{raw!r} is not an http(s) URL (e.g. https://links.example.com, no query)")
+        return url
+    if name == "fetch_allow":
+        entries = _split(raw)
+        for e in entries:
+            # Meant as an address or a network (digits and dots only are no host name): a typo
+            # (`10.0.0.0/33`) was kept as a host name no fetch matches, so it let nothing through.
+            if "/" in e or ":" in e or re.fullmatch(r"[0-9.]+", e):
+                try:
+                    ipaddress.ip_network(e, strict=False)
+                except ValueError:
+                    raise ValueError(f"{e!r} is not an IP address or network (e.g. 10.0.0.0/8, fd00::/8)") from None
+            elif not re.fullmatch(r"[A-Za-z0-9_.-]+", e):
+                raise ValueError(f"{e!r} is not a host name, an IP address or a network (separate entries with commas)")
+        return entries
+    if name == "api_keys":
         return _split(raw)
     if name in ("allow_http_callbacks", "janitor_smartlinks"):
         return _bool(raw)

@@ -138,6 +138,33 @@ def test_out_of_range_setting_is_refused_naming_it(name: str, value: str) -> Non
         Settings.from_env({f"FILEDROP_{name}": value})
 
 
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("PUBLIC_URL", "foo", "'foo' is not an http(s) URL"),
+    ("PUBLIC_URL", "links.example.com", "'links.example.com' is not an http(s) URL"),
+    ("PUBLIC_URL", "ftp://links.example.com", "'ftp://links.example.com' is not an http(s) URL"),
+    ("PUBLIC_URL", "https://links.example.com:99999", "'https://links.example.com:99999' is not an http(s)"),
+    ("PUBLIC_URL", "https://links.example.com/?x=1", "'https://links.example.com/?x=1' is not an http(s)"),
+    ("FETCH_ALLOW", "127.0.0.1,10.0.0.0/33", "'10.0.0.0/33' is not an IP address or network"),
+    ("FETCH_ALLOW", "10.0.0.300", "'10.0.0.300' is not an IP address or network"),
+    ("FETCH_ALLOW", "fd00::/129", "'fd00::/129' is not an IP address or network"),
+    ("FETCH_ALLOW", "assets example.com", "'assets example.com' is not a host name"),
+])
+def test_a_url_or_allow_list_that_cannot_work_is_refused(name: str, value: str, says: str) -> None:
+    """Taken as they came: a public URL without scheme and host made every result link and signed
+    URL a broken one; a mistyped network in the allow list was kept as a host name that no
+    fetch matches, so the fetches it was meant to let through were refused as internal."""
+    with pytest.raises(ValueError, match=re.escape(f"FILEDROP_{name}: {says}")):
+        Settings.from_env({f"FILEDROP_{name}": value})
+
+
+def test_a_public_url_and_allow_list_as_documented_are_taken() -> None:
+    s = Settings.from_env({"FILEDROP_PUBLIC_URL": " https://links.example.com/filedrop/ ",
+                           "FILEDROP_FETCH_ALLOW": "10.0.0.0/8, fd00::/8, 192.168.1.10, assets.internal, cafe"})
+    assert s.public_url == "https://links.example.com/filedrop/"
+    assert s.fetch_allow == ("10.0.0.0/8", "fd00::/8", "192.168.1.10", "assets.internal", "cafe")
+    assert Settings.from_env({"FILEDROP_PUBLIC_URL": "http://127.0.0.1:8080"}).public_url == "http://127.0.0.1:8080"
+
+
 @pytest.mark.parametrize("value", ["filedrop@localhost", "Filedrop <jobs@example.com>", " jobs@example.com "])
 def test_an_e_mail_address_is_taken_as_smtp_from(value: str) -> None:
     assert Settings.from_env({"FILEDROP_SMTP_FROM": value}).smtp_from == value.strip()
