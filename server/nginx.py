@@ -281,6 +281,10 @@ def render_units(settings: Settings, prefix: Path, out: Path, *, user: str | Non
     if user is None:
         owner = settings.data_dir.stat().st_uid if settings.data_dir.exists() else os.geteuid()
         user = pwd.getpwuid(owner).pw_name
+    if env_file is not None and not Path(env_file).is_file():
+        # systemd would refuse to start every unit that names it ("Failed to load environment files").
+        raise ValueError(f"--env-file {Path(env_file).resolve()}: no such file (leave it out to write "
+                         "OUT/filedrop.env from this environment's FILEDROP_* variables)")
     env_path = Path(env_file) if env_file else out / "filedrop.env"
     vals = unit_values(settings, prefix, user=user, env_file=env_path)
     pw = pwd.getpwnam(user)
@@ -342,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       worker_processes=args.worker_processes)
     except ValueError as e:
         print(f"filedrop: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a prefix or --out under a file, or where this user may not write
+        print(f"filedrop: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     print(conf)
     return 0

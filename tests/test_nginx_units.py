@@ -146,3 +146,22 @@ def test_units_refuse_a_smartlink_root_their_user_does_not_own(tmp_path: Path) -
     assert r.stderr.startswith(f"filedrop: smartlink root '{tmp_path / 'var' / 'smartlinks'}' belongs to uid 0, ")
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "var" / "nginx").exists() and not (tmp_path / "units").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--env-file", "missing.env"], "filedrop: --env-file {t}/missing.env: no such file (leave it out to write "
+                                    "OUT/filedrop.env from this environment's FILEDROP_* variables)"),
+    (["--out", "a-file/units"], "filedrop: cannot write {t}/a-file/units: Not a directory"),
+])
+def test_units_with_a_wrong_path_say_so_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    """A missing --env-file was written into the units (systemd then refused to start them); an
+    --out under a file was a NotADirectoryError traceback."""
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILEDROP_")}
+    env.update(FILEDROP_DATA_DIR=str(tmp_path / "var"))
+    r = subprocess.run([sys.executable, "-m", "server.nginx", "units", "--prefix", str(tmp_path / "var" / "nginx"),
+                        "--out", str(tmp_path / "units"), "--user", pwd.getpwuid(os.geteuid()).pw_name, *args],
+                       cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr == says.format(t=tmp_path) + "\n"
+    assert not (tmp_path / "units").exists()
