@@ -14,9 +14,12 @@ is an error, not an empty string); a value that could change the meaning of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import os
 import re
 import shutil
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,6 +80,21 @@ def _user_directive(root: Path) -> str:
     return f"user {user} {group};"
 
 
+def _check_resolves(host: str) -> None:
+    """A host name in the ``upstream`` must resolve: else ``nginx -t`` stops with `host not found
+    in upstream ... nginx.conf:81`, naming no setting."""
+    if not host:
+        return  # the wildcard: reached over loopback
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return  # an address: nothing to look up
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"FILEDROP_APP_HOST {host!r}: the name does not resolve (use an address of this "
+                         "machine, e.g. 127.0.0.1)") from None
+
+
 def listen_address(host: str, port: int) -> str:
     """NGINX's ``listen`` for ``host:port`` (an IPv6 address in brackets)."""
     if not _SAFE_HOST.fullmatch(host):
@@ -129,6 +147,11 @@ def values(settings: Settings, *, listen: str | None = None, page_listen: str | 
     if _port(page_listen) == _port(listen) or _port(page_listen) in app_ports:
         raise ValueError(f"FILEDROP_PAGE_PORT {_port(page_listen)}: the drop page needs a port of its own, not "
                          "FILEDROP_HTTP_PORT's or an app process's (FILEDROP_APP_PORT and the ports after it)")
+    if _port(listen) in app_ports:
+        # NGINX would take it first, and the app then find its port in use.
+        raise ValueError(f"FILEDROP_HTTP_PORT {_port(listen)}: NGINX needs a port of its own, not an app "
+                         "process's (FILEDROP_APP_PORT and the ports after it)")
+    _check_resolves(settings.app_host)
     if not re.fullmatch(r"auto|[1-9][0-9]{0,2}", worker_processes):
         raise ValueError(f"worker_processes {worker_processes!r}: use auto or a count")
     chunk_too_large, job_too_large = too_large_messages(settings)

@@ -308,3 +308,23 @@ def test_a_size_too_large_for_nginx_is_refused_naming_the_setting(tmp_path: Path
     assert r.returncode == 2, r.stderr
     assert r.stderr == f"filedrop: bad setting: {name}: '9000000T' is over the largest size, 1024T (1 PiB)\n"
     assert not (tmp_path / "var" / "nginx").exists()
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("FILEDROP_APP_HOST", "filedrop: FILEDROP_APP_HOST 'nonexistent.invalid': the name does not resolve "
+                          "(use an address of this machine, e.g. 127.0.0.1)"),
+    ("FILEDROP_APP_PORT", "filedrop: FILEDROP_HTTP_PORT {port}: NGINX needs a port of its own, not an app "
+                          "process's (FILEDROP_APP_PORT and the ports after it)"),
+])
+def test_an_app_address_nginx_cannot_use_is_named_before_anything_starts(tmp_path: Path, setting: str,
+                                                                         says: str) -> None:
+    """An app host that does not resolve stopped scripts/run with NGINX's `host not found in
+    upstream ... nginx.conf:81` (no setting named, exit 1); an app port equal to NGINX's started
+    NGINX, then the app, which found its port taken by NGINX."""
+    env = run_env(tmp_path)
+    env[setting] = "nonexistent.invalid" if setting == "FILEDROP_APP_HOST" else env["FILEDROP_HTTP_PORT"]
+    r = subprocess.run([str(REPO / "scripts" / "run")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == says.format(port=env["FILEDROP_HTTP_PORT"]), r.stderr
+    assert "emerg" not in r.stderr and "listening" not in r.stderr and "Traceback" not in r.stderr
