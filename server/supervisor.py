@@ -99,7 +99,7 @@ def port_taken(host: str, port: int) -> bool:
 
 def http_ok(host: str, port: int, path: str, expect: Callable[[int], bool]) -> bool:
     """One GET with a 1 s timeout; True when the status satisfies ``expect``."""
-    conn = http.client.HTTPConnection(host if ":" not in host else f"[{host}]", port, timeout=1)
+    conn = http.client.HTTPConnection(host, port, timeout=1)  # with a port given, an IPv6 host takes no brackets
     try:
         conn.request("GET", path)
         return expect(conn.getresponse().status)

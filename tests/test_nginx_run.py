@@ -4,6 +4,7 @@ Ctrl-C stops both."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import pwd
 import re
@@ -75,13 +76,14 @@ def run_env(tmp_path: Path, api_key: str | None = API_KEY, **extra: str) -> dict
     return env
 
 
-def start_run(tmp_path: Path, *, api_key: str | None = API_KEY,
-              preexec: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], Path, Path, int, int]:
+def start_run(tmp_path: Path, *, api_key: str | None = API_KEY, preexec: Callable[[], None] | None = None,
+              **settings: str) -> tuple[subprocess.Popen[bytes], Path, Path, int, int]:
     """``scripts/run`` on free ports over ``tmp_path/var``, waited for until it says NGINX and the
     app are up; returns (process, data dir, log, http port, app port). ``api_key`` None: no
     keys configured (the script makes a dev key); ``preexec`` runs in the child before the
-    script (e.g. to set a limit). The caller ends it with ``end_run``."""
-    env = run_env(tmp_path, api_key)
+    script (e.g. to set a limit); ``settings``: more FILEDROP_* (lower-case names). The caller
+    ends it with ``end_run``."""
+    env = run_env(tmp_path, api_key, **settings)
     data, http_port, app_port = tmp_path / "var", int(env["FILEDROP_HTTP_PORT"]), int(env["FILEDROP_APP_PORT"])
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -328,3 +330,22 @@ def test_an_app_address_nginx_cannot_use_is_named_before_anything_starts(tmp_pat
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == says.format(port=env["FILEDROP_HTTP_PORT"]), r.stderr
     assert "emerg" not in r.stderr and "listening" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nginx_on_an_ipv6_address_comes_up(tmp_path: Path) -> None:
+    """FILEDROP_HTTP_HOST may be an IPv6 address (README: `::` opens NGINX to the network). NGINX
+    listened, but the supervisor's probe asked for the host `[::1]` (http.client keeps the
+    brackets when given a port), never got an answer, and stopped the run after 60 s."""
+    if not socket.has_ipv6 or not Path("/proc/net/if_inet6").exists():
+        pytest.skip("no IPv6 here")
+    proc, _data, log, http_port, _app_port = start_run(tmp_path, http_host="::1")
+    try:
+        assert f"NGINX listening on http://[::1]:{http_port} (smartlinks + API)" in log.read_text()
+        conn = http.client.HTTPConnection("::1", http_port, timeout=10)
+        try:
+            conn.request("GET", "/api/v1/upload/handlers", headers={"X-API-Key": API_KEY})
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+    finally:
+        end_run(proc)
