@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import http.client
 import os
 import shutil
@@ -48,6 +49,7 @@ from types import FrameType
 
 from server import nginx as ngx
 from server.config import Settings
+from server.jobs.lifeline import die_with_parent
 
 FIRST_DELAY = 1.0  # seconds before the first restart; doubles per failure
 MAX_DELAY = 30.0
@@ -130,7 +132,10 @@ class Child:
 
     def start(self) -> None:
         self.kill_group()  # whatever a dead predecessor left (NGINX workers, app workers)
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env)
+        # SIGTERM when the supervisor dies, even by SIGKILL: orphans would hold the ports and the
+        # data dir, and the next scripts/run be refused until they were found and killed by hand.
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env,
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM))
         self.up_since = None
         self.restart_at = None
 

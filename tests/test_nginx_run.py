@@ -4,6 +4,7 @@ Ctrl-C stops both."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import pwd
@@ -349,3 +350,22 @@ def test_nginx_on_an_ipv6_address_comes_up(tmp_path: Path) -> None:
             conn.close()
     finally:
         end_run(proc)
+
+
+def test_a_killed_supervisor_takes_nginx_and_the_app_with_it(tmp_path: Path) -> None:
+    """scripts/run killed with -9 (or by the OOM killer) left NGINX and the app running as
+    orphans, holding the ports and the data dir: the next scripts/run was refused ("the port is in
+    use by pid N") until they were found and killed by hand. Now they get SIGTERM when it dies."""
+    proc, data, _log, http_port, app_port = start_run(tmp_path)
+    children = [int((data / "nginx" / "logs" / "nginx.pid").read_text()), app_pid(proc)]
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_until(lambda: not any(map(pid_alive, children)), timeout=20,
+                   what="NGINX and the app to stop after their supervisor died")
+        assert refuses(http_port) and refuses(app_port)
+    finally:
+        end_run(proc)
+        for pid in filter(pid_alive, children):  # what a failed test would leave running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
