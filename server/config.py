@@ -326,8 +326,8 @@ class Settings:
             if f.name == "extra":
                 continue
             raw = env.get(f"FILEDROP_{f.name.upper()}")
-            if raw is None:
-                continue
+            if raw is None or (f.name in _PATHS and not raw):
+                continue  # an empty path is unset, as scripts/run reads it (`FILEDROP_DATA_DIR=` was a TypeError)
             try:
                 kwargs[f.name] = _convert(f.name, raw)
             except ValueError as e:

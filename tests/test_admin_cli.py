@@ -203,3 +203,14 @@ def test_a_file_where_a_directory_belongs_is_named_in_one_line(tmp_path: Path, c
     assert r.stderr.startswith(f"filedrop: {variable}: {a_file} is not a directory"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "listening" not in r.stdout
     assert a_file.read_text() == "not a directory"
+
+
+def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> None:
+    """`FILEDROP_DATA_DIR=` (say `export FILEDROP_DATA_DIR=$DIR` with DIR unset) was a TypeError
+    traceback of every command; scripts/run and scripts/filedrop already read it as unset. Now
+    the commands do too: ./var of the current directory."""
+    e = {**server_env(tmp_path / "unused", API_KEY), "FILEDROP_DATA_DIR": "", "PYTHONPATH": str(REPO)}
+    r = cli(e, "migrate", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip() == f"filedrop: {tmp_path / 'var' / 'filedrop.sqlite3'} at revision {HEAD} (new database)"
+    assert cli(e, "keys", "list", cwd=tmp_path).returncode == 0
