@@ -21,8 +21,11 @@ HEAD = ", ".join(sorted(head_revisions(Path("unused"))))  # the revision a migra
 
 
 def cli(env: dict[str, str], *args: str, cwd: Path = REPO, umask: int | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    # PYTHONPATH: from another directory, `-m server` would import the venv's editable install,
+    # which may be another checkout's (a git worktree sharing the main checkout's venv).
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
 @pytest.fixture
@@ -209,7 +212,7 @@ def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> None:
     """`FILEDROP_DATA_DIR=` (say `export FILEDROP_DATA_DIR=$DIR` with DIR unset) was a TypeError
     traceback of every command; scripts/run and scripts/filedrop already read it as unset. Now
     the commands do too: ./var of the current directory."""
-    e = {**server_env(tmp_path / "unused", API_KEY), "FILEDROP_DATA_DIR": "", "PYTHONPATH": str(REPO)}
+    e = {**server_env(tmp_path / "unused", API_KEY), "FILEDROP_DATA_DIR": ""}
     r = cli(e, "migrate", cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stdout.strip() == f"filedrop: {tmp_path / 'var' / 'filedrop.sqlite3'} at revision {HEAD} (new database)"
