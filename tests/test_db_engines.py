@@ -332,3 +332,86 @@ async def test_a_request_whose_database_connection_is_lost_answers_503_and_logs_
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     r = await up.info(batch)
     assert r.status == 200 and [f["name"] for f in await r.json()] == ["f.bin"], await r.text()
+
+
+async def test_a_postgresql_restart_is_503_and_one_line_per_failure_not_a_traceback(
+        aiohttp_client, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL stopped and started again (an upgrade, a failover) under a running app: while it
+    shuts down ("the database system is shutting down") and while it is down (connection
+    refused), a request answers 503 ERR_SERVER_BUSY with Retry-After, the upload recorder's
+    psycopg connection included, and every failure (the request's, the background loops') is
+    one WARNING line, no traceback; once it is back the same requests work, nothing lost. (A lost
+    session alone was handled; a connection that could not be made again was a 500
+    ERR_INTERNAL and an ERROR traceback in every loop twice a second, and a notification whose
+    outcome met it was marked failed instead of being sent again.) A cluster of its own: this
+    test stops it."""
+    import logging
+
+    from sqlalchemy import create_engine, text
+
+    from server.app import create_app
+    from server.db.migrate import upgrade
+    from server.db.urls import sync_url
+    from tests.support.postgres import PostgresCluster
+    from tests.support.uploads import Uploads, assert_error
+    from tests.support.waiting import wait_until
+
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.database_url(cluster.create_database())
+        upgrade(url)
+        settings = Settings(data_dir=tmp_path / "var", database_url=url, api_keys=(API_KEY,), min_free_disk=1 << 20,
+                            janitor_interval=0, workers=0)
+        up = Uploads(await aiohttp_client(create_app(settings)))
+        batch = await up.create()
+        assert (await up.post(batch, 0, b"kept")).status == 201
+
+        async def refused(what: str) -> None:
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                body = await assert_error(await up.info(batch), 503, "ERR_SERVER_BUSY")
+                assert "retry shortly" in body["message"], body
+                await assert_error(await up.post(batch, 1, b"late"), 503, "ERR_SERVER_BUSY")
+            tracebacks = [r for r in caplog.records if r.exc_info]
+            assert not tracebacks, (what, [r.getMessage() for r in tracebacks])
+            lost = [r for r in caplog.records if "database connection was lost" in r.getMessage()]
+            assert len(lost) >= 2 and all(what in r.getMessage() for r in lost), (what, [r.getMessage() for r in lost])
+
+        # Shutting down: a smart stop waits for the session held here, and refuses new ones
+        # meanwhile; the app's pooled sessions are ended so that it needs new ones.
+        admin = create_engine(sync_url(cluster.url))
+        try:
+            with admin.connect() as held:
+                cluster.stop_server("smart", wait=False)
+                wait_until(lambda: not _accepts(url), timeout=30, what="the server refusing new sessions")
+                held.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                             {"d": url.rsplit("/", 1)[1]})
+                await refused("shutting down")
+        finally:
+            admin.dispose()
+        wait_until(lambda: not cluster.server_running(), timeout=60, what="the server to stop")
+        await refused("cannot connect")  # down: connection refused
+
+        cluster.start_server()
+        r = await up.info(batch)
+        assert r.status == 200 and [f["name"] for f in await r.json()] == ["f.bin"], await r.text()
+        assert (await up.post(batch, 1, b"late")).status == 201
+    finally:
+        cluster.stop()
+
+
+def _accepts(url: str) -> bool:
+    """Whether a new session to ``url`` can be made now."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from server.db.urls import sync_url
+
+    engine = create_engine(sync_url(url))
+    try:
+        with engine.connect() as c:
+            return c.execute(text("SELECT 1")).scalar() == 1
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()

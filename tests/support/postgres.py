@@ -44,6 +44,7 @@ class PostgresCluster:
     _dir: Path | None = None
     _bindir: Path | None = None
     _run_as: list[str] = field(default_factory=list)
+    _opts: str = ""
 
     @classmethod
     def from_env(cls) -> PostgresCluster:
@@ -66,12 +67,28 @@ class PostgresCluster:
             self._run_as = ["runuser", "-u", "postgres", "--"]
         port = free_port()
         self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {self._dir} -c fsync=on "
-                "-c max_connections=200 -c shared_buffers=64MB")
-        self._run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(self._dir / "server.log"), "-w", "-t", "60",
-                  "start")
+        self._opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {self._dir} -c fsync=on "
+                      "-c max_connections=200 -c shared_buffers=64MB")
+        self.start_server()
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         return self
+
+    def start_server(self) -> None:
+        """Start our cluster's server (again: after ``stop_server``), once it accepts connections."""
+        assert self._dir is not None
+        self._run("pg_ctl", "-D", str(self._dir / "data"), "-o", self._opts, "-l", str(self._dir / "server.log"),
+                  "-w", "-t", "60", "start")
+
+    def stop_server(self, mode: str = "fast", wait: bool = True) -> None:
+        """Stop our cluster's server (``pg_ctl stop -m mode``), its files kept; without ``wait``
+        pg_ctl returns at once (a ``smart`` stop then waits for the sessions still open)."""
+        assert self._dir is not None
+        self._run("pg_ctl", "-D", str(self._dir / "data"), "-m", mode, "-w" if wait else "-W", "-t", "60", "stop")
+
+    def server_running(self) -> bool:
+        assert self._dir is not None and self._bindir is not None
+        return subprocess.run([*self._run_as, str(self._bindir / "pg_ctl"), "-D", str(self._dir / "data"), "status"],
+                              capture_output=True, timeout=60, cwd=self._dir).returncode == 0
 
     def _run(self, tool: str, *args: str) -> None:
         assert self._bindir is not None
