@@ -350,11 +350,13 @@ async def test_a_postgresql_restart_is_503_and_one_line_per_failure_not_a_traceb
     from sqlalchemy import create_engine, text
 
     from server.app import create_app
+    from server.db import connection_lost
+    from server.db.locks import AdvisoryLocks
     from server.db.migrate import upgrade
-    from server.db.urls import sync_url
+    from server.db.urls import async_url, sync_url
     from tests.support.postgres import PostgresCluster
     from tests.support.uploads import Uploads, assert_error
-    from tests.support.waiting import wait_until
+    from tests.support.waiting import async_wait_until, wait_until
 
     cluster = PostgresCluster().start()
     try:
@@ -363,6 +365,7 @@ async def test_a_postgresql_restart_is_503_and_one_line_per_failure_not_a_traceb
         settings = Settings(data_dir=tmp_path / "var", database_url=url, api_keys=(API_KEY,), min_free_disk=1 << 20,
                             janitor_interval=0, workers=0)
         up = Uploads(await aiohttp_client(create_app(settings)))
+        locks = AdvisoryLocks(async_url(url))
         batch = await up.create()
         assert (await up.post(batch, 0, b"kept")).status == 201
 
@@ -372,6 +375,10 @@ async def test_a_postgresql_restart_is_503_and_one_line_per_failure_not_a_traceb
                 body = await assert_error(await up.info(batch), 503, "ERR_SERVER_BUSY")
                 assert "retry shortly" in body["message"], body
                 await assert_error(await up.post(batch, 1, b"late"), 503, "ERR_SERVER_BUSY")
+                # The notifier's loop (the advisory lock's connection, then the pool) met it too.
+                await async_wait_until(lambda: _async_true(any("looking for notifications" in r.getMessage()
+                                                               for r in caplog.records)),
+                                       timeout=10, what="the notifier's poll to fail")
             tracebacks = [r for r in caplog.records if r.exc_info]
             assert not tracebacks, (what, [r.getMessage() for r in tracebacks])
             lost = [r for r in caplog.records if "database connection was lost" in r.getMessage()]
@@ -391,13 +398,23 @@ async def test_a_postgresql_restart_is_503_and_one_line_per_failure_not_a_traceb
             admin.dispose()
         wait_until(lambda: not cluster.server_running(), timeout=60, what="the server to stop")
         await refused("cannot connect")  # down: connection refused
+        # The advisory locks' own connection too (what a standby notifier's poll takes).
+        with pytest.raises(Exception) as lost:
+            await locks.try_take("notifier")
+        assert connection_lost(lost.value) is not None, repr(lost.value)
 
         cluster.start_server()
         r = await up.info(batch)
         assert r.status == 200 and [f["name"] for f in await r.json()] == ["f.bin"], await r.text()
         assert (await up.post(batch, 1, b"late")).status == 201
+        assert await locks.try_take("notifier")
+        await locks.close()
     finally:
         cluster.stop()
+
+
+async def _async_true(value: bool) -> bool:
+    return value
 
 
 def _accepts(url: str) -> bool:

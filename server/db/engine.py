@@ -60,6 +60,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from server.db.completion import run_to_completion
 from server.db.locks import KINDS, AdvisoryLocks, FileLocks, Locks
+from server.db.outage import DatabaseUnreachable, unreachable_on_connect
 from server.db.urls import async_url, is_postgres, libpq_url, sync_url
 
 log = logging.getLogger("filedrop.db")
@@ -69,23 +70,6 @@ POOL_TIMEOUT = 30.0  # s a request waits for a free PostgreSQL connection (FILED
 # database inside one; well under the workers' LOST_AFTER (20 s), so the rows of a worker frozen
 # mid-transaction go back to the queue on time.
 IDLE_IN_TRANSACTION = 10.0
-
-
-class DatabaseUnreachable(Exception):
-    """A new PostgreSQL connection could not be made: refused, timed out, a host name that does
-    not resolve, or a server starting up or shutting down (SQLSTATE class 08, 57P01-57P03).
-    Raised instead of the driver's error (its ``__cause__``), which is a bare ``OSError`` for
-    asyncpg's refused connection and otherwise looks like any statement's error: an outage, not
-    a fault of ours, and the next attempt connects again."""
-
-
-# What a server answers a new session with while it cannot take one: an operator's or a crash's
-# shutdown under way, or not accepting connections yet (starting, stopping).
-_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def connection_lost(e: BaseException) -> str | None:
@@ -103,25 +87,6 @@ def connection_lost(e: BaseException) -> str | None:
             return f"cannot connect: {seen}"
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _unreachable_on_connect(engine: AsyncEngine | Engine) -> None:
-    """Make a PostgreSQL engine raise ``DatabaseUnreachable`` for a connection it cannot make for
-    a reason of the network or of the server's state (an error of ours, a wrong password or a
-    missing database, stays what the driver raised)."""
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-
-    @event.listens_for(sync_engine, "do_connect")
-    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except Exception as e:
-            state = getattr(e, "sqlstate", None)
-            if (isinstance(e, OSError)  # asyncpg: refused, reset, timed out, a name that does not resolve
-                    or (state is None and isinstance(e, dialect.loaded_dbapi.OperationalError))  # libpq's own
-                    or (state is not None and (state.startswith("08") or state in _UNAVAILABLE_STATES))):
-                raise DatabaseUnreachable(_first_line(e)) from e
-            raise
 
 
 BUSY_TIMEOUT = 10.0  # s a SQLite connection waits for another's write lock before "database is locked"
@@ -200,8 +165,8 @@ class Database:
             self.sync_writer = create_engine(sync_url(target), pool_size=1, max_overflow=0, pool_timeout=60,
                                              pool_pre_ping=True,  # one thread at a time: the recorder's
                                              connect_args={"options": f"-c idle_in_transaction_session_timeout={idle_ms}"})
-            _unreachable_on_connect(self.writer)
-            _unreachable_on_connect(self.sync_writer)
+            unreachable_on_connect(self.writer)
+            unreachable_on_connect(self.sync_writer)
             self.locks = AdvisoryLocks(url)
         else:
             db_path = Path(target)

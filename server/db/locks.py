@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from server.db.completion import run_to_completion
+from server.db.outage import unreachable_on_connect
 
 log = logging.getLogger("filedrop.db")
 
@@ -99,6 +100,7 @@ class AdvisoryLocks(Locks):
 
     def __init__(self, url: URL) -> None:
         self._engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        unreachable_on_connect(self._engine)
         self._conn: AsyncConnection | None = None
         self._mutex = asyncio.Lock()
         self._held: set[tuple[int, int]] = set()
