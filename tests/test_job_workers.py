@@ -380,3 +380,56 @@ async def test_a_compile_reply_is_the_answer_to_its_own_request(settings: Settin
         await worker.drop_child()
         await fetcher.close()
         await db.dispose()
+
+
+def test_a_worker_in_another_pid_namespace_of_this_host_is_not_taken_for_dead(server_factory, tmp_path) -> None:
+    """A worker in a container on this host that shares its host name (host networking) and its
+    boot id, but not its process ids: a pid of one means nothing to the other, so neither may
+    judge the other gone by it. Before, each declared the other's workers gone at every look
+    (every 2 s, for ever): rows taken back mid-render, a WARNING pair each time."""
+    import shutil
+    import subprocess
+    import sys
+
+    from server.jobs.worker import HEARTBEAT, REAP_EVERY
+    from tests.support.server import REPO
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a PID namespace of its own needs root and unshare(1)")
+    srv = server_factory(workers="1")
+    first = start(srv, "first", SLOW, rows(2)).json()["job_id"]  # the server's worker starts with it
+    assert wait_end(srv, "first", first)["status"] == "Completed"
+    own = set(workers(srv))
+    assert len(own) == 1
+    out = tmp_path / "contained.log"
+    with open(out, "wb") as log:
+        contained = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-m", "server",
+                                      "worker"], cwd=REPO, env=srv.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def looked() -> bool:  # its heartbeats went on past a periodic look for dead workers
+            with db(srv) as c:
+                got = c.execute("SELECT started_at, seen_at FROM job_workers WHERE worker_id <> ?",
+                                tuple(own)).fetchone()
+            if got is None:
+                return False
+            began, seen = (datetime.fromisoformat(t) for t in got)
+            return (seen - began).total_seconds() >= REAP_EVERY + HEARTBEAT
+        wait_until(looked, timeout=60, interval=0.1, what="the contained worker to look for dead workers")
+        jid = start(srv, "both", {"body": "<p>{{ data.n }}</p>"}, rows(200)).json()["job_id"]
+        done = wait_end(srv, "both", jid)
+        assert (done["status"], done["succeededCount"]) == ("Completed", 200)
+        assert len(published(srv, "both")) == 200
+    finally:
+        # The worker itself (unshare's child, pid 1 of its namespace) stops on SIGTERM; unshare
+        # then exits with it.
+        for pid in Path(f"/proc/{contained.pid}/task/{contained.pid}/children").read_text().split():
+            os.kill(int(pid), signal.SIGTERM)
+        try:
+            contained.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            contained.kill()
+            contained.wait(timeout=10)
+    logs = srv.log_path.read_text() + out.read_text()
+    assert "started" in out.read_text(), out.read_text()[-2000:]
+    assert "is gone" not in logs and "declared dead" not in logs, [
+        line for line in logs.splitlines() if "is gone" in line or "declared dead" in line][:4]

@@ -85,8 +85,15 @@ class JobUnrenderable(Exception):
 
 
 def host_key() -> str:
-    """This host for this boot: workers registered under another boot id are all dead."""
-    return f"{socket.gethostname()}/{boot_id()}"
+    """This host for this boot, and the process-id namespace whose pids ``pid_alive`` can judge:
+    workers registered under another boot id are all dead. A container that shares the host's
+    name (host networking) and boot id but has pids of its own is another host here: its pids
+    mean nothing in ours (its worker's pid 7 is no process of ours, or an unrelated one)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        pid_ns = ""
+    return f"{socket.gethostname()}/{boot_id()}/{pid_ns}"
 
 
 def pid_alive(pid: int) -> bool:
