@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import http.client
 import os
 import shutil
@@ -49,7 +48,6 @@ from types import FrameType
 
 from server import nginx as ngx
 from server.config import Settings
-from server.jobs.lifeline import die_with_parent
 
 FIRST_DELAY = 1.0  # seconds before the first restart; doubles per failure
 MAX_DELAY = 30.0
@@ -111,6 +109,29 @@ def http_ok(host: str, port: int, path: str, expect: Callable[[int], bool]) -> b
         conn.close()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_us() -> Callable[[], None]:
+    """What a child runs before its program: SIGTERM (its graceful stop) from the kernel when
+    the supervisor dies. A supervisor killed with SIGKILL cannot stop its children itself, and
+    each runs in a session of its own (no terminal's signal reaches it): they would serve and
+    render on unsupervised, and the next run would find its ports taken by them. libc is loaded
+    here, in the supervisor: the child only makes the call."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 @dataclass
 class Child:
     """One supervised process (its own session and process group)."""
@@ -132,10 +153,7 @@ class Child:
 
     def start(self) -> None:
         self.kill_group()  # whatever a dead predecessor left (NGINX workers, app workers)
-        # SIGTERM when the supervisor dies, even by SIGKILL: orphans would hold the ports and the
-        # data dir, and the next scripts/run be refused until they were found and killed by hand.
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env,
-                                     preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM))
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env, preexec_fn=_stop_with_us())
         self.up_since = None
         self.restart_at = None
 
