@@ -433,3 +433,53 @@ def test_a_worker_in_another_pid_namespace_of_this_host_is_not_taken_for_dead(se
     assert "started" in out.read_text(), out.read_text()[-2000:]
     assert "is gone" not in logs and "declared dead" not in logs, [
         line for line in logs.splitlines() if "is gone" in line or "declared dead" in line][:4]
+
+
+async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settings: Settings) -> None:
+    """A worker that died mid-publish left temp files beside the pages; once its rows are back in
+    the queue another worker may finish the job at once, and a job that ended has no temp file
+    left (``test_scale_out``'s frozen worker: the job was Completed while the dead worker's
+    temp was still being removed). So its temps go first, then its rows."""
+    import asyncio
+
+    from sqlalchemy import func, insert, select
+
+    from server.db import utcnow
+    from server.db.job_models import Job, JobRow
+    from server.jobs import control
+
+    db = Database(settings.database)
+    folder = settings.smartlink_root / "b"
+    folder.mkdir(parents=True)
+    for i in range(2000):  # a publish group's worth: their removal takes a while
+        (folder / f".deadbeefdeadbeef.{i}.tmp").write_bytes(b"x")
+    try:
+        async with db.write() as s:
+            await s.execute(insert(Job).values(job_id="j1", batch_id="b", owner="o", status="In progress",
+                                               strategy="smallest", inputs_hash="h", template="{}",
+                                               created_at=utcnow(), total_count=3))
+            await s.execute(insert(JobRow), [{"job_id": "j1", "idx": i, "reference_id": f"r{i}", "suffix": "s",
+                                              "data": "{}"} for i in range(3)])
+        await queries.register_worker(db, "deadbeefdeadbeef", "elsewhere", 1)
+        assert len(await queries.claim_rows(db, "j1", "deadbeefdeadbeef", 3)) == 3
+        both: list[int] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:  # what another worker would see meanwhile
+            while not done.is_set():
+                async with db.read() as s:
+                    pending = await s.scalar(select(func.count()).select_from(JobRow).where(JobRow.status == "pending"))
+                temps = sum(1 for p in folder.iterdir() if p.name.endswith(".tmp"))
+                if pending and temps:
+                    both.append(temps)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0)
+        assert await control.forget_worker(db, settings, "deadbeefdeadbeef") == [("j1", "b")]
+        done.set()
+        await watcher
+        assert not both, f"rows back in the queue while {both[0]} temp file(s) of their dead worker were left"
+        assert not list(folder.iterdir())
+    finally:
+        await db.dispose()

@@ -43,15 +43,16 @@ async def cancel(db: Database, settings: Settings, job_ids: Sequence[str], reaso
 
 
 async def forget_worker(db: Database, settings: Settings, worker_id: str) -> list[tuple[str, str]]:
-    """A worker is gone: hand its rows back and remove the temp files it left (they carry its
-    id). Returns (job_id, batch_id) of the jobs it held rows of."""
-    held = await queries.release_worker(db, worker_id)
+    """A worker is gone: remove the temp files it left (they carry its id), then hand its rows
+    back. In that order: once its rows are back in the queue another worker may finish their
+    job, and a job that ended has no temp file left. Returns (job_id, batch_id) of the jobs it
+    held rows of."""
     assert settings.smartlink_root is not None
-    for _job_id, batch_id in held:
+    for _job_id, batch_id in await queries.held_by(db, worker_id):
         n = await asyncio.to_thread(remove_stale_temps, settings.smartlink_root / batch_id, worker_id)
         if n:
             log.info("removed %d temp file(s) worker %s left in %s/", n, worker_id, batch_id)
-    return held
+    return await queries.release_worker(db, worker_id)
 
 
 async def wait_ended(db: Database, job_ids: Sequence[str], timeout: float) -> list[str]:

@@ -473,6 +473,14 @@ async def _hand_back(s: AsyncSession, held_by: Any) -> list[tuple[str, str]]:
     return [(j, b) for j, b in (await s.execute(select(Job.job_id, Job.batch_id).where(Job.job_id.in_(jobs)))).all()]
 
 
+async def held_by(db: Database, worker_id: str) -> list[tuple[str, str]]:
+    """(job_id, batch_id) of the running jobs ``worker_id`` holds claimed rows of."""
+    async with db.read() as s:
+        jobs = claimed_in_running_jobs(ROWS.c.claimed_by == worker_id).subquery()
+        return [(j, b) for j, b in (await s.execute(select(Job.job_id, Job.batch_id)
+                                                    .where(Job.job_id.in_(select(jobs))))).all()]
+
+
 async def release_worker(db: Database, worker_id: str) -> list[tuple[str, str]]:
     """A worker is gone (stopped, or dead): its claimed rows go back to the queue and its
     registration goes. Returns (job_id, batch_id) of the jobs it held rows of."""
