@@ -483,3 +483,27 @@ async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settin
         assert not list(folder.iterdir())
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_worker_whose_data_dir_is_not_the_shared_one_refuses_to_start(server_factory, tmp_path) -> None:
+    """``FILEDROP_DATA_DIR=/srv/filedrop filedrop worker`` on a host where the shared data dir is
+    not mounted (or a typo): its pages would go where no NGINX serves them, and their rows be
+    marked done. Before, it made the folders itself and took its share of every job (846 pages
+    of a 3,000-row job ended up there, the job Completed, those links 404). It exits with one
+    line naming the setting instead, having made nothing; the job is done by the others."""
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO
+
+    srv = server_factory(workers="1")
+    first = start(srv, "first", SLOW, rows(2)).json()["job_id"]
+    assert wait_end(srv, "first", first)["status"] == "Completed"  # pages were published in the data dir
+    elsewhere = tmp_path / "not-mounted"
+    env = {**srv.env, "FILEDROP_DATA_DIR": str(elsewhere)}
+    lost = subprocess.run([sys.executable, "-m", "server", "worker"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert lost.returncode == 2, (lost.returncode, lost.stderr[-2000:])
+    assert "FILEDROP_DATA_DIR" in lost.stderr and "Traceback" not in lost.stderr, lost.stderr[-2000:]
+    assert not (elsewhere / "smartlinks").exists()

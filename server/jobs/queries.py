@@ -413,6 +413,12 @@ async def holds(db: Database, job_id: str, worker_id: str, idxs: Sequence[int]) 
     return held == len(set(idxs))
 
 
+async def any_published(db: Database) -> bool:
+    """Whether a job of this database has published a page (a succeeded row)."""
+    async with db.read() as s:
+        return await s.scalar(select(exists().where(Job.succeeded_count > 0))) is True
+
+
 async def job_state(db: Database, job_id: str) -> tuple[str, bool] | None:
     """(status, cancel_requested) of a job, or None once it is gone: what a worker checks
     while it renders."""

@@ -146,6 +146,7 @@ class Worker:
         self.jobs: dict[str, LoadedJob] = {}
         self.assets = Assets(settings, fetcher, files, self._note)
         self._rr = 0
+        self.refused: str | None = None  # why it would not work (``run``)
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -167,8 +168,16 @@ class Worker:
         return self.beat_ok + PUBLISH_BY
 
     async def run(self) -> None:
-        """Work until ``stop()``; then hand back what is held and deregister."""
+        """Work until ``stop()``; then hand back what is held and deregister. Refuses to work
+        (``refused`` says why) in a data dir that cannot be the one its database's other
+        processes share."""
         if not await self._register():
+            return
+        self.refused = await self._foreign_data_dir()
+        if self.refused is not None:
+            log.error("worker %s: %s", self.id, self.refused)
+            with contextlib.suppress(Exception):
+                await queries.release_worker(self.db, self.id)
             return
         self.beat_ok = time.monotonic()
         log.info("worker %s (pid %d) started", self.id, os.getpid())
@@ -206,6 +215,26 @@ class Worker:
             with contextlib.suppress(Exception):  # the database may be what failed
                 await queries.release_worker(self.db, self.id)
             log.info("worker %s stopped", self.id)
+
+    async def _foreign_data_dir(self) -> str | None:
+        """Why this process's data dir is not the one the other processes of its PostgreSQL
+        database share, or None: no smartlinks folder where jobs of the database have already
+        published pages (a host where the shared dir is not mounted, a mistyped path). Its
+        pages would go where no NGINX serves them, their rows marked done. (On SQLite the
+        database is the data dir's.)"""
+        root = self.settings.smartlink_root
+        assert root is not None
+        if not self.db.shared or root.exists():
+            return None
+        try:
+            if not await queries.any_published(self.db):
+                return None  # a new installation: the first job's load makes the folder
+        except Exception as e:  # the database failing: the rounds will say so
+            log_failure(log, "worker %s: could not check the data dir", e, self.id)
+            return None
+        return (f"FILEDROP_SMARTLINK_ROOT {root} does not exist, but jobs of this database have published pages "
+                f"there: FILEDROP_DATA_DIR ({self.settings.data_dir}) is not the data dir the other processes "
+                "share (is it mounted here?); not starting")
 
     async def _register(self) -> bool:
         """Register, trying again while the database refuses (PostgreSQL restarting, sessions
@@ -418,8 +447,9 @@ def _make_dir(root: Path, out_dir: Path) -> tuple[bool, str | None]:
 # ---- the process -------------------------------------------------------------------------------
 
 
-async def serve(settings: Settings, worker_id: str | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT (SIGUSR1: look for work now)."""
+async def serve(settings: Settings, worker_id: str | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT (SIGUSR1: look for work now); its exit status (2:
+    it refused to work, saying why)."""
     from server.uploads.operations import OperationRegistry
     from server.uploads.service import UploadService
 
@@ -453,6 +483,7 @@ async def serve(settings: Settings, worker_id: str | None = None) -> None:
         await asyncio.gather(task, return_exceptions=True)
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+        return 2 if worker.refused is not None else 0  # refused: logged in one line
     finally:
         await worker.drop_child()
         await fetcher.close()
@@ -475,6 +506,5 @@ def main(settings: Settings, worker_id: str | None = None, parent: int | None = 
     with contextlib.suppress(OSError):
         os.nice(NICE)
     gc.freeze()  # the modules loaded so far stay: full collections no longer walk them
-    asyncio.run(serve(settings, worker_id))
-    return 0
+    return asyncio.run(serve(settings, worker_id))
 
