@@ -435,6 +435,7 @@ def test_a_worker_in_another_pid_namespace_of_this_host_is_not_taken_for_dead(se
         line for line in logs.splitlines() if "is gone" in line or "declared dead" in line][:4]
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
 async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settings: Settings) -> None:
     """A worker that died mid-publish left temp files beside the pages; once its rows are back in
     the queue another worker may finish the job at once, and a job that ended has no temp file
