@@ -432,3 +432,63 @@ def _accepts(url: str) -> bool:
         return False
     finally:
         engine.dispose()
+
+
+async def test_a_notifier_whose_lock_went_with_a_postgresql_restart_stops_sending(tmp_path: Path) -> None:
+    """Two app processes' notifiers (real ``Notifier``s on two ``Database``s), the first holding
+    the ``notifier`` lock; PostgreSQL stops: the lock went with the first's connection, so it
+    must stop sending, and once the server is back one of them leads. Before, nothing told the
+    first (it makes no lock call while it leads): it went on as the sender while the other took
+    the lock, both sent, and each turned the other's sends in flight back to pending (seen: a
+    callback delivered three times across a restart)."""
+    import asyncio
+
+    from server.db import Database
+    from server.db.migrate import upgrade
+    from server.jobs.fetch import Fetcher
+    from server.jobs.notify import Notifier
+    from server.signing import Signer, SigningKeys
+    from tests.support.postgres import PostgresCluster
+    from tests.support.waiting import async_wait_until
+
+    cluster = PostgresCluster().start()
+    dbs: list[Database] = []
+    fetchers: list[Fetcher] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        url = cluster.database_url(cluster.create_database())
+        upgrade(url)
+        settings = Settings(data_dir=tmp_path / "var", database_url=url, api_keys=(API_KEY,), workers=0)
+        notifiers = []
+        for _ in range(2):
+            db = Database(url)
+            dbs.append(db)
+            fetchers.append(Fetcher((), 5.0, 1 << 20))
+            notifiers.append(Notifier(db, settings, fetchers[-1], Signer(SigningKeys(db), "http://x")))
+        first, second = notifiers
+        tasks.append(asyncio.create_task(first.run()))
+
+        async def leads(n: Notifier) -> bool:
+            return n.leading
+        await async_wait_until(lambda: leads(first), timeout=10, what="the first notifier to lead")
+        tasks.append(asyncio.create_task(second.run()))
+
+        await asyncio.to_thread(cluster.stop_server, "fast")
+
+        async def stepped_down() -> bool:
+            return not first.leading
+        await async_wait_until(stepped_down, timeout=5, what="the first notifier to see its lock gone")
+        await asyncio.to_thread(cluster.start_server)
+
+        async def one_leads() -> bool:  # whichever took the lock again
+            return first.leading + second.leading == 1
+        await async_wait_until(one_leads, timeout=30, what="one notifier to lead again")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for db in dbs:
+            await db.dispose()
+        for fetcher in fetchers:
+            await fetcher.close()
+        cluster.stop()

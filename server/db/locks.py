@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -67,6 +67,12 @@ class Locks:
 
     async def close(self) -> None:
         """Give up every lock (the process stops)."""
+
+    async def holds(self, kind: str, ident: int = 0) -> bool:
+        """Whether this process still holds the lock it took (PostgreSQL: False once the lock
+        connection broke, which took the lock with it; a holder that makes no other lock call
+        would not learn it otherwise)."""
+        raise NotImplementedError
 
     async def alive(self, kind: str, ident: int) -> bool:
         """True while someone holds the lock (a process lives); False if it could be taken."""
@@ -165,6 +171,19 @@ class AdvisoryLocks(Locks):
     async def release(self, kind: str, ident: int = 0) -> None:
         await run_to_completion(self._release((KINDS[kind], _objid(ident))))
 
+    async def holds(self, kind: str, ident: int = 0) -> bool:
+        return await run_to_completion(self._holds((KINDS[kind], _objid(ident))))
+
+    async def _holds(self, key: tuple[int, int]) -> bool:
+        async with self._mutex:
+            if key not in self._held or self._conn is None:  # never taken, or its connection is gone
+                return False
+            try:  # a session lock lives as long as its session: the connection answering is the proof
+                await self._call(lambda *_key: literal(1), key)
+            except Exception:  # _call said so and forgot every lock
+                return False
+            return True
+
     async def close(self) -> None:
         self._held.clear()
         if self._conn is not None:
@@ -200,6 +219,9 @@ class FileLocks(Locks):
             return False
         self._fds[kind] = fd
         return True
+
+    async def holds(self, kind: str, ident: int = 0) -> bool:
+        return kind in self._fds if kind in _SINGLETONS else (kind, ident) in self._local
 
     async def release(self, kind: str, ident: int = 0) -> None:
         if kind not in _SINGLETONS:

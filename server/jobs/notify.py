@@ -256,7 +256,9 @@ class Notifier:
 
     async def _lead(self) -> bool:
         locks = self.db.locks
-        if self.leading and locks.epoch != self._epoch:  # the lock went with a broken connection
+        # The lock went with a broken connection (a PostgreSQL restart): another process may hold
+        # it now, and two senders would each put the other's sends in flight back to pending.
+        if self.leading and (locks.epoch != self._epoch or not await locks.holds("notifier")):
             log.warning("the notifier lock was lost with the database connection; taking it again")
             self.leading = False
         if not self.leading and await locks.try_take("notifier"):

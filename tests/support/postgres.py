@@ -124,7 +124,8 @@ class PostgresCluster:
         if self.external or self._dir is None:
             return
         try:
-            self._run("pg_ctl", "-D", str(self._dir / "data"), "-m", "immediate", "-w", "-t", "60", "stop")
+            if self.server_running():  # a test may have stopped it (stop_server)
+                self._run("pg_ctl", "-D", str(self._dir / "data"), "-m", "immediate", "-w", "-t", "60", "stop")
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
