@@ -130,6 +130,9 @@ def _only_app_process(settings: Settings) -> bool:
     return True
 
 
+SHUTDOWN_GRACE = 7.0  # seconds a SIGTERM'd app waits for the requests in flight (a stalled upload's)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.protocol import BindError, serve, tune_allocator
 
@@ -148,7 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # collector's full passes no longer walk it. A 10,000-row start spent 20-100 ms in them.
     gc.freeze()
     try:
-        serve(app, host, port, shutdown_timeout=10,
+        # Requests in flight get SHUTDOWN_GRACE to end; the rest of the stop (workers, the
+        # recorder, the database) must fit in what is left of the 10 s the README promises.
+        serve(app, host, port, shutdown_timeout=SHUTDOWN_GRACE,
               on_listening=lambda: print(f"filedrop: app listening on http://{host}:{port}", flush=True))
     except BindError as e:
         from server.supervisor import port_holder
