@@ -16,6 +16,7 @@ from server.config import Settings
 from server.db.migrate import head_revisions
 from server.db.revision import current_revisions
 from tests.conftest import API_KEY
+from tests.support.jobs import add_running_job
 from tests.support.server import REPO, server_env
 from tests.support.waiting import free_port
 
@@ -261,20 +262,15 @@ async def test_claims_take_at_most_n_rows_and_a_live_worker_hands_back_what_it_l
     ``IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`` ran again per row). After a failed round a worker hands back every row still claimed in its name (it has no
     claim open between rounds); nobody else would, since it is alive. It stays registered, and
     another worker's rows stay where they are."""
-    from sqlalchemy import insert, select
+    from sqlalchemy import select
 
-    from server.db import Database, utcnow
-    from server.db.job_models import Job, JobRow, JobWorker
+    from server.db import Database
+    from server.db.job_models import JobRow, JobWorker
     from server.jobs import queries
 
     db = Database(settings.database)
     try:
-        async with db.write() as s:
-            await s.execute(insert(Job).values(job_id="j1", batch_id="b", owner="o", status="In progress",
-                                               strategy="smallest", inputs_hash="h", template="{}",
-                                               created_at=utcnow(), total_count=6))
-            await s.execute(insert(JobRow), [{"job_id": "j1", "idx": i, "reference_id": f"r{i}", "suffix": "s",
-                                              "data": "{}"} for i in range(6)])
+        await add_running_job(db, "j1", "b", 6)
         for w in ("w1", "w2"):
             await queries.register_worker(db, w, "h", 1)
         mine = await queries.claim_rows(db, "j1", "w1", 4)

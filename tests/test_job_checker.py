@@ -80,18 +80,25 @@ async def test_a_key_with_too_many_checks_waiting_is_told_the_limit(aiohttp_clie
     assert statuses == [422] * (1 + CHECKS_WAITING)
 
 
-@pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
-async def test_a_template_nested_too_deeply_is_422_and_the_checker_survives(client, body, capfd) -> None:
+async def refused_by_the_warm_checker(client, batch_id: str, body: str) -> dict:  # type: ignore[no-untyped-def]
+    """The 422 of a start of ``body`` (for ``document_file``) after a start that warmed the
+    checker up; that checker's process answered it and lives on (still warm)."""
     r = await start(client, "warm", TRIVIAL, SEED_ROWS)
     assert r.status == 202, await r.text()
     checker = client.app[JOBS].checker
     pids = checker.pids
-    r = await start(client, "nested", {"body": body}, SEED_ROWS)
+    r = await start(client, batch_id, {"body": body}, SEED_ROWS)
     answer = await r.json()
     assert (r.status, answer["code"], answer["field"]) == (422, "ERR_FIELD_INVALID", "document_file"), answer
+    assert checker.pids == pids  # the same process, still warm
+    return answer
+
+
+@pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
+async def test_a_template_nested_too_deeply_is_422_and_the_checker_survives(client, body, capfd) -> None:
+    answer = await refused_by_the_warm_checker(client, "nested", body)
     assert answer["message"].startswith("document_file: `body` is nested too deeply or is too complex to compile ("), \
         answer
-    assert checker.pids == pids  # the same process, still warm
     r = await start(client, "after", TRIVIAL, SEED_ROWS)
     assert r.status == 202, await r.text()
     assert "Traceback" not in capfd.readouterr().err  # the render process's stderr is the server's log
@@ -126,16 +133,9 @@ BIG_NUMBERS = {
 async def test_a_number_literal_over_the_digit_limit_is_422_naming_it(client, settings, body, capfd) -> None:
     """Was a ValueError out of the render process: its traceback in the server's log, the
     process dead (replaced), and a 422 that blamed FILEDROP_RENDER_MEMORY."""
-    r = await start(client, "warm", TRIVIAL, SEED_ROWS)
-    assert r.status == 202, await r.text()
-    checker = client.app[JOBS].checker
-    pids = checker.pids
-    r = await start(client, "bignumber", {"body": body}, SEED_ROWS)
-    answer = await r.json()
-    assert (r.status, answer["code"], answer["field"]) == (422, "ERR_FIELD_INVALID", "document_file"), answer
+    answer = await refused_by_the_warm_checker(client, "bignumber", body)
     assert answer["message"] == ("document_file: `body`: number size limit: a number in it has more digits than "
                                  f"FILEDROP_MAX_NUMBER_DIGITS ({settings.max_number_digits})"), answer
-    assert checker.pids == pids  # the same process, still warm
     assert "Traceback" not in capfd.readouterr().err  # the render process's stderr is the server's log
 
 

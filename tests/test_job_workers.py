@@ -29,7 +29,7 @@ from server.jobs.fetch import Fetcher
 from server.jobs.queries import Claimed
 from server.jobs.runner import RowRunner
 from server.jobs.worker import LoadedJob, Worker
-from tests.support.jobs import get_json, rows, start_ok, wait_job
+from tests.support.jobs import add_running_job, get_json, rows, start_ok, wait_job
 from tests.support.live import (
     AUTH,
     FINISHED,
@@ -443,10 +443,9 @@ async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settin
     temp was still being removed). So its temps go first, then its rows."""
     import asyncio
 
-    from sqlalchemy import func, insert, select
+    from sqlalchemy import func, select
 
-    from server.db import utcnow
-    from server.db.job_models import Job, JobRow
+    from server.db.job_models import JobRow
     from server.jobs import control
 
     db = Database(settings.database)
@@ -455,12 +454,7 @@ async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settin
     for i in range(2000):  # a publish group's worth: their removal takes a while
         (folder / f".deadbeefdeadbeef.{i}.tmp").write_bytes(b"x")
     try:
-        async with db.write() as s:
-            await s.execute(insert(Job).values(job_id="j1", batch_id="b", owner="o", status="In progress",
-                                               strategy="smallest", inputs_hash="h", template="{}",
-                                               created_at=utcnow(), total_count=3))
-            await s.execute(insert(JobRow), [{"job_id": "j1", "idx": i, "reference_id": f"r{i}", "suffix": "s",
-                                              "data": "{}"} for i in range(3)])
+        await add_running_job(db, "j1", "b", 3)
         await queries.register_worker(db, "deadbeefdeadbeef", "elsewhere", 1)
         assert len(await queries.claim_rows(db, "j1", "deadbeefdeadbeef", 3)) == 3
         both: list[int] = []

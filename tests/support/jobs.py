@@ -97,6 +97,22 @@ async def start_ok(client: Any, batch_id: str, template: Any, data: Any, **kw: A
     return body
 
 
+async def add_running_job(db: Any, job_id: str, batch_id: str, n: int) -> None:
+    """A job ``In progress`` with ``n`` pending rows (``r0``...), written straight to the database
+    (tests of the row queries, without a start)."""
+    from sqlalchemy import insert
+
+    from server.db import utcnow
+    from server.db.job_models import Job, JobRow
+
+    async with db.write() as s:
+        await s.execute(insert(Job).values(job_id=job_id, batch_id=batch_id, owner="o", status="In progress",
+                                           strategy="smallest", inputs_hash="h", template="{}",
+                                           created_at=utcnow(), total_count=n))
+        await s.execute(insert(JobRow), [{"job_id": job_id, "idx": i, "reference_id": f"r{i}", "suffix": "s",
+                                          "data": "{}"} for i in range(n)])
+
+
 async def wait_job(client: Any, batch_id: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
     """Wait until the job has ended (the service polls the database), then read the status through the API."""
     await client.app[JOBS].job_finished(job_id, timeout=timeout)
