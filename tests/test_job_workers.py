@@ -458,19 +458,19 @@ async def test_a_dead_workers_temp_files_are_gone_before_its_rows_go_back(settin
         await queries.register_worker(db, "deadbeefdeadbeef", "elsewhere", 1)
         assert len(await queries.claim_rows(db, "j1", "deadbeefdeadbeef", 3)) == 3
         both: list[int] = []
-        done = asyncio.Event()
+        watching, done = asyncio.Event(), asyncio.Event()
 
-        async def watch() -> None:  # what another worker would see meanwhile
+        async def watch() -> None:  # what another worker would see meanwhile (each read yields)
             while not done.is_set():
                 async with db.read() as s:
                     pending = await s.scalar(select(func.count()).select_from(JobRow).where(JobRow.status == "pending"))
                 temps = sum(1 for p in folder.iterdir() if p.name.endswith(".tmp"))
                 if pending and temps:
                     both.append(temps)
-                await asyncio.sleep(0)
+                watching.set()
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0)
+        await asyncio.wait_for(watching.wait(), timeout=10)
         assert await control.forget_worker(db, settings, "deadbeefdeadbeef") == [("j1", "b")]
         done.set()
         await watcher
