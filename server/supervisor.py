@@ -48,6 +48,7 @@ from types import FrameType
 
 from server import nginx as ngx
 from server.config import Settings
+from server.jobs.lifeline import death_signal
 
 FIRST_DELAY = 1.0  # seconds before the first restart; doubles per failure
 MAX_DELAY = 30.0
@@ -109,29 +110,6 @@ def http_ok(host: str, port: int, path: str, expect: Callable[[int], bool]) -> b
         conn.close()
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _stop_with_us() -> Callable[[], None]:
-    """What a child runs before its program: SIGTERM (its graceful stop) from the kernel when
-    the supervisor dies. A supervisor killed with SIGKILL cannot stop its children itself, and
-    each runs in a session of its own (no terminal's signal reaches it): they would serve and
-    render on unsupervised, and the next run would find its ports taken by them. libc is loaded
-    here, in the supervisor: the child only makes the call."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    parent = os.getpid()
-
-    def arm() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the supervisor died before the call
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
-
-
 @dataclass
 class Child:
     """One supervised process (its own session and process group)."""
@@ -153,7 +131,10 @@ class Child:
 
     def start(self) -> None:
         self.kill_group()  # whatever a dead predecessor left (NGINX workers, app workers)
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env, preexec_fn=_stop_with_us())
+        # SIGTERM (a graceful stop) when the supervisor dies, even by SIGKILL: each child is in a
+        # session of its own, and orphans would hold the ports and be found by the next run.
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=self.env,
+                                     preexec_fn=death_signal(signal.SIGTERM))
         self.up_since = None
         self.restart_at = None
 
